@@ -1,0 +1,41 @@
+"""One error hierarchy. Every message says what was expected, what was found, and what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "SoftlabelsError",
+    "SpecError",
+    "DataError",
+    "TransferSetError",
+    "IncompleteTransferSetError",
+    "MismatchError",
+    "TeacherOutputError",
+]
+
+
+class SoftlabelsError(Exception):
+    """Base class: a problem with the user's input or files, reported in one line."""
+
+
+class SpecError(SoftlabelsError, ValueError):
+    """A DATA or MODEL spec that is unknown or malformed."""
+
+
+class DataError(SoftlabelsError):
+    """A dataset that is missing, unreadable, or not of the expected form."""
+
+
+class TransferSetError(SoftlabelsError):
+    """Something that is not a readable transfer set of a known format."""
+
+
+class IncompleteTransferSetError(TransferSetError):
+    """A transfer set whose writing did not finish."""
+
+
+class MismatchError(SoftlabelsError):
+    """Two things that must agree do not (teacher, dataset, rows, classes)."""
+
+
+class TeacherOutputError(SoftlabelsError):
+    """The teacher produced NaN or inf."""

@@ -1,0 +1,84 @@
+"""Distillation losses (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a Neural
+Network", arXiv:1503.02531)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SoftlabelsError
+from .soft import tempered_log_softmax, tempered_softmax
+
+
+def _check(temperature: float, alpha: float) -> None:
+    if not temperature > 0:
+        raise SoftlabelsError(f"temperature must be positive, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise SoftlabelsError(f"alpha must lie in [0, 1], got {alpha}")
+
+
+def kd_loss_from_probs(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    *,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    alpha: float = 0.9,
+) -> torch.Tensor:
+    """Hinton KD against stored teacher probabilities p_T (B, C) at temperature T:
+
+        L = alpha * T^2 * KL(p_T || softmax(s / T)) + (1 - alpha) * CE(labels, softmax(s))
+
+    KL is summed over classes and averaged over the batch. The soft term's gradients scale as
+    1/T^2, hence the explicit T^2. Rows whose label is -1 (unknown) take no hard term; with
+    `labels=None` the loss is the soft term alone, T^2 * KL.
+    """
+    _check(temperature, alpha)
+    log_q = tempered_log_softmax(student_logits, temperature)
+    p = teacher_probs.float()
+    # KL(p || q) = sum p (log p - log q); xlogy makes 0 * log 0 = 0.
+    kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean()
+    soft = temperature**2 * kl
+    if labels is None:
+        return soft
+    known = labels >= 0
+    if not known.any():
+        return alpha * soft
+    hard = F.cross_entropy(student_logits.float()[known], labels[known], reduction="sum")
+    return alpha * soft + (1 - alpha) * hard / len(labels)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    alpha: float = 0.9,
+) -> torch.Tensor:
+    """Hinton et al. (2015) distillation loss from teacher logits t and student logits s:
+
+        L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, labels)
+
+    KL summed over classes, averaged over the batch; with `labels=None`, T^2 * KL alone.
+    The paper found a considerably lower weight on the hard term best (alpha near 0.9).
+    """
+    teacher_probs = tempered_softmax(teacher_logits.detach(), temperature)
+    return kd_loss_from_probs(student_logits, teacher_probs, temperature=temperature,
+                              labels=labels, alpha=alpha)
+
+
+def logit_matching_loss(student_logits: torch.Tensor,
+                        teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The high-temperature limit of distillation (Hinton et al. 2015, §2.1; Caruana et al.):
+
+        L = 0.5 * mean((z - v)^2)
+
+    over zero-meaned student logits z and teacher logits v (means taken per row), averaged over
+    batch and classes.
+    """
+    z = student_logits.float()
+    v = teacher_logits.detach().float()
+    z = z - z.mean(dim=-1, keepdim=True)
+    v = v - v.mean(dim=-1, keepdim=True)
+    return 0.5 * ((z - v) ** 2).mean()

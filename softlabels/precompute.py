@@ -1,0 +1,239 @@
+"""Stage one: run the teacher once over a dataset and write its soft targets (DESIGN §4).
+
+The main thread feeds batches through the teacher; a writer thread hashes inputs, checks the
+outputs, assembles whole blocks and writes them, so storage overlaps compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import __version__
+from . import schema as S
+from .errors import SoftlabelsError, TeacherOutputError
+from .specs import class_names, load_data, split_item
+from .teacher import Teacher
+from .writer import Layout, TransferSetWriter
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (rows done, rows in all)
+
+
+@dataclass
+class PrecomputeResult:
+    path: Path
+    num_rows: int
+    rows_computed: int
+    resumed: bool
+    already_complete: bool
+    seconds: float
+    meta: dict[str, Any] = field(repr=False)
+
+
+def collate(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (input, label) items; a dataset without labels gets -1."""
+    pairs = [split_item(item) for item in items]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+
+
+def check_options(temperatures: Sequence[float], batch_size: int, dtype: str,
+                  combine: str) -> tuple[float, ...]:
+    temps = tuple(float(t) for t in temperatures)
+    if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
+        raise SoftlabelsError(f"temperatures must be positive numbers, got {list(temperatures)}")
+    if batch_size <= 0:
+        raise SoftlabelsError(f"batch size must be positive, got {batch_size}")
+    if dtype not in S.DTYPE_CHOICES:
+        raise SoftlabelsError(f"dtype must be one of {S.DTYPE_CHOICES}, got {dtype!r}")
+    if combine not in S.COMBINE_CHOICES:
+        raise SoftlabelsError(f"combine must be one of {S.COMBINE_CHOICES}, got {combine!r}")
+    return temps
+
+
+def dataset_probe(data: Dataset, n: int = 16) -> str:
+    """A cheap identity of a dataset: the hashes of up to n evenly spaced examples."""
+    picks = np.unique(np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(int))
+    hashes = np.array([S.sample_hash(split_item(data[int(i)])[0].numpy()) for i in picks],
+                      dtype=np.uint64)
+    return S.fingerprint(hashes)[:32]
+
+
+def versions() -> dict[str, str]:
+    import h5py
+    import zarr
+
+    return {"softlabels": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+class _BlockAssembler:
+    """Writer-thread side: gathers batches into whole blocks and writes each once it is full."""
+
+    def __init__(self, writer: TransferSetWriter, rows: np.ndarray) -> None:
+        self.writer, self.rows, self.pos = writer, rows, 0
+        self.lay = writer.layout
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+        self.filled: dict[int, int] = {}
+
+    def _buffer(self, block: int) -> dict[str, np.ndarray]:
+        if block not in self.buffers:
+            start, stop = self.lay.block_range(block)
+            bufs = {}
+            for name, (shape, dtype) in self.lay.arrays().items():
+                s = list(shape)
+                s[S.row_axis(name)] = stop - start
+                bufs[name] = np.empty(s, dtype=dtype)
+            self.buffers[block], self.filled[block] = bufs, 0
+        return self.buffers[block]
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, members: torch.Tensor, logits: torch.Tensor,
+            probs: torch.Tensor) -> None:
+        rows = self.rows[self.pos:self.pos + len(x)]
+        self.pos += len(x)
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bad.any():
+            row = int(rows[int(bad.nonzero()[0])])
+            raise TeacherOutputError(f"the teacher's output has NaN or inf at row {row} "
+                                     f"(dataset index {row}); check that model and that input")
+        xs = x.numpy()
+        hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
+        columns = {S.LOGITS: logits.numpy(), S.PROBS: probs.numpy(), S.LABELS: y.numpy(),
+                   S.INDEX: rows, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy()}
+        for block in np.unique(rows // self.lay.block_rows):
+            start, _ = self.lay.block_range(int(block))
+            mine = (rows // self.lay.block_rows) == block
+            local = rows[mine] - start
+            bufs = self._buffer(int(block))
+            for name, buf in bufs.items():
+                src = np.compress(mine, columns[name], axis=S.row_axis(name))
+                if S.row_axis(name):
+                    buf[:, local] = src
+                else:
+                    buf[local] = src
+            self.filled[int(block)] += int(mine.sum())
+            if self.filled[int(block)] == self.lay.block_range(int(block))[1] - start:
+                self.writer.write_block(int(block), self.buffers.pop(int(block)))
+
+
+def _writer_loop(assembler: _BlockAssembler, q: queue.Queue, errors: list[BaseException]) -> None:
+    while (item := q.get()) is not None:
+        if errors:
+            continue  # drain after a failure so the producer never blocks
+        event, *tensors = item
+        try:
+            if event is not None:
+                event.synchronize()
+            assembler.add(*tensors)
+        except BaseException as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+
+def precompute(
+    data: str | Dataset,
+    teachers: Sequence[str | nn.Module],
+    out: str | Path,
+    *,
+    temperatures: Sequence[float] = (1.0,),
+    batch_size: int = 256,
+    dtype: str = "float16",
+    probs_dtype: str = "float32",
+    combine: str = "mean-logits",
+    keep_members: bool = False,
+    chunk_rows: int = 0,
+    shard_rows: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PrecomputeResult:
+    """Run `teachers` (one, or an ensemble) over `data` once and write a transfer set to `out`.
+
+    Rerunning the same call after an interruption resumes: only blocks not marked done are
+    recomputed. A set made from another teacher or dataset is refused unless `overwrite`.
+    """
+    t0 = time.perf_counter()
+    temps = check_options(temperatures, batch_size, dtype, combine)
+    dataset = load_data(data) if isinstance(data, str) else data
+    if len(dataset) == 0:
+        raise SoftlabelsError("the dataset is empty; check the DATA spec")
+    teacher = Teacher(teachers, device=device, precision=precision, combine=combine)
+    x0, _ = split_item(dataset[0])
+    num_classes = int(teacher.member_logits(x0.unsqueeze(0)).shape[-1])
+    layout = Layout(num_rows=len(dataset), num_classes=num_classes, temperatures=temps,
+                    dtype=dtype, probs_dtype=probs_dtype,
+                    num_members=len(teacher.members) if keep_members else 0,
+                    chunk_rows=chunk_rows, shard_rows=shard_rows)
+    meta = {
+        "num_examples": len(dataset),
+        "class_names": class_names(dataset),
+        "teacher": teacher.describe(),
+        "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
+                    "length": len(dataset), "probe": dataset_probe(dataset)},
+        "views": None, "augment": None,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "device": str(teacher.device) + (f" ({torch.cuda.get_device_name(teacher.device)})"
+                                         if teacher.device.type == "cuda" else ""),
+        "precision": precision,
+    }
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
+        rows = np.concatenate([np.arange(*layout.block_range(b)) for b in writer.pending]
+                              or [np.empty(0, np.int64)]).astype(np.int64)
+        done = layout.num_rows - len(rows)
+        if progress:
+            progress(done, layout.num_rows)
+        if len(rows):
+            _run(teacher, dataset, rows, writer, temps, batch_size, num_workers,
+                 lambda n: progress(n, layout.num_rows) if progress else None, done)
+    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
+                            resumed=writer.resumed, already_complete=writer.already_complete,
+                            seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+def _run(teacher: Teacher, dataset: Dataset, rows: np.ndarray, writer: TransferSetWriter,
+         temps: tuple[float, ...], batch_size: int, num_workers: int,
+         report: Callable[[int], None], done: int) -> None:
+    cuda = teacher.device.type == "cuda"
+    loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate, pin_memory=cuda)
+    keep = writer.layout.num_members > 0
+    q: queue.Queue = queue.Queue(maxsize=4)
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=_writer_loop, args=(_BlockAssembler(writer, rows), q, errors),
+                              name="softlabels-writer", daemon=True)
+    thread.start()
+    try:
+        for x, y in loader:
+            if errors:
+                break
+            members, logits, probs = teacher.soft_targets(x, temps)
+            host = [t.to("cpu", non_blocking=cuda) for t in (members, logits, probs)]
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record()
+            q.put((event, x, y, host[0] if keep else host[0][:0], host[1], host[2]))
+            done += len(x)
+            report(done)
+    finally:
+        q.put(None)
+        thread.join()
+    if errors:
+        raise errors[0]

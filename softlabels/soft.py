@@ -1,0 +1,41 @@
+"""Tensor math of distillation (Hinton, Vinyals & Dean, 2015): tempering and ensembles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """q_i = exp(z_i / T) / sum_j exp(z_j / T), computed in float32 along the last axis."""
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log q_i at temperature T, in float32."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def combine_logits(member_logits: torch.Tensor, combine: str) -> torch.Tensor:
+    """Combine (M, B, C) member logits into (B, C) ensemble logits.
+
+    mean-logits: the mean of the logits (a geometric mean of the probabilities).
+    mean-probs: log of the mean of the T=1 probabilities; its softmax at T=1 is the exact
+    member mean, and the exact mean at other T is stored separately (see `ensemble_probs`).
+    """
+    z = member_logits.float()
+    if combine == "mean-logits":
+        return z.mean(dim=0)
+    log_p = torch.log_softmax(z, dim=-1)
+    return torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(z.shape[0])))
+
+
+def ensemble_probs(
+    member_logits: torch.Tensor, temperatures: Sequence[float], combine: str
+) -> torch.Tensor:
+    """(K, B, C) probabilities of the ensemble at each temperature, in float32."""
+    if combine == "mean-logits":
+        z = member_logits.float().mean(dim=0)
+        return torch.stack([tempered_softmax(z, t) for t in temperatures])
+    return torch.stack([tempered_softmax(member_logits, t).mean(dim=0) for t in temperatures])

@@ -1,0 +1,125 @@
+"""The read side of a transfer set: metadata, row-range reads, probabilities at any temperature."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import schema as S
+from .errors import TransferSetError
+from .soft import tempered_softmax
+from .store import Store, backend_of, open_store
+
+
+class TransferSet:
+    """A complete transfer set opened for reading. Use `open_transfer_set(path)`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.path = store.path
+        self.meta: dict[str, Any] = S.check_readable(store.get_meta(), str(store.path))
+        self.num_rows: int = int(self.meta["num_rows"])
+        self.num_classes: int = int(self.meta["num_classes"])
+        self.temperatures: list[float] = [float(t) for t in self.meta["temperatures"]]
+        self.chunk_rows: int = int(self.meta["chunk_rows"])
+        self.block_rows: int = int(self.meta.get("block_rows") or self.chunk_rows)
+        self.class_names: list[str] = list(self.meta.get("class_names") or [])
+
+    # --- generic reads --------------------------------------------------------------------
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
+        """name -> (shape, dtype, chunks) of every stored array."""
+        return {n: (s, str(d), c) for n in self.store.names()
+                for s, d, c in [self.store.info(n)]}
+
+    def has(self, name: str) -> bool:
+        return self.store.has(name)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of array `name` (all leading axes kept)."""
+        if not self.store.has(name):
+            raise TransferSetError(f"{self.path} has no array {name!r}; it has "
+                                   f"{', '.join(self.store.names())}")
+        stop = self.num_rows if stop is None else stop
+        sel: list[slice] = [slice(None)] * (S.row_axis(name) + 1)
+        sel[S.row_axis(name)] = slice(start, stop)
+        return self.store.read(name, tuple(sel))
+
+    def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(rows, C) combined teacher logits as float32."""
+        return self.read(S.LOGITS, start, stop).astype(np.float32)
+
+    def probs(self, temperature: float, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(rows, C) float32 probabilities at `temperature`: the stored ones when T was stored,
+        else re-tempered from the stored logits in float32."""
+        if temperature <= 0 or not np.isfinite(temperature):
+            raise TransferSetError(f"temperature must be a positive number, got {temperature}")
+        k = self.temperature_index(temperature)
+        if k is not None:
+            stop = self.num_rows if stop is None else stop
+            return self.store.read(S.PROBS, (k, slice(start, stop))).astype(np.float32)
+        z = torch.from_numpy(self.logits(start, stop))
+        return tempered_softmax(z, temperature).numpy()
+
+    def temperature_index(self, temperature: float) -> int | None:
+        for k, t in enumerate(self.temperatures):
+            if np.isclose(t, temperature, rtol=1e-6, atol=0):
+                return k
+        return None
+
+    def labels(self) -> np.ndarray:
+        return self.read(S.LABELS)
+
+    def index(self) -> np.ndarray:
+        return self.read(S.INDEX)
+
+    def sample_hash(self) -> np.ndarray:
+        return self.read(S.SAMPLE_HASH)
+
+    def nbytes_on_disk(self) -> int:
+        if self.path.is_dir():
+            return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return self.path.stat().st_size
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description: metadata, arrays, size on disk."""
+        return {
+            "path": str(self.path),
+            "backend": backend_of(self.path),
+            "bytes": self.nbytes_on_disk(),
+            "arrays": {n: {"shape": list(s), "dtype": d, "chunks": list(c)}
+                       for n, (s, d, c) in self.arrays().items()},
+            **self.meta,
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> TransferSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __repr__(self) -> str:
+        return (f"TransferSet({str(self.path)!r}, rows={self.num_rows}, "
+                f"classes={self.num_classes}, temperatures={self.temperatures})")
+
+
+def open_transfer_set(path: str | os.PathLike[str]) -> TransferSet:
+    """Open a complete transfer set (`.zarr`, `.zarr.zip` or `.h5`) for reading.
+
+    Refuses anything that is not complete or of an unknown format version, saying what to do.
+    """
+    store = open_store(Path(path), "r")
+    try:
+        return TransferSet(store)
+    except BaseException:
+        store.close()
+        raise

@@ -1,0 +1,47 @@
+"""Small factories the tests name through `python:helpers:NAME` specs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class Slow(nn.Module):
+    """A linear teacher that sleeps per batch, so a test can kill a run midway."""
+
+    def __init__(self, n_in: int = 16, n_out: int = 3, delay: float = 0.02) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = nn.Linear(n_in, n_out)
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return self.lin(x.flatten(1))
+
+
+def slow(delay: float = 0.02) -> nn.Module:
+    return Slow(delay=float(os.environ.get("SOFTLABELS_TEST_DELAY", delay)))
+
+
+class NaNAfter(nn.Module):
+    """Outputs NaN for inputs whose first value is above a threshold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lin(x.flatten(1))
+        return torch.where(x.flatten(1)[:, :1] > 1.5, torch.nan, z)
+
+
+def nan_teacher() -> nn.Module:
+    return NaNAfter()
+
+
+def four_classes() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
