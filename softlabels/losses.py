@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SoftlabelsError
-from .soft import tempered_log_softmax, tempered_softmax
+from .soft import at_least_float32, tempered_log_softmax, tempered_softmax
 
 
 def _check(temperature: float, alpha: float) -> None:
@@ -35,7 +35,7 @@ def kd_loss_from_probs(
     """
     _check(temperature, alpha)
     log_q = tempered_log_softmax(student_logits, temperature)
-    p = teacher_probs.float()
+    p = at_least_float32(teacher_probs)
     # KL(p || q) = sum p (log p - log q); xlogy makes 0 * log 0 = 0.
     kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean()
     soft = temperature**2 * kl
@@ -44,7 +44,8 @@ def kd_loss_from_probs(
     known = labels >= 0
     if not known.any():
         return alpha * soft
-    hard = F.cross_entropy(student_logits.float()[known], labels[known], reduction="sum")
+    hard = F.cross_entropy(at_least_float32(student_logits)[known], labels[known],
+                           reduction="sum")
     return alpha * soft + (1 - alpha) * hard / len(labels)
 
 

@@ -215,11 +215,16 @@ def _run(teacher: Teacher, dataset: Dataset, rows: np.ndarray, writer: TransferS
     loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate, pin_memory=cuda)
     keep = writer.layout.num_members > 0
-    q: queue.Queue = queue.Queue(maxsize=4)
+    assembler = _BlockAssembler(writer, rows)
     errors: list[BaseException] = []
-    thread = threading.Thread(target=_writer_loop, args=(_BlockAssembler(writer, rows), q, errors),
+    # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
+    # uses every core, and a thread only preempts its workers (measured: 0.89 of bare speed with
+    # a thread, see benchmarks/README.md), so there the same work runs inline between batches.
+    q: Any = queue.Queue(maxsize=4) if cuda else _Inline(assembler, errors)
+    thread = threading.Thread(target=_writer_loop, args=(assembler, q, errors),
                               name="softlabels-writer", daemon=True)
-    thread.start()
+    if cuda:
+        thread.start()
     try:
         for x, y in loader:
             if errors:
@@ -234,6 +239,21 @@ def _run(teacher: Teacher, dataset: Dataset, rows: np.ndarray, writer: TransferS
             report(done)
     finally:
         q.put(None)
-        thread.join()
+        if cuda:
+            thread.join()
     if errors:
         raise errors[0]
+
+
+class _Inline:
+    """The writer queue's stand-in on the CPU: each batch is written as it is put."""
+
+    def __init__(self, assembler: _BlockAssembler, errors: list[BaseException]) -> None:
+        self.assembler, self.errors = assembler, errors
+
+    def put(self, item: Any) -> None:
+        if item is not None and not self.errors:
+            try:
+                self.assembler.add(*item[1:])
+            except BaseException as exc:  # re-raised after the loop, as with the thread
+                self.errors.append(exc)

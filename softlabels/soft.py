@@ -7,14 +7,19 @@ from collections.abc import Sequence
 import torch
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 logits are upcast: tempering them in half precision underflows."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """q_i = exp(z_i / T) / sum_j exp(z_j / T), computed in float32 along the last axis."""
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    """q_i = exp(z_i / T) / sum_j exp(z_j / T), in float32 (float64 stays), along the last axis."""
+    return torch.softmax(at_least_float32(logits) / temperature, dim=-1)
 
 
 def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log q_i at temperature T, in float32."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+    """log q_i at temperature T, in float32 (float64 stays)."""
+    return torch.log_softmax(at_least_float32(logits) / temperature, dim=-1)
 
 
 def combine_logits(member_logits: torch.Tensor, combine: str) -> torch.Tensor:

@@ -174,6 +174,8 @@ class HDF5Store(Store):
 
     def create(self, name, shape, dtype, *, chunks, shards=None):
         dt = np.dtype(dtype)
+        # HDF5 refuses chunks larger than the array; zarr allows them.
+        chunks = tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape))
         self._file.create_dataset(
             name, shape=shape, dtype=dt, chunks=chunks, fillvalue=_fill_value(dt)
         )

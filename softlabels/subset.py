@@ -1,0 +1,80 @@
+"""Which rows a student trains on: a seeded stratified fraction, class lists, index files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SoftlabelsError
+
+
+def read_indices(path: str | os.PathLike[str]) -> np.ndarray:
+    """Dataset indices from a .npy file or a text file of integers (one per line or spaced)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SoftlabelsError(f"no index file at {p}")
+    try:
+        values = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, ndmin=1)
+    except ValueError as exc:
+        raise SoftlabelsError(f"cannot read indices from {p}: {exc}; write one integer per "
+                              "line, or a .npy array") from None
+    if values.size and not np.array_equal(values, np.round(values)):
+        raise SoftlabelsError(f"{p} holds non-integer indices; write whole numbers")
+    return values.astype(np.int64).ravel()
+
+
+def select_rows(
+    labels: np.ndarray,
+    *,
+    index: np.ndarray | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    exclude_classes: Sequence[int] | None = None,
+    indices: np.ndarray | None = None,
+) -> np.ndarray:
+    """Sorted row numbers kept by every given filter.
+
+    `labels` and `index` are per row (index: the dataset index of each row; default the row
+    number). Class lists are checked against the labels present; `fraction` takes, per class
+    (unknown labels form their own stratum), round(fraction * n_class) rows, at least one, with
+    a generator seeded by `seed` — the same seed selects the same rows.
+    """
+    labels = np.asarray(labels)
+    index = np.arange(len(labels)) if index is None else np.asarray(index)
+    keep = np.ones(len(labels), dtype=bool)
+    present = set(np.unique(labels[labels >= 0]).tolist())
+    for name, chosen in (("--classes", classes), ("--exclude-classes", exclude_classes)):
+        missing = sorted(set(chosen or ()) - present)
+        if missing:
+            raise SoftlabelsError(f"{name} names classes the data lacks: {missing}; the labels "
+                                  f"present are {sorted(present)}")
+    if classes:
+        keep &= np.isin(labels, list(classes))
+    if exclude_classes:
+        keep &= ~np.isin(labels, list(exclude_classes))
+    if indices is not None:
+        keep &= np.isin(index, indices)
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise SoftlabelsError(f"--fraction must lie in (0, 1], got {fraction}")
+        keep &= stratified_mask(labels, fraction, seed)
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        raise SoftlabelsError("the subset options select no rows; loosen --fraction, "
+                              "--classes, --exclude-classes or --indices")
+    return rows
+
+
+def stratified_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask keeping `fraction` of each label's rows (at least one), seeded."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        take = max(1, int(round(fraction * len(rows))))
+        mask[rng.permutation(rows)[:take]] = True
+    return mask

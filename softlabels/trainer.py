@@ -1,0 +1,230 @@
+"""Stage two: train a student from stored soft targets (or from hard labels, for teachers and
+baselines). The teacher is never loaded: its outputs come from the transfer set."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import MismatchError, SoftlabelsError
+from .losses import kd_loss_from_probs
+from .reader import MAX_IN_MEMORY, SoftTargetDataset, StreamingSoftTargetDataset
+from .specs import load_data, load_model, save_checkpoint, split_item
+from .subset import read_indices, select_rows
+from .teacher import resolve_device
+from .transfer_set import TransferSet, open_transfer_set
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[str, dict[str, Any]], None]  # (event: "batch" | "epoch", info)
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    spec: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    seconds: float = 0.0
+
+
+def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (inputs, labels) of a dataset as two tensors: one pass, then training is indexing."""
+    pairs = [split_item(data[i]) for i in range(len(data))]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+
+
+def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image (N, C, H, W) by up to `pixels` in x and y, filling with zeros."""
+    if pixels <= 0 or x.dim() != 4:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pixels,) * 4)
+    dy, dx = (torch.randint(0, 2 * pixels + 1, (2, n), generator=generator))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows, cols]
+
+
+def _batches(tensors: Sequence[torch.Tensor], batch_size: int, generator: torch.Generator,
+             ) -> Iterator[list[torch.Tensor]]:
+    order = torch.randperm(len(tensors[0]), generator=generator)
+    for i in range(0, len(order), batch_size):
+        b = order[i:i + batch_size]
+        yield [t[b] for t in tensors]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device,
+            batch_size: int = 1024) -> torch.Tensor:
+    """Logits (N, C) of `model` in eval mode, on the CPU."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def _check_options(temperature: float | None, alpha: float, epochs: int, batch_size: int,
+                   lr: float, optimizer: str, transfer_set: object) -> None:
+    if transfer_set is not None and (temperature is None or not temperature > 0):
+        raise SoftlabelsError(f"temperature must be positive, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise SoftlabelsError(f"alpha must lie in [0, 1], got {alpha}")
+    if epochs <= 0 or batch_size <= 0 or not lr > 0:
+        raise SoftlabelsError("epochs, batch size and learning rate must be positive")
+    if optimizer not in OPTIMIZERS:
+        raise SoftlabelsError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+
+
+def _make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> Any:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def train_student(
+    data: str | Dataset,
+    model: str,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    transfer_set: str | os.PathLike[str] | TransferSet | None = None,
+    temperature: float | None = None,
+    alpha: float = 0.9,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    fraction: float | None = None,
+    classes: Sequence[int] | None = None,
+    exclude_classes: Sequence[int] | None = None,
+    indices: str | os.PathLike[str] | np.ndarray | None = None,
+    val_data: str | Dataset | None = None,
+    jitter_pixels: int = 0,
+    device: str = "auto",
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Train `model` (a MODEL spec, or a checkpoint to fine-tune) on `data`.
+
+    With `transfer_set`, the loss is Hinton KD at `temperature` (default: the set's first stored
+    T) against the stored soft targets, weighted by `alpha`; rows without a label take the soft
+    term alone. Without it, cross-entropy on hard labels. Subset options select rows of the set
+    and of the data together. The same seed gives the same model.
+    """
+    t0 = time.perf_counter()
+    ts = None
+    if transfer_set is not None:
+        ts = (transfer_set if isinstance(transfer_set, TransferSet)
+              else open_transfer_set(transfer_set))
+        temperature = ts.temperatures[0] if temperature is None else temperature
+    _check_options(temperature, alpha, epochs, batch_size, lr, optimizer, ts)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    net, spec = load_model(model)
+    net = net.to(dev)
+    dataset = load_data(data) if isinstance(data, str) else data
+    index_list = read_indices(indices) if isinstance(indices, (str, os.PathLike)) else indices
+    gen = torch.Generator().manual_seed(seed)
+    fits = ts is None or ts.num_rows * ts.num_classes * 4 <= MAX_IN_MEMORY
+    if fits:
+        x_all, y_all = materialize(dataset)
+        labels = ts.labels() if ts is not None else y_all.numpy()
+        rows = select_rows(labels, index=ts.index() if ts is not None else None,
+                           fraction=fraction, seed=seed, classes=classes,
+                           exclude_classes=exclude_classes, indices=index_list)
+        _check_outputs(net, x_all[:1].to(dev), ts, y_all)
+        if ts is not None:
+            from torch.utils.data import TensorDataset
+
+            sds = SoftTargetDataset(TensorDataset(x_all, y_all), ts, temperature=temperature,
+                                    rows=rows, seed=seed)
+            tensors = [x_all[sds.data_index], sds.labels, sds.targets]
+        else:
+            if (y_all[rows] < 0).all():
+                raise SoftlabelsError("the data has no labels; train from a transfer set")
+            tensors = [x_all[rows], y_all[rows]]
+
+        def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
+            return _batches(tensors, batch_size, gen)
+        n_rows, n_batches = len(rows), -(-len(rows) // batch_size)
+    else:
+        rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
+                           classes=classes, exclude_classes=exclude_classes, indices=index_list)
+        stream = StreamingSoftTargetDataset(dataset, ts.path, temperature=temperature,
+                                            rows=rows, seed=seed)
+        loader = DataLoader(stream, batch_size=batch_size)
+
+        def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
+            stream.set_epoch(epoch)
+            return iter(loader)
+        n_rows, n_batches = len(rows), len(loader)
+    val = materialize(load_data(val_data) if isinstance(val_data, str) else val_data) \
+        if val_data is not None else None
+    opt = _make_optimizer(optimizer, net.parameters(), lr, weight_decay)
+    history: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        net.train()
+        total, seen = 0.0, 0
+        for b, batch in enumerate(epoch_batches(epoch)):
+            x, y = jitter(batch[0], jitter_pixels, gen).to(dev), batch[1].to(dev)
+            logits = net(x)
+            if ts is not None:
+                loss = kd_loss_from_probs(logits, batch[2].to(dev), temperature=temperature,
+                                          labels=y, alpha=alpha)
+            else:
+                known = y >= 0
+                loss = F.cross_entropy(logits[known], y[known])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, seen = total + loss.item() * len(x), seen + len(x)
+            for cb in callbacks:
+                cb("batch", {"epoch": epoch, "batch": b + 1, "batches": n_batches,
+                             "loss": total / seen})
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(seen, 1)}
+        if val is not None:
+            pred = predict(net, val[0], dev).argmax(-1)
+            known = val[1] >= 0
+            record["val_accuracy"] = float((pred[known] == val[1][known]).float().mean())
+        history.append(record)
+        for cb in callbacks:
+            cb("epoch", {**record, "epochs": epochs})
+    net = net.cpu().eval()
+    result = TrainResult(model=net, spec=spec, history=history, rows=n_rows,
+                         seconds=time.perf_counter() - t0)
+    if out is not None:
+        meta = {"history": history, "rows": n_rows, "seed": seed, "epochs": epochs,
+                "data": data if isinstance(data, str) else type(data).__name__}
+        if ts is not None:
+            meta["transfer_set"] = {"path": str(ts.path), "temperature": temperature,
+                                    "alpha": alpha,
+                                    "fingerprint": ts.meta["dataset"]["fingerprint"]}
+        save_checkpoint(net, out, spec=spec, meta=meta)
+    return result
+
+
+def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
+                   y_all: torch.Tensor) -> None:
+    """Refuse a student whose output size differs from the set's (or the labels') classes."""
+    with torch.no_grad():
+        was = net.training
+        net.eval()
+        c = int(net(x).shape[-1])
+        net.train(was)
+    want = ts.num_classes if ts is not None else int(y_all.max()) + 1
+    if (ts is not None and c != want) or c < want:
+        source = f"{ts.path} has {want} classes" if ts is not None else f"labels reach {want - 1}"
+        raise MismatchError(f"the student predicts {c} classes but {source}; give the model "
+                            f"{want} outputs")
