@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import CHUNK, N_ROWS
 
+from conftest import CHUNK, N_ROWS
 from softlabels.cli import cli
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHUNK, N_ROWS, make_npz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import CHUNK, N_ROWS, make_npz
 from softlabels import schema as S
 from softlabels.errors import MismatchError, SoftlabelsError, SpecError, TeacherOutputError
 from softlabels.precompute import precompute

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import CHUNK, N_ROWS, make_npz
+from conftest import CHUNK, N_ROWS
 from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.precompute import precompute
 from softlabels.reader import SoftTargetDataset, StreamingSoftTargetDataset, chunk_plan
@@ -111,7 +111,7 @@ def test_streaming_yields_every_selected_row_once(made: tuple[str, Path], worker
     for epoch in range(2):
         ds.set_epoch(epoch)
         got = []
-        for x, y, t in DataLoader(ds, batch_size=5, num_workers=workers):
+        for x, _, t in DataLoader(ds, batch_size=5, num_workers=workers):
             for xi, ti in zip(x, t):
                 i = int(np.flatnonzero((raw.x == xi).flatten(1).all(1))[0])
                 np.testing.assert_array_equal(ti.numpy(), probs[i])

@@ -12,8 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import make_npz
 
+from conftest import make_npz
 from softlabels import schema as S
 from softlabels.precompute import precompute
 from softlabels.store import open_store
