@@ -60,13 +60,18 @@ def main() -> None:
     sets = {n: TensorDataset(x[:n], y[:n]) for n in (args.n_small, args.n)}
     bare(teacher, sets[args.n_small], args.batch_size)  # warm-up
     times: dict[tuple[str, int], float] = {}
+    ratios = []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):  # interleaved, best of each
+        for _ in range(args.repeats):  # interleaved; best of each, and each round's ratio
+            now = {}
             for n, data in sets.items():
                 for kind in ("bare", "precompute"):
                     t = (bare(teacher, data, args.batch_size) if kind == "bare"
                          else full(spec, data, args, Path(tmp) / "set.zarr"))
+                    now[kind, n] = t
                     times[kind, n] = min(times.get((kind, n), float("inf")), t)
+            ratios.append((now["bare", args.n] - now["bare", args.n_small])
+                          / (now["precompute", args.n] - now["precompute", args.n_small]))
     marginal = {k: times[k, args.n] - times[k, args.n_small] for k in ("bare", "precompute")}
     rows = args.n - args.n_small
     print(f"device {teacher.device}, {args.model} {args.size}x{args.size}, batch "
@@ -74,7 +79,10 @@ def main() -> None:
     for k in ("bare", "precompute"):
         print(f"{k:10s} N={args.n}: {times[k, args.n]:.2f}s  N={args.n_small}: "
               f"{times[k, args.n_small]:.2f}s  marginal {rows / marginal[k]:.1f} images/s")
-    print(f"ratio bare/precompute (marginal time): {marginal['bare'] / marginal['precompute']:.3f}")
+    print(f"ratio bare/precompute (marginal time, best of {args.repeats}): "
+          f"{marginal['bare'] / marginal['precompute']:.3f}")
+    print(f"ratio per round: {' '.join(f'{r:.3f}' for r in ratios)}; median "
+          f"{sorted(ratios)[len(ratios) // 2]:.3f}")
 
 
 if __name__ == "__main__":

@@ -330,3 +330,21 @@ def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: 
     if "teacher_agreement" in report:
         click.echo(f"agreement with teacher {report['teacher_agreement']:.4f}  "
                    f"KL(teacher||student) {report['kl_to_teacher']:.4f}")
+
+
+# --- pipelines --------------------------------------------------------------------------------
+
+
+@cli.command(name="run")
+@click.argument("pipeline")
+@click.option("--out", default=None, help="Output directory (default: the file's `out`).")
+@click.option("--quick", is_flag=True, help="The same steps, small and fast (for tests).")
+def run_cmd(pipeline: str, out: str | None, quick: bool) -> None:
+    """Run a pipeline file (e.g. pipelines/mnist_hinton.toml); a rerun skips finished steps."""
+    from .pipeline import run_pipeline
+
+    results = run_pipeline(pipeline, out=out, quick=quick,
+                           say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()])
+    where = results.get("out_dir", "")
+    click.echo(f"results: {where}results.json, results.md and PNG plots "
+               f"({results['seconds_this_run']} s this run)")

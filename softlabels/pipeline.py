@@ -1,0 +1,104 @@
+"""`softlabels run PIPELINE.toml`: runnable experiments built from the library's stages.
+
+A pipeline file names a recipe and its parameters (see pipelines/README.md). Each step's output
+is a file in the output directory plus an entry in `steps.json` recording the parameters that
+made it; a rerun skips every step whose parameters are unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import SoftlabelsError
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False) -> dict[str, Any]:
+    """The pipeline's configuration; with `quick`, its [quick] table merged over the rest."""
+    p = Path(path)
+    try:
+        cfg = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise SoftlabelsError(f"no pipeline file at {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SoftlabelsError(f"{p} is not valid TOML: {exc}") from None
+    recipe = cfg.get("recipe")
+    if recipe not in RECIPES:
+        raise SoftlabelsError(f"{p}: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    quick_cfg = cfg.pop("quick", {})
+    return _merge(cfg, quick_cfg) if quick else cfg
+
+
+class Steps:
+    """Remembers finished steps (and their results) in OUT/steps.json, keyed by parameters."""
+
+    def __init__(self, out: Path, say: Say) -> None:
+        self.out, self.say = out, say
+        self.file = out / "steps.json"
+        self.done: dict[str, Any] = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    @staticmethod
+    def key(params: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+    def run(self, name: str, params: dict[str, Any], fn: Callable[[], Any]) -> Any:
+        entry = self.done.get(name)
+        if entry and entry["key"] == self.key(params):
+            self.say(f"[skip] {name} (finished earlier)")
+            return entry["result"]
+        self.say(f"[run ] {name}")
+        t0 = time.perf_counter()
+        result = fn()
+        self.done[name] = {"key": self.key(params), "result": result,
+                           "seconds": round(time.perf_counter() - t0, 1)}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=1))
+        os.replace(tmp, self.file)
+        return result
+
+    def seconds(self) -> float:
+        return sum(e.get("seconds", 0) for e in self.done.values())
+
+
+def run_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
+                 quick: bool = False, say: Say = log.info,
+                 callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = ()
+                 ) -> dict[str, Any]:
+    """Run a pipeline file; returns its results (also written to OUT/results.json)."""
+    cfg = load_pipeline(path, quick=quick)
+    out_dir = Path(out or cfg.get("out") or "runs/pipeline")
+    if quick and out is None:
+        out_dir = out_dir.with_name(out_dir.name + "_quick")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = RECIPES[cfg["recipe"]](cfg, out_dir, say, list(callbacks))
+    return {**results, "out_dir": f"{out_dir}/"}
+
+
+def _hinton(cfg: dict[str, Any], out: Path, say: Say, callbacks: list[Any]) -> dict[str, Any]:
+    from .recipes import hinton_mnist
+
+    return hinton_mnist(cfg, out, Steps(out, say), callbacks)
+
+
+RECIPES: dict[str, Callable[[dict[str, Any], Path, Say, list[Any]], dict[str, Any]]] = {
+    "hinton-mnist": _hinton,
+}
