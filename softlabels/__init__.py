@@ -16,8 +16,13 @@ from .errors import (
     TeacherOutputError,
     TransferSetError,
 )
+from .evaluate import evaluate
+from .losses import kd_loss, logit_matching_loss
+from .pipeline import run_pipeline
 from .precompute import PrecomputeResult, precompute
+from .reader import SoftTargetDataset, StreamingSoftTargetDataset
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
+from .trainer import TrainResult, train_student
 from .transfer_set import TransferSet, open_transfer_set
 from .verify import VerifyReport, verify
 
@@ -26,19 +31,27 @@ __all__ = [
     "IncompleteTransferSetError",
     "MismatchError",
     "PrecomputeResult",
+    "SoftTargetDataset",
     "SoftlabelsError",
     "SpecError",
+    "StreamingSoftTargetDataset",
     "TeacherOutputError",
+    "TrainResult",
     "TransferSet",
     "TransferSetError",
     "VerifyReport",
     "__version__",
     "build_model",
+    "evaluate",
+    "kd_loss",
     "load_checkpoint",
     "load_data",
     "load_model",
+    "logit_matching_loss",
     "open_transfer_set",
     "precompute",
+    "run_pipeline",
     "save_checkpoint",
+    "train_student",
     "verify",
 ]

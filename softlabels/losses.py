@@ -35,18 +35,15 @@ def kd_loss_from_probs(
     """
     _check(temperature, alpha)
     log_q = tempered_log_softmax(student_logits, temperature)
-    p = at_least_float32(teacher_probs)
-    # KL(p || q) = sum p (log p - log q); xlogy makes 0 * log 0 = 0.
-    kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean()
-    soft = temperature**2 * kl
+    # KL(p || q) = sum p (log p - log q), with 0 log 0 = 0; "batchmean" sums classes, means rows.
+    soft = temperature**2 * F.kl_div(log_q, at_least_float32(teacher_probs),
+                                     reduction="batchmean")
     if labels is None:
         return soft
-    known = labels >= 0
-    if not known.any():
-        return alpha * soft
-    hard = F.cross_entropy(at_least_float32(student_logits)[known], labels[known],
-                           reduction="sum")
-    return alpha * soft + (1 - alpha) * hard / len(labels)
+    # Unknown labels (-1) are ignored but still count in the batch mean.
+    hard = F.cross_entropy(at_least_float32(student_logits), labels, ignore_index=-1,
+                           reduction="sum") / len(labels)
+    return alpha * soft + (1 - alpha) * hard
 
 
 def kd_loss(

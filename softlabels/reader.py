@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +137,8 @@ class StreamingSoftTargetDataset(IterableDataset):
         if check:
             picked = np.flatnonzero(self.keep) if self.keep is not None else np.arange(ts.num_rows)
             check_alignment(dataset, ts, picked, seed=seed, check_all_up_to=CHECK_SAMPLE)
+        # Labels and dataset indices are 16 bytes a row: held in memory; targets stream.
+        self.labels, self.index = ts.labels(), ts.index()
         ts.close()
         self.shuffle, self.window, self.seed, self.epoch = shuffle, max(1, window), seed, 0
 
@@ -156,24 +157,27 @@ class StreamingSoftTargetDataset(IterableDataset):
                           shuffle=self.shuffle, rank=rank, world_size=world, worker=worker,
                           num_workers=workers)
 
-    def _read_window(self, ts: TransferSet, chunks: list[int]) -> dict[str, Any]:
-        parts: dict[str, list[np.ndarray]] = {"rows": [], "probs": [], "labels": [], "index": []}
+    def _read_window(self, ts: TransferSet, chunks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, targets) of a window of whole chunks, the unselected rows dropped."""
+        rows, probs = [], []
         for c in chunks:
             start, stop = c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.num_rows)
             sel = slice(None) if self.keep is None else self.keep[start:stop]
-            parts["rows"].append(np.arange(start, stop)[sel])
-            parts["probs"].append(ts.probs(self.temperature, start, stop)[sel])
-            parts["labels"].append(ts.read(S.LABELS, start, stop)[sel])
-            parts["index"].append(ts.read(S.INDEX, start, stop)[sel])
-        return {k: np.concatenate(v) for k, v in parts.items()}
+            rows.append(np.arange(start, stop)[sel])
+            probs.append(ts.probs(self.temperature, start, stop)[sel])
+        return np.concatenate(rows), np.concatenate(probs)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
         plan = self._plan()
         rng = np.random.default_rng([self.seed, self.epoch, *plan[:1]])
         with open_transfer_set(self.path) as ts:
             for w in range(0, len(plan), self.window):
-                got = self._read_window(ts, plan[w:w + self.window])
-                n = len(got["rows"])
-                for j in rng.permutation(n) if self.shuffle else range(n):
-                    x, _ = split_item(self.data[int(got["index"][j])])
-                    yield x, int(got["labels"][j]), torch.from_numpy(got["probs"][j])
+                rows, probs = self._read_window(ts, plan[w:w + self.window])
+                order = rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
+                # Per-window conversions, so the per-row loop is plain Python indexing.
+                targets = torch.from_numpy(probs[order]).unbind(0)
+                index = self.index[rows[order]].tolist()
+                labels = self.labels[rows[order]].tolist()
+                for i, label, target in zip(index, labels, targets):
+                    item = self.data[i]
+                    yield (item[0] if isinstance(item, (tuple, list)) else item), label, target

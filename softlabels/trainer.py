@@ -184,8 +184,7 @@ def train_student(
                 loss = kd_loss_from_probs(logits, batch[2].to(dev), temperature=temperature,
                                           labels=y, alpha=alpha)
             else:
-                known = y >= 0
-                loss = F.cross_entropy(logits[known], y[known])
+                loss = F.cross_entropy(logits, y, ignore_index=-1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -41,7 +41,7 @@ def test_kd_loss_matches_reference_value_and_gradient(T: float, alpha: float) ->
     s.requires_grad_(True)
     loss = kd_loss(s, t, temperature=T, labels=y, alpha=alpha)
     want = reference_kd(s.detach().numpy(), t.numpy(), T, y.numpy(), alpha)
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
     loss.backward()
     # Gradient of the same formula: alpha*T*(q_T - p_T)/B + (1-alpha)*(q_1 - onehot)/B
     p, q = torch.softmax(t / T, -1), torch.softmax(s.detach() / T, -1)
