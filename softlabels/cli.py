@@ -135,19 +135,30 @@ def main() -> None:
 @click.option("--num-workers", type=int, default=0, show_default=True,
               help="DataLoader worker processes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set made by another run.")
+@click.option("--workers", type=int, default=None,
+              help="Spread blocks over a local Dask cluster of N single-threaded processes.")
+@click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
 def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: list[float],
                batch_size: int, dtype: str, probs_dtype: str, combine: str, keep_members: bool,
                chunk_rows: int, shard_rows: int | None, device: str, precision: str,
-               num_workers: int, overwrite: bool) -> None:
+               num_workers: int, overwrite: bool, workers: int | None,
+               scheduler: str | None) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
-    from .precompute import precompute as run
-
+    options = dict(temperatures=temperatures, batch_size=batch_size, dtype=dtype,
+                   probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
+                   chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
+                   precision=precision, overwrite=overwrite)
     with progress_bar("precompute") as bar:
-        result = run(data, list(teachers), out, temperatures=temperatures, batch_size=batch_size,
-                     dtype=dtype, probs_dtype=probs_dtype, combine=combine,
-                     keep_members=keep_members, chunk_rows=chunk_rows, shard_rows=shard_rows,
-                     device=device, precision=precision, num_workers=num_workers,
-                     overwrite=overwrite, progress=bar)
+        if workers is not None or scheduler is not None:
+            from .distributed import precompute_on_cluster
+
+            result = precompute_on_cluster(data, list(teachers), out, workers=workers,
+                                           scheduler=scheduler, progress=bar, **options)
+        else:
+            from .precompute import precompute as run
+
+            result = run(data, list(teachers), out, num_workers=num_workers, progress=bar,
+                         **options)
     if result.already_complete:
         click.echo(f"{out} is already complete ({result.num_rows} rows); nothing to do")
     else:

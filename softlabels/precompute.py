@@ -28,7 +28,7 @@ from . import schema as S
 from .errors import SoftlabelsError, TeacherOutputError
 from .specs import class_names, load_data, split_item
 from .teacher import Teacher
-from .writer import Layout, TransferSetWriter
+from .writer import BlockWriter, Layout, TransferSetWriter
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,35 @@ def precompute(
     recomputed. A set made from another teacher or dataset is refused unless `overwrite`.
     """
     t0 = time.perf_counter()
+    dataset, teacher, layout, meta = prepare(
+        data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
+        probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
+        chunk_rows=chunk_rows, shard_rows=shard_rows, device=device, precision=precision)
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
+        rows = rows_of(layout, writer.pending)
+        done = layout.num_rows - len(rows)
+        if progress:
+            progress(done, layout.num_rows)
+        if len(rows):
+            run_blocks(teacher, dataset, writer, writer.pending, batch_size, num_workers,
+                       lambda n: progress(done + n, layout.num_rows) if progress else None)
+    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
+                            resumed=writer.resumed, already_complete=writer.already_complete,
+                            seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
+    """The row numbers of `blocks`, concatenated in order."""
+    return np.concatenate([np.arange(*layout.block_range(b)) for b in blocks]
+                          or [np.empty(0, np.int64)]).astype(np.int64)
+
+
+def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
+            temperatures: Sequence[float], batch_size: int, dtype: str, probs_dtype: str,
+            combine: str, keep_members: bool, chunk_rows: int, shard_rows: int | None,
+            device: str, precision: str,
+            ) -> tuple[Dataset, Teacher, Layout, dict[str, Any]]:
+    """Check the options, load data and teacher, and lay out the set: all but the writing."""
     temps = check_options(temperatures, batch_size, dtype, combine)
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
@@ -194,25 +223,36 @@ def precompute(
                                          if teacher.device.type == "cuda" else ""),
         "precision": precision,
     }
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
-        rows = np.concatenate([np.arange(*layout.block_range(b)) for b in writer.pending]
-                              or [np.empty(0, np.int64)]).astype(np.int64)
-        done = layout.num_rows - len(rows)
-        if progress:
-            progress(done, layout.num_rows)
-        if len(rows):
-            _run(teacher, dataset, rows, writer, temps, batch_size, num_workers,
-                 lambda n: progress(n, layout.num_rows) if progress else None, done)
-    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
-                            resumed=writer.resumed, already_complete=writer.already_complete,
-                            seconds=time.perf_counter() - t0, meta=writer.meta)
+    return dataset, teacher, layout, meta
 
 
-def _run(teacher: Teacher, dataset: Dataset, rows: np.ndarray, writer: TransferSetWriter,
-         temps: tuple[float, ...], batch_size: int, num_workers: int,
-         report: Callable[[int], None], done: int) -> None:
+def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches (positions in the concatenated rows of `blocks`) that never cross a block.
+
+    Every block is cut into batches from its own first row, so a row always shares its batch
+    with the same rows: resumed, single-process and distributed runs compute identical logits
+    even where a kernel's result depends on the batch.
+    """
+    batches, offset = [], 0
+    for b in blocks:
+        start, stop = layout.block_range(b)
+        n = stop - start
+        batches += [list(range(offset + i, offset + min(i + batch_size, n)))
+                    for i in range(0, n, batch_size)]
+        offset += n
+    return batches
+
+
+def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | BlockWriter,
+               blocks: Sequence[int], batch_size: int, num_workers: int,
+               report: Callable[[int], None]) -> None:
+    """Compute and write whole `blocks`; `report(rows done so far)` after each batch."""
     cuda = teacher.device.type == "cuda"
-    loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size,
+    temps = writer.layout.temperatures
+    rows = rows_of(writer.layout, blocks)
+    done = 0
+    loader = DataLoader(Subset(dataset, rows.tolist()),
+                        batch_sampler=block_batches(writer.layout, blocks, batch_size),
                         num_workers=num_workers, collate_fn=collate, pin_memory=cuda)
     keep = writer.layout.num_members > 0
     assembler = _BlockAssembler(writer, rows)

@@ -79,6 +79,42 @@ class Layout:
         return tuple(rows if i == axis else (1 if i < axis else n) for i, n in enumerate(shape))
 
 
+def write_block(store: Store, layout: Layout, block: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write every array's rows of one block, then (only then) mark the block done."""
+    start, stop = layout.block_range(block)
+    expected = layout.arrays()
+    if set(arrays) != set(expected):
+        raise TransferSetError(f"block {block} has arrays {sorted(arrays)}, "
+                               f"expected {sorted(expected)}")
+    for name, data in arrays.items():
+        sel = [slice(None)] * len(expected[name][0])
+        sel[S.row_axis(name)] = slice(start, stop)
+        store.write(name, tuple(sel), data)
+    store.flush()
+    store.write(S.BLOCK_DONE, slice(block, block + 1), np.ones(1, np.uint8))
+    store.flush()
+
+
+class BlockWriter:
+    """What one worker holds: an existing set opened to write whole blocks, never metadata."""
+
+    def __init__(self, path: str | Path, layout: Layout) -> None:
+        self.layout = layout
+        self.store = open_store(path, "r+")
+
+    def erase(self, blocks: list[int]) -> None:
+        """Drop any partial earlier attempt at these blocks (a retried task is idempotent)."""
+        for name in self.layout.arrays():
+            for b in blocks:
+                self.store.erase_block(name, b, self.layout.block_rows, S.row_axis(name))
+
+    def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
+        write_block(self.store, self.layout, block, arrays)
+
+    def close(self) -> None:
+        self.store.close()
+
+
 def _identity(meta: dict[str, Any]) -> dict[str, Any]:
     teacher = meta.get("teacher", {})
     dataset = meta.get("dataset", {})
@@ -178,18 +214,7 @@ class TransferSetWriter:
 
     def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
         """Write every array's rows of one block, then mark the block done."""
-        start, stop = self.layout.block_range(block)
-        expected = self.layout.arrays()
-        if set(arrays) != set(expected):
-            raise TransferSetError(f"block {block} has arrays {sorted(arrays)}, "
-                                   f"expected {sorted(expected)}")
-        for name, data in arrays.items():
-            sel = [slice(None)] * len(expected[name][0])
-            sel[S.row_axis(name)] = slice(start, stop)
-            self.store.write(name, tuple(sel), data)
-        self.store.flush()
-        self.store.write(S.BLOCK_DONE, slice(block, block + 1), np.ones(1, np.uint8))
-        self.store.flush()
+        write_block(self.store, self.layout, block, arrays)
 
     def finish(self) -> dict[str, Any]:
         """Check every block is done, record the fingerprint, mark the set complete."""

@@ -1,0 +1,85 @@
+"""Stage one on a local Dask cluster: identical output, and a killed worker loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import make_npz
+from softlabels import schema as S
+from softlabels.distributed import precompute_on_cluster
+from softlabels.errors import SoftlabelsError
+from softlabels.precompute import precompute
+from softlabels.transfer_set import open_transfer_set
+
+HERE = Path(__file__).parent
+ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)
+
+
+def assert_same(a_path: Path, b_path: Path, names: tuple[str, ...] = ARRAYS) -> None:
+    with open_transfer_set(a_path) as a, open_transfer_set(b_path) as b:
+        assert a.meta["dataset"]["fingerprint"] == b.meta["dataset"]["fingerprint"]
+        for name in names:
+            np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
+
+
+def test_cluster_run_is_identical_to_single_process(tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz", n=203)
+    args = dict(temperatures=[1, 4], chunk_rows=32, batch_size=10, keep_members=True,
+                combine="mean-probs", device="cpu")
+    teachers = ["mlp:16-8-3", "mlp:16-6-3"]
+    precompute(data, teachers, tmp_path / "single.zarr", **args)
+    result = precompute_on_cluster(data, teachers, tmp_path / "dist.zarr", workers=2, **args)
+    assert result.rows_computed == 203
+    assert_same(tmp_path / "dist.zarr", tmp_path / "single.zarr", ARRAYS + (S.MEMBER_LOGITS,))
+
+
+def test_cluster_refuses_hdf5_and_objects(tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    with pytest.raises(SoftlabelsError, match="write Zarr only"):
+        precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.h5", workers=2)
+    with pytest.raises(SoftlabelsError, match="must be positive"):
+        precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.zarr", workers=0)
+
+
+def worker_processes(pid: int) -> list[psutil.Process]:
+    kids = psutil.Process(pid).children(recursive=True)
+    return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+
+
+def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_npz(tmp_path / "d.npz", n=400)
+    out, ref = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
+    common = ["--teacher", "python:helpers:slow", "--temperatures", "1,3", "--chunk-rows", "16",
+              "--batch-size", "8", "--dtype", "float32"]
+    monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
+    monkeypatch.syspath_prepend(str(HERE))
+    precompute(data, ["python:helpers:slow"], ref, temperatures=[1, 3], chunk_rows=16,
+               batch_size=8, dtype="float32")
+    env = {**os.environ, "PYTHONPATH": str(HERE), "SOFTLABELS_TEST_DELAY": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", data,
+                             "--out", str(out), "--workers", "2", *common], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    killed = False
+    while time.time() < deadline and proc.poll() is None and not killed:
+        marks = list((out / S.BLOCK_DONE / "c").glob("*")) if out.exists() else []
+        workers = worker_processes(proc.pid)
+        if len(marks) >= 3 and len(workers) == 2:
+            workers[0].send_signal(signal.SIGKILL)
+            killed = True
+        time.sleep(0.05)
+    assert killed, "the run ended before a worker could be killed"
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "400 rows" in stdout
+    assert_same(out, ref)
