@@ -171,12 +171,16 @@ def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: lis
 @cli.command()
 @click.argument("transfer_set")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(transfer_set: str, as_json: bool) -> None:
+@click.option("--stats", is_flag=True,
+              help="Also compute per-class mass, entropy per T and teacher accuracy (dask).")
+def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     """Describe a transfer set: provenance, arrays, size."""
     from .transfer_set import open_transfer_set
 
     with open_transfer_set(transfer_set) as ts:
         summary = ts.summary()
+        if stats:
+            summary["stats"] = ts.stats()
     if as_json:
         echo_json(summary)
         return
@@ -196,6 +200,15 @@ def info(transfer_set: str, as_json: bool) -> None:
         *[f"  {n:14s} {str(tuple(a['shape'])):22s} {a['dtype']:8s} chunks {tuple(a['chunks'])}"
           for n, a in summary["arrays"].items()],
     ]
+    if stats:
+        st = summary["stats"]
+        acc = st["teacher_accuracy"]
+        lines += [f"teacher accuracy on {st['labelled_rows']} labelled rows: "
+                  + (f"{acc:.4f}" if acc is not None else "n/a"),
+                  "mean entropy (nats) per T: " + ", ".join(f"T={t}: {e:.4f}" for t, e in
+                                                            st["mean_entropy"].items())]
+        for t, mass in st["class_mass"].items():
+            lines.append(f"class mass at T={t}: " + " ".join(f"{m:.3f}" for m in mass))
     click.echo("\n".join(lines))
 
 

@@ -50,6 +50,10 @@ class Store(ABC):
     def read(self, name: str, selection: Selection = slice(None)) -> np.ndarray: ...
 
     @abstractmethod
+    def array(self, name: str) -> Any:
+        """The backend's array object (zarr.Array, h5py.Dataset): sliceable, for dask."""
+
+    @abstractmethod
     def names(self) -> list[str]:
         """Every array, nested ones as 'group/name'."""
 
@@ -122,6 +126,9 @@ class ZarrStore(Store):
     def read(self, name, selection=slice(None)):
         return np.asarray(self._group[name][selection])
 
+    def array(self, name):
+        return self._group[name]
+
     def names(self):
         return sorted(path for path, _ in self._group.arrays()) + sorted(
             f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays()
@@ -185,6 +192,9 @@ class HDF5Store(Store):
 
     def read(self, name, selection=slice(None)):
         return np.asarray(self._file[name][selection])
+
+    def array(self, name):
+        return self._file[name]
 
     def names(self):
         import h5py

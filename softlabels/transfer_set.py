@@ -79,6 +79,35 @@ class TransferSet:
     def sample_hash(self) -> np.ndarray:
         return self.read(S.SAMPLE_HASH)
 
+    def stats(self) -> dict[str, Any]:
+        """Out-of-core statistics through dask.array, one chunk in memory at a time: per-class
+        mean probability at each T, mean entropy (nats) at each T, and the teacher's top-1
+        accuracy on labelled rows."""
+        import dask
+        import dask.array as da
+
+        rows = self.chunk_rows
+        probs = da.from_array(self.store.array(S.PROBS), chunks=(1, rows, self.num_classes))
+        logits = da.from_array(self.store.array(S.LOGITS), chunks=(rows, self.num_classes))
+        labels = da.from_array(self.store.array(S.LABELS), chunks=(rows,))
+        p = probs.astype("float32")
+        entropy = -da.where(p > 0, p * da.log(da.where(p > 0, p, 1)), 0).sum(axis=-1).mean(-1)
+        labelled = labels >= 0
+        correct = ((logits.argmax(axis=1) == labels) & labelled).sum()
+        # h5py is not thread-safe: HDF5 sets are reduced in this thread, Zarr with threads.
+        scheduler = "synchronous" if backend_of(self.path) == "hdf5" else "threads"
+        with dask.config.set(scheduler=scheduler):
+            mass, ent, n_correct, n_labelled = dask.compute(p.mean(axis=1), entropy, correct,
+                                                            labelled.sum())
+        return {
+            "temperatures": self.temperatures,
+            "class_mass": {f"{t:g}": m.round(6).tolist() for t, m in zip(self.temperatures, mass)},
+            "mean_entropy": {f"{t:g}": round(float(e), 6)
+                             for t, e in zip(self.temperatures, ent)},
+            "labelled_rows": int(n_labelled),
+            "teacher_accuracy": float(n_correct / n_labelled) if n_labelled else None,
+        }
+
     def nbytes_on_disk(self) -> int:
         if self.path.is_dir():
             return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
