@@ -295,11 +295,13 @@ def epoch_bars() -> Callable[[str, dict[str, Any]], None]:
 @click.option("--jitter", type=int, default=0, show_default=True,
               help="Shift training images by up to this many pixels.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--distributed", is_flag=True,
+              help="Data-parallel across the ranks torchrun starts (gloo on CPU).")
 def train(data: str, model: str, out: str, transfer_set: str | None, temperature: float | None,
           alpha: float, epochs: int, batch_size: int, lr: float, optimizer: str,
           weight_decay: float, seed: int, fraction: float | None, classes: list[int] | None,
           exclude_classes: list[int] | None, indices: str | None, val_data: str | None,
-          jitter: int, device: str) -> None:
+          jitter: int, device: str, distributed: bool) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one."""
     from .trainer import train_student
 
@@ -309,7 +311,9 @@ def train(data: str, model: str, out: str, transfer_set: str | None, temperature
                            weight_decay=weight_decay, seed=seed, fraction=fraction,
                            classes=classes, exclude_classes=exclude_classes, indices=indices,
                            val_data=val_data, jitter_pixels=jitter, device=device,
-                           callbacks=[epoch_bars()])
+                           distributed=distributed, callbacks=[epoch_bars()])
+    if result.rank != 0:
+        return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]
     acc = f", val_accuracy {last['val_accuracy']:.4f}" if "val_accuracy" in last else ""
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"

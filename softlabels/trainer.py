@@ -37,6 +37,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
+    rank: int = 0
 
 
 def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +59,17 @@ def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Te
                   rows, cols]
 
 
+def rank_share(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's disjoint share of an epoch's order, the same length on every rank (the last
+    len % world rows of the epoch are skipped, so all ranks take the same number of steps)."""
+    per = len(order) // world
+    return order[rank::world][:per] if world > 1 else order
+
+
 def _batches(tensors: Sequence[torch.Tensor], batch_size: int, generator: torch.Generator,
-             ) -> Iterator[list[torch.Tensor]]:
-    order = torch.randperm(len(tensors[0]), generator=generator)
+             rank: int = 0, world: int = 1) -> Iterator[list[torch.Tensor]]:
+    # Every rank draws the same permutation (same seed) and takes its own share of it.
+    order = rank_share(torch.randperm(len(tensors[0]), generator=generator), rank, world)
     for i in range(0, len(order), batch_size):
         b = order[i:i + batch_size]
         yield [t[b] for t in tensors]
@@ -114,6 +123,7 @@ def train_student(
     val_data: str | Dataset | None = None,
     jitter_pixels: int = 0,
     device: str = "auto",
+    distributed: bool = False,
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train `model` (a MODEL spec, or a checkpoint to fine-tune) on `data`.
@@ -121,7 +131,8 @@ def train_student(
     With `transfer_set`, the loss is Hinton KD at `temperature` (default: the set's first stored
     T) against the stored soft targets, weighted by `alpha`; rows without a label take the soft
     term alone. Without it, cross-entropy on hard labels. Subset options select rows of the set
-    and of the data together. The same seed gives the same model.
+    and of the data together. The same seed gives the same model. With `distributed` (under
+    torchrun), each rank trains on a disjoint share of every epoch through DDP; rank 0 saves.
     """
     t0 = time.perf_counter()
     ts = None
@@ -131,9 +142,11 @@ def train_student(
         temperature = ts.temperatures[0] if temperature is None else temperature
     _check_options(temperature, alpha, epochs, batch_size, lr, optimizer, ts)
     dev = resolve_device(device)
+    rank, world = _init_distributed(dev) if distributed else (0, 1)
     torch.manual_seed(seed)
     net, spec = load_model(model)
     net = net.to(dev)
+    step_net = _wrap_ddp(net, dev) if world > 1 else net
     dataset = load_data(data) if isinstance(data, str) else data
     index_list = read_indices(indices) if isinstance(indices, (str, os.PathLike)) else indices
     gen = torch.Generator().manual_seed(seed)
@@ -157,9 +170,12 @@ def train_student(
             tensors = [x_all[rows], y_all[rows]]
 
         def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
-            return _batches(tensors, batch_size, gen)
-        n_rows, n_batches = len(rows), -(-len(rows) // batch_size)
+            return _batches(tensors, batch_size, gen, rank, world)
+        n_rows, n_batches = len(rows), -(-(len(rows) // world) // batch_size)
     else:
+        if world > 1:
+            raise SoftlabelsError("--distributed needs targets that fit in memory; this set "
+                                  "streams (ranks could take unequal steps)")
         rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
                            classes=classes, exclude_classes=exclude_classes, indices=index_list)
         stream = StreamingSoftTargetDataset(dataset, ts.path, temperature=temperature,
@@ -179,7 +195,7 @@ def train_student(
         total, seen = 0.0, 0
         for b, batch in enumerate(epoch_batches(epoch)):
             x, y = jitter(batch[0], jitter_pixels, gen).to(dev), batch[1].to(dev)
-            logits = net(x)
+            logits = step_net(x)
             if ts is not None:
                 loss = kd_loss_from_probs(logits, batch[2].to(dev), temperature=temperature,
                                           labels=y, alpha=alpha)
@@ -202,9 +218,12 @@ def train_student(
             cb("epoch", {**record, "epochs": epochs})
     net = net.cpu().eval()
     result = TrainResult(model=net, spec=spec, history=history, rows=n_rows,
-                         seconds=time.perf_counter() - t0)
-    if out is not None:
+                         seconds=time.perf_counter() - t0, rank=rank)
+    if distributed:
+        _finish_distributed()
+    if out is not None and rank == 0:
         meta = {"history": history, "rows": n_rows, "seed": seed, "epochs": epochs,
+                "world_size": world,
                 "data": data if isinstance(data, str) else type(data).__name__}
         if ts is not None:
             meta["transfer_set"] = {"path": str(ts.path), "temperature": temperature,
@@ -212,6 +231,32 @@ def train_student(
                                     "fingerprint": ts.meta["dataset"]["fingerprint"]}
         save_checkpoint(net, out, spec=spec, meta=meta)
     return result
+
+
+def _init_distributed(dev: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise SoftlabelsError("--distributed runs under torchrun, e.g. `torchrun "
+                                  "--nproc-per-node 2 -m softlabels train --distributed ...`")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _wrap_ddp(net: nn.Module, dev: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,

@@ -83,3 +83,34 @@ def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
     assert proc.returncode == 0, stderr[-2000:]
     assert "400 rows" in stdout
     assert_same(out, ref)
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (103, 3)])
+def test_rank_shares_are_disjoint_and_equal(n: int, world: int) -> None:
+    import torch
+
+    from softlabels.trainer import rank_share
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    shares = [rank_share(order, r, world).tolist() for r in range(world)]
+    flat = [i for s in shares for i in s]
+    assert len(set(flat)) == len(flat) and len(flat) == n - n % world
+    assert len({len(s) for s in shares}) == 1
+
+
+def test_two_rank_training_under_torchrun(tmp_path: Path) -> None:
+    from softlabels.specs import load_checkpoint
+
+    data = make_npz(tmp_path / "d.npz", n=150)
+    ts, out = tmp_path / "t.zarr", tmp_path / "s.pt"
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], device="cpu")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "softlabels", "train", "--data", data,
+         "--model", "mlp:16-8-3", "--out", str(out), "--transfer-set", str(ts), "--epochs", "2",
+         "--batch-size", "16", "--distributed", "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and saves
+    _, payload = load_checkpoint(out)
+    assert payload["meta"]["world_size"] == 2
