@@ -25,6 +25,8 @@ SAMPLE_HASH = "sample_hash"  # (R,) uint64
 VIEW_SEED = "view_seed"  # (R,) uint64, only with augmented views
 MEMBER_LOGITS = "member_logits"  # (M, R, C)
 BLOCK_DONE = "block_done"  # (B,) uint8, 1 once every array's rows of block b are in place
+BLOCK_CHECKSUM = "block_checksum"  # (B,) uint64, XXH3-64 of block b's rows of every row array
+BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM)
 
 ROW_AXIS = {PROBS: 1, MEMBER_LOGITS: 1}
 
@@ -71,6 +73,17 @@ def check_readable(meta: dict[str, Any] | None, where: str) -> dict[str, Any]:
             "`softlabels precompute` command to finish it"
         )
     return meta
+
+
+def block_checksum(arrays: dict[str, np.ndarray]) -> int:
+    """XXH3-64 over, for each row array in name order, its name and the little-endian C-order
+    bytes of the block's rows (all leading axes), as stored."""
+    h = xxhash.xxh3_64()
+    for name in sorted(arrays):
+        data = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.intdigest()
 
 
 def sample_hash(x: np.ndarray) -> int:

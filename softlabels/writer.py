@@ -86,10 +86,13 @@ def write_block(store: Store, layout: Layout, block: int, arrays: dict[str, np.n
     if set(arrays) != set(expected):
         raise TransferSetError(f"block {block} has arrays {sorted(arrays)}, "
                                f"expected {sorted(expected)}")
-    for name, data in arrays.items():
+    stored = {name: np.asarray(data, dtype=expected[name][1]) for name, data in arrays.items()}
+    for name, data in stored.items():
         sel = [slice(None)] * len(expected[name][0])
         sel[S.row_axis(name)] = slice(start, stop)
         store.write(name, tuple(sel), data)
+    checksum = np.array([S.block_checksum(stored)], dtype=np.uint64)
+    store.write(S.BLOCK_CHECKSUM, slice(block, block + 1), checksum)
     store.flush()
     store.write(S.BLOCK_DONE, slice(block, block + 1), np.ones(1, np.uint8))
     store.flush()
@@ -208,6 +211,7 @@ class TransferSetWriter:
                          shards=shards)
         store.create(S.BLOCK_DONE, (lay.num_blocks,), "uint8", chunks=(1,))
         store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
+        store.create(S.BLOCK_CHECKSUM, (lay.num_blocks,), "uint64", chunks=(1,))
         store.set_meta(self.meta)
         store.flush()
         return store

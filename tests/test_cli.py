@@ -105,3 +105,33 @@ def test_verify_detects_edited_data_and_values(npz_data: str, tmp_path: Path) ->
         store.write("logits", (slice(50, 51),), np.full((1, 3), np.nan))
     code, out, _ = run("verify", str(path))
     assert code == 1 and "logits has NaN/inf at row 50" in out
+    assert "FAIL checksums: block 3 (rows 48-63) does not match its checksum" in out
+
+
+@pytest.mark.parametrize("suffix, array", [("zarr", "probs"), ("zarr", "labels"),
+                                           ("h5", "logits")])
+def test_verify_names_the_block_of_a_flipped_byte(npz_data: str, tmp_path: Path,
+                                                  suffix: str, array: str) -> None:
+    """Flip one byte in the stored file(s) of the data: verify names the block, no traceback."""
+    path = tmp_path / f"s.{suffix}"
+    run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(path),
+        "--chunk-rows", str(CHUNK), "--dtype", "float32")
+    if array == "probs":  # uncompressed floats: the value changes
+        target = path / "probs" / "c" / "0" / "2" / "0"  # T index 0, block 2
+        offset = 100
+    elif array == "labels":  # zstd-compressed: the chunk no longer decodes
+        target = path / "labels" / "c" / "2"
+        offset = len(target.read_bytes()) // 2
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as f:  # the byte offset of block 2 of logits
+            offset = f["logits"].id.get_chunk_info_by_coord((2 * CHUNK, 0)).byte_offset + 8
+        target = path
+    data = bytearray(target.read_bytes())
+    data[offset] ^= 0x40
+    target.write_bytes(bytes(data))
+    code, out, err = run("verify", str(path))
+    assert code == 1, out
+    assert f"FAIL checksums: block 2 (rows {2 * CHUNK}-{3 * CHUNK - 1})" in out
+    assert "Traceback" not in out + err
