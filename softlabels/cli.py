@@ -168,6 +168,19 @@ def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: lis
                    f"({how}{result.rows_computed} computed in {result.seconds:.1f}s)")
 
 
+def provenance_lines(prov: dict[str, Any]) -> list[str]:
+    """Where a set came from, if it was cut, merged or converted from others."""
+    lines = []
+    for what, src in (("subset of", prov.get("subset_of")),
+                      ("converted from", prov.get("converted_from"))):
+        if src:
+            lines.append(f"{what} {src['path']} (fingerprint {src['fingerprint'][:16]}…)")
+    for src in prov.get("merged_from") or []:
+        lines.append(f"merged from {src['path']} (teacher sha256 "
+                     + ", ".join(h[:12] for h in src["teacher"]) + ")")
+    return lines
+
+
 @cli.command()
 @click.argument("transfer_set")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -196,6 +209,7 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
         f"{summary['dataset']['fingerprint'][:16]}…",
         f"made {summary.get('created_at')} on {summary.get('device')} ({summary.get('precision')}),"
         f" " + ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()),
+        *provenance_lines(summary.get("provenance") or {}),
         "arrays:",
         *[f"  {n:14s} {str(tuple(a['shape'])):22s} {a['dtype']:8s} chunks {tuple(a['chunks'])}"
           for n, a in summary["arrays"].items()],
@@ -240,6 +254,55 @@ def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sampl
         click.echo("verified" if report.ok else "verification FAILED")
     if not report.ok:
         sys.exit(1)
+
+
+# --- sharing ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", required=True, help="The merged set to write.")
+@click.option("--combine", type=click.Choice(["mean-logits", "mean-probs"]),
+              default="mean-logits", show_default=True)
+def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
+    """Merge sets of the same data made by different teachers into one ensemble set."""
+    from .sharing import merge as run
+
+    with progress_bar("merge") as bar:
+        meta = run(list(sources), out, combine=combine, progress=bar)
+    click.echo(f"wrote {out}: {meta['num_rows']} rows, ensemble of "
+               f"{len(meta['teacher']['members'])} members ({combine})")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--out", required=True, help="The new, smaller set.")
+@click.option("--fraction", type=float, default=None, help="Seeded stratified fraction, (0, 1].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--classes", type=IntList(), default=None, help="Keep only these classes.")
+@click.option("--exclude-classes", type=IntList(), default=None, help="Drop these classes.")
+@click.option("--indices", default=None, help="File of dataset indices to keep (.txt or .npy).")
+def subset(source: str, out: str, fraction: float | None, seed: int, classes: list[int] | None,
+           exclude_classes: list[int] | None, indices: str | None) -> None:
+    """Cut a set down to selected rows; its provenance names the source."""
+    from .sharing import subset as run
+
+    with progress_bar("subset") as bar:
+        meta = run(source, out, fraction=fraction, seed=seed, classes=classes,
+                   exclude_classes=exclude_classes, indices=indices, progress=bar)
+    click.echo(f"wrote {out}: {meta['num_rows']} rows selected from {source}")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--out", required=True, help="Target: DIR.zarr, FILE.h5 or FILE.zarr.zip.")
+def convert(source: str, out: str) -> None:
+    """Copy a set between Zarr, HDF5 and zip-packed Zarr, content identical."""
+    from .sharing import convert as run
+
+    with progress_bar("convert") as bar:
+        meta = run(source, out, progress=bar)
+    click.echo(f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
 
 
 # --- stage two --------------------------------------------------------------------------------

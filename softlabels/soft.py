@@ -28,8 +28,11 @@ def combine_logits(member_logits: torch.Tensor, combine: str) -> torch.Tensor:
     mean-logits: the mean of the logits (a geometric mean of the probabilities).
     mean-probs: log of the mean of the T=1 probabilities; its softmax at T=1 is the exact
     member mean, and the exact mean at other T is stored separately (see `ensemble_probs`).
+    A single member's logits are returned as they are under either rule.
     """
     z = member_logits.float()
+    if z.shape[0] == 1:
+        return z[0]  # one teacher: its own logits, under either rule
     if combine == "mean-logits":
         return z.mean(dim=0)
     log_p = torch.log_softmax(z, dim=-1)
