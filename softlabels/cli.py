@@ -204,7 +204,8 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
         f"rows {summary['num_rows']} of {summary['num_examples']} examples, "
         f"{summary['num_classes']} classes, T = {summary['temperatures']}",
         f"teacher ({teacher['combine']}):",
-        *[f"  {m['spec']}  sha256 {m['sha256'][:16]}…" for m in teacher["members"]],
+        *[f"  {m.get('source', m['spec'])}  ({m['spec']})  sha256 {m['sha256'][:16]}…"
+          for m in teacher["members"]],
         f"dataset {summary['dataset']['spec']}  fingerprint "
         f"{summary['dataset']['fingerprint'][:16]}…",
         f"made {summary.get('created_at')} on {summary.get('device')} ({summary.get('precision')}),"
@@ -303,6 +304,17 @@ def convert(source: str, out: str) -> None:
     with progress_bar("convert") as bar:
         meta = run(source, out, progress=bar)
     click.echo(f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
+
+
+@cli.command()
+@click.argument("transfer_set")
+@click.option("--out", required=True, help="Directory for the PNG plots and summary.md.")
+def report(transfer_set: str, out: str) -> None:
+    """Plots and a provenance summary to read before using someone else's set."""
+    from .plots import transfer_set_report
+
+    transfer_set_report(transfer_set, out)
+    click.echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")
 
 
 # --- stage two --------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class Member:
     spec: str
     model: nn.Module
     sha256: str
+    source: str  # what the user named: a checkpoint path, or the spec itself
 
 
 class Teacher:
@@ -69,7 +70,8 @@ class Teacher:
         else:
             model, spec = load_model(spec_or_model)
         model = model.eval().to(self.device)
-        return Member(spec=spec, model=model, sha256=weights_sha256(model))
+        return Member(spec=spec, model=model, sha256=weights_sha256(model),
+                      source=spec_or_model if isinstance(spec_or_model, str) else spec)
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         dtype = PRECISIONS[self.precision]
@@ -100,6 +102,7 @@ class Teacher:
 
     def describe(self) -> dict[str, object]:
         return {
-            "members": [{"spec": m.spec, "sha256": m.sha256} for m in self.members],
+            "members": [{"spec": m.spec, "sha256": m.sha256, "source": m.source}
+                        for m in self.members],
             "combine": self.combine,
         }

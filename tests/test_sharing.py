@@ -126,3 +126,18 @@ def test_zip_set_cannot_be_written(tmp_path: Path, npz_data: str) -> None:
     code, _, err = run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out",
                        tmp_path / "s.zarr.zip", "--overwrite")
     assert code == 1 and "read-only" in err
+
+
+def test_report_writes_plots_and_provenance(tmp_path: Path, npz_data: str) -> None:
+    src = tmp_path / "s.zarr"
+    precompute(npz_data, teachers(tmp_path)[:1], src, temperatures=[1, 4], chunk_rows=CHUNK)
+    run("subset", src, "--out", tmp_path / "sub.zarr", "--fraction", "0.5")
+    code, out, err = run("report", tmp_path / "sub.zarr", "--out", tmp_path / "rep")
+    assert code == 0, err
+    for png in ("confidence_entropy.png", "class_mass.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "t0.pt" in md and "subset of" in md and "teacher top-1 accuracy" in md
+    with open_transfer_set(tmp_path / "sub.zarr") as ts:
+        acc = float((ts.logits().argmax(1) == ts.labels()).mean())
+    assert f"{acc:.4f} on" in md
