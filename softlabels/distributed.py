@@ -83,6 +83,7 @@ def precompute_on_cluster(
     probs_dtype: str = "float32",
     combine: str = "mean-logits",
     keep_members: bool = False,
+    store_inputs: bool = False,
     chunk_rows: int = 0,
     shard_rows: int | None = None,
     device: str = "auto",
@@ -105,7 +106,8 @@ def precompute_on_cluster(
     _, _, layout, meta = prepare(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
         probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-        chunk_rows=chunk_rows, shard_rows=shard_rows, device=device, precision=precision)
+        store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
+        precision=precision)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         pending = list(writer.pending)
         done = layout.num_rows - len(rows_of(layout, pending))

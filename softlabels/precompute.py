@@ -115,7 +115,8 @@ class _BlockAssembler:
         xs = x.numpy()
         hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
         columns = {S.LOGITS: logits.numpy(), S.PROBS: probs.numpy(), S.LABELS: y.numpy(),
-                   S.INDEX: rows, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy()}
+                   S.INDEX: rows, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy(),
+                   S.INPUTS: xs}
         for block in np.unique(rows // self.lay.block_rows):
             start, _ = self.lay.block_range(int(block))
             mine = (rows // self.lay.block_rows) == block
@@ -156,6 +157,7 @@ def precompute(
     probs_dtype: str = "float32",
     combine: str = "mean-logits",
     keep_members: bool = False,
+    store_inputs: bool = False,
     chunk_rows: int = 0,
     shard_rows: int | None = None,
     device: str = "auto",
@@ -173,7 +175,8 @@ def precompute(
     dataset, teacher, layout, meta = prepare(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
         probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-        chunk_rows=chunk_rows, shard_rows=shard_rows, device=device, precision=precision)
+        store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
+        precision=precision)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         rows = rows_of(layout, writer.pending)
         done = layout.num_rows - len(rows)
@@ -196,6 +199,7 @@ def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
 def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
             temperatures: Sequence[float], batch_size: int, dtype: str, probs_dtype: str,
             combine: str, keep_members: bool, chunk_rows: int, shard_rows: int | None,
+            store_inputs: bool = False,
             device: str, precision: str,
             ) -> tuple[Dataset, Teacher, Layout, dict[str, Any]]:
     """Check the options, load data and teacher, and lay out the set: all but the writing."""
@@ -209,7 +213,9 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
     layout = Layout(num_rows=len(dataset), num_classes=num_classes, temperatures=temps,
                     dtype=dtype, probs_dtype=probs_dtype,
                     num_members=len(teacher.members) if keep_members else 0,
-                    chunk_rows=chunk_rows, shard_rows=shard_rows)
+                    chunk_rows=chunk_rows, shard_rows=shard_rows,
+                    input_shape=tuple(x0.shape) if store_inputs else None,
+                    input_dtype=str(x0.numpy().dtype))
     meta = {
         "num_examples": len(dataset),
         "class_names": class_names(dataset),

@@ -27,6 +27,15 @@ def _open(data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSe
     return (load_data(data) if isinstance(data, str) else data), ts
 
 
+def check_length(data: Dataset, ts: TransferSet) -> None:
+    """Refuse a dataset longer or shorter than the one the set was made from."""
+    made_from = int(ts.meta["num_examples"])
+    if len(data) != made_from:
+        how = "longer" if len(data) > made_from else "shorter"
+        raise MismatchError(f"the dataset has {len(data)} examples but {ts.path} was made from "
+                            f"{made_from} (the dataset is {how}); pass the DATA it was made from")
+
+
 def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: int = 0,
                     check_all_up_to: int = CHECK_ALL_UP_TO) -> int:
     """Refuse a dataset that is not the one the set was made from; returns rows checked.
@@ -34,11 +43,7 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
     Every row in `rows` is hashed when there are at most `check_all_up_to`, else a seeded
     sample of CHECK_SAMPLE. The first mismatching row is named.
     """
-    made_from = int(ts.meta["num_examples"])
-    if len(data) != made_from:
-        how = "longer" if len(data) > made_from else "shorter"
-        raise MismatchError(f"the dataset has {len(data)} examples but {ts.path} was made from "
-                            f"{made_from} (the dataset is {how}); pass the DATA it was made from")
+    check_length(data, ts)
     if len(rows) > check_all_up_to:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(rows, CHECK_SAMPLE, replace=False))

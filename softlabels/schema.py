@@ -24,6 +24,7 @@ INDEX = "index"  # (R,) int64
 SAMPLE_HASH = "sample_hash"  # (R,) uint64
 VIEW_SEED = "view_seed"  # (R,) uint64, only with augmented views
 MEMBER_LOGITS = "member_logits"  # (M, R, C)
+INPUTS = "inputs"  # (R, ...) the preprocessed inputs, only with --store-inputs
 BLOCK_DONE = "block_done"  # (B,) uint8, 1 once every array's rows of block b are in place
 BLOCK_CHECKSUM = "block_checksum"  # (B,) uint64, XXH3-64 of block b's rows of every row array
 BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM)

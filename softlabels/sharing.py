@@ -34,11 +34,14 @@ def _layout(ts: TransferSet, *, num_rows: int | None = None,
             num_members: int | None = None) -> Layout:
     m = ts.meta
     members = len(m["teacher"]["members"]) if ts.has(S.MEMBER_LOGITS) else 0
+    inputs = m.get("inputs") or {}
     return Layout(num_rows=num_rows if num_rows is not None else ts.num_rows,
                   num_classes=ts.num_classes, temperatures=tuple(ts.temperatures),
                   dtype=m["dtype"], probs_dtype=m["probs_dtype"],
                   num_members=members if num_members is None else num_members,
-                  chunk_rows=ts.chunk_rows, shard_rows=m.get("shard_rows"))
+                  chunk_rows=ts.chunk_rows, shard_rows=m.get("shard_rows"),
+                  input_shape=tuple(inputs["shape"]) if inputs else None,
+                  input_dtype=inputs.get("dtype", "float32"))
 
 
 def _source(ts: TransferSet) -> dict[str, Any]:
@@ -176,7 +179,7 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
             return {S.MEMBER_LOGITS: z.numpy(), S.LOGITS: combine_logits(z, combine).numpy(),
                     S.PROBS: ensemble_probs(z, temps, combine).numpy(),
                     **{n: first.read(n, start, stop)
-                       for n in (S.LABELS, S.INDEX, S.SAMPLE_HASH)}}
+                       for n in (S.LABELS, S.INDEX, S.SAMPLE_HASH, S.INPUTS) if first.has(n)}}
 
         meta = {**first.meta, "teacher": {"members": members, "combine": combine},
                 "provenance": {"merged_from": [_source(ts) for ts in sets]}}

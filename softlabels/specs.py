@@ -30,6 +30,7 @@ DATA_FORMS = (
     "mnist:ROOT?split=train|test",
     "torchvision:NAME?root=ROOT&split=..",
     "imagefolder:DIR?size=N",
+    "transferset:PATH (a set made with --store-inputs)",
     "python:package.module:factory",
 )
 MODEL_FORMS = (
@@ -164,6 +165,10 @@ def load_data(spec: str) -> Dataset:
         if not Path(body).is_dir():
             raise DataError(f"no such directory {body!r} (from {spec!r})")
         return ImageFolder(body, transform=_to_tensor(options.get("size")))
+    if scheme == "transferset":
+        from .transfer_set import TransferSetInputs
+
+        return TransferSetInputs(body)
     if scheme == "python":
         data = _import_factory(body, spec)(**options)
         if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):

@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import MismatchError, SoftlabelsError
 from .losses import kd_loss_from_probs
-from .reader import MAX_IN_MEMORY, SoftTargetDataset, StreamingSoftTargetDataset
+from .reader import (
+    MAX_IN_MEMORY,
+    SoftTargetDataset,
+    StreamingSoftTargetDataset,
+    check_length,
+)
 from .specs import load_data, load_model, save_checkpoint, split_item
 from .subset import read_indices, select_rows
 from .teacher import resolve_device
@@ -44,6 +49,26 @@ def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """All (inputs, labels) of a dataset as two tensors: one pass, then training is indexing."""
     pairs = [split_item(data[i]) for i in range(len(data))]
     return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+
+
+class Cached(Dataset):
+    """A dataset's examples at chosen indices, read once and held as tensors. It keeps the
+    dataset's length and indexing (so it joins a transfer set by `index`) but serves only
+    those indices."""
+
+    def __init__(self, data: Dataset, indices: np.ndarray) -> None:
+        self.n = len(data)
+        self.pos = {int(i): k for k, i in enumerate(indices)}
+        pairs = [split_item(data[int(i)]) for i in indices]
+        self.x = torch.stack([x for x, _ in pairs])
+        self.y = torch.tensor([y for _, y in pairs])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        k = self.pos[int(i)]
+        return self.x[k], int(self.y[k])
 
 
 def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
@@ -151,24 +176,24 @@ def train_student(
     index_list = read_indices(indices) if isinstance(indices, (str, os.PathLike)) else indices
     gen = torch.Generator().manual_seed(seed)
     fits = ts is None or ts.num_rows * ts.num_classes * 4 <= MAX_IN_MEMORY
-    if fits:
+    if fits and ts is not None:
+        rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
+                           classes=classes, exclude_classes=exclude_classes, indices=index_list)
+        check_length(dataset, ts)
+        cached = Cached(dataset, ts.index()[rows])  # reads only the examples it trains on
+        _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
+        sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=seed)
+        tensors = [cached.x, sds.labels, sds.targets]  # all in the order of `rows`
+    elif fits:
         x_all, y_all = materialize(dataset)
-        labels = ts.labels() if ts is not None else y_all.numpy()
-        rows = select_rows(labels, index=ts.index() if ts is not None else None,
-                           fraction=fraction, seed=seed, classes=classes,
+        rows = select_rows(y_all.numpy(), fraction=fraction, seed=seed, classes=classes,
                            exclude_classes=exclude_classes, indices=index_list)
         _check_outputs(net, x_all[:1].to(dev), ts, y_all)
-        if ts is not None:
-            from torch.utils.data import TensorDataset
+        if (y_all[rows] < 0).all():
+            raise SoftlabelsError("the data has no labels; train from a transfer set")
+        tensors = [x_all[rows], y_all[rows]]
 
-            sds = SoftTargetDataset(TensorDataset(x_all, y_all), ts, temperature=temperature,
-                                    rows=rows, seed=seed)
-            tensors = [x_all[sds.data_index], sds.labels, sds.targets]
-        else:
-            if (y_all[rows] < 0).all():
-                raise SoftlabelsError("the data has no labels; train from a transfer set")
-            tensors = [x_all[rows], y_all[rows]]
-
+    if fits:
         def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
             return _batches(tensors, batch_size, gen, rank, world)
         n_rows, n_batches = len(rows), -(-(len(rows) // world) // batch_size)

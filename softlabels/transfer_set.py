@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from . import schema as S
-from .errors import TransferSetError
+from .errors import DataError, TransferSetError
 from .soft import tempered_softmax
 from .store import Store, backend_of, open_store
 
@@ -139,6 +140,46 @@ class TransferSet:
     def __repr__(self) -> str:
         return (f"TransferSet({str(self.path)!r}, rows={self.num_rows}, "
                 f"classes={self.num_classes}, temperatures={self.temperatures})")
+
+
+class TransferSetInputs(Dataset):
+    """The inputs a set stores (`precompute --store-inputs`), as a dataset indexed like its
+    source: item i is (input, label) of the source's example i. DATA spec `transferset:PATH`.
+
+    Reads whole chunks and keeps the last one, so a sequential pass reads each chunk once.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        with open_transfer_set(path) as ts:
+            if not ts.has(S.INPUTS):
+                raise DataError(f"{ts.path} holds no inputs: it was made without "
+                                "--store-inputs; remake it with that flag, or pass the DATA it "
+                                "was made from")
+            self.path, self.classes = ts.path, ts.class_names
+            self.chunk = ts.arrays()[S.INPUTS][2][0]
+            index, self.labels = ts.index(), ts.labels()
+            self.row_of = np.full(int(ts.meta["num_examples"]), -1, dtype=np.int64)
+            self.row_of[index] = np.arange(len(index))
+        self._ts: TransferSet | None = None
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0))
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = int(self.row_of[i])
+        if row < 0:
+            raise DataError(f"example {i} is not in {self.path}, a subset of its data")
+        c = row // self.chunk
+        if self._cached[0] != c:
+            if self._ts is None:
+                self._ts = open_transfer_set(self.path)
+            start = c * self.chunk
+            self._cached = (c, self._ts.read(S.INPUTS, start, start + self.chunk))
+        return torch.from_numpy(self._cached[1][row % self.chunk].copy()), int(self.labels[row])
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own handle
+        return {**self.__dict__, "_ts": None, "_cached": (-1, np.empty(0))}
 
 
 def open_transfer_set(path: str | os.PathLike[str]) -> TransferSet:

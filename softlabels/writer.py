@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Metadata fields that must agree for a rerun to resume into an existing set.
 IDENTITY_FIELDS = ("num_rows", "num_classes", "temperatures", "dtype", "probs_dtype",
-                   "chunk_rows", "shard_rows", "keep_members", "views", "augment")
+                   "chunk_rows", "shard_rows", "keep_members", "inputs", "views", "augment")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class Layout:
     num_members: int = 0  # > 0 stores member_logits
     chunk_rows: int = 0  # 0: pick ~1 MiB chunks
     shard_rows: int | None = None
-    views: bool = False
+    input_shape: tuple[int, ...] | None = None  # set: store the inputs too
+    input_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.chunk_rows <= 0:
@@ -67,11 +68,21 @@ class Layout:
         out = {S.LOGITS: ((r, c), self.dtype), S.PROBS: ((k, r, c), self.probs_dtype),
                S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"),
                S.SAMPLE_HASH: ((r,), "uint64")}
-        if self.views:
-            out[S.VIEW_SEED] = ((r,), "uint64")
+        if self.input_shape is not None:
+            out[S.INPUTS] = ((r, *self.input_shape), self.input_dtype)
         if self.num_members:
             out[S.MEMBER_LOGITS] = ((self.num_members, r, c), self.dtype)
         return out
+
+    @property
+    def input_chunk_rows(self) -> int:
+        """Rows per chunk of `inputs`: near 1 MiB, and dividing the block so that a block
+        still owns whole chunks."""
+        row_bytes = int(np.prod(self.input_shape or (1,))) * np.dtype(self.input_dtype).itemsize
+        rows = min(self.block_rows, max(1, S.CHUNK_TARGET_BYTES // row_bytes))
+        while self.block_rows % rows:
+            rows -= 1
+        return rows
 
     def grid(self, name: str, shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
         """Chunk (or shard) shape: `rows` along the row axis, 1 on leading axes, whole classes."""
@@ -145,7 +156,9 @@ class TransferSetWriter:
                      "temperatures": list(layout.temperatures), "dtype": layout.dtype,
                      "probs_dtype": layout.probs_dtype, "chunk_rows": layout.chunk_rows,
                      "shard_rows": layout.shard_rows, "block_rows": layout.block_rows,
-                     "keep_members": layout.num_members > 0}
+                     "keep_members": layout.num_members > 0,
+                     "inputs": (None if layout.input_shape is None else
+                                {"shape": list(layout.input_shape), "dtype": layout.input_dtype})}
         if overwrite and self.path.exists():
             self._remove()
         self.store = self._open_existing() if self.path.exists() else self._create()
@@ -207,8 +220,8 @@ class TransferSetWriter:
         lay = self.layout
         for name, (shape, dtype) in lay.arrays().items():
             shards = lay.grid(name, shape, lay.shard_rows) if lay.shard_rows else None
-            store.create(name, shape, dtype, chunks=lay.grid(name, shape, lay.chunk_rows),
-                         shards=shards)
+            rows = lay.input_chunk_rows if name == S.INPUTS else lay.chunk_rows
+            store.create(name, shape, dtype, chunks=lay.grid(name, shape, rows), shards=shards)
         store.create(S.BLOCK_DONE, (lay.num_blocks,), "uint8", chunks=(1,))
         store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
         store.create(S.BLOCK_CHECKSUM, (lay.num_blocks,), "uint64", chunks=(1,))

@@ -141,3 +141,30 @@ def test_report_writes_plots_and_provenance(tmp_path: Path, npz_data: str) -> No
     with open_transfer_set(tmp_path / "sub.zarr") as ts:
         acc = float((ts.logits().argmax(1) == ts.labels()).mean())
     assert f"{acc:.4f} on" in md
+
+
+def test_self_contained_set_trains_a_student_alone(tmp_path: Path, npz_data: str) -> None:
+    src = tmp_path / "s.zarr"
+    code, _, err = run("precompute", "--data", npz_data, "--teacher", "mlp:16-8-3", "--out", src,
+                       "--temperatures", "1,4", "--chunk-rows", CHUNK, "--store-inputs")
+    assert code == 0, err
+    from softlabels.specs import load_data
+
+    inputs, original = load_data(f"transferset:{src}"), load_data(npz_data)
+    assert len(inputs) == len(original)
+    for i in (0, 17, N_ROWS - 1):
+        assert np.array_equal(inputs[i][0].numpy(), original[i][0].numpy())
+        assert inputs[i][1] == original[i][1]
+    assert verify(src, data=f"transferset:{src}").ok  # every sample hash matches
+    code, out, err = run("train", "--data", f"transferset:{src}", "--model", "mlp:16-8-3",
+                         "--out", tmp_path / "s.pt", "--transfer-set", src, "--epochs", 1)
+    assert code == 0, err
+    # a subset of a self-contained set still trains from it alone
+    run("subset", src, "--out", tmp_path / "sub.zarr", "--classes", "0,1")
+    code, _, err = run("train", "--data", f"transferset:{tmp_path / 'sub.zarr'}", "--model",
+                       "mlp:16-8-3", "--out", tmp_path / "s2.pt", "--transfer-set",
+                       tmp_path / "sub.zarr", "--epochs", 1)
+    assert code == 0, err
+    code, _, err = run("train", "--data", f"transferset:{tmp_path / 'none.zarr'}", "--model",
+                       "mlp:16-3", "--out", tmp_path / "x.pt")
+    assert code == 1 and "does not exist" in err
