@@ -130,6 +130,10 @@ def main() -> None:
 @click.option("--store-inputs", is_flag=True,
               help="Also store the preprocessed inputs: DATA `transferset:SET` then trains "
                    "from the set alone.")
+@click.option("--topk", type=int, default=0,
+              help="Store only the K largest logits and per-T normalisers (sparse).")
+@click.option("--sample-k", type=int, default=0,
+              help="Store K classes drawn from each p_T instead (sparse, unbiased).")
 @click.option("--chunk-rows", type=int, default=0, help="Rows per chunk (default: ~1 MiB).")
 @click.option("--shard-rows", type=int, default=None, help="Rows per Zarr shard (optional).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -143,14 +147,16 @@ def main() -> None:
 @click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
 def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: list[float],
                batch_size: int, dtype: str, probs_dtype: str, combine: str, keep_members: bool,
-               store_inputs: bool, chunk_rows: int, shard_rows: int | None, device: str,
+               store_inputs: bool, topk: int, sample_k: int, chunk_rows: int,
+               shard_rows: int | None, device: str,
                precision: str,
                num_workers: int, overwrite: bool, workers: int | None,
                scheduler: str | None) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
     options = dict(temperatures=temperatures, batch_size=batch_size, dtype=dtype,
                    probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-                   store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows,
+                   store_inputs=store_inputs, topk=topk, sample_k=sample_k,
+                   chunk_rows=chunk_rows, shard_rows=shard_rows,
                    device=device, precision=precision, overwrite=overwrite)
     with progress_bar("precompute") as bar:
         if workers is not None or scheduler is not None:

@@ -84,6 +84,8 @@ def precompute_on_cluster(
     combine: str = "mean-logits",
     keep_members: bool = False,
     store_inputs: bool = False,
+    topk: int = 0,
+    sample_k: int = 0,
     chunk_rows: int = 0,
     shard_rows: int | None = None,
     device: str = "auto",
@@ -107,7 +109,7 @@ def precompute_on_cluster(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
         probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
         store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
-        precision=precision)
+        precision=precision, topk=topk, sample_k=sample_k)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         pending = list(writer.pending)
         done = layout.num_rows - len(rows_of(layout, pending))

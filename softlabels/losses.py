@@ -80,3 +80,45 @@ def logit_matching_loss(student_logits: torch.Tensor,
     z = z - z.mean(dim=-1, keepdim=True)
     v = v - v.mean(dim=-1, keepdim=True)
     return 0.5 * ((z - v) ** 2).mean()
+
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    classes: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    alpha: float = 0.9,
+    residual: bool = True,
+) -> torch.Tensor:
+    """Hinton KD against sparse teacher targets: `classes` (B, k) with `weights` (B, k).
+
+    Top-k (`residual=True`): the k teacher probabilities are exact and the remaining mass
+    1 - sum(w) forms one more bucket, matched against the student's mass outside those k
+    classes — KL over k + 1 buckets:
+        T^2 * [ sum_j w_j log(w_j / q_j) + r log(r / (1 - sum_j q_j)) ].
+    Top-k targets are biased: they ignore how the residual mass is spread (Anshumann et al.,
+    "Sparse Logit Sampling", ACL 2025).
+    Sampled (`residual=False`): k classes drawn from p_T, each weighing 1/k; then
+    T^2 * sum_j w_j (log p_hat_j - log q_j) is an unbiased estimate of the dense KL's gradient.
+    The hard term is as in `kd_loss`.
+    """
+    _check(temperature, alpha)
+    log_q = tempered_log_softmax(student_logits, temperature)
+    log_q_sel = log_q.gather(1, classes)
+    w = at_least_float32(weights)
+    if residual:
+        r = (1 - w.sum(-1)).clamp_min(0)
+        q_rest = (1 - log_q_sel.exp().sum(-1)).clamp_min(1e-12)
+        soft = (torch.xlogy(w, w) - w * log_q_sel).sum(-1) + torch.xlogy(r, r) - r * q_rest.log()
+    else:
+        # p_hat of each drawn class: its frequency among the k draws of its row
+        p_hat = (classes[:, :, None] == classes[:, None, :]).float().mean(-1)
+        soft = (w * (p_hat.log() - log_q_sel)).sum(-1)
+    soft = temperature**2 * soft.mean()
+    if labels is None:
+        return soft
+    hard = F.cross_entropy(at_least_float32(student_logits), labels, ignore_index=-1,
+                           reduction="sum") / len(labels)
+    return alpha * soft + (1 - alpha) * hard

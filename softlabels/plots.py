@@ -144,7 +144,7 @@ def _set_statistics(ts: Any, bins: int = 40) -> dict[str, Any]:
         labels = ts.read("labels", start, stop)
         known = labels >= 0
         counts += np.bincount(labels[known], minlength=c)[:c]
-        pred = ts.logits(start, stop).argmax(1)
+        pred = ts.probs(ts.temperatures[0], start, stop).argmax(1)  # dense or sparse
         correct += int((pred[known] == labels[known]).sum())
         labelled += int(known.sum())
         for i, t in enumerate(ts.temperatures):

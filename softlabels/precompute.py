@@ -103,6 +103,24 @@ class _BlockAssembler:
             self.buffers[block], self.filled[block] = bufs, 0
         return self.buffers[block]
 
+    def _sparse(self, rows: np.ndarray, logits: torch.Tensor,
+                probs: torch.Tensor) -> dict[str, np.ndarray]:
+        """Top-k classes with the per-T normalisers, or k classes drawn from each p_T."""
+        lay = self.lay
+        if lay.topk:
+            top = torch.topk(logits, lay.topk, dim=-1)
+            lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in lay.temperatures], -1)
+            return {S.TOPK_INDICES: top.indices.int().numpy(),
+                    S.TOPK_LOGITS: top.values.numpy(), S.TOPK_LOGSUMEXP: lse.numpy()}
+        if lay.sample_k:
+            # Seeded by the batch's first row: blocks are cut into the same batches on every
+            # run (block_batches), so a resumed or distributed run draws the same classes.
+            g = torch.Generator().manual_seed(int(rows[0]))
+            draws = [torch.multinomial(p, lay.sample_k, replacement=True, generator=g)
+                     .sort(dim=-1).values for p in probs]
+            return {S.SAMPLE_INDICES: torch.stack(draws).int().numpy()}
+        return {}
+
     def add(self, x: torch.Tensor, y: torch.Tensor, members: torch.Tensor, logits: torch.Tensor,
             probs: torch.Tensor) -> None:
         rows = self.rows[self.pos:self.pos + len(x)]
@@ -116,7 +134,7 @@ class _BlockAssembler:
         hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
         columns = {S.LOGITS: logits.numpy(), S.PROBS: probs.numpy(), S.LABELS: y.numpy(),
                    S.INDEX: rows, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy(),
-                   S.INPUTS: xs}
+                   S.INPUTS: xs, **self._sparse(rows, logits, probs)}
         for block in np.unique(rows // self.lay.block_rows):
             start, _ = self.lay.block_range(int(block))
             mine = (rows // self.lay.block_rows) == block
@@ -158,6 +176,8 @@ def precompute(
     combine: str = "mean-logits",
     keep_members: bool = False,
     store_inputs: bool = False,
+    topk: int = 0,
+    sample_k: int = 0,
     chunk_rows: int = 0,
     shard_rows: int | None = None,
     device: str = "auto",
@@ -176,7 +196,7 @@ def precompute(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
         probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
         store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
-        precision=precision)
+        precision=precision, topk=topk, sample_k=sample_k)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         rows = rows_of(layout, writer.pending)
         done = layout.num_rows - len(rows)
@@ -199,11 +219,14 @@ def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
 def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
             temperatures: Sequence[float], batch_size: int, dtype: str, probs_dtype: str,
             combine: str, keep_members: bool, chunk_rows: int, shard_rows: int | None,
-            store_inputs: bool = False,
+            store_inputs: bool = False, topk: int = 0, sample_k: int = 0,
             device: str, precision: str,
             ) -> tuple[Dataset, Teacher, Layout, dict[str, Any]]:
     """Check the options, load data and teacher, and lay out the set: all but the writing."""
     temps = check_options(temperatures, batch_size, dtype, combine)
+    if topk and combine == "mean-probs":
+        raise SoftlabelsError("--topk stores logits and their normalisers, exact under "
+                              "mean-logits only; use --combine mean-logits or --sample-k")
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise SoftlabelsError("the dataset is empty; check the DATA spec")
@@ -215,7 +238,7 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
                     num_members=len(teacher.members) if keep_members else 0,
                     chunk_rows=chunk_rows, shard_rows=shard_rows,
                     input_shape=tuple(x0.shape) if store_inputs else None,
-                    input_dtype=str(x0.numpy().dtype))
+                    input_dtype=str(x0.numpy().dtype), topk=topk, sample_k=sample_k)
     meta = {
         "num_examples": len(dataset),
         "class_names": class_names(dataset),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,13 +87,21 @@ class SoftTargetDataset(Dataset):
             check_alignment(self.data, self.ts, self.rows, seed=seed)
         self.data_index = torch.from_numpy(self.ts.index()[self.rows])
         self.labels = torch.from_numpy(self.ts.labels()[self.rows])
-        self.targets = torch.from_numpy(self.ts.probs(self.temperature)[self.rows])
+        if self.ts.sparse:  # (classes, weights) per row, k of each
+            classes, weights = self.ts.sparse_targets(self.temperature)
+            self.targets = (torch.from_numpy(classes[self.rows]),
+                            torch.from_numpy(weights[self.rows]))
+        else:
+            self.targets = torch.from_numpy(self.ts.probs(self.temperature)[self.rows])
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        """(input, label, target at T); for a sparse set (input, label, classes, weights)."""
         x, _ = split_item(self.data[int(self.data_index[i])])
+        if isinstance(self.targets, tuple):
+            return x, int(self.labels[i]), self.targets[0][i], self.targets[1][i]
         return x, int(self.labels[i]), self.targets[i]
 
 
@@ -132,6 +141,9 @@ class StreamingSoftTargetDataset(IterableDataset):
                  temperature: float, rows: np.ndarray | None = None, shuffle: bool = True,
                  window: int = 4, seed: int = 0, check: bool = True) -> None:
         dataset, ts = _open(data, transfer_set)
+        if ts.sparse:
+            raise SoftlabelsError(f"{ts.path} is sparse: streaming reads dense targets; use "
+                                  "SoftTargetDataset (sparse targets are small)")
         self.data, self.path = dataset, str(ts.path)
         self.temperature = _check_temperature(temperature)
         self.num_rows, self.chunk_rows = ts.num_rows, ts.chunk_rows

@@ -29,7 +29,13 @@ BLOCK_DONE = "block_done"  # (B,) uint8, 1 once every array's rows of block b ar
 BLOCK_CHECKSUM = "block_checksum"  # (B,) uint64, XXH3-64 of block b's rows of every row array
 BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM)
 
-ROW_AXIS = {PROBS: 1, MEMBER_LOGITS: 1}
+# Sparse layouts (instead of dense logits and probs).
+TOPK_INDICES = "topk/indices"  # (R, k) int32, the k largest logits' classes, descending
+TOPK_LOGITS = "topk/logits"  # (R, k) float32, their logits
+TOPK_LOGSUMEXP = "topk/logsumexp"  # (R, K) float32, logsumexp(z / T_k) over all classes
+SAMPLE_INDICES = "sample/indices"  # (K, R, k) int32, k classes drawn from p_T_k, sorted
+
+ROW_AXIS = {PROBS: 1, MEMBER_LOGITS: 1, SAMPLE_INDICES: 1}
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"

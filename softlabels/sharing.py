@@ -41,7 +41,9 @@ def _layout(ts: TransferSet, *, num_rows: int | None = None,
                   num_members=members if num_members is None else num_members,
                   chunk_rows=ts.chunk_rows, shard_rows=m.get("shard_rows"),
                   input_shape=tuple(inputs["shape"]) if inputs else None,
-                  input_dtype=inputs.get("dtype", "float32"))
+                  input_dtype=inputs.get("dtype", "float32"),
+                  topk=ts.sparse["k"] if ts.sparse and ts.sparse["kind"] == "topk" else 0,
+                  sample_k=ts.sparse["k"] if ts.sparse and ts.sparse["kind"] == "sample" else 0)
 
 
 def _source(ts: TransferSet) -> dict[str, Any]:
@@ -151,6 +153,9 @@ def _check_mergeable(sets: list[TransferSet]) -> None:
             raise MismatchError(f"cannot merge {ts.path}: its rows are in another order than "
                                 f"{first.path}'s")
     for ts in sets:
+        if ts.sparse:
+            raise SoftlabelsError(f"{ts.path} is sparse ({ts.sparse['kind']}): merging needs "
+                                  "dense member logits; merge dense sets, then cut them down")
         if len(ts.meta["teacher"]["members"]) > 1 and not ts.has(S.MEMBER_LOGITS):
             raise SoftlabelsError(f"{ts.path} is an ensemble without member logits; remake it "
                                   "with --keep-members to merge it")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import MismatchError, SoftlabelsError
-from .losses import kd_loss_from_probs
+from .losses import kd_loss_from_probs, sparse_kd_loss
 from .reader import (
     MAX_IN_MEMORY,
     SoftTargetDataset,
@@ -183,7 +183,8 @@ def train_student(
         cached = Cached(dataset, ts.index()[rows])  # reads only the examples it trains on
         _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
         sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=seed)
-        tensors = [cached.x, sds.labels, sds.targets]  # all in the order of `rows`
+        targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
+        tensors = [cached.x, sds.labels, *targets]  # all in the order of `rows`
     elif fits:
         x_all, y_all = materialize(dataset)
         rows = select_rows(y_all.numpy(), fraction=fraction, seed=seed, classes=classes,
@@ -221,7 +222,11 @@ def train_student(
         for b, batch in enumerate(epoch_batches(epoch)):
             x, y = jitter(batch[0], jitter_pixels, gen).to(dev), batch[1].to(dev)
             logits = step_net(x)
-            if ts is not None:
+            if ts is not None and ts.sparse:
+                loss = sparse_kd_loss(logits, batch[2].to(dev), batch[3].to(dev),
+                                      temperature=temperature, labels=y, alpha=alpha,
+                                      residual=ts.sparse["kind"] == "topk")
+            elif ts is not None:
                 loss = kd_loss_from_probs(logits, batch[2].to(dev), temperature=temperature,
                                           labels=y, alpha=alpha)
             else:

@@ -29,6 +29,7 @@ class TransferSet:
         self.chunk_rows: int = int(self.meta["chunk_rows"])
         self.block_rows: int = int(self.meta.get("block_rows") or self.chunk_rows)
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
+        self.sparse: dict[str, Any] | None = self.meta.get("sparse")  # {"kind", "k"} or None
 
     # --- generic reads --------------------------------------------------------------------
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -51,19 +52,59 @@ class TransferSet:
 
     def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(rows, C) combined teacher logits as float32."""
+        if self.sparse:
+            raise TransferSetError(f"{self.path} is sparse ({self.sparse['kind']}): it has no "
+                                   "dense logits; use sparse_targets() or probs() at a stored T")
         return self.read(S.LOGITS, start, stop).astype(np.float32)
+
+    def sparse_targets(self, temperature: float, start: int = 0, stop: int | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(classes (rows, k) int64, weights (rows, k) float32) of a sparse set at a stored T.
+
+        topk: the k most likely classes and their exact probabilities (the rest of the mass is
+        1 - sum). sample: k classes drawn from p_T, each weighing 1/k (an unbiased estimate).
+        """
+        k = self.temperature_index(temperature)
+        if not self.sparse or k is None:
+            raise TransferSetError(f"{self.path} has no sparse targets at T={temperature}; "
+                                   f"stored: {self.temperatures}" if self.sparse else
+                                   f"{self.path} is dense; use probs()")
+        stop = self.num_rows if stop is None else stop
+        if self.sparse["kind"] == "topk":
+            idx = self.read(S.TOPK_INDICES, start, stop).astype(np.int64)
+            z = self.read(S.TOPK_LOGITS, start, stop)
+            lse = self.read(S.TOPK_LOGSUMEXP, start, stop)[:, k:k + 1]
+            return idx, np.exp(z / temperature - lse).astype(np.float32)
+        idx = self.store.read(S.SAMPLE_INDICES, (k, slice(start, stop))).astype(np.int64)
+        return idx, np.full(idx.shape, 1 / idx.shape[1], dtype=np.float32)
 
     def probs(self, temperature: float, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(rows, C) float32 probabilities at `temperature`: the stored ones when T was stored,
         else re-tempered from the stored logits in float32."""
         if temperature <= 0 or not np.isfinite(temperature):
             raise TransferSetError(f"temperature must be a positive number, got {temperature}")
+        if self.sparse:
+            return self._dense_from_sparse(temperature, start, stop)
         k = self.temperature_index(temperature)
         if k is not None:
             stop = self.num_rows if stop is None else stop
             return self.store.read(S.PROBS, (k, slice(start, stop))).astype(np.float32)
         z = torch.from_numpy(self.logits(start, stop))
         return tempered_softmax(z, temperature).numpy()
+
+    def _dense_from_sparse(self, temperature: float, start: int, stop: int | None,
+                           ) -> np.ndarray:
+        """Dense (rows, C) probabilities from sparse targets: top-k exact, the residual mass
+        spread evenly over the other classes; or the sampled frequencies."""
+        idx, w = self.sparse_targets(temperature, start, stop)
+        rows, k = idx.shape
+        dense = np.zeros((rows, self.num_classes), np.float32)
+        if self.sparse["kind"] == "topk":
+            dense += (1 - w.sum(1, keepdims=True)).clip(0) / (self.num_classes - k)
+            np.put_along_axis(dense, idx, w, axis=1)
+        else:
+            np.add.at(dense, (np.repeat(np.arange(rows), k), idx.ravel()), w.ravel())
+        return dense
 
     def temperature_index(self, temperature: float) -> int | None:
         for k, t in enumerate(self.temperatures):
@@ -87,6 +128,9 @@ class TransferSet:
         import dask
         import dask.array as da
 
+        if self.sparse:
+            raise TransferSetError(f"{self.path} is sparse: --stats reads dense arrays; use "
+                                   "`softlabels report` instead")
         rows = self.chunk_rows
         probs = da.from_array(self.store.array(S.PROBS), chunks=(1, rows, self.num_classes))
         logits = da.from_array(self.store.array(S.LOGITS), chunks=(rows, self.num_classes))

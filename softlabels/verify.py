@@ -54,9 +54,18 @@ def _blocks(ts: TransferSet) -> Iterator[tuple[int, int]]:
 
 def _check_arrays(ts: TransferSet, report: VerifyReport) -> bool:
     r, c, k = ts.num_rows, ts.num_classes, len(ts.temperatures)
-    want = {S.LOGITS: ((r, c), ts.meta["dtype"]), S.PROBS: ((k, r, c), ts.meta["probs_dtype"]),
-            S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"),
+    want = {S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"),
             S.SAMPLE_HASH: ((r,), "uint64")}
+    sparse = ts.sparse or {}
+    if sparse.get("kind") == "topk":
+        want |= {S.TOPK_INDICES: ((r, sparse["k"]), "int32"),
+                 S.TOPK_LOGITS: ((r, sparse["k"]), "float32"),
+                 S.TOPK_LOGSUMEXP: ((r, k), "float32")}
+    elif sparse.get("kind") == "sample":
+        want[S.SAMPLE_INDICES] = ((k, r, sparse["k"]), "int32")
+    else:
+        want |= {S.LOGITS: ((r, c), ts.meta["dtype"]),
+                 S.PROBS: ((k, r, c), ts.meta["probs_dtype"])}
     have = ts.arrays()
     if S.MEMBER_LOGITS in have:
         m = len(ts.meta["teacher"]["members"])
@@ -174,8 +183,18 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     index = ts.index()
     x = torch.stack([split_item(data[int(index[r])])[0] for r in rows])
     _, z_live, _ = teacher.soft_targets(x, [1.0])
-    z_live = z_live.cpu().numpy().astype(meta["dtype"]).astype(np.float32)
-    z_stored = ts.logits()[rows]
+    z_live = z_live.cpu().numpy()
+    if not ts.sparse:  # compare at the precision the set stores
+        z_live = z_live.astype(meta["dtype"]).astype(np.float32)
+    if ts.sparse and ts.sparse["kind"] == "sample":
+        report.add("teacher", True, "not recomputed: sampled classes are random draws")
+        return
+    if ts.sparse:  # top-k: compare the stored logits with the live ones at those classes
+        classes = ts.read(S.TOPK_INDICES)[rows].astype(np.int64)
+        z_live = np.take_along_axis(z_live, classes, axis=1)
+        z_stored = ts.read(S.TOPK_LOGITS)[rows]
+    else:
+        z_stored = ts.logits()[rows]
     diff = np.abs(z_live - z_stored) / (1 + np.abs(z_stored))
     tol = default_tolerance(meta) if tolerance is None else tolerance
     worst = float(diff.max()) if diff.size else 0.0

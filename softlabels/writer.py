@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 # Metadata fields that must agree for a rerun to resume into an existing set.
 IDENTITY_FIELDS = ("num_rows", "num_classes", "temperatures", "dtype", "probs_dtype",
-                   "chunk_rows", "shard_rows", "keep_members", "inputs", "views", "augment")
+                   "chunk_rows", "shard_rows", "keep_members", "inputs", "sparse", "views",
+                   "augment")
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,20 @@ class Layout:
     shard_rows: int | None = None
     input_shape: tuple[int, ...] | None = None  # set: store the inputs too
     input_dtype: str = "float32"
+    topk: int = 0  # > 0: store the k largest logits instead of dense arrays
+    sample_k: int = 0  # > 0: store k classes drawn from each p_T instead of dense arrays
 
     def __post_init__(self) -> None:
+        if self.topk and self.sample_k:
+            raise TransferSetError("choose --topk or --sample-k, not both")
+        k = self.topk or self.sample_k
+        if self.topk < 0 or self.sample_k < 0 or self.topk >= self.num_classes:
+            raise TransferSetError(f"--topk must lie in [1, {self.num_classes - 1}] and "
+                                   f"--sample-k be positive, for {self.num_classes} classes")
         if self.chunk_rows <= 0:
-            object.__setattr__(self, "chunk_rows",
-                               S.default_chunk_rows(self.num_classes, self.dtype))
+            # ~1 MiB of the widest per-row array: dense logits, or k int32/float32 values
+            width, dtype = (2 * k, "float32") if k else (self.num_classes, self.dtype)
+            object.__setattr__(self, "chunk_rows", S.default_chunk_rows(width, dtype))
         if self.shard_rows is not None and self.shard_rows % self.chunk_rows:
             raise TransferSetError(f"shard rows {self.shard_rows} must be a multiple of chunk "
                                    f"rows {self.chunk_rows}")
@@ -65,12 +75,19 @@ class Layout:
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape, dtype) for every row array."""
         r, c, k = self.num_rows, self.num_classes, len(self.temperatures)
-        out = {S.LOGITS: ((r, c), self.dtype), S.PROBS: ((k, r, c), self.probs_dtype),
-               S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"),
-               S.SAMPLE_HASH: ((r,), "uint64")}
+        out: dict[str, tuple[tuple[int, ...], str]] = {
+            S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"), S.SAMPLE_HASH: ((r,), "uint64")}
+        if self.topk:
+            out |= {S.TOPK_INDICES: ((r, self.topk), "int32"),
+                    S.TOPK_LOGITS: ((r, self.topk), "float32"),
+                    S.TOPK_LOGSUMEXP: ((r, k), "float32")}
+        elif self.sample_k:
+            out[S.SAMPLE_INDICES] = ((k, r, self.sample_k), "int32")
+        else:
+            out |= {S.LOGITS: ((r, c), self.dtype), S.PROBS: ((k, r, c), self.probs_dtype)}
         if self.input_shape is not None:
             out[S.INPUTS] = ((r, *self.input_shape), self.input_dtype)
-        if self.num_members:
+        if self.num_members and not (self.topk or self.sample_k):
             out[S.MEMBER_LOGITS] = ((self.num_members, r, c), self.dtype)
         return out
 
@@ -157,6 +174,9 @@ class TransferSetWriter:
                      "probs_dtype": layout.probs_dtype, "chunk_rows": layout.chunk_rows,
                      "shard_rows": layout.shard_rows, "block_rows": layout.block_rows,
                      "keep_members": layout.num_members > 0,
+                     "sparse": ({"kind": "topk", "k": layout.topk} if layout.topk else
+                                {"kind": "sample", "k": layout.sample_k} if layout.sample_k
+                                else None),
                      "inputs": (None if layout.input_shape is None else
                                 {"shape": list(layout.input_shape), "dtype": layout.input_dtype})}
         if overwrite and self.path.exists():
