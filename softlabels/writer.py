@@ -54,8 +54,10 @@ class Layout:
                                    f"--sample-k be positive, for {self.num_classes} classes")
         if self.chunk_rows <= 0:
             # ~1 MiB of the widest per-row array: dense logits, or k int32/float32 values
+            # never past the set itself: an edge chunk of uncompressed floats is stored whole
             width, dtype = (2 * k, "float32") if k else (self.num_classes, self.dtype)
-            object.__setattr__(self, "chunk_rows", S.default_chunk_rows(width, dtype))
+            object.__setattr__(self, "chunk_rows",
+                               min(S.default_chunk_rows(width, dtype), self.num_rows))
         if self.shard_rows is not None and self.shard_rows % self.chunk_rows:
             raise TransferSetError(f"shard rows {self.shard_rows} must be a multiple of chunk "
                                    f"rows {self.chunk_rows}")
