@@ -134,6 +134,12 @@ def main() -> None:
               help="Store only the K largest logits and per-T normalisers (sparse).")
 @click.option("--sample-k", type=int, default=0,
               help="Store K classes drawn from each p_T instead (sparse, unbiased).")
+@click.option("--views", type=int, default=0,
+              help="Store V augmented views per example (with --augment).")
+@click.option("--augment", default=None,
+              help="Views' augmentation, e.g. random-crop:2,hflip (see docs/FORMAT.md).")
+@click.option("--view-seed", type=int, default=0, show_default=True,
+              help="Base seed of the views.")
 @click.option("--chunk-rows", type=int, default=0, help="Rows per chunk (default: ~1 MiB).")
 @click.option("--shard-rows", type=int, default=None, help="Rows per Zarr shard (optional).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -147,7 +153,8 @@ def main() -> None:
 @click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
 def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: list[float],
                batch_size: int, dtype: str, probs_dtype: str, combine: str, keep_members: bool,
-               store_inputs: bool, topk: int, sample_k: int, chunk_rows: int,
+               store_inputs: bool, topk: int, sample_k: int, views: int,
+               augment: str | None, view_seed: int, chunk_rows: int,
                shard_rows: int | None, device: str,
                precision: str,
                num_workers: int, overwrite: bool, workers: int | None,
@@ -155,7 +162,8 @@ def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: lis
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
     options = dict(temperatures=temperatures, batch_size=batch_size, dtype=dtype,
                    probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-                   store_inputs=store_inputs, topk=topk, sample_k=sample_k,
+                   store_inputs=store_inputs, topk=topk, sample_k=sample_k, views=views,
+                   augment=augment, view_seed=view_seed,
                    chunk_rows=chunk_rows, shard_rows=shard_rows,
                    device=device, precision=precision, overwrite=overwrite)
     with progress_bar("precompute") as bar:
@@ -382,11 +390,13 @@ def epoch_bars() -> Callable[[str, dict[str, Any]], None]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--distributed", is_flag=True,
               help="Data-parallel across the ranks torchrun starts (gloo on CPU).")
+@click.option("--views-per-epoch", type=int, default=1, show_default=True,
+              help="From a view set: stored views of each example per epoch.")
 def train(data: str, model: str, out: str, transfer_set: str | None, temperature: float | None,
           alpha: float, epochs: int, batch_size: int, lr: float, optimizer: str,
           weight_decay: float, seed: int, fraction: float | None, classes: list[int] | None,
           exclude_classes: list[int] | None, indices: str | None, val_data: str | None,
-          jitter: int, device: str, distributed: bool) -> None:
+          jitter: int, device: str, distributed: bool, views_per_epoch: int) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one."""
     from .trainer import train_student
 
@@ -396,7 +406,8 @@ def train(data: str, model: str, out: str, transfer_set: str | None, temperature
                            weight_decay=weight_decay, seed=seed, fraction=fraction,
                            classes=classes, exclude_classes=exclude_classes, indices=indices,
                            val_data=val_data, jitter_pixels=jitter, device=device,
-                           distributed=distributed, callbacks=[epoch_bars()])
+                           distributed=distributed, views_per_epoch=views_per_epoch,
+                           callbacks=[epoch_bars()])
     if result.rank != 0:
         return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]

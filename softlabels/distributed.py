@@ -20,6 +20,7 @@ from .precompute import PrecomputeResult, Progress, prepare, rows_of, run_blocks
 from .specs import load_data
 from .store import backend_of
 from .teacher import Teacher
+from .views import ViewDataset
 from .writer import BlockWriter, Layout, TransferSetWriter
 
 log = logging.getLogger(__name__)
@@ -28,23 +29,27 @@ _CACHE: dict[tuple[Any, ...], tuple[Any, Teacher]] = {}  # per worker process
 
 
 def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: str,
-                  combine: str) -> tuple[Any, Teacher]:
-    key = (data, teachers, device, precision, combine)
+                  combine: str, views: tuple[int, str | None, int]) -> tuple[Any, Teacher]:
+    key = (data, teachers, device, precision, combine, views)
     if key not in _CACHE:
         import torch
 
         torch.set_num_threads(1)  # one thread per single-threaded worker process
         _CACHE.clear()
-        _CACHE[key] = (load_data(data), Teacher(list(teachers), device=device,
-                                                precision=precision, combine=combine))
+        dataset = load_data(data)
+        if views[0]:
+            dataset = ViewDataset(dataset, *views)
+        _CACHE[key] = (dataset, Teacher(list(teachers), device=device, precision=precision,
+                                        combine=combine))
     return _CACHE[key]
 
 
 def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
                    teachers: tuple[str, ...], device: str, precision: str, combine: str,
-                   batch_size: int) -> list[int]:
+                   batch_size: int, views: tuple[int, str | None, int] = (0, None, 0),
+                   ) -> list[int]:
     """A task: compute and write `blocks` of the set at `path`; returns them."""
-    dataset, teacher = _worker_state(data, teachers, device, precision, combine)
+    dataset, teacher = _worker_state(data, teachers, device, precision, combine, views)
     writer = BlockWriter(path, layout)
     try:
         writer.erase(blocks)
@@ -86,6 +91,9 @@ def precompute_on_cluster(
     store_inputs: bool = False,
     topk: int = 0,
     sample_k: int = 0,
+    views: int = 0,
+    augment: str | None = None,
+    view_seed: int = 0,
     chunk_rows: int = 0,
     shard_rows: int | None = None,
     device: str = "auto",
@@ -109,7 +117,8 @@ def precompute_on_cluster(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
         probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
         store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
-        precision=precision, topk=topk, sample_k=sample_k)
+        precision=precision, topk=topk, sample_k=sample_k, views=views, augment=augment,
+        view_seed=view_seed)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         pending = list(writer.pending)
         done = layout.num_rows - len(rows_of(layout, pending))
@@ -117,8 +126,8 @@ def precompute_on_cluster(
             progress(done, layout.num_rows)
         if pending:
             done = _submit(layout, pending, str(out), data, tuple(teachers), device,
-                           precision, combine, batch_size, workers, scheduler, retries,
-                           progress, done)
+                           precision, combine, batch_size, (views, augment, view_seed),
+                           workers, scheduler, retries, progress, done)
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows,
                             rows_computed=len(rows_of(layout, pending)),
                             resumed=writer.resumed, already_complete=writer.already_complete,
@@ -126,13 +135,15 @@ def precompute_on_cluster(
 
 
 def _submit(layout: Layout, pending: list[int], out: str, data: str, teachers: tuple[str, ...],
-            device: str, precision: str, combine: str, batch_size: int, workers: int | None,
-            scheduler: str | None, retries: int, progress: Progress | None, done: int) -> int:
+            device: str, precision: str, combine: str, batch_size: int,
+            views: tuple[int, str | None, int], workers: int | None, scheduler: str | None,
+            retries: int, progress: Progress | None, done: int) -> int:
     from dask.distributed import as_completed
 
     with _client(workers, scheduler) as client:
         futures = [client.submit(compute_blocks, out, layout, [b], data, teachers, device,
-                                 precision, combine, batch_size, key=f"softlabels-block-{b}",
+                                 precision, combine, batch_size, views,
+                                 key=f"softlabels-block-{b}",
                                  retries=retries, pure=False)
                    for b in pending]
         for future in as_completed(futures):

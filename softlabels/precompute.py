@@ -28,6 +28,7 @@ from . import schema as S
 from .errors import SoftlabelsError, TeacherOutputError
 from .specs import class_names, load_data, split_item
 from .teacher import Teacher
+from .views import ViewDataset
 from .writer import BlockWriter, Layout, TransferSetWriter
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,13 @@ class PrecomputeResult:
     meta: dict[str, Any] = field(repr=False)
 
 
-def collate(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (input, label) items; a dataset without labels gets -1."""
+def collate(items: Sequence[Any]) -> tuple[Any, ...]:
+    """Stack (input, label) items; a dataset without labels gets -1. View rows
+    (input, label, hash, seed) keep their hashes and seeds as uint64 numpy arrays."""
+    if isinstance(items[0], tuple) and len(items[0]) == 4:
+        xs, ys, hashes, seeds = zip(*items)
+        return (torch.stack(xs), torch.tensor(ys), np.array(hashes, dtype=np.uint64),
+                np.array(seeds, dtype=np.uint64))
     pairs = [split_item(item) for item in items]
     return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
 
@@ -122,19 +128,24 @@ class _BlockAssembler:
         return {}
 
     def add(self, x: torch.Tensor, y: torch.Tensor, members: torch.Tensor, logits: torch.Tensor,
-            probs: torch.Tensor) -> None:
+            probs: torch.Tensor, hashes: np.ndarray | None = None,
+            seeds: np.ndarray | None = None) -> None:
+        """One batch of rows; view rows bring the un-augmented input's hash and their seed."""
         rows = self.rows[self.pos:self.pos + len(x)]
         self.pos += len(x)
+        index = rows // self.lay.views if self.lay.views else rows
         bad = ~torch.isfinite(logits).all(dim=1)
         if bad.any():
             row = int(rows[int(bad.nonzero()[0])])
             raise TeacherOutputError(f"the teacher's output has NaN or inf at row {row} "
-                                     f"(dataset index {row}); check that model and that input")
+                                     f"(dataset index {index[int(bad.nonzero()[0])]}); check "
+                                     "that model and that input")
         xs = x.numpy()
-        hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
+        if hashes is None:
+            hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
         columns = {S.LOGITS: logits.numpy(), S.PROBS: probs.numpy(), S.LABELS: y.numpy(),
-                   S.INDEX: rows, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy(),
-                   S.INPUTS: xs, **self._sparse(rows, logits, probs)}
+                   S.INDEX: index, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy(),
+                   S.INPUTS: xs, S.VIEW_SEED: seeds, **self._sparse(rows, logits, probs)}
         for block in np.unique(rows // self.lay.block_rows):
             start, _ = self.lay.block_range(int(block))
             mine = (rows // self.lay.block_rows) == block
@@ -178,6 +189,9 @@ def precompute(
     store_inputs: bool = False,
     topk: int = 0,
     sample_k: int = 0,
+    views: int = 0,
+    augment: str | None = None,
+    view_seed: int = 0,
     chunk_rows: int = 0,
     shard_rows: int | None = None,
     device: str = "auto",
@@ -196,7 +210,8 @@ def precompute(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
         probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
         store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
-        precision=precision, topk=topk, sample_k=sample_k)
+        precision=precision, topk=topk, sample_k=sample_k, views=views, augment=augment,
+        view_seed=view_seed)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         rows = rows_of(layout, writer.pending)
         done = layout.num_rows - len(rows)
@@ -220,10 +235,19 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
             temperatures: Sequence[float], batch_size: int, dtype: str, probs_dtype: str,
             combine: str, keep_members: bool, chunk_rows: int, shard_rows: int | None,
             store_inputs: bool = False, topk: int = 0, sample_k: int = 0,
+            views: int = 0, augment: str | None = None, view_seed: int = 0,
             device: str, precision: str,
             ) -> tuple[Dataset, Teacher, Layout, dict[str, Any]]:
-    """Check the options, load data and teacher, and lay out the set: all but the writing."""
+    """Check the options, load data and teacher, and lay out the set: all but the writing.
+
+    With `views`, the returned dataset yields view rows (see `views.ViewDataset`)."""
     temps = check_options(temperatures, batch_size, dtype, combine)
+    if (views or augment) and not (views > 0 and augment):
+        raise SoftlabelsError(f"--views must be positive and come with --augment SPEC "
+                              f"(got views {views}, augment {augment!r})")
+    if views and store_inputs:
+        raise SoftlabelsError("--store-inputs stores un-augmented inputs; drop --views, or "
+                              "drop --store-inputs and keep the DATA")
     if topk and combine == "mean-probs":
         raise SoftlabelsError("--topk stores logits and their normalisers, exact under "
                               "mean-logits only; use --combine mean-logits or --sample-k")
@@ -233,26 +257,28 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
     teacher = Teacher(teachers, device=device, precision=precision, combine=combine)
     x0, _ = split_item(dataset[0])
     num_classes = int(teacher.member_logits(x0.unsqueeze(0)).shape[-1])
-    layout = Layout(num_rows=len(dataset), num_classes=num_classes, temperatures=temps,
+    rows_data = ViewDataset(dataset, views, augment, view_seed) if views else dataset
+    layout = Layout(num_rows=len(rows_data), num_classes=num_classes, temperatures=temps,
                     dtype=dtype, probs_dtype=probs_dtype,
                     num_members=len(teacher.members) if keep_members else 0,
                     chunk_rows=chunk_rows, shard_rows=shard_rows,
                     input_shape=tuple(x0.shape) if store_inputs else None,
-                    input_dtype=str(x0.numpy().dtype), topk=topk, sample_k=sample_k)
+                    input_dtype=str(x0.numpy().dtype), topk=topk, sample_k=sample_k,
+                    views=views)
     meta = {
         "num_examples": len(dataset),
         "class_names": class_names(dataset),
         "teacher": teacher.describe(),
         "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
                     "length": len(dataset), "probe": dataset_probe(dataset)},
-        "views": None, "augment": None,
+        "views": views or None, "augment": augment, "view_seed": view_seed if views else None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "device": str(teacher.device) + (f" ({torch.cuda.get_device_name(teacher.device)})"
                                          if teacher.device.type == "cuda" else ""),
         "precision": precision,
     }
-    return dataset, teacher, layout, meta
+    return rows_data, teacher, layout, meta
 
 
 def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -295,7 +321,7 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
     if cuda:
         thread.start()
     try:
-        for x, y in loader:
+        for x, y, *view in loader:  # view rows also carry (hashes, seeds)
             if errors:
                 break
             members, logits, probs = teacher.soft_targets(x, temps)
@@ -303,7 +329,7 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
             event = torch.cuda.Event() if cuda else None
             if event is not None:
                 event.record()
-            q.put((event, x, y, host[0] if keep else host[0][:0], host[1], host[2]))
+            q.put((event, x, y, host[0] if keep else host[0][:0], host[1], host[2], *view))
             done += len(x)
             report(done)
     finally:

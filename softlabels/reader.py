@@ -16,6 +16,7 @@ from . import schema as S
 from .errors import MismatchError, SoftlabelsError
 from .specs import load_data, split_item
 from .transfer_set import TransferSet, open_transfer_set
+from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
 CHECK_SAMPLE = 10_000
@@ -87,6 +88,12 @@ class SoftTargetDataset(Dataset):
             check_alignment(self.data, self.ts, self.rows, seed=seed)
         self.data_index = torch.from_numpy(self.ts.index()[self.rows])
         self.labels = torch.from_numpy(self.ts.labels()[self.rows])
+        # A view set: each row replays the exact augmented view the teacher labelled.
+        self.view_seeds = self.transform = None
+        if self.ts.meta.get("views"):
+            self.view_seeds = self.ts.read(S.VIEW_SEED)[self.rows]
+            x0, _ = split_item(self.data[int(self.data_index[0])])
+            self.transform = build_augment(self.ts.meta["augment"], x0)
         if self.ts.sparse:  # (classes, weights) per row, k of each
             classes, weights = self.ts.sparse_targets(self.temperature)
             self.targets = (torch.from_numpy(classes[self.rows]),
@@ -98,8 +105,11 @@ class SoftTargetDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        """(input, label, target at T); for a sparse set (input, label, classes, weights)."""
+        """(input, label, target at T); for a sparse set (input, label, classes, weights).
+        In a view set the input is the row's replayed view."""
         x, _ = split_item(self.data[int(self.data_index[i])])
+        if self.transform is not None:
+            x = replay(self.transform, x, int(self.view_seeds[i]))
         if isinstance(self.targets, tuple):
             return x, int(self.labels[i]), self.targets[0][i], self.targets[1][i]
         return x, int(self.labels[i]), self.targets[i]
@@ -141,9 +151,9 @@ class StreamingSoftTargetDataset(IterableDataset):
                  temperature: float, rows: np.ndarray | None = None, shuffle: bool = True,
                  window: int = 4, seed: int = 0, check: bool = True) -> None:
         dataset, ts = _open(data, transfer_set)
-        if ts.sparse:
-            raise SoftlabelsError(f"{ts.path} is sparse: streaming reads dense targets; use "
-                                  "SoftTargetDataset (sparse targets are small)")
+        if ts.sparse or ts.meta.get("views"):
+            raise SoftlabelsError(f"{ts.path} is sparse or holds views: streaming serves dense "
+                                  "targets of plain examples; use SoftTargetDataset")
         self.data, self.path = dataset, str(ts.path)
         self.temperature = _check_temperature(temperature)
         self.num_rows, self.chunk_rows = ts.num_rows, ts.chunk_rows

@@ -28,6 +28,7 @@ from .specs import load_data, load_model, save_checkpoint, split_item
 from .subset import read_indices, select_rows
 from .teacher import resolve_device
 from .transfer_set import TransferSet, open_transfer_set
+from .views import replay
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,24 @@ def _batches(tensors: Sequence[torch.Tensor], batch_size: int, generator: torch.
         yield [t[b] for t in tensors]
 
 
+def _view_batches(sds: SoftTargetDataset, x_examples: torch.Tensor,
+                  tensors: list[torch.Tensor], examples: np.ndarray, per_epoch: int,
+                  batch_size: int, rng: np.random.Generator, rank: int, world: int,
+                  ) -> Iterator[list[torch.Tensor]]:
+    """An epoch over a view set: `per_epoch` stored views of each example, drawn afresh each
+    epoch, each replayed from its seed. tensors = [example position, labels, targets...]."""
+    draw = np.lexsort((rng.random(len(examples)), examples))  # views of an example together
+    ex = examples[draw]
+    nth = np.arange(len(draw)) - np.searchsorted(ex, ex, side="left")
+    keep = draw[nth < per_epoch]
+    order = rank_share(torch.from_numpy(rng.permutation(keep)), rank, world)
+    for i in range(0, len(order), batch_size):
+        b = order[i:i + batch_size]
+        x = torch.stack([replay(sds.transform, x_examples[int(tensors[0][j])],
+                                int(sds.view_seeds[j])) for j in b.tolist()])
+        yield [x, *[t[b] for t in tensors[1:]]]
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, device: torch.device,
             batch_size: int = 1024) -> torch.Tensor:
@@ -110,13 +129,16 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device,
 
 
 def _check_options(temperature: float | None, alpha: float, epochs: int, batch_size: int,
-                   lr: float, optimizer: str, transfer_set: object) -> None:
+                   lr: float, optimizer: str, transfer_set: object,
+                   views_per_epoch: int = 1) -> None:
     if transfer_set is not None and (temperature is None or not temperature > 0):
         raise SoftlabelsError(f"temperature must be positive, got {temperature}")
     if not 0 <= alpha <= 1:
         raise SoftlabelsError(f"alpha must lie in [0, 1], got {alpha}")
     if epochs <= 0 or batch_size <= 0 or not lr > 0:
         raise SoftlabelsError("epochs, batch size and learning rate must be positive")
+    if views_per_epoch <= 0:
+        raise SoftlabelsError(f"--views-per-epoch must be positive, got {views_per_epoch}")
     if optimizer not in OPTIMIZERS:
         raise SoftlabelsError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
 
@@ -149,6 +171,7 @@ def train_student(
     jitter_pixels: int = 0,
     device: str = "auto",
     distributed: bool = False,
+    views_per_epoch: int = 1,
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train `model` (a MODEL spec, or a checkpoint to fine-tune) on `data`.
@@ -158,6 +181,8 @@ def train_student(
     term alone. Without it, cross-entropy on hard labels. Subset options select rows of the set
     and of the data together. The same seed gives the same model. With `distributed` (under
     torchrun), each rank trains on a disjoint share of every epoch through DDP; rank 0 saves.
+    From a view set, each epoch trains on `views_per_epoch` stored views of every example,
+    drawn afresh per epoch and replayed exactly as the teacher saw them.
     """
     t0 = time.perf_counter()
     ts = None
@@ -165,7 +190,7 @@ def train_student(
         ts = (transfer_set if isinstance(transfer_set, TransferSet)
               else open_transfer_set(transfer_set))
         temperature = ts.temperatures[0] if temperature is None else temperature
-    _check_options(temperature, alpha, epochs, batch_size, lr, optimizer, ts)
+    _check_options(temperature, alpha, epochs, batch_size, lr, optimizer, ts, views_per_epoch)
     dev = resolve_device(device)
     rank, world = _init_distributed(dev) if distributed else (0, 1)
     torch.manual_seed(seed)
@@ -180,11 +205,15 @@ def train_student(
         rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
                            classes=classes, exclude_classes=exclude_classes, indices=index_list)
         check_length(dataset, ts)
-        cached = Cached(dataset, ts.index()[rows])  # reads only the examples it trains on
+        examples = ts.index()[rows]
+        cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
         _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
         sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=seed)
         targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
-        tensors = [cached.x, sds.labels, *targets]  # all in the order of `rows`
+        pos = torch.tensor([cached.pos[int(i)] for i in examples], dtype=torch.long)
+        tensors = [cached.x[pos], sds.labels, *targets]  # all in the order of `rows`
+        if sds.transform is not None:  # a view set: replay stored views, not the examples
+            tensors = [pos, sds.labels, *targets]
     elif fits:
         x_all, y_all = materialize(dataset)
         rows = select_rows(y_all.numpy(), fraction=fraction, seed=seed, classes=classes,
@@ -194,7 +223,15 @@ def train_student(
             raise SoftlabelsError("the data has no labels; train from a transfer set")
         tensors = [x_all[rows], y_all[rows]]
 
-    if fits:
+    if fits and ts is not None and sds.transform is not None:
+        per_epoch = min(views_per_epoch, int(ts.meta["views"]))
+
+        def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
+            return _view_batches(sds, cached.x, tensors, examples, per_epoch, batch_size,
+                                 np.random.default_rng([seed, epoch]), rank, world)
+        n_rows = len(np.unique(examples)) * per_epoch
+        n_batches = -(-(n_rows // world) // batch_size)
+    elif fits:
         def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
             return _batches(tensors, batch_size, gen, rank, world)
         n_rows, n_batches = len(rows), -(-(len(rows) // world) // batch_size)

@@ -18,6 +18,7 @@ from .specs import load_data, split_item
 from .store import open_store
 from .teacher import Teacher
 from .transfer_set import TransferSet
+from .views import build_augment, replay
 
 Progress = Callable[[int, int], None]
 
@@ -182,6 +183,10 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
                                                       replace=False))
     index = ts.index()
     x = torch.stack([split_item(data[int(index[r])])[0] for r in rows])
+    if meta.get("views"):  # replay each sampled row's view from its seed
+        transform = build_augment(meta["augment"], x[0])
+        seeds = ts.read(S.VIEW_SEED)[rows]
+        x = torch.stack([replay(transform, xi, int(s)) for xi, s in zip(x, seeds)])
     _, z_live, _ = teacher.soft_targets(x, [1.0])
     z_live = z_live.cpu().numpy()
     if not ts.sparse:  # compare at the precision the set stores

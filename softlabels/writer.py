@@ -42,6 +42,7 @@ class Layout:
     shard_rows: int | None = None
     input_shape: tuple[int, ...] | None = None  # set: store the inputs too
     input_dtype: str = "float32"
+    views: int = 0  # > 0: each row is one augmented view; store its seed
     topk: int = 0  # > 0: store the k largest logits instead of dense arrays
     sample_k: int = 0  # > 0: store k classes drawn from each p_T instead of dense arrays
 
@@ -89,6 +90,8 @@ class Layout:
             out |= {S.LOGITS: ((r, c), self.dtype), S.PROBS: ((k, r, c), self.probs_dtype)}
         if self.input_shape is not None:
             out[S.INPUTS] = ((r, *self.input_shape), self.input_dtype)
+        if self.views:
+            out[S.VIEW_SEED] = ((r,), "uint64")
         if self.num_members and not (self.topk or self.sample_k):
             out[S.MEMBER_LOGITS] = ((self.num_members, r, c), self.dtype)
         return out

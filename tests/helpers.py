@@ -45,3 +45,15 @@ def nan_teacher() -> nn.Module:
 
 def four_classes() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+
+
+def nondeterministic():
+    """A transform whose randomness does not come from torch's generator."""
+    import random
+
+    return lambda x: x + random.random()
+
+
+def shift_right():
+    """A deterministic (and trivially seed-independent) transform."""
+    return lambda x: torch.roll(x, 1, dims=-1)
