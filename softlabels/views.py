@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import xxhash
 from torch.utils.data import Dataset
@@ -107,8 +106,3 @@ class ViewDataset(Dataset):
         s = view_seed(self.seed, i, v)
         return replay(self.transform, x, s), y, sample_hash(x.numpy()), s
 
-
-def seeds_for(rows: np.ndarray, views: int, base: int) -> np.ndarray:
-    """The view seeds of rows of a view set."""
-    return np.array([view_seed(base, int(r) // views, int(r) % views) for r in rows],
-                    dtype=np.uint64)
