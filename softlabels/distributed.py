@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SoftlabelsError
-from .precompute import PrecomputeResult, Progress, prepare, rows_of, run_blocks
+from .precompute import LAYOUT_DEFAULTS, PrecomputeResult, Progress, prepare, rows_of, run_blocks
 from .specs import load_data
 from .store import backend_of
 from .teacher import Teacher
@@ -82,29 +82,20 @@ def precompute_on_cluster(
     *,
     workers: int | None = None,
     scheduler: str | None = None,
-    temperatures: Sequence[float] = (1.0,),
-    batch_size: int = 256,
-    dtype: str = "float16",
-    probs_dtype: str = "float32",
-    combine: str = "mean-logits",
-    keep_members: bool = False,
-    store_inputs: bool = False,
-    topk: int = 0,
-    sample_k: int = 0,
-    views: int = 0,
-    augment: str | None = None,
-    view_seed: int = 0,
-    chunk_rows: int = 0,
-    shard_rows: int | None = None,
-    device: str = "auto",
-    precision: str = "fp32",
     overwrite: bool = False,
     retries: int = 3,
     progress: Progress | None = None,
+    **options: Any,
 ) -> PrecomputeResult:
     """`precompute` with its blocks spread over a Dask cluster: `workers` local processes, or
-    the running cluster at `scheduler`. The result is identical to a single-process run."""
+    the running cluster at `scheduler`. `options` are precompute's (temperatures, batch_size,
+    dtype, ...; see `precompute.LAYOUT_DEFAULTS`). The result is identical to a
+    single-process run."""
     t0 = time.perf_counter()
+    unknown = set(options) - set(LAYOUT_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown precompute options {sorted(unknown)}")
+    opts = {**LAYOUT_DEFAULTS, **options}
     if backend_of(out) != "zarr":
         raise SoftlabelsError(f"--workers/--scheduler write Zarr only (HDF5 has no safe "
                               f"parallel writer): use a .zarr --out instead of {out}")
@@ -113,20 +104,16 @@ def precompute_on_cluster(
                               "each worker can load")
     if workers is not None and workers <= 0:
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
-    _, _, layout, meta = prepare(
-        data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
-        probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-        store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
-        precision=precision, topk=topk, sample_k=sample_k, views=views, augment=augment,
-        view_seed=view_seed)
+    _, _, layout, meta = prepare(data, teachers, **opts)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         pending = list(writer.pending)
         done = layout.num_rows - len(rows_of(layout, pending))
         if progress:
             progress(done, layout.num_rows)
         if pending:
-            done = _submit(layout, pending, str(out), data, tuple(teachers), device,
-                           precision, combine, batch_size, (views, augment, view_seed),
+            views = (opts["views"], opts["augment"], opts["view_seed"])
+            done = _submit(layout, pending, str(out), data, tuple(teachers), opts["device"],
+                           opts["precision"], opts["combine"], opts["batch_size"], views,
                            workers, scheduler, retries, progress, done)
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows,
                             rows_computed=len(rows_of(layout, pending)),

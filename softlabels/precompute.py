@@ -58,6 +58,15 @@ def collate(items: Sequence[Any]) -> tuple[Any, ...]:
     return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
 
 
+# precompute's options that shape the set (also accepted by `precompute_on_cluster`)
+LAYOUT_DEFAULTS: dict[str, Any] = {
+    "temperatures": (1.0,), "batch_size": 256, "dtype": "float16", "probs_dtype": "float32",
+    "combine": "mean-logits", "keep_members": False, "store_inputs": False, "topk": 0,
+    "sample_k": 0, "views": 0, "augment": None, "view_seed": 0, "chunk_rows": 0,
+    "shard_rows": None, "device": "auto", "precision": "fp32",
+}
+
+
 def check_options(temperatures: Sequence[float], batch_size: int, dtype: str,
                   combine: str) -> tuple[float, ...]:
     temps = tuple(float(t) for t in temperatures)

@@ -1,0 +1,116 @@
+"""Shared pieces of the command line: parameter types, progress bars, JSON output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+
+class FloatList(click.ParamType):
+    """A comma-separated list of numbers, e.g. 1,4,20."""
+
+    name = "T1,T2,.."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers (e.g. 1,4,20)",
+                      param, ctx)
+
+
+class IntList(click.ParamType):
+    name = "N1,N2,.."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers (e.g. 0,1,2)",
+                      param, ctx)
+
+
+@contextmanager
+def progress_bar(desc: str, unit: str = "row") -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr driven by the library's (done, total) callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, unit_scale=True, file=sys.stderr, dynamic_ncols=True,
+               disable=None)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.reset(total=total)
+            bar.update(done)
+        else:
+            bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=None, default=str))
+
+
+def provenance_lines(prov: dict[str, Any]) -> list[str]:
+    """Where a set came from, if it was cut, merged or converted from others."""
+    lines = []
+    for what, src in (("subset of", prov.get("subset_of")),
+                      ("converted from", prov.get("converted_from"))):
+        if src:
+            lines.append(f"{what} {src['path']} (fingerprint {src['fingerprint'][:16]}…)")
+    for src in prov.get("merged_from") or []:
+        lines.append(f"merged from {src['path']} (teacher sha256 "
+                     + ", ".join(h[:12] for h in src["teacher"]) + ")")
+    return lines
+
+
+def epoch_bars() -> Callable[[str, dict[str, Any]], None]:
+    """A trainer callback drawing one tqdm bar per epoch with the running loss (and accuracy)."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {"bar": None}
+
+    def callback(event: str, info: dict[str, Any]) -> None:
+        if event == "batch":
+            if state["bar"] is None:
+                state["bar"] = tqdm(total=info["batches"], desc=f"epoch {info['epoch'] + 1}",
+                                    unit="batch", file=sys.stderr, leave=False, disable=None)
+            state["bar"].set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
+            state["bar"].update(1)
+        elif state["bar"] is not None:
+            bar, state["bar"] = state["bar"], None
+            bar.close()
+            acc = f"  val_accuracy {info['val_accuracy']:.4f}" if "val_accuracy" in info else ""
+            logging.getLogger("softlabels.train").info(
+                "epoch %d/%d  loss %.4f%s", info["epoch"], info["epochs"], info["loss"], acc)
+            if bar.disable is False:
+                tqdm.write(f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}{acc}",
+                           file=sys.stderr)
+
+    return callback
+
+
+def parse_bias(values: tuple[str, ...]) -> dict[int, float]:
+    out = {}
+    for v in values:
+        k, sep, b = v.partition("=")
+        try:
+            out[int(k)] = float(b)
+        except ValueError:
+            raise click.BadParameter(f"{v!r} is not CLASS=VALUE (e.g. 3=3.5)",
+                                     param_hint="--bias-adjust") from None
+    return out
