@@ -12,32 +12,30 @@ from typing import Any
 import click
 
 
-class FloatList(click.ParamType):
-    """A comma-separated list of numbers, e.g. 1,4,20."""
+class NumberList(click.ParamType):
+    """A comma-separated list of numbers of one type, e.g. 1,4,20."""
 
-    name = "T1,T2,.."
+    def __init__(self, cast: type, example: str) -> None:
+        self.cast, self.example = cast, example
+        self.name = "N1,N2,.."
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[Any]:
         if isinstance(value, list):
             return value
         try:
-            return [float(v) for v in str(value).split(",") if v.strip()]
+            return [self.cast(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of numbers (e.g. 1,4,20)",
-                      param, ctx)
+            kind = "integers" if self.cast is int else "numbers"
+            self.fail(f"{value!r} is not a comma-separated list of {kind} (e.g. "
+                      f"{self.example})", param, ctx)
 
 
-class IntList(click.ParamType):
-    name = "N1,N2,.."
+def FloatList() -> NumberList:  # noqa: N802  (reads like the type it makes)
+    return NumberList(float, "1,4,20")
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
-        if isinstance(value, list):
-            return value
-        try:
-            return [int(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers (e.g. 0,1,2)",
-                      param, ctx)
+
+def IntList() -> NumberList:  # noqa: N802
+    return NumberList(int, "0,1,2")
 
 
 @contextmanager
