@@ -198,57 +198,18 @@ def train_student(
     net = net.to(dev)
     step_net = _wrap_ddp(net, dev) if world > 1 else net
     dataset = load_data(data) if isinstance(data, str) else data
-    index_list = read_indices(indices) if isinstance(indices, (str, os.PathLike)) else indices
+    select = dict(fraction=fraction, seed=seed, classes=classes, exclude_classes=exclude_classes,
+                  indices=read_indices(indices) if isinstance(indices, (str, os.PathLike))
+                  else indices)
     gen = torch.Generator().manual_seed(seed)
-    fits = ts is None or ts.num_rows * ts.num_classes * 4 <= MAX_IN_MEMORY
-    if fits and ts is not None:
-        rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
-                           classes=classes, exclude_classes=exclude_classes, indices=index_list)
-        check_length(dataset, ts)
-        examples = ts.index()[rows]
-        cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
-        _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
-        sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=seed)
-        targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
-        pos = torch.tensor([cached.pos[int(i)] for i in examples], dtype=torch.long)
-        tensors = [cached.x[pos], sds.labels, *targets]  # all in the order of `rows`
-        if sds.transform is not None:  # a view set: replay stored views, not the examples
-            tensors = [pos, sds.labels, *targets]
-    elif fits:
-        x_all, y_all = materialize(dataset)
-        rows = select_rows(y_all.numpy(), fraction=fraction, seed=seed, classes=classes,
-                           exclude_classes=exclude_classes, indices=index_list)
-        _check_outputs(net, x_all[:1].to(dev), ts, y_all)
-        if (y_all[rows] < 0).all():
-            raise SoftlabelsError("the data has no labels; train from a transfer set")
-        tensors = [x_all[rows], y_all[rows]]
-
-    if fits and ts is not None and sds.transform is not None:
-        per_epoch = min(views_per_epoch, int(ts.meta["views"]))
-
-        def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
-            return _view_batches(sds, cached.x, tensors, examples, per_epoch, batch_size,
-                                 np.random.default_rng([seed, epoch]), rank, world)
-        n_rows = len(np.unique(examples)) * per_epoch
-        n_batches = -(-(n_rows // world) // batch_size)
-    elif fits:
-        def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
-            return _batches(tensors, batch_size, gen, rank, world)
-        n_rows, n_batches = len(rows), -(-(len(rows) // world) // batch_size)
+    if ts is None:
+        plan = _hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
+    elif ts.num_rows * ts.num_classes * 4 <= MAX_IN_MEMORY:
+        plan = _in_memory_epochs(dataset, ts, net, dev, select, temperature, views_per_epoch,
+                                 batch_size, gen, rank, world)
     else:
-        if world > 1:
-            raise SoftlabelsError("--distributed needs targets that fit in memory; this set "
-                                  "streams (ranks could take unequal steps)")
-        rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
-                           classes=classes, exclude_classes=exclude_classes, indices=index_list)
-        stream = StreamingSoftTargetDataset(dataset, ts.path, temperature=temperature,
-                                            rows=rows, seed=seed)
-        loader = DataLoader(stream, batch_size=batch_size)
-
-        def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
-            stream.set_epoch(epoch)
-            return iter(loader)
-        n_rows, n_batches = len(rows), len(loader)
+        plan = _streamed_epochs(dataset, ts, select, temperature, batch_size, world)
+    epoch_batches, n_rows, n_batches = plan
     val = materialize(load_data(val_data) if isinstance(val_data, str) else val_data) \
         if val_data is not None else None
     opt = _make_optimizer(optimizer, net.parameters(), lr, weight_decay)
@@ -258,16 +219,8 @@ def train_student(
         total, seen = 0.0, 0
         for b, batch in enumerate(epoch_batches(epoch)):
             x, y = jitter(batch[0], jitter_pixels, gen).to(dev), batch[1].to(dev)
-            logits = step_net(x)
-            if ts is not None and ts.sparse:
-                loss = sparse_kd_loss(logits, batch[2].to(dev), batch[3].to(dev),
-                                      temperature=temperature, labels=y, alpha=alpha,
-                                      residual=ts.sparse["kind"] == "topk")
-            elif ts is not None:
-                loss = kd_loss_from_probs(logits, batch[2].to(dev), temperature=temperature,
-                                          labels=y, alpha=alpha)
-            else:
-                loss = F.cross_entropy(logits, y, ignore_index=-1)
+            loss = _loss(step_net(x), y, [t.to(dev) for t in batch[2:]], ts, temperature,
+                         alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -298,6 +251,75 @@ def train_student(
                                     "fingerprint": ts.meta["dataset"]["fingerprint"]}
         save_checkpoint(net, out, spec=spec, meta=meta)
     return result
+
+
+Plan = tuple[Callable[[int], Iterator[list[torch.Tensor]]], int, int]  # batches(epoch), rows, n
+
+
+def _hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
+                       select: dict[str, Any], batch_size: int, gen: torch.Generator,
+                       rank: int, world: int) -> Plan:
+    x_all, y_all = materialize(dataset)
+    rows = select_rows(y_all.numpy(), **select)
+    _check_outputs(net, x_all[:1].to(dev), None, y_all)
+    if (y_all[rows] < 0).all():
+        raise SoftlabelsError("the data has no labels; train from a transfer set")
+    tensors = [x_all[rows], y_all[rows]]
+    return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
+            -(-(len(rows) // world) // batch_size))
+
+
+def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
+                      select: dict[str, Any], temperature: float, views_per_epoch: int,
+                      batch_size: int, gen: torch.Generator, rank: int, world: int) -> Plan:
+    rows = select_rows(ts.labels(), index=ts.index(), **select)
+    check_length(dataset, ts)
+    examples = ts.index()[rows]
+    cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
+    _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
+    sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=select["seed"])
+    targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
+    pos = torch.tensor([cached.pos[int(i)] for i in examples], dtype=torch.long)
+    if sds.transform is None:
+        tensors = [cached.x[pos], sds.labels, *targets]  # all in the order of `rows`
+        return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
+                -(-(len(rows) // world) // batch_size))
+    # a view set: each epoch replays stored views of the examples, not the examples
+    per_epoch = min(views_per_epoch, int(ts.meta["views"]))
+    n_rows = len(np.unique(examples)) * per_epoch
+    return (lambda epoch: _view_batches(sds, cached.x, [pos, sds.labels, *targets], examples,
+                                        per_epoch, batch_size,
+                                        np.random.default_rng([select["seed"], epoch]),
+                                        rank, world),
+            n_rows, -(-(n_rows // world) // batch_size))
+
+
+def _streamed_epochs(dataset: Dataset, ts: TransferSet, select: dict[str, Any],
+                     temperature: float, batch_size: int, world: int) -> Plan:
+    if world > 1:
+        raise SoftlabelsError("--distributed needs targets that fit in memory; this set "
+                              "streams (ranks could take unequal steps)")
+    rows = select_rows(ts.labels(), index=ts.index(), **select)
+    stream = StreamingSoftTargetDataset(dataset, ts.path, temperature=temperature, rows=rows,
+                                        seed=select["seed"])
+    loader = DataLoader(stream, batch_size=batch_size)
+
+    def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
+        stream.set_epoch(epoch)
+        return iter(loader)
+    return epoch_batches, len(rows), len(loader)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],
+          ts: TransferSet | None, temperature: float | None, alpha: float) -> torch.Tensor:
+    """Hard-label CE without a set; Hinton KD against dense targets; sparse KD otherwise."""
+    if ts is None:
+        return F.cross_entropy(logits, y, ignore_index=-1)
+    if ts.sparse:
+        return sparse_kd_loss(logits, *targets, temperature=temperature, labels=y, alpha=alpha,
+                              residual=ts.sparse["kind"] == "topk")
+    return kd_loss_from_probs(logits, targets[0], temperature=temperature, labels=y,
+                              alpha=alpha)
 
 
 def _init_distributed(dev: torch.device) -> tuple[int, int]:
