@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .distributed import precompute_on_cluster
 from .errors import (
     DataError,
     IncompleteTransferSetError,
@@ -17,10 +18,11 @@ from .errors import (
     TransferSetError,
 )
 from .evaluate import evaluate
-from .losses import kd_loss, logit_matching_loss
+from .losses import kd_loss, logit_matching_loss, sparse_kd_loss
 from .pipeline import run_pipeline
 from .precompute import PrecomputeResult, precompute
 from .reader import SoftTargetDataset, StreamingSoftTargetDataset
+from .sharing import convert, merge, subset
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
 from .trainer import TrainResult, train_student
 from .transfer_set import TransferSet, open_transfer_set
@@ -42,16 +44,21 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "build_model",
+    "convert",
     "evaluate",
     "kd_loss",
     "load_checkpoint",
     "load_data",
     "load_model",
     "logit_matching_loss",
+    "merge",
     "open_transfer_set",
     "precompute",
+    "precompute_on_cluster",
     "run_pipeline",
     "save_checkpoint",
+    "sparse_kd_loss",
+    "subset",
     "train_student",
     "verify",
 ]
