@@ -71,10 +71,17 @@ def view_seed(base: int, example: int, view: int) -> int:
 
 
 def replay(transform: Transform, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """The view of `x` drawn with `seed`; the global generator is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed % (1 << 63))
+    """The view of `x` drawn with `seed`; the global generator is left as it was.
+
+    Seeds the CPU default generator alone: `torch.manual_seed` also seeds every accelerator
+    and cost 250 us a call here, against 4 us (measured), more than the transform itself."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed % (1 << 63))
+    try:
         return transform(x)
+    finally:
+        generator.set_state(state)
 
 
 def check_deterministic(transform: Transform, x: torch.Tensor, spec: str) -> None:
