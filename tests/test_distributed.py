@@ -31,15 +31,22 @@ def assert_same(a_path: Path, b_path: Path, names: tuple[str, ...] = ARRAYS) -> 
             np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
 
 
-def test_cluster_run_is_identical_to_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["dense ensemble", "sampled views"])
+def test_cluster_run_is_identical_to_single_process(tmp_path: Path, kind: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=203)
-    args = dict(temperatures=[1, 4], chunk_rows=32, batch_size=10, keep_members=True,
-                combine="mean-probs", device="cpu")
-    teachers = ["mlp:16-8-3", "mlp:16-6-3"]
+    if kind == "dense ensemble":
+        args = dict(temperatures=[1, 4], chunk_rows=32, batch_size=10, keep_members=True,
+                    combine="mean-probs", device="cpu")
+        teachers, names = ["mlp:16-8-3", "mlp:16-6-3"], ARRAYS + (S.MEMBER_LOGITS,)
+    else:
+        args = dict(temperatures=[2], chunk_rows=32, batch_size=10, views=2,
+                    augment="random-crop:1", sample_k=5, device="cpu")
+        teachers = ["mlp:16-8-3"]
+        names = (S.SAMPLE_INDICES, S.VIEW_SEED, S.LABELS, S.INDEX, S.SAMPLE_HASH)
     precompute(data, teachers, tmp_path / "single.zarr", **args)
     result = precompute_on_cluster(data, teachers, tmp_path / "dist.zarr", workers=2, **args)
-    assert result.rows_computed == 203
-    assert_same(tmp_path / "dist.zarr", tmp_path / "single.zarr", ARRAYS + (S.MEMBER_LOGITS,))
+    assert result.rows_computed == 203 * (2 if kind == "sampled views" else 1)
+    assert_same(tmp_path / "dist.zarr", tmp_path / "single.zarr", names)
 
 
 def test_cluster_refuses_hdf5_and_objects(tmp_path: Path) -> None:
