@@ -94,11 +94,13 @@ def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: 
 @click.argument("pipeline")
 @click.option("--out", default=None, help="Output directory (default: the file's `out`).")
 @click.option("--quick", is_flag=True, help="The same steps, small and fast (for tests).")
-def run_cmd(pipeline: str, out: str | None, quick: bool) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="Override one value of the file, e.g. --set temperature_sweep.epochs=100.")
+def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...]) -> None:
     """Run a pipeline file (e.g. pipelines/mnist_hinton.toml); a rerun skips finished steps."""
     from .pipeline import run_pipeline
 
-    results = run_pipeline(pipeline, out=out, quick=quick,
+    results = run_pipeline(pipeline, out=out, quick=quick, overrides=overrides,
                            say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()])
     where = results.get("out_dir", "")
     click.echo(f"results: {where}results.json, results.md and PNG plots "

@@ -32,8 +32,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False) -> dict[str, Any]:
-    """The pipeline's configuration; with `quick`, its [quick] table merged over the rest."""
+def parse_override(text: str) -> dict[str, Any]:
+    """'table.key=VALUE' (VALUE in TOML, e.g. 100, 2.5, "text", [1, 2]) as a nested dict."""
+    path, sep, value = text.partition("=")
+    keys = [k.strip() for k in path.split(".")]
+    if not sep or not all(keys):
+        raise SoftlabelsError(f"--set takes TABLE.KEY=VALUE (e.g. temperature_sweep.epochs=100),"
+                              f" got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()  # a bare word: take it as a string
+    out: dict[str, Any] = {keys[-1]: parsed}
+    for key in reversed(keys[:-1]):
+        out = {key: out}
+    return out
+
+
+def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False,
+                  overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The pipeline's configuration; with `quick`, its [quick] table merged over the rest;
+    then each `overrides` entry (TABLE.KEY=VALUE) over that."""
     p = Path(path)
     try:
         cfg = tomllib.loads(p.read_text())
@@ -45,7 +64,10 @@ def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False) -> dict[
     if recipe not in RECIPES:
         raise SoftlabelsError(f"{p}: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     quick_cfg = cfg.pop("quick", {})
-    return _merge(cfg, quick_cfg) if quick else cfg
+    cfg = _merge(cfg, quick_cfg) if quick else cfg
+    for text in overrides:
+        cfg = _merge(cfg, parse_override(text))
+    return cfg
 
 
 class Steps:
@@ -80,11 +102,11 @@ class Steps:
 
 
 def run_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
-                 quick: bool = False, say: Say = log.info,
+                 quick: bool = False, overrides: Sequence[str] = (), say: Say = log.info,
                  callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = ()
                  ) -> dict[str, Any]:
     """Run a pipeline file; returns its results (also written to OUT/results.json)."""
-    cfg = load_pipeline(path, quick=quick)
+    cfg = load_pipeline(path, quick=quick, overrides=overrides)
     out_dir = Path(out or cfg.get("out") or "runs/pipeline")
     if quick and out is None:
         out_dir = out_dir.with_name(out_dir.name + "_quick")
