@@ -169,3 +169,27 @@ def test_nan_output_names_first_bad_row(npz_data: str, tmp_path: Path) -> None:
                    chunk_rows=CHUNK, batch_size=7)
     with pytest.raises(SoftlabelsError, match="incomplete"):
         open_transfer_set(tmp_path / "s.zarr")
+
+
+def test_sharded_zarr_blocks_are_shards(npz_data: str, tmp_path: Path) -> None:
+    """With --shard-rows a block is one shard: same content, one file per shard, resumable."""
+    plain, sharded = tmp_path / "plain.zarr", tmp_path / "sharded.zarr"
+    args = dict(temperatures=[1, 4], chunk_rows=8, batch_size=5)
+    precompute(npz_data, ["mlp:16-8-3"], plain, **args)
+    precompute(npz_data, ["mlp:16-8-3"], sharded, shard_rows=32, **args)
+    with open_transfer_set(plain) as a, open_transfer_set(sharded) as b:
+        assert b.block_rows == 32 and len(b.store.read(S.BLOCK_DONE)) == 4
+        for name in (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH):
+            np.testing.assert_array_equal(a.read(name), b.read(name))
+    assert len(list((sharded / "logits" / "c").rglob("*"))) == 4 + 4  # 4 dirs, 4 shard files
+    from softlabels.store import open_store
+
+    with open_store(sharded, "r+") as store:  # interrupt: block 2 undone, its shard removed
+        done = store.read(S.BLOCK_DONE)
+        done[2] = 0
+        store.write(S.BLOCK_DONE, slice(None), done)
+        store.set_meta({**store.get_meta(), "status": "writing"})
+    result = precompute(npz_data, ["mlp:16-8-3"], sharded, shard_rows=32, **args)
+    assert result.resumed and result.rows_computed == 32
+    with open_transfer_set(plain) as a, open_transfer_set(sharded) as b:
+        np.testing.assert_array_equal(a.read(S.PROBS), b.read(S.PROBS))
