@@ -171,17 +171,24 @@ class _BlockAssembler:
                 self.writer.write_block(int(block), self.buffers.pop(int(block)))
 
 
+def _consume(assembler: _BlockAssembler, item: tuple[Any, ...],
+             errors: list[BaseException]) -> None:
+    """Write one batch, once its device-to-host copy is done; keep the first failure, which
+    the producer re-raises after its loop."""
+    if errors:
+        return  # after a failure, drain without writing so the producer never blocks
+    event, *tensors = item
+    try:
+        if event is not None:
+            event.synchronize()
+        assembler.add(*tensors)
+    except BaseException as exc:
+        errors.append(exc)
+
+
 def _writer_loop(assembler: _BlockAssembler, q: queue.Queue, errors: list[BaseException]) -> None:
     while (item := q.get()) is not None:
-        if errors:
-            continue  # drain after a failure so the producer never blocks
-        event, *tensors = item
-        try:
-            if event is not None:
-                event.synchronize()
-            assembler.add(*tensors)
-        except BaseException as exc:  # re-raised in the main thread
-            errors.append(exc)
+        _consume(assembler, item, errors)
 
 
 def precompute(
@@ -356,8 +363,5 @@ class _Inline:
         self.assembler, self.errors = assembler, errors
 
     def put(self, item: Any) -> None:
-        if item is not None and not self.errors:
-            try:
-                self.assembler.add(*item[1:])
-            except BaseException as exc:  # re-raised after the loop, as with the thread
-                self.errors.append(exc)
+        if item is not None:
+            _consume(self.assembler, item, self.errors)

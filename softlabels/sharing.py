@@ -15,6 +15,7 @@ import torch
 
 from . import schema as S
 from .errors import MismatchError, SoftlabelsError
+from .precompute import Progress
 from .soft import combine_logits, ensemble_probs
 from .store import backend_of
 from .subset import read_indices, select_rows
@@ -22,7 +23,6 @@ from .transfer_set import TransferSet, open_transfer_set
 from .writer import Layout, TransferSetWriter
 
 BlockArrays = Callable[[int, int], dict[str, np.ndarray]]
-Progress = Callable[[int, int], None]
 
 # Metadata the writer sets itself, or that describes one particular file.
 _OWN_KEYS = ("format_version", "status", "num_rows", "num_classes", "temperatures", "dtype",

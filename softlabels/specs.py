@@ -66,7 +66,7 @@ def parse_spec(spec: str, forms: tuple[str, ...], what: str) -> tuple[str, str, 
     return scheme, body, options
 
 
-def _import_factory(body: str, spec: str) -> Callable[..., Any]:
+def import_factory(body: str, spec: str) -> Callable[..., Any]:
     module_name, _, attr = body.partition(":")
     if not module_name or not attr:
         raise SpecError(f"malformed spec {spec!r}; expected python:package.module:factory")
@@ -170,7 +170,7 @@ def load_data(spec: str) -> Dataset:
 
         return TransferSetInputs(body)
     if scheme == "python":
-        data = _import_factory(body, spec)(**options)
+        data = import_factory(body, spec)(**options)
         if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
             raise SpecError(f"{spec!r} returned {type(data).__name__}, not a map-style Dataset")
         return data
@@ -230,7 +230,7 @@ def build_model(spec: str) -> nn.Module:
             )
         return torchvision.models.get_model(body, weights=None, **options)
     if scheme == "python":
-        model = _import_factory(body, spec)(**options)
+        model = import_factory(body, spec)(**options)
         if not isinstance(model, nn.Module):
             raise SpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model

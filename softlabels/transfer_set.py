@@ -30,6 +30,7 @@ class TransferSet:
         self.block_rows: int = int(self.meta.get("block_rows") or self.chunk_rows)
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self.sparse: dict[str, Any] | None = self.meta.get("sparse")  # {"kind", "k"} or None
+        self._names = set(store.names())  # read-only: listed once, not on every read
 
     # --- generic reads --------------------------------------------------------------------
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -38,11 +39,11 @@ class TransferSet:
                 for s, d, c in [self.store.info(n)]}
 
     def has(self, name: str) -> bool:
-        return self.store.has(name)
+        return name in self._names
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of array `name` (all leading axes kept)."""
-        if not self.store.has(name):
+        if name not in self._names:
             raise TransferSetError(f"{self.path} has no array {name!r}; it has "
                                    f"{', '.join(self.store.names())}")
         stop = self.num_rows if stop is None else stop

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +14,12 @@ from torch.utils.data import Dataset
 
 from . import schema as S
 from .errors import SoftlabelsError, TransferSetError
+from .precompute import Progress
 from .specs import load_data, split_item
 from .store import open_store
 from .teacher import Teacher
 from .transfer_set import TransferSet
 from .views import build_augment, replay
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from .errors import SoftlabelsError, SpecError
 from .schema import sample_hash
-from .specs import _import_factory, split_item
+from .specs import import_factory, split_item
 
 AUGMENT_FORMS = ("random-crop:PAD", "hflip", "resized-crop:SCALE_MIN", "color-jitter:S",
                  "python:package.module:factory")
@@ -51,7 +51,7 @@ def _step(item: str, size: tuple[int, int]) -> Any:
 def build_augment(spec: str, example: torch.Tensor) -> Transform:
     """The transform SPEC names, for inputs shaped like `example` (C, H, W)."""
     if spec.startswith("python:"):
-        transform = _import_factory(spec[len("python:"):], spec)()
+        transform = import_factory(spec[len("python:"):], spec)()
         if not callable(transform):
             raise SpecError(f"{spec!r} did not return a callable transform")
         return transform
