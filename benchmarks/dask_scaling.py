@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.distributed import precompute_on_cluster
+from softlabels.cluster import precompute_on_cluster
 from softlabels.precompute import precompute
 
 

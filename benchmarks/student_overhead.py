@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from softlabels.datasets import StreamingSoftTargetDataset
+from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
-from softlabels.reader import StreamingSoftTargetDataset
 from softlabels.trainer import train_student
-from softlabels.transfer_set import open_transfer_set
 
 
 def epoch_seconds(data: TensorDataset, epochs: int, **kwargs: object) -> list[float]:

@@ -5,9 +5,9 @@ Run a teacher once, store its soft targets in a transfer set, train many student
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .distributed import precompute_on_cluster
+from ._version import __version__
+from .cluster import precompute_on_cluster
+from .datasets import SoftTargetDataset, StreamingSoftTargetDataset
 from .errors import (
     DataError,
     IncompleteTransferSetError,
@@ -18,14 +18,12 @@ from .errors import (
     TransferSetError,
 )
 from .evaluate import evaluate
+from .experiments.pipeline import run_pipeline
+from .format import TransferSet, convert, merge, open_transfer_set, subset
 from .losses import kd_loss, logit_matching_loss, sparse_kd_loss
-from .pipeline import run_pipeline
 from .precompute import PrecomputeResult, precompute
-from .reader import SoftTargetDataset, StreamingSoftTargetDataset
-from .sharing import convert, merge, subset
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
 from .trainer import TrainResult, train_student
-from .transfer_set import TransferSet, open_transfer_set
 from .verify import VerifyReport, verify
 
 __all__ = [

@@ -11,18 +11,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .datasets import check_alignment
 from .errors import SoftlabelsError
+from .format.reader import open_transfer_set
 from .metrics import (
     accuracy_report,
     expected_calibration_error,
     kl_to_teacher,
     teacher_agreement,
 )
-from .reader import check_alignment
 from .specs import load_data, load_model
 from .teacher import resolve_device
 from .trainer import materialize, predict
-from .transfer_set import open_transfer_set
 
 
 def adjust_bias(logits: torch.Tensor, bias_adjust: Mapping[int, float]) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SoftlabelsError
-from .soft import at_least_float32, tempered_log_softmax, tempered_softmax
+from .tempering import at_least_float32, tempered_log_softmax, tempered_softmax
 
 
 def _check(temperature: float, alpha: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .soft import tempered_log_softmax
+from .tempering import tempered_log_softmax
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor,

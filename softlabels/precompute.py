@@ -23,18 +23,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from . import __version__
-from . import schema as S
+from ._version import __version__
 from .errors import SoftlabelsError, TeacherOutputError
+from .format import schema as S
+from .format.layout import Layout
+from .format.writer import BlockWriter, TransferSetWriter
+from .progress import Progress
 from .specs import class_names, load_data, split_item
 from .teacher import Teacher
 from .views import ViewDataset
-from .writer import BlockWriter, Layout, TransferSetWriter
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]  # (rows done, rows in all)
-
 
 @dataclass
 class PrecomputeResult:

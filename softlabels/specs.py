@@ -166,7 +166,7 @@ def load_data(spec: str) -> Dataset:
             raise DataError(f"no such directory {body!r} (from {spec!r})")
         return ImageFolder(body, transform=_to_tensor(options.get("size")))
     if scheme == "transferset":
-        from .transfer_set import TransferSetInputs
+        from .format.reader import TransferSetInputs
 
         return TransferSetInputs(body)
     if scheme == "python":

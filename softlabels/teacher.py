@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .errors import MismatchError, SoftlabelsError
-from .soft import combine_logits, ensemble_probs
 from .specs import load_model, weights_sha256
+from .tempering import combine_logits, ensemble_probs
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import MismatchError, SoftlabelsError
-from .losses import kd_loss_from_probs, sparse_kd_loss
-from .reader import (
+from .datasets import (
     MAX_IN_MEMORY,
     SoftTargetDataset,
     StreamingSoftTargetDataset,
     check_length,
 )
+from .errors import MismatchError, SoftlabelsError
+from .format.reader import TransferSet, open_transfer_set
+from .format.selection import read_indices, select_rows
+from .losses import kd_loss_from_probs, sparse_kd_loss
 from .specs import load_data, load_model, save_checkpoint, split_item
-from .subset import read_indices, select_rows
 from .teacher import resolve_device
-from .transfer_set import TransferSet, open_transfer_set
 from .views import replay
 
 log = logging.getLogger(__name__)

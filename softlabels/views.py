@@ -21,7 +21,7 @@ import xxhash
 from torch.utils.data import Dataset
 
 from .errors import SoftlabelsError, SpecError
-from .schema import sample_hash
+from .format.schema import sample_hash
 from .specs import import_factory, split_item
 
 AUGMENT_FORMS = ("random-crop:PAD", "hflip", "resized-crop:SCALE_MIN", "color-jitter:S",

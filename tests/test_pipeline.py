@@ -53,7 +53,7 @@ def test_bad_pipeline_files(tmp_path: Path) -> None:
 
 
 def test_set_overrides_a_value() -> None:
-    from softlabels.pipeline import load_pipeline, parse_override
+    from softlabels.experiments.pipeline import load_pipeline, parse_override
 
     assert parse_override("temperature_sweep.epochs=100") == {
         "temperature_sweep": {"epochs": 100}}

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHUNK, N_ROWS, make_npz
-from softlabels import schema as S
 from softlabels.errors import MismatchError, SoftlabelsError, SpecError, TeacherOutputError
+from softlabels.format import schema as S
+from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 from softlabels.specs import load_data, load_model
-from softlabels.transfer_set import open_transfer_set
 
 TEACHERS = ["mlp:16-8-3", "mlp:16-6-3", "mlp:16-5-3"]
 
@@ -85,7 +85,7 @@ def test_rerun_resumes_only_missing_blocks(npz_data: str, out_path: Path,
     precompute(npz_data, ["mlp:16-8-3"], full, **args)
     precompute(npz_data, ["mlp:16-8-3"], out_path, **args)
     # Simulate an interruption: un-mark two blocks and set the status back to writing.
-    from softlabels.store import open_store
+    from softlabels.format._store import open_store
 
     with open_store(out_path, "r+") as store:
         done = store.read(S.BLOCK_DONE)
@@ -182,7 +182,7 @@ def test_sharded_zarr_blocks_are_shards(npz_data: str, tmp_path: Path) -> None:
         for name in (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH):
             np.testing.assert_array_equal(a.read(name), b.read(name))
     assert len(list((sharded / "logits" / "c").rglob("*"))) == 4 + 4  # 4 dirs, 4 shard files
-    from softlabels.store import open_store
+    from softlabels.format._store import open_store
 
     with open_store(sharded, "r+") as store:  # interrupt: block 2 undone, its shard removed
         done = store.read(S.BLOCK_DONE)

@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import CHUNK, N_ROWS
+from softlabels.datasets import SoftTargetDataset, StreamingSoftTargetDataset, chunk_plan
 from softlabels.errors import MismatchError, SoftlabelsError
+from softlabels.format.reader import open_transfer_set
+from softlabels.format.selection import select_rows
 from softlabels.precompute import precompute
-from softlabels.reader import SoftTargetDataset, StreamingSoftTargetDataset, chunk_plan
 from softlabels.specs import NpzDataset
-from softlabels.subset import select_rows
-from softlabels.transfer_set import open_transfer_set
 
 
 @pytest.fixture

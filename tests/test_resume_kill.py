@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import make_npz
-from softlabels import schema as S
+from softlabels.format import schema as S
+from softlabels.format._store import open_store
+from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
-from softlabels.store import open_store
-from softlabels.transfer_set import open_transfer_set
 
 HERE = Path(__file__).parent
 

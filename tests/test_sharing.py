@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import CHUNK, N_ROWS, make_npz
-from softlabels import schema as S
 from softlabels.cli import cli
+from softlabels.datasets import SoftTargetDataset
+from softlabels.format import schema as S
+from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
-from softlabels.reader import SoftTargetDataset
 from softlabels.specs import build_model, save_checkpoint
-from softlabels.transfer_set import open_transfer_set
 from softlabels.verify import verify
 
 ROW_ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from conftest import CHUNK, make_npz
 from softlabels.cli import cli
 from softlabels.errors import SoftlabelsError
+from softlabels.format.reader import open_transfer_set
 from softlabels.losses import kd_loss, sparse_kd_loss
 from softlabels.precompute import precompute
-from softlabels.transfer_set import open_transfer_set
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from softlabels import schema as S
 from softlabels.cli import cli
+from softlabels.datasets import SoftTargetDataset
 from softlabels.errors import SoftlabelsError
+from softlabels.format import schema as S
+from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
-from softlabels.reader import SoftTargetDataset
 from softlabels.specs import load_data, load_model
-from softlabels.transfer_set import open_transfer_set
 from softlabels.verify import verify
 from softlabels.views import view_seed
 

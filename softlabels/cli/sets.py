@@ -1,5 +1,4 @@
-"""Commands of stage one and of sharing: precompute, info, verify, merge, subset, convert,
-report."""
+"""The set tools: info, verify, merge, subset, convert, report."""
 
 from __future__ import annotations
 
@@ -7,83 +6,7 @@ import sys
 
 import click
 
-from .cli_common import FloatList, IntList, echo_json, progress_bar, provenance_lines
-
-# --- stage one --------------------------------------------------------------------------------
-
-
-@click.command()
-@click.option("--data", required=True, help="DATA spec, e.g. mnist:data?split=train or npz:x.npz")
-@click.option("--teacher", "teachers", multiple=True, required=True,
-              help="MODEL spec or checkpoint; repeat for an ensemble.")
-@click.option("--out", required=True, help="Transfer set to write: DIR.zarr (default) or FILE.h5.")
-@click.option("--temperatures", type=FloatList(), default="1", show_default=True,
-              help="Temperatures at which to store probabilities.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
-              show_default=True, help="Storage dtype of logits.")
-@click.option("--probs-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True, help="Storage dtype of probabilities (float16 underflows).")
-@click.option("--combine", type=click.Choice(["mean-logits", "mean-probs"]),
-              default="mean-logits", show_default=True, help="How ensemble members combine.")
-@click.option("--keep-members", is_flag=True, help="Also store each member's logits.")
-@click.option("--store-inputs", is_flag=True,
-              help="Also store the preprocessed inputs: DATA `transferset:SET` then trains "
-                   "from the set alone.")
-@click.option("--topk", type=int, default=0,
-              help="Store only the K largest logits and per-T normalisers (sparse).")
-@click.option("--sample-k", type=int, default=0,
-              help="Store K classes drawn from each p_T instead (sparse, unbiased).")
-@click.option("--views", type=int, default=0,
-              help="Store V augmented views per example (with --augment).")
-@click.option("--augment", default=None,
-              help="Views' augmentation, e.g. random-crop:2,hflip (see docs/FORMAT.md).")
-@click.option("--view-seed", type=int, default=0, show_default=True,
-              help="Base seed of the views.")
-@click.option("--chunk-rows", type=int, default=0, help="Rows per chunk (default: ~1 MiB).")
-@click.option("--shard-rows", type=int, default=None, help="Rows per Zarr shard (optional).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Autocast precision of the teacher.")
-@click.option("--num-workers", type=int, default=0, show_default=True,
-              help="DataLoader worker processes.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing set made by another run.")
-@click.option("--workers", type=int, default=None,
-              help="Spread blocks over a local Dask cluster of N single-threaded processes.")
-@click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
-def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: list[float],
-               batch_size: int, dtype: str, probs_dtype: str, combine: str, keep_members: bool,
-               store_inputs: bool, topk: int, sample_k: int, views: int,
-               augment: str | None, view_seed: int, chunk_rows: int,
-               shard_rows: int | None, device: str,
-               precision: str,
-               num_workers: int, overwrite: bool, workers: int | None,
-               scheduler: str | None) -> None:
-    """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
-    options = dict(temperatures=temperatures, batch_size=batch_size, dtype=dtype,
-                   probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-                   store_inputs=store_inputs, topk=topk, sample_k=sample_k, views=views,
-                   augment=augment, view_seed=view_seed,
-                   chunk_rows=chunk_rows, shard_rows=shard_rows,
-                   device=device, precision=precision, overwrite=overwrite)
-    with progress_bar("precompute") as bar:
-        if workers is not None or scheduler is not None:
-            from .distributed import precompute_on_cluster
-
-            result = precompute_on_cluster(data, list(teachers), out, workers=workers,
-                                           scheduler=scheduler, progress=bar, **options)
-        else:
-            from .precompute import precompute as run
-
-            result = run(data, list(teachers), out, num_workers=num_workers, progress=bar,
-                         **options)
-    if result.already_complete:
-        click.echo(f"{out} is already complete ({result.num_rows} rows); nothing to do")
-    else:
-        how = "resumed, " if result.resumed else ""
-        click.echo(f"wrote {out}: {result.num_rows} rows x {result.meta['num_classes']} classes "
-                   f"at T={','.join(f'{t:g}' for t in result.meta['temperatures'])} "
-                   f"({how}{result.rows_computed} computed in {result.seconds:.1f}s)")
+from ._common import IntList, echo_json, progress_bar, provenance_lines
 
 
 @click.command()
@@ -93,7 +16,7 @@ def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: lis
               help="Also compute per-class mass, entropy per T and teacher accuracy (dask).")
 def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     """Describe a transfer set: provenance, arrays, size."""
-    from .transfer_set import open_transfer_set
+    from ..format.reader import open_transfer_set
 
     with open_transfer_set(transfer_set) as ts:
         summary = ts.summary()
@@ -147,7 +70,7 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
 def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sample: int,
            seed: int, tolerance: float | None, device: str, as_json: bool) -> None:
     """Check a transfer set: status, shapes, values, fingerprint, and optionally data/teacher."""
-    from .verify import verify as run
+    from ..verify import verify as run
 
     with progress_bar("verify") as bar:
         report = run(transfer_set, data=data, teachers=list(teachers), sample=sample, seed=seed,
@@ -172,7 +95,7 @@ def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sampl
               default="mean-logits", show_default=True)
 def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
     """Merge sets of the same data made by different teachers into one ensemble set."""
-    from .sharing import merge as run
+    from ..format.operations import merge as run
 
     with progress_bar("merge") as bar:
         meta = run(list(sources), out, combine=combine, progress=bar)
@@ -191,7 +114,7 @@ def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
 def subset(source: str, out: str, fraction: float | None, seed: int, classes: list[int] | None,
            exclude_classes: list[int] | None, indices: str | None) -> None:
     """Cut a set down to selected rows; its provenance names the source."""
-    from .sharing import subset as run
+    from ..format.operations import subset as run
 
     with progress_bar("subset") as bar:
         meta = run(source, out, fraction=fraction, seed=seed, classes=classes,
@@ -204,7 +127,7 @@ def subset(source: str, out: str, fraction: float | None, seed: int, classes: li
 @click.option("--out", required=True, help="Target: DIR.zarr, FILE.h5 or FILE.zarr.zip.")
 def convert(source: str, out: str) -> None:
     """Copy a set between Zarr, HDF5 and zip-packed Zarr, content identical."""
-    from .sharing import convert as run
+    from ..format.operations import convert as run
 
     with progress_bar("convert") as bar:
         meta = run(source, out, progress=bar)
@@ -216,7 +139,7 @@ def convert(source: str, out: str) -> None:
 @click.option("--out", required=True, help="Directory for the PNG plots and summary.md.")
 def report(transfer_set: str, out: str) -> None:
     """Plots and a provenance summary to read before using someone else's set."""
-    from .plots import transfer_set_report
+    from ..report import transfer_set_report
 
     transfer_set_report(transfer_set, out)
     click.echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")

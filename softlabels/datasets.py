@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from . import schema as S
 from .errors import MismatchError, SoftlabelsError
+from .format import schema as S
+from .format.reader import TransferSet, open_transfer_set
 from .specs import load_data, split_item
-from .transfer_set import TransferSet, open_transfer_set
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .evaluate import adjust_bias, evaluate
-from .metrics import accuracy_report
+from ..evaluate import adjust_bias, evaluate
+from ..format.selection import stratified_mask
+from ..metrics import accuracy_report
+from ..precompute import precompute
+from ..specs import load_checkpoint, load_data
+from ..teacher import resolve_device
+from ..trainer import materialize, predict, train_student
 from .plots import hinton_report
-from .precompute import precompute
-from .specs import load_checkpoint, load_data
-from .subset import stratified_mask
-from .teacher import resolve_device
-from .trainer import materialize, predict, train_student
 
 PAPER = {"teacher": 67, "student_hard": 146, "student_distilled": 74, "omit3_errors": 206,
          "omit3_errors_on_3": 133, "omit3_errors_adjusted": 109, "omit3_errors_on_3_adjusted": 14,

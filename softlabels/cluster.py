@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SoftlabelsError
-from .precompute import LAYOUT_DEFAULTS, PrecomputeResult, Progress, prepare, rows_of, run_blocks
+from .format._store import backend_of
+from .format.layout import Layout
+from .format.writer import BlockWriter, TransferSetWriter
+from .precompute import LAYOUT_DEFAULTS, PrecomputeResult, prepare, rows_of, run_blocks
+from .progress import Progress
 from .specs import load_data
-from .store import backend_of
 from .teacher import Teacher
 from .views import ViewDataset
-from .writer import BlockWriter, Layout, TransferSetWriter
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import TransferSetError
+from ..errors import TransferSetError
 from .schema import ATTR_KEY
 
 Mode = Literal["r", "r+", "w"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .errors import SoftlabelsError
+from ..errors import SoftlabelsError
 
 
 class _Group(click.Group):
@@ -55,11 +55,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import cli_stage_one as one
-    from . import cli_stage_two as two
+    from . import precompute, run, sets, train
 
-    for command in (one.precompute, one.info, one.verify, one.merge, one.subset, one.convert,
-                    one.report, two.train, two.evaluate, two.run_cmd):
+    for command in (precompute.precompute, sets.info, sets.verify, sets.merge, sets.subset,
+                    sets.convert, sets.report, train.train, train.evaluate, run.run_cmd):
         cli.add_command(command)
 
 

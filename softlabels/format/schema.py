@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .errors import IncompleteTransferSetError, TransferSetError
+from ..errors import IncompleteTransferSetError, TransferSetError
 
 FORMAT_VERSION = 1
 ATTR_KEY = "softlabels"  # root attribute holding one JSON object

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import SoftlabelsError
+from ..errors import SoftlabelsError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def run_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | 
 
 
 def _hinton(cfg: dict[str, Any], out: Path, say: Say, callbacks: list[Any]) -> dict[str, Any]:
-    from .recipes import hinton_mnist
+    from .hinton_mnist import hinton_mnist
 
     return hinton_mnist(cfg, out, Steps(out, say), callbacks)
 

@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import MismatchError, SoftlabelsError
+from ..progress import Progress
+from ..tempering import combine_logits, ensemble_probs
 from . import schema as S
-from .errors import MismatchError, SoftlabelsError
-from .precompute import Progress
-from .soft import combine_logits, ensemble_probs
-from .store import backend_of
-from .subset import read_indices, select_rows
-from .transfer_set import TransferSet, open_transfer_set
-from .writer import Layout, TransferSetWriter
+from ._store import backend_of
+from .layout import Layout
+from .reader import TransferSet, open_transfer_set
+from .selection import read_indices, select_rows
+from .writer import TransferSetWriter
 
 BlockArrays = Callable[[int, int], dict[str, np.ndarray]]
 

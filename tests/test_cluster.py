@@ -14,11 +14,11 @@ import psutil
 import pytest
 
 from conftest import make_npz
-from softlabels import schema as S
-from softlabels.distributed import precompute_on_cluster
+from softlabels.cluster import precompute_on_cluster
 from softlabels.errors import SoftlabelsError
+from softlabels.format import schema as S
+from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
-from softlabels.transfer_set import open_transfer_set
 
 HERE = Path(__file__).parent
 ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)

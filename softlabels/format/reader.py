@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError, TransferSetError
+from ..tempering import tempered_softmax
 from . import schema as S
-from .errors import DataError, TransferSetError
-from .soft import tempered_softmax
-from .store import Store, backend_of, open_store
+from ._store import Store, backend_of, open_store
 
 
 class TransferSet:

@@ -1,10 +1,10 @@
-"""Commands of stage two and pipelines: train, evaluate, run."""
+"""Stage two from the command line: train and evaluate."""
 
 from __future__ import annotations
 
 import click
 
-from .cli_common import IntList, echo_json, epoch_bars, parse_bias
+from ._common import IntList, echo_json, epoch_bars, parse_bias
 
 
 @click.command()
@@ -41,7 +41,7 @@ def train(data: str, model: str, out: str, transfer_set: str | None, temperature
           exclude_classes: list[int] | None, indices: str | None, val_data: str | None,
           jitter: int, device: str, distributed: bool, views_per_epoch: int) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one."""
-    from .trainer import train_student
+    from ..trainer import train_student
 
     result = train_student(data, model, out=out, transfer_set=transfer_set,
                            temperature=temperature, alpha=alpha, epochs=epochs,
@@ -71,7 +71,7 @@ def train(data: str, model: str, out: str, transfer_set: str | None, temperature
 def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: str | None,
              device: str, as_json: bool) -> None:
     """Accuracy, errors per class, calibration, and agreement with a teacher."""
-    from .evaluate import evaluate as run
+    from ..evaluate import evaluate as run
 
     report = run(data, model, bias_adjust=parse_bias(bias_adjust), transfer_set=transfer_set,
                  device=device)
@@ -88,20 +88,3 @@ def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: 
 
 
 # --- pipelines --------------------------------------------------------------------------------
-
-
-@click.command(name="run")
-@click.argument("pipeline")
-@click.option("--out", default=None, help="Output directory (default: the file's `out`).")
-@click.option("--quick", is_flag=True, help="The same steps, small and fast (for tests).")
-@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
-              help="Override one value of the file, e.g. --set temperature_sweep.epochs=100.")
-def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...]) -> None:
-    """Run a pipeline file (e.g. pipelines/mnist_hinton.toml); a rerun skips finished steps."""
-    from .pipeline import run_pipeline
-
-    results = run_pipeline(pipeline, out=out, quick=quick, overrides=overrides,
-                           say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()])
-    where = results.get("out_dir", "")
-    click.echo(f"results: {where}results.json, results.md and PNG plots "
-               f"({results['seconds_this_run']} s this run)")

@@ -1,0 +1,81 @@
+"""`softlabels precompute`: stage one from the command line."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import FloatList, progress_bar
+
+
+@click.command()
+@click.option("--data", required=True, help="DATA spec, e.g. mnist:data?split=train or npz:x.npz")
+@click.option("--teacher", "teachers", multiple=True, required=True,
+              help="MODEL spec or checkpoint; repeat for an ensemble.")
+@click.option("--out", required=True, help="Transfer set to write: DIR.zarr (default) or FILE.h5.")
+@click.option("--temperatures", type=FloatList(), default="1", show_default=True,
+              help="Temperatures at which to store probabilities.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Storage dtype of logits.")
+@click.option("--probs-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Storage dtype of probabilities (float16 underflows).")
+@click.option("--combine", type=click.Choice(["mean-logits", "mean-probs"]),
+              default="mean-logits", show_default=True, help="How ensemble members combine.")
+@click.option("--keep-members", is_flag=True, help="Also store each member's logits.")
+@click.option("--store-inputs", is_flag=True,
+              help="Also store the preprocessed inputs: DATA `transferset:SET` then trains "
+                   "from the set alone.")
+@click.option("--topk", type=int, default=0,
+              help="Store only the K largest logits and per-T normalisers (sparse).")
+@click.option("--sample-k", type=int, default=0,
+              help="Store K classes drawn from each p_T instead (sparse, unbiased).")
+@click.option("--views", type=int, default=0,
+              help="Store V augmented views per example (with --augment).")
+@click.option("--augment", default=None,
+              help="Views' augmentation, e.g. random-crop:2,hflip (see docs/FORMAT.md).")
+@click.option("--view-seed", type=int, default=0, show_default=True,
+              help="Base seed of the views.")
+@click.option("--chunk-rows", type=int, default=0, help="Rows per chunk (default: ~1 MiB).")
+@click.option("--shard-rows", type=int, default=None, help="Rows per Zarr shard (optional).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Autocast precision of the teacher.")
+@click.option("--num-workers", type=int, default=0, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing set made by another run.")
+@click.option("--workers", type=int, default=None,
+              help="Spread blocks over a local Dask cluster of N single-threaded processes.")
+@click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
+def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: list[float],
+               batch_size: int, dtype: str, probs_dtype: str, combine: str, keep_members: bool,
+               store_inputs: bool, topk: int, sample_k: int, views: int,
+               augment: str | None, view_seed: int, chunk_rows: int,
+               shard_rows: int | None, device: str,
+               precision: str,
+               num_workers: int, overwrite: bool, workers: int | None,
+               scheduler: str | None) -> None:
+    """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
+    options = dict(temperatures=temperatures, batch_size=batch_size, dtype=dtype,
+                   probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
+                   store_inputs=store_inputs, topk=topk, sample_k=sample_k, views=views,
+                   augment=augment, view_seed=view_seed,
+                   chunk_rows=chunk_rows, shard_rows=shard_rows,
+                   device=device, precision=precision, overwrite=overwrite)
+    with progress_bar("precompute") as bar:
+        if workers is not None or scheduler is not None:
+            from ..cluster import precompute_on_cluster
+
+            result = precompute_on_cluster(data, list(teachers), out, workers=workers,
+                                           scheduler=scheduler, progress=bar, **options)
+        else:
+            from ..precompute import precompute as run
+
+            result = run(data, list(teachers), out, num_workers=num_workers, progress=bar,
+                         **options)
+    if result.already_complete:
+        click.echo(f"{out} is already complete ({result.num_rows} rows); nothing to do")
+    else:
+        how = "resumed, " if result.resumed else ""
+        click.echo(f"wrote {out}: {result.num_rows} rows x {result.meta['num_classes']} classes "
+                   f"at T={','.join(f'{t:g}' for t in result.meta['temperatures'])} "
+                   f"({how}{result.rows_computed} computed in {result.seconds:.1f}s)")

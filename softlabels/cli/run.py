@@ -1,0 +1,24 @@
+"""`softlabels run`: the paper's experiments from a pipeline file."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import epoch_bars
+
+
+@click.command(name="run")
+@click.argument("pipeline")
+@click.option("--out", default=None, help="Output directory (default: the file's `out`).")
+@click.option("--quick", is_flag=True, help="The same steps, small and fast (for tests).")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="Override one value of the file, e.g. --set temperature_sweep.epochs=100.")
+def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...]) -> None:
+    """Run a pipeline file (e.g. pipelines/mnist_hinton.toml); a rerun skips finished steps."""
+    from ..experiments.pipeline import run_pipeline
+
+    results = run_pipeline(pipeline, out=out, quick=quick, overrides=overrides,
+                           say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()])
+    where = results.get("out_dir", "")
+    click.echo(f"results: {where}results.json, results.md and PNG plots "
+               f"({results['seconds_this_run']} s this run)")
