@@ -11,6 +11,7 @@ from .datasets import SoftTargetDataset, StreamingSoftTargetDataset
 from .errors import (
     DataError,
     IncompleteTransferSetError,
+    IntegrityError,
     MismatchError,
     SoftlabelsError,
     SpecError,
@@ -29,6 +30,7 @@ from .verify import VerifyReport, verify
 __all__ = [
     "DataError",
     "IncompleteTransferSetError",
+    "IntegrityError",
     "MismatchError",
     "PrecomputeResult",
     "SoftTargetDataset",

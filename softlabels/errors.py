@@ -8,6 +8,7 @@ __all__ = [
     "DataError",
     "TransferSetError",
     "IncompleteTransferSetError",
+    "IntegrityError",
     "MismatchError",
     "TeacherOutputError",
 ]
@@ -31,6 +32,11 @@ class TransferSetError(SoftlabelsError):
 
 class IncompleteTransferSetError(TransferSetError):
     """A transfer set whose writing did not finish."""
+
+
+class IntegrityError(TransferSetError):
+    """A block of a transfer set that is damaged: unreadable, not matching its checksum, or
+    holding values no writer stores (NaN/inf targets, labels out of range)."""
 
 
 class MismatchError(SoftlabelsError):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError, TransferSetError
+from ..errors import DataError, IntegrityError, TransferSetError
 from ..tempering import tempered_softmax
 from . import schema as S
 from ._store import Store, backend_of, open_store
@@ -31,6 +31,9 @@ class TransferSet:
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self.sparse: dict[str, Any] | None = self.meta.get("sparse")  # {"kind", "k"} or None
         self._names = set(store.names())  # read-only: listed once, not on every read
+        # (B,) recorded block checksums; None in a set from before they existed
+        self._checksums = (store.read(S.BLOCK_CHECKSUM) if S.BLOCK_CHECKSUM in self._names
+                           else None)
 
     # --- generic reads --------------------------------------------------------------------
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -50,6 +53,53 @@ class TransferSet:
         sel: list[slice] = [slice(None)] * (S.row_axis(name) + 1)
         sel[S.row_axis(name)] = slice(start, stop)
         return self.store.read(name, tuple(sel))
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Rows [start, stop) of block `block`."""
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.num_rows)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_rows // self.block_rows)
+
+    def row_arrays(self) -> list[str]:
+        """Every stored array that has one entry per row (all but the block bookkeeping)."""
+        return sorted(n for n in self._names if n not in S.BOOKKEEPING)
+
+    def read_block(self, block: int) -> dict[str, np.ndarray]:
+        """Every row array's rows of one block, checked before anything uses them.
+
+        The block must be readable, match its recorded checksum, hold only finite targets and
+        labels in [-1, C); otherwise `IntegrityError` names the block and what is wrong with it.
+        """
+        start, stop = self.block_range(block)
+        where = f"block {block} (rows {start}-{stop - 1}) of {self.path}"
+        try:
+            arrays = {n: self.read(n, start, stop) for n in self.row_arrays()}
+        except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise IntegrityError(f"{where} cannot be read ({type(exc).__name__}: {first}); get "
+                                 "a fresh copy of the set") from None
+        problem = self._block_problem(block, arrays)
+        if problem:
+            raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
+                                 "get a fresh copy of the set")
+        return arrays
+
+    def _block_problem(self, block: int, arrays: dict[str, np.ndarray]) -> str | None:
+        """Why a block's arrays cannot be trusted, or None."""
+        if self._checksums is not None and S.block_checksum(arrays) != int(self._checksums[block]):
+            return "does not match its checksum (a flipped byte or a missing chunk)"
+        for name in S.TARGET_ARRAYS:
+            if name in arrays and not np.isfinite(arrays[name]).all():
+                return f"holds NaN or inf in {name!r}"
+        labels = arrays.get(S.LABELS)
+        if labels is not None and len(labels) and (labels.min() < -1
+                                                   or labels.max() >= self.num_classes):
+            return (f"holds labels outside [-1, {self.num_classes}) "
+                    f"(found {int(labels.min())}..{int(labels.max())})")
+        return None
 
     def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(rows, C) combined teacher logits as float32."""

@@ -35,6 +35,9 @@ TOPK_LOGITS = "topk/logits"  # (R, k) float32, their logits
 TOPK_LOGSUMEXP = "topk/logsumexp"  # (R, K) float32, logsumexp(z / T_k) over all classes
 SAMPLE_INDICES = "sample/indices"  # (K, R, k) int32, k classes drawn from p_T_k, sorted
 
+# Float arrays a reader must find finite (NaN is also the fill value of an unwritten chunk).
+TARGET_ARRAYS = (LOGITS, PROBS, MEMBER_LOGITS, TOPK_LOGITS, TOPK_LOGSUMEXP)
+
 ROW_AXIS = {PROBS: 1, MEMBER_LOGITS: 1, SAMPLE_INDICES: 1}
 
 STATUS_WRITING = "writing"
