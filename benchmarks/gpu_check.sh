@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU checks of stage one and stage two, as one script for a lent GPU machine (issue: scale).
+# Prints the two ratios whose goal is >= 0.95:
+#   1. precompute / bare teacher forward passes, resnet50 at 224x224 in bf16 (marginal time);
+#   2. a resnet18 student's epoch from stored soft targets against from hard labels.
+# It runs the checkout in place (PYTHONPATH), with the machine's own torch/torchvision; the other
+# dependencies (numpy, zarr, h5py, xxhash, click, tqdm, dask) must be importable there, e.g. from
+# wheels carried in and installed to a --target directory already on PYTHONPATH.
+# Usage: bash benchmarks/gpu_check.sh            (a few minutes on one H100-class GPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+$py -c "import torch, softlabels; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+$py benchmarks/precompute_overhead.py --size 224 --model resnet50 --precision bf16 \
+    --n 8192 --n-small 1024 --batch-size 256 --device cuda --repeats 3
+$py benchmarks/student_epoch.py --device cuda --size 224 --n 16384 --batch-size 256 --epochs 3
