@@ -137,8 +137,8 @@ def check_labels(y: np.ndarray, *, where: str, num_classes: int | None = None) -
     bad = ~np.isfinite(y) | (y != np.round(y)) if np.issubdtype(y.dtype, np.floating) else None
     if bad is not None and bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{where}: label {y[i].item()!r} of example {i} is not a whole number; labels "
-                        "are class numbers 0..C-1, or -1 for unknown")
+        raise DataError(f"{where}: label {y[i].item()!r} of example {i} is not a whole "
+                        "number; labels are class numbers 0..C-1, or -1 for unknown")
     yi = y.astype(np.int64)
     high = num_classes if num_classes is not None else np.iinfo(np.int64).max
     bad = (yi < -1) | (yi >= high)
