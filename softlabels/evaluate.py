@@ -32,7 +32,8 @@ def adjust_bias(logits: torch.Tensor, bias_adjust: Mapping[int, float]) -> torch
     for k, v in bias_adjust.items():
         if not 0 <= k < out.shape[-1]:
             raise SoftlabelsError(f"--bias-adjust names class {k}, but the model has "
-                                  f"{out.shape[-1]} classes")
+                                  f"{out.shape[-1]} classes; name a class in "
+                                  f"[0, {out.shape[-1]})")
         out[:, k] += v
     return out
 

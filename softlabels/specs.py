@@ -85,7 +85,8 @@ def import_factory(body: str, spec: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpecError(f"cannot import module {module_name!r} of {spec!r}: {exc}") from None
+        raise SpecError(f"cannot import module {module_name!r} of {spec!r} ({exc}); check the "
+                        "name and that the module is on PYTHONPATH") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SpecError(f"module {module_name!r} has no callable {attr!r} (from {spec!r})")
@@ -103,11 +104,14 @@ class NpzDataset(Dataset):
             with np.load(path, allow_pickle=False) as f:
                 if "x" not in f.files:
                     raise DataError(
-                        f"{path} has no array 'x' (found {sorted(f.files)}); save inputs as x="
+                        f"{path} has no array 'x' (found {sorted(f.files)}); save the inputs "
+                        "as x, e.g. numpy.savez(path, x=inputs, y=labels)"
                     )
                 x, y = f["x"], (f["y"] if "y" in f.files else None)
         except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read {path} as .npz: {exc}") from None
+            what = "not an .npz archive" if "pickled" in str(exc) else str(exc).splitlines()[0]
+            raise DataError(f"cannot read {path} as .npz ({what}); write it with "
+                            "numpy.savez(path, x=inputs, y=labels)") from None
         scale = 1 / 255 if x.dtype == np.uint8 else 1.0
         self.x = torch.from_numpy(np.ascontiguousarray(x)).float() * scale
         if y is not None and len(y) != len(x):
@@ -177,7 +181,7 @@ def _torchvision_dataset(name: str, root: str, options: dict[str, Any], spec: st
     if "download" in params:
         kwargs["download"] = False  # never touch the network
     if not Path(root).exists():
-        raise DataError(f"data root {root!r} of {spec!r} does not exist")
+        raise DataError(f"data root {root!r} of {spec!r} does not exist; check ROOT")
     try:
         return cls(root, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
@@ -192,7 +196,7 @@ def load_data(spec: str) -> Dataset:
     scheme, body, options = parse_spec(spec, DATA_FORMS, "DATA")
     if scheme == "npz":
         if not Path(body).is_file():
-            raise DataError(f"no such file {body!r} (from {spec!r})")
+            raise DataError(f"no such file {body!r} (from {spec!r}); check the path")
         return NpzDataset(body)
     if scheme == "mnist":
         return _torchvision_dataset("MNIST", body, options, spec)
@@ -202,7 +206,7 @@ def load_data(spec: str) -> Dataset:
         from torchvision.datasets import ImageFolder
 
         if not Path(body).is_dir():
-            raise DataError(f"no such directory {body!r} (from {spec!r})")
+            raise DataError(f"no such directory {body!r} (from {spec!r}); check the path")
         return ImageFolder(body, transform=_to_tensor(options.get("size")))
     if scheme == "transferset":
         from .format.reader import TransferSetInputs

@@ -190,7 +190,7 @@ def train_student(
     select = dict(fraction=opts.fraction, seed=seed, classes=opts.classes,
                   exclude_classes=opts.exclude_classes,
                   indices=read_indices(indices) if isinstance(indices, (str, os.PathLike))
-                  else indices)
+                  else indices, num_examples=len(dataset))
     gen = torch.Generator().manual_seed(seed)
     if ts is None:
         plan = _hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
@@ -381,7 +381,13 @@ def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
     with torch.no_grad():
         was = net.training
         net.eval()
-        c = int(net(x).shape[-1])
+        try:
+            c = int(net(x).shape[-1])
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MismatchError(f"the student cannot take the data's inputs shaped "
+                                f"{tuple(x.shape[1:])} ({first}); give it a matching input "
+                                "size") from None
         net.train(was)
     want = ts.num_classes if ts is not None else int(y_all.max()) + 1
     if (ts is not None and c != want) or c < want:

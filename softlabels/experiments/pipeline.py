@@ -71,7 +71,7 @@ def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False,
     try:
         cfg = tomllib.loads(p.read_text())
     except FileNotFoundError:
-        raise SoftlabelsError(f"no pipeline file at {p}") from None
+        raise SoftlabelsError(f"no pipeline file at {p}; check the path") from None
     except tomllib.TOMLDecodeError as exc:
         raise SoftlabelsError(f"{p} is not valid TOML: {exc}") from None
     _refuse_code(cfg, f"pipeline file {p}", trust_code)
