@@ -19,6 +19,7 @@ from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
+from softlabels.specs import build_model, load_data
 
 HERE = Path(__file__).parent
 ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)
@@ -55,6 +56,12 @@ def test_cluster_refuses_hdf5_and_objects(tmp_path: Path) -> None:
         precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.h5", workers=2)
     with pytest.raises(SoftlabelsError, match="must be positive"):
         precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.zarr", workers=0)
+    # objects cannot be loaded by each worker: only specs travel to a cluster
+    with pytest.raises(SoftlabelsError, match="data and teachers must be specs"):
+        precompute_on_cluster(load_data(data), ["mlp:16-3"], tmp_path / "s.zarr", workers=2)
+    with pytest.raises(SoftlabelsError, match="data and teachers must be specs"):
+        precompute_on_cluster(data, [build_model("mlp:16-3")], tmp_path / "s.zarr", workers=2)
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "s.h5").exists()
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:
