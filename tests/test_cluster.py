@@ -32,6 +32,7 @@ def assert_same(a_path: Path, b_path: Path, names: tuple[str, ...] = ARRAYS) -> 
             np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense ensemble", "sampled views"])
 def test_cluster_run_is_identical_to_single_process(tmp_path: Path, kind: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=203)
@@ -69,6 +70,7 @@ def worker_processes(pid: int) -> list[psutil.Process]:
     return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
 
 
+@pytest.mark.slow
 def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_npz(tmp_path / "d.npz", n=400)
@@ -112,6 +114,7 @@ def test_rank_shares_are_disjoint_and_equal(n: int, world: int) -> None:
     assert len({len(s) for s in shares}) == 1
 
 
+@pytest.mark.slow
 def test_two_rank_training_under_torchrun(tmp_path: Path) -> None:
     from softlabels.specs import load_checkpoint
 
