@@ -65,6 +65,9 @@ def _value(text: str) -> Any:
 
 def parse_spec(spec: str, forms: tuple[str, ...], what: str) -> tuple[str, str, dict[str, Any]]:
     """Split 'scheme:body?k=v&..' into (scheme, body, options)."""
+    if not isinstance(spec, str):
+        raise SpecError(f"a {what} spec is a string, got {spec!r}; valid forms: "
+                        + ", ".join(forms))
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SpecError(f"malformed {what} spec {spec!r}; valid forms: {', '.join(forms)}")
@@ -342,6 +345,9 @@ def load_model(spec: str, *, trust_code: bool = False) -> tuple[nn.Module, str]:
 
     A spec the caller names is built as named (`python:` included: the caller chose it); a
     checkpoint's own spec only when built in, unless `trust_code`."""
+    if not isinstance(spec, str):
+        raise SpecError(f"a MODEL spec is a string, got {spec!r}; valid forms: "
+                        + ", ".join(MODEL_FORMS))
     if Path(spec).is_file():
         model, payload = load_checkpoint(spec, trust_code=trust_code)
         return model, payload["model_spec"]

@@ -44,7 +44,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (d / "far.txt").write_text("0\n5\n1000\n")
     (d / "bad.toml").write_text("recipe = [unclosed\n")
     pipeline = Path(__file__).parents[1] / "pipelines" / "mnist_hinton.toml"
-    (d / "p.toml").write_text(pipeline.read_text())
+    (d / "p.toml").write_text(pipeline.read_text().replace("mnist:data",
+                                                            f"mnist:{pipeline.parents[1]}/data"))
+    (d / "runs").mkdir()
     return {"D": str(d), "DATA": data}
 
 
@@ -184,6 +186,14 @@ CASES = [
     (["run", "D/bad.toml"], "is not valid TOML"),
     (["run", "D/p.toml", "--quick", "--out", "D/run", "--set", "nokey"], "--set takes"),
     (["run", "D/p.toml", "--quick", "--out", "D/run", "--set", "=3"], "--set takes"),
+    (["run", "D/p.toml", "--quick", "--out", "D/runs/a", "--set", "teacher.epochs=abc"],
+     "epochs must be an integer, got 'abc'"),
+    (["run", "D/p.toml", "--quick", "--out", "D/runs/b", "--set", "teacher.epochs=-1"],
+     "epochs must be positive"),
+    (["run", "D/p.toml", "--quick", "--out", "D/runs/c", "--set", "data.train=5"],
+     "a DATA spec is a string, got 5"),
+    (["run", "D/p.toml", "--quick", "--out", "D/runs/d", "--set", "teacher.model=7"],
+     "a MODEL spec is a string, got 7"),
 ]
 
 
@@ -205,6 +215,8 @@ def test_bad_input_is_one_line(files: dict[str, str], args: list[str], message: 
     assert result.exception is None or isinstance(result.exception, SystemExit), \
         repr(result.exception)
     lines = err.strip().splitlines()
+    if args[0] == "run":  # `run` reports its steps on stderr as it goes
+        lines = [line for line in lines if not line.startswith("[")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), err
     assert message.replace("D/", d + "/") in lines[0], err
     assert "Traceback" not in out + err
