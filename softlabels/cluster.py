@@ -19,7 +19,7 @@ from .errors import SoftlabelsError
 from .format._store import backend_of
 from .format.layout import Layout
 from .format.writer import BlockWriter, TransferSetWriter
-from .options import PrecomputeOptions
+from .options import PrecomputeOptions, check_output_file
 from .precompute import PrecomputeResult, as_options, prepare, rows_of, run_blocks
 from .progress import Progress
 from .specs import load_data
@@ -106,6 +106,7 @@ def precompute_on_cluster(
                               "each worker can load")
     if workers is not None and workers <= 0:
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
+    check_output_file(out, directory_ok=True)  # before loading data and teacher
     _, _, layout, meta = prepare(data, teachers, opts)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         pending = list(writer.pending)

@@ -199,13 +199,14 @@ class TrainOptions(_Options):
                               "--transfer-set TS; without one, training uses hard labels")
 
 
-def check_output_file(path: str | os.PathLike[str], what: str = "--out") -> None:
-    """Refuse an output file path that cannot be written, before any work: a directory, a path
-    under a file, or a folder without write permission."""
+def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
+                      directory_ok: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any work: a directory (unless
+    `directory_ok`: a Zarr set is one), a path under a file, or a folder it cannot write in."""
     from pathlib import Path
 
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not directory_ok:
         raise OptionError(f"{what} {p} is a directory; name a file, e.g. {p / 'model.pt'}")
     parent = p.parent
     while not parent.exists() and parent != parent.parent:

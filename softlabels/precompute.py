@@ -27,7 +27,7 @@ from .errors import DataError, TeacherOutputError
 from .format import schema as S
 from .format.layout import Layout
 from .format.writer import BlockWriter, TransferSetWriter
-from .options import PrecomputeOptions
+from .options import PrecomputeOptions, check_output_file
 from .progress import Progress
 from .specs import check_labels, class_names, load_data, split_item
 from .teacher import Teacher
@@ -209,6 +209,7 @@ def precompute(
     """
     t0 = time.perf_counter()
     opts = as_options(options, kwargs)
+    check_output_file(out, directory_ok=True)  # before loading data and teacher
     dataset, teacher, layout, meta = prepare(data, teachers, opts)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         rows = rows_of(layout, writer.pending)

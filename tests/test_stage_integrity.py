@@ -161,3 +161,45 @@ def test_evaluate_refuses_a_checkpoint_with_nan_weights(tmp_path: Path) -> None:
     save_checkpoint(model, tmp_path / "nan.pt", spec="mlp:16-3")
     code, out, err = run("evaluate", "--data", data, "--model", tmp_path / "nan.pt")
     one_line_error(code, out, err, "has NaN or inf in '1.weight'")
+
+
+# --- kills and failures never leave a checkpoint that was not finished --------------------------
+
+def test_a_failed_run_leaves_the_previous_checkpoint_untouched(tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    out = tmp_path / "o.pt"
+    train_student(data, "mlp:16-3", out=out, epochs=1)
+    before = out.read_bytes()
+    with pytest.raises(SoftlabelsError, match="nothing was saved"):
+        train_student(data, "mlp:16-3", out=out, epochs=3, lr=1e38, optimizer="sgd")
+    assert out.read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("existing", [False, True])
+def test_sigkill_during_training_writes_no_checkpoint(tmp_path: Path, existing: bool) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_npz(tmp_path / "d.npz")
+    out = tmp_path / "o.pt"
+    if existing:
+        train_student(data, "mlp:16-3", out=out, epochs=1)
+    before = out.read_bytes() if existing else None
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]),
+           "SOFTLABELS_TEST_DELAY": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-m", "softlabels", "train", "--data", data,
+                             "--model", "python:helpers:slow", "--out", str(out),
+                             "--epochs", "100", "--batch-size", "8"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(4)  # past start-up, inside the epochs
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out.read_bytes() if existing else None) == before
+    assert out.exists() == existing
+    assert not list(tmp_path.glob("o.pt.tmp*"))
