@@ -128,6 +128,8 @@ CASES = [
     # precompute: where it writes
     (with_(P, "--out", "D/plain.txt/sub.zarr"), "plain.txt"),
     (with_(P, "--out", "/proc/softlabels-test.zarr"), "/proc"),
+    (with_(P, "--out", "D/plain.txt"), "plain.txt already exists"),
+    (with_(P, "--out", "D/x.zarr"), "x.zarr already exists"),
     # train
     (with_(TS, "--temperature", "1e6"), "above 100"),
     (with_(TS, "--temperature", "0"), "must be positive"),
