@@ -116,14 +116,14 @@ class _BlockAssembler:
                members: torch.Tensor, logits: torch.Tensor) -> None:
         """Refuse rows no reader may be handed: NaN/inf logits, logits past the storage
         dtype's range (stored they would be inf, a set its own verify fails), bad labels."""
-        bad = ~torch.isfinite(logits).all(dim=1)
+        peak = logits.abs().amax(dim=1)  # one pass: NaN and inf show in the row's peak
+        bad = ~torch.isfinite(peak)
         if bad.any():
             i = int(bad.nonzero()[0])
             raise TeacherOutputError(f"the teacher's output has NaN or inf at row {int(rows[i])}"
                                      f" (dataset index {index[i]}); check that model and that "
                                      "input")
         limit = float(np.finfo(self.lay.dtype).max)
-        peak = logits.abs().amax(dim=1)
         if members.numel():
             peak = torch.maximum(peak, members.abs().amax(dim=(0, 2)))
         if (peak > limit).any():
