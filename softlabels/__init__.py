@@ -13,15 +13,19 @@ from .errors import (
     IncompleteTransferSetError,
     IntegrityError,
     MismatchError,
+    OptionError,
     SoftlabelsError,
     SpecError,
     TeacherOutputError,
+    TrainingError,
     TransferSetError,
+    UntrustedCodeError,
 )
 from .evaluate import evaluate
 from .experiments.pipeline import run_pipeline
 from .format import TransferSet, convert, merge, open_transfer_set, subset
 from .losses import kd_loss, logit_matching_loss, sparse_kd_loss
+from .options import PrecomputeOptions, TrainOptions
 from .precompute import PrecomputeResult, precompute
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
 from .trainer import TrainResult, train_student
@@ -32,15 +36,20 @@ __all__ = [
     "IncompleteTransferSetError",
     "IntegrityError",
     "MismatchError",
+    "OptionError",
+    "PrecomputeOptions",
     "PrecomputeResult",
     "SoftTargetDataset",
     "SoftlabelsError",
     "SpecError",
     "StreamingSoftTargetDataset",
     "TeacherOutputError",
+    "TrainOptions",
     "TrainResult",
+    "TrainingError",
     "TransferSet",
     "TransferSetError",
+    "UntrustedCodeError",
     "VerifyReport",
     "__version__",
     "build_model",

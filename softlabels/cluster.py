@@ -19,7 +19,8 @@ from .errors import SoftlabelsError
 from .format._store import backend_of
 from .format.layout import Layout
 from .format.writer import BlockWriter, TransferSetWriter
-from .precompute import LAYOUT_DEFAULTS, PrecomputeResult, prepare, rows_of, run_blocks
+from .options import PrecomputeOptions, check_output_file
+from .precompute import PrecomputeResult, as_options, prepare, rows_of, run_blocks
 from .progress import Progress
 from .specs import load_data
 from .teacher import Teacher
@@ -31,8 +32,9 @@ _CACHE: dict[tuple[Any, ...], tuple[Any, Teacher]] = {}  # per worker process
 
 
 def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: str,
-                  combine: str, views: tuple[int, str | None, int]) -> tuple[Any, Teacher]:
-    key = (data, teachers, device, precision, combine, views)
+                  combine: str, views: tuple[int, str | None, int],
+                  trust_code: bool = False) -> tuple[Any, Teacher]:
+    key = (data, teachers, device, precision, combine, views, trust_code)
     if key not in _CACHE:
         import torch
 
@@ -42,16 +44,17 @@ def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: 
         if views[0]:
             dataset = ViewDataset(dataset, *views)
         _CACHE[key] = (dataset, Teacher(list(teachers), device=device, precision=precision,
-                                        combine=combine))
+                                        combine=combine, trust_code=trust_code))
     return _CACHE[key]
 
 
 def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
                    teachers: tuple[str, ...], device: str, precision: str, combine: str,
                    batch_size: int, views: tuple[int, str | None, int] = (0, None, 0),
-                   ) -> list[int]:
+                   trust_code: bool = False) -> list[int]:
     """A task: compute and write `blocks` of the set at `path`; returns them."""
-    dataset, teacher = _worker_state(data, teachers, device, precision, combine, views)
+    dataset, teacher = _worker_state(data, teachers, device, precision, combine, views,
+                                     trust_code)
     writer = BlockWriter(path, layout)
     try:
         writer.erase(blocks)
@@ -81,23 +84,20 @@ def precompute_on_cluster(
     data: str,
     teachers: Sequence[str],
     out: str | Path,
+    options: PrecomputeOptions | None = None,
     *,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
     retries: int = 3,
     progress: Progress | None = None,
-    **options: Any,
+    **kwargs: Any,
 ) -> PrecomputeResult:
     """`precompute` with its blocks spread over a Dask cluster: `workers` local processes, or
-    the running cluster at `scheduler`. `options` are precompute's (temperatures, batch_size,
-    dtype, ...; see `precompute.LAYOUT_DEFAULTS`). The result is identical to a
-    single-process run."""
+    the running cluster at `scheduler`. Options as for `precompute` (a `PrecomputeOptions` or
+    its fields by keyword). The result is identical to a single-process run."""
     t0 = time.perf_counter()
-    unknown = set(options) - set(LAYOUT_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown precompute options {sorted(unknown)}")
-    opts = {**LAYOUT_DEFAULTS, **options}
+    opts = as_options(options, kwargs)
     if backend_of(out) != "zarr":
         raise SoftlabelsError(f"--workers/--scheduler write Zarr only (HDF5 has no safe "
                               f"parallel writer): use a .zarr --out instead of {out}")
@@ -106,16 +106,15 @@ def precompute_on_cluster(
                               "each worker can load")
     if workers is not None and workers <= 0:
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
-    _, _, layout, meta = prepare(data, teachers, **opts)
+    check_output_file(out, directory_ok=True)  # before loading data and teacher
+    _, _, layout, meta = prepare(data, teachers, opts)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         pending = list(writer.pending)
         done = layout.num_rows - len(rows_of(layout, pending))
         if progress:
             progress(done, layout.num_rows)
         if pending:
-            views = (opts["views"], opts["augment"], opts["view_seed"])
-            done = _submit(layout, pending, str(out), data, tuple(teachers), opts["device"],
-                           opts["precision"], opts["combine"], opts["batch_size"], views,
+            done = _submit(layout, pending, str(out), data, tuple(teachers), opts,
                            workers, scheduler, retries, progress, done)
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows,
                             rows_computed=len(rows_of(layout, pending)),
@@ -124,14 +123,15 @@ def precompute_on_cluster(
 
 
 def _submit(layout: Layout, pending: list[int], out: str, data: str, teachers: tuple[str, ...],
-            device: str, precision: str, combine: str, batch_size: int,
-            views: tuple[int, str | None, int], workers: int | None, scheduler: str | None,
+            opts: PrecomputeOptions, workers: int | None, scheduler: str | None,
             retries: int, progress: Progress | None, done: int) -> int:
     from dask.distributed import as_completed
 
+    views = (opts.views, opts.augment, opts.view_seed)
     with _client(workers, scheduler) as client:
-        futures = [client.submit(compute_blocks, out, layout, [b], data, teachers, device,
-                                 precision, combine, batch_size, views,
+        futures = [client.submit(compute_blocks, out, layout, [b], data, teachers, opts.device,
+                                 opts.precision, opts.combine, opts.batch_size, views,
+                                 opts.trust_code,
                                  key=f"softlabels-block-{b}",
                                  retries=retries, pure=False)
                    for b in pending]

@@ -76,7 +76,8 @@ class SoftTargetDataset(Dataset):
 
     def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
                  *, temperature: float, rows: np.ndarray | None = None, check: bool = True,
-                 seed: int = 0, max_memory: int = MAX_IN_MEMORY) -> None:
+                 seed: int = 0, max_memory: int = MAX_IN_MEMORY,
+                 trust_code: bool = False) -> None:
         self.data, self.ts = _open(data, transfer_set)
         self.temperature = _check_temperature(temperature)
         self.rows = np.arange(self.ts.num_rows) if rows is None else np.asarray(rows)
@@ -93,7 +94,8 @@ class SoftTargetDataset(Dataset):
         if self.ts.meta.get("views"):
             self.view_seeds = self.ts.read(S.VIEW_SEED)[self.rows]
             x0, _ = split_item(self.data[int(self.data_index[0])])
-            self.transform = build_augment(self.ts.meta["augment"], x0)
+            self.transform = build_augment(self.ts.meta["augment"], x0, trust_code=trust_code,
+                                           source=f"{self.ts.path} (its augment)")
         if self.ts.sparse:  # (classes, weights) per row, k of each
             classes, weights = self.ts.sparse_targets(self.temperature)
             self.targets = (torch.from_numpy(classes[self.rows]),

@@ -11,6 +11,9 @@ __all__ = [
     "IntegrityError",
     "MismatchError",
     "TeacherOutputError",
+    "OptionError",
+    "UntrustedCodeError",
+    "TrainingError",
 ]
 
 
@@ -45,3 +48,16 @@ class MismatchError(SoftlabelsError):
 
 class TeacherOutputError(SoftlabelsError):
     """The teacher produced NaN or inf."""
+
+
+class OptionError(SoftlabelsError, ValueError):
+    """An option value out of its range or not among its choices (checked once, at the edge)."""
+
+
+class UntrustedCodeError(SpecError):
+    """A `python:` spec read from a file (checkpoint, transfer set, pipeline file) without the
+    user's opt-in (`--trust-code`, `trust_code=True`)."""
+
+
+class TrainingError(SoftlabelsError):
+    """Training diverged (a non-finite loss or weights); nothing was saved."""

@@ -32,7 +32,8 @@ def adjust_bias(logits: torch.Tensor, bias_adjust: Mapping[int, float]) -> torch
     for k, v in bias_adjust.items():
         if not 0 <= k < out.shape[-1]:
             raise SoftlabelsError(f"--bias-adjust names class {k}, but the model has "
-                                  f"{out.shape[-1]} classes")
+                                  f"{out.shape[-1]} classes; name a class in "
+                                  f"[0, {out.shape[-1]})")
         out[:, k] += v
     return out
 
@@ -45,11 +46,18 @@ def evaluate(
     transfer_set: str | os.PathLike[str] | None = None,
     device: str = "auto",
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """accuracy, errors, n, per_class_errors, ece; with `transfer_set`: teacher_agreement and
-    kl_to_teacher (mean KL(teacher || student) at T = 1) over the set's rows."""
+    kl_to_teacher (mean KL(teacher || student) at T = 1) over the set's rows.
+
+    A model with NaN/inf weights is refused; a checkpoint's python: spec runs only with
+    `trust_code`."""
     dev = resolve_device(device)
-    net = load_model(model)[0] if isinstance(model, str) else model
+    net = load_model(model, trust_code=trust_code)[0] if isinstance(model, str) else model
+    if not all(torch.isfinite(t).all() for t in net.state_dict().values()
+               if t.is_floating_point()):
+        raise SoftlabelsError("the model has NaN or inf weights (a diverged run); retrain it")
     dataset = load_data(data) if isinstance(data, str) else data
     x, y = inputs if inputs is not None else materialize(dataset)
     logits = adjust_bias(predict(net.to(dev), x, dev), bias_adjust or {})

@@ -7,7 +7,6 @@ outputs, assembles whole blocks and writes them, so storage overlaps compute.
 from __future__ import annotations
 
 import logging
-import math
 import platform
 import queue
 import threading
@@ -24,12 +23,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._version import __version__
-from .errors import SoftlabelsError, TeacherOutputError
+from .errors import DataError, TeacherOutputError
 from .format import schema as S
 from .format.layout import Layout
 from .format.writer import BlockWriter, TransferSetWriter
+from .options import PrecomputeOptions, check_output_file
 from .progress import Progress
-from .specs import class_names, load_data, split_item
+from .specs import check_labels, class_names, load_data, split_item
 from .teacher import Teacher
 from .views import ViewDataset
 
@@ -55,29 +55,6 @@ def collate(items: Sequence[Any]) -> tuple[Any, ...]:
                 np.array(seeds, dtype=np.uint64))
     pairs = [split_item(item) for item in items]
     return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
-
-
-# precompute's options that shape the set (also accepted by `precompute_on_cluster`)
-LAYOUT_DEFAULTS: dict[str, Any] = {
-    "temperatures": (1.0,), "batch_size": 256, "dtype": "float16", "probs_dtype": "float32",
-    "combine": "mean-logits", "keep_members": False, "store_inputs": False, "topk": 0,
-    "sample_k": 0, "views": 0, "augment": None, "view_seed": 0, "chunk_rows": 0,
-    "shard_rows": None, "device": "auto", "precision": "fp32",
-}
-
-
-def check_options(temperatures: Sequence[float], batch_size: int, dtype: str,
-                  combine: str) -> tuple[float, ...]:
-    temps = tuple(float(t) for t in temperatures)
-    if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
-        raise SoftlabelsError(f"temperatures must be positive numbers, got {list(temperatures)}")
-    if batch_size <= 0:
-        raise SoftlabelsError(f"batch size must be positive, got {batch_size}")
-    if dtype not in S.DTYPE_CHOICES:
-        raise SoftlabelsError(f"dtype must be one of {S.DTYPE_CHOICES}, got {dtype!r}")
-    if combine not in S.COMBINE_CHOICES:
-        raise SoftlabelsError(f"combine must be one of {S.COMBINE_CHOICES}, got {combine!r}")
-    return temps
 
 
 def dataset_probe(data: Dataset, n: int = 16) -> str:
@@ -135,6 +112,33 @@ class _BlockAssembler:
             return {S.SAMPLE_INDICES: torch.stack(draws).int().numpy()}
         return {}
 
+    def _check(self, rows: np.ndarray, index: np.ndarray, y: torch.Tensor,
+               members: torch.Tensor, logits: torch.Tensor) -> None:
+        """Refuse rows no reader may be handed: NaN/inf logits, logits past the storage
+        dtype's range (stored they would be inf, a set its own verify fails), bad labels."""
+        peak = logits.abs().amax(dim=1)  # one pass: NaN and inf show in the row's peak
+        bad = ~torch.isfinite(peak)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise TeacherOutputError(f"the teacher's output has NaN or inf at row {int(rows[i])}"
+                                     f" (dataset index {index[i]}); check that model and that "
+                                     "input")
+        limit = float(np.finfo(self.lay.dtype).max)
+        if members.numel():
+            peak = torch.maximum(peak, members.abs().amax(dim=(0, 2)))
+        if (peak > limit).any():
+            i = int((peak > limit).nonzero()[0])
+            raise TeacherOutputError(
+                f"the teacher's logits reach {float(peak[i]):.6g} at row {int(rows[i])} (dataset"
+                f" index {index[i]}), beyond {self.lay.dtype}'s largest value {limit:g}: stored "
+                "they would be inf; rerun with --dtype float32")
+        bad = (y < -1) | (y >= self.lay.num_classes)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise DataError(f"label {int(y[i])} of dataset example {index[i]} is outside the "
+                            f"teacher's {self.lay.num_classes} classes; labels must lie in "
+                            f"[0, {self.lay.num_classes}), or be -1 for unknown")
+
     def add(self, x: torch.Tensor, y: torch.Tensor, members: torch.Tensor, logits: torch.Tensor,
             probs: torch.Tensor, hashes: np.ndarray | None = None,
             seeds: np.ndarray | None = None) -> None:
@@ -142,12 +146,7 @@ class _BlockAssembler:
         rows = self.rows[self.pos:self.pos + len(x)]
         self.pos += len(x)
         index = rows // self.lay.views if self.lay.views else rows
-        bad = ~torch.isfinite(logits).all(dim=1)
-        if bad.any():
-            row = int(rows[int(bad.nonzero()[0])])
-            raise TeacherOutputError(f"the teacher's output has NaN or inf at row {row} "
-                                     f"(dataset index {index[int(bad.nonzero()[0])]}); check "
-                                     "that model and that input")
+        self._check(rows, index, y, members, logits)
         xs = x.numpy()
         if hashes is None:
             hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
@@ -194,50 +193,44 @@ def precompute(
     data: str | Dataset,
     teachers: Sequence[str | nn.Module],
     out: str | Path,
+    options: PrecomputeOptions | None = None,
     *,
-    temperatures: Sequence[float] = (1.0,),
-    batch_size: int = 256,
-    dtype: str = "float16",
-    probs_dtype: str = "float32",
-    combine: str = "mean-logits",
-    keep_members: bool = False,
-    store_inputs: bool = False,
-    topk: int = 0,
-    sample_k: int = 0,
-    views: int = 0,
-    augment: str | None = None,
-    view_seed: int = 0,
-    chunk_rows: int = 0,
-    shard_rows: int | None = None,
-    device: str = "auto",
-    precision: str = "fp32",
-    num_workers: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
+    **kwargs: Any,
 ) -> PrecomputeResult:
     """Run `teachers` (one, or an ensemble) over `data` once and write a transfer set to `out`.
 
+    Options come as a `PrecomputeOptions`, or as its fields by keyword (temperatures,
+    batch_size, dtype, probs_dtype, combine, keep_members, store_inputs, topk, sample_k, views,
+    augment, view_seed, chunk_rows, shard_rows, device, precision, num_workers, trust_code).
     Rerunning the same call after an interruption resumes: only blocks not marked done are
     recomputed. A set made from another teacher or dataset is refused unless `overwrite`.
     """
     t0 = time.perf_counter()
-    dataset, teacher, layout, meta = prepare(
-        data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
-        probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-        store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
-        precision=precision, topk=topk, sample_k=sample_k, views=views, augment=augment,
-        view_seed=view_seed)
+    opts = as_options(options, kwargs)
+    check_output_file(out, directory_ok=True)  # before loading data and teacher
+    dataset, teacher, layout, meta = prepare(data, teachers, opts)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
         rows = rows_of(layout, writer.pending)
         done = layout.num_rows - len(rows)
         if progress:
             progress(done, layout.num_rows)
         if len(rows):
-            run_blocks(teacher, dataset, writer, writer.pending, batch_size, num_workers,
+            run_blocks(teacher, dataset, writer, writer.pending, opts.batch_size,
+                       opts.num_workers,
                        lambda n: progress(done + n, layout.num_rows) if progress else None)
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
                             resumed=writer.resumed, already_complete=writer.already_complete,
                             seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+def as_options(options: PrecomputeOptions | None, kwargs: dict[str, Any]) -> PrecomputeOptions:
+    """The options object from an object or from its fields by keyword, not both."""
+    if options is not None and kwargs:
+        raise TypeError(f"pass a PrecomputeOptions or keyword options, not both "
+                        f"(got {sorted(kwargs)})")
+    return options if options is not None else PrecomputeOptions(**kwargs)
 
 
 def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
@@ -246,39 +239,29 @@ def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
                           or [np.empty(0, np.int64)]).astype(np.int64)
 
 
-def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
-            temperatures: Sequence[float], batch_size: int, dtype: str, probs_dtype: str,
-            combine: str, keep_members: bool, chunk_rows: int, shard_rows: int | None,
-            store_inputs: bool = False, topk: int = 0, sample_k: int = 0,
-            views: int = 0, augment: str | None = None, view_seed: int = 0,
-            device: str, precision: str,
+def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: PrecomputeOptions,
             ) -> tuple[Dataset, Teacher, Layout, dict[str, Any]]:
-    """Check the options, load data and teacher, and lay out the set: all but the writing.
+    """Load data and teacher, check they fit each other, and lay out the set: all but the
+    writing. `opts` were checked when made.
 
     With `views`, the returned dataset yields view rows (see `views.ViewDataset`)."""
-    temps = check_options(temperatures, batch_size, dtype, combine)
-    if (views or augment) and not (views > 0 and augment):
-        raise SoftlabelsError(f"--views must be positive and come with --augment SPEC "
-                              f"(got views {views}, augment {augment!r})")
-    if views and store_inputs:
-        raise SoftlabelsError("--store-inputs stores un-augmented inputs; drop --views, or "
-                              "drop --store-inputs and keep the DATA")
-    if topk and combine == "mean-probs":
-        raise SoftlabelsError("--topk stores logits and their normalisers, exact under "
-                              "mean-logits only; use --combine mean-logits or --sample-k")
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
-        raise SoftlabelsError("the dataset is empty; check the DATA spec")
-    teacher = Teacher(teachers, device=device, precision=precision, combine=combine)
+        raise DataError("the dataset is empty; check the DATA spec")
+    teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
+                      combine=opts.combine, trust_code=opts.trust_code)
     x0, _ = split_item(dataset[0])
-    num_classes = int(teacher.member_logits(x0.unsqueeze(0)).shape[-1])
-    rows_data = ViewDataset(dataset, views, augment, view_seed) if views else dataset
-    layout = Layout(num_rows=len(rows_data), num_classes=num_classes, temperatures=temps,
-                    dtype=dtype, probs_dtype=probs_dtype,
-                    num_members=len(teacher.members) if keep_members else 0,
-                    chunk_rows=chunk_rows, shard_rows=shard_rows,
-                    input_shape=tuple(x0.shape) if store_inputs else None,
-                    input_dtype=str(x0.numpy().dtype), topk=topk, sample_k=sample_k,
+    num_classes = teacher.num_classes(x0)
+    _check_known_labels(dataset, num_classes)
+    views = opts.views
+    rows_data = ViewDataset(dataset, views, opts.augment, opts.view_seed) if views else dataset
+    layout = Layout(num_rows=len(rows_data), num_classes=num_classes,
+                    temperatures=opts.temperatures, dtype=opts.dtype,
+                    probs_dtype=opts.probs_dtype,
+                    num_members=len(teacher.members) if opts.keep_members else 0,
+                    chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows,
+                    input_shape=tuple(x0.shape) if opts.store_inputs else None,
+                    input_dtype=str(x0.numpy().dtype), topk=opts.topk, sample_k=opts.sample_k,
                     views=views)
     meta = {
         "num_examples": len(dataset),
@@ -286,14 +269,25 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
         "teacher": teacher.describe(),
         "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
                     "length": len(dataset), "probe": dataset_probe(dataset)},
-        "views": views or None, "augment": augment, "view_seed": view_seed if views else None,
+        "views": views or None, "augment": opts.augment,
+        "view_seed": opts.view_seed if views else None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "device": str(teacher.device) + (f" ({torch.cuda.get_device_name(teacher.device)})"
                                          if teacher.device.type == "cuda" else ""),
-        "precision": precision,
+        "precision": opts.precision,
     }
     return rows_data, teacher, layout, meta
+
+
+def _check_known_labels(dataset: Dataset, num_classes: int) -> None:
+    """Check all labels up front where the dataset holds them as one array (npz `y`,
+    torchvision `targets`); other datasets are checked batch by batch as rows are written."""
+    for name in ("y", "targets"):
+        labels = getattr(dataset, name, None)
+        if labels is not None and not isinstance(labels, str) and len(labels) == len(dataset):
+            check_labels(np.asarray(labels), where="the dataset", num_classes=num_classes)
+            return
 
 
 def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> list[list[int]]:

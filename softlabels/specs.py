@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import DataError, SpecError
+from .errors import DataError, SpecError, UntrustedCodeError
 
 DATA_FORMS = (
     "npz:PATH",
@@ -40,6 +40,18 @@ MODEL_FORMS = (
     "python:package.module:factory",
 )
 CHECKPOINT_FORMAT = "softlabels-checkpoint"
+CODE_SCHEME = "python"  # the one scheme that imports and runs code
+
+
+def require_trusted(spec: str, source: str, trust_code: bool) -> None:
+    """The trust model: a spec read from a file (`source`: a checkpoint, a transfer set, a
+    pipeline file) may name only built-in architectures and transforms; a `python:` spec from
+    a file runs only with the user's opt-in, as the ecosystem's `trust_remote_code`."""
+    if not trust_code and str(spec).strip().startswith(f"{CODE_SCHEME}:"):
+        raise UntrustedCodeError(
+            f"{source} names code to run ({spec!r}); files are data and only built-in specs "
+            "are built from them; if you trust its author, pass --trust-code "
+            "(trust_code=True in Python)")
 
 
 def _value(text: str) -> Any:
@@ -53,6 +65,9 @@ def _value(text: str) -> Any:
 
 def parse_spec(spec: str, forms: tuple[str, ...], what: str) -> tuple[str, str, dict[str, Any]]:
     """Split 'scheme:body?k=v&..' into (scheme, body, options)."""
+    if not isinstance(spec, str):
+        raise SpecError(f"a {what} spec is a string, got {spec!r}; valid forms: "
+                        + ", ".join(forms))
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SpecError(f"malformed {what} spec {spec!r}; valid forms: {', '.join(forms)}")
@@ -73,7 +88,8 @@ def import_factory(body: str, spec: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpecError(f"cannot import module {module_name!r} of {spec!r}: {exc}") from None
+        raise SpecError(f"cannot import module {module_name!r} of {spec!r} ({exc}); check the "
+                        "name and that the module is on PYTHONPATH") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SpecError(f"module {module_name!r} has no callable {attr!r} (from {spec!r})")
@@ -91,16 +107,20 @@ class NpzDataset(Dataset):
             with np.load(path, allow_pickle=False) as f:
                 if "x" not in f.files:
                     raise DataError(
-                        f"{path} has no array 'x' (found {sorted(f.files)}); save inputs as x="
+                        f"{path} has no array 'x' (found {sorted(f.files)}); save the inputs "
+                        "as x, e.g. numpy.savez(path, x=inputs, y=labels)"
                     )
                 x, y = f["x"], (f["y"] if "y" in f.files else None)
         except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read {path} as .npz: {exc}") from None
+            what = "not an .npz archive" if "pickled" in str(exc) else str(exc).splitlines()[0]
+            raise DataError(f"cannot read {path} as .npz ({what}); write it with "
+                            "numpy.savez(path, x=inputs, y=labels)") from None
         scale = 1 / 255 if x.dtype == np.uint8 else 1.0
         self.x = torch.from_numpy(np.ascontiguousarray(x)).float() * scale
         if y is not None and len(y) != len(x):
             raise DataError(f"{path}: y has {len(y)} rows but x has {len(x)}; they must match")
-        self.y = torch.full((len(x),), -1) if y is None else torch.from_numpy(y.astype(np.int64))
+        self.y = torch.full((len(x),), -1) if y is None else torch.from_numpy(
+            check_labels(y, where=str(path)))
         labelled = self.y[self.y >= 0]
         self.classes = [str(c) for c in range(int(labelled.max()) + 1)] if len(labelled) else []
 
@@ -109,6 +129,32 @@ class NpzDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.x[i], int(self.y[i])
+
+
+def check_labels(y: np.ndarray, *, where: str, num_classes: int | None = None) -> np.ndarray:
+    """Labels as int64, refusing what no class can be: non-integer values, values below -1
+    (-1 = unknown) and, given `num_classes`, values at or above it. Names the first bad one."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{where}: labels must be one number per example, found shape "
+                        f"{y.shape}; save y as a 1-D integer array")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
+            or y.dtype == np.bool_):
+        raise DataError(f"{where}: labels must be integers, found dtype {y.dtype}")
+    bad = ~np.isfinite(y) | (y != np.round(y)) if np.issubdtype(y.dtype, np.floating) else None
+    if bad is not None and bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: label {y[i].item()!r} of example {i} is not a whole "
+                        "number; labels are class numbers 0..C-1, or -1 for unknown")
+    yi = y.astype(np.int64)
+    high = num_classes if num_classes is not None else np.iinfo(np.int64).max
+    bad = (yi < -1) | (yi >= high)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        rule = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
+        raise DataError(f"{where}: label {int(yi[i])} of example {i} is not a class; labels "
+                        f"must be {rule}, or -1 for unknown")
+    return yi
 
 
 def _to_tensor(size: int | None = None) -> Callable[[Any], torch.Tensor]:
@@ -138,7 +184,7 @@ def _torchvision_dataset(name: str, root: str, options: dict[str, Any], spec: st
     if "download" in params:
         kwargs["download"] = False  # never touch the network
     if not Path(root).exists():
-        raise DataError(f"data root {root!r} of {spec!r} does not exist")
+        raise DataError(f"data root {root!r} of {spec!r} does not exist; check ROOT")
     try:
         return cls(root, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
@@ -153,7 +199,7 @@ def load_data(spec: str) -> Dataset:
     scheme, body, options = parse_spec(spec, DATA_FORMS, "DATA")
     if scheme == "npz":
         if not Path(body).is_file():
-            raise DataError(f"no such file {body!r} (from {spec!r})")
+            raise DataError(f"no such file {body!r} (from {spec!r}); check the path")
         return NpzDataset(body)
     if scheme == "mnist":
         return _torchvision_dataset("MNIST", body, options, spec)
@@ -163,7 +209,7 @@ def load_data(spec: str) -> Dataset:
         from torchvision.datasets import ImageFolder
 
         if not Path(body).is_dir():
-            raise DataError(f"no such directory {body!r} (from {spec!r})")
+            raise DataError(f"no such directory {body!r} (from {spec!r}); check the path")
         return ImageFolder(body, transform=_to_tensor(options.get("size")))
     if scheme == "transferset":
         from .format.reader import TransferSetInputs
@@ -184,12 +230,17 @@ def class_names(data: Dataset) -> list[str]:
 
 
 def split_item(item: Any) -> tuple[torch.Tensor, int]:
-    """(input, label) from a dataset item; a bare input gets label -1."""
+    """(input, label) from a dataset item; a bare input gets label -1. A label that is not a
+    whole number is refused, never truncated."""
     if isinstance(item, (tuple, list)):
         x, y = item[0], (item[1] if len(item) > 1 else -1)
     else:
         x, y = item, -1
-    return torch.as_tensor(x), int(y)
+    label = int(y)
+    if label != y:
+        raise DataError(f"label {y!r} is not a whole number; labels are class numbers 0..C-1, "
+                        "or -1 for unknown")
+    return torch.as_tensor(x), label
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -220,7 +271,10 @@ def build_model(spec: str) -> nn.Module:
         unknown = set(options) - {"dropout", "input_dropout"}
         if unknown:
             raise SpecError(f"unknown mlp options {sorted(unknown)}; use dropout, input_dropout")
-        return mlp(sizes, **options)
+        try:
+            return mlp(sizes, **options)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"bad option value in {spec!r}: {exc}; e.g. dropout=0.5") from None
     if scheme == "torchvision":
         import torchvision
 
@@ -228,7 +282,13 @@ def build_model(spec: str) -> nn.Module:
             raise SpecError(
                 f"torchvision has no model {body!r}; see torchvision.models.list_models()"
             )
-        return torchvision.models.get_model(body, weights=None, **options)
+        options.pop("weights", None)  # never downloads: weights come from checkpoints
+        try:
+            return torchvision.models.get_model(body, weights=None, **options)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SpecError(f"bad options in {spec!r}: {msg}; see the model's "
+                            "torchvision documentation") from None
     if scheme == "python":
         model = import_factory(body, spec)(**options)
         if not isinstance(model, nn.Module):
@@ -251,23 +311,45 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """(model, payload) from a checkpoint written by `save_checkpoint`; loads no pickled code."""
+def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, payload) from a checkpoint written by `save_checkpoint`; loads no pickled code.
+
+    Its `model_spec` is data: only a built-in architecture is built from it unless
+    `trust_code`. Weights with NaN or inf (a diverged run) are refused."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise SpecError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"cannot read checkpoint {path}: {msg}") from None
+    if (not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT
+            or not isinstance(payload.get("model_spec"), str)
+            or not isinstance(payload.get("state_dict"), dict)):
         raise SpecError(f"{path} is not a softlabels checkpoint; write one with `softlabels train`")
+    require_trusted(payload["model_spec"], f"checkpoint {path}", trust_code)
     model = build_model(payload["model_spec"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise SpecError(f"checkpoint {path}: its weights do not fit {payload['model_spec']!r} "
+                        f"({str(exc).splitlines()[0]}); the file was edited or damaged") from None
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SpecError(f"checkpoint {path} has NaN or inf in {name!r}: it was saved from a "
+                            "diverged run or damaged; retrain it (e.g. a lower --lr)")
     return model, payload
 
 
-def load_model(spec: str) -> tuple[nn.Module, str]:
-    """(model, the spec that rebuilds it) for a checkpoint path or any MODEL spec."""
+def load_model(spec: str, *, trust_code: bool = False) -> tuple[nn.Module, str]:
+    """(model, the spec that rebuilds it) for a checkpoint path or any MODEL spec.
+
+    A spec the caller names is built as named (`python:` included: the caller chose it); a
+    checkpoint's own spec only when built in, unless `trust_code`."""
+    if not isinstance(spec, str):
+        raise SpecError(f"a MODEL spec is a string, got {spec!r}; valid forms: "
+                        + ", ".join(MODEL_FORMS))
     if Path(spec).is_file():
-        model, payload = load_checkpoint(spec)
+        model, payload = load_checkpoint(spec, trust_code=trust_code)
         return model, payload["model_spec"]
     if spec.endswith((".pt", ".pth")):
         raise SpecError(f"no checkpoint at {spec!r}; check the path or train one first")

@@ -51,13 +51,14 @@ class Teacher:
         precision: str = "fp32",
         combine: str = "mean-logits",
         seed: int = 0,
+        trust_code: bool = False,
     ) -> None:
         if not members:
             raise SoftlabelsError("no teacher given; pass at least one --teacher MODEL")
         if precision not in PRECISIONS:
             raise SoftlabelsError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
-        self.precision, self.combine = precision, combine
+        self.precision, self.combine, self.trust_code = precision, combine, trust_code
         # Specs without weights (mlp:, torchvision:) initialise from `seed`, so a rerun of the
         # same command builds the same teacher and can resume.
         with torch.random.fork_rng(devices=[]):
@@ -68,7 +69,7 @@ class Teacher:
         if isinstance(spec_or_model, nn.Module):
             model, spec = spec_or_model, f"object:{type(spec_or_model).__qualname__}"
         else:
-            model, spec = load_model(spec_or_model)
+            model, spec = load_model(spec_or_model, trust_code=self.trust_code)
         model = model.eval().to(self.device)
         return Member(spec=spec, model=model, sha256=weights_sha256(model),
                       source=spec_or_model if isinstance(spec_or_model, str) else spec)
@@ -91,6 +92,20 @@ class Teacher:
             raise MismatchError(f"ensemble members disagree on the number of classes ({found}); "
                                 "every --teacher must predict the same classes")
         return torch.stack([o.float() for o in outs])
+
+    def num_classes(self, example: torch.Tensor) -> int:
+        """The classes every member predicts, found by running each on one example; a member
+        that cannot take the example's shape is named (before any expensive work)."""
+        for m in self.members:
+            try:
+                with torch.inference_mode():
+                    m.model(example.unsqueeze(0).to(self.device))
+            except (RuntimeError, ValueError, TypeError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise MismatchError(f"teacher {m.source} cannot take the data's inputs shaped "
+                                    f"{tuple(example.shape)} ({first}); give it a matching "
+                                    "input size, or check --data") from None
+        return int(self.member_logits(example.unsqueeze(0)).shape[-1])
 
     @torch.inference_mode()
     def soft_targets(

@@ -4,6 +4,7 @@ baselines). The teacher is never loaded: its outputs come from the transfer set.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,18 +23,18 @@ from .datasets import (
     StreamingSoftTargetDataset,
     check_length,
 )
-from .errors import MismatchError, SoftlabelsError
+from .errors import DataError, MismatchError, SoftlabelsError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices, select_rows
 from .losses import kd_loss_from_probs, sparse_kd_loss
-from .specs import load_data, load_model, save_checkpoint, split_item
+from .options import TrainOptions, check_output_file, check_temperature
+from .specs import check_labels, load_data, load_model, save_checkpoint, split_item
 from .teacher import resolve_device
 from .views import replay
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[str, dict[str, Any]], None]  # (event: "batch" | "epoch", info)
-OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -128,21 +129,6 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device,
                       for i in range(0, len(x), batch_size)])
 
 
-def _check_options(temperature: float | None, alpha: float, epochs: int, batch_size: int,
-                   lr: float, optimizer: str, transfer_set: object,
-                   views_per_epoch: int = 1) -> None:
-    if transfer_set is not None and (temperature is None or not temperature > 0):
-        raise SoftlabelsError(f"temperature must be positive, got {temperature}")
-    if not 0 <= alpha <= 1:
-        raise SoftlabelsError(f"alpha must lie in [0, 1], got {alpha}")
-    if epochs <= 0 or batch_size <= 0 or not lr > 0:
-        raise SoftlabelsError("epochs, batch size and learning rate must be positive")
-    if views_per_epoch <= 0:
-        raise SoftlabelsError(f"--views-per-epoch must be positive, got {views_per_epoch}")
-    if optimizer not in OPTIMIZERS:
-        raise SoftlabelsError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-
-
 def _make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> Any:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -152,79 +138,90 @@ def _make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> A
 def train_student(
     data: str | Dataset,
     model: str,
+    options: TrainOptions | None = None,
     *,
     out: str | os.PathLike[str] | None = None,
     transfer_set: str | os.PathLike[str] | TransferSet | None = None,
-    temperature: float | None = None,
-    alpha: float = 0.9,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    fraction: float | None = None,
-    classes: Sequence[int] | None = None,
-    exclude_classes: Sequence[int] | None = None,
     indices: str | os.PathLike[str] | np.ndarray | None = None,
     val_data: str | Dataset | None = None,
-    jitter_pixels: int = 0,
-    device: str = "auto",
-    distributed: bool = False,
-    views_per_epoch: int = 1,
     callbacks: Sequence[Callback] = (),
+    **kwargs: Any,
 ) -> TrainResult:
     """Train `model` (a MODEL spec, or a checkpoint to fine-tune) on `data`.
 
+    Options come as a `TrainOptions`, or as its fields by keyword (temperature, alpha, epochs,
+    batch_size, lr, optimizer, weight_decay, seed, fraction, classes, exclude_classes,
+    jitter_pixels, device, distributed, views_per_epoch, trust_code).
     With `transfer_set`, the loss is Hinton KD at `temperature` (default: the set's first stored
-    T) against the stored soft targets, weighted by `alpha`; rows without a label take the soft
-    term alone. Without it, cross-entropy on hard labels. Subset options select rows of the set
-    and of the data together. The same seed gives the same model. With `distributed` (under
-    torchrun), each rank trains on a disjoint share of every epoch through DDP; rank 0 saves.
-    From a view set, each epoch trains on `views_per_epoch` stored views of every example,
-    drawn afresh per epoch and replayed exactly as the teacher saw them.
+    T) against the stored soft targets, weighted by `alpha` (default 0.9); rows without a label
+    take the soft term alone. Without it, cross-entropy on hard labels (and `temperature` or
+    `alpha` is an error). Subset options select rows of the set and of the data together. The
+    same seed gives the same model. With `distributed` (under torchrun), each rank trains on a
+    disjoint share of every epoch through DDP; rank 0 saves. From a view set, each epoch trains
+    on `views_per_epoch` stored views of every example, drawn afresh per epoch and replayed
+    exactly as the teacher saw them. A non-finite loss stops training; nothing is saved.
     """
     t0 = time.perf_counter()
+    if options is not None and kwargs:
+        raise TypeError(f"pass a TrainOptions or keyword options, not both (got {sorted(kwargs)})")
+    opts = options if options is not None else TrainOptions(**kwargs)
+    opts.check_distillation(transfer_set is not None)
+    if out is not None:
+        check_output_file(out)  # before any work: a bad --out is found now, not after epochs
+    epochs, batch_size, seed = opts.epochs, opts.batch_size, opts.seed
+    alpha = 0.9 if opts.alpha is None else opts.alpha
     ts = None
+    temperature = opts.temperature
     if transfer_set is not None:
         ts = (transfer_set if isinstance(transfer_set, TransferSet)
               else open_transfer_set(transfer_set))
-        temperature = ts.temperatures[0] if temperature is None else temperature
-    _check_options(temperature, alpha, epochs, batch_size, lr, optimizer, ts, views_per_epoch)
-    dev = resolve_device(device)
+        temperature = check_temperature(ts.temperatures[0] if temperature is None
+                                        else temperature)
+    dev = resolve_device(opts.device)
+    distributed = opts.distributed
     rank, world = _init_distributed(dev) if distributed else (0, 1)
     torch.manual_seed(seed)
-    net, spec = load_model(model)
+    net, spec = load_model(model, trust_code=opts.trust_code)
     net = net.to(dev)
     step_net = _wrap_ddp(net, dev) if world > 1 else net
     dataset = load_data(data) if isinstance(data, str) else data
-    select = dict(fraction=fraction, seed=seed, classes=classes, exclude_classes=exclude_classes,
+    if len(dataset) == 0:
+        raise DataError("the dataset is empty: there is nothing to train on; check --data")
+    select = dict(fraction=opts.fraction, seed=seed, classes=opts.classes,
+                  exclude_classes=opts.exclude_classes,
                   indices=read_indices(indices) if isinstance(indices, (str, os.PathLike))
-                  else indices)
+                  else indices, num_examples=len(dataset))
     gen = torch.Generator().manual_seed(seed)
     if ts is None:
         plan = _hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
     elif ts.num_rows * ts.num_classes * 4 <= MAX_IN_MEMORY:
-        plan = _in_memory_epochs(dataset, ts, net, dev, select, temperature, views_per_epoch,
-                                 batch_size, gen, rank, world)
+        plan = _in_memory_epochs(dataset, ts, net, dev, select, temperature,
+                                 opts.views_per_epoch, batch_size, gen, rank, world,
+                                 trust_code=opts.trust_code)
     else:
         plan = _streamed_epochs(dataset, ts, select, temperature, batch_size, world)
     epoch_batches, n_rows, n_batches = plan
+    if n_rows == 0:
+        raise DataError("the selection leaves no rows to train on; widen --fraction, "
+                        "--classes or --indices")
     val = materialize(load_data(val_data) if isinstance(val_data, str) else val_data) \
         if val_data is not None else None
-    opt = _make_optimizer(optimizer, net.parameters(), lr, weight_decay)
+    opt = _make_optimizer(opts.optimizer, net.parameters(), opts.lr, opts.weight_decay)
     history: list[dict[str, Any]] = []
     for epoch in range(epochs):
         net.train()
         total, seen = 0.0, 0
         for b, batch in enumerate(epoch_batches(epoch)):
-            x, y = jitter(batch[0], jitter_pixels, gen).to(dev), batch[1].to(dev)
+            x, y = jitter(batch[0], opts.jitter_pixels, gen).to(dev), batch[1].to(dev)
             loss = _loss(step_net(x), y, [t.to(dev) for t in batch[2:]], ts, temperature,
                          alpha)
+            if world > 1:  # all ranks stop together, or the rest would wait in backward
+                _finite_loss(_summed(loss), epoch, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, seen = total + loss.item() * len(x), seen + len(x)
+            value = _finite_loss(loss.item(), epoch, b)  # the sync this loop always had
+            total, seen = total + value * len(x), seen + len(x)
             for cb in callbacks:
                 cb("batch", {"epoch": epoch, "batch": b + 1, "batches": n_batches,
                              "loss": total / seen})
@@ -237,6 +234,7 @@ def train_student(
         for cb in callbacks:
             cb("epoch", {**record, "epochs": epochs})
     net = net.cpu().eval()
+    _check_weights(net, epochs)
     result = TrainResult(model=net, spec=spec, history=history, rows=n_rows,
                          seconds=time.perf_counter() - t0, rank=rank)
     if distributed:
@@ -260,6 +258,7 @@ def _hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
                        select: dict[str, Any], batch_size: int, gen: torch.Generator,
                        rank: int, world: int) -> Plan:
     x_all, y_all = materialize(dataset)
+    check_labels(y_all.numpy(), where="the data")
     rows = select_rows(y_all.numpy(), **select)
     _check_outputs(net, x_all[:1].to(dev), None, y_all)
     if (y_all[rows] < 0).all():
@@ -271,13 +270,15 @@ def _hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
 
 def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
                       select: dict[str, Any], temperature: float, views_per_epoch: int,
-                      batch_size: int, gen: torch.Generator, rank: int, world: int) -> Plan:
+                      batch_size: int, gen: torch.Generator, rank: int, world: int,
+                      trust_code: bool = False) -> Plan:
     rows = select_rows(ts.labels(), index=ts.index(), **select)
     check_length(dataset, ts)
     examples = ts.index()[rows]
     cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
     _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
-    sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=select["seed"])
+    sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=select["seed"],
+                            trust_code=trust_code)
     targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
     pos = torch.tensor([cached.pos[int(i)] for i in examples], dtype=torch.long)
     if sds.transform is None:
@@ -322,6 +323,32 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],
                               alpha=alpha)
 
 
+def _finite_loss(value: float, epoch: int, step: int) -> float:
+    """A NaN/inf loss stops training at once, named by epoch and step; nothing is saved."""
+    if not math.isfinite(value):
+        raise TrainingError(f"the loss is {value} at epoch {epoch + 1}, step {step + 1}: "
+                            "training diverged and nothing was saved; check the data for "
+                            "NaN/inf inputs, or lower --lr")
+    return value
+
+
+def _summed(loss: torch.Tensor) -> float:
+    """The loss summed over ranks: NaN/inf when any rank's is."""
+    import torch.distributed as dist
+
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    return float(value)
+
+
+def _check_weights(net: nn.Module, epochs: int) -> None:
+    """Never save a model with NaN/inf weights (a finite loss can still overflow a step)."""
+    for name, tensor in net.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingError(f"after {epochs} epochs the weights {name!r} hold NaN or inf; "
+                                "nothing was saved; lower --lr")
+
+
 def _init_distributed(dev: torch.device) -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
     import torch.distributed as dist
@@ -354,7 +381,13 @@ def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
     with torch.no_grad():
         was = net.training
         net.eval()
-        c = int(net(x).shape[-1])
+        try:
+            c = int(net(x).shape[-1])
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MismatchError(f"the student cannot take the data's inputs shaped "
+                                f"{tuple(x.shape[1:])} ({first}); give it a matching input "
+                                "size") from None
         net.train(was)
     want = ts.num_classes if ts is not None else int(y_all.max()) + 1
     if (ts is not None and c != want) or c < want:

@@ -53,9 +53,10 @@ def default_tolerance(meta: dict[str, Any]) -> float:
 
 def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.Module],
                    report: VerifyReport, sample: int, seed: int, tolerance: float | None,
-                   device: str) -> None:
+                   device: str, trust_code: bool) -> None:
     meta = ts.meta
-    teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"])
+    teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"],
+                      trust_code=trust_code)
     recorded = [m["sha256"] for m in meta["teacher"]["members"]]
     live = [m.sha256 for m in teacher.members]
     report.add("teacher weights", live == recorded, "weights match the recorded SHA-256"
@@ -65,7 +66,8 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     index = ts.index()
     x = torch.stack([split_item(data[int(index[r])])[0] for r in rows])
     if meta.get("views"):  # replay each sampled row's view from its seed
-        transform = build_augment(meta["augment"], x[0])
+        transform = build_augment(meta["augment"], x[0], trust_code=trust_code,
+                                  source=f"{ts.path} (its augment)")
         seeds = ts.read(S.VIEW_SEED)[rows]
         x = torch.stack([replay(transform, xi, int(s)) for xi, s in zip(x, seeds)])
     _, z_live, _ = teacher.soft_targets(x, [1.0])
@@ -99,9 +101,11 @@ def verify(
     tolerance: float | None = None,
     device: str = "auto",
     progress: Progress | None = None,
+    trust_code: bool = False,
 ) -> VerifyReport:
     """Check status, arrays, values and fingerprint; with `data`, every sample hash; with
-    `teachers` (and `data`), a seeded sample of `sample` rows recomputed by the live teacher."""
+    `teachers` (and `data`), a seeded sample of `sample` rows recomputed by the live teacher.
+    `trust_code` lets python: specs inside teacher checkpoints and the set's augment run."""
     if teachers and data is None:
         raise SoftlabelsError("--teacher needs --data: the teacher is run on the dataset's inputs")
     if sample <= 0:
@@ -125,5 +129,6 @@ def verify(
             dataset = load_data(data) if isinstance(data, str) else data
             _check_data(ts, dataset, report, progress)
             if teachers:
-                _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device)
+                _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,
+                               trust_code)
     return report

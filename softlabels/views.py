@@ -8,7 +8,8 @@ SPEC is a comma-separated list of torchvision.transforms.v2 steps, applied in or
   resized-crop:SMIN    crop a random area in [SMIN, 1] of the image, resize to the input size
   color-jitter:S       brightness and contrast jitter of strength S
 or python:package.module:factory, a function returning a transform (tensor -> tensor) that
-draws its randomness from torch's global generator.
+draws its randomness from torch's global generator. A `python:` augmentation read back from a
+set's metadata is code from a file: it runs only with `trust_code` (see specs.require_trusted).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 
 from .errors import SoftlabelsError, SpecError
 from .format.schema import sample_hash
-from .specs import import_factory, split_item
+from .specs import import_factory, require_trusted, split_item
 
 AUGMENT_FORMS = ("random-crop:PAD", "hflip", "resized-crop:SCALE_MIN", "color-jitter:S",
                  "python:package.module:factory")
@@ -48,8 +49,13 @@ def _step(item: str, size: tuple[int, int]) -> Any:
     raise SpecError(f"unknown augmentation step {item!r}; valid forms: " + ", ".join(AUGMENT_FORMS))
 
 
-def build_augment(spec: str, example: torch.Tensor) -> Transform:
-    """The transform SPEC names, for inputs shaped like `example` (C, H, W)."""
+def build_augment(spec: str, example: torch.Tensor, *, trust_code: bool = False,
+                  source: str = "the transfer set's augment") -> Transform:
+    """The transform SPEC names, for inputs shaped like `example` (C, H, W).
+
+    `python:` specs run code: only with `trust_code` (the user named the spec, or opted in to
+    the code named by `source`)."""
+    require_trusted(spec, source, trust_code)
     if spec.startswith("python:"):
         transform = import_factory(spec[len("python:"):], spec)()
         if not callable(transform):
@@ -101,7 +107,8 @@ class ViewDataset(Dataset):
         if views <= 0:
             raise SoftlabelsError(f"--views must be positive, got {views}")
         self.data, self.views, self.seed = data, views, seed
-        self.transform = build_augment(spec, split_item(data[0])[0])
+        # the caller names `spec` (precompute --augment): it may be python: code
+        self.transform = build_augment(spec, split_item(data[0])[0], trust_code=True)
         check_deterministic(self.transform, split_item(data[0])[0], spec)
 
     def __len__(self) -> int:

@@ -57,3 +57,11 @@ def nondeterministic():
 def shift_right():
     """A deterministic (and trivially seed-independent) transform."""
     return lambda x: torch.roll(x, 1, dims=-1)
+
+
+def huge_logits() -> nn.Module:
+    """Logits of order 1e6: past float16's largest value (65504)."""
+    lin = nn.Linear(16, 3)
+    with torch.no_grad():
+        lin.weight.fill_(1e5)
+    return nn.Sequential(nn.Flatten(), lin)

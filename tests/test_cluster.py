@@ -19,6 +19,7 @@ from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
+from softlabels.specs import build_model, load_data
 
 HERE = Path(__file__).parent
 ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)
@@ -31,6 +32,7 @@ def assert_same(a_path: Path, b_path: Path, names: tuple[str, ...] = ARRAYS) -> 
             np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense ensemble", "sampled views"])
 def test_cluster_run_is_identical_to_single_process(tmp_path: Path, kind: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=203)
@@ -55,6 +57,12 @@ def test_cluster_refuses_hdf5_and_objects(tmp_path: Path) -> None:
         precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.h5", workers=2)
     with pytest.raises(SoftlabelsError, match="must be positive"):
         precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.zarr", workers=0)
+    # objects cannot be loaded by each worker: only specs travel to a cluster
+    with pytest.raises(SoftlabelsError, match="data and teachers must be specs"):
+        precompute_on_cluster(load_data(data), ["mlp:16-3"], tmp_path / "s.zarr", workers=2)
+    with pytest.raises(SoftlabelsError, match="data and teachers must be specs"):
+        precompute_on_cluster(data, [build_model("mlp:16-3")], tmp_path / "s.zarr", workers=2)
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "s.h5").exists()
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:
@@ -62,6 +70,7 @@ def worker_processes(pid: int) -> list[psutil.Process]:
     return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
 
 
+@pytest.mark.slow
 def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_npz(tmp_path / "d.npz", n=400)
@@ -105,6 +114,7 @@ def test_rank_shares_are_disjoint_and_equal(n: int, world: int) -> None:
     assert len({len(s) for s in shares}) == 1
 
 
+@pytest.mark.slow
 def test_two_rank_training_under_torchrun(tmp_path: Path) -> None:
     from softlabels.specs import load_checkpoint
 

@@ -13,6 +13,7 @@ from softlabels.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_pipeline_writes_results_and_rerun_skips(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # DATA specs in the file are relative to the repository root

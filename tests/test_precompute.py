@@ -29,6 +29,7 @@ def reference(data: str, teachers: list[str]) -> torch.Tensor:
         return torch.stack([m(x) for m in models])
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 70), members=st.integers(1, 3), chunk=st.integers(1, 32),

@@ -39,6 +39,7 @@ def done_blocks(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", ["zarr", "h5"])
 def test_sigkill_then_rerun_gives_identical_set(tmp_path: Path, suffix: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:

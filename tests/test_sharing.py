@@ -74,12 +74,22 @@ def test_merge_refuses_other_data_classes_or_order(tmp_path: Path, npz_data: str
     other = make_npz(tmp_path / "o.npz", seed=9)
     precompute(other, ["mlp:16-3"], tmp_path / "other.zarr", chunk_rows=CHUNK)
     precompute(npz_data, ["mlp:16-4"], tmp_path / "four.zarr", chunk_rows=CHUNK)
-    code, out, _ = run("subset", base, "--out", tmp_path / "half.zarr", "--fraction", 0.5)
+    # the same examples in another row order: rows would pair different examples
+    with np.load(npz_data[4:]) as f:
+        perm = np.random.default_rng(1).permutation(len(f["x"]))
+        np.savez(tmp_path / "perm.npz", x=f["x"][perm], y=f["y"][perm])
+    precompute(f"npz:{tmp_path}/perm.npz", ["mlp:16-3"], tmp_path / "order.zarr",
+               chunk_rows=CHUNK)
+    code, _, err = run("subset", base, "--out", tmp_path / "half.zarr", "--fraction", 0.5)
+    assert code == 0, err  # the same data, but only some of its rows
     for second, message in (("other.zarr", "dataset fingerprint differs"),
-                            ("four.zarr", "number of classes differs")):
-        code, _, err = run("merge", base, tmp_path / second, "--out", tmp_path / "m.zarr")
-        assert code == 1 and message in err and "Traceback" not in err
-        assert not (tmp_path / "m.zarr").exists()
+                            ("four.zarr", "number of classes differs"),
+                            ("order.zarr", "dataset fingerprint differs"),
+                            ("half.zarr", "dataset fingerprint differs")):
+        for pair in ((base, tmp_path / second), (tmp_path / second, base)):
+            code, _, err = run("merge", *pair, "--out", tmp_path / "m.zarr")
+            assert code == 1 and message in err and "Traceback" not in err, (second, err)
+            assert not (tmp_path / "m.zarr").exists()
 
 
 def test_subset_keeps_index_and_trains_with_the_original_data(tmp_path: Path,

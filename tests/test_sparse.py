@@ -71,6 +71,7 @@ def test_sparse_loss_with_all_but_one_class_equals_dense_kd() -> None:
     torch.testing.assert_close(g_sparse, g_dense)
 
 
+@pytest.mark.slow
 def test_sampled_loss_gradient_is_unbiased() -> None:
     g = torch.Generator().manual_seed(1)
     s = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)

@@ -31,6 +31,7 @@ def blobs(path: Path, n: int, seed: int) -> str:
     return f"npz:{path}"
 
 
+@pytest.mark.slow
 def test_teacher_precompute_student_evaluate(tmp_path: Path) -> None:
     train, test = blobs(tmp_path / "train.npz", 301, 0), blobs(tmp_path / "test.npz", 200, 1)
     teacher, student, ts = tmp_path / "t.pt", tmp_path / "s.pt", tmp_path / "t.zarr"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from softlabels.cli import cli
 from softlabels.datasets import SoftTargetDataset
-from softlabels.errors import SoftlabelsError
+from softlabels.errors import SoftlabelsError, UntrustedCodeError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
@@ -98,4 +98,9 @@ def test_bad_view_options(tmp_path: Path, images: str, kwargs: dict, message: st
 def test_python_factory_augment(tmp_path: Path, images: str) -> None:
     precompute(images, ["mlp:64-3"], tmp_path / "v.zarr", views=2,
                augment="python:helpers:shift_right", dtype="float32")
-    assert SoftTargetDataset(images, tmp_path / "v.zarr", temperature=1.0)[1][0].shape == (1, 8, 8)
+    with pytest.raises(UntrustedCodeError, match="pass --trust-code"):  # the set names code
+        SoftTargetDataset(images, tmp_path / "v.zarr", temperature=1.0)
+    sds = SoftTargetDataset(images, tmp_path / "v.zarr", temperature=1.0, trust_code=True)
+    x = load_data(images)[0][0]  # rows 0 and 1 are the two views of example 0
+    for row in (0, 1):
+        torch.testing.assert_close(sds[row][0], torch.roll(x, 1, dims=-1), rtol=0, atol=0)

@@ -36,6 +36,15 @@ class _Group(click.Group):
         except SoftlabelsError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
+        except FileExistsError as exc:  # e.g. --out names an ordinary file
+            click.echo(f"Error: {exc.filename} already exists and is not what this command "
+                       "writes; choose another path", err=True)
+            sys.exit(1)
+        except OSError as exc:  # the filesystem refused: a path under a file, read-only, ...
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"Error: cannot use{where}: {exc.strerror or exc}; check the path and "
+                       "its permissions", err=True)
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -11,6 +11,9 @@ from typing import Any
 
 import click
 
+TRUST_CODE_HELP = ("Let python: specs found inside files (checkpoints' model specs, a set's "
+                   "augment, a pipeline file) import and run code. Only for files you trust.")
+
 
 class NumberList(click.ParamType):
     """A comma-separated list of numbers of one type, e.g. 1,4,20."""

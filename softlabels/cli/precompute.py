@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import FloatList, progress_bar
+from ..format.schema import COMBINE_CHOICES, DTYPE_CHOICES
+from ..options import PRECISION_CHOICES, PrecomputeOptions
+from ._common import TRUST_CODE_HELP, FloatList, progress_bar
 
 
 @click.command()
@@ -14,13 +16,14 @@ from ._common import FloatList, progress_bar
 @click.option("--out", required=True, help="Transfer set to write: DIR.zarr (default) or FILE.h5.")
 @click.option("--temperatures", type=FloatList(), default="1", show_default=True,
               help="Temperatures at which to store probabilities.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+@click.option("--batch-size", type=int, default=PrecomputeOptions.batch_size, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=PrecomputeOptions.dtype,
               show_default=True, help="Storage dtype of logits.")
-@click.option("--probs-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True, help="Storage dtype of probabilities (float16 underflows).")
-@click.option("--combine", type=click.Choice(["mean-logits", "mean-probs"]),
-              default="mean-logits", show_default=True, help="How ensemble members combine.")
+@click.option("--probs-dtype", type=click.Choice(DTYPE_CHOICES),
+              default=PrecomputeOptions.probs_dtype, show_default=True,
+              help="Storage dtype of probabilities (float16 underflows).")
+@click.option("--combine", type=click.Choice(COMBINE_CHOICES), default=PrecomputeOptions.combine,
+              show_default=True, help="How ensemble members combine.")
 @click.option("--keep-members", is_flag=True, help="Also store each member's logits.")
 @click.option("--store-inputs", is_flag=True,
               help="Also store the preprocessed inputs: DATA `transferset:SET` then trains "
@@ -37,41 +40,33 @@ from ._common import FloatList, progress_bar
               help="Base seed of the views.")
 @click.option("--chunk-rows", type=int, default=0, help="Rows per chunk (default: ~1 MiB).")
 @click.option("--shard-rows", type=int, default=None, help="Rows per Zarr shard (optional).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Autocast precision of the teacher.")
+@click.option("--device", default=PrecomputeOptions.device, show_default=True,
+              help="auto, cpu or cuda[:N].")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              default=PrecomputeOptions.precision, show_default=True,
+              help="Autocast precision of the teacher.")
 @click.option("--num-workers", type=int, default=0, show_default=True,
               help="DataLoader worker processes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set made by another run.")
 @click.option("--workers", type=int, default=None,
               help="Spread blocks over a local Dask cluster of N single-threaded processes.")
 @click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
-def precompute(data: str, teachers: tuple[str, ...], out: str, temperatures: list[float],
-               batch_size: int, dtype: str, probs_dtype: str, combine: str, keep_members: bool,
-               store_inputs: bool, topk: int, sample_k: int, views: int,
-               augment: str | None, view_seed: int, chunk_rows: int,
-               shard_rows: int | None, device: str,
-               precision: str,
-               num_workers: int, overwrite: bool, workers: int | None,
-               scheduler: str | None) -> None:
+@click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
+               workers: int | None, scheduler: str | None, **flags: object) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
-    options = dict(temperatures=temperatures, batch_size=batch_size, dtype=dtype,
-                   probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
-                   store_inputs=store_inputs, topk=topk, sample_k=sample_k, views=views,
-                   augment=augment, view_seed=view_seed,
-                   chunk_rows=chunk_rows, shard_rows=shard_rows,
-                   device=device, precision=precision, overwrite=overwrite)
+    options = PrecomputeOptions(**flags)  # type: ignore[arg-type]  # checked once, here
     with progress_bar("precompute") as bar:
         if workers is not None or scheduler is not None:
             from ..cluster import precompute_on_cluster
 
-            result = precompute_on_cluster(data, list(teachers), out, workers=workers,
-                                           scheduler=scheduler, progress=bar, **options)
+            result = precompute_on_cluster(data, list(teachers), out, options, workers=workers,
+                                           scheduler=scheduler, overwrite=overwrite,
+                                           progress=bar)
         else:
             from ..precompute import precompute as run
 
-            result = run(data, list(teachers), out, num_workers=num_workers, progress=bar,
-                         **options)
+            result = run(data, list(teachers), out, options, overwrite=overwrite, progress=bar)
     if result.already_complete:
         click.echo(f"{out} is already complete ({result.num_rows} rows); nothing to do")
     else:

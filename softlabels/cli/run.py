@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import epoch_bars
+from ._common import TRUST_CODE_HELP, epoch_bars
 
 
 @click.command(name="run")
@@ -13,12 +13,15 @@ from ._common import epoch_bars
 @click.option("--quick", is_flag=True, help="The same steps, small and fast (for tests).")
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Override one value of the file, e.g. --set temperature_sweep.epochs=100.")
-def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...]) -> None:
+@click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...],
+            trust_code: bool) -> None:
     """Run a pipeline file (e.g. pipelines/mnist_hinton.toml); a rerun skips finished steps."""
     from ..experiments.pipeline import run_pipeline
 
     results = run_pipeline(pipeline, out=out, quick=quick, overrides=overrides,
-                           say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()])
+                           say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()],
+                           trust_code=trust_code)
     where = results.get("out_dir", "")
     click.echo(f"results: {where}results.json, results.md and PNG plots "
                f"({results['seconds_this_run']} s this run)")

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from ._common import IntList, echo_json, progress_bar, provenance_lines
+from ..format.schema import COMBINE_CHOICES
+from ._common import TRUST_CODE_HELP, IntList, echo_json, progress_bar, provenance_lines
 
 
 @click.command()
@@ -67,14 +68,16 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
               help="Largest relative logit difference accepted (default by dtype/precision).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sample: int,
-           seed: int, tolerance: float | None, device: str, as_json: bool) -> None:
+           seed: int, tolerance: float | None, device: str, as_json: bool,
+           trust_code: bool) -> None:
     """Check a transfer set: status, shapes, values, fingerprint, and optionally data/teacher."""
     from ..verify import verify as run
 
     with progress_bar("verify") as bar:
         report = run(transfer_set, data=data, teachers=list(teachers), sample=sample, seed=seed,
-                     tolerance=tolerance, device=device, progress=bar)
+                     tolerance=tolerance, device=device, progress=bar, trust_code=trust_code)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -91,7 +94,7 @@ def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sampl
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, help="The merged set to write.")
-@click.option("--combine", type=click.Choice(["mean-logits", "mean-probs"]),
+@click.option("--combine", type=click.Choice(COMBINE_CHOICES),
               default="mean-logits", show_default=True)
 def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
     """Merge sets of the same data made by different teachers into one ensemble set."""

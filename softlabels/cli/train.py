@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import IntList, echo_json, epoch_bars, parse_bias
+from ..options import OPTIMIZER_CHOICES, TrainOptions
+from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 
 
 @click.command()
@@ -13,51 +14,45 @@ from ._common import IntList, echo_json, epoch_bars, parse_bias
 @click.option("--out", required=True, help="Checkpoint to write (a MODEL spec for later use).")
 @click.option("--transfer-set", default=None, help="Train from these stored soft targets.")
 @click.option("--temperature", type=float, default=None,
-              help="Distillation T (default: the set's first stored T).")
-@click.option("--alpha", type=float, default=0.9, show_default=True,
-              help="Weight of the soft term; 1 - alpha weighs the hard labels.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam",
-              show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+              help="Distillation T (default: the set's first stored T); needs --transfer-set.")
+@click.option("--alpha", type=float, default=None,
+              help="Weight of the soft term (default 0.9); 1 - alpha weighs the hard labels; "
+                   "needs --transfer-set.")
+@click.option("--epochs", type=int, default=TrainOptions.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=TrainOptions.batch_size, show_default=True)
+@click.option("--lr", type=float, default=TrainOptions.lr, show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZER_CHOICES),
+              default=TrainOptions.optimizer, show_default=True)
+@click.option("--weight-decay", type=float, default=TrainOptions.weight_decay, show_default=True)
+@click.option("--seed", type=int, default=TrainOptions.seed, show_default=True)
 @click.option("--fraction", type=float, default=None, help="Seeded stratified subset, (0, 1].")
 @click.option("--classes", type=IntList(), default=None, help="Keep only these classes.")
 @click.option("--exclude-classes", type=IntList(), default=None, help="Drop these classes.")
 @click.option("--indices", default=None, help="File of dataset indices to keep (.txt or .npy).")
 @click.option("--val-data", default=None, help="DATA spec to report accuracy on each epoch.")
-@click.option("--jitter", type=int, default=0, show_default=True,
-              help="Shift training images by up to this many pixels.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--jitter", "jitter_pixels", type=int, default=TrainOptions.jitter_pixels,
+              show_default=True, help="Shift training images by up to this many pixels.")
+@click.option("--device", default=TrainOptions.device, show_default=True)
 @click.option("--distributed", is_flag=True,
               help="Data-parallel across the ranks torchrun starts (gloo on CPU).")
-@click.option("--views-per-epoch", type=int, default=1, show_default=True,
-              help="From a view set: stored views of each example per epoch.")
-def train(data: str, model: str, out: str, transfer_set: str | None, temperature: float | None,
-          alpha: float, epochs: int, batch_size: int, lr: float, optimizer: str,
-          weight_decay: float, seed: int, fraction: float | None, classes: list[int] | None,
-          exclude_classes: list[int] | None, indices: str | None, val_data: str | None,
-          jitter: int, device: str, distributed: bool, views_per_epoch: int) -> None:
+@click.option("--views-per-epoch", type=int, default=TrainOptions.views_per_epoch,
+              show_default=True, help="From a view set: stored views of each example per epoch.")
+@click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+def train(data: str, model: str, out: str, transfer_set: str | None, indices: str | None,
+          val_data: str | None, **flags: object) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one."""
     from ..trainer import train_student
 
-    result = train_student(data, model, out=out, transfer_set=transfer_set,
-                           temperature=temperature, alpha=alpha, epochs=epochs,
-                           batch_size=batch_size, lr=lr, optimizer=optimizer,
-                           weight_decay=weight_decay, seed=seed, fraction=fraction,
-                           classes=classes, exclude_classes=exclude_classes, indices=indices,
-                           val_data=val_data, jitter_pixels=jitter, device=device,
-                           distributed=distributed, views_per_epoch=views_per_epoch,
-                           callbacks=[epoch_bars()])
+    options = TrainOptions(**flags)  # type: ignore[arg-type]  # checked once, here
+    result = train_student(data, model, options, out=out, transfer_set=transfer_set,
+                           indices=indices, val_data=val_data, callbacks=[epoch_bars()])
     if result.rank != 0:
         return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]
     acc = f", val_accuracy {last['val_accuracy']:.4f}" if "val_accuracy" in last else ""
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"
-    click.echo(f"wrote {out}: {result.spec} trained {epochs} epochs on {result.rows} rows from "
-               f"{how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
+    click.echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
+               f"rows from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
 
 
 @click.command()
@@ -68,13 +63,14 @@ def train(data: str, model: str, out: str, transfer_set: str | None, temperature
               help="A set of the same data: report agreement with and KL to its teacher.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: str | None,
-             device: str, as_json: bool) -> None:
+             device: str, as_json: bool, trust_code: bool) -> None:
     """Accuracy, errors per class, calibration, and agreement with a teacher."""
     from ..evaluate import evaluate as run
 
     report = run(data, model, bias_adjust=parse_bias(bias_adjust), transfer_set=transfer_set,
-                 device=device)
+                 device=device, trust_code=trust_code)
     if as_json:
         echo_json(report)
         return

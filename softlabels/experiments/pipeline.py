@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SoftlabelsError
+from ..specs import require_trusted
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,31 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def _refuse_code(cfg: Any, where: str, trust_code: bool) -> None:
+    """A pipeline file is data: every `python:` spec in it needs the user's opt-in."""
+    if isinstance(cfg, dict):
+        for value in cfg.values():
+            _refuse_code(value, where, trust_code)
+    elif isinstance(cfg, list):
+        for value in cfg:
+            _refuse_code(value, where, trust_code)
+    elif isinstance(cfg, str):
+        require_trusted(cfg, where, trust_code)
+
+
 def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False,
-                  overrides: Sequence[str] = ()) -> dict[str, Any]:
+                  overrides: Sequence[str] = (), trust_code: bool = False) -> dict[str, Any]:
     """The pipeline's configuration; with `quick`, its [quick] table merged over the rest;
-    then each `overrides` entry (TABLE.KEY=VALUE) over that."""
+    then each `overrides` entry (TABLE.KEY=VALUE) over that. A `python:` spec in the file is
+    refused unless `trust_code` (one given in `overrides` the user named)."""
     p = Path(path)
     try:
         cfg = tomllib.loads(p.read_text())
     except FileNotFoundError:
-        raise SoftlabelsError(f"no pipeline file at {p}") from None
+        raise SoftlabelsError(f"no pipeline file at {p}; check the path") from None
     except tomllib.TOMLDecodeError as exc:
         raise SoftlabelsError(f"{p} is not valid TOML: {exc}") from None
+    _refuse_code(cfg, f"pipeline file {p}", trust_code)
     recipe = cfg.get("recipe")
     if recipe not in RECIPES:
         raise SoftlabelsError(f"{p}: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -103,10 +118,11 @@ class Steps:
 
 def run_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
                  quick: bool = False, overrides: Sequence[str] = (), say: Say = log.info,
-                 callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = ()
-                 ) -> dict[str, Any]:
-    """Run a pipeline file; returns its results (also written to OUT/results.json)."""
-    cfg = load_pipeline(path, quick=quick, overrides=overrides)
+                 callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = (),
+                 trust_code: bool = False) -> dict[str, Any]:
+    """Run a pipeline file; returns its results (also written to OUT/results.json).
+    `python:` specs in the file run only with `trust_code`."""
+    cfg = load_pipeline(path, quick=quick, overrides=overrides, trust_code=trust_code)
     out_dir = Path(out or cfg.get("out") or "runs/pipeline")
     if quick and out is None:
         out_dir = out_dir.with_name(out_dir.name + "_quick")

@@ -243,4 +243,9 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r") -> Store:
         return HDF5Store(p, mode)
     if mode != "w" and p.is_dir() and not (p / "zarr.json").exists():
         raise TransferSetError(f"{p} is a directory but not a Zarr v3 group (no zarr.json)")
-    return ZarrStore(p, mode)
+    try:
+        return ZarrStore(p, mode)
+    except ValueError as exc:  # a garbled zarr.json (json.JSONDecodeError) or metadata
+        raise TransferSetError(f"{p} is not a readable Zarr group: its metadata is damaged "
+                               f"({str(exc).splitlines()[0]}); restore the set from its "
+                               "source, or make it again with `softlabels precompute`") from None

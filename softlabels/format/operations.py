@@ -120,7 +120,8 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     with open_transfer_set(src) as ts:
         rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
                            classes=classes, exclude_classes=exclude_classes,
-                           indices=read_indices(indices) if indices is not None else None)
+                           indices=read_indices(indices) if indices is not None else None,
+                           num_examples=int(ts.meta["num_examples"]))
         layout = _layout(ts, num_rows=len(rows))
         names = list(layout.arrays())
         selection = {"fraction": fraction, "seed": seed, "classes": classes,

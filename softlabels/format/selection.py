@@ -15,7 +15,7 @@ def read_indices(path: str | os.PathLike[str]) -> np.ndarray:
     """Dataset indices from a .npy file or a text file of integers (one per line or spaced)."""
     p = Path(path)
     if not p.is_file():
-        raise SoftlabelsError(f"no index file at {p}")
+        raise SoftlabelsError(f"no index file at {p}; check the path")
     try:
         values = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, ndmin=1)
     except ValueError as exc:
@@ -35,28 +35,35 @@ def select_rows(
     classes: Sequence[int] | None = None,
     exclude_classes: Sequence[int] | None = None,
     indices: np.ndarray | None = None,
+    num_examples: int | None = None,
 ) -> np.ndarray:
     """Sorted row numbers kept by every given filter.
 
     `labels` and `index` are per row (index: the dataset index of each row; default the row
     number). Class lists are checked against the labels present; `fraction` takes, per class
     (unknown labels form their own stratum), round(fraction * n_class) rows, at least one, with
-    a generator seeded by `seed` — the same seed selects the same rows.
+    a generator seeded by `seed` — the same seed selects the same rows. `indices` outside
+    [0, num_examples) (default: the number of rows, when `index` is not given) are refused,
+    never silently dropped.
     """
     labels = np.asarray(labels)
+    row_index = index is not None  # rows name dataset examples; their count is not known here
     index = np.arange(len(labels)) if index is None else np.asarray(index)
     keep = np.ones(len(labels), dtype=bool)
     present = set(np.unique(labels[labels >= 0]).tolist())
     for name, chosen in (("--classes", classes), ("--exclude-classes", exclude_classes)):
         missing = sorted(set(chosen or ()) - present)
         if missing:
-            raise SoftlabelsError(f"{name} names classes the data lacks: {missing}; the labels "
-                                  f"present are {sorted(present)}")
+            raise SoftlabelsError(f"{name} names classes the data lacks: {missing}; choose among "
+                                  f"the labels present, {sorted(present)}")
     if classes:
         keep &= np.isin(labels, list(classes))
     if exclude_classes:
         keep &= ~np.isin(labels, list(exclude_classes))
     if indices is not None:
+        if num_examples is None and not row_index:
+            num_examples = len(labels)
+        _check_indices(np.asarray(indices), num_examples)
         keep &= np.isin(index, indices)
     if fraction is not None:
         if not 0 < fraction <= 1:
@@ -67,6 +74,15 @@ def select_rows(
         raise SoftlabelsError("the subset options select no rows; loosen --fraction, "
                               "--classes, --exclude-classes or --indices")
     return rows
+
+
+def _check_indices(indices: np.ndarray, bound: int | None) -> None:
+    bad = (indices < 0) | (indices >= bound if bound is not None else False)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        where = f"[0, {bound})" if bound is not None else "0 or above"
+        raise SoftlabelsError(f"--indices holds index {int(indices[i])} (entry {i}), outside "
+                              f"the dataset's examples {where}; fix the index file")
 
 
 def stratified_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

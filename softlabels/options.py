@@ -1,0 +1,224 @@
+"""The options of stage one and stage two: one typed, frozen object per command, each default
+written once here and every value checked once, when the object is made (nanoGPT's GPTConfig).
+
+The CLI builds these objects from its flags (its choices come from the same constants), the
+library functions build them from their keyword arguments; nothing below them checks again.
+Bad values raise `OptionError`, which is also a `ValueError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .errors import OptionError
+from .format.schema import COMBINE_CHOICES, DTYPE_CHOICES
+
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+OPTIMIZER_CHOICES = ("adam", "sgd")
+# Past this, the KD loss is float32 rounding noise: KL shrinks as 1/T^2 toward eps32 (1.2e-7)
+# while the T^2 factor grows, so at T = 1e6 the "loss" is pure rounding. The T -> inf limit is
+# logit matching (losses.logit_matching_loss).
+MAX_TEMPERATURE = 100.0
+
+
+def check_temperature(value: Any, what: str = "temperature") -> float:
+    """The one temperature check: a finite number in (0, MAX_TEMPERATURE]."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} must be a positive number, got {value!r}") from None
+    if not math.isfinite(t) or t <= 0:
+        raise OptionError(f"{what} must be positive and finite, got {value!r}")
+    if t > MAX_TEMPERATURE:
+        raise OptionError(f"{what} {t:g} is above {MAX_TEMPERATURE:g}, where the KD loss is "
+                          "float32 rounding noise; use a temperature in (0, 100] (logit "
+                          "matching is the high-T limit)")
+    return t
+
+
+def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
+    """torchvision's verify_str_arg: one helper for every choice."""
+    if value not in choices:
+        raise OptionError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _check_int(value: Any, what: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise OptionError(f"{what} must be an integer, got {value!r}")
+    if value < minimum:
+        rule = "positive" if minimum == 1 else f"at least {minimum}"
+        raise OptionError(f"{what} must be {rule}, got {value}")
+    return int(value)
+
+
+def _check_number(value: Any, what: str, *, low: float, high: float = math.inf,
+                  low_open: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise OptionError(f"{what} must be finite, got {value!r}")
+    if v < low or (low_open and v == low) or v > high:
+        left = "(" if low_open else "["
+        right = "]" if high < math.inf else ")"
+        raise OptionError(f"{what} must lie in {left}{low:g}, {high:g}{right}, got {value!r}")
+    return v
+
+
+class _Options:
+    def replace(self, **changes: Any) -> Any:
+        """A copy with `changes`, checked again."""
+        return type(self)(**{**asdict(self), **changes})  # type: ignore[call-overload]
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PrecomputeOptions(_Options):
+    """How `precompute` runs the teacher and lays out the set (see `softlabels precompute`)."""
+
+    temperatures: tuple[float, ...] = (1.0,)
+    batch_size: int = 256
+    dtype: str = "float16"  # storage dtype of logits
+    probs_dtype: str = "float32"  # float16 probabilities underflow (DESIGN §3)
+    combine: str = "mean-logits"
+    keep_members: bool = False
+    store_inputs: bool = False
+    topk: int = 0
+    sample_k: int = 0
+    views: int = 0
+    augment: str | None = None
+    view_seed: int = 0
+    chunk_rows: int = 0  # 0: about 1 MiB of logits per chunk
+    shard_rows: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    num_workers: int = 0  # DataLoader worker processes
+    trust_code: bool = False  # build python: specs found inside checkpoints
+
+    def __post_init__(self) -> None:
+        temps = self.temperatures
+        if isinstance(temps, (int, float, str)):
+            temps = (temps,)
+        temps = tuple(check_temperature(t, "temperatures") for t in temps)
+        if not temps:
+            raise OptionError("temperatures must name at least one temperature, e.g. 1,4,20")
+        if len(set(temps)) != len(temps):
+            dup = sorted({t for t in temps if temps.count(t) > 1})
+            raise OptionError(f"temperatures must differ, got {list(temps)} ({dup[0]:g} twice);"
+                              " give each temperature once")
+        object.__setattr__(self, "temperatures", temps)
+        _check_int(self.batch_size, "batch size", minimum=1)
+        check_choice(self.dtype, DTYPE_CHOICES, "dtype")
+        check_choice(self.probs_dtype, DTYPE_CHOICES, "probs dtype")
+        check_choice(self.combine, COMBINE_CHOICES, "combine")
+        check_choice(self.precision, PRECISION_CHOICES, "precision")
+        for name in ("topk", "sample_k", "views", "view_seed", "chunk_rows", "num_workers"):
+            _check_int(getattr(self, name), f"--{name.replace('_', '-')}", minimum=0)
+        if self.shard_rows is not None:
+            _check_int(self.shard_rows, "--shard-rows", minimum=1)
+        if self.topk and self.sample_k:
+            raise OptionError("--topk and --sample-k are two sparse layouts: choose one, not both")
+        if self.topk and self.combine == "mean-probs":
+            raise OptionError("--topk stores logits and their normalisers, exact under "
+                              "mean-logits only; use --combine mean-logits or --sample-k")
+        if bool(self.views) != bool(self.augment):
+            raise OptionError(f"--views must be positive and come with --augment SPEC "
+                              f"(got views {self.views}, augment {self.augment!r})")
+        if self.views and self.store_inputs:
+            raise OptionError("--store-inputs stores un-augmented inputs; drop --views, or "
+                              "drop --store-inputs and keep the DATA")
+        if not isinstance(self.device, str) or not self.device:
+            raise OptionError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def layout_args(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("num_workers", "trust_code")}
+
+
+@dataclass(frozen=True)
+class TrainOptions(_Options):
+    """How `train_student` trains (see `softlabels train`). `temperature` and `alpha` are the
+    distillation's and need a transfer set; None means the set's first stored T and 0.9."""
+
+    temperature: float | None = None
+    alpha: float | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+    fraction: float | None = None
+    classes: tuple[int, ...] | None = None
+    exclude_classes: tuple[int, ...] | None = None
+    jitter_pixels: int = 0
+    device: str = "auto"
+    distributed: bool = False
+    views_per_epoch: int = 1
+    trust_code: bool = False  # build python: specs found inside checkpoints and sets
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None:
+            object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", _check_number(self.alpha, "alpha", low=0, high=1))
+        _check_int(self.epochs, "epochs", minimum=1)
+        _check_int(self.batch_size, "batch size", minimum=1)
+        _check_number(self.lr, "learning rate", low=0, low_open=True)
+        _check_number(self.weight_decay, "weight decay", low=0)
+        check_choice(self.optimizer, OPTIMIZER_CHOICES, "optimizer")
+        _check_int(self.seed, "seed", minimum=0)
+        if self.fraction is not None:
+            _check_number(self.fraction, "--fraction", low=0, high=1, low_open=True)
+        _check_int(self.jitter_pixels, "--jitter", minimum=0)
+        _check_int(self.views_per_epoch, "--views-per-epoch", minimum=1)
+        for name in ("classes", "exclude_classes"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(c) for c in value))
+        if not isinstance(self.device, str) or not self.device:
+            raise OptionError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def check_distillation(self, has_transfer_set: bool) -> None:
+        """Refuse distillation options without a transfer set: they would be ignored."""
+        if has_transfer_set:
+            return
+        given = [f"--{n}" for n in ("temperature", "alpha") if getattr(self, n) is not None]
+        if given:
+            raise OptionError(f"{' and '.join(given)} set the distillation, which needs "
+                              "--transfer-set TS; without one, training uses hard labels")
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
+                      directory_ok: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any work: a directory (unless
+    `directory_ok`: a Zarr set is one), a path under a file, or a folder it cannot write in."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir() and not directory_ok:
+        raise OptionError(f"{what} {p} is a directory; name a file, e.g. {p / 'model.pt'}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(f"{what} {p} lies under {parent}, which is a file, not a directory;"
+                          " choose another path")
+    import tempfile
+
+    try:  # a real probe: os.access says yes to root on a read-only filesystem
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise OptionError(f"{what} {p}: cannot write in {parent} ({exc.strerror}); choose a "
+                          "writable directory") from None
