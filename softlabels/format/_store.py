@@ -2,7 +2,7 @@
 
 The store knows arrays, chunks and one JSON metadata object; it knows nothing of rows, teachers
 or temperatures (that is `schema`, `writer` and `transfer_set`). The layout rules it enforces
-come from DESIGN §3: NaN fill for floats, empty chunks written, one writer per chunk or shard.
+come from docs/FORMAT.md: NaN fill for floats, empty chunks written, one writer per chunk or shard.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ class ZarrStore(Store):
 
 
 class HDF5Store(Store):
-    """One HDF5 file (`*.h5`, `*.hdf5`). Written by a single process (DESIGN §3)."""
+    """One HDF5 file (`*.h5`, `*.hdf5`). Written by a single process: HDF5 has no safe
+    parallel writer without MPI."""
 
     def __init__(self, path: Path, mode: Mode) -> None:
         import h5py
