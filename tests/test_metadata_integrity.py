@@ -110,3 +110,24 @@ def test_edited_logits_fail_the_tempering_check(tmp_path: Path, npz_data: str) -
     g["logits"][20] = g["logits"][20] * 1.25  # checksums still fail too: both say so
     report = checks(path)
     assert not report["temperatures"].ok and "row 20" in report["temperatures"].detail
+
+
+@pytest.mark.parametrize("opts,name", [({"views": 2, "augment": "hflip"}, "view_seed"),
+                                       ({"store_inputs": True}, "inputs"),
+                                       ({"keep_members": True}, "member_logits"),
+                                       ({"topk": 2}, "topk/logsumexp")])
+def test_verify_checks_exactly_the_arrays_the_metadata_implies(
+        tmp_path: Path, npz_data: str, opts: dict[str, Any], name: str) -> None:
+    path = tmp_path / "s.h5"
+    precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4],
+               chunk_rows=CHUNK, **opts)
+    with h5py.File(path, "r+") as f:
+        f.create_dataset("extra", data=[1, 2, 3])
+    assert "extra: not implied by the metadata" in checks(path)["arrays"].detail
+    with h5py.File(path, "r+") as f:
+        del f["extra"], f[name]
+    missing = checks(path)["arrays"]
+    assert not missing.ok and f"{name}: expected" in missing.detail and "found nothing" in \
+        missing.detail
+    with open_transfer_set(path) as ts, pytest.raises(IntegrityError, match="block 0"):
+        ts.read_block(0)  # stage two refuses it too, naming the block
