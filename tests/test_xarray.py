@@ -71,3 +71,24 @@ def test_inputs_and_hdf5_arrays_carry_dimension_names(tmp_path: Path, npz_data: 
         assert [d.label for d in f["probs"].dims] == ["temperature", "rows", "classes"]
         assert [d.label for d in f["inputs"].dims] == ["rows", "input_1", "input_2", "input_3"]
         np.testing.assert_array_equal(f["inputs"][:], ds["inputs"].values)
+
+
+def test_tensorstore_reads_every_array_bit_for_bit_with_its_dimension_names(
+        tmp_path: Path, npz_data: str) -> None:
+    import tensorstore
+
+    path = tmp_path / "set.zarr"
+    precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4],
+               chunk_rows=CHUNK, keep_members=True, views=2, augment="hflip")
+    precompute(npz_data, ["mlp:16-8-3"], tmp_path / "topk.zarr", temperatures=[1, 4],
+               chunk_rows=CHUNK, topk=2)
+    for root, names in ((path, DENSE), (tmp_path / "topk.zarr",
+                                        {f"topk/{n}": d for n, d in TOPK.items()})):
+        group = zarr.open_group(root, mode="r")
+        for name, dims in names.items():
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{root}/{name}"}}
+            store = tensorstore.open(spec, read=True).result()
+            assert store.domain.labels == dims, name
+            value = store.read().result()
+            assert value.dtype == group[name].dtype
+            np.testing.assert_array_equal(value, group[name][:], err_msg=name)
