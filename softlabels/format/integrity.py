@@ -1,6 +1,8 @@
-"""Integrity checks a transfer set can answer by itself: arrays as declared, every block readable
-and matching its checksum, finite values, probabilities that sum to one, index, labels and the
-dataset fingerprint. `softlabels verify` adds the checks that need the data or the teacher."""
+"""Integrity checks a transfer set can answer by itself: identity metadata against its digest,
+exactly the arrays the metadata implies, every block readable and matching its checksum, finite
+values, probabilities that sum to one and match the stored logits at the recorded temperatures,
+index, labels and the dataset fingerprint. `softlabels verify` adds the checks that need the
+data or the teacher."""
 
 from __future__ import annotations
 

@@ -283,7 +283,9 @@ class TransferSetInputs(Dataset):
 def open_transfer_set(path: str | os.PathLike[str]) -> TransferSet:
     """Open a complete transfer set (`.zarr`, `.zarr.zip` or `.h5`) for reading.
 
-    Refuses anything that is not complete or of an unknown format version, saying what to do.
+    Refuses anything that is not complete, of an unknown format version, whose identity
+    metadata was edited after completion (`IntegrityError` naming the keys), or whose metadata
+    describes no valid layout, saying what to do.
     """
     store = open_store(Path(path), "r")
     try:
