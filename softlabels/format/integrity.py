@@ -78,7 +78,7 @@ def _read_block(ts: TransferSet, names: list[str], start: int, stop: int,
 # Unit roundoff of a storage dtype, and the smallest stored probability whose log is compared.
 _ROUNDOFF = {"float16": 2.0 ** -11, "float32": 2.0 ** -24}
 _SMALLEST = {"float16": 1e-4, "float32": 1e-30}
-_ROWS_PER_BLOCK = 64
+_ROWS_COMPARED = 1024  # per set, spread evenly over the blocks (at least one per block)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -94,7 +94,9 @@ class TemperingCheck:
     only). The tolerance per row follows the storage dtypes: rounding the logits moves each
     log-probability by at most 2 * max|z| * u / T (u the unit roundoff), storing probs by u of
     theirs. An edited temperature moves it by about |z| * |1/T - 1/T'|, far beyond that.
-    Up to 64 evenly spaced rows of each block are compared.
+    About 1024 rows are compared, evenly spaced within every block: an edited temperature moves
+    every row (an edited row is the checksums' business), so verify costs little more than a
+    plain read.
     """
 
     def __init__(self, ts: TransferSet) -> None:
@@ -105,6 +107,7 @@ class TemperingCheck:
         self.checkable = [] if lay.sparse else [
             k for k, t in enumerate(lay.temperatures) if not ensemble_without_members or t == 1]
         self.worst = {k: (0.0, -1) for k in self.checkable}  # k -> (gap / tolerance, row)
+        self.per_block = max(1, -(-_ROWS_COMPARED // lay.num_blocks))
 
     def _expected(self, arrays: dict[str, np.ndarray], t: float) -> np.ndarray:
         if S.MEMBER_LOGITS in arrays:
@@ -119,11 +122,9 @@ class TemperingCheck:
     def add(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         if not self.checkable:
             return
-        # An edited temperature moves every row: evenly spaced rows of each block suffice (an
-        # edited row is the checksums' business), and keep verify's cost near a plain read.
         n = len(arrays[S.LABELS])
-        rows = np.arange(n) if n <= _ROWS_PER_BLOCK else np.linspace(
-            0, n - 1, _ROWS_PER_BLOCK).round().astype(np.int64)
+        rows = np.arange(n) if n <= self.per_block else np.linspace(
+            0, n - 1, self.per_block).round().astype(np.int64)
         arrays = {name: np.take(arrays[name], rows, axis=S.row_axis(name))
                   for name in (S.LOGITS, S.PROBS, S.MEMBER_LOGITS) if name in arrays}
         z = arrays.get(S.MEMBER_LOGITS, arrays[S.LOGITS])
