@@ -145,6 +145,8 @@ def test_merge_keeps_rows_and_members_or_refuses_in_one_line(
         np.testing.assert_array_equal(got[name], first[name], err_msg=name)
     members = [first.get(S.MEMBER_LOGITS, first[S.LOGITS][None]), second[S.LOGITS][None]]
     np.testing.assert_array_equal(got[S.MEMBER_LOGITS], np.concatenate(members))
+    combined = got[S.MEMBER_LOGITS].astype(np.float32).mean(0)  # merge's default mean-logits
+    np.testing.assert_array_equal(got[S.LOGITS], combined.astype(got[S.LOGITS].dtype))
     with open_transfer_set(a) as x, open_transfer_set(out) as m:
         assert len(m.meta["teacher"]["members"]) == len(x.meta["teacher"]["members"]) + 1
         assert m.layout.views == x.layout.views and m.layout.shard_rows == x.layout.shard_rows
