@@ -17,6 +17,7 @@ import xxhash
 import zarr
 
 from conftest import CHUNK
+from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 
 FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
@@ -80,6 +81,16 @@ def test_checksums_fingerprint_hashes_and_digest_follow_the_document(
     for row, i in enumerate(arrays["index"]):
         assert xxhash.xxh3_64_intdigest(np.ascontiguousarray(x[i]).tobytes()) == \
             int(arrays["sample_hash"][row])
+
+    # top-k probabilities at a stored T: exp(topk/logits / T - topk/logsumexp[:, k])
+    if kind == "topk":
+        with open_transfer_set(path) as ts:
+            for k, t in enumerate(meta["temperatures"]):
+                p = np.exp(arrays["topk/logits"] / t - arrays["topk/logsumexp"][:, k:k + 1])
+                classes, weights = ts.sparse_targets(t)
+                np.testing.assert_array_equal(classes, arrays["topk/indices"])
+                np.testing.assert_allclose(p, weights, rtol=1e-6)
+                assert (p.sum(1) <= 1 + 1e-6).all()
 
     # digest: per identity key, XXH3-64 hex of the canonical JSON of its value
     keys = documented_keys("layout") + documented_keys("identity")  # "the layout keys and ..."
