@@ -64,6 +64,9 @@ def test_a_sparse_set_keeps_no_member_logits() -> None:
     ({"sparse": {"kind": "magic", "k": 2}}, "magic"), ({"block_rows": 7}, "block_rows"),
     ({"chunk_rows": 0}, "0"), ({"shard_rows": 24}, "shard rows 24"),
     ({"sparse": {"kind": "topk", "k": 9}}, "--topk"), ({"num_classes": None}, "None"),
+    ({"inputs": {"shape": [4], "dtype": "object"}}, "object"),
+    ({"inputs": {"shape": [4], "dtype": "nonsense"}}, "nonsense"),
+    ({"inputs": {"shape": [-4], "dtype": "float32"}}, "-4"),
 ])
 def test_metadata_that_describes_no_layout_is_refused_in_one_line(change: dict[str, Any],
                                                                    found: str) -> None:

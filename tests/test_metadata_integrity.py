@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from conftest import CHUNK
 from softlabels.cli import cli
-from softlabels.errors import IntegrityError
+from softlabels.errors import IntegrityError, TransferSetError
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 from softlabels.verify import verify
@@ -129,5 +129,33 @@ def test_verify_checks_exactly_the_arrays_the_metadata_implies(
     missing = checks(path)["arrays"]
     assert not missing.ok and f"{name}: expected" in missing.detail and "found nothing" in \
         missing.detail
-    with open_transfer_set(path) as ts, pytest.raises(IntegrityError, match="block 0"):
-        ts.read_block(0)  # stage two refuses it too, naming the block
+    with pytest.raises(IntegrityError, match=f"{name}: expected") as err:
+        open_transfer_set(path)  # stage two and the set operations refuse it on opening
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key,value,found", [
+    ("num_rows", 5, "labels: expected (5,)"), ("num_classes", 7, "logits: expected (206, 7)"),
+    ("sparse", {"kind": "topk", "k": 1}, "topk/indices: expected"),
+    ("views", None, "view_seed: not implied"), ("keep_members", True, "member_logits"),
+    ("inputs", {"shape": [1, 4, 4], "dtype": "float32"}, "inputs: expected"),
+    ("temperatures", "abc", "temperatures must be"), ("block_rows", 5, "block_rows 5"),
+    ("teacher", None, "teacher: expected"), ("dataset", [], "dataset: expected"),
+    ("num_examples", "103", "num_examples"), ("augment", None, "augment"),
+])
+def test_a_set_without_digest_whose_metadata_disagrees_is_refused_in_one_line(
+        tmp_path: Path, npz_data: str, key: str, value: Any, found: str) -> None:
+    """Sets from before digests: the metadata still has to describe the arrays stored."""
+    path = tmp_path / "v.zarr"
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK, views=2,
+               augment="hflip")
+
+    def change(meta: dict[str, Any]) -> None:
+        meta[key] = value
+        del meta["digest"]
+
+    edit(path, change)
+    with pytest.raises(TransferSetError) as err:
+        open_transfer_set(path)
+    assert found in str(err.value) and "\n" not in str(err.value)
+    assert not verify(path).ok

@@ -179,6 +179,8 @@ class Layout:
                 views=_count(meta.get("views") or 0),
                 topk=_count(sparse["k"]) if sparse.get("kind") == "topk" else 0,
                 sample_k=_count(sparse["k"]) if sparse.get("kind") == "sample" else 0)
+            if inputs and np.dtype(layout.input_dtype).kind not in "biuf":
+                raise ValueError(f"inputs dtype {layout.input_dtype!r} is not numeric")
             for name in ("dtype", "probs_dtype"):
                 if getattr(layout, name) not in S.DTYPE_CHOICES:
                     raise ValueError(f"{name} {getattr(layout, name)!r} is not one of "
@@ -191,6 +193,47 @@ class Layout:
             raise TransferSetError(f"{where} has metadata that describes no valid layout "
                                    f"({what}); get a fresh copy of the set") from None
         return layout
+
+
+def array_problems(layout: Layout,
+                   have: dict[str, tuple[tuple[int, ...], Any]]) -> list[str]:
+    """How stored arrays (name -> (shape, dtype)) differ from exactly those the layout implies
+    (a set from before block checksums may lack `block_checksum`)."""
+    want = layout.specs()
+    if S.BLOCK_CHECKSUM not in have:
+        want.pop(S.BLOCK_CHECKSUM)
+    bad = [f"{n}: expected {a.shape} {a.dtype}, found "
+           + (f"{have[n][0]} {have[n][1]}" if n in have else "nothing")
+           for n, a in want.items()
+           if n not in have or (tuple(have[n][0]), str(have[n][1])) != (a.shape, a.dtype)]
+    return bad + [f"{n}: not implied by the metadata" for n in sorted(set(have) - set(want))]
+
+
+def check_described(meta: dict[str, Any], where: str) -> None:
+    """Refuse descriptive metadata of the wrong form (teacher, dataset, counts), in one line."""
+    teacher, dataset = meta.get("teacher"), meta.get("dataset")
+    members = teacher.get("members") if isinstance(teacher, dict) else None
+    problems = [
+        *(["teacher: expected {\"members\": [{\"spec\", \"sha256\", ...}, ...], \"combine\"}"]
+          if not (isinstance(members, list) and members
+                  and all(isinstance(m, dict) and isinstance(m.get("sha256"), str)
+                          and isinstance(m.get("spec"), str) for m in members)
+                  and teacher.get("combine") in S.COMBINE_CHOICES) else []),
+        *(["dataset: expected {\"spec\", \"length\", \"fingerprint\", ...}"]
+          if not (isinstance(dataset, dict) and isinstance(dataset.get("fingerprint"), str))
+          else []),
+        *([f"num_examples: expected a positive integer, found {meta.get('num_examples')!r}"]
+          if isinstance(meta.get("num_examples"), bool)
+          or not isinstance(meta.get("num_examples"), int) or meta["num_examples"] < 1 else []),
+        *(["class_names: expected a list of strings"]
+          if not isinstance(meta.get("class_names") or [], list)
+          or not all(isinstance(c, str) for c in meta.get("class_names") or []) else []),
+        *(["augment: a view set names its augmentation"]
+          if meta.get("views") and not isinstance(meta.get("augment"), str) else []),
+    ]
+    if problems:
+        raise TransferSetError(f"{where} has malformed metadata ({'; '.join(problems)}); get a "
+                               "fresh copy of the set")
 
 
 def _count(value: Any, least: int = 0) -> int:

@@ -14,18 +14,19 @@ from ..errors import DataError, IntegrityError, TransferSetError
 from ..tempering import tempered_softmax
 from . import schema as S
 from ._store import Store, backend_of, open_store
-from .layout import Layout, check_digest
+from .layout import Layout, array_problems, check_described, check_digest
 
 
 class TransferSet:
     """A complete transfer set opened for reading. Use `open_transfer_set(path)`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, _check_arrays: bool = True) -> None:
         self.store = store
         self.path = store.path
         self.meta: dict[str, Any] = S.check_readable(store.get_meta(), str(store.path))
         check_digest(self.meta, str(store.path))
         self.layout = Layout.from_meta(self.meta, where=str(store.path))
+        check_described(self.meta, str(store.path))
         self.num_rows: int = self.layout.num_rows
         self.num_classes: int = self.layout.num_classes
         self.temperatures: list[float] = list(self.layout.temperatures)
@@ -34,6 +35,11 @@ class TransferSet:
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self.sparse: dict[str, Any] | None = self.layout.sparse  # {"kind", "k"} or None
         self._names = set(store.names())  # read-only: listed once, not on every read
+        problems = _check_arrays and array_problems(
+            self.layout, {n: store.info(n)[:2] for n in self._names})
+        if problems:  # verify opens with _check_arrays=False, to report them as a check
+            raise IntegrityError(f"{store.path} does not hold the arrays its metadata implies "
+                                 f"({'; '.join(problems)}); get a fresh copy of the set")
         # (B,) recorded block checksums; None in a set from before they existed
         self._checksums = (store.read(S.BLOCK_CHECKSUM) if S.BLOCK_CHECKSUM in self._names
                            else None)
