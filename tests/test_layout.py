@@ -65,6 +65,7 @@ def test_a_sparse_set_keeps_no_member_logits() -> None:
     ({"chunk_rows": 0}, "0"), ({"shard_rows": 24}, "shard rows 24"),
     ({"sparse": {"kind": "topk", "k": 9}}, "--topk"), ({"num_classes": None}, "None"),
     ({"inputs": {"shape": [4], "dtype": "object"}}, "object"),
+    ({"sparse": {"kind": "sample", "k": 0}}, "found 0"),
     ({"inputs": {"shape": [4], "dtype": "nonsense"}}, "nonsense"),
     ({"inputs": {"shape": [-4], "dtype": "float32"}}, "-4"),
 ])

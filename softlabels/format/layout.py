@@ -177,8 +177,8 @@ class Layout:
                 input_shape=tuple(_count(n) for n in inputs["shape"]) if inputs else None,
                 input_dtype=str(inputs.get("dtype", "float32")),
                 views=_count(meta.get("views") or 0),
-                topk=_count(sparse["k"]) if sparse.get("kind") == "topk" else 0,
-                sample_k=_count(sparse["k"]) if sparse.get("kind") == "sample" else 0)
+                topk=_count(sparse["k"], 1) if sparse.get("kind") == "topk" else 0,
+                sample_k=_count(sparse["k"], 1) if sparse.get("kind") == "sample" else 0)
             if inputs and np.dtype(layout.input_dtype).kind not in "biuf":
                 raise ValueError(f"inputs dtype {layout.input_dtype!r} is not numeric")
             for name in ("dtype", "probs_dtype"):
