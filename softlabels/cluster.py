@@ -1,4 +1,4 @@
-"""Stage one on a Dask cluster (DESIGN §4): each task computes and writes whole blocks.
+"""Stage one on a Dask cluster (docs/SCALING.md): each task computes and writes whole blocks.
 
 A block is one chunk along rows (one shard when sharded), so no two writers ever share a chunk
 or shard file. Workers load the data and the teacher once per process (a cache keyed by the

@@ -1,4 +1,4 @@
-"""Stage one: run the teacher once over a dataset and write its soft targets (DESIGN §4).
+"""Stage one: run the teacher once over a dataset and write its soft targets (docs/FORMAT.md).
 
 The main thread feeds batches through the teacher; a writer thread hashes inputs, checks the
 outputs, assembles whole blocks and writes them, so storage overlaps compute.

@@ -1,5 +1,5 @@
-"""DATA and MODEL specs (DESIGN §6): short strings that name a dataset or a model, and the
-self-describing checkpoints that `softlabels train` writes.
+"""DATA and MODEL specs (listed in the README): short strings that name a dataset or a model,
+and the self-describing checkpoints that `softlabels train` writes.
 
 DATA:  npz:PATH | mnist:ROOT?split=train|test | torchvision:NAME?root=ROOT&split=..
        | imagefolder:DIR?size=N | python:package.module:factory?key=value

@@ -1,4 +1,4 @@
-"""The teacher: one model or an ensemble, run in batches under inference mode (DESIGN §4)."""
+"""The teacher: one model or an ensemble, run in batches under inference mode."""
 
 from __future__ import annotations
 

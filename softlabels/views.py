@@ -1,4 +1,4 @@
-"""Augmented views (DESIGN §3 `view_seed`): each row of a set may describe one random view of
+"""Augmented views (docs/FORMAT.md, "View sets"): each row of a set may describe one random view of
 an example, replayed exactly from its seed, so the student trains on the very image the teacher
 labelled.
 

@@ -2,7 +2,7 @@
 
 The store knows arrays, chunks and one JSON metadata object; it knows nothing of rows, teachers
 or temperatures (that is `schema`, `writer` and `transfer_set`). The layout rules it enforces
-come from DESIGN §3: NaN fill for floats, empty chunks written, one writer per chunk or shard.
+come from docs/FORMAT.md: NaN fill for floats, empty chunks written, one writer per chunk or shard.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ class Store(ABC):
         *,
         chunks: tuple[int, ...],
         shards: tuple[int, ...] | None = None,
-    ) -> None: ...
+        dims: tuple[str, ...] | None = None,
+    ) -> None:
+        """A new array filled with NaN (floats) or 0; `dims` names its dimensions where the
+        backend records names (Zarr's `dimension_names`)."""
 
     @abstractmethod
     def write(self, name: str, selection: Selection, data: np.ndarray) -> None: ...
@@ -105,7 +108,7 @@ class ZarrStore(Store):
             store = str(path)
         self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode])
 
-    def create(self, name, shape, dtype, *, chunks, shards=None):
+    def create(self, name, shape, dtype, *, chunks, shards=None, dims=None):
         dt = np.dtype(dtype)
         self._group.create_array(
             name,
@@ -118,6 +121,7 @@ class ZarrStore(Store):
             # teacher probabilities); integer columns compress well and cost little.
             compressors=None if dt.kind == "f" else "auto",
             config={"write_empty_chunks": True},
+            dimension_names=dims,
         )
 
     def write(self, name, selection, data):
@@ -165,7 +169,8 @@ class ZarrStore(Store):
 
 
 class HDF5Store(Store):
-    """One HDF5 file (`*.h5`, `*.hdf5`). Written by a single process (DESIGN §3)."""
+    """One HDF5 file (`*.h5`, `*.hdf5`). Written by a single process: HDF5 has no safe
+    parallel writer without MPI."""
 
     def __init__(self, path: Path, mode: Mode) -> None:
         import h5py
@@ -179,13 +184,15 @@ class HDF5Store(Store):
                 "precompute command with --overwrite"
             ) from None
 
-    def create(self, name, shape, dtype, *, chunks, shards=None):
+    def create(self, name, shape, dtype, *, chunks, shards=None, dims=None):
         dt = np.dtype(dtype)
         # HDF5 refuses chunks larger than the array; zarr allows them.
         chunks = tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape))
-        self._file.create_dataset(
+        ds = self._file.create_dataset(
             name, shape=shape, dtype=dt, chunks=chunks, fillvalue=_fill_value(dt)
         )
+        for axis, label in enumerate(dims or ()):
+            ds.dims[axis].label = label  # HDF5 dimension labels (h5dump: DIMENSION_LABELS)
 
     def write(self, name, selection, data):
         self._file[name][selection] = data

@@ -1,10 +1,11 @@
-"""Integrity checks a transfer set can answer by itself: arrays as declared, every block readable
-and matching its checksum, finite values, probabilities that sum to one, index, labels and the
-dataset fingerprint. `softlabels verify` adds the checks that need the data or the teacher."""
+"""Integrity checks a transfer set can answer by itself: identity metadata against its digest,
+exactly the arrays the metadata implies, every block readable and matching its checksum, finite
+values, probabilities that sum to one and match the stored logits at the recorded temperatures,
+index, labels and the dataset fingerprint. `softlabels verify` adds the checks that need the
+data or the teacher."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from ..progress import Progress
 from . import schema as S
+from .layout import IDENTITY_KEYS, array_problems, edited_keys
 from .reader import TransferSet
 
 
@@ -40,34 +42,21 @@ class VerifyReport:
                 "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks]}
 
 
-def _blocks(ts: TransferSet) -> Iterator[tuple[int, int]]:
-    for start in range(0, ts.num_rows, ts.block_rows):
-        yield start, min(start + ts.block_rows, ts.num_rows)
-
-
 def check_arrays(ts: TransferSet, report: VerifyReport) -> bool:
-    r, c, k = ts.num_rows, ts.num_classes, len(ts.temperatures)
-    want = {S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"),
-            S.SAMPLE_HASH: ((r,), "uint64")}
-    sparse = ts.sparse or {}
-    if sparse.get("kind") == "topk":
-        want |= {S.TOPK_INDICES: ((r, sparse["k"]), "int32"),
-                 S.TOPK_LOGITS: ((r, sparse["k"]), "float32"),
-                 S.TOPK_LOGSUMEXP: ((r, k), "float32")}
-    elif sparse.get("kind") == "sample":
-        want[S.SAMPLE_INDICES] = ((k, r, sparse["k"]), "int32")
-    else:
-        want |= {S.LOGITS: ((r, c), ts.meta["dtype"]),
-                 S.PROBS: ((k, r, c), ts.meta["probs_dtype"])}
-    have = ts.arrays()
-    if S.MEMBER_LOGITS in have:
-        m = len(ts.meta["teacher"]["members"])
-        want[S.MEMBER_LOGITS] = ((m, r, c), ts.meta["dtype"])
-    bad = [f"{n}: expected {s} {d}, found "
-           + (f"{have[n][0]} {have[n][1]}" if n in have else "nothing")
-           for n, (s, d) in want.items() if n not in have or (have[n][0], have[n][1]) != (s, d)]
-    return report.add("arrays", not bad, "; ".join(bad) or f"{len(want)} arrays, shapes and "
-                      "dtypes as declared")
+    """Exactly the arrays the metadata implies, with the declared shapes and dtypes (the reader
+    refuses a set that fails this; verify reports it when the set opened all the same)."""
+    bad = array_problems(ts.layout, {n: (s, d) for n, (s, d, _) in ts.arrays().items()})
+    return report.add("arrays", not bad, "; ".join(bad) or f"{len(ts.layout.specs())} arrays, "
+                      "shapes and dtypes as the metadata implies")
+
+
+def check_meta(ts: TransferSet, report: VerifyReport) -> None:
+    """The identity metadata against the digest written when the set was completed (a set
+    whose digest does not match is refused on opening; see `layout.check_digest`)."""
+    edited = edited_keys(ts.meta)
+    report.add("metadata", not edited, "no digest recorded (a set from before digests)"
+               if edited is None else f"edited: {', '.join(edited)}" if edited else
+               f"{len(IDENTITY_KEYS)} identity fields match their digest")
 
 
 def _read_block(ts: TransferSet, names: list[str], start: int, stop: int,
@@ -79,30 +68,125 @@ def _read_block(ts: TransferSet, names: list[str], start: int, stop: int,
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+# Unit roundoff of a storage dtype, and the smallest stored probability whose log is compared.
+_ROUNDOFF = {"float16": 2.0 ** -11, "float32": 2.0 ** -24}
+_SMALLEST = {"float16": 1e-4, "float32": 1e-30}
+_ROWS_COMPARED = 1024  # per set, spread evenly over the blocks (at least one per block)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    y = z - z.max(-1, keepdims=True)
+    return y - np.log(np.exp(y).sum(-1, keepdims=True))
+
+
+class TemperingCheck:
+    """Stored `probs` against the stored logits at the recorded temperatures, block by block.
+
+    Expected log-probabilities are recomputed in float64 from `member_logits` when kept (under
+    the recorded `combine`), else from `logits` (a mean-probs ensemble without members: at T = 1
+    only). The tolerance per row follows the storage dtypes: rounding the logits moves each
+    log-probability by at most 2 * max|z| * u / T (u the unit roundoff), storing probs by u of
+    theirs. An edited temperature moves it by about |z| * |1/T - 1/T'|, far beyond that.
+    About 1024 rows are compared, evenly spaced within every block: an edited temperature moves
+    every row (an edited row is the checksums' business), so verify costs little more than a
+    plain read.
+    """
+
+    def __init__(self, ts: TransferSet) -> None:
+        lay, teacher = ts.layout, ts.meta.get("teacher") or {}
+        self.layout, self.combine = lay, teacher.get("combine", "mean-logits")
+        ensemble_without_members = (len(teacher.get("members") or ()) > 1 and not lay.num_members
+                                    and self.combine == "mean-probs")
+        self.checkable = [] if lay.sparse else [
+            k for k, t in enumerate(lay.temperatures) if not ensemble_without_members or t == 1]
+        self.worst = {k: (0.0, -1) for k in self.checkable}  # k -> (gap / tolerance, row)
+        self.per_block = max(1, -(-_ROWS_COMPARED // lay.num_blocks))
+
+    def _expected(self, arrays: dict[str, np.ndarray], t: float) -> np.ndarray:
+        if S.MEMBER_LOGITS in arrays:
+            z = arrays[S.MEMBER_LOGITS].astype(np.float64)  # (M, rows, C)
+            if self.combine == "mean-logits":
+                return _log_softmax(z.mean(0) / t)
+            lp = _log_softmax(z / t)
+            top = lp.max(0)
+            return top + np.log(np.exp(lp - top).mean(0))
+        return _log_softmax(arrays[S.LOGITS].astype(np.float64) / t)
+
+    def add(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        if not self.checkable:
+            return
+        n = len(arrays[S.LABELS])
+        rows = np.arange(n) if n <= self.per_block else np.linspace(
+            0, n - 1, self.per_block).round().astype(np.int64)
+        arrays = {name: np.take(arrays[name], rows, axis=S.row_axis(name))
+                  for name in (S.LOGITS, S.PROBS, S.MEMBER_LOGITS) if name in arrays}
+        z = arrays.get(S.MEMBER_LOGITS, arrays[S.LOGITS])
+        zmax = np.abs(z.astype(np.float64)).reshape(-1, *z.shape[-2:]).max(axis=(0, 2))
+        u_z, u_p = _ROUNDOFF[self.layout.dtype], _ROUNDOFF[self.layout.probs_dtype]
+        smallest = _SMALLEST[self.layout.probs_dtype]
+        for k in self.checkable:
+            t = self.layout.temperatures[k]
+            expected = self._expected(arrays, t)
+            stored = arrays[S.PROBS][k].astype(np.float64)
+            tol = (2 * zmax * u_z / t + 4 * u_p + 2.0 ** -20 * (1 + zmax / t)
+                   + 2.0 ** -24 * self.layout.num_classes)
+            compared = (stored >= smallest) | (expected >= np.log(2 * smallest))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gap = np.where(compared, np.abs(np.log(stored) - expected), 0) / tol[:, None]
+            gap = np.nan_to_num(gap, nan=np.inf).max(axis=1)
+            if gap.size and gap.max() > self.worst[k][0]:
+                self.worst[k] = (float(gap.max()), start + int(rows[gap.argmax()]))
+
+    def report(self, report: VerifyReport) -> None:
+        temps = self.layout.temperatures
+        if not self.checkable:
+            report.add("temperatures", True, "not checkable: a sparse set stores no dense "
+                       "probabilities" if self.layout.sparse else "not checkable: a mean-probs "
+                       "ensemble without --keep-members (checkable at T = 1 only)")
+            return
+        bad = [f"probs at T={temps[k]:g} do not match softmax(logits / {temps[k]:g}) (gap "
+               f"{g:.1e} times the tolerance, worst at row {r})"
+               for k, (g, r) in self.worst.items() if g > 1]
+        unchecked = [f"{t:g}" for k, t in enumerate(temps) if k not in self.worst]
+        worst = max(g for g, _ in self.worst.values())
+        report.add("temperatures", not bad, "; ".join(bad) + ": the temperatures, the logits or "
+                   "the probabilities were edited" if bad else
+                   f"stored probabilities match the stored logits at T = "
+                   f"{', '.join(f'{temps[k]:g}' for k in self.worst)} (worst gap {worst:.2f} of "
+                   "the tolerance)" + (f"; not checkable at T = {', '.join(unchecked)}: a "
+                                       "mean-probs ensemble without --keep-members"
+                                       if unchecked else ""))
+
+
 def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | None) -> None:
     first_bad: dict[str, int] = {}
     worst_sum = 0.0
-    names = [n for n in ts.store.names() if n not in S.BOOKKEEPING]
     checksums = ts.store.read(S.BLOCK_CHECKSUM) if ts.has(S.BLOCK_CHECKSUM) else None
     corrupt: list[str] = []
     unreadable = False
-    for b, (start, stop) in enumerate(_blocks(ts)):
-        arrays = _read_block(ts, names, start, stop)
+    tempering = TemperingCheck(ts)
+    for b in range(ts.num_blocks):
+        start, stop = ts.block_range(b)
+        arrays = _read_block(ts, ts.row_arrays(), start, stop)
         if isinstance(arrays, str):
             corrupt.append(f"block {b} (rows {start}-{stop - 1}) unreadable: {arrays}")
             unreadable = True
             continue
         if checksums is not None and S.block_checksum(arrays) != int(checksums[b]):
             corrupt.append(f"block {b} (rows {start}-{stop - 1}) does not match its checksum")
-        for name in (S.LOGITS, S.PROBS, S.MEMBER_LOGITS):
+        for name in S.TARGET_ARRAYS:
             if name in first_bad or name not in arrays:
                 continue
             block = arrays[name].astype(np.float32)
-            finite = np.isfinite(block).reshape(-1, *block.shape[-2:]).all(axis=(0, 2))
+            axis = S.row_axis(name)
+            finite = np.isfinite(block).all(axis=tuple(i for i in range(block.ndim)
+                                                       if i != axis))
             if not finite.all():
                 first_bad[name] = start + int(np.argmin(finite))
             elif name == S.PROBS:
-                worst_sum = max(worst_sum, float(np.abs(block.sum(-1) - 1).max()))
+                worst_sum = max(worst_sum, float(np.abs(block.sum(-1) - 1).max(initial=0)))
+        if not first_bad:
+            tempering.add(start, arrays)
         if progress:
             progress(stop, ts.num_rows)
     if checksums is None:
@@ -113,20 +197,30 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
                    or f"all {len(checksums)} blocks match their checksums")
     report.add("finite", not first_bad, "; ".join(f"{n} has NaN/inf at row {r}" for n, r in
                                                   first_bad.items()) or "no NaN or inf")
-    tol = 1e-2 if ts.meta["probs_dtype"] == "float16" else 1e-4
+    tol = 1e-2 if ts.layout.probs_dtype == "float16" else 1e-4
     report.add("probabilities", worst_sum <= tol, f"rows sum to 1 within {worst_sum:.1e} "
                f"(tolerance {tol:.0e})")
+    if not first_bad:
+        tempering.report(report)
     if unreadable:
         report.add("columns", False, "index, labels and fingerprint not checked: some blocks "
                    "cannot be read; get a fresh copy of the set")
         return
+    _check_columns(ts, report)
+
+
+def _check_columns(ts: TransferSet, report: VerifyReport) -> None:
     index, labels = ts.index(), ts.labels()
     n = int(ts.meta["num_examples"])
     ok_index = bool(len(index) == 0 or (index.min() >= 0 and index.max() < n))
     first_out = int(np.argmax((index < 0) | (index >= n))) if len(index) else 0
     report.add("index", ok_index, f"dataset indices within [0, {n})" if ok_index else
                f"dataset indices outside [0, {n}): first at row {first_out}")
-    report.add("labels", bool((labels >= -1).all()), "labels are class ids or -1")
+    c = ts.num_classes
+    bad_labels = (labels < -1) | (labels >= c)
+    report.add("labels", not bad_labels.any(), f"labels are class ids in [0, {c}) or -1"
+               if not bad_labels.any() else f"labels outside [-1, {c}): first at row "
+               f"{int(np.argmax(bad_labels))} ({int(labels[np.argmax(bad_labels)])})")
     fp = S.fingerprint(ts.sample_hash())
     recorded = ts.meta.get("dataset", {}).get("fingerprint")
     report.add("fingerprint", fp == recorded, f"sample_hash fingerprint {fp[:16]}… "

@@ -3,6 +3,7 @@ records where it came from (its `provenance`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import zipfile
@@ -18,33 +19,16 @@ from ..progress import Progress
 from ..tempering import combine_logits, ensemble_probs
 from . import schema as S
 from ._store import backend_of
-from .layout import Layout
+from .layout import ROW_KEYS, Layout, carried
 from .reader import TransferSet, open_transfer_set
 from .selection import read_indices, select_rows
 from .writer import TransferSetWriter
 
 BlockArrays = Callable[[int, int], dict[str, np.ndarray]]
 
-# Metadata the writer sets itself, or that describes one particular file.
-_OWN_KEYS = ("format_version", "status", "num_rows", "num_classes", "temperatures", "dtype",
-             "probs_dtype", "chunk_rows", "shard_rows", "block_rows", "keep_members",
-             "completed_at")
-
-
-def _layout(ts: TransferSet, *, num_rows: int | None = None,
-            num_members: int | None = None) -> Layout:
-    m = ts.meta
-    members = len(m["teacher"]["members"]) if ts.has(S.MEMBER_LOGITS) else 0
-    inputs = m.get("inputs") or {}
-    return Layout(num_rows=num_rows if num_rows is not None else ts.num_rows,
-                  num_classes=ts.num_classes, temperatures=tuple(ts.temperatures),
-                  dtype=m["dtype"], probs_dtype=m["probs_dtype"],
-                  num_members=members if num_members is None else num_members,
-                  chunk_rows=ts.chunk_rows, shard_rows=m.get("shard_rows"),
-                  input_shape=tuple(inputs["shape"]) if inputs else None,
-                  input_dtype=inputs.get("dtype", "float32"),
-                  topk=ts.sparse["k"] if ts.sparse and ts.sparse["kind"] == "topk" else 0,
-                  sample_k=ts.sparse["k"] if ts.sparse and ts.sparse["kind"] == "sample" else 0)
+def _layout(ts: TransferSet, **changes: Any) -> Layout:
+    """The source's layout (from its metadata), with `changes` (a row count, members)."""
+    return dataclasses.replace(ts.layout, **changes)
 
 
 def _source(ts: TransferSet) -> dict[str, Any]:
@@ -61,7 +45,7 @@ def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
            progress: Progress | None) -> dict[str, Any]:
     """Write a new set block by block; a zip target is written as a directory, then packed."""
     _refuse_existing(out)
-    meta = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
+    meta = carried(meta)
     if backend_of(out) != "zarr-zip":
         return _write_blocks(out, layout, meta, arrays, progress)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -147,7 +131,9 @@ def _check_mergeable(sets: list[TransferSet]) -> None:
                  ts.meta["dataset"]["fingerprint"]),
                 ("number of classes", first.num_classes, ts.num_classes),
                 ("number of rows", first.num_rows, ts.num_rows),
-                ("temperatures", first.temperatures, ts.temperatures)):
+                ("temperatures", first.temperatures, ts.temperatures),
+                *((f"{key!r} (the augmented views)", first.meta.get(key), ts.meta.get(key))
+                  for key in ROW_KEYS)):
             if a != b:
                 raise MismatchError(f"cannot merge {ts.path} into {first.path}: {what} differs "
                                     f"({b} against {a}); merge sets made on the same data")
@@ -180,13 +166,14 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
         members = [m for ts in sets for m in ts.meta["teacher"]["members"]]
         layout = _layout(first, num_members=len(members))
         temps = first.temperatures
+        computed = (S.MEMBER_LOGITS, S.LOGITS, S.PROBS)
+        copied = [n for n in layout.arrays() if n not in computed]  # labels, index, view_seed...
 
         def arrays(start: int, stop: int) -> dict[str, np.ndarray]:
             z = torch.from_numpy(np.concatenate([_members(ts, start, stop) for ts in sets]))
             return {S.MEMBER_LOGITS: z.numpy(), S.LOGITS: combine_logits(z, combine).numpy(),
                     S.PROBS: ensemble_probs(z, temps, combine).numpy(),
-                    **{n: first.read(n, start, stop)
-                       for n in (S.LABELS, S.INDEX, S.SAMPLE_HASH, S.INPUTS) if first.has(n)}}
+                    **{n: first.read(n, start, stop) for n in copied}}
 
         meta = {**first.meta, "teacher": {"members": members, "combine": combine},
                 "provenance": {"merged_from": [_source(ts) for ts in sets]}}

@@ -14,23 +14,32 @@ from ..errors import DataError, IntegrityError, TransferSetError
 from ..tempering import tempered_softmax
 from . import schema as S
 from ._store import Store, backend_of, open_store
+from .layout import Layout, array_problems, check_described, check_digest
 
 
 class TransferSet:
     """A complete transfer set opened for reading. Use `open_transfer_set(path)`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, _check_arrays: bool = True) -> None:
         self.store = store
         self.path = store.path
         self.meta: dict[str, Any] = S.check_readable(store.get_meta(), str(store.path))
-        self.num_rows: int = int(self.meta["num_rows"])
-        self.num_classes: int = int(self.meta["num_classes"])
-        self.temperatures: list[float] = [float(t) for t in self.meta["temperatures"]]
-        self.chunk_rows: int = int(self.meta["chunk_rows"])
-        self.block_rows: int = int(self.meta.get("block_rows") or self.chunk_rows)
+        check_digest(self.meta, str(store.path))
+        self.layout = Layout.from_meta(self.meta, where=str(store.path))
+        check_described(self.meta, str(store.path))
+        self.num_rows: int = self.layout.num_rows
+        self.num_classes: int = self.layout.num_classes
+        self.temperatures: list[float] = list(self.layout.temperatures)
+        self.chunk_rows: int = self.layout.chunk_rows
+        self.block_rows: int = self.layout.block_rows
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
-        self.sparse: dict[str, Any] | None = self.meta.get("sparse")  # {"kind", "k"} or None
+        self.sparse: dict[str, Any] | None = self.layout.sparse  # {"kind", "k"} or None
         self._names = set(store.names())  # read-only: listed once, not on every read
+        problems = _check_arrays and array_problems(
+            self.layout, {n: store.info(n)[:2] for n in self._names})
+        if problems:  # verify opens with _check_arrays=False, to report them as a check
+            raise IntegrityError(f"{store.path} does not hold the arrays its metadata implies "
+                                 f"({'; '.join(problems)}); get a fresh copy of the set")
         # (B,) recorded block checksums; None in a set from before they existed
         self._checksums = (store.read(S.BLOCK_CHECKSUM) if S.BLOCK_CHECKSUM in self._names
                            else None)
@@ -56,16 +65,16 @@ class TransferSet:
 
     def block_range(self, block: int) -> tuple[int, int]:
         """Rows [start, stop) of block `block`."""
-        start = block * self.block_rows
-        return start, min(start + self.block_rows, self.num_rows)
+        return self.layout.block_range(block)
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.num_rows // self.block_rows)
+        return self.layout.num_blocks
 
     def row_arrays(self) -> list[str]:
-        """Every stored array that has one entry per row (all but the block bookkeeping)."""
-        return sorted(n for n in self._names if n not in S.BOOKKEEPING)
+        """Every array the metadata implies with one entry per row (all but the block
+        bookkeeping), in name order."""
+        return sorted(self.layout.arrays())
 
     def read_block(self, block: int) -> dict[str, np.ndarray]:
         """Every row array's rows of one block, checked before anything uses them.
@@ -280,7 +289,9 @@ class TransferSetInputs(Dataset):
 def open_transfer_set(path: str | os.PathLike[str]) -> TransferSet:
     """Open a complete transfer set (`.zarr`, `.zarr.zip` or `.h5`) for reading.
 
-    Refuses anything that is not complete or of an unknown format version, saying what to do.
+    Refuses anything that is not complete, of an unknown format version, whose identity
+    metadata was edited after completion (`IntegrityError` naming the keys), or whose metadata
+    describes no valid layout, saying what to do.
     """
     store = open_store(Path(path), "r")
     try:

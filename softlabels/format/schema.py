@@ -40,6 +40,16 @@ TARGET_ARRAYS = (LOGITS, PROBS, MEMBER_LOGITS, TOPK_LOGITS, TOPK_LOGSUMEXP)
 
 ROW_AXIS = {PROBS: 1, MEMBER_LOGITS: 1, SAMPLE_INDICES: 1}
 
+# Dimension names (Zarr `dimension_names`, so xarray opens a set with named dimensions).
+ROWS, CLASSES, TEMPERATURE, MEMBER, K = "rows", "classes", "temperature", "member", "k"
+BLOCKS = "blocks"
+DIMENSIONS = {LOGITS: (ROWS, CLASSES), PROBS: (TEMPERATURE, ROWS, CLASSES), LABELS: (ROWS,),
+              INDEX: (ROWS,), SAMPLE_HASH: (ROWS,), VIEW_SEED: (ROWS,),
+              MEMBER_LOGITS: (MEMBER, ROWS, CLASSES), TOPK_INDICES: (ROWS, K),
+              TOPK_LOGITS: (ROWS, K), TOPK_LOGSUMEXP: (ROWS, TEMPERATURE),
+              SAMPLE_INDICES: (TEMPERATURE, ROWS, K), BLOCK_DONE: (BLOCKS,),
+              BLOCK_CHECKSUM: (BLOCKS,)}  # inputs: (rows, input_1, ..., input_n)
+
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
 COMBINE_CHOICES = ("mean-logits", "mean-probs")

@@ -2,7 +2,7 @@
 
 A block is the unit one writer owns: one chunk along rows (one shard when sharded). A block is
 marked done in `block_done` only after all of its arrays are in place, so a killed run resumes by
-rewriting exactly the blocks not marked done (DESIGN §3-4).
+rewriting exactly the blocks not marked done (docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ import numpy as np
 from ..errors import MismatchError, TransferSetError
 from . import schema as S
 from ._store import Store, ZarrStore, backend_of, open_store
-from .layout import Layout
+from .layout import DIGEST, FILE_KEYS, Layout, digest, resume_identity
 
 log = logging.getLogger(__name__)
-
-# Metadata fields that must agree for a rerun to resume into an existing set.
-IDENTITY_FIELDS = ("num_rows", "num_classes", "temperatures", "dtype", "probs_dtype",
-                   "chunk_rows", "shard_rows", "keep_members", "inputs", "sparse", "views",
-                   "augment")
 
 
 def write_block(store: Store, layout: Layout, block: int, arrays: dict[str, np.ndarray]) -> None:
@@ -67,18 +62,6 @@ class BlockWriter:
         self.store.close()
 
 
-def _identity(meta: dict[str, Any]) -> dict[str, Any]:
-    teacher = meta.get("teacher", {})
-    dataset = meta.get("dataset", {})
-    return {
-        **{f: meta.get(f) for f in IDENTITY_FIELDS},
-        "teacher weights": [m.get("sha256") for m in teacher.get("members", [])],
-        "combine": teacher.get("combine"),
-        "dataset length": dataset.get("length"),
-        "dataset probe": dataset.get("probe"),
-    }
-
-
 class TransferSetWriter:
     """Create or resume a transfer set; a context manager that finalises only on a clean exit."""
 
@@ -89,17 +72,9 @@ class TransferSetWriter:
         if backend_of(self.path) == "zarr-zip":
             raise TransferSetError(f"cannot write {self.path}: zip-packed sets are read-only; "
                                    "write a .zarr directory and convert it")
-        self.meta = {**meta, "format_version": S.FORMAT_VERSION, "status": S.STATUS_WRITING,
-                     "num_rows": layout.num_rows, "num_classes": layout.num_classes,
-                     "temperatures": list(layout.temperatures), "dtype": layout.dtype,
-                     "probs_dtype": layout.probs_dtype, "chunk_rows": layout.chunk_rows,
-                     "shard_rows": layout.shard_rows, "block_rows": layout.block_rows,
-                     "keep_members": layout.num_members > 0,
-                     "sparse": ({"kind": "topk", "k": layout.topk} if layout.topk else
-                                {"kind": "sample", "k": layout.sample_k} if layout.sample_k
-                                else None),
-                     "inputs": (None if layout.input_shape is None else
-                                {"shape": list(layout.input_shape), "dtype": layout.input_dtype})}
+        self.meta = {**{k: v for k, v in meta.items() if k not in FILE_KEYS},
+                     **layout.to_meta(), "format_version": S.FORMAT_VERSION,
+                     "status": S.STATUS_WRITING}
         if overwrite and self.path.exists():
             self._remove()
         self.store = self._open_existing() if self.path.exists() else self._create()
@@ -118,8 +93,8 @@ class TransferSetWriter:
                 store.close()
             raise TransferSetError(f"{self.path} exists and is not a transfer set; choose "
                                    "another --out or pass --overwrite")
-        new = _identity(self.meta)
-        diff = {k: (v, new[k]) for k, v in _identity(old).items() if v != new[k]}
+        new = resume_identity(self.meta)
+        diff = {k: (v, new[k]) for k, v in resume_identity(old).items() if v != new[k]}
         if diff:
             store.close()
             what = "; ".join(f"{k}: existing {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -159,13 +134,9 @@ class TransferSetWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         store = open_store(self.path, "w")
         lay = self.layout
-        for name, (shape, dtype) in lay.arrays().items():
-            shards = lay.grid(name, shape, lay.shard_rows) if lay.shard_rows else None
-            rows = lay.input_chunk_rows if name == S.INPUTS else lay.chunk_rows
-            store.create(name, shape, dtype, chunks=lay.grid(name, shape, rows), shards=shards)
-        store.create(S.BLOCK_DONE, (lay.num_blocks,), "uint8", chunks=(1,))
+        for a in lay.specs().values():
+            store.create(a.name, a.shape, a.dtype, chunks=a.chunks, shards=a.shards, dims=a.dims)
         store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
-        store.create(S.BLOCK_CHECKSUM, (lay.num_blocks,), "uint64", chunks=(1,))
         store.set_meta(self.meta)
         store.flush()
         return store
@@ -186,6 +157,7 @@ class TransferSetWriter:
                                 "fingerprint": S.fingerprint(self.store.read(S.SAMPLE_HASH))}
         self.meta["status"] = S.STATUS_COMPLETE
         self.meta["completed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.meta[DIGEST] = digest(self.meta)
         self.store.set_meta(self.meta)
         self.store.flush()
         return self.meta

@@ -1,0 +1,101 @@
+"""docs/FORMAT.md is enough to re-implement a reader: block checksums, the dataset fingerprint,
+sample hashes and the metadata digest recomputed from the document's recipes with numpy, xxhash,
+zarr and h5py alone (softlabels only makes the sets)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import xxhash
+import zarr
+
+from conftest import CHUNK
+from softlabels.format.reader import open_transfer_set
+from softlabels.precompute import precompute
+
+FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+AXIS_1 = ("probs", "member_logits", "sample/indices")  # FORMAT.md: "Rows are sliced along ..."
+
+
+def documented_keys(kind: str) -> list[str]:
+    """The backticked keys of the document's sentence 'The *{kind} keys* ...'."""
+    text = FORMAT_MD.read_text()
+    sentence = re.search(rf"The \*{kind} keys\*(.*?)(?:\.\s|:\s*what)", text, re.S)
+    assert sentence, f"FORMAT.md defines no {kind} keys"
+    return re.findall(r"`([a-z_]+)`", sentence.group(1))
+
+
+def read_zarr(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    g = zarr.open_group(path, mode="r")
+    arrays = {name: a[...] for name, a in g.arrays()}
+    for group, sub in g.groups():
+        arrays |= {f"{group}/{name}": a[...] for name, a in sub.arrays()}
+    return dict(g.attrs["softlabels"]), arrays
+
+
+def read_h5(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: arrays.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset)
+                     else None)
+        return json.loads(f.attrs["softlabels"]), arrays
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "sample"])
+def test_checksums_fingerprint_hashes_and_digest_follow_the_document(
+        tmp_path: Path, npz_data: str, suffix: str, kind: str) -> None:
+    path = tmp_path / f"set.{suffix}"
+    opts = {"dense": {"keep_members": True}, "topk": {"topk": 2}, "sample": {"sample_k": 3}}
+    precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4, 20],
+               chunk_rows=CHUNK, **opts[kind])
+    meta, arrays = (read_h5 if suffix == "h5" else read_zarr)(path)
+
+    # block_checksum: XXH3-64 over the row arrays in name order, each its name then its rows
+    rows = meta["num_rows"]
+    row_arrays = sorted(n for n in arrays if n not in ("block_done", "block_checksum"))
+    assert (kind == "sample") == ("sample/indices" in row_arrays)
+    blocks = -(-rows // meta["block_rows"])
+    assert len(arrays["block_checksum"]) == blocks > 1
+    for b in range(blocks):
+        start, stop = b * meta["block_rows"], min((b + 1) * meta["block_rows"], rows)
+        h = xxhash.xxh3_64()
+        for name in row_arrays:
+            data = arrays[name][:, start:stop] if name in AXIS_1 else arrays[name][start:stop]
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes())
+        assert h.intdigest() == int(arrays["block_checksum"][b]), f"block {b}"
+
+    # fingerprint: SHA-256 of the little-endian uint64 sample hashes in row order
+    fp = hashlib.sha256(arrays["sample_hash"].astype("<u8").tobytes()).hexdigest()
+    assert fp == meta["dataset"]["fingerprint"]
+
+    # sample_hash: XXH3-64 of the input tensor's C-contiguous bytes, as the dataset returns it
+    x = np.load(npz_data.removeprefix("npz:"))["x"]
+    for row, i in enumerate(arrays["index"]):
+        assert xxhash.xxh3_64_intdigest(np.ascontiguousarray(x[i]).tobytes()) == \
+            int(arrays["sample_hash"][row])
+
+    # top-k probabilities at a stored T: exp(topk/logits / T - topk/logsumexp[:, k])
+    if kind == "topk":
+        with open_transfer_set(path) as ts:
+            for k, t in enumerate(meta["temperatures"]):
+                p = np.exp(arrays["topk/logits"] / t - arrays["topk/logsumexp"][:, k:k + 1])
+                classes, weights = ts.sparse_targets(t)
+                np.testing.assert_array_equal(classes, arrays["topk/indices"])
+                np.testing.assert_allclose(p, weights, rtol=1e-6)
+                assert (p.sum(1) <= 1 + 1e-6).all()
+
+    # digest: per identity key, XXH3-64 hex of the canonical JSON of its value
+    keys = documented_keys("layout") + documented_keys("identity")  # "the layout keys and ..."
+    assert sorted(meta["digest"]) == sorted(keys)
+    for key in keys:
+        text = json.dumps(meta.get(key), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=True)
+        assert xxhash.xxh3_64_hexdigest(text.encode()) == meta["digest"][key], key
