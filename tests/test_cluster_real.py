@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_cluster import assert_same
 
@@ -21,6 +22,8 @@ from conftest import make_npz
 from softlabels._version import __version__
 from softlabels.cluster import check_worker, compute_blocks, set_token
 from softlabels.errors import TransferSetError
+from softlabels.format import schema as S
+from softlabels.format._store import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.options import PrecomputeOptions
 from softlabels.precompute import precompute, prepare
@@ -242,18 +245,21 @@ def test_workers_that_cannot_see_a_path_are_named_before_any_block(tmp_path: Pat
     if not namespaces_work(tmp_path):
         pytest.skip("needs user and mount namespaces (unshare) to hide a path from one worker")
     driver, elsewhere = tmp_path / "driver", tmp_path / "elsewhere"
-    for d in ("data", "out", "stale", "empty", "decoy"):
+    for d in ("data", "out", "stale", "empty", "decoy", "copy", "other"):
         (driver / d).mkdir(parents=True)
     elsewhere.mkdir()
     data = make_npz(driver / "data" / "d.npz")
     make_npz(driver / "d.npz")
+    make_npz(driver / "copy" / "d.npz", n=150)
+    make_npz(driver / "other" / "d.npz", n=150, seed=1)  # what the blind worker sees there
     # what the hidden worker sees at driver/stale: another set of the same name
     precompute(data, ["mlp:16-3"], driver / "decoy" / "s.zarr", chunk_rows=16)
     c = cluster()
     c.add_worker(cwd=elsewhere)
     blind = c.add_worker(cwd=elsewhere, hide={driver / "data": driver / "empty",
                                               driver / "out": driver / "empty",
-                                              driver / "stale": driver / "decoy"})
+                                              driver / "stale": driver / "decoy",
+                                              driver / "copy": driver / "other"})
     c.wait_for_workers()
     common = ["--teacher", "mlp:16-3", "--chunk-rows", "16", "--scheduler", c.address]
 
@@ -277,3 +283,22 @@ def test_workers_that_cannot_see_a_path_are_named_before_any_block(tmp_path: Pat
         assert not (driver / out).exists()  # nothing a rerun could take for a run to resume
     with open_transfer_set(driver / "decoy" / "s.zarr") as ts:
         assert ts.meta["status"] == "complete"  # the set the blind worker saw is untouched
+
+    # same path, other contents on one worker: its tasks fail (a retry may land on the other
+    # worker and succeed); either way no row of the other data enters the set
+    result = run_cli(["--data", "npz:copy/d.npz", "--out", "copy.zarr", *common], cwd=driver)
+    precompute(f"npz:{driver / 'copy' / 'd.npz'}", ["mlp:16-3"], tmp_path / "ref.zarr",
+               chunk_rows=16)
+    if result.returncode == 0:
+        assert_same(driver / "copy.zarr", tmp_path / "ref.zarr")
+    else:
+        assert result.stderr.startswith(f"Error: worker {blind} (host "), result.stderr
+        assert (f"npz:{driver / 'copy' / 'd.npz'} holds other examples here than on the driver"
+                in result.stderr)
+        assert result.stderr.count("\n") == 1
+        with open_store(driver / "copy.zarr") as store, \
+                open_transfer_set(tmp_path / "ref.zarr") as ref:
+            assert store.get_meta()["status"] == "writing"
+            for b in np.flatnonzero(store.read(S.BLOCK_DONE)):
+                rows = slice(16 * b, 16 * (b + 1))
+                np.testing.assert_array_equal(store.read(S.LOGITS, rows), ref.read(S.LOGITS)[rows])
