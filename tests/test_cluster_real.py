@@ -99,6 +99,20 @@ def test_cli_refuses_hdf5_on_a_cluster_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "s.h5").exists()
 
 
+@pytest.mark.slow
+def test_cli_names_a_scheduler_it_cannot_reach(tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    port = free_port()  # nothing listens there
+    result = run_cli(["--data", data, "--teacher", "mlp:16-3", "--out", "s.zarr", "--scheduler",
+                      f"tcp://127.0.0.1:{port}"], cwd=tmp_path,
+                     DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
+    assert result.returncode == 1
+    assert result.stderr == (f"Error: cannot reach the Dask scheduler at tcp://127.0.0.1:{port} "
+                             f"(Timed out trying to connect to tcp://127.0.0.1:{port} after 2 s);"
+                             " start one with `dask scheduler` or check the address\n")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 # --- a scheduler and workers as separate processes --------------------------------------------
 
 
@@ -108,9 +122,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cli(args: list[str], *, cwd: Path, timeout: float = 240
+def run_cli(args: list[str], *, cwd: Path, timeout: float = 240, **env_vars: str
             ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), **env_vars}
     return subprocess.run([sys.executable, "-m", "softlabels", "precompute", *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -281,6 +295,23 @@ def test_workers_that_cannot_see_a_path_are_named_before_any_block(tmp_path: Pat
             "--out at the same path (a shared filesystem); nothing was computed, and the empty "
             f"{driver / out} this run created was removed\n")
         assert not (driver / out).exists()  # nothing a rerun could take for a run to resume
+    # a set an earlier (single-process) run left incomplete is left as it was
+    partial = ["--data", "npz:d.npz", "--teacher", "python:helpers:seeded_nan_teacher",
+               "--out", "out/r.zarr", "--chunk-rows", "16", "--batch-size", "8"]
+    assert run_cli(partial, cwd=driver).returncode == 1
+    with open_store(driver / "out" / "r.zarr") as store:
+        before, status = store.read(S.BLOCK_DONE), store.get_meta()["status"]
+    assert before.sum() < len(before) and status == "writing"
+    result = run_cli([*partial, "--scheduler", c.address], cwd=driver)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"Error: worker {blind} cannot see the set {driver / 'out' / 'r.zarr'} (No such file or "
+        "directory): every worker must see the DATA, the MODEL files and --out at the same path"
+        f" (a shared filesystem); nothing was computed, and {driver / 'out' / 'r.zarr'} was "
+        "left as it was\n")
+    with open_store(driver / "out" / "r.zarr") as store:
+        np.testing.assert_array_equal(store.read(S.BLOCK_DONE), before)
+
     with open_transfer_set(driver / "decoy" / "s.zarr") as ts:
         assert ts.meta["status"] == "complete"  # the set the blind worker saw is untouched
 
