@@ -21,7 +21,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -247,10 +247,11 @@ def precompute_on_cluster(
     _, _, layout, meta = prepare(data, teachers, opts)
     expect = (meta["dataset"]["probe"],
               tuple(m["sha256"] for m in meta["teacher"]["members"]))
-    with _client(workers, scheduler) as client:
+    done_already = not overwrite and _is_complete(target)  # no cluster needed to say so
+    with nullcontext() if done_already else _client(workers, scheduler) as client:
         needs = (sorted({p for s in specs for p in s.paths}),
                  sorted({m for s in specs for m in s.modules}), __version__)
-        refused = _check_workers(client, *needs)
+        refused = None if done_already else _check_workers(client, *needs)
         if refused:
             raise SoftlabelsError(f"worker {refused[0]} {refused[1]}: {_SHARED}; nothing was "
                                   "computed")
@@ -280,6 +281,14 @@ def precompute_on_cluster(
                             rows_computed=len(rows_of(layout, pending)),
                             resumed=writer.resumed, already_complete=writer.already_complete,
                             seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+def _is_complete(target: str) -> bool:
+    try:
+        with open_store(target, "r") as store:
+            return (store.get_meta() or {}).get("status") == S.STATUS_COMPLETE
+    except (SoftlabelsError, OSError):
+        return False
 
 
 class _Unseen(Exception):

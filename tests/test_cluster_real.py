@@ -20,7 +20,7 @@ from test_cluster import assert_same
 
 from conftest import make_npz
 from softlabels._version import __version__
-from softlabels.cluster import check_worker, compute_blocks, set_token
+from softlabels.cluster import check_worker, compute_blocks, precompute_on_cluster, set_token
 from softlabels.errors import TransferSetError
 from softlabels.format import schema as S
 from softlabels.format._store import open_store
@@ -87,6 +87,15 @@ def test_a_task_that_sees_another_set_writes_nothing(tmp_path: Path) -> None:
                        8, token=set_token(a))
     with open_transfer_set(b) as ts:
         assert (ts.read("logits") == before).all() and ts.meta["status"] == "complete"
+
+
+def test_a_complete_set_needs_no_cluster(tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr", chunk_rows=16)
+    # nothing listens at this address: reaching for it would fail
+    result = precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.zarr", chunk_rows=16,
+                                   scheduler=f"tcp://127.0.0.1:{free_port()}")
+    assert result.already_complete and result.rows_computed == 0
 
 
 def test_cli_refuses_hdf5_on_a_cluster_in_one_line(tmp_path: Path) -> None:
