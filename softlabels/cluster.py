@@ -4,36 +4,56 @@ A block is one chunk along rows (one shard when sharded), so no two writers ever
 or shard file. Workers load the data and the teacher once per process (a cache keyed by the
 specs, never pickled into the graph), tasks are retried and idempotent (a retry first erases
 the block's earlier partial files), and only the driver writes metadata and completes the set.
+
+Workers may run elsewhere, in another working directory: the driver makes every path in the
+specs and `--out` absolute, and before any block is computed checks on every worker that it
+sees the DATA and MODEL files and the very set the driver created (docs/SCALING.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
+import os
+import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from .errors import SoftlabelsError
-from .format._store import backend_of
+import numpy as np
+
+from ._version import __version__
+from .errors import MismatchError, SoftlabelsError, TransferSetError
+from .format import schema as S
+from .format._store import backend_of, open_store
 from .format.layout import Layout
 from .format.writer import BlockWriter, TransferSetWriter
 from .options import PrecomputeOptions, check_output_file
-from .precompute import PrecomputeResult, as_options, prepare, rows_of, run_blocks
+from .precompute import PrecomputeResult, as_options, dataset_probe, prepare, rows_of, run_blocks
 from .progress import Progress
-from .specs import load_data
+from .specs import Portable, load_data, portable_spec
 from .teacher import Teacher
 from .views import ViewDataset
 
 log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple[Any, ...], tuple[Any, Teacher]] = {}  # per worker process
+_SHARED = ("every worker must see the DATA, the MODEL files and --out at the same path (a "
+           "shared filesystem)")
 
 
 def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: str,
                   combine: str, views: tuple[int, str | None, int],
-                  trust_code: bool = False) -> tuple[Any, Teacher]:
+                  trust_code: bool = False,
+                  expect: tuple[str, tuple[str, ...]] | None = None) -> tuple[Any, Teacher]:
+    """This process's dataset and teacher, loaded once; `expect` = (the driver's dataset probe,
+    its teachers' weight hashes) refuses a worker that loads other data or weights from the
+    same paths (a node with its own, different copy)."""
     key = (data, teachers, device, precision, combine, views, trust_code)
     if key not in _CACHE:
         import torch
@@ -41,27 +61,126 @@ def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: 
         torch.set_num_threads(1)  # one thread per single-threaded worker process
         _CACHE.clear()
         dataset = load_data(data)
+        teacher = Teacher(list(teachers), device=device, precision=precision, combine=combine,
+                          trust_code=trust_code)
+        if expect is not None:
+            probe, weights = expect
+            if dataset_probe(dataset) != probe:
+                raise MismatchError(f"{data} holds other examples here than on the driver "
+                                    "(its probe hashes differ); give every worker the same data")
+            mine = tuple(m.sha256 for m in teacher.members)
+            if mine != weights:
+                raise MismatchError(f"the teacher {', '.join(teachers)} has other weights here "
+                                    "than on the driver; give every worker the same files")
         if views[0]:
             dataset = ViewDataset(dataset, *views)
-        _CACHE[key] = (dataset, Teacher(list(teachers), device=device, precision=precision,
-                                        combine=combine, trust_code=trust_code))
+        _CACHE[key] = (dataset, teacher)
     return _CACHE[key]
+
+
+def set_token(path: str | Path) -> str:
+    """What identifies the set at `path` to a worker: a hash of its root metadata file, which
+    holds the run's metadata (written at creation, rewritten only when the set completes)."""
+    with open(os.path.join(path, "zarr.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return f"worker {get_worker().address} (host {socket.gethostname()})"
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return f"process {os.getpid()} (host {socket.gethostname()})"
+
+
+def _failure(exc: BaseException, blocks: list[int], path: str) -> SoftlabelsError:
+    """A task's exception as one line naming the worker, the block and the set; the library's
+    own errors keep their class."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if not isinstance(exc, SoftlabelsError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    message = f"{_worker_name()} failed on block {blocks[0]} of {path}: {text}"
+    try:
+        return type(exc)(message) if isinstance(exc, SoftlabelsError) else SoftlabelsError(message)
+    except TypeError:  # a subclass with another constructor
+        return SoftlabelsError(message)
 
 
 def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
                    teachers: tuple[str, ...], device: str, precision: str, combine: str,
                    batch_size: int, views: tuple[int, str | None, int] = (0, None, 0),
-                   trust_code: bool = False) -> list[int]:
-    """A task: compute and write `blocks` of the set at `path`; returns them."""
-    dataset, teacher = _worker_state(data, teachers, device, precision, combine, views,
-                                     trust_code)
-    writer = BlockWriter(path, layout)
+                   trust_code: bool = False, token: str | None = None,
+                   expect: tuple[str, tuple[str, ...]] | None = None) -> list[int]:
+    """A task: compute and write `blocks` of the set at `path`; returns them. With `token`
+    (`set_token` on the driver), a worker that does not see that very set writes nothing.
+    Any failure is raised as one line naming the worker, the block and the set."""
     try:
-        writer.erase(blocks)
-        run_blocks(teacher, dataset, writer, blocks, batch_size, 0, lambda n: None)
-    finally:
-        writer.close()
+        if token is not None:
+            try:
+                seen = set_token(path)
+            except OSError as exc:
+                raise TransferSetError(f"cannot see the set {path} ({exc.strerror}); "
+                                       f"{_SHARED}") from None
+            if seen != token:
+                raise TransferSetError(f"sees another set at {path} than the driver created; "
+                                       f"{_SHARED}")
+        dataset, teacher = _worker_state(data, teachers, device, precision, combine, views,
+                                         trust_code, expect)
+        writer = BlockWriter(path, layout)
+        try:
+            writer.erase(blocks)
+            run_blocks(teacher, dataset, writer, blocks, batch_size, 0, lambda n: None)
+        finally:
+            writer.close()
+    except Exception as exc:
+        raise _failure(exc, blocks, path) from None
     return blocks
+
+
+def check_worker(paths: Sequence[str], modules: Sequence[str], version: str,
+                 out: str | None = None, token: str | None = None) -> str | None:
+    """Run on each worker before any task (`Client.run`): None when this worker runs the
+    driver's softlabels version, sees every path, imports every module and (given `out`)
+    sees and can write in the very set the driver created; else what it lacks, in words."""
+    if version != __version__:
+        return (f"runs softlabels {__version__}, the driver {version}; install the same version "
+                "on every worker")
+    for path in paths:
+        if not os.path.exists(path):
+            return f"cannot see {path}"
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"cannot import module {module} (put it on the worker's PYTHONPATH)"
+    if out is not None:
+        try:
+            seen = set_token(out)
+        except OSError as exc:
+            return f"cannot see the set {out} ({exc.strerror})"
+        if seen != token:
+            return f"sees another set at {out} than the driver created"
+        try:  # a real probe: workers write the blocks
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as exc:
+            return f"cannot write in {out} ({exc.strerror})"
+    return None
+
+
+def _check_workers(client: Any, *args: Any) -> tuple[str, str] | None:
+    """(worker address, what it lacks) for the first worker `check_worker` refuses."""
+    answers = client.run(check_worker, *args, on_error="return")
+    bad = [(addr, f"cannot run softlabels ({type(a).__name__}: {a})"
+            if isinstance(a, BaseException) else a)
+           for addr, a in sorted(answers.items()) if a is not None]
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more worker(s))" if len(bad) > 1 else ""
+    return bad[0][0], f"{bad[0][1]}{more}"
 
 
 @contextmanager
@@ -72,7 +191,17 @@ def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     # DataLoader workers inside tasks need non-daemonic worker processes.
     dask.config.set({"distributed.worker.daemon": False})
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler)
+        except OSError as exc:
+            raise SoftlabelsError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); "
+                                  "start one with `dask scheduler` or check the address"
+                                  ) from None
+        with client:
+            if not client.scheduler_info()["workers"]:
+                log.warning("no worker has joined %s yet; waiting (start `dask worker %s`)",
+                            scheduler, scheduler)
+                client.wait_for_workers(1)
             yield client
         return
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -95,7 +224,12 @@ def precompute_on_cluster(
 ) -> PrecomputeResult:
     """`precompute` with its blocks spread over a Dask cluster: `workers` local processes, or
     the running cluster at `scheduler`. Options as for `precompute` (a `PrecomputeOptions` or
-    its fields by keyword). The result is identical to a single-process run."""
+    its fields by keyword). The result is identical to a single-process run.
+
+    Relative paths are resolved here; every worker must see the same files at the same
+    absolute paths (a shared filesystem). That is checked on every worker before any block
+    is computed; a worker that cannot is named in one line, and a set this run created is
+    removed again."""
     t0 = time.perf_counter()
     opts = as_options(options, kwargs)
     if backend_of(out) != "zarr":
@@ -107,39 +241,122 @@ def precompute_on_cluster(
     if workers is not None and workers <= 0:
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
     check_output_file(out, directory_ok=True)  # before loading data and teacher
+    target = os.path.abspath(out)
+    specs = [portable_spec(data, kind="DATA")] + [portable_spec(t, kind="MODEL")
+                                                  for t in teachers]
     _, _, layout, meta = prepare(data, teachers, opts)
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
-        pending = list(writer.pending)
-        done = layout.num_rows - len(rows_of(layout, pending))
-        if progress:
-            progress(done, layout.num_rows)
-        if pending:
-            done = _submit(layout, pending, str(out), data, tuple(teachers), opts,
-                           workers, scheduler, retries, progress, done)
+    expect = (meta["dataset"]["probe"],
+              tuple(m["sha256"] for m in meta["teacher"]["members"]))
+    done_already = not overwrite and _is_complete(target)  # no cluster needed to say so
+    with nullcontext() if done_already else _client(workers, scheduler) as client:
+        needs = (sorted({p for s in specs for p in s.paths}),
+                 sorted({m for s in specs for m in s.modules}), __version__)
+        refused = None if done_already else _check_workers(client, *needs)
+        if refused:
+            raise SoftlabelsError(f"worker {refused[0]} {refused[1]}: {_SHARED}; nothing was "
+                                  "computed")
+        fresh, submitted = overwrite or not os.path.exists(target), False
+        try:
+            with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
+                pending = list(writer.pending)
+                done = layout.num_rows - len(rows_of(layout, pending))
+                if progress:
+                    progress(done, layout.num_rows)
+                if pending:
+                    token = set_token(target)
+                    refused = _check_workers(client, *needs, target, token)
+                    if refused:
+                        raise _Unseen(refused)
+                    submitted = True
+                    _submit(client, layout, pending, target, specs, opts, token, expect,
+                            retries, progress, done)
+        except _Unseen as unseen:
+            raise SoftlabelsError(f"worker {unseen.worker} {unseen.lack}: {_SHARED}; nothing "
+                                  f"was computed, {_left_behind(target, fresh)}") from None
+        except SoftlabelsError as exc:
+            if not submitted:
+                raise
+            raise _with_state(exc, target, layout) from None
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows,
                             rows_computed=len(rows_of(layout, pending)),
                             resumed=writer.resumed, already_complete=writer.already_complete,
                             seconds=time.perf_counter() - t0, meta=writer.meta)
 
 
-def _submit(layout: Layout, pending: list[int], out: str, data: str, teachers: tuple[str, ...],
-            opts: PrecomputeOptions, workers: int | None, scheduler: str | None,
+def _is_complete(target: str) -> bool:
+    try:
+        with open_store(target, "r") as store:
+            return (store.get_meta() or {}).get("status") == S.STATUS_COMPLETE
+    except (SoftlabelsError, OSError):
+        return False
+
+
+class _Unseen(Exception):
+    def __init__(self, refused: tuple[str, str]) -> None:
+        super().__init__(*refused)
+        self.worker, self.lack = refused
+
+
+def _left_behind(target: str, fresh: bool) -> str:
+    """Remove the set this run created when no block of it was written (a rerun must not
+    take it for a run to resume); say what was done."""
+    if not fresh:
+        return f"and {target} was left as it was"
+    with open_store(target, "r") as store:
+        written = int(np.count_nonzero(store.read(S.BLOCK_DONE)))
+    if written:
+        return f"and {target} was kept ({written} block(s) written)"
+    shutil.rmtree(target)
+    return f"and the empty {target} this run created was removed"
+
+
+def _with_state(exc: SoftlabelsError, target: str, layout: Layout) -> SoftlabelsError:
+    """A failure during the run, with the state of the set and what to do."""
+    try:
+        with open_store(target, "r") as store:
+            written = int(np.count_nonzero(store.read(S.BLOCK_DONE)))
+            complete = (store.get_meta() or {}).get("status") == S.STATUS_COMPLETE
+    except (SoftlabelsError, OSError):
+        return exc  # the failure came before the set existed
+    if complete:
+        return exc
+    state = (f"{target} is incomplete ({written} of {layout.num_blocks} blocks written): fix "
+             "the cause and rerun the same command to compute the rest, or pass --overwrite")
+    try:
+        return type(exc)(f"{exc}; {state}")
+    except TypeError:
+        return SoftlabelsError(f"{exc}; {state}")
+
+
+def _submit(client: Any, layout: Layout, pending: list[int], out: str, specs: list[Portable],
+            opts: PrecomputeOptions, token: str, expect: tuple[str, tuple[str, ...]],
             retries: int, progress: Progress | None, done: int) -> int:
     from dask.distributed import as_completed
 
     views = (opts.views, opts.augment, opts.view_seed)
-    with _client(workers, scheduler) as client:
-        futures = [client.submit(compute_blocks, out, layout, [b], data, teachers, opts.device,
-                                 opts.precision, opts.combine, opts.batch_size, views,
-                                 opts.trust_code,
-                                 key=f"softlabels-block-{b}",
-                                 retries=retries, pure=False)
-                   for b in pending]
+    data, teachers = specs[0].spec, tuple(s.spec for s in specs[1:])
+    futures = {client.submit(compute_blocks, out, layout, [b], data, teachers, opts.device,
+                             opts.precision, opts.combine, opts.batch_size, views,
+                             opts.trust_code, token, expect,
+                             key=f"softlabels-block-{b}", retries=retries, pure=False): b
+               for b in pending}
+    try:
         for future in as_completed(futures):
-            blocks = future.result()
+            try:
+                blocks = future.result()
+            except SoftlabelsError:
+                raise
+            except Exception as exc:  # the cluster's own (a task that kept killing workers)
+                text = str(exc).splitlines()[0] if str(exc) else ""
+                raise SoftlabelsError(f"the cluster failed on block {futures[future]} of {out}"
+                                      f": {type(exc).__name__}: {text}") from None
             future.release()
             done += len(rows_of(layout, blocks))
             if progress:
                 progress(done, layout.num_rows)
-        del futures  # nothing left for the scheduler to keep when the cluster closes
+    except BaseException:
+        client.cancel(list(futures))  # after a failure, start nothing more
+        raise
+    finally:
+        futures.clear()  # nothing left for the scheduler to keep when the cluster closes
     return done

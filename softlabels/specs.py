@@ -15,8 +15,8 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, quote
 
 import numpy as np
 import torch
@@ -364,3 +364,42 @@ def weights_sha256(model: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# --- specs for other processes (a Dask cluster's workers) ------------------------------------
+
+
+class Portable(NamedTuple):
+    """A spec another process can load: its paths made absolute, and what that process must
+    have to load it (the paths it must see, the modules it must import)."""
+
+    spec: str
+    paths: tuple[str, ...]
+    modules: tuple[str, ...]
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def portable_spec(spec: str, *, kind: str) -> Portable:
+    """`spec` (a DATA or MODEL spec, `kind`) with its path resolved against this process's
+    working directory, so that a process started elsewhere (a Dask worker) loads the same
+    files. Options and everything else are kept as written; URLs are left alone."""
+    if kind == "MODEL" and (Path(spec).is_file() or spec.endswith((".pt", ".pth"))):
+        path = _absolute(spec)
+        return Portable(path, (path,), ())
+    scheme, sep, rest = spec.partition(":")
+    body, qmark, query = rest.partition("?")
+    if scheme == CODE_SCHEME:
+        return Portable(spec, (), (body.partition(":")[0],))
+    if kind == "DATA" and scheme in ("npz", "mnist", "imagefolder", "transferset") and body:
+        path = _absolute(body)
+        return Portable(f"{scheme}:{path}{qmark}{query}", (path,), ())
+    if kind == "DATA" and scheme == "torchvision":
+        pairs = parse_qsl(query)
+        root = _absolute(str(dict(pairs).get("root", ".")))
+        items = [item for item in query.split("&") if item and not item.startswith("root=")]
+        items.append(f"root={quote(root, safe='/:')}")
+        return Portable(f"{scheme}:{body}?{'&'.join(items)}", (root,), ())
+    return Portable(spec, (), ())

@@ -65,3 +65,9 @@ def huge_logits() -> nn.Module:
     with torch.no_grad():
         lin.weight.fill_(1e5)
     return nn.Sequential(nn.Flatten(), lin)
+
+
+def seeded_nan_teacher() -> nn.Module:
+    """`nan_teacher` with the same weights in every process (a cluster's workers)."""
+    torch.manual_seed(0)
+    return NaNAfter()

@@ -66,8 +66,14 @@ def test_cluster_refuses_hdf5_and_objects(tmp_path: Path) -> None:
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:
-    kids = psutil.Process(pid).children(recursive=True)
-    return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+    workers = []
+    for kid in psutil.Process(pid).children(recursive=True):
+        try:  # a short-lived child may exit (or linger as a zombie) while we look
+            if "spawn_main" in " ".join(kid.cmdline()):
+                workers.append(kid)
+        except psutil.Error:
+            pass
+    return workers
 
 
 @pytest.mark.slow
