@@ -18,8 +18,9 @@ from typing import Any
 from .errors import SoftlabelsError
 from .format._store import backend_of
 from .format.layout import Layout
+from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
-from .precompute import LAYOUT_DEFAULTS, PrecomputeResult, prepare, rows_of, run_blocks
+from .precompute import LAYOUT_DEFAULTS, PrecomputeResult, prepare, row_hashes, rows_of, run_blocks
 from .progress import Progress
 from .specs import load_data
 from .teacher import Teacher
@@ -106,8 +107,10 @@ def precompute_on_cluster(
                               "each worker can load")
     if workers is not None and workers <= 0:
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
-    _, _, layout, meta = prepare(data, teachers, **opts)
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
+    refuse_if_busy(out)
+    dataset, _, layout, meta = prepare(data, teachers, **opts)
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                           row_hashes=row_hashes(dataset)) as writer:
         pending = list(writer.pending)
         done = layout.num_rows - len(rows_of(layout, pending))
         if progress:

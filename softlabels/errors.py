@@ -11,6 +11,7 @@ __all__ = [
     "IntegrityError",
     "MismatchError",
     "TeacherOutputError",
+    "WriterBusyError",
 ]
 
 
@@ -45,3 +46,7 @@ class MismatchError(SoftlabelsError):
 
 class TeacherOutputError(SoftlabelsError):
     """The teacher produced NaN or inf."""
+
+
+class WriterBusyError(SoftlabelsError):
+    """Another process holds the writer lease on an output: one writer at a time."""

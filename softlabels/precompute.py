@@ -27,6 +27,7 @@ from ._version import __version__
 from .errors import SoftlabelsError, TeacherOutputError
 from .format import schema as S
 from .format.layout import Layout
+from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
 from .progress import Progress
 from .specs import class_names, load_data, split_item
@@ -221,13 +222,15 @@ def precompute(
     recomputed. A set made from another teacher or dataset is refused unless `overwrite`.
     """
     t0 = time.perf_counter()
+    refuse_if_busy(out)  # before loading anything; the writer takes the lease itself
     dataset, teacher, layout, meta = prepare(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
         probs_dtype=probs_dtype, combine=combine, keep_members=keep_members,
         store_inputs=store_inputs, chunk_rows=chunk_rows, shard_rows=shard_rows, device=device,
         precision=precision, topk=topk, sample_k=sample_k, views=views, augment=augment,
         view_seed=view_seed)
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                           row_hashes=row_hashes(dataset)) as writer:
         rows = rows_of(layout, writer.pending)
         done = layout.num_rows - len(rows)
         if progress:
@@ -238,6 +241,20 @@ def precompute(
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
                             resumed=writer.resumed, already_complete=writer.already_complete,
                             seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:
+    """The current data's sample hashes of rows [start, stop) (of the un-augmented example for
+    view rows): what a resume checks the earlier run's rows against."""
+    data, views = ((rows_data.data, rows_data.views) if isinstance(rows_data, ViewDataset)
+                   else (rows_data, 1))
+
+    def hashes(start: int, stop: int) -> np.ndarray:
+        examples, where = np.unique(np.arange(start, stop) // views, return_inverse=True)
+        return np.array([S.sample_hash(split_item(data[int(i)])[0].numpy()) for i in examples],
+                        dtype=np.uint64)[where]
+
+    return hashes
 
 
 def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:

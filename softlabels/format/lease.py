@@ -1,0 +1,180 @@
+"""One writer at a time: a lease on an output path, held while a command writes it.
+
+The lease is a file next to the output (`OUT.lock`) locked with `fcntl.flock`. The kernel drops
+the lock when its holder exits, however it exits (SIGKILL included), so a lease left by a killed
+process is taken over by the next writer without any manual step; the file's content only names
+the holder (host, pid, command, start time) for the message a refused writer gets. The file is
+removed when the lease is released.
+
+flock works on local filesystems and on NFSv4 (as a byte-range lock). Where a filesystem does not
+support it, writing is refused with a message; `SOFTLABELS_USE_FILE_LOCKING=FALSE` (as HDF5's
+`HDF5_USE_FILE_LOCKING`) writes without a lease, and then the user keeps to one writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import WriterBusyError
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".lock"
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+# Leases this process holds, by lock path: (fd, count). flock is per open file, so a second
+# acquire in the same process (precompute takes the lease early, its writer again) nests.
+_HELD: dict[str, list[int]] = {}
+_GUARD = threading.Lock()
+
+
+def lock_path(out: str | os.PathLike[str]) -> Path:
+    """The lease file of output `out`: `OUT.lock` beside it."""
+    p = Path(os.path.abspath(out))
+    return p.with_name(p.name + LOCK_SUFFIX)
+
+
+def _locking_enabled() -> bool:
+    return os.environ.get("SOFTLABELS_USE_FILE_LOCKING", "TRUE").upper() not in ("FALSE", "0",
+                                                                                 "NO")
+
+
+def _describe(raw: str) -> str:
+    try:
+        h = json.loads(raw)
+        return (f"pid {h['pid']} on {h['host']} since {h['started_at']} "
+                f"(`{h['command']}`)")
+    except (ValueError, KeyError, TypeError):
+        return "another process (its details are not written yet)"
+
+
+def holder(out: str | os.PathLike[str]) -> str | None:
+    """Who holds the lease on `out` now, in words, or None when nobody does."""
+    path = lock_path(out)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        with _GUARD:
+            if str(path) in _HELD:
+                return "this process"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
+        except OSError:
+            return None
+        return None
+    finally:
+        os.close(fd)
+
+
+def refuse_if_busy(out: str | os.PathLike[str]) -> None:
+    """Refuse early, before expensive work, when another process holds `out`'s lease (the
+    writer still takes the lease itself; this only saves loading a teacher to be refused)."""
+    who = holder(out)
+    if who is not None and who != "this process":
+        raise WriterBusyError(f"{out} is being written by {who}; wait for it to finish (a "
+                              "second writer is refused; nothing was changed)")
+
+
+class WriterLease:
+    """A context manager holding the lease on `out`; refuses with `WriterBusyError` (naming the
+    holder) while another process holds it."""
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.out = Path(out)
+        self.path = lock_path(out)
+        self._held = False
+
+    def acquire(self) -> WriterLease:
+        if not _locking_enabled():
+            return self
+        key = str(self.path)
+        with _GUARD:
+            if key in _HELD:
+                _HELD[key][1] += 1
+                self._held = True
+                return self
+            fd = self._lock()
+            _HELD[key] = [fd, 1]
+            self._held = True
+        return self
+
+    def _lock(self) -> int:
+        """Open, lock and claim the lease file; retried if it was replaced meanwhile."""
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                raise WriterBusyError(f"cannot create the lease file {self.path} ({exc}); "
+                                      "write the output in a writable directory") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
+                os.close(fd)
+                raise WriterBusyError(
+                    f"{self.out} is being written by {who}; wait for it to finish (a second "
+                    "writer is refused; nothing was changed)") from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in _UNSUPPORTED:
+                    raise WriterBusyError(
+                        f"the filesystem of {self.out} does not support file locks ({exc}); "
+                        "set SOFTLABELS_USE_FILE_LOCKING=FALSE to write without a lease, and "
+                        "run one writer at a time yourself") from None
+                raise
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file as we opened it: retry
+                os.close(fd)
+                continue
+            previous = os.pread(fd, 4096, 0).decode(errors="replace")
+            if previous.strip():
+                log.info("took over the lease of %s left by %s (that process is gone)",
+                         self.out, _describe(previous))
+            me = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "command": " ".join(sys.argv) or "python",
+                  "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            return fd
+        raise WriterBusyError(f"could not take the lease {self.path}: it keeps being replaced; "
+                              "is another writer starting and stopping on this output?")
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        key = str(self.path)
+        with _GUARD:
+            entry = _HELD.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del _HELD[key]
+            # Unlink while still locked: a waiter that opened the old file sees it replaced.
+            self.path.unlink(missing_ok=True)
+            os.close(entry[0])
+
+    def __enter__(self) -> WriterLease:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
