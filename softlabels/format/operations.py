@@ -54,7 +54,11 @@ def _source(ts: TransferSet) -> dict[str, Any]:
 
 
 def _refuse_existing(out: Path) -> None:
+    """Refuse an existing output, after clearing what a killed earlier run left beside it
+    (its lease file, staging paths): taken and released under the lease, never raced."""
     if out.exists() or out.is_symlink():
+        with WriterLease(out):
+            clear_staging(out)
         raise SoftlabelsError(f"{out} already exists; choose a new --out (nothing was written)")
 
 
@@ -69,17 +73,21 @@ def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
         clear_staging(out)
         _refuse_existing(out)
         staged = beside(out, PARTIAL)
-        written = _write_blocks(staged, layout, meta, arrays, progress,
-                                "zarr" if zipped else backend_of(out))
-        if zipped:
-            packing = beside(out, PACKING)
-            with zipfile.ZipFile(packing, "w", zipfile.ZIP_STORED) as z:
-                for f in sorted(staged.rglob("*")):
-                    if f.is_file():
-                        z.write(f, f.relative_to(staged).as_posix())
-            remove_set(staged, backend="zarr", what="clean-up")
-            staged = packing
-        publish(staged, out)
+        try:
+            written = _write_blocks(staged, layout, meta, arrays, progress,
+                                    "zarr" if zipped else backend_of(out))
+            if zipped:
+                packing = beside(out, PACKING)
+                with zipfile.ZipFile(packing, "w", zipfile.ZIP_STORED) as z:
+                    for f in sorted(staged.rglob("*")):
+                        if f.is_file():
+                            z.write(f, f.relative_to(staged).as_posix())
+                remove_set(staged, backend="zarr", what="clean-up")
+                staged = packing
+            publish(staged, out)
+        except BaseException:
+            clear_staging(out)  # a refused or failed operation leaves nothing behind
+            raise
     return written
 
 
@@ -150,7 +158,10 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     out = Path(out)
     _refuse_existing(out)
     with open_transfer_set(src) as ts:
-        rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
+        source = _Source(ts)
+        # every block is checked before its labels and index choose rows
+        columns = source.range([S.LABELS, S.INDEX], 0, ts.num_rows)
+        rows = select_rows(columns[S.LABELS], index=columns[S.INDEX], fraction=fraction, seed=seed,
                            classes=classes, exclude_classes=exclude_classes,
                            indices=read_indices(indices) if indices is not None else None)
         layout = _layout(ts, num_rows=len(rows))
@@ -160,7 +171,6 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                      "indices": str(indices) if indices is not None else None}
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
                                           "subset_of": {**_source(ts), **selection}}}
-        source = _Source(ts)
         return _write(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress)
 
 
@@ -183,9 +193,6 @@ def _check_mergeable(sets: list[TransferSet]) -> None:
             if a != b:
                 raise MismatchError(f"cannot merge {ts.path} into {first.path}: {what} differs "
                                     f"({b} against {a}); merge sets made on the same data")
-        if not np.array_equal(first.index(), ts.index()):
-            raise MismatchError(f"cannot merge {ts.path}: its rows are in another order than "
-                                f"{first.path}'s")
     for ts in sets:
         if ts.sparse:
             raise SoftlabelsError(f"{ts.path} is sparse ({ts.sparse['kind']}): merging needs "
@@ -217,9 +224,14 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
 
         def arrays(start: int, stop: int) -> dict[str, np.ndarray]:
             z = torch.from_numpy(np.concatenate([_members(s, start, stop) for s in sources]))
+            rows = sources[0].range(columns, start, stop)
+            for other in sources[1:]:  # checked reads: the rows' order, block by block
+                if not np.array_equal(other.range([S.INDEX], start, stop)[S.INDEX],
+                                      rows[S.INDEX]):
+                    raise MismatchError(f"cannot merge {other.ts.path}: its rows are in "
+                                        f"another order than {first.path}'s")
             return {S.MEMBER_LOGITS: z.numpy(), S.LOGITS: combine_logits(z, combine).numpy(),
-                    S.PROBS: ensemble_probs(z, temps, combine).numpy(),
-                    **sources[0].range(columns, start, stop)}
+                    S.PROBS: ensemble_probs(z, temps, combine).numpy(), **rows}
 
         meta = {**first.meta, "teacher": {"members": members, "combine": combine},
                 "provenance": {"merged_from": [_source(ts) for ts in sets]}}
