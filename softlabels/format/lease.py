@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import WriterBusyError
+from ..errors import TransferSetError, WriterBusyError
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,12 @@ class WriterLease:
         """Open, lock and claim the lease file; retried if it was replaced meanwhile."""
         for _ in range(100):
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
-                raise WriterBusyError(f"cannot create the lease file {self.path} ({exc}); "
-                                      "write the output in a writable directory") from None
+                raise TransferSetError(
+                    f"cannot write {self.out}: {exc.strerror} ({exc.filename}); choose an "
+                    "--out in a writable directory") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
