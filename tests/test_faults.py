@@ -88,6 +88,11 @@ def _commands(src: dict[str, Path | str]) -> dict[str, list[str]]:
         "precompute --overwrite": ["precompute", "--data", src["data"], "--teacher",
                                    "mlp:16-8-3", "--temperatures", "1,4", "--chunk-rows",
                                    str(CHUNK), "--overwrite"],
+        # forked DataLoader workers outlive a killed parent for a while: they must not hold
+        # its lease (POSIX locks are not inherited), so the rerun right after still works
+        "precompute --num-workers": ["precompute", "--data", src["data"], "--teacher",
+                                     "mlp:16-8-3", "--temperatures", "1,4", "--chunk-rows",
+                                     str(CHUNK), "--num-workers", "2"],
         "merge": ["merge", src["a"], src["b"]],
         "convert": ["convert", src["a"]],
         "subset": ["subset", src["a"], "--fraction", "0.5", "--seed", "3"],
@@ -103,6 +108,7 @@ KILLS = [  # (command, output name, kill target, nth call, before/after)
     ("precompute", "p.zarr", f"{STORE}:Store.flush", 4, "before"),  # data in, not marked done
     ("precompute", "p.h5", f"{STORE}:HDF5Store.flush", 4, "before"),
     ("precompute", "p.zarr", "softlabels.format.writer:TransferSetWriter.finish", 1, "after"),
+    ("precompute --num-workers", "p.zarr", "softlabels.format.writer:write_block", 2, "before"),
     ("precompute --overwrite", "p.zarr", "softlabels.format.aside:_delete", 2, "before"),
     ("precompute --overwrite", "p.h5", "os:rename", 1, "after"),
     ("convert", "c.h5", "softlabels.format.writer:write_block", 3, "before"),

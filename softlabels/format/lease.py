@@ -1,14 +1,16 @@
 """One writer at a time: a lease on an output path, held while a command writes it.
 
-The lease is a file next to the output (`OUT.lock`) locked with `fcntl.flock`. The kernel drops
-the lock when its holder exits, however it exits (SIGKILL included), so a lease left by a killed
-process is taken over by the next writer without any manual step; the file's content only names
-the holder (host, pid, command, start time) for the message a refused writer gets. The file is
+The lease is a file next to the output (`OUT.lock`) holding a POSIX record lock (`fcntl.lockf`,
+F_SETLK). The kernel drops the lock when its holder exits, however it exits (SIGKILL included),
+and a forked child (a DataLoader worker) does not inherit it, so a lease left by a killed process
+is taken over by the next writer at once, without any manual step. The file's content only names
+the holder (host, pid, command, start time) for the message a refused writer gets; the file is
 removed when the lease is released.
 
-flock works on local filesystems and on NFSv4 (as a byte-range lock). Where a filesystem does not
-support it, writing is refused with a message; `SOFTLABELS_USE_FILE_LOCKING=FALSE` (as HDF5's
-`HDF5_USE_FILE_LOCKING`) writes without a lease, and then the user keeps to one writer.
+POSIX locks work on local filesystems and over NFS (v4, or v3 with its lock daemon). Where a
+filesystem does not support them, writing is refused with a message;
+`SOFTLABELS_USE_FILE_LOCKING=FALSE` (as HDF5's `HDF5_USE_FILE_LOCKING`) writes without a lease,
+and then the user keeps to one writer.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_HELD_ELSEWHERE = (errno.EACCES, errno.EAGAIN)
 
-# Leases this process holds, by lock path: (fd, count). flock is per open file, so a second
-# acquire in the same process (precompute takes the lease early, its writer again) nests.
+# Leases this process holds, by lock path: [fd, count]. A POSIX lock belongs to the process and
+# is dropped when it closes *any* descriptor of the file, so the process never opens its own
+# lease file twice: a second acquire (precompute checks early, its writer acquires) nests here.
 _HELD: dict[str, list[int]] = {}
 _GUARD = threading.Lock()
 
@@ -61,23 +65,22 @@ def _describe(raw: str) -> str:
 def holder(out: str | os.PathLike[str]) -> str | None:
     """Who holds the lease on `out` now, in words, or None when nobody does."""
     path = lock_path(out)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        with _GUARD:
-            if str(path) in _HELD:
-                return "this process"
+    with _GUARD:
+        if str(path) in _HELD:
+            return "this process"
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _HELD_ELSEWHERE:
+                return _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
+            return None
+        finally:
+            os.close(fd)  # also drops the shared lock just taken
         return None
-    finally:
-        os.close(fd)
 
 
 def refuse_if_busy(out: str | os.PathLike[str]) -> None:
@@ -123,14 +126,14 @@ class WriterLease:
                     f"cannot write {self.out}: {exc.strerror} ({exc.filename}); choose an "
                     "--out in a writable directory") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                who = _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
-                os.close(fd)
-                raise WriterBusyError(
-                    f"{self.out} is being written by {who}; wait for it to finish (a second "
-                    "writer is refused; nothing was changed)") from None
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                if exc.errno in _HELD_ELSEWHERE:
+                    who = _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
+                    os.close(fd)
+                    raise WriterBusyError(
+                        f"{self.out} is being written by {who}; wait for it to finish (a "
+                        "second writer is refused; nothing was changed)") from None
                 os.close(fd)
                 if exc.errno in _UNSUPPORTED:
                     raise WriterBusyError(
