@@ -88,8 +88,8 @@ def _commands(src: dict[str, Path | str]) -> dict[str, list[str]]:
         "precompute --overwrite": ["precompute", "--data", src["data"], "--teacher",
                                    "mlp:16-8-3", "--temperatures", "1,4", "--chunk-rows",
                                    str(CHUNK), "--overwrite"],
-        # forked DataLoader workers outlive a killed parent for a while: they must not hold
-        # its lease (POSIX locks are not inherited), so the rerun right after still works
+        # a killed run's forked DataLoader workers must not keep its lease: the rerun right
+        # after works
         "precompute --num-workers": ["precompute", "--data", src["data"], "--teacher",
                                      "mlp:16-8-3", "--temperatures", "1,4", "--chunk-rows",
                                      str(CHUNK), "--num-workers", "2"],
