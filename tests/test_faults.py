@@ -144,6 +144,11 @@ def test_killed_writer_is_never_presented_complete_and_rerun_finishes(
     assert killed.returncode == -signal.SIGKILL, killed.stderr  # it died where we meant
     if out.exists() and presented_valid(out):
         assert_same_set(out, ref)  # only the finished result may look finished
+    staged = out.with_name(out.name + ".partial")
+    if staged.exists() and not presented_valid(staged):  # says what to do, in one line
+        with pytest.raises(SoftlabelsError, match="rerun that same command") as err:
+            open_transfer_set(staged)
+        assert "\n" not in str(err.value)
 
     code, text = cli_run([*args, "--out", out])
     finished_before = command in ("merge", "convert", "subset") and "publish" in target \

@@ -310,8 +310,11 @@ class HDF5Store(Store):
 
 
 def backend_of(path: str | os.PathLike[str]) -> str:
-    """'hdf5' for *.h5/*.hdf5, 'zarr-zip' for *.zarr.zip, else 'zarr'."""
+    """'hdf5' for *.h5/*.hdf5, 'zarr-zip' for *.zarr.zip, else 'zarr'. A writer's path beside
+    an output (`OUT.partial`, `OUT.creating`, ...; see `aside`) has its output's backend."""
     name = str(path).rstrip("/").lower()
+    for staging in (".creating", ".partial", ".packing", ".removing"):
+        name = name.removesuffix(staging)
     if name.endswith((".h5", ".hdf5")):
         return "hdf5"
     return "zarr-zip" if name.endswith(".zip") else "zarr"

@@ -111,17 +111,21 @@ class WriterLease:
                 self._held = True
                 return self
             fd = self._lock()
+            if fd is None:  # a read-only filesystem: a complete set may still be checked
+                return self
             _HELD[key] = [fd, 1]
             self._held = True
         return self
 
-    def _lock(self) -> int:
+    def _lock(self) -> int | None:
         """Open, lock and claim the lease file; retried if it was replaced meanwhile."""
         for _ in range(100):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
+                if exc.errno == errno.EROFS:  # nobody can write there: nothing to exclude
+                    return None
                 raise TransferSetError(
                     f"cannot write {self.out}: {exc.strerror} ({exc.filename}); choose an "
                     "--out in a writable directory") from None

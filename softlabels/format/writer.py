@@ -116,8 +116,12 @@ class TransferSetWriter:
                                 {"shape": list(layout.input_shape), "dtype": layout.input_dtype})}
         self._lease = WriterLease(self.path).acquire()
         try:
+            if self.path.is_symlink():
+                raise TransferSetError(f"{self.path} is a symbolic link (to "
+                                       f"{os.readlink(self.path)}); a writer never follows one: "
+                                       "name the set's real path")
             clear_staging(self.path)
-            if overwrite and (self.path.exists() or self.path.is_symlink()):
+            if overwrite and self.path.exists():
                 remove_set(self.path, backend=self.backend)
             self.store = self._open_existing() if self.path.exists() else self._create()
             done = self.store.read(S.BLOCK_DONE)
@@ -132,9 +136,6 @@ class TransferSetWriter:
             raise
 
     def _open_existing(self) -> Store:
-        if self.path.is_symlink():
-            raise TransferSetError(f"{self.path} is a symbolic link; a writer never follows "
-                                   "one: name the set's real path")
         try:
             store = open_store(self.path, "r+", backend=self.backend)
             old = store.get_meta()
