@@ -15,6 +15,7 @@ import pytest
 
 from conftest import CHUNK, make_npz
 from softlabels.errors import MismatchError, SoftlabelsError, TransferSetError, WriterBusyError
+from softlabels.format import convert
 from softlabels.format import schema as S
 from softlabels.format._store import open_store
 from softlabels.format.lease import WriterLease, holder, lock_path
@@ -91,6 +92,22 @@ def test_overwrite_replaces_a_partial_set_and_an_empty_directory(npz_data: str,
     open_transfer_set(empty).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["data.npz", "empty.zarr", out_path.name])  # nothing left beside the outputs
+
+
+@pytest.mark.parametrize("suffix", [".partial", ".creating", ".removing", ".packing"])
+def test_a_users_file_at_a_staging_name_is_never_removed(npz_data: str, tmp_path: Path,
+                                                         suffix: str) -> None:
+    src = tmp_path / "s.zarr"
+    precompute(npz_data, TEACHER, src, chunk_rows=CHUNK)
+    for out in (tmp_path / "p.zarr", tmp_path / "c.zarr.zip"):
+        mine = out.with_name(out.name + suffix)
+        mine.write_text("not softlabels'")
+        with pytest.raises(TransferSetError, match="in the way .* move it"):
+            if out.name.endswith(".zip"):
+                convert(src, out)
+            else:
+                precompute(npz_data, TEACHER, out, chunk_rows=CHUNK)
+        assert mine.read_text() == "not softlabels'" and not out.exists()
 
 
 # --- links out of the set ------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from ..errors import TransferSetError
@@ -70,20 +69,50 @@ def remove_set(path: Path, *, backend: str | None = None, what: str = "--overwri
 
 
 def _delete(path: Path) -> None:
-    """Remove a path of ours (a staging path); never follows a link."""
+    """Remove a path of ours (a staging path); never follows a link. A Zarr directory loses its
+    root `zarr.json` last, so a kill mid-delete leaves something still recognisably a set."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.is_dir():
-        shutil.rmtree(path)
+        for child in path.iterdir():
+            if child.name != "zarr.json":
+                _delete(child)
+        (path / "zarr.json").unlink(missing_ok=True)
+        path.rmdir()
+
+
+def _ours(path: Path, suffix: str) -> bool:
+    """Whether `path` is what a softlabels writer leaves at `OUT{suffix}`."""
+    if path.is_symlink() or (path.is_dir() and not any(path.iterdir())):
+        return True  # a link is removed itself; an empty directory holds nothing
+    if _is_set(path, backend_of(path)):
+        return True
+    if suffix == CREATING and path.is_dir():  # laid out before its metadata was written
+        return (path / "zarr.json").is_file()
+    if suffix == CREATING and path.is_file():
+        return _head(path, 8) in (b"\x89HDF\r\n\x1a\n", b"")
+    if suffix == PACKING and path.is_file():  # a zip being packed
+        return _head(path, 4) in (b"PK\x03\x04", b"")
+    return False
+
+
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
 
 
 def clear_staging(out: Path) -> None:
-    """Remove what a killed writer of `out` left beside it (call holding the lease)."""
+    """Remove what a killed writer of `out` left beside it (call holding the lease); refuse to
+    touch anything at those names that a writer did not leave."""
     for suffix in STAGING_SUFFIXES:
         stale = beside(out, suffix)
-        if stale.exists() or stale.is_symlink():
-            log.info("removing %s, left by a killed writer", stale)
-            _delete(stale)
+        if not (stale.exists() or stale.is_symlink()):
+            continue
+        if not _ours(stale, suffix):
+            raise TransferSetError(f"{stale} is in the way of writing {out}, and it is not "
+                                   "something softlabels left (not a transfer set); move it")
+        log.info("removing %s, left by a killed writer", stale)
+        _delete(stale)
 
 
 def publish(staged: Path, out: Path) -> None:
