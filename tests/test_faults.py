@@ -366,3 +366,30 @@ def test_lease_of_a_killed_writer_is_taken_over(tmp_path: Path, suffix: str) -> 
     assert rerun.returncode == 0, rerun.stderr
     assert presented_valid(out) and not lock.exists()
     assert sorted(os.listdir(tmp_path)) == ["d.npz", out.name]
+
+
+def test_without_a_lease_hdf5_second_writer_is_told_to_wait_never_to_overwrite(
+        tmp_path: Path) -> None:
+    """SOFTLABELS_USE_FILE_LOCKING=FALSE (filesystems without locks): HDF5's own lock still
+    refuses a second writer, and the message never suggests --overwrite."""
+    data = make_npz(tmp_path / "d.npz", n=300)
+    out = tmp_path / "set.h5"
+    env = {**ENV, "SOFTLABELS_TEST_DELAY": "0.25", "SOFTLABELS_USE_FILE_LOCKING": "FALSE"}
+    first = subprocess.Popen(_slow_precompute(data, out), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+
+        while not out.exists() and first.poll() is None:
+            time.sleep(0.01)
+        for extra in (["--overwrite"], []):
+            second = subprocess.run(_slow_precompute(data, out, *extra), env=env,
+                                    capture_output=True, text=True, timeout=120)
+            assert first.poll() is None, "the first writer ended too soon for this test"
+            assert second.returncode == 1 and "another process" in second.stderr, second.stderr
+            assert "--overwrite" not in second.stderr
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert presented_valid(out)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import TransferSetError
+from ..errors import TransferSetError, WriterBusyError
 from .schema import ATTR_KEY
 
 Mode = Literal["r", "r+", "w"]
@@ -230,8 +230,12 @@ class HDF5Store(Store):
 
             who = holder(path)
             if who is not None:
-                raise TransferSetError(f"{path} is being written by {who}; wait for it to "
-                                       "finish") from None
+                raise WriterBusyError(f"{path} is being written by {who}; wait for it to "
+                                      "finish") from None
+            if "lock" in str(exc).lower():  # HDF5's own file lock: another process has it open
+                raise WriterBusyError(f"{path} is open for writing in another process (HDF5 "
+                                      f"file lock: {str(exc).splitlines()[0]}); wait for it "
+                                      "to finish") from None
             raise TransferSetError(
                 f"cannot open {path} as HDF5 ({str(exc).splitlines()[0]}): it is not an HDF5 "
                 "file or it is damaged; get a fresh copy, or rerun the command that wrote it"

@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import TransferSetError
+from ..errors import TransferSetError, WriterBusyError
 from ._store import backend_of, open_store
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def _is_set(path: Path, backend: str) -> bool:
     try:
         with open_store(path, "r", backend=backend) as store:
             return isinstance(store.get_meta(), dict)
+    except WriterBusyError:
+        raise  # open in another writer: say so rather than "not a set"
     except Exception:  # unreadable: not something we can prove is ours
         return False
 
