@@ -232,7 +232,7 @@ class HDF5Store(Store):
             if who is not None:
                 raise WriterBusyError(f"{path} is being written by {who}; wait for it to "
                                       "finish") from None
-            if "lock" in str(exc).lower():  # HDF5's own file lock: another process has it open
+            if "unable to lock file" in str(exc):  # HDF5's own lock: another process has it
                 raise WriterBusyError(f"{path} is open for writing in another process (HDF5 "
                                       f"file lock: {str(exc).splitlines()[0]}); wait for it "
                                       "to finish") from None
