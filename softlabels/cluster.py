@@ -32,9 +32,18 @@ from .errors import MismatchError, SoftlabelsError, TransferSetError
 from .format import schema as S
 from .format._store import backend_of, open_store
 from .format.layout import Layout
+from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
 from .options import PrecomputeOptions, check_output_file
-from .precompute import PrecomputeResult, as_options, dataset_probe, prepare, rows_of, run_blocks
+from .precompute import (
+    PrecomputeResult,
+    as_options,
+    dataset_probe,
+    prepare,
+    row_hashes,
+    rows_of,
+    run_blocks,
+)
 from .progress import Progress
 from .specs import Portable, load_data, portable_spec
 from .teacher import Teacher
@@ -241,10 +250,11 @@ def precompute_on_cluster(
     if workers is not None and workers <= 0:
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
     check_output_file(out, directory_ok=True)  # before loading data and teacher
+    refuse_if_busy(out)
     target = os.path.abspath(out)
     specs = [portable_spec(data, kind="DATA")] + [portable_spec(t, kind="MODEL")
                                                   for t in teachers]
-    _, _, layout, meta = prepare(data, teachers, opts)
+    dataset, _, layout, meta = prepare(data, teachers, opts)
     expect = (meta["dataset"]["probe"],
               tuple(m["sha256"] for m in meta["teacher"]["members"]))
     done_already = not overwrite and _is_complete(target)  # no cluster needed to say so
@@ -257,7 +267,8 @@ def precompute_on_cluster(
                                   "computed")
         fresh, submitted = overwrite or not os.path.exists(target), False
         try:
-            with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
+            with TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                                   row_hashes=row_hashes(dataset)) as writer:
                 pending = list(writer.pending)
                 done = layout.num_rows - len(rows_of(layout, pending))
                 if progress:

@@ -14,6 +14,7 @@ __all__ = [
     "OptionError",
     "UntrustedCodeError",
     "TrainingError",
+    "WriterBusyError",
 ]
 
 
@@ -61,3 +62,5 @@ class UntrustedCodeError(SpecError):
 
 class TrainingError(SoftlabelsError):
     """Training diverged (a non-finite loss or weights); nothing was saved."""
+class WriterBusyError(SoftlabelsError):
+    """Another process holds the writer lease on an output: one writer at a time."""

@@ -26,6 +26,7 @@ from ._version import __version__
 from .errors import DataError, TeacherOutputError
 from .format import schema as S
 from .format.layout import Layout
+from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
 from .options import PrecomputeOptions, check_output_file
 from .progress import Progress
@@ -210,8 +211,10 @@ def precompute(
     t0 = time.perf_counter()
     opts = as_options(options, kwargs)
     check_output_file(out, directory_ok=True)  # before loading data and teacher
+    refuse_if_busy(out)  # before loading anything; the writer takes the lease itself
     dataset, teacher, layout, meta = prepare(data, teachers, opts)
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite) as writer:
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                           row_hashes=row_hashes(dataset)) as writer:
         rows = rows_of(layout, writer.pending)
         done = layout.num_rows - len(rows)
         if progress:
@@ -231,6 +234,20 @@ def as_options(options: PrecomputeOptions | None, kwargs: dict[str, Any]) -> Pre
         raise TypeError(f"pass a PrecomputeOptions or keyword options, not both "
                         f"(got {sorted(kwargs)})")
     return options if options is not None else PrecomputeOptions(**kwargs)
+
+
+def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:
+    """The current data's sample hashes of rows [start, stop) (of the un-augmented example for
+    view rows): what a resume checks the earlier run's rows against."""
+    data, views = ((rows_data.data, rows_data.views) if isinstance(rows_data, ViewDataset)
+                   else (rows_data, 1))
+
+    def hashes(start: int, stop: int) -> np.ndarray:
+        examples, where = np.unique(np.arange(start, stop) // views, return_inverse=True)
+        return np.array([S.sample_hash(split_item(data[int(i)])[0].numpy()) for i in examples],
+                        dtype=np.uint64)[where]
+
+    return hashes
 
 
 def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import TransferSetError
+from ..errors import TransferSetError, WriterBusyError
 from .schema import ATTR_KEY
 
 Mode = Literal["r", "r+", "w"]
@@ -27,28 +27,69 @@ def _fill_value(dtype: np.dtype) -> Any:
 
 
 class Store(ABC):
-    """A container of named, chunked n-d arrays plus one JSON metadata object."""
+    """A container of named, chunked n-d arrays plus one JSON metadata object.
+
+    The contract every backend keeps (tests/test_store.py runs it against each): a store opened
+    "r" refuses every write with `TransferSetError`; `erase_block` makes a block read as never
+    written (fill values); `discard_partial_files` removes what a killed writer may have left;
+    `links` lists anything that would make a write land outside the store.
+    """
 
     path: Path
     read_only: bool
 
-    @abstractmethod
-    def create(
-        self,
-        name: str,
-        shape: tuple[int, ...],
-        dtype: str,
-        *,
-        chunks: tuple[int, ...],
-        shards: tuple[int, ...] | None = None,
-        dims: tuple[str, ...] | None = None,
-    ) -> None:
+    # --- writes: checked here, done by the backend ----------------------------------------
+    def create(self, name: str, shape: tuple[int, ...], dtype: str, *,
+               chunks: tuple[int, ...], shards: tuple[int, ...] | None = None,
+               dims: tuple[str, ...] | None = None) -> None:
         """A new array filled with NaN (floats) or 0; `dims` names its dimensions where the
-        backend records names (Zarr's `dimension_names`)."""
+        backend records names (Zarr's `dimension_names`, HDF5's dimension labels)."""
+        self._writable(f"create array {name!r}")
+        self._create(name, shape, dtype, chunks=chunks, shards=shards, dims=dims)
+
+    def write(self, name: str, selection: Selection, data: np.ndarray) -> None:
+        self._writable(f"write {name!r}")
+        self._write(name, selection, data)
+
+    def set_meta(self, meta: dict[str, Any]) -> None:
+        self._writable("write its metadata")
+        self._set_meta(meta)
+
+    def erase_block(self, name: str, block: int, block_rows: int, axis: int) -> None:
+        """Make rows [block * block_rows, (block + 1) * block_rows) of `name` read as never
+        written, so a rewrite never reads a torn chunk or shard."""
+        self._writable(f"erase a block of {name!r}")
+        self._erase_block(name, block, block_rows, axis)
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise TransferSetError(f"cannot {what}: {self.path} was opened read-only; open it "
+                                   "with mode 'r+' to write")
 
     @abstractmethod
-    def write(self, name: str, selection: Selection, data: np.ndarray) -> None: ...
+    def _create(self, name: str, shape: tuple[int, ...], dtype: str, *,
+                chunks: tuple[int, ...], shards: tuple[int, ...] | None,
+                dims: tuple[str, ...] | None) -> None: ...
 
+    @abstractmethod
+    def _write(self, name: str, selection: Selection, data: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _set_meta(self, meta: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def _erase_block(self, name: str, block: int, block_rows: int, axis: int) -> None: ...
+
+    @abstractmethod
+    def discard_partial_files(self) -> int:
+        """Delete temporary files a killed writer left behind; returns how many."""
+
+    @abstractmethod
+    def links(self) -> list[str]:
+        """Entries through which a write would leave the store (symbolic links, HDF5 external
+        or soft links, a file with other hard links)."""
+
+    # --- reads ----------------------------------------------------------------------------
     @abstractmethod
     def read(self, name: str, selection: Selection = slice(None)) -> np.ndarray: ...
 
@@ -67,12 +108,6 @@ class Store(ABC):
     @abstractmethod
     def get_meta(self) -> dict[str, Any] | None: ...
 
-    @abstractmethod
-    def set_meta(self, meta: dict[str, Any]) -> None: ...
-
-    def erase_block(self, name: str, block: int, block_rows: int, axis: int) -> None:
-        """Remove the stored chunk(s)/shard of block `block` so a rewrite never reads a torn one."""
-
     def flush(self) -> None:
         """Make written data durable where the backend can."""
 
@@ -87,6 +122,13 @@ class Store(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _block_selection(shape: tuple[int, ...], block: int, block_rows: int,
+                     axis: int) -> tuple[slice, ...]:
+    sel = [slice(None)] * len(shape)
+    sel[axis] = slice(block * block_rows, min((block + 1) * block_rows, shape[axis]))
+    return tuple(sel)
 
 
 class ZarrStore(Store):
@@ -108,7 +150,7 @@ class ZarrStore(Store):
             store = str(path)
         self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode])
 
-    def create(self, name, shape, dtype, *, chunks, shards=None, dims=None):
+    def _create(self, name, shape, dtype, *, chunks, shards=None, dims=None):
         dt = np.dtype(dtype)
         self._group.create_array(
             name,
@@ -124,7 +166,7 @@ class ZarrStore(Store):
             dimension_names=dims,
         )
 
-    def write(self, name, selection, data):
+    def _write(self, name, selection, data):
         self._group[name][selection] = data
 
     def read(self, name, selection=slice(None)):
@@ -145,10 +187,10 @@ class ZarrStore(Store):
     def get_meta(self):
         return self._group.attrs.asdict().get(ATTR_KEY)
 
-    def set_meta(self, meta):
+    def _set_meta(self, meta):
         self._group.attrs[ATTR_KEY] = json.loads(json.dumps(meta))
 
-    def erase_block(self, name, block, block_rows, axis):
+    def _erase_block(self, name, block, block_rows, axis):
         # The stored key grid is the shard grid when sharded, else the chunk grid; this backend
         # always makes a block exactly one key along the row axis.
         arr = self._group[name]
@@ -159,13 +201,24 @@ class ZarrStore(Store):
             key = arr.metadata.encode_chunk_key(tuple(r[c] for r, c in zip(ranges, coords)))
             (self.path / name / key).unlink(missing_ok=True)
 
-    def remove_partial_files(self) -> int:
-        """Delete temporary files a killed writer left behind; returns how many."""
+    def discard_partial_files(self) -> int:
+        # zarr's LocalStore writes `KEY.partial` and renames it into place; a kill leaves it.
+        self._writable("clean up")
         count = 0
         for leftover in self.path.rglob("*.partial"):
-            leftover.unlink(missing_ok=True)
-            count += 1
+            if not leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+                count += 1
         return count
+
+    def links(self):
+        if self._zip:
+            return []
+        found = [str(self.path)] if self.path.is_symlink() else []
+        for root, dirs, files in os.walk(self.path):
+            found += [os.path.join(root, n) for n in dirs + files
+                      if os.path.islink(os.path.join(root, n))]
+        return found
 
 
 class HDF5Store(Store):
@@ -179,12 +232,22 @@ class HDF5Store(Store):
         try:
             self._file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode])
         except OSError as exc:
+            from .lease import holder
+
+            who = holder(path)
+            if who is not None:
+                raise WriterBusyError(f"{path} is being written by {who}; wait for it to "
+                                      "finish") from None
+            if "unable to lock file" in str(exc):  # HDF5's own lock: another process has it
+                raise WriterBusyError(f"{path} is open for writing in another process (HDF5 "
+                                      f"file lock: {str(exc).splitlines()[0]}); wait for it "
+                                      "to finish") from None
             raise TransferSetError(
-                f"cannot open {path} as HDF5 ({exc}); if a write was killed, rerun the "
-                "precompute command with --overwrite"
+                f"cannot open {path} as HDF5 ({str(exc).splitlines()[0]}): it is not an HDF5 "
+                "file or it is damaged; get a fresh copy, or rerun the command that wrote it"
             ) from None
 
-    def create(self, name, shape, dtype, *, chunks, shards=None, dims=None):
+    def _create(self, name, shape, dtype, *, chunks, shards=None, dims=None):
         dt = np.dtype(dtype)
         # HDF5 refuses chunks larger than the array; zarr allows them.
         chunks = tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape))
@@ -194,7 +257,7 @@ class HDF5Store(Store):
         for axis, label in enumerate(dims or ()):
             ds.dims[axis].label = label  # HDF5 dimension labels (h5dump: DIMENSION_LABELS)
 
-    def write(self, name, selection, data):
+    def _write(self, name, selection, data):
         self._file[name][selection] = data
 
     def read(self, name, selection=slice(None)):
@@ -222,8 +285,33 @@ class HDF5Store(Store):
             return None
         return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
 
-    def set_meta(self, meta):
+    def _set_meta(self, meta):
         self._file.attrs[ATTR_KEY] = json.dumps(meta)
+
+    def _erase_block(self, name, block, block_rows, axis):
+        # HDF5 rewrites a chunk in place, so nothing can be torn; erasing writes the fill value,
+        # which makes the block read exactly as one never written.
+        ds = self._file[name]
+        sel = _block_selection(ds.shape, block, block_rows, axis)
+        ds[sel] = _fill_value(ds.dtype)
+
+    def discard_partial_files(self) -> int:
+        self._writable("clean up")
+        return 0  # h5py writes in place: no temporary files to leave behind
+
+    def links(self):
+        import h5py
+
+        found = [str(self.path)] if self.path.is_symlink() else []
+        if self.path.stat().st_nlink > 1:
+            found.append(f"{self.path} (a file with {self.path.stat().st_nlink} hard links)")
+
+        def visit(name: str, link: Any) -> None:
+            if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+                found.append(f"{self.path}:{name}")
+
+        self._file.visititems_links(visit)
+        return found
 
     def flush(self):
         self._file.flush()
@@ -234,19 +322,24 @@ class HDF5Store(Store):
 
 
 def backend_of(path: str | os.PathLike[str]) -> str:
-    """'hdf5' for *.h5/*.hdf5, 'zarr-zip' for *.zarr.zip, else 'zarr'."""
+    """'hdf5' for *.h5/*.hdf5, 'zarr-zip' for *.zarr.zip, else 'zarr'. A writer's path beside
+    an output (`OUT.partial`, `OUT.creating`, ...; see `aside`) has its output's backend."""
     name = str(path).rstrip("/").lower()
+    for staging in (".creating", ".partial", ".packing", ".removing"):
+        name = name.removesuffix(staging)
     if name.endswith((".h5", ".hdf5")):
         return "hdf5"
     return "zarr-zip" if name.endswith(".zip") else "zarr"
 
 
-def open_store(path: str | os.PathLike[str], mode: Mode = "r") -> Store:
-    """Open or create a store; the backend follows the path's suffix."""
+def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
+               backend: str | None = None) -> Store:
+    """Open or create a store; the backend follows the path's suffix unless `backend` names
+    it (a staging path such as `OUT.h5.partial` is written as its final name's backend)."""
     p = Path(path)
     if mode != "w" and not p.exists():
         raise TransferSetError(f"no transfer set at {p}: the path does not exist")
-    if backend_of(p) == "hdf5":
+    if (backend or backend_of(p)) == "hdf5":
         return HDF5Store(p, mode)
     if mode != "w" and p.is_dir() and not (p / "zarr.json").exists():
         raise TransferSetError(f"{p} is a directory but not a Zarr v3 group (no zarr.json)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,12 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import MismatchError, SoftlabelsError
+from ..errors import MismatchError, SoftlabelsError, TransferSetError
 from ..progress import Progress
 from ..tempering import combine_logits, ensemble_probs
 from . import schema as S
 from ._store import backend_of
+from .aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
 from .layout import ROW_KEYS, Layout, carried
+from .lease import WriterLease
 from .reader import TransferSet, open_transfer_set
 from .selection import read_indices, select_rows
 from .writer import TransferSetWriter
@@ -37,31 +38,46 @@ def _source(ts: TransferSet) -> dict[str, Any]:
 
 
 def _refuse_existing(out: Path) -> None:
-    if out.exists():
+    """Refuse an existing output, after clearing what a killed earlier run left beside it
+    (its lease file, staging paths): taken and released under the lease, never raced."""
+    if out.exists() or out.is_symlink():
+        with WriterLease(out):
+            clear_staging(out)
         raise SoftlabelsError(f"{out} already exists; choose a new --out (nothing was written)")
 
 
 def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
            progress: Progress | None) -> dict[str, Any]:
-    """Write a new set block by block; a zip target is written as a directory, then packed."""
-    _refuse_existing(out)
+    """Write a new set aside (`OUT.partial`) and rename it to `OUT` once complete, holding the
+    output's lease throughout; a zip target is packed from the staged directory. A rerun after a
+    kill clears what the killed run left and starts again."""
     meta = carried(meta)
-    if backend_of(out) != "zarr-zip":
-        return _write_blocks(out, layout, meta, arrays, progress)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        staged = Path(tmp) / "set.zarr"
-        written = _write_blocks(staged, layout, meta, arrays, progress)
-        with zipfile.ZipFile(f"{out}.partial", "w", zipfile.ZIP_STORED) as z:
-            for f in sorted(staged.rglob("*")):
-                if f.is_file():
-                    z.write(f, f.relative_to(staged).as_posix())
-        os.replace(f"{out}.partial", out)
+    zipped = backend_of(out) == "zarr-zip"
+    with WriterLease(out):
+        clear_staging(out)
+        _refuse_existing(out)
+        staged = beside(out, PARTIAL)
+        try:
+            written = _write_blocks(staged, layout, meta, arrays, progress,
+                                    "zarr" if zipped else backend_of(out))
+            if zipped:
+                packing = beside(out, PACKING)
+                with zipfile.ZipFile(packing, "w", zipfile.ZIP_STORED) as z:
+                    for f in sorted(staged.rglob("*")):
+                        if f.is_file():
+                            z.write(f, f.relative_to(staged).as_posix())
+                remove_set(staged, backend="zarr", what="clean-up")
+                staged = packing
+            publish(staged, out)
+        except BaseException:
+            clear_staging(out)  # a refused or failed operation leaves nothing behind
+            raise
     return written
 
 
 def _write_blocks(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
-                  progress: Progress | None) -> dict[str, Any]:
-    with TransferSetWriter(out, layout, meta) as writer:
+                  progress: Progress | None, backend: str) -> dict[str, Any]:
+    with TransferSetWriter(out, layout, meta, backend=backend) as writer:
         for b in writer.pending:
             start, stop = layout.block_range(b)
             writer.write_block(b, arrays(start, stop))
@@ -70,14 +86,38 @@ def _write_blocks(out: Path, layout: Layout, meta: dict[str, Any], arrays: Block
     return writer.meta
 
 
-def _rows(ts: TransferSet, names: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Arrays at arbitrary sorted source rows, read as one contiguous range."""
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    out = {}
-    for name in names:
-        data = ts.read(name, lo, hi)
-        out[name] = np.take(data, rows - lo, axis=S.row_axis(name))
-    return out
+class _Source:
+    """A source set's rows, read through `TransferSet.read_block`: every block a set operation
+    copies from is checked (readable, checksum, finite, labels) before it is used, so damage is
+    refused, naming its block, and never copied under fresh checksums."""
+
+    def __init__(self, ts: TransferSet) -> None:
+        self.ts = ts
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def _block(self, b: int) -> dict[str, np.ndarray]:
+        if b not in self._cache:
+            if len(self._cache) >= 2:  # rows come in order: two blocks cover any window
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[b] = self.ts.read_block(b)
+        return self._cache[b]
+
+    def rows(self, names: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Arrays at sorted source rows `rows`."""
+        blocks = rows // self.ts.block_rows
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for b in np.unique(blocks):
+            data = self._block(int(b))
+            local = rows[blocks == b] - self.ts.block_range(int(b))[0]
+            for n in names:
+                if n not in data:
+                    raise TransferSetError(f"{self.ts.path} has no array {n!r}, which this "
+                                           "set's metadata implies; get a fresh copy")
+                parts[n].append(np.take(data[n], local, axis=S.row_axis(n)))
+        return {n: np.concatenate(p, axis=S.row_axis(n)) for n, p in parts.items()}
+
+    def range(self, names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.rows(names, np.arange(start, stop))
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -89,8 +129,8 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
         names = list(layout.arrays())
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
                                           "converted_from": _source(ts)}}
-        return _write(out, layout, meta, lambda a, b: {n: ts.read(n, a, b) for n in names},
-                      progress)
+        source = _Source(ts)
+        return _write(out, layout, meta, lambda a, b: source.range(names, a, b), progress)
 
 
 def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -102,7 +142,10 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     out = Path(out)
     _refuse_existing(out)
     with open_transfer_set(src) as ts:
-        rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
+        source = _Source(ts)
+        # every block is checked before its labels and index choose rows
+        columns = source.range([S.LABELS, S.INDEX], 0, ts.num_rows)
+        rows = select_rows(columns[S.LABELS], index=columns[S.INDEX], fraction=fraction, seed=seed,
                            classes=classes, exclude_classes=exclude_classes,
                            indices=read_indices(indices) if indices is not None else None,
                            num_examples=int(ts.meta["num_examples"]))
@@ -113,14 +156,14 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                      "indices": str(indices) if indices is not None else None}
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
                                           "subset_of": {**_source(ts), **selection}}}
-        return _write(out, layout, meta, lambda a, b: _rows(ts, names, rows[a:b]), progress)
+        return _write(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress)
 
 
-def _members(ts: TransferSet, start: int, stop: int) -> np.ndarray:
+def _members(source: _Source, start: int, stop: int) -> np.ndarray:
     """(M, rows, C) member logits of one set: stored members, or its logits if it has one."""
-    if ts.has(S.MEMBER_LOGITS):
-        return ts.read(S.MEMBER_LOGITS, start, stop).astype(np.float32)
-    return ts.logits(start, stop)[None]
+    if source.ts.has(S.MEMBER_LOGITS):
+        return source.range([S.MEMBER_LOGITS], start, stop)[S.MEMBER_LOGITS].astype(np.float32)
+    return source.range([S.LOGITS], start, stop)[S.LOGITS].astype(np.float32)[None]
 
 
 def _check_mergeable(sets: list[TransferSet]) -> None:
@@ -137,9 +180,6 @@ def _check_mergeable(sets: list[TransferSet]) -> None:
             if a != b:
                 raise MismatchError(f"cannot merge {ts.path} into {first.path}: {what} differs "
                                     f"({b} against {a}); merge sets made on the same data")
-        if not np.array_equal(first.index(), ts.index()):
-            raise MismatchError(f"cannot merge {ts.path}: its rows are in another order than "
-                                f"{first.path}'s")
     for ts in sets:
         if ts.sparse:
             raise SoftlabelsError(f"{ts.path} is sparse ({ts.sparse['kind']}): merging needs "
@@ -166,14 +206,20 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
         members = [m for ts in sets for m in ts.meta["teacher"]["members"]]
         layout = _layout(first, num_members=len(members))
         temps = first.temperatures
+        sources = [_Source(ts) for ts in sets]
         computed = (S.MEMBER_LOGITS, S.LOGITS, S.PROBS)
-        copied = [n for n in layout.arrays() if n not in computed]  # labels, index, view_seed...
+        columns = [n for n in layout.arrays() if n not in computed]  # labels, index, view_seed...
 
         def arrays(start: int, stop: int) -> dict[str, np.ndarray]:
-            z = torch.from_numpy(np.concatenate([_members(ts, start, stop) for ts in sets]))
+            z = torch.from_numpy(np.concatenate([_members(s, start, stop) for s in sources]))
+            rows = sources[0].range(columns, start, stop)
+            for other in sources[1:]:  # checked reads: the rows' order, block by block
+                if not np.array_equal(other.range([S.INDEX], start, stop)[S.INDEX],
+                                      rows[S.INDEX]):
+                    raise MismatchError(f"cannot merge {other.ts.path}: its rows are in "
+                                        f"another order than {first.path}'s")
             return {S.MEMBER_LOGITS: z.numpy(), S.LOGITS: combine_logits(z, combine).numpy(),
-                    S.PROBS: ensemble_probs(z, temps, combine).numpy(),
-                    **{n: first.read(n, start, stop) for n in copied}}
+                    S.PROBS: ensemble_probs(z, temps, combine).numpy(), **rows}
 
         meta = {**first.meta, "teacher": {"members": members, "combine": combine},
                 "provenance": {"merged_from": [_source(ts) for ts in sets]}}

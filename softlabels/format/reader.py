@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError, IntegrityError, TransferSetError
+from ..errors import DataError, IncompleteTransferSetError, IntegrityError, TransferSetError
 from ..tempering import tempered_softmax
 from . import schema as S
 from ._store import Store, backend_of, open_store
+from .aside import PARTIAL
 from .layout import Layout, array_problems, check_described, check_digest
 
 
@@ -296,6 +297,20 @@ def open_transfer_set(path: str | os.PathLike[str]) -> TransferSet:
     store = open_store(Path(path), "r")
     try:
         return TransferSet(store)
+    except IncompleteTransferSetError:
+        store.close()
+        from .lease import holder
+
+        who, p = holder(path), Path(path)
+        if who is None and p.name.endswith(PARTIAL):
+            raise IncompleteTransferSetError(
+                f"{p} is the unfinished output of a `softlabels merge`, `convert` or `subset` "
+                f"into {p.name[:-len(PARTIAL)]} that was stopped; rerun that same command (it "
+                "starts again and removes this)") from None
+        if who is None:
+            raise
+        raise IncompleteTransferSetError(f"{path} is being written by {who}; wait for it to "
+                                         "finish") from None
     except BaseException:
         store.close()
         raise

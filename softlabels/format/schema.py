@@ -89,8 +89,8 @@ def check_readable(meta: dict[str, Any] | None, where: str) -> dict[str, Any]:
         )
     if meta.get("status") != STATUS_COMPLETE:
         raise IncompleteTransferSetError(
-            f"{where} is incomplete (status {meta.get('status')!r}); rerun the same "
-            "`softlabels precompute` command to finish it"
+            f"{where} is incomplete (status {meta.get('status')!r}): its writer stopped; rerun "
+            "the same command that wrote it to finish it"
         )
     return meta
 

@@ -8,7 +8,8 @@ rewriting exactly the blocks not marked done (docs/FORMAT.md).
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,16 @@ import numpy as np
 
 from ..errors import MismatchError, TransferSetError
 from . import schema as S
-from ._store import Store, ZarrStore, backend_of, open_store
+from ._store import Store, backend_of, open_store
+from .aside import CREATING, beside, clear_staging, remove_set
 from .layout import DIGEST, FILE_KEYS, Layout, digest, resume_identity
+from .lease import WriterLease
 
 log = logging.getLogger(__name__)
+
+# (start, stop) -> the current data's sample hashes of rows [start, stop): proves on resume that
+# the rows an earlier run wrote came from the same examples.
+RowHashes = Callable[[int, int], np.ndarray]
 
 
 def write_block(store: Store, layout: Layout, block: int, arrays: dict[str, np.ndarray]) -> None:
@@ -63,28 +70,49 @@ class BlockWriter:
 
 
 class TransferSetWriter:
-    """Create or resume a transfer set; a context manager that finalises only on a clean exit."""
+    """Create or resume a transfer set; a context manager that finalises only on a clean exit.
+
+    Holds the output's writer lease (`lease.WriterLease`) from construction to exit, so a second
+    writer of the same path is refused. On resume, `row_hashes` (when given) must reproduce the
+    stored sample hashes of every block an earlier run wrote, or the resume is refused.
+    """
 
     def __init__(self, path: str | Path, layout: Layout, meta: dict[str, Any], *,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, row_hashes: RowHashes | None = None,
+                 backend: str | None = None) -> None:
         self.path, self.layout = Path(path), layout
+        self.backend = backend or backend_of(self.path)
         self.already_complete = False
-        if backend_of(self.path) == "zarr-zip":
+        if self.backend == "zarr-zip":
             raise TransferSetError(f"cannot write {self.path}: zip-packed sets are read-only; "
                                    "write a .zarr directory and convert it")
         self.meta = {**{k: v for k, v in meta.items() if k not in FILE_KEYS},
                      **layout.to_meta(), "format_version": S.FORMAT_VERSION,
                      "status": S.STATUS_WRITING}
-        if overwrite and self.path.exists():
-            self._remove()
-        self.store = self._open_existing() if self.path.exists() else self._create()
-        done = self.store.read(S.BLOCK_DONE)
-        self.pending = [int(b) for b in np.flatnonzero(done == 0)]
-        self.resumed = bool(self.pending) and len(self.pending) < layout.num_blocks
+        self._lease = WriterLease(self.path).acquire()
+        try:
+            if self.path.is_symlink():
+                raise TransferSetError(f"{self.path} is a symbolic link (to "
+                                       f"{os.readlink(self.path)}); a writer never follows one: "
+                                       "name the set's real path")
+            clear_staging(self.path)
+            if overwrite and self.path.exists():
+                remove_set(self.path, backend=self.backend)
+            self.store = self._open_existing() if self.path.exists() else self._create()
+            done = self.store.read(S.BLOCK_DONE)
+            self.pending = [int(b) for b in np.flatnonzero(done == 0)]
+            self.resumed = bool(self.pending) and len(self.pending) < layout.num_blocks
+            if self.resumed and row_hashes is not None:
+                self._prove_rows(np.flatnonzero(done != 0), row_hashes)
+        except BaseException:
+            if getattr(self, "store", None) is not None:
+                self.store.close()
+            self._lease.release()
+            raise
 
     def _open_existing(self) -> Store:
         try:
-            store = open_store(self.path, "r+")
+            store = open_store(self.path, "r+", backend=self.backend)
             old = store.get_meta()
         except TransferSetError:
             store, old = None, None
@@ -92,7 +120,7 @@ class TransferSetWriter:
             if store is not None:
                 store.close()
             raise TransferSetError(f"{self.path} exists and is not a transfer set; choose "
-                                   "another --out or pass --overwrite")
+                                   "another --out (--overwrite removes only transfer sets)")
         new = resume_identity(self.meta)
         diff = {k: (v, new[k]) for k, v in resume_identity(old).items() if v != new[k]}
         if diff:
@@ -103,27 +131,36 @@ class TransferSetWriter:
         if old.get("status") == S.STATUS_COMPLETE:
             self.meta, self.already_complete = old, True
         else:
+            links = store.links()
+            if links:
+                store.close()
+                raise TransferSetError(
+                    f"{self.path} holds a link that leads out of the set ({links[0]}); a "
+                    "writer never writes through one: replace it with a copy, or --overwrite")
             self.meta["created_at"] = old.get("created_at", self.meta.get("created_at"))
             self._prepare_resume(store)
         return store
 
-    def _remove(self) -> None:
-        """Delete an existing set (--overwrite); never a directory that is not a Zarr group."""
-        if self.path.is_dir():
-            if any(self.path.iterdir()) and not (self.path / "zarr.json").exists():
-                raise TransferSetError(f"refusing to delete {self.path}: a non-empty directory "
-                                       "that is not a Zarr group; remove it yourself")
-            shutil.rmtree(self.path)
-        else:
-            self.path.unlink()
+    def _prove_rows(self, blocks: np.ndarray, row_hashes: RowHashes) -> None:
+        """Refuse the resume unless the rows written earlier hash like the current data's."""
+        for b in blocks:
+            start, stop = self.layout.block_range(int(b))
+            stored = self.store.read(S.SAMPLE_HASH, slice(start, stop))
+            current = np.asarray(row_hashes(start, stop), dtype=np.uint64)
+            if not np.array_equal(stored, current):
+                row = start + int(np.argmax(stored != current))
+                raise MismatchError(
+                    f"{self.path} holds rows written from other data: row {row} (block {b}) "
+                    f"was hashed {int(stored[row - start]):#018x}, the current data's example "
+                    f"hashes {int(current[row - start]):#018x}; the set was left untouched and "
+                    "incomplete: use another --out, or --overwrite")
 
     def _prepare_resume(self, store: Store) -> None:
         done = store.read(S.BLOCK_DONE)
         pending = np.flatnonzero(done == 0)
-        if isinstance(store, ZarrStore):
-            removed = store.remove_partial_files()
-            if removed:
-                log.info("removed %d partial file(s) left by a killed writer", removed)
+        removed = store.discard_partial_files()
+        if removed:
+            log.info("removed %d partial file(s) left by a killed writer", removed)
         for name in self.layout.arrays():
             for b in pending:
                 store.erase_block(name, int(b), self.layout.block_rows, S.row_axis(name))
@@ -131,15 +168,23 @@ class TransferSetWriter:
                  self.layout.num_blocks)
 
     def _create(self) -> Store:
+        """Lay the set out at `OUT.creating`, then rename it to `OUT`: a set at `OUT` always
+        carries its metadata, so `--overwrite` and a rerun can tell it is one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        store = open_store(self.path, "w")
-        lay = self.layout
-        for a in lay.specs().values():
-            store.create(a.name, a.shape, a.dtype, chunks=a.chunks, shards=a.shards, dims=a.dims)
-        store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
-        store.set_meta(self.meta)
-        store.flush()
-        return store
+        staged = beside(self.path, CREATING)
+        store = open_store(staged, "w", backend=self.backend)
+        try:
+            store.set_meta(self.meta)
+            lay = self.layout
+            for a in lay.specs().values():
+                store.create(a.name, a.shape, a.dtype, chunks=a.chunks, shards=a.shards,
+                             dims=a.dims)
+            store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
+            store.flush()
+        finally:
+            store.close()
+        os.rename(staged, self.path)
+        return open_store(self.path, "r+", backend=self.backend)
 
     def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
         """Write every array's rows of one block, then mark the block done."""
@@ -165,9 +210,16 @@ class TransferSetWriter:
     def __enter__(self) -> TransferSetWriter:
         return self
 
+    def close(self) -> None:
+        """Close the store and release the lease (without finishing)."""
+        try:
+            self.store.close()
+        finally:
+            self._lease.release()
+
     def __exit__(self, exc_type: object, *rest: object) -> None:
         try:
             if exc_type is None:
                 self.finish()
         finally:
-            self.store.close()
+            self.close()
