@@ -13,26 +13,71 @@ from softlabels.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _is_row(row: dict, n_seeds: int) -> None:
+    """A pooled row: every seed's value, their mean, sd and a 95% interval around the mean."""
+    assert len(row["seeds"]) == n_seeds and len(row["per_seed"]) == n_seeds
+    assert row["mean"] == pytest.approx(sum(row["seeds"]) / n_seeds, abs=1e-3)
+    assert row[row["metric"]] == pytest.approx(row["mean"], abs=1e-3)  # today's key: the mean
+    lo, hi = row["ci95"]
+    assert lo <= row["mean"] <= hi and row["sd"] >= 0
+
+
 def test_quick_pipeline_writes_results_and_rerun_skips(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # DATA specs in the file are relative to the repository root
     out = tmp_path / "run"
     first = CliRunner().invoke(cli, ["run", "pipelines/mnist_hinton.toml", "--quick",
-                                     "--out", str(out)])
+                                     "--seeds", "2", "--out", str(out)])
     assert first.exit_code == 0, first.stderr
     r = json.loads((out / "results.json").read_text())
     assert r["test_examples"] == 1000 and r["train_examples"] + r["validation_examples"] == 4000
+    assert r["seeds_run"] == [0, 1]
     for key in ("teacher", "student_hard", "student_distilled"):
-        assert set(r[key]) >= {"errors", "accuracy"}
-        assert r[key]["errors"] == round((1 - r[key]["accuracy"]) * 1000)
-    assert set(r["omit3"]) >= {"errors", "errors_on_3", "bias", "errors_adjusted",
-                               "errors_on_3_adjusted"}
-    assert r["omit3"]["bias"] in r["config"]["omit3"]["bias_grid"]
-    assert set(r["subset_3pct"]["hard"]) >= {"accuracy"} and r["subset_3pct"]["rows"] > 0
+        _is_row(r[key], 2)
+        assert r[key]["metric"] == "errors"
+        assert r[key]["errors"] == pytest.approx((1 - r[key]["accuracy"]) * 1000, abs=0.01)
+        assert [s["errors"] for s in r[key]["per_seed"]] == r[key]["seeds"]
+    o = r["omit3"]
+    _is_row(o, 2)
+    assert set(o) >= {"errors", "errors_on_3", "bias", "errors_adjusted", "errors_on_3_adjusted"}
+    for s in o["per_seed"]:  # each seed's bias: the grid value with the fewest held-out errors
+        by_bias = {float(b): e for b, e in s["validation_errors_by_bias"].items()}
+        assert s["bias"] in r["config"]["omit3"]["bias_grid"]
+        assert by_bias[s["bias"]] == min(by_bias.values())
+    e = r["only_7_8"]
+    _is_row(e, 2)
+    assert e["metric"] == "error_rate" and 0 <= e["error_rate_adjusted"] <= 1
+    for s in e["per_seed"]:
+        assert s["error_rate"] == s["errors"] / 1000 and s["bias"] <= 0  # 7 and 8 lowered
+        by_bias = {float(b): err for b, err in s["validation_errors_by_bias"].items()}
+        assert by_bias[s["bias"]] == min(by_bias.values())
     assert [row["temperature"] for row in r["temperature_sweep"]] == ["hard", 1.0, 4.0]
-    for png in ("temperature_sweep.png", "errors.png", "soft_targets.png"):
+    assert [row["temperature"] for row in r["student_sweep"]] == ["hard", 8.0, 20.0]
+    assert r["student_sweep"][2]["seeds"] == r["student_distilled"]["seeds"]  # T = 20: reused
+    max_epochs = r["config"]["temperature_sweep"]["max_epochs"]
+    for row in r["temperature_sweep"]:
+        _is_row(row, 2)
+        for s in row["per_seed"]:  # early stopping on held-out digits, retrained exactly
+            assert len(s["val_curve"]) == max_epochs and 1 <= s["epochs"] <= max_epochs
+            assert s["val_curve"][s["epochs"] - 1] == min(s["val_curve"]) == s["val_errors"]
+    fractions = r["config"]["subset"]["fractions"]
+    assert [c["fraction"] for c in r["subset_curve"]] == fractions
+    for c in r["subset_curve"]:
+        assert set(c) >= {"fraction", "hard", "soft"} and 0 < c["rows"] <= r["train_examples"]
+        for kind in ("hard", "soft"):
+            _is_row(c[kind], 2)
+            _is_row({**c[kind]["intervals"]["accuracy"], "metric": "mean", "per_seed": [0, 0]},
+                    2)
+        assert c["hard_minus_soft"]["seeds"] == [
+            h - s for h, s in zip(c["hard"]["seeds"], c["soft"]["seeds"], strict=True)]
+    assert r["subset_3pct"]["fraction"] == 0.03 and r["subset_3pct"]["rows"] > 0
+    verdicts = {v["effect"]: v["verdict"] for v in r["verdicts"]}
+    assert len(verdicts) == 6 and set(verdicts.values()) <= {
+        "reproduced", "partly", "not reproduced", "not run"}
+    for png in ("temperature_sweep.png", "errors.png", "soft_targets.png", "subset_curve.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "| 784-800-800-10, distilled |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| 784-800-800-10, distilled |" in md and "## Verdicts" in md
 
     again = CliRunner().invoke(cli, ["run", "pipelines/mnist_hinton.toml", "--quick",
                                      "--out", str(out)])
@@ -40,6 +85,41 @@ def test_quick_pipeline_writes_results_and_rerun_skips(tmp_path: Path,
     assert "[run ]" not in again.stderr and again.stderr.count("[skip]") >= 10
     r2 = json.loads((out / "results.json").read_text())
     assert r2["student_distilled"] == r["student_distilled"] and r2["omit3"] == r["omit3"]
+
+
+def test_t_interval_matches_the_tables() -> None:
+    from softlabels.experiments.stats import paired, summarize, t_quantile_975
+
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
+                  (29, 2.0452), (1000, 1.9623)):
+        assert t_quantile_975(df) == pytest.approx(t, abs=1e-4)
+    s = summarize([1, 2, 3])  # mean 2, sd 1: 2 ± 4.3027 / sqrt(3)
+    assert s["seeds"] == [1, 2, 3] and s["mean"] == 2 and s["sd"] == 1
+    assert s["ci95"] == pytest.approx([2 - 2.4841, 2 + 2.4841], abs=1e-4)
+    one = summarize([7])
+    assert one["mean"] == 7 and one["sd"] is None and one["ci95"] is None
+    d = paired([53, 50, 55], [37, 40, 36])
+    assert d["seeds"] == [16, 10, 19] and d["mean"] == 15
+    with pytest.raises(ValueError):
+        paired([1, 2], [1])
+
+
+def test_pooled_rows_and_verdicts() -> None:
+    from softlabels.experiments.hinton_summary import direction, pool
+
+    row = pool([{"seed": 0, "errors": 40, "accuracy": 0.96, "per_class_errors": [1, 3]},
+                {"seed": 1, "errors": 50, "accuracy": 0.95, "per_class_errors": [2, 4]}])
+    assert row["errors"] == 45 and row["accuracy"] == 0.955
+    assert row["per_class_errors"] == [1.5, 3.5] and row["seeds"] == [40, 50]
+    assert row["intervals"]["accuracy"]["seeds"] == [0.96, 0.95] and "seed" not in row["intervals"]
+    assert row["ci95"] == pytest.approx([45 - 12.7062 * 5, 45 + 12.7062 * 5], abs=1e-3)
+
+    def diff(mean: float, lo: float, hi: float) -> dict:
+        return {"mean": mean, "ci95": [lo, hi]}
+    assert direction(diff(10, 2, 18)) == "reproduced"
+    assert direction(diff(10, -2, 22)) == "partly"
+    assert direction(diff(-1, -5, 3)) == "not reproduced"
+    assert direction({"mean": 3, "ci95": None}) == "undecided (one seed)"
 
 
 def test_bad_pipeline_files(tmp_path: Path) -> None:
@@ -65,3 +145,6 @@ def test_set_overrides_a_value() -> None:
     result = CliRunner().invoke(cli, ["run", str(ROOT / "pipelines/mnist_hinton.toml"),
                                       "--set", "nonsense"])
     assert result.exit_code == 1 and "TABLE.KEY=VALUE" in result.stderr
+    result = CliRunner().invoke(cli, ["run", str(ROOT / "pipelines/mnist_hinton.toml"),
+                                      "--seeds", "0"])
+    assert result.exit_code == 2 and "--seeds" in result.stderr

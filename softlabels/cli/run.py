@@ -13,10 +13,15 @@ from ._common import epoch_bars
 @click.option("--quick", is_flag=True, help="The same steps, small and fast (for tests).")
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Override one value of the file, e.g. --set temperature_sweep.epochs=100.")
-def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...]) -> None:
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="Train every configuration from this many seeds (default: the file's).")
+def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...],
+            seeds: int | None) -> None:
     """Run a pipeline file (e.g. pipelines/mnist_hinton.toml); a rerun skips finished steps."""
     from ..experiments.pipeline import run_pipeline
 
+    if seeds is not None:
+        overrides = (*overrides, f"seeds={seeds}")
     results = run_pipeline(pipeline, out=out, quick=quick, overrides=overrides,
                            say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()])
     where = results.get("out_dir", "")
