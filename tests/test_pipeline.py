@@ -148,3 +148,16 @@ def test_set_overrides_a_value() -> None:
     result = CliRunner().invoke(cli, ["run", str(ROOT / "pipelines/mnist_hinton.toml"),
                                       "--seeds", "0"])
     assert result.exit_code == 2 and "--seeds" in result.stderr
+
+
+@pytest.mark.parametrize("override, named", [
+    ("seeds=0", "seeds"), ("seeds=1.5", "seeds"), ("subset.fractions=[0.1, 0]", "subset.fractions"),
+    ("subset.fractions=[]", "subset.fractions"), ("temperature_sweep.max_epochs=0", "max_epochs"),
+    ("only_7_8.bias_grid={ start = 0, stop = 4, step = 0 }", "only_7_8.bias_grid"),
+    ("omit3.bias_grid=3", "omit3.bias_grid")])
+def test_bad_values_are_refused_before_training(tmp_path: Path, override: str,
+                                                named: str) -> None:
+    result = CliRunner().invoke(cli, ["run", str(ROOT / "pipelines/mnist_hinton.toml"),
+                                      "--out", str(tmp_path / "o"), "--set", override])
+    assert result.exit_code == 1 and named in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "steps.json").exists()  # nothing trained

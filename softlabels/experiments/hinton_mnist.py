@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ..errors import SoftlabelsError
 from ..evaluate import adjust_bias, evaluate
 from ..format.selection import stratified_mask
 from ..metrics import accuracy_report
@@ -143,6 +144,7 @@ class _Run:
 def hinton_mnist(cfg: dict[str, Any], out: Path, steps: Any,
                  callbacks: list[Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
+    _check(cfg)
     first, n_seeds = int(cfg.get("seed", 0)), int(cfg.get("seeds", 1))
     data_cfg = cfg["data"]
     train_ds, test_ds = load_data(data_cfg["train"]), load_data(data_cfg["test"])
@@ -255,6 +257,34 @@ def _one_seed(run: _Run, s: int) -> dict[str, Any]:
             "student_distilled": distilled, "student_sweep": student_sweep,
             "temperature_sweep": sweep, "omit3": omit3, "only_7_8": only_7_8,
             "subset_curve": curve}
+
+
+def _check(cfg: dict[str, Any]) -> None:
+    """Refuse, before any training, the values the recipe cannot run with."""
+    def bad(where: str, expected: str, got: Any) -> SoftlabelsError:
+        return SoftlabelsError(f"pipeline value {where} must be {expected}, got {got!r}; fix it "
+                               f"in the file or with --set {where}=...")
+    seeds = cfg.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise bad("seeds", "a whole number >= 1", seeds)
+    for table in ("temperature_sweep", "subset"):
+        m = cfg[table].get("max_epochs")
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise bad(f"{table}.max_epochs", "a whole number >= 1", m)
+    fractions = cfg["subset"].get("fractions")
+    if not isinstance(fractions, list) or not fractions or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
+            for f in fractions):
+        raise bad("subset.fractions", "a non-empty list of fractions in (0, 1]", fractions)
+    for table in ("omit3", "only_7_8"):
+        grid = cfg[table].get("bias_grid")
+        ok = (isinstance(grid, list) and grid and all(isinstance(b, (int, float)) for b in grid)) \
+            or (isinstance(grid, dict) and set(grid) == {"start", "stop", "step"}
+                and all(isinstance(v, (int, float)) for v in grid.values())
+                and grid["step"] > 0 and grid["stop"] >= grid["start"])
+        if not ok:
+            raise bad(f"{table}.bias_grid", "a list of numbers or {start, stop, step} with "
+                      "step > 0", grid)
 
 
 def _grid(spec: list[float] | dict[str, float]) -> list[float]:
