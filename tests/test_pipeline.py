@@ -161,3 +161,25 @@ def test_bad_values_are_refused_before_training(tmp_path: Path, override: str,
                                       "--out", str(tmp_path / "o"), "--set", override])
     assert result.exit_code == 1 and named in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "steps.json").exists()  # nothing trained
+
+
+def test_sweep_verdicts_follow_the_paired_intervals() -> None:
+    from softlabels.experiments.hinton_summary import _big_net, _small_net, pool
+
+    def sweep(errors: dict) -> list:
+        return [pool([{"temperature": t, "errors": e} for e in per_seed])
+                for t, per_seed in errors.items()]
+    mid_wins = sweep({"hard": [90, 92, 88], 1.0: [80, 82, 79], 2.5: [60, 61, 59],
+                      4.0: [62, 60, 61], 8.0: [75, 77, 74], 20.0: [79, 78, 80]})
+    assert _small_net(mid_wins)["verdict"] == "reproduced"
+    one_side = sweep({"hard": [90, 92, 88], 1.0: [80, 82, 79], 2.5: [60, 61, 59],
+                      4.0: [62, 60, 61], 8.0: [60, 62, 58], 20.0: [59, 63, 61]})
+    assert _small_net(one_side)["verdict"] == "partly"
+    flat = sweep({"hard": [90, 92, 88], 1.0: [60, 55, 65], 2.5: [61, 60, 59],
+                  4.0: [60, 61, 61], 8.0: [58, 62, 57], 20.0: [59, 57, 62]})
+    assert _small_net(flat)["verdict"] == "not reproduced"
+    assert _small_net(sweep({"hard": [1, 2], 8.0: [1, 2]}))["verdict"] == "not run"
+    alike = sweep({"hard": [50, 52, 48], 8.0: [35, 37, 33], 20.0: [36, 35, 34]})
+    assert _big_net(alike)["verdict"] == "reproduced"
+    apart = sweep({"hard": [50, 52, 48], 8.0: [35, 37, 33], 20.0: [45, 46, 44]})
+    assert _big_net(apart)["verdict"] == "not reproduced"
