@@ -135,12 +135,12 @@ def test_bad_pipeline_files(tmp_path: Path) -> None:
 def test_set_overrides_a_value() -> None:
     from softlabels.experiments.pipeline import load_pipeline, parse_override
 
-    assert parse_override("temperature_sweep.epochs=100") == {
-        "temperature_sweep": {"epochs": 100}}
+    assert parse_override("temperature_sweep.max_epochs=300") == {
+        "temperature_sweep": {"max_epochs": 300}}
     assert parse_override("data.train=mnist:x") == {"data": {"train": "mnist:x"}}
     cfg = load_pipeline(ROOT / "pipelines/mnist_hinton.toml",
-                        overrides=["temperature_sweep.epochs=100", "seed=3"])
-    assert cfg["temperature_sweep"]["epochs"] == 100 and cfg["seed"] == 3
+                        overrides=["temperature_sweep.max_epochs=300", "seed=3"])
+    assert cfg["temperature_sweep"]["max_epochs"] == 300 and cfg["seed"] == 3
     assert cfg["temperature_sweep"]["model"] == "mlp:784-30-30-10"  # the rest stays
     result = CliRunner().invoke(cli, ["run", str(ROOT / "pipelines/mnist_hinton.toml"),
                                       "--set", "nonsense"])

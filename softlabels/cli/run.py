@@ -12,7 +12,7 @@ from ._common import epoch_bars
 @click.option("--out", default=None, help="Output directory (default: the file's `out`).")
 @click.option("--quick", is_flag=True, help="The same steps, small and fast (for tests).")
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
-              help="Override one value of the file, e.g. --set temperature_sweep.epochs=100.")
+              help="Override one value of the file, e.g. --set temperature_sweep.max_epochs=300.")
 @click.option("--seeds", type=click.IntRange(min=1), default=None,
               help="Train every configuration from this many seeds (default: the file's).")
 def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...],
