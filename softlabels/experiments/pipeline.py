@@ -38,8 +38,8 @@ def parse_override(text: str) -> dict[str, Any]:
     path, sep, value = text.partition("=")
     keys = [k.strip() for k in path.split(".")]
     if not sep or not all(keys):
-        raise SoftlabelsError(f"--set takes TABLE.KEY=VALUE (e.g. temperature_sweep.epochs=100),"
-                              f" got {text!r}")
+        raise SoftlabelsError("--set takes TABLE.KEY=VALUE (e.g. "
+                              f"temperature_sweep.max_epochs=300), got {text!r}")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:

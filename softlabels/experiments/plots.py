@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .results_md import results_markdown
+
 
 def _plt() -> Any:
     import matplotlib
@@ -15,37 +17,83 @@ def _plt() -> Any:
     return plt
 
 
+def _yerr(rows: list[dict[str, Any]], scale: float = 1.0) -> Any:
+    """Asymmetric error bars (mean to each end of ci95); zero without an interval."""
+    lo = [(r["mean"] - r["ci95"][0]) * scale if r["ci95"] else 0.0 for r in rows]
+    hi = [(r["ci95"][1] - r["mean"]) * scale if r["ci95"] else 0.0 for r in rows]
+    return [lo, hi]
+
+
+def _seed_dots(ax: Any, xs: list[float], rows: list[dict[str, Any]], scale: float = 1.0) -> None:
+    for x, r in zip(xs, rows, strict=True):
+        ax.plot([x] * len(r["seeds"]), [v * scale for v in r["seeds"]], ".", color="k",
+                alpha=0.35, ms=4)
+
+
 def plot_sweep(results: dict[str, Any], path: Path) -> None:
+    """Errors by temperature for the small net and the 800-800 net, 95% intervals as bars."""
     plt = _plt()
-    rows = [r for r in results["temperature_sweep"] if r["temperature"] != "hard"]
-    hard = next(r for r in results["temperature_sweep"] if r["temperature"] == "hard")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["temperature"] for r in rows], [r["errors"] for r in rows], "o-",
-            label="distilled at T")
-    ax.axhline(hard["errors"], color="grey", ls="--", label="hard labels")
-    ax.set_xscale("log")
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel(f"test errors (of {results['test_examples']})")
-    ax.set_title("784-30-30-10 student: errors by distillation temperature")
-    ax.legend()
+    panels = [("temperature_sweep", "784-30-30-10 (epochs chosen on held-out digits)"),
+              ("student_sweep", "784-800-800-10 (fixed epochs)")]
+    panels = [(k, t) for k, t in panels if len(results.get(k, [])) > 1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        rows = [r for r in results[key] if r["temperature"] != "hard"]
+        hard = next(r for r in results[key] if r["temperature"] == "hard")
+        ts = [r["temperature"] for r in rows]
+        ax.errorbar(ts, [r["mean"] for r in rows], yerr=_yerr(rows), fmt="o-", capsize=4,
+                    label="distilled at T (mean, 95% interval)")
+        _seed_dots(ax, ts, rows)
+        ax.axhline(hard["mean"], color="grey", ls="--", label="hard labels")
+        if hard["ci95"]:
+            ax.axhspan(*hard["ci95"], color="grey", alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("temperature T")
+        ax.set_ylabel(f"test errors (of {results['test_examples']})")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_errors(results: dict[str, Any], path: Path) -> None:
+    """The main table as bars: mean errors, 95% intervals, one dot per seed."""
     plt = _plt()
     o = results["omit3"]
-    bars = {"teacher": results["teacher"]["errors"],
-            "800-800\nhard": results["student_hard"]["errors"],
-            "800-800\ndistilled": results["student_distilled"]["errors"],
-            "omit 3": o["errors"], f"omit 3\n+{o['bias']:g} bias": o["errors_adjusted"]}
+    rows = {"teacher": results["teacher"], "800-800\nhard": results["student_hard"],
+            "800-800\ndistilled": results["student_distilled"], "omit 3": o,
+            f"omit 3\n+{o['bias']:.2g} bias": o["intervals"]["errors_adjusted"]}
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(list(bars), list(bars.values()), color=["#555", "#c44", "#48c", "#aa6", "#6a6"])
-    for i, v in enumerate(bars.values()):
-        ax.text(i, v, str(v), ha="center", va="bottom")
+    xs = list(range(len(rows)))
+    vals = list(rows.values())
+    ax.bar(xs, [r["mean"] for r in vals], yerr=_yerr(vals), capsize=5,
+           color=["#555", "#c44", "#48c", "#aa6", "#6a6"])
+    _seed_dots(ax, [float(x) for x in xs], vals)
+    ax.set_xticks(xs, list(rows))
     ax.set_ylabel(f"test errors (of {results['test_examples']})")
-    ax.set_title("Test errors per configuration")
+    ax.set_title(f"Test errors: mean over {len(vals[0]['seeds'])} seeds, 95% interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_subset_curve(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against the fraction of the transfer set, hard labels against soft targets."""
+    plt = _plt()
+    curve = results["subset_curve"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fs = [c["fraction"] * 100 for c in curve]
+    for kind, color, label in (("hard", "#c44", "hard labels"), ("soft", "#48c", "soft targets")):
+        rows = [c[kind]["intervals"]["accuracy"] for c in curve]
+        ax.errorbar(fs, [r["mean"] * 100 for r in rows], yerr=_yerr(rows, 100), fmt="o-",
+                    capsize=4, color=color, label=label)
+        _seed_dots(ax, fs, rows, 100)
+    ax.set_xscale("log")
+    ax.set_xlabel("% of the training digits used")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("784-800-800-10 from a fraction of the data (mean, 95% interval)")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -69,42 +117,6 @@ def plot_soft_targets(examples: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def results_markdown(r: dict[str, Any]) -> str:
-    p, o, s = r["paper"], r["omit3"], r["subset_3pct"]
-    n = r["test_examples"]
-    lines = [
-        "# MNIST distillation (Hinton, Vinyals & Dean 2015, §3) at bundled-data scale", "",
-        f"Training {r['train_examples']} images (+{r['validation_examples']} held out for the "
-        f"omit-3 bias), test {n}. The paper used 60,000 / 10,000, so its counts are per 10,000.",
-        "", f"| configuration | test errors here (of {n}) | accuracy here "
-        "| paper (errors of 10,000) |", "|---|---|---|---|",
-        f"| teacher ({r['teacher']['members']}-net ensemble) | {r['teacher']['errors']} | "
-        f"{r['teacher']['accuracy']:.4f} | {p['teacher']} |",
-        f"| 784-800-800-10, hard labels | {r['student_hard']['errors']} | "
-        f"{r['student_hard']['accuracy']:.4f} | {p['student_hard']} |",
-        f"| 784-800-800-10, distilled | {r['student_distilled']['errors']} | "
-        f"{r['student_distilled']['accuracy']:.4f} | {p['student_distilled']} |",
-        f"| omit 3 from transfer set | {o['errors']} ({o['errors_on_3']} on 3s) | | "
-        f"{p['omit3_errors']} ({p['omit3_errors_on_3']} on 3s) |",
-        f"| omit 3, class-3 bias +{o['bias']:g} (tuned on validation) | {o['errors_adjusted']} "
-        f"({o['errors_on_3_adjusted']} on 3s) | | {p['omit3_errors_adjusted']} "
-        f"({p['omit3_errors_on_3_adjusted']} on 3s, +{p['omit3_bias']}) |", "",
-        f"## {s['fraction']:.0%} of the transfer set ({s['rows']} images)", "",
-        "| targets | accuracy here | paper (speech, frame accuracy) |", "|---|---|---|",
-        f"| hard labels | {s['hard']['accuracy']:.4f} | {p['speech_3pct_hard']}% |",
-        f"| soft targets | {s['soft']['accuracy']:.4f} | {p['speech_3pct_soft']}% |",
-        f"| (all data, hard) | {r['student_hard']['accuracy']:.4f} | {p['speech_all']}% |", "",
-        "## Temperature sweep, 784-30-30-10", "", "| T | test errors | accuracy |",
-        "|---|---|---|",
-        *[f"| {row['temperature']} | {row['errors']} | {row['accuracy']:.4f} |"
-          for row in r["temperature_sweep"]], "",
-        f"Steps took {r['seconds_all_steps']} s in all on {r['machine']}.", "",
-        "![errors](errors.png) ![sweep](temperature_sweep.png)", "",
-        "![soft targets](soft_targets.png)", "",
-    ]
-    return "\n".join(lines)
-
-
 def soft_target_examples(ts_path: Path, n: int = 4) -> dict[str, Any]:
     """A few rows' teacher probabilities at T = 1 and T = 20."""
     import numpy as np
@@ -120,5 +132,6 @@ def soft_target_examples(ts_path: Path, n: int = 4) -> dict[str, Any]:
 def hinton_report(results: dict[str, Any], out: Path, ts_path: Path) -> None:
     plot_sweep(results, out / "temperature_sweep.png")
     plot_errors(results, out / "errors.png")
+    plot_subset_curve(results, out / "subset_curve.png")
     plot_soft_targets(soft_target_examples(ts_path), out / "soft_targets.png")
     (out / "results.md").write_text(results_markdown(results))
