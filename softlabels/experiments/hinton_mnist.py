@@ -267,10 +267,11 @@ def _check(cfg: dict[str, Any]) -> None:
     seeds = cfg.get("seeds", 1)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise bad("seeds", "a whole number >= 1", seeds)
-    for table in ("temperature_sweep", "subset"):
-        m = cfg[table].get("max_epochs")
+    for table, key in (("teacher", "epochs"), ("student", "epochs"),
+                       ("temperature_sweep", "max_epochs"), ("subset", "max_epochs")):
+        m = cfg[table].get(key)
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise bad(f"{table}.max_epochs", "a whole number >= 1", m)
+            raise bad(f"{table}.{key}", "a whole number >= 1", m)
     fractions = cfg["subset"].get("fractions")
     if not isinstance(fractions, list) or not fractions or not all(
             isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
