@@ -237,7 +237,10 @@ class SoftTargetBatches(IterableDataset):
     window of `window` blocks, so memory holds about `window` blocks, never the set. Every block
     passes `TransferSet.read_block` (checksum, finite targets, labels in range) before use.
 
-    Use with `DataLoader(stream, batch_size=None, num_workers=..., pin_memory=...)`. Batches
+    Use with `DataLoader(stream, batch_size=None, num_workers=W, pin_memory=...)` and pass the
+    same `num_workers=W` here so `len()` is exact. `rank`/`world_size` default to
+    torch.distributed's. `checksum=False` skips the block checksum (and reads only the served
+    arrays; NaN/inf and label checks remain) for sets already verified. Batches
     hold `batch_size` rows (per rank) except the last of each worker. Across `world_size` ranks
     each rank's stream ends after `steps_per_epoch()` batches, the same number on every rank:
     the tail of a rank with more rows is dropped (at most about one block per rank per epoch;
@@ -247,8 +250,8 @@ class SoftTargetBatches(IterableDataset):
     def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
                  *, temperature: float, batch_size: int, rows: np.ndarray | None = None,
                  shuffle: bool = True, window: int = 4, seed: int = 0, check: bool = True,
-                 checksum: bool = True, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 checksum: bool = True, rank: int | None = None, world_size: int | None = None,
+                 num_workers: int = 0) -> None:
         dataset, ts = _open(data, transfer_set)
         if ts.meta.get("views"):
             raise SoftlabelsError(f"{ts.path} holds augmented views: streaming serves plain "
@@ -270,6 +273,7 @@ class SoftTargetBatches(IterableDataset):
             ts.close()
         self.shuffle, self.window, self.seed, self.epoch = shuffle, max(1, window), seed, 0
         self.checksum, self._rank, self._world = checksum, rank, world_size
+        self.num_workers = num_workers  # the DataLoader's, so len() counts its batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -294,8 +298,7 @@ class SoftTargetBatches(IterableDataset):
                          // self.batch_size) for w in range(workers)) for r in range(world))
 
     def __len__(self) -> int:
-        info = get_worker_info()
-        return self.steps_per_epoch(num_workers=info.num_workers if info else 0)
+        return self.steps_per_epoch(num_workers=self.num_workers)
 
     def _blocks(self, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[int]:
         return chunk_plan(self.num_rows, self.block_rows, epoch=epoch, seed=self.seed,

@@ -324,11 +324,16 @@ def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: to
 def _selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
     """The rows the subset options keep. Labels no writer stores (a damaged block) are refused,
     naming their block, before any selection reads them."""
-    labels = ts.labels()
+    try:
+        labels, index = ts.labels(), ts.index()
+    except Exception:  # an unreadable chunk: read_block names its block
+        for block in range(ts.num_blocks):
+            ts.read_block(block)
+        raise
     bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes))
     if len(bad):
         ts.read_block(int(bad[0]) // ts.block_rows)  # raises IntegrityError naming the block
-    return select_rows(labels, index=ts.index(), **select)
+    return select_rows(labels, index=index, **select)
 
 
 def _streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
