@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
 
-from .errors import IntegrityError, MismatchError, SoftlabelsError
+from .blocks import block_targets, check_servable, load_checked, read_checked
+from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
 from .specs import NpzDataset, load_data, split_item
-from .tempering import tempered_softmax
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
@@ -66,81 +66,6 @@ def _check_temperature(temperature: float) -> float:
             and temperature > 0):
         raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
     return float(temperature)
-
-
-# --- checked blocks -----------------------------------------------------------------------------
-
-def _check_servable(ts: TransferSet, temperature: float) -> None:
-    """Refuse a sparse set at a temperature it did not store (sparse targets cannot re-temper)."""
-    if ts.sparse and ts.temperature_index(temperature) is None:
-        raise SoftlabelsError(f"{ts.path} is sparse ({ts.sparse['kind']}) and stores targets at "
-                              f"T={ts.temperatures} only, not T={temperature}; pass one of them")
-
-
-def block_targets(ts: TransferSet, arrays: dict[str, np.ndarray],
-                  temperature: float) -> list[np.ndarray]:
-    """The soft targets at `temperature` of one block's arrays (from `read_block`):
-    [probs (n, C) float32] for a dense set — stored when T was stored, else re-tempered from
-    the logits in float32 — or [classes (n, k) int64, weights (n, k) float32] for a sparse one."""
-    k = ts.temperature_index(temperature)
-    if ts.sparse:
-        _check_servable(ts, temperature)
-        if ts.sparse["kind"] == "topk":
-            z, lse = arrays[S.TOPK_LOGITS], arrays[S.TOPK_LOGSUMEXP][:, k:k + 1]
-            return [arrays[S.TOPK_INDICES].astype(np.int64),
-                    np.exp(z / temperature - lse).astype(np.float32)]
-        idx = arrays[S.SAMPLE_INDICES][k].astype(np.int64)
-        return [idx, np.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=np.float32)]
-    if k is not None:
-        return [arrays[S.PROBS][k].astype(np.float32, copy=False)]
-    return [tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), temperature).numpy()]
-
-
-def needed_arrays(ts: TransferSet, temperature: float) -> list[str]:
-    """The arrays stage two serves from (a block read without its checksum reads only these)."""
-    if ts.sparse:
-        return [S.LABELS, S.INDEX, *((S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP)
-                                     if ts.sparse["kind"] == "topk" else (S.SAMPLE_INDICES,))]
-    stored = ts.temperature_index(temperature) is not None
-    return [S.LABELS, S.INDEX, S.PROBS if stored else S.LOGITS]
-
-
-def read_checked(ts: TransferSet, block: int, *, temperature: float,
-                 checksum: bool = True) -> dict[str, np.ndarray]:
-    """One block's arrays, checked: `ts.read_block` (readable, checksum, finite targets, labels
-    in range; `IntegrityError` names the block). With checksum=False only the served arrays are
-    read and the value checks run (no flipped-byte detection: for sets already verified)."""
-    if checksum:
-        return ts.read_block(block)
-    start, stop = ts.block_range(block)
-    arrays = {n: ts.read(n, start, stop) for n in needed_arrays(ts, temperature)}
-    labels = arrays[S.LABELS]
-    bad = [n for n in arrays if n in S.TARGET_ARRAYS and not np.isfinite(arrays[n]).all()]
-    if bad or (len(labels) and (labels.min() < -1 or labels.max() >= ts.num_classes)):
-        what = f"NaN or inf in {bad[0]!r}" if bad else "labels outside [-1, C)"
-        raise IntegrityError(f"block {block} (rows {start}-{stop - 1}) of {ts.path} holds {what}; "
-                             f"run `softlabels verify {ts.path}` and get a fresh copy of the set")
-    return arrays
-
-
-def load_checked(ts: TransferSet, temperature: float) -> dict[str, Any]:
-    """Every row's labels, index, view seeds (or None) and targets at T, read block by block
-    through `read_checked`: damage anywhere raises `IntegrityError` naming the block."""
-    _check_servable(ts, temperature)
-    parts: dict[str, list[np.ndarray]] = {"labels": [], "index": [], "view_seed": [],
-                                          "targets": []}
-    for b in range(ts.num_blocks):
-        arrays = read_checked(ts, b, temperature=temperature)
-        parts["labels"].append(arrays[S.LABELS])
-        parts["index"].append(arrays[S.INDEX])
-        if S.VIEW_SEED in arrays:
-            parts["view_seed"].append(arrays[S.VIEW_SEED])
-        parts["targets"].append(block_targets(ts, arrays, temperature))
-    cat = np.concatenate
-    per_block = parts["targets"]
-    return {"labels": cat(parts["labels"]), "index": cat(parts["index"]),
-            "view_seed": cat(parts["view_seed"]) if parts["view_seed"] else None,
-            "targets": [cat([t[j] for t in per_block]) for j in range(len(per_block[0]))]}
 
 
 class SoftTargetDataset(Dataset):
@@ -216,13 +141,13 @@ def chunk_plan(num_rows: int, chunk_rows: int, *, epoch: int, seed: int, shuffle
     return chunks[rank::world_size][worker::num_workers].tolist()
 
 
-def gather_inputs(data: Dataset, index: np.ndarray) -> torch.Tensor:
-    """The inputs of dataset examples `index`, stacked (N, ...): one gather for datasets that
-    hold a tensor (npz, TensorDataset), the dataset's `__getitems__` or one item at a time else."""
+def gather_inputs(data: Dataset, index: torch.Tensor) -> torch.Tensor:
+    """The inputs of dataset examples `index` (int64), stacked (N, ...): one gather for datasets
+    holding a tensor (npz, TensorDataset), else `__getitems__` or one item at a time."""
     if isinstance(data, NpzDataset):
-        return data.x[torch.from_numpy(index)]
+        return data.x.index_select(0, index)
     if isinstance(data, TensorDataset):
-        return data.tensors[0][torch.from_numpy(index)]
+        return data.tensors[0].index_select(0, index)
     many = getattr(data, "__getitems__", None)
     items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
     return torch.stack([split_item(item)[0] for item in items])
@@ -259,7 +184,7 @@ class SoftTargetBatches(IterableDataset):
         if batch_size <= 0:
             raise SoftlabelsError(f"batch_size must be positive, got {batch_size}")
         self.temperature = _check_temperature(temperature)
-        _check_servable(ts, self.temperature)
+        check_servable(ts, self.temperature)
         self.data, self.path, self.batch_size = dataset, str(ts.path), int(batch_size)
         self.num_rows, self.block_rows = ts.num_rows, ts.block_rows
         self.keep = None
@@ -306,8 +231,11 @@ class SoftTargetBatches(IterableDataset):
                           num_workers=workers)
 
     def _windows(self, ts: TransferSet, blocks: list[int], rng: np.random.Generator,
-                 ) -> Iterator[list[np.ndarray]]:
-        """[index, labels, *targets] of each window of blocks, selected rows only, shuffled."""
+                 shared: bool) -> Iterator[list[torch.Tensor]]:
+        """[index, labels, *targets] of each window of blocks, selected rows only, shuffled:
+        each block scattered once into the window's order, then batches are views of it. In a
+        DataLoader worker (`shared`) the window lives in shared memory, so a batch crosses to
+        the main process as a reference, not a copy."""
         for w in range(0, len(blocks), self.window):
             cols: list[list[np.ndarray]] = []
             for b in blocks[w:w + self.window]:
@@ -321,8 +249,18 @@ class SoftTargetBatches(IterableDataset):
             n = sum(len(c[0]) for c in cols)
             if n == 0:
                 continue
-            order = rng.permutation(n) if self.shuffle else slice(None)
-            yield [np.concatenate([c[j] for c in cols])[order] for j in range(len(cols[0]))]
+            dest = rng.permutation(n) if self.shuffle else np.arange(n)
+            window = []
+            for j, first in enumerate(cols[0]):
+                out = torch.empty((n, *first.shape[1:]), dtype=torch.from_numpy(first[:0]).dtype)
+                if shared:
+                    out.share_memory_()
+                view, at = out.numpy(), 0
+                for c in cols:
+                    view[dest[at:at + len(c[j])]] = c[j]
+                    at += len(c[j])
+                window.append(out)
+            yield window
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         rank, world = self._where()
@@ -334,24 +272,37 @@ class SoftTargetBatches(IterableDataset):
         quota = None if budget is None else _worker_quota(self, rank, world, workers, budget)[
             worker]
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
-        made, carry = 0, None
         with open_transfer_set(self.path) as ts:
-            for cols in self._windows(ts, blocks, rng):
-                if carry is not None:  # rows left from the last window start this one
-                    cols = [np.concatenate([a, c]) for a, c in zip(carry, cols)]
-                full = len(cols[0]) - len(cols[0]) % self.batch_size
-                for i in range(0, full, self.batch_size):
-                    if quota is not None and made >= quota:
-                        return
-                    yield self._batch([c[i:i + self.batch_size] for c in cols])
-                    made += 1
-                carry = [c[full:] for c in cols] if full < len(cols[0]) else None
-            if carry is not None and (quota is None or made < quota):
-                yield self._batch(carry)
+            windows = self._windows(ts, blocks, rng, shared=info is not None)
+            for made, cols in enumerate(_rebatch(windows, self.batch_size)):
+                if quota is not None and made >= quota:
+                    return
+                yield self._batch(cols)
 
-    def _batch(self, cols: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
-        x = gather_inputs(self.data, cols[0])
-        return (x, torch.from_numpy(cols[1]), *(torch.from_numpy(t) for t in cols[2:]))
+    def _batch(self, cols: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return (gather_inputs(self.data, cols[0]), *cols[1:])
+
+
+def _rebatch(windows: Iterator[list[torch.Tensor]], size: int,
+             ) -> Iterator[list[torch.Tensor]]:
+    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
+    batch that joins a window's leftover rows to the next window's first; then the tail."""
+    carry: list[torch.Tensor] | None = None
+    for cols in windows:
+        n, at = len(cols[0]), 0
+        if carry is not None:
+            need = size - len(carry[0])
+            if n < need:
+                carry = [torch.cat([a, c]) for a, c in zip(carry, cols)]
+                continue
+            yield [torch.cat([a, c[:need]]) for a, c in zip(carry, cols)]
+            carry, at = None, need
+        full = at + (n - at) // size * size
+        for i in range(at, full, size):
+            yield [c[i:i + size] for c in cols]
+        carry = [c[full:] for c in cols] if full < n else None
+    if carry is not None:
+        yield carry
 
 
 def _worker_quota(stream: SoftTargetBatches, rank: int, world: int, workers: int,
