@@ -226,7 +226,9 @@ def train_student(
     history: list[dict[str, Any]] = []
     digest = run_digest({
         "data": data if isinstance(data, str) else type(data).__name__, "model": model,
-        "transfer_set": None if ts is None else str(ts.path), "temperature": temperature,
+        "transfer_set": None if ts is None else [str(ts.path), ts.meta.get("created_at"),
+                                                 ts.meta["dataset"]["fingerprint"]],
+        "temperature": temperature,
         "alpha": alpha, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
         "weight_decay": weight_decay, "select": select, "jitter": jitter_pixels,
         "views_per_epoch": views_per_epoch, "world": world, "stream": stream})

@@ -17,7 +17,9 @@ from ._common import IntList, echo_json, epoch_bars, parse_bias
 @click.option("--alpha", type=float, default=0.9, show_default=True,
               help="Weight of the soft term; 1 - alpha weighs the hard labels.")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Rows per step on each rank: under --distributed with N ranks a step sees "
+                   "N x this many rows.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam",
               show_default=True)
@@ -32,7 +34,8 @@ from ._common import IntList, echo_json, epoch_bars, parse_bias
               help="Shift training images by up to this many pixels.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--distributed", is_flag=True,
-              help="Data-parallel across the ranks torchrun starts (gloo on CPU).")
+              help="Data-parallel across the ranks torchrun starts (gloo on CPU); "
+                   "--batch-size is per rank.")
 @click.option("--views-per-epoch", type=int, default=1, show_default=True,
               help="From a view set: stored views of each example per epoch.")
 def train(data: str, model: str, out: str, transfer_set: str | None, temperature: float | None,
@@ -40,7 +43,10 @@ def train(data: str, model: str, out: str, transfer_set: str | None, temperature
           weight_decay: float, seed: int, fraction: float | None, classes: list[int] | None,
           exclude_classes: list[int] | None, indices: str | None, val_data: str | None,
           jitter: int, device: str, distributed: bool, views_per_epoch: int) -> None:
-    """Train a student from a transfer set's soft targets, or from hard labels without one."""
+    """Train a student from a transfer set's soft targets, or from hard labels without one.
+
+    Rerunning the same command after a kill resumes after the last finished epoch (state in
+    OUT.state)."""
     from ..trainer import train_student
 
     result = train_student(data, model, out=out, transfer_set=transfer_set,
