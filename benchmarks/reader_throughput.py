@@ -93,8 +93,13 @@ def measure(data: str, path: Path, rows: int, rounds: int,
                                  checksum=checksum, num_workers=workers)
 
     checked, unchecked = stream(True), stream(False)
-    loader1 = DataLoader(stream(True, 1), batch_size=None, num_workers=1)
-    loader2 = DataLoader(stream(True, 2), batch_size=None, num_workers=2)
+    # zarrs' Rust thread pool does not survive fork (a forked worker hangs): spawn under zarrs,
+    # the pipeline reaching the workers through ZARR_CODEC_PIPELINE__PATH.
+    context = "spawn" if os.environ.get("ZARR_CODEC_PIPELINE__PATH") else None
+    loader1 = DataLoader(stream(True, 1), batch_size=None, num_workers=1,
+                         multiprocessing_context=context)
+    loader2 = DataLoader(stream(True, 2), batch_size=None, num_workers=2,
+                         multiprocessing_context=context)
     variants = {
         "zarr, every row array": lambda: zarr_blocks(group, every, order, block_rows, rows),
         "zarr, served arrays": lambda: zarr_blocks(group, served, order, block_rows, rows),
@@ -226,6 +231,7 @@ def main() -> None:
     if args.zarrs:
         import zarr
 
+        os.environ["ZARR_CODEC_PIPELINE__PATH"] = "zarrs.ZarrsCodecPipeline"
         zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
     print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}, "
           f"zarrs {'on' if args.zarrs else 'off'}")

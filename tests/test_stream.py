@@ -187,3 +187,10 @@ def test_streamed_and_in_memory_training_agree_on_a_whole_epoch(dense: tuple[str
     b = train_student(data, "mlp:16-8-3", stream=True, **kwargs)
     assert a.rows == b.rows == N_ROWS
     assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-5)
+
+
+def test_without_checksums_value_checks_still_refuse_a_missing_chunk(tmp_path: Path) -> None:
+    data, path, block = _damaged(tmp_path, "zarr", "delete probs")  # reads back as NaN
+    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=8, checksum=False)
+    with pytest.raises(IntegrityError, match=f"block {block} .*NaN or inf in 'probs'"):
+        list(stream)
