@@ -84,4 +84,7 @@ def restore(payload: dict[str, Any], model: torch.nn.Module, optimizer: torch.op
 
 
 def clear_state(out: str | os.PathLike[str]) -> None:
-    state_path(out).unlink(missing_ok=True)
+    """Remove the state (and a temporary one a kill mid-write left behind)."""
+    path = state_path(out)
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)

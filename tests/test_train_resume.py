@@ -119,3 +119,19 @@ def test_streamed_distributed_training_steps_together_and_repeats(tmp_path: Path
     assert meta["batch_size"] == 8 and meta["global_batch_size"] == 16 and meta["streamed"]
     a, b = _weights(outs[0]), _weights(outs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic for a seed
+
+
+def test_a_damaged_state_file_is_ignored_not_trusted(tmp_path: Path) -> None:
+    from softlabels.trainer import train_student
+
+    data = make_npz(tmp_path / "d.npz")
+    ts = tmp_path / "t.zarr"
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu")
+    out = tmp_path / "s.pt"
+    Path(f"{out}.state").write_bytes(b"not a state file")
+    Path(f"{out}.state.tmp").write_bytes(b"left by a kill mid-write")
+    result = train_student(data, "mlp:16-8-3", transfer_set=ts, temperature=2.0, epochs=2,
+                           batch_size=16, device="cpu", out=out)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert load_checkpoint(out)[1]["meta"]["resumed_after_epoch"] == 0
+    assert not Path(f"{out}.state").exists() and not Path(f"{out}.state.tmp").exists()
