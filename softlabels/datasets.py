@@ -17,6 +17,7 @@ from .blocks import block_targets, check_servable, load_checked, read_checked
 from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
+from .format.selection import select_rows
 from .specs import NpzDataset, load_data, split_item
 from .views import build_augment, replay
 
@@ -60,6 +61,21 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
                 "dataset's example: the data is permuted, edited or another dataset; pass the "
                 "DATA the set was made from, or precompute a new set")
     return len(rows)
+
+def selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
+    """The rows the subset options keep. Labels no writer stores (a damaged block) are refused,
+    naming their block, before any selection reads them."""
+    try:
+        labels, index = ts.labels(), ts.index()
+    except Exception:  # an unreadable chunk: read_block names its block
+        for block in range(ts.num_blocks):
+            ts.read_block(block)
+        raise
+    bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes))
+    if len(bad):
+        ts.read_block(int(bad[0]) // ts.block_rows)  # raises IntegrityError naming the block
+    return select_rows(labels, index=index, **select)
+
 
 def _check_temperature(temperature: float) -> float:
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature)

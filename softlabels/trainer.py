@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import MAX_IN_MEMORY, SoftTargetBatches, SoftTargetDataset, check_length
+from .datasets import (
+    MAX_IN_MEMORY,
+    SoftTargetBatches,
+    SoftTargetDataset,
+    check_length,
+    selected_rows,
+)
 from .errors import MismatchError, SoftlabelsError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices, select_rows
@@ -301,7 +307,7 @@ def _hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
 def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
                       select: dict[str, Any], temperature: float, views_per_epoch: int,
                       batch_size: int, gen: torch.Generator, rank: int, world: int) -> Plan:
-    rows = _selected_rows(ts, select)
+    rows = selected_rows(ts, select)
     check_length(dataset, ts)
     examples = ts.index()[rows]
     cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
@@ -323,27 +329,12 @@ def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: to
             n_rows, -(-(n_rows // world) // batch_size))
 
 
-def _selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
-    """The rows the subset options keep. Labels no writer stores (a damaged block) are refused,
-    naming their block, before any selection reads them."""
-    try:
-        labels, index = ts.labels(), ts.index()
-    except Exception:  # an unreadable chunk: read_block names its block
-        for block in range(ts.num_blocks):
-            ts.read_block(block)
-        raise
-    bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes))
-    if len(bad):
-        ts.read_block(int(bad[0]) // ts.block_rows)  # raises IntegrityError naming the block
-    return select_rows(labels, index=index, **select)
-
-
 def _streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
                      select: dict[str, Any], temperature: float, batch_size: int, rank: int,
                      world: int) -> Plan:
     """Whole batches straight from whole checked blocks, shuffled by block and within a
     window; every rank takes `steps_per_epoch` steps (the longer ranks' tails dropped)."""
-    rows = _selected_rows(ts, select)
+    rows = selected_rows(ts, select)
     stream = SoftTargetBatches(dataset, ts, temperature=temperature, batch_size=batch_size,
                                rows=rows, seed=select["seed"], rank=rank, world_size=world)
     x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
