@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .cluster import precompute_on_cluster
-from .datasets import SoftTargetDataset, StreamingSoftTargetDataset
+from .datasets import SoftTargetBatches, SoftTargetDataset, StreamingSoftTargetDataset
 from .errors import (
     DataError,
     IncompleteTransferSetError,
@@ -39,6 +39,7 @@ __all__ = [
     "OptionError",
     "PrecomputeOptions",
     "PrecomputeResult",
+    "SoftTargetBatches",
     "SoftTargetDataset",
     "SoftlabelsError",
     "SpecError",

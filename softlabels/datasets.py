@@ -1,6 +1,7 @@
 """Stage two's input: join a dataset with a transfer set by `index`, check they line up by
-`sample_hash`, and serve (input, label, soft target at T) — in memory, or streamed by whole
-chunks with a chunk-aware shuffle split across DataLoader workers and distributed ranks."""
+`sample_hash`, and serve (input, label, soft target at T) — in memory, or streamed as whole
+batches from whole blocks with a block-aware shuffle split across DataLoader workers and
+distributed ranks. Every block is read checked (`TransferSet.read_block`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
 
+from .blocks import block_targets, check_servable, load_checked, read_checked
 from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
-from .specs import load_data, split_item
+from .format.selection import select_rows
+from .specs import NpzDataset, load_data, split_item
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
@@ -59,6 +62,20 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
                 "DATA the set was made from, or precompute a new set")
     return len(rows)
 
+def selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
+    """The rows the subset options keep. Labels no writer stores (a damaged block) are refused,
+    naming their block, before any selection reads them."""
+    try:
+        labels, index = ts.labels(), ts.index()
+    except Exception:  # an unreadable chunk: read_block names its block
+        for block in range(ts.num_blocks):
+            ts.read_block(block)
+        raise
+    bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes))
+    if len(bad):
+        ts.read_block(int(bad[0]) // ts.block_rows)  # raises IntegrityError naming the block
+    return select_rows(labels, index=index, **select)
+
 
 def _check_temperature(temperature: float) -> float:
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature)
@@ -70,8 +87,9 @@ def _check_temperature(temperature: float) -> float:
 class SoftTargetDataset(Dataset):
     """Items (input, label, soft target at `temperature`) for the selected `rows` of a set.
 
-    The targets are read once into memory (float32): stored probabilities when T was stored,
-    else re-tempered from the logits. Use `StreamingSoftTargetDataset` for sets past memory.
+    The targets are read once into memory (float32), block by checked block (a damaged block
+    raises `IntegrityError` naming it): stored probabilities when T was stored, else re-tempered
+    from the logits. Use `SoftTargetBatches` for sets past memory.
     """
 
     def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
@@ -84,24 +102,22 @@ class SoftTargetDataset(Dataset):
         need = self.ts.num_rows * self.ts.num_classes * 4
         if need > max_memory:
             raise SoftlabelsError(f"the targets need {need / 2**30:.1f} GiB, over max_memory; "
-                                  "use StreamingSoftTargetDataset")
+                                  "use SoftTargetBatches")
+        loaded = load_checked(self.ts, self.temperature)
         if check:
             check_alignment(self.data, self.ts, self.rows, seed=seed)
-        self.data_index = torch.from_numpy(self.ts.index()[self.rows])
-        self.labels = torch.from_numpy(self.ts.labels()[self.rows])
+        self.data_index = torch.from_numpy(loaded["index"][self.rows])
+        self.labels = torch.from_numpy(loaded["labels"][self.rows])
         # A view set: each row replays the exact augmented view the teacher labelled.
         self.view_seeds = self.transform = None
         if self.ts.meta.get("views"):
-            self.view_seeds = self.ts.read(S.VIEW_SEED)[self.rows]
+            self.view_seeds = loaded["view_seed"][self.rows]
             x0, _ = split_item(self.data[int(self.data_index[0])])
             self.transform = build_augment(self.ts.meta["augment"], x0, trust_code=trust_code,
                                            source=f"{self.ts.path} (its augment)")
-        if self.ts.sparse:  # (classes, weights) per row, k of each
-            classes, weights = self.ts.sparse_targets(self.temperature)
-            self.targets = (torch.from_numpy(classes[self.rows]),
-                            torch.from_numpy(weights[self.rows]))
-        else:
-            self.targets = torch.from_numpy(self.ts.probs(self.temperature)[self.rows])
+        targets = [torch.from_numpy(t[self.rows]) for t in loaded["targets"]]
+        # sparse: (classes, weights) per row, k of each; dense: (rows, C)
+        self.targets = tuple(targets) if self.ts.sparse else targets[0]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -117,6 +133,8 @@ class SoftTargetDataset(Dataset):
         return x, int(self.labels[i]), self.targets[i]
 
 
+# --- streaming ----------------------------------------------------------------------------------
+
 def rank_and_world() -> tuple[int, int]:
     """This process's torch.distributed rank and world size (0, 1 when not distributed)."""
     import torch.distributed as dist
@@ -129,7 +147,7 @@ def rank_and_world() -> tuple[int, int]:
 def chunk_plan(num_rows: int, chunk_rows: int, *, epoch: int, seed: int, shuffle: bool = True,
                rank: int = 0, world_size: int = 1, worker: int = 0,
                num_workers: int = 1) -> list[int]:
-    """The chunks one (rank, worker) reads this epoch, in order.
+    """The chunks (blocks) one (rank, worker) reads this epoch, in order.
 
     All chunks are shuffled with (seed, epoch) — the same order on every rank — then dealt
     round-robin to ranks, and each rank's share round-robin to its DataLoader workers, so every
@@ -141,24 +159,52 @@ def chunk_plan(num_rows: int, chunk_rows: int, *, epoch: int, seed: int, shuffle
     return chunks[rank::world_size][worker::num_workers].tolist()
 
 
-class StreamingSoftTargetDataset(IterableDataset):
-    """Stream (input, label, soft target) by whole chunks of the transfer set.
+def gather_inputs(data: Dataset, index: torch.Tensor) -> torch.Tensor:
+    """The inputs of dataset examples `index` (int64), stacked (N, ...): one gather for datasets
+    holding a tensor (npz, TensorDataset), else `__getitems__` or one item at a time."""
+    if isinstance(data, NpzDataset):
+        return data.x.index_select(0, index)
+    if isinstance(data, TensorDataset):
+        return data.tensors[0].index_select(0, index)
+    many = getattr(data, "__getitems__", None)
+    items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
+    return torch.stack([split_item(item)[0] for item in items])
 
-    Per epoch (`set_epoch`): chunk order shuffled, chunks split across ranks and workers
-    without overlap, samples shuffled within a window of `window` chunks. Never reads single
-    rows from the store. Ranks may get unequal row counts when chunks do not divide evenly.
+
+class SoftTargetBatches(IterableDataset):
+    """Whole batches (inputs, labels, *targets) streamed from whole checked blocks of a set.
+
+    Targets are (B, C) float32 probabilities at `temperature`, or (classes, weights) (B, k) of a
+    sparse set. Per epoch (`set_epoch`) the block order is shuffled with (seed, epoch), blocks
+    are dealt round-robin to ranks and then to DataLoader workers, and rows are shuffled within a
+    window of `window` blocks, so memory holds about `window` blocks, never the set. Every block
+    passes `TransferSet.read_block` (checksum, finite targets, labels in range) before use.
+
+    Use with `DataLoader(stream, batch_size=None, num_workers=W, pin_memory=...)` and pass the
+    same `num_workers=W` here so `len()` is exact. `rank`/`world_size` default to
+    torch.distributed's. `checksum=False` skips the block checksum (and reads only the served
+    arrays; NaN/inf and label checks remain) for sets already verified. Batches
+    hold `batch_size` rows (per rank) except the last of each worker. Across `world_size` ranks
+    each rank's stream ends after `steps_per_epoch()` batches, the same number on every rank:
+    the tail of a rank with more rows is dropped (at most about one block per rank per epoch;
+    which rows differs every epoch, as the order is reshuffled).
     """
 
-    def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str], *,
-                 temperature: float, rows: np.ndarray | None = None, shuffle: bool = True,
-                 window: int = 4, seed: int = 0, check: bool = True) -> None:
+    def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
+                 *, temperature: float, batch_size: int, rows: np.ndarray | None = None,
+                 shuffle: bool = True, window: int = 4, seed: int = 0, check: bool = True,
+                 checksum: bool = True, rank: int | None = None, world_size: int | None = None,
+                 num_workers: int = 0) -> None:
         dataset, ts = _open(data, transfer_set)
-        if ts.sparse or ts.meta.get("views"):
-            raise SoftlabelsError(f"{ts.path} is sparse or holds views: streaming serves dense "
-                                  "targets of plain examples; use SoftTargetDataset")
-        self.data, self.path = dataset, str(ts.path)
+        if ts.meta.get("views"):
+            raise SoftlabelsError(f"{ts.path} holds augmented views: streaming serves plain "
+                                  "examples; use SoftTargetDataset")
+        if batch_size <= 0:
+            raise SoftlabelsError(f"batch_size must be positive, got {batch_size}")
         self.temperature = _check_temperature(temperature)
-        self.num_rows, self.chunk_rows = ts.num_rows, ts.chunk_rows
+        check_servable(ts, self.temperature)
+        self.data, self.path, self.batch_size = dataset, str(ts.path), int(batch_size)
+        self.num_rows, self.block_rows = ts.num_rows, ts.block_rows
         self.keep = None
         if rows is not None:
             self.keep = np.zeros(ts.num_rows, dtype=bool)
@@ -166,47 +212,165 @@ class StreamingSoftTargetDataset(IterableDataset):
         if check:
             picked = np.flatnonzero(self.keep) if self.keep is not None else np.arange(ts.num_rows)
             check_alignment(dataset, ts, picked, seed=seed, check_all_up_to=CHECK_SAMPLE)
-        # Labels and dataset indices are 16 bytes a row: held in memory; targets stream.
-        self.labels, self.index = ts.labels(), ts.index()
-        ts.close()
+        if not isinstance(transfer_set, TransferSet):
+            ts.close()
         self.shuffle, self.window, self.seed, self.epoch = shuffle, max(1, window), seed, 0
+        self.checksum, self._rank, self._world = checksum, rank, world_size
+        self.num_workers = num_workers  # the DataLoader's, so len() counts its batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        total = int(self.keep.sum()) if self.keep is not None else self.num_rows
-        return -(-total // rank_and_world()[1])
-
-    def _plan(self) -> list[int]:
+    def _where(self) -> tuple[int, int]:
         rank, world = rank_and_world()
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return chunk_plan(self.num_rows, self.chunk_rows, epoch=self.epoch, seed=self.seed,
+        return (rank if self._rank is None else self._rank,
+                world if self._world is None else self._world)
+
+    def _rows_in(self, blocks: list[int]) -> int:
+        if self.keep is None:
+            return sum(min(self.block_rows, self.num_rows - b * self.block_rows) for b in blocks)
+        return sum(int(self.keep[b * self.block_rows:(b + 1) * self.block_rows].sum())
+                   for b in blocks)
+
+    def steps_per_epoch(self, epoch: int | None = None, *, num_workers: int = 0) -> int:
+        """Batches every rank yields in `epoch` (default: the current one) when read through
+        `num_workers` DataLoader workers: the fewest any rank has, so all ranks step together."""
+        epoch, (_, world) = (self.epoch if epoch is None else epoch), self._where()
+        workers = max(1, num_workers)
+        return min(sum(-(-self._rows_in(self._blocks(epoch, r, world, w, workers))
+                         // self.batch_size) for w in range(workers)) for r in range(world))
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch(num_workers=self.num_workers)
+
+    def _blocks(self, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[int]:
+        return chunk_plan(self.num_rows, self.block_rows, epoch=epoch, seed=self.seed,
                           shuffle=self.shuffle, rank=rank, world_size=world, worker=worker,
                           num_workers=workers)
 
-    def _read_window(self, ts: TransferSet, chunks: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, targets) of a window of whole chunks, the unselected rows dropped."""
-        rows, probs = [], []
-        for c in chunks:
-            start, stop = c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.num_rows)
-            sel = slice(None) if self.keep is None else self.keep[start:stop]
-            rows.append(np.arange(start, stop)[sel])
-            probs.append(ts.probs(self.temperature, start, stop)[sel])
-        return np.concatenate(rows), np.concatenate(probs)
+    def _windows(self, ts: TransferSet, blocks: list[int], rng: np.random.Generator,
+                 shared: bool) -> Iterator[list[torch.Tensor]]:
+        """[index, labels, *targets] of each window of blocks, selected rows only, shuffled:
+        each block scattered once into the window's order, then batches are views of it. In a
+        DataLoader worker (`shared`) the window lives in shared memory, so a batch crosses to
+        the main process as a reference, not a copy."""
+        for w in range(0, len(blocks), self.window):
+            cols: list[list[np.ndarray]] = []
+            for b in blocks[w:w + self.window]:
+                arrays = read_checked(ts, b, temperature=self.temperature, checksum=self.checksum)
+                got = [arrays[S.INDEX], arrays[S.LABELS],
+                       *block_targets(ts, arrays, self.temperature)]
+                if self.keep is not None:
+                    start, stop = ts.block_range(b)
+                    got = [c[self.keep[start:stop]] for c in got]
+                cols.append(got)
+            n = sum(len(c[0]) for c in cols)
+            if n == 0:
+                continue
+            dest = rng.permutation(n) if self.shuffle else np.arange(n)
+            window = []
+            for j, first in enumerate(cols[0]):
+                out = torch.empty((n, *first.shape[1:]), dtype=torch.from_numpy(first[:0]).dtype)
+                if shared:
+                    out.share_memory_()
+                view, at = out.numpy(), 0
+                for c in cols:
+                    view[dest[at:at + len(c[j])]] = c[j]
+                    at += len(c[j])
+                window.append(out)
+            yield window
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        rank, world = self._where()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        blocks = self._blocks(self.epoch, rank, world, worker, workers)
+        # Equal steps across ranks: each worker of this rank stops at its share of the budget.
+        budget = self.steps_per_epoch(num_workers=workers if info else 0) if world > 1 else None
+        quota = None if budget is None else _worker_quota(self, rank, world, workers, budget)[
+            worker]
+        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
+        with open_transfer_set(self.path) as ts:
+            windows = self._windows(ts, blocks, rng, shared=info is not None)
+            for made, cols in enumerate(_rebatch(windows, self.batch_size)):
+                if quota is not None and made >= quota:
+                    return
+                yield self._batch(cols)
+
+    def _batch(self, cols: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return (gather_inputs(self.data, cols[0]), *cols[1:])
+
+
+def _rebatch(windows: Iterator[list[torch.Tensor]], size: int,
+             ) -> Iterator[list[torch.Tensor]]:
+    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
+    batch that joins a window's leftover rows to the next window's first; then the tail."""
+    carry: list[torch.Tensor] | None = None
+    for cols in windows:
+        n, at = len(cols[0]), 0
+        if carry is not None:
+            need = size - len(carry[0])
+            if n < need:
+                carry = [torch.cat([a, c]) for a, c in zip(carry, cols)]
+                continue
+            yield [torch.cat([a, c[:need]]) for a, c in zip(carry, cols)]
+            carry, at = None, need
+        full = at + (n - at) // size * size
+        for i in range(at, full, size):
+            yield [c[i:i + size] for c in cols]
+        carry = [c[full:] for c in cols] if full < n else None
+    if carry is not None:
+        yield carry
+
+
+def _worker_quota(stream: SoftTargetBatches, rank: int, world: int, workers: int,
+                  budget: int) -> list[int]:
+    """How many of this rank's `budget` batches each worker yields: the DataLoader takes one
+    batch from each worker in turn, so the first `budget` batches are a round-robin prefix."""
+    have = [-(-stream._rows_in(stream._blocks(stream.epoch, rank, world, w, workers))
+              // stream.batch_size) for w in range(workers)]
+    quota = [0] * workers
+    w = 0
+    for _ in range(budget):
+        while quota[w] >= have[w]:
+            w = (w + 1) % workers
+        quota[w] += 1
+        w = (w + 1) % workers
+    return quota
+
+
+class StreamingSoftTargetDataset(IterableDataset):
+    """Stream (input, label, soft target) items by whole checked chunks of the transfer set.
+
+    The row-at-a-time face of `SoftTargetBatches` (same shuffle, splits and checks); prefer the
+    batches, which skip a per-row Python step. Dense sets of plain examples only.
+    """
+
+    def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str], *,
+                 temperature: float, rows: np.ndarray | None = None, shuffle: bool = True,
+                 window: int = 4, seed: int = 0, check: bool = True) -> None:
+        dataset, ts = _open(data, transfer_set)
+        try:
+            if ts.sparse:
+                raise SoftlabelsError(f"{ts.path} is sparse: StreamingSoftTargetDataset serves "
+                                      "dense targets; use SoftTargetBatches")
+            self.batches = SoftTargetBatches(dataset, ts, temperature=temperature,
+                                             batch_size=ts.block_rows, rows=rows,
+                                             shuffle=shuffle, window=window, seed=seed,
+                                             check=check)
+        finally:
+            if not isinstance(transfer_set, TransferSet):
+                ts.close()
+        self.temperature = self.batches.temperature
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        keep = self.batches.keep
+        total = int(keep.sum()) if keep is not None else self.batches.num_rows
+        return -(-total // rank_and_world()[1])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
-        plan = self._plan()
-        rng = np.random.default_rng([self.seed, self.epoch, *plan[:1]])
-        with open_transfer_set(self.path) as ts:
-            for w in range(0, len(plan), self.window):
-                rows, probs = self._read_window(ts, plan[w:w + self.window])
-                order = rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
-                # Per-window conversions, so the per-row loop is plain Python indexing.
-                targets = torch.from_numpy(probs[order]).unbind(0)
-                index = self.index[rows[order]].tolist()
-                labels = self.labels[rows[order]].tolist()
-                for i, label, target in zip(index, labels, targets):
-                    item = self.data[i]
-                    yield (item[0] if isinstance(item, (tuple, list)) else item), label, target
+        for x, labels, targets in self.batches:
+            yield from zip(x.unbind(0), labels.tolist(), targets.unbind(0))

@@ -19,15 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import (
     MAX_IN_MEMORY,
+    SoftTargetBatches,
     SoftTargetDataset,
-    StreamingSoftTargetDataset,
     check_length,
+    selected_rows,
 )
 from .errors import DataError, MismatchError, SoftlabelsError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices, select_rows
 from .losses import kd_loss_from_probs, sparse_kd_loss
 from .options import TrainOptions, check_output_file, check_temperature
+from .resume import clear_state, load_state, restore, run_digest, save_state
 from .specs import check_labels, load_data, load_model, save_checkpoint, split_item
 from .teacher import resolve_device
 from .views import replay
@@ -144,6 +146,8 @@ def train_student(
     transfer_set: str | os.PathLike[str] | TransferSet | None = None,
     indices: str | os.PathLike[str] | np.ndarray | None = None,
     val_data: str | Dataset | None = None,
+    stream: bool | None = None,
+    resume: bool = True,
     callbacks: Sequence[Callback] = (),
     **kwargs: Any,
 ) -> TrainResult:
@@ -160,6 +164,15 @@ def train_student(
     disjoint share of every epoch through DDP; rank 0 saves. From a view set, each epoch trains
     on `views_per_epoch` stored views of every example, drawn afresh per epoch and replayed
     exactly as the teacher saw them. A non-finite loss stops training; nothing is saved.
+    `batch_size` is per rank: with N ranks one optimizer step sees N * batch_size rows (the
+    checkpoint records both). Every rank takes the same number of steps per epoch.
+
+    Targets are loaded into memory when they fit (MAX_IN_MEMORY), else streamed in whole
+    batches from whole blocks (`SoftTargetBatches`); `stream` forces either. Every block read
+    is checked (checksum, finite targets, labels in range): a damaged set raises
+    `IntegrityError` naming the block before any step is taken on it. With `out` and `resume`,
+    the state after each epoch goes to `<out>.state`; rerunning the same call after a kill
+    continues from the last finished epoch (see `softlabels.resume`).
     """
     t0 = time.perf_counter()
     if options is not None and kwargs:
@@ -192,14 +205,17 @@ def train_student(
                   indices=read_indices(indices) if isinstance(indices, (str, os.PathLike))
                   else indices, num_examples=len(dataset))
     gen = torch.Generator().manual_seed(seed)
+    if stream is None:
+        stream = ts is not None and ts.num_rows * ts.num_classes * 4 > MAX_IN_MEMORY
     if ts is None:
         plan = _hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
-    elif ts.num_rows * ts.num_classes * 4 <= MAX_IN_MEMORY:
+    elif not stream:
         plan = _in_memory_epochs(dataset, ts, net, dev, select, temperature,
                                  opts.views_per_epoch, batch_size, gen, rank, world,
                                  trust_code=opts.trust_code)
     else:
-        plan = _streamed_epochs(dataset, ts, select, temperature, batch_size, world)
+        plan = _streamed_epochs(dataset, ts, net, dev, select, temperature, batch_size, rank,
+                                world)
     epoch_batches, n_rows, n_batches = plan
     if n_rows == 0:
         raise DataError("the selection leaves no rows to train on; widen --fraction, "
@@ -208,7 +224,20 @@ def train_student(
         if val_data is not None else None
     opt = _make_optimizer(opts.optimizer, net.parameters(), opts.lr, opts.weight_decay)
     history: list[dict[str, Any]] = []
-    for epoch in range(epochs):
+    digest = run_digest({
+        "data": data if isinstance(data, str) else type(data).__name__, "model": model,
+        "transfer_set": None if ts is None else [str(ts.path), ts.meta.get("created_at"),
+                                                 ts.meta["dataset"]["fingerprint"]],
+        "temperature": temperature,
+        "alpha": alpha, "batch_size": batch_size, "lr": opts.lr, "optimizer": opts.optimizer,
+        "weight_decay": opts.weight_decay, "select": select, "jitter": opts.jitter_pixels,
+        "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream})
+    state = load_state(out, digest) if out is not None and resume else None
+    start = restore(state, net, opt, gen) if state is not None else 0
+    if state is not None:
+        history = list(state["history"])
+        log.info("resuming %s after epoch %d of %d", out, start, epochs)
+    for epoch in range(start, epochs):
         net.train()
         total, seen = 0.0, 0
         for b, batch in enumerate(epoch_batches(epoch)):
@@ -231,6 +260,9 @@ def train_student(
             known = val[1] >= 0
             record["val_accuracy"] = float((pred[known] == val[1][known]).float().mean())
         history.append(record)
+        if out is not None and resume and rank == 0:
+            save_state(out, digest=digest, epoch=epoch + 1, history=history, model=net,
+                       optimizer=opt, generator=gen)
         for cb in callbacks:
             cb("epoch", {**record, "epochs": epochs})
     net = net.cpu().eval()
@@ -241,13 +273,16 @@ def train_student(
         _finish_distributed()
     if out is not None and rank == 0:
         meta = {"history": history, "rows": n_rows, "seed": seed, "epochs": epochs,
-                "world_size": world,
+                "world_size": world, "batch_size": batch_size, "batch_size_is": "per rank",
+                "global_batch_size": batch_size * world, "streamed": bool(stream),
+                "resumed_after_epoch": start,
                 "data": data if isinstance(data, str) else type(data).__name__}
         if ts is not None:
             meta["transfer_set"] = {"path": str(ts.path), "temperature": temperature,
                                     "alpha": alpha,
                                     "fingerprint": ts.meta["dataset"]["fingerprint"]}
         save_checkpoint(net, out, spec=spec, meta=meta)
+        clear_state(out)
     return result
 
 
@@ -272,7 +307,7 @@ def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: to
                       select: dict[str, Any], temperature: float, views_per_epoch: int,
                       batch_size: int, gen: torch.Generator, rank: int, world: int,
                       trust_code: bool = False) -> Plan:
-    rows = select_rows(ts.labels(), index=ts.index(), **select)
+    rows = selected_rows(ts, select)
     check_length(dataset, ts)
     examples = ts.index()[rows]
     cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
@@ -295,20 +330,22 @@ def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: to
             n_rows, -(-(n_rows // world) // batch_size))
 
 
-def _streamed_epochs(dataset: Dataset, ts: TransferSet, select: dict[str, Any],
-                     temperature: float, batch_size: int, world: int) -> Plan:
-    if world > 1:
-        raise SoftlabelsError("--distributed needs targets that fit in memory; this set "
-                              "streams (ranks could take unequal steps)")
-    rows = select_rows(ts.labels(), index=ts.index(), **select)
-    stream = StreamingSoftTargetDataset(dataset, ts.path, temperature=temperature, rows=rows,
-                                        seed=select["seed"])
-    loader = DataLoader(stream, batch_size=batch_size)
+def _streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
+                     select: dict[str, Any], temperature: float, batch_size: int, rank: int,
+                     world: int) -> Plan:
+    """Whole batches straight from whole checked blocks, shuffled by block and within a
+    window; every rank takes `steps_per_epoch` steps (the longer ranks' tails dropped)."""
+    rows = selected_rows(ts, select)
+    stream = SoftTargetBatches(dataset, ts, temperature=temperature, batch_size=batch_size,
+                               rows=rows, seed=select["seed"], rank=rank, world_size=world)
+    x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
+    _check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
+    loader = DataLoader(stream, batch_size=None, pin_memory=dev.type == "cuda")
 
     def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
         stream.set_epoch(epoch)
         return iter(loader)
-    return epoch_batches, len(rows), len(loader)
+    return epoch_batches, len(rows), stream.steps_per_epoch(0)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],

@@ -19,7 +19,9 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
               help="Weight of the soft term (default 0.9); 1 - alpha weighs the hard labels; "
                    "needs --transfer-set.")
 @click.option("--epochs", type=int, default=TrainOptions.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=TrainOptions.batch_size, show_default=True)
+@click.option("--batch-size", type=int, default=TrainOptions.batch_size, show_default=True,
+              help="Rows per step on each rank: under --distributed with N ranks a step sees "
+                   "N x this many rows.")
 @click.option("--lr", type=float, default=TrainOptions.lr, show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZER_CHOICES),
               default=TrainOptions.optimizer, show_default=True)
@@ -34,13 +36,17 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
               show_default=True, help="Shift training images by up to this many pixels.")
 @click.option("--device", default=TrainOptions.device, show_default=True)
 @click.option("--distributed", is_flag=True,
-              help="Data-parallel across the ranks torchrun starts (gloo on CPU).")
+              help="Data-parallel across the ranks torchrun starts (gloo on CPU); "
+                   "--batch-size is per rank.")
 @click.option("--views-per-epoch", type=int, default=TrainOptions.views_per_epoch,
               show_default=True, help="From a view set: stored views of each example per epoch.")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 def train(data: str, model: str, out: str, transfer_set: str | None, indices: str | None,
           val_data: str | None, **flags: object) -> None:
-    """Train a student from a transfer set's soft targets, or from hard labels without one."""
+    """Train a student from a transfer set's soft targets, or from hard labels without one.
+
+    Rerunning the same command after a kill resumes after the last finished epoch (state in
+    OUT.state)."""
     from ..trainer import train_student
 
     options = TrainOptions(**flags)  # type: ignore[arg-type]  # checked once, here

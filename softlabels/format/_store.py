@@ -149,6 +149,7 @@ class ZarrStore(Store):
         else:
             store = str(path)
         self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode])
+        self._arrays: dict[str, Any] = {}  # read-only: each array's metadata read once
 
     def _create(self, name, shape, dtype, *, chunks, shards=None, dims=None):
         dt = np.dtype(dtype)
@@ -170,10 +171,14 @@ class ZarrStore(Store):
         self._group[name][selection] = data
 
     def read(self, name, selection=slice(None)):
-        return np.asarray(self._group[name][selection])
+        return np.asarray(self.array(name)[selection])
 
     def array(self, name):
-        return self._group[name]
+        if not self.read_only:
+            return self._group[name]
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     def names(self):
         return sorted(path for path, _ in self._group.arrays()) + sorted(

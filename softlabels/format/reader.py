@@ -18,6 +18,14 @@ from .aside import PARTIAL
 from .layout import Layout, array_problems, check_described, check_digest
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or inf in `a`. float16 by its exponent bits: numpy's float16 isfinite is ~15x
+    slower than reading the block (all-ones exponent = inf or NaN)."""
+    if a.dtype == np.float16:
+        return not ((a.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return bool(np.isfinite(a).all())
+
+
 class TransferSet:
     """A complete transfer set opened for reading. Use `open_transfer_set(path)`."""
 
@@ -102,7 +110,7 @@ class TransferSet:
         if self._checksums is not None and S.block_checksum(arrays) != int(self._checksums[block]):
             return "does not match its checksum (a flipped byte or a missing chunk)"
         for name in S.TARGET_ARRAYS:
-            if name in arrays and not np.isfinite(arrays[name]).all():
+            if name in arrays and not _all_finite(arrays[name]):
                 return f"holds NaN or inf in {name!r}"
         labels = arrays.get(S.LABELS)
         if labels is not None and len(labels) and (labels.min() < -1

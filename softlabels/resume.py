@@ -1,0 +1,90 @@
+"""Resume a killed training run: after every epoch the trainer writes its whole state (model,
+optimizer, random generators, history) next to `--out`; rerunning the same command continues
+from the last finished epoch instead of starting over.
+
+The state file is `<out>.state`, written aside and renamed into place (a kill never leaves a
+torn one), loaded with `weights_only=True` (it is data, never code), and removed once the
+checkpoint is written. A state file from a run with other options is ignored (and replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "softlabels-train-state"
+
+
+def state_path(out: str | os.PathLike[str]) -> Path:
+    return Path(f"{out}.state")
+
+
+def run_digest(options: dict[str, Any]) -> str:
+    """SHA-256 of the options that shape training (JSON, sorted keys); epochs left out, so a
+    rerun with more epochs continues the same run."""
+    text = json.dumps({k: v for k, v in options.items() if k != "epochs"}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_state(out: str | os.PathLike[str], *, digest: str, epoch: int, history: list[Any],
+               model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               generator: torch.Generator) -> None:
+    """Write the state after `epoch` (1-based count of finished epochs) atomically."""
+    path = state_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": STATE_FORMAT, "digest": digest, "epoch": epoch, "history": history,
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+               "generator": generator.get_state()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(out: str | os.PathLike[str], digest: str) -> dict[str, Any] | None:
+    """The saved state of this run (same digest), or None to start from epoch 0."""
+    path = state_path(out)
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged state file: start over rather than fail
+        log.warning("ignoring unreadable training state %s (%s); starting from epoch 0", path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+        log.warning("ignoring %s: not a softlabels training state; starting from epoch 0", path)
+        return None
+    if payload.get("digest") != digest:
+        log.warning("ignoring %s: it comes from a run with other options; starting from epoch 0",
+                    path)
+        return None
+    return payload
+
+
+def restore(payload: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> int:
+    """Load a saved state into the run; returns the number of epochs already done."""
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["torch_rng"])
+    generator.set_state(payload["generator"])
+    return int(payload["epoch"])
+
+
+def clear_state(out: str | os.PathLike[str]) -> None:
+    """Remove the state (and a temporary one a kill mid-write left behind)."""
+    path = state_path(out)
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
