@@ -318,7 +318,9 @@ def test_second_writer_is_refused_naming_the_first(tmp_path: Path, suffix: str,
                                                    sources: dict[str, Path | str]) -> None:
     data = make_npz(tmp_path / "d.npz", n=300)
     out = tmp_path / f"set.{suffix}"
-    env = {**ENV, "SOFTLABELS_TEST_DELAY": "0.25"}  # ~10 s: the others start meanwhile
+    gate = tmp_path / "gate"  # the first writer waits at its first batch while this exists
+    gate.touch()
+    env = {**ENV, "SOFTLABELS_TEST_DELAY": "0", "SOFTLABELS_TEST_GATE": str(gate)}
     first = subprocess.Popen(_slow_precompute(data, out), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -339,6 +341,8 @@ def test_second_writer_is_refused_naming_the_first(tmp_path: Path, suffix: str,
             assert code == 1 and f"pid {first.pid}" in text, (args, text)
         code, text = cli_run(["info", out])  # a reader is told to wait, not to rerun
         assert code == 1 and f"being written by pid {first.pid}" in text, text
+        assert first.poll() is None  # all of that happened while the first one was writing
+        gate.unlink()
         assert first.wait(timeout=300) == 0, first.stderr.read()
     finally:
         if first.poll() is None:
@@ -372,7 +376,10 @@ def test_without_a_lease_hdf5_second_writer_is_told_to_wait_never_to_overwrite(
     refuses a second writer, and the message never suggests --overwrite."""
     data = make_npz(tmp_path / "d.npz", n=300)
     out = tmp_path / "set.h5"
-    env = {**ENV, "SOFTLABELS_TEST_DELAY": "0.25", "SOFTLABELS_USE_FILE_LOCKING": "FALSE"}
+    gate = tmp_path / "gate"
+    gate.touch()
+    env = {**ENV, "SOFTLABELS_TEST_DELAY": "0", "SOFTLABELS_TEST_GATE": str(gate),
+           "SOFTLABELS_USE_FILE_LOCKING": "FALSE"}
     first = subprocess.Popen(_slow_precompute(data, out), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -386,6 +393,7 @@ def test_without_a_lease_hdf5_second_writer_is_told_to_wait_never_to_overwrite(
             assert first.poll() is None, "the first writer ended too soon for this test"
             assert second.returncode == 1 and "another process" in second.stderr, second.stderr
             assert "--overwrite" not in second.stderr
+        gate.unlink()
         assert first.wait(timeout=300) == 0
     finally:
         if first.poll() is None:

@@ -240,7 +240,7 @@ class HDF5Store(Store):
             from .lease import holder
 
             who = holder(path)
-            if who is not None:
+            if who is not None and who != "this process":
                 raise WriterBusyError(f"{path} is being written by {who}; wait for it to "
                                       "finish") from None
             if "unable to lock file" in str(exc):  # HDF5's own lock: another process has it
