@@ -94,18 +94,16 @@ class Teacher:
         return torch.stack([o.float() for o in outs])
 
     def num_classes(self, example: torch.Tensor) -> int:
-        """The classes every member predicts, found by running each on one example; a member
-        that cannot take the example's shape is named (before any expensive work)."""
-        for m in self.members:
-            try:
-                with torch.inference_mode():
-                    m.model(example.unsqueeze(0).to(self.device))
-            except (RuntimeError, ValueError, TypeError) as exc:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise MismatchError(f"teacher {m.source} cannot take the data's inputs shaped "
-                                    f"{tuple(example.shape)} ({first}); give it a matching "
-                                    "input size, or check --data") from None
-        return int(self.member_logits(example.unsqueeze(0)).shape[-1])
+        """The classes every member predicts, found by running the teacher once on one example;
+        a member that cannot take the example's shape is named (before any expensive work)."""
+        try:
+            return int(self.member_logits(example.unsqueeze(0)).shape[-1])
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MismatchError(f"the teacher ({', '.join(m.source for m in self.members)}) "
+                                f"cannot take the data's inputs shaped {tuple(example.shape)} "
+                                f"({first}); give it a matching input size, or check --data"
+                                ) from None
 
     @torch.inference_mode()
     def soft_targets(
