@@ -41,3 +41,27 @@ def test_bias_adjust_recovers_a_class_the_model_never_predicts(tmp_path: Path) -
     both = evaluate_json("--data", data, "--model", tmp_path / "m.pt", "--bias-adjust", "2=6",
                          "--bias-adjust", "1=8")
     assert both["accuracy"] == pytest.approx(np.mean(y == 1))
+
+
+def test_evaluate_against_a_damaged_set_names_the_block(tmp_path: Path) -> None:
+    """`evaluate --transfer-set` reads the teacher's targets only through checked blocks: a
+    flipped value in the set is one line naming its block, not a silently wrong agreement."""
+    from softlabels.format import schema as S
+    from softlabels.format._store import open_store
+    from softlabels.precompute import precompute
+
+    data = make_npz(tmp_path / "d.npz")
+    model = build_model("mlp:16-3")
+    save_checkpoint(model, tmp_path / "m.pt", spec="mlp:16-3")
+    ts = tmp_path / "t.zarr"
+    precompute(data, ["mlp:16-3"], ts, chunk_rows=16)
+    good = evaluate_json("--data", data, "--model", tmp_path / "m.pt", "--transfer-set", ts)
+    assert 0 <= good["teacher_agreement"] <= 1
+    with open_store(ts, "r+") as store:
+        probs = store.read(S.PROBS, (slice(None), slice(40, 41)))
+        store.write(S.PROBS, (slice(None), slice(40, 41)), probs[:, :, ::-1].copy())
+    result = CliRunner().invoke(cli, ["evaluate", "--data", data, "--model", str(tmp_path / "m.pt"),
+                                      "--transfer-set", str(ts)])
+    assert result.exit_code != 0
+    assert "block 2 (rows 32-47)" in result.stderr and "checksum" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
