@@ -20,6 +20,7 @@ from .errors import (
     TrainingError,
     TransferSetError,
     UntrustedCodeError,
+    WriterBusyError,
 )
 from .evaluate import evaluate
 from .experiments.pipeline import run_pipeline
@@ -51,6 +52,7 @@ __all__ = [
     "TransferSet",
     "TransferSetError",
     "UntrustedCodeError",
+    "WriterBusyError",
     "VerifyReport",
     "__version__",
     "build_model",
