@@ -31,6 +31,7 @@ from .format.writer import BlockWriter, TransferSetWriter
 from .progress import Progress
 from .specs import class_names, load_data, split_item
 from .teacher import Teacher
+from .tokens import is_sequence_data
 from .views import ViewDataset
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,15 @@ def precompute(
     Rerunning the same call after an interruption resumes: only blocks not marked done are
     recomputed. A set made from another teacher or dataset is refused unless `overwrite`.
     """
+    if is_sequence_data(data):  # one row per position: a sequence set
+        from .sequence_precompute import precompute_sequences
+
+        return precompute_sequences(
+            data, teachers, out, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
+            probs_dtype=probs_dtype, combine=combine, topk=topk, sample_k=sample_k,
+            chunk_rows=chunk_rows, shard_rows=shard_rows, device=device, precision=precision,
+            overwrite=overwrite, progress=progress, keep_members=keep_members,
+            store_inputs=store_inputs, views=views, augment=augment, num_workers=num_workers)
     t0 = time.perf_counter()
     dataset, teacher, layout, meta = prepare(
         data, teachers, temperatures=temperatures, batch_size=batch_size, dtype=dtype,
@@ -266,6 +276,9 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], *,
     if topk and combine == "mean-probs":
         raise SoftlabelsError("--topk stores logits and their normalisers, exact under "
                               "mean-logits only; use --combine mean-logits or --sample-k")
+    if is_sequence_data(data):
+        raise SoftlabelsError("token sequences are precomputed in one process: drop --workers "
+                              "and --scheduler")
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise SoftlabelsError("the dataset is empty; check the DATA spec")

@@ -31,12 +31,14 @@ DATA_FORMS = (
     "torchvision:NAME?root=ROOT&split=..",
     "imagefolder:DIR?size=N",
     "transferset:PATH (a set made with --store-inputs)",
+    "tokens:FILE.jsonl|FILE.parquet|DIR?field=..&mask=.. (token sequences)",
     "python:package.module:factory",
 )
 MODEL_FORMS = (
     "PATH.pt (a checkpoint written by `softlabels train`)",
     "mlp:784-1200-1200-10?dropout=0.5",
     "torchvision:NAME?num_classes=N",
+    "hf:DIR (a local transformers causal LM)",
     "python:package.module:factory",
 )
 CHECKPOINT_FORMAT = "softlabels-checkpoint"
@@ -169,6 +171,10 @@ def load_data(spec: str) -> Dataset:
         from .format.reader import TransferSetInputs
 
         return TransferSetInputs(body)
+    if scheme == "tokens":
+        from .tokens import load_tokens
+
+        return load_tokens(body, options, spec)
     if scheme == "python":
         data = import_factory(body, spec)(**options)
         if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
@@ -229,6 +235,10 @@ def build_model(spec: str) -> nn.Module:
                 f"torchvision has no model {body!r}; see torchvision.models.list_models()"
             )
         return torchvision.models.get_model(body, weights=None, **options)
+    if scheme == "hf":
+        from .hf import load_hf
+
+        return load_hf(body, options, spec)
     if scheme == "python":
         model = import_factory(body, spec)(**options)
         if not isinstance(model, nn.Module):

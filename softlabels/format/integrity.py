@@ -52,7 +52,8 @@ def check_arrays(ts: TransferSet, report: VerifyReport) -> bool:
     sparse = ts.sparse or {}
     if sparse.get("kind") == "topk":
         want |= {S.TOPK_INDICES: ((r, sparse["k"]), "int32"),
-                 S.TOPK_LOGITS: ((r, sparse["k"]), "float32"),
+                 S.TOPK_LOGITS: ((r, sparse["k"]),
+                                 (ts.meta.get("sequence") or {}).get("topk_dtype", "float32")),
                  S.TOPK_LOGSUMEXP: ((r, k), "float32")}
     elif sparse.get("kind") == "sample":
         want[S.SAMPLE_INDICES] = ((k, r, sparse["k"]), "int32")

@@ -21,6 +21,7 @@ from ._store import backend_of
 from .layout import Layout
 from .reader import TransferSet, open_transfer_set
 from .selection import read_indices, select_rows
+from .sequence_ops import convert_sequences, refuse_merge, subset_sequences
 from .writer import TransferSetWriter
 
 BlockArrays = Callable[[int, int], dict[str, np.ndarray]]
@@ -101,6 +102,8 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Copy a set into another container (`.zarr`, `.h5`, `.zarr.zip`), content identical."""
     out = Path(out)
     with open_transfer_set(src) as ts:
+        if ts.meta.get("sequence"):
+            return convert_sequences(ts, out, progress=progress)
         layout = _layout(ts)
         names = list(layout.arrays())
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
@@ -118,6 +121,10 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     out = Path(out)
     _refuse_existing(out)
     with open_transfer_set(src) as ts:
+        if ts.meta.get("sequence"):  # cut by whole sequences
+            return subset_sequences(ts, out, fraction=fraction, seed=seed, classes=classes,
+                                    exclude_classes=exclude_classes, indices=indices,
+                                    progress=progress)
         rows = select_rows(ts.labels(), index=ts.index(), fraction=fraction, seed=seed,
                            classes=classes, exclude_classes=exclude_classes,
                            indices=read_indices(indices) if indices is not None else None)
@@ -139,6 +146,9 @@ def _members(ts: TransferSet, start: int, stop: int) -> np.ndarray:
 
 
 def _check_mergeable(sets: list[TransferSet]) -> None:
+    for ts in sets:
+        if ts.meta.get("sequence"):
+            refuse_merge(ts)
     first = sets[0]
     for ts in sets[1:]:
         for what, a, b in (

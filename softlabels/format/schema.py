@@ -27,7 +27,8 @@ MEMBER_LOGITS = "member_logits"  # (M, R, C)
 INPUTS = "inputs"  # (R, ...) the preprocessed inputs, only with --store-inputs
 BLOCK_DONE = "block_done"  # (B,) uint8, 1 once every array's rows of block b are in place
 BLOCK_CHECKSUM = "block_checksum"  # (B,) uint64, XXH3-64 of block b's rows of every row array
-BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM)
+SEQ_OFFSETS = "seq/offsets"  # (S+1,) int64, sequence sets: rows of each sequence (sequence.py)
+BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM, SEQ_OFFSETS)  # arrays without one entry per row
 
 # Sparse layouts (instead of dense logits and probs).
 TOPK_INDICES = "topk/indices"  # (R, k) int32, the k largest logits' classes, descending
