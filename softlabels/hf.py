@@ -36,6 +36,7 @@ def load_hf(directory: str, options: dict[str, Any], spec: str) -> nn.Module:
     """The causal LM saved (with `save_pretrained`) in `directory`."""
     try:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise SpecError(f"{spec!r} needs transformers and safetensors: "
                         "pip install 'softlabels[hf]'") from None
@@ -45,6 +46,7 @@ def load_hf(directory: str, options: dict[str, Any], spec: str) -> nn.Module:
     if not (path / "config.json").is_file():
         raise SpecError(f"{directory!r} (from {spec!r}) holds no config.json; save the model "
                         "there with save_pretrained (nothing is downloaded)")
+    hf_logging.disable_progress_bar()  # the library never draws progress bars
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, use_safetensors=True, trust_remote_code=False)

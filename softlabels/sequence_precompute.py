@@ -38,7 +38,9 @@ from .tokens import TokenSequences
 
 log = logging.getLogger(__name__)
 
-WINDOW_ROWS = 1 << 16  # rows of consecutive blocks whose sequences are sorted and batched together
+# A window: up to WINDOW_BLOCKS consecutive blocks (and WINDOW_ROWS rows) whose sequences are
+# sorted by length and batched together; a kill loses at most one window's work.
+WINDOW_BLOCKS, WINDOW_ROWS = 16, 1 << 16
 _REFUSED = {"keep_members": False, "store_inputs": False, "views": 0, "augment": None,
             "num_workers": 0}
 
@@ -113,7 +115,13 @@ def precompute_sequences(
 
 
 def _num_classes(teacher: Teacher, dataset: TokenSequences) -> int:
-    z = teacher.member_logits(dataset[0][None, :8])
+    try:
+        z = teacher.member_logits(dataset[0][None, :8])
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise TeacherOutputError(f"the teacher failed on (1, L) int64 token ids "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0]}); a "
+                                 "sequence teacher maps (B, L) token ids to (B, L, C) logits"
+                                 ) from None
     if z.dim() != 4 or z.shape[2] != min(8, len(dataset[0])):
         raise TeacherOutputError(f"a sequence teacher maps (B, L) token ids to (B, L, C) "
                                  f"logits; this one returned {tuple(z.shape[1:])} for (1, "
@@ -125,7 +133,7 @@ def _windows(layout: SequenceLayout, pending: list[int], window_rows: int) -> li
     """Runs of consecutive pending blocks of at most `window_rows` rows (at least one block)."""
     windows: list[list[int]] = []
     for b in pending:
-        if windows and windows[-1][-1] == b - 1 and \
+        if windows and windows[-1][-1] == b - 1 and len(windows[-1]) < WINDOW_BLOCKS and \
                 (b - windows[-1][0] + 1) * layout.block_rows <= window_rows:
             windows[-1].append(b)
         else:

@@ -64,9 +64,9 @@ class TinyLM(nn.Module):
     running mean of the embeddings, linear head). Sleeps per batch when asked, so a test can
     kill a run midway."""
 
-    def __init__(self, vocab: int = 11, dim: int = 8, delay: float = 0.0) -> None:
+    def __init__(self, vocab: int = 11, dim: int = 8, delay: float = 0.0, seed: int = 3) -> None:
         super().__init__()
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(2 * dim, vocab)
         self.delay = delay
 
@@ -78,5 +78,5 @@ class TinyLM(nn.Module):
         return self.head(torch.cat([e, e.cumsum(1) / n], -1))
 
 
-def tiny_lm(vocab: int = 11) -> nn.Module:
-    return TinyLM(vocab, delay=float(os.environ.get("SOFTLABELS_TEST_DELAY", 0)))
+def tiny_lm(vocab: int = 11, seed: int = 3) -> nn.Module:
+    return TinyLM(vocab, delay=float(os.environ.get("SOFTLABELS_TEST_DELAY", 0)), seed=seed)
