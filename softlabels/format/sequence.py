@@ -63,6 +63,10 @@ class SequenceLayout(Layout):
             raise TransferSetError("sequence sets store tokens, not views, inputs or member "
                                    "logits; drop --views, --store-inputs and --keep-members")
 
+    # byte-shuffled and zstd-compressed: sorted, shifted top-k logits halve (measured in
+    # benchmarks/sequence_storage.py); the writer reads this
+    shuffle_compressed = (S.TOPK_LOGITS,)
+
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         out = super().arrays()
         r = self.num_rows

@@ -162,7 +162,8 @@ class TransferSetWriter:
         for name, (shape, dtype) in lay.arrays().items():
             shards = lay.grid(name, shape, lay.shard_rows) if lay.shard_rows else None
             rows = lay.input_chunk_rows if name == S.INPUTS else lay.chunk_rows
-            store.create(name, shape, dtype, chunks=lay.grid(name, shape, rows), shards=shards)
+            store.create(name, shape, dtype, chunks=lay.grid(name, shape, rows), shards=shards,
+                         shuffle_compress=name in getattr(lay, "shuffle_compressed", ()))
         store.create(S.BLOCK_DONE, (lay.num_blocks,), "uint8", chunks=(1,))
         store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
         store.create(S.BLOCK_CHECKSUM, (lay.num_blocks,), "uint64", chunks=(1,))
