@@ -89,8 +89,10 @@ def train_sequence_model(
             n = int(batch.mask.sum())
             loss_sum, positions, step = loss_sum + loss.item() * n, positions + n, step + 1
             for cb in callbacks:
-                cb("batch", {"epoch": epoch, "step": step, "loss": loss.item(), "total": total})
-        info = {"epoch": epoch, "loss": loss_sum / max(positions, 1), "positions": positions}
+                cb("batch", {"epoch": epoch, "step": step, "loss": loss.item(),
+                             "batches": len(batches)})
+        info = {"epoch": epoch + 1, "epochs": epochs, "loss": loss_sum / max(positions, 1),
+                "positions": positions}
         history.append(info)
         log.info("epoch %d: loss %.4f over %d positions", epoch, info["loss"], positions)
         for cb in callbacks:
