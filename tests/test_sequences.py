@@ -130,6 +130,19 @@ def test_parquet_tokens(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.offsets, [0, 3, 4, 6])
 
 
+def test_saved_datasets_directory(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets", reason="DATA tokens:DIR needs `datasets`")
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [5, 6]],
+                                "loss_mask": [[0, 1, 1], [1], [0, 1]]}).save_to_disk(
+        str(tmp_path / "ds"))
+    spec = f"tokens:{tmp_path / 'ds'}?mask=loss_mask"
+    data = load_tokens(str(tmp_path / "ds"), {"mask": "loss_mask"}, spec)
+    np.testing.assert_array_equal(data.tokens, [1, 2, 3, 4, 5, 6])
+    precompute(spec, [TEACHER], tmp_path / "s.zarr", topk=2)
+    with open_transfer_set(tmp_path / "s.zarr") as ts:
+        np.testing.assert_array_equal(ts.read(SEQ_MASK), [0, 1, 1, 1, 0, 1])
+
+
 def test_subset_by_sequence_keeps_whole_sequences(tmp_path: Path, tokens: str,
                                                   out_path: Path) -> None:
     precompute(tokens, [TEACHER], tmp_path / "src.zarr", chunk_rows=CHUNK, topk=3)
@@ -217,4 +230,7 @@ def test_cli_precompute_refuses_options_that_do_not_apply(tmp_path: Path, tokens
                                       "python:helpers:four_classes",
                                       "--out", str(tmp_path / "s.zarr")])
     assert result.exit_code == 1 and "(B, L, C)" in result.output
+    result = CliRunner().invoke(cli, ["precompute", "--data", tokens, "--teacher", TEACHER,
+                                      "--out", str(tmp_path / "s.zarr"), "--workers", "2"])
+    assert result.exit_code == 1 and "drop --workers" in result.output
     assert not (tmp_path / "s.zarr").exists()
