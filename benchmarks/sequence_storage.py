@@ -68,7 +68,7 @@ def tokens_data(n_tokens: int, vocab: int, length: int = 512) -> TokenSequences:
     return TokenSequences(seqs)
 
 
-def storage(tmp: Path, data: TokenSequences, vocab: int) -> Path:
+def storage(tmp: Path, data: TokenSequences, vocab: int, ks: list[int]) -> Path:
     n = int(data.offsets[-1])
     print(f"bytes per token on disk: {n} tokens in {len(data)} sequences, V = {vocab}, "
           f"T = {list(TEMPS)}, Zarr, all arrays")
@@ -77,7 +77,7 @@ def storage(tmp: Path, data: TokenSequences, vocab: int) -> Path:
     keep = None
     for kind in ("zipf", "flat"):
         teacher = SyntheticLM(vocab, zipf=kind == "zipf")
-        for k in (16, 64, 128):
+        for k in ks:
             row = {}
             for name, kw in (("f32", dict(topk=k, dtype="float32")),
                              ("f16", dict(topk=k, dtype="float16")),
@@ -91,7 +91,7 @@ def storage(tmp: Path, data: TokenSequences, vocab: int) -> Path:
                                                                      key=lambda x: -x[1])[:5])
             print(f"{kind:8s} {k:4d} {row['f32'][0]:10.1f} {row['f16'][0]:10.1f} "
                   f"{row['sampled'][0]:10.1f}   {parts}")
-            if kind == "zipf" and k == 128:
+            if kind == "zipf" and k == max(ks):
                 keep = tmp / f"{kind}_{k}_f16.zarr"
                 exactness(keep, teacher, data)
     return keep
@@ -105,8 +105,9 @@ def exactness(path: Path, teacher: nn.Module, data: TokenSequences) -> None:
             classes, weights = ts.sparse_targets(t, 0, len(z))
             dense = torch.softmax(z / t, -1).gather(1, torch.from_numpy(classes)).numpy()
             rel = np.abs(weights - dense) / dense
-            print(f"    k=128 float16, T={t:g}: top-k mass {weights.sum(1).mean():.3f}, largest "
-                  f"relative error of a stored probability {rel.max():.1e} (mean {rel.mean():.1e})")
+            print(f"    k={classes.shape[1]} float16, T={t:g}: top-k mass "
+                  f"{weights.sum(1).mean():.3f}, largest relative error of a stored "
+                  f"probability {rel.max():.1e} (mean {rel.mean():.1e})")
 
 
 def stage_two(path: Path, vocab: int) -> None:
@@ -118,7 +119,8 @@ def stage_two(path: Path, vocab: int) -> None:
     for _batch in batches:
         pass
     it = time.perf_counter() - t0
-    print(f"stage two, k = 128: load (checked blocks) {n / load:,.0f} tokens/s, batching "
+    k = batches.targets["classes"].shape[1]
+    print(f"stage two, k = {k}: load (checked blocks) {n / load:,.0f} tokens/s, batching "
           f"{n / it:,.0f} tokens/s")
     torch.manual_seed(0)
     student = nn.Sequential(nn.Embedding(vocab, 64), nn.Linear(64, vocab))
@@ -143,10 +145,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=131072)
+    ap.add_argument("--ks", default="16,64,128", help="top-k sizes, comma-separated")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = tokens_data(args.tokens, args.vocab)
-        kept = storage(Path(tmp), data, args.vocab)
+        kept = storage(Path(tmp), data, args.vocab, [int(k) for k in args.ks.split(",")])
         stage_two(kept, args.vocab)
 
 

@@ -167,10 +167,12 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
     if layout.topk:
         top = torch.topk(logits, layout.topk, dim=-1)
         lse = torch.stack([torch.logsumexp(logits / t, -1) for t in layout.temperatures], -1)
-        shift = top.values[..., :1]  # the row's largest logit: stored values start at 0
-        return {S.TOPK_INDICES: top.indices.int().cpu().numpy(),
-                S.TOPK_LOGITS: (top.values - shift).to(getattr(torch, layout.topk_dtype))
-                .cpu().numpy(),
+        shift = top.values[..., :1]  # the row's largest logit: the stored largest is 0
+        # classes in ascending id order: sorted ids compress 3-10x better (sequence_storage.py)
+        classes, order = top.indices.sort(-1)
+        values = (top.values - shift).gather(-1, order)
+        return {S.TOPK_INDICES: classes.int().cpu().numpy(),
+                S.TOPK_LOGITS: values.to(getattr(torch, layout.topk_dtype)).cpu().numpy(),
                 S.TOPK_LOGSUMEXP: (lse - shift / temps).cpu().numpy()}
     if layout.sample_k:
         draws = torch.zeros(len(temps), *ids.shape, layout.sample_k, dtype=torch.int32)

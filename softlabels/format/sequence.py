@@ -12,8 +12,9 @@ set keeps its meaning per position (`index` = the sequence's index in the source
 
 Targets are the example set's: dense `logits`/`probs` for small C, or `topk/*` and
 `sample/indices` for large C. In a sequence set `topk/logits` and `topk/logsumexp` are shifted
-by the row's largest logit (the first stored logit is 0), so float16 keeps its precision where
-the mass is; `exp(topk/logits / T - topk/logsumexp[:, k])` is unchanged by the shift.
+by the row's largest logit (the largest stored logit is 0), so float16 keeps its precision where
+the mass is; `exp(topk/logits / T - topk/logsumexp[:, k])` is unchanged by the shift. The k
+classes are stored in ascending class order (not largest first): sorted ids compress far better.
 Blocks, checksums and resume are the example set's: the same writer writes the row arrays, and
 `seq/offsets` is written whole when the set is created (its hash is in the metadata).
 """
@@ -98,7 +99,8 @@ def sequence_meta(offsets: np.ndarray, layout: SequenceLayout, *,
                   labels: str = "next-token") -> dict[str, Any]:
     """The `sequence` entry of the root attribute."""
     return {"num_sequences": len(offsets) - 1, "topk_dtype": layout.topk_dtype,
-            "topk_shifted": True, "labels": labels, "offsets_xxh3": offsets_hash(offsets)}
+            "topk_shifted": True, "topk_order": "class", "labels": labels,
+            "offsets_xxh3": offsets_hash(offsets)}
 
 
 def layout_from_meta(meta: dict[str, Any], *, num_rows: int | None = None,
