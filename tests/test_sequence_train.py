@@ -21,6 +21,7 @@ from softlabels.sequence_datasets import SequenceBatches, sequence_kd_loss
 from softlabels.sequence_trainer import evaluate_sequence_model, train_sequence_model
 from softlabels.specs import load_checkpoint
 from softlabels.tokens import load_tokens
+from softlabels.verify import verify
 
 
 @pytest.fixture
@@ -110,3 +111,15 @@ def test_damaged_set_and_wrong_temperature_are_refused(topk_set: Path) -> None:
         store.write(SEQ_TOKENS, slice(20, 21), np.array([99], np.int32))
     with pytest.raises(IntegrityError, match="block 1 "):
         SequenceBatches(topk_set, temperature=2.0)
+
+
+def test_wrong_files_are_refused(tmp_path: Path, topk_set: Path, npz_data: str) -> None:
+    precompute(npz_data, ["mlp:16-3"], tmp_path / "examples.zarr")
+    with pytest.raises(SoftlabelsError, match="not a sequence set"):
+        SequenceBatches(tmp_path / "examples.zarr")
+    checks = {c.name: c for c in verify(topk_set, data=npz_data).checks}
+    assert not checks["data"].ok and "token sequences" in checks["data"].detail
+    tokens = load_tokens(str(tmp_path / "t.jsonl"), {}, "tokens:t.jsonl")
+    with pytest.raises(SoftlabelsError, match="sequence teacher maps"):
+        precompute(tokens, ["mlp:16-3"], tmp_path / "x.zarr")  # an example model
+    assert not (tmp_path / "x.zarr").exists()
