@@ -175,16 +175,30 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
                 S.TOPK_LOGITS: values.to(getattr(torch, layout.topk_dtype)).cpu().numpy(),
                 S.TOPK_LOGSUMEXP: (lse - shift / temps).cpu().numpy()}
     if layout.sample_k:
-        draws = torch.zeros(len(temps), *ids.shape, layout.sample_k, dtype=torch.int32)
-        for b, seed in enumerate(seeds):  # seeded by sequence: any batching draws the same
-            g = torch.Generator(z.device).manual_seed(int(seed))
-            for k, t in enumerate(layout.temperatures):
-                p = torch.softmax(logits[b, :lengths[b]] / t, -1)
-                draws[k, b, :lengths[b]] = torch.multinomial(
-                    p, layout.sample_k, replacement=True, generator=g).sort(-1).values.int().cpu()
-        return {S.SAMPLE_INDICES: draws.numpy()}
+        return {S.SAMPLE_INDICES: _sample(logits, lengths, layout, seeds).numpy()}
     probs = ensemble_probs(z, layout.temperatures, teacher.combine)  # (K, B, L, C)
     return {S.LOGITS: logits.cpu().numpy(), S.PROBS: probs.cpu().numpy()}
+
+
+def _sample(logits: torch.Tensor, lengths: np.ndarray, layout: SequenceLayout,
+            seeds: Sequence[int]) -> torch.Tensor:
+    """(K, B, L, k) int32 classes drawn from p_T by inverse CDF, on the logits' device.
+
+    The uniforms come from a CPU generator seeded by the sequence's number, so any batching,
+    window, resume or device draws the same classes (to float32 resolution of the CDF)."""
+    b, n, k = logits.shape[0], logits.shape[1], layout.sample_k
+    u = torch.zeros(len(layout.temperatures), b, n, k)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        u[:, i, :lengths[i]] = torch.rand(len(layout.temperatures), int(lengths[i]), k,
+                                          generator=g)
+    u = u.to(logits.device)
+    draws = []
+    for j, t in enumerate(layout.temperatures):  # one (B, L, V) CDF at a time
+        cdf = torch.softmax(logits / t, -1).cumsum(-1)
+        idx = torch.searchsorted(cdf, u[j] * cdf[..., -1:], right=True)
+        draws.append(idx.clamp_max(logits.shape[-1] - 1).sort(-1).values.int().cpu())
+    return torch.stack(draws)
 
 
 def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict[str, Any]:

@@ -103,6 +103,13 @@ def test_sampled_draws_do_not_depend_on_batching(tmp_path: Path, tokens: str) ->
     with open_transfer_set(tmp_path / "a.zarr") as a, open_transfer_set(tmp_path / "b.zarr") as b:
         np.testing.assert_array_equal(a.read(S.SAMPLE_INDICES), b.read(S.SAMPLE_INDICES))
         assert a.read(S.SAMPLE_INDICES).max() < VOCAB
+    precompute(tokens, [TEACHER], tmp_path / "many.zarr", temperatures=[2], chunk_rows=CHUNK,
+               sample_k=4000)
+    precompute(tokens, [TEACHER], tmp_path / "dense.zarr", temperatures=[2], chunk_rows=CHUNK,
+               dtype="float32")
+    with open_transfer_set(tmp_path / "many.zarr") as m, \
+            open_transfer_set(tmp_path / "dense.zarr") as d:  # frequencies follow p_T
+        np.testing.assert_allclose(m.probs(2.0, 0, 60), d.probs(2.0, 0, 60), atol=0.035)
 
 
 def test_masks_and_object_rows_from_jsonl(tmp_path: Path) -> None:
