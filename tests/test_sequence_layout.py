@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_sequences import CHUNK, TEACHER, write_tokens
 
 from softlabels.errors import SoftlabelsError, SpecError, TransferSetError
 from softlabels.format import schema as S
@@ -21,7 +22,6 @@ from softlabels.format.layout import IDENTITY_KEYS, LAYOUT_KEYS, Layout
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 from softlabels.specs import build_model, load_checkpoint, save_checkpoint
-from test_sequences import CHUNK, TEACHER, write_tokens
 
 SEQ_ROW_ARRAYS = (S.SEQ_POSITION, S.SEQ_TOKENS, S.SEQ_MASK)
 
