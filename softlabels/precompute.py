@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._version import __version__
-from .errors import DataError, TeacherOutputError
+from .errors import DataError, OptionError, TeacherOutputError
 from .format import schema as S
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
@@ -32,6 +32,7 @@ from .options import PrecomputeOptions, check_output_file
 from .progress import Progress
 from .specs import check_labels, class_names, load_data, split_item
 from .teacher import Teacher
+from .tokens import is_sequence_data
 from .views import ViewDataset
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,11 @@ def precompute(
     opts = as_options(options, kwargs)
     check_output_file(out, directory_ok=True)  # before loading data and teacher
     refuse_if_busy(out)  # before loading anything; the writer takes the lease itself
+    if is_sequence_data(data):  # one row per position: a sequence set
+        from .sequence_precompute import precompute_sequences
+
+        return precompute_sequences(data, teachers, out, opts, overwrite=overwrite,
+                                    progress=progress)
     dataset, teacher, layout, meta = prepare(data, teachers, opts)
     with TransferSetWriter(out, layout, meta, overwrite=overwrite,
                            row_hashes=row_hashes(dataset)) as writer:
@@ -262,6 +268,9 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
     writing. `opts` were checked when made.
 
     With `views`, the returned dataset yields view rows (see `views.ViewDataset`)."""
+    if is_sequence_data(data):  # prepare() serves the distributed runs (cluster.py)
+        raise OptionError("token sequences are precomputed in one process: drop --workers "
+                          "and --scheduler")
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise DataError("the dataset is empty; check the DATA spec")

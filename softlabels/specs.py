@@ -31,12 +31,15 @@ DATA_FORMS = (
     "torchvision:NAME?root=ROOT&split=..",
     "imagefolder:DIR?size=N",
     "transferset:PATH (a set made with --store-inputs)",
+    "tokens:FILE.jsonl|FILE.parquet|DIR?field=..&mask=.. (token sequences)",
     "python:package.module:factory",
 )
 MODEL_FORMS = (
     "PATH.pt (a checkpoint written by `softlabels train`)",
     "mlp:784-1200-1200-10?dropout=0.5",
     "torchvision:NAME?num_classes=N",
+    "hf:DIR (a local transformers causal LM)",
+    "gpt:256?dim=96&layers=3&heads=4&context=128 (a small causal transformer)",
     "python:package.module:factory",
 )
 CHECKPOINT_FORMAT = "softlabels-checkpoint"
@@ -215,6 +218,10 @@ def load_data(spec: str) -> Dataset:
         from .format.reader import TransferSetInputs
 
         return TransferSetInputs(body)
+    if scheme == "tokens":
+        from .tokens import load_tokens
+
+        return load_tokens(body, options, spec)
     if scheme == "python":
         data = import_factory(body, spec)(**options)
         if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
@@ -289,6 +296,14 @@ def build_model(spec: str) -> nn.Module:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SpecError(f"bad options in {spec!r}: {msg}; see the model's "
                             "torchvision documentation") from None
+    if scheme == "gpt":
+        from .gpt import build_gpt
+
+        return build_gpt(body, options, spec)
+    if scheme == "hf":
+        from .hf import load_hf
+
+        return load_hf(body, options, spec)
     if scheme == "python":
         model = import_factory(body, spec)(**options)
         if not isinstance(model, nn.Module):

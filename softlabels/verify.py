@@ -131,6 +131,14 @@ def verify(
         done = ts.store.read(S.BLOCK_DONE)
         report.add("blocks", bool(done.all()), f"{int(done.sum())} of {len(done)} blocks done")
         check_values(ts, report, progress)
+        if ts.layout.num_sequences:  # one row per position of token sequences
+            from .sequence_verify import verify_sequences
+
+            verify_sequences(ts, report, data=data, teachers=teachers, sample=sample, seed=seed,
+                             tolerance=(default_tolerance(ts.meta) if tolerance is None
+                                        else tolerance), device=device, progress=progress,
+                             trust_code=trust_code)
+            return report
         if data is not None:
             dataset = load_data(data) if isinstance(data, str) else data
             _check_data(ts, dataset, report, progress)

@@ -77,3 +77,26 @@ def seeded_nan_teacher() -> nn.Module:
     """`nan_teacher` with the same weights in every process (a cluster's workers)."""
     torch.manual_seed(0)
     return NaNAfter()
+
+
+class TinyLM(nn.Module):
+    """A causal sequence model: (B, L) token ids -> (B, L, V) logits (embedding, causal
+    running mean of the embeddings, linear head). Sleeps per batch when asked, so a test can
+    kill a run midway."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8, delay: float = 0.0, seed: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(2 * dim, vocab)
+        self.delay = delay
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.delay:
+            time.sleep(self.delay)
+        e = self.emb(ids)
+        n = torch.arange(1, ids.shape[1] + 1, device=ids.device)[None, :, None]
+        return self.head(torch.cat([e, e.cumsum(1) / n], -1))
+
+
+def tiny_lm(vocab: int = 11, seed: int = 3) -> nn.Module:
+    return TinyLM(vocab, delay=float(os.environ.get("SOFTLABELS_TEST_DELAY", 0)), seed=seed)

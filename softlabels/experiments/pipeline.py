@@ -137,6 +137,13 @@ def _hinton(cfg: dict[str, Any], out: Path, say: Say, callbacks: list[Any]) -> d
     return hinton_mnist(cfg, out, Steps(out, say), callbacks)
 
 
+def _tiny_lm(cfg: dict[str, Any], out: Path, say: Say, callbacks: list[Any]) -> dict[str, Any]:
+    from .tiny_lm import tiny_lm
+
+    return tiny_lm(cfg, out, Steps(out, say), callbacks)
+
+
 RECIPES: dict[str, Callable[[dict[str, Any], Path, Say, list[Any]], dict[str, Any]]] = {
     "hinton-mnist": _hinton,
+    "tiny-lm": _tiny_lm,
 }

@@ -34,6 +34,7 @@ class ArraySpec:
     chunks: tuple[int, ...]
     shards: tuple[int, ...] | None
     dims: tuple[str, ...]
+    shuffle_compress: bool = False  # byte-shuffle + zstd (shifted top-k logits of sequences)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class Layout:
     views: int = 0  # > 0: each row is one augmented view; store its seed
     topk: int = 0  # > 0: store the k largest logits instead of dense arrays
     sample_k: int = 0  # > 0: store k classes drawn from each p_T instead of dense arrays
+    # Sequence sets (one row per position of token sequences; format/sequence.py)
+    num_sequences: int = 0  # > 0: a sequence set of that many sequences
+    topk_dtype: str = "float32"  # storage dtype of topk/logits (float16: sequence sets only)
+    sequence_labels: str = "next-token"  # labels are the next tokens, or the data's ("data")
+    offsets_xxh3: str = ""  # XXH3-64 of seq/offsets (sequence.offsets_hash)
 
     def __post_init__(self) -> None:
         if self.topk and self.sample_k:
@@ -69,9 +75,28 @@ class Layout:
             width, dtype = (2 * k, "float32") if k else (self.num_classes, self.dtype)
             object.__setattr__(self, "chunk_rows",
                                min(S.default_chunk_rows(width, dtype), self.num_rows))
+        if self.topk_dtype not in S.DTYPE_CHOICES:
+            raise TransferSetError(f"topk dtype must be one of {S.DTYPE_CHOICES}, "
+                                   f"got {self.topk_dtype!r}")
+        if self.num_sequences:
+            self._check_sequences()
+        elif self.topk_dtype != "float32":
+            raise TransferSetError("float16 top-k logits are stored only in sequence sets "
+                                   "(shifted by each row's largest logit)")
         if self.shard_rows is not None and self.shard_rows % self.chunk_rows:
             raise TransferSetError(f"shard rows {self.shard_rows} must be a multiple of chunk "
                                    f"rows {self.chunk_rows}")
+
+    def _check_sequences(self) -> None:
+        if not 0 < self.num_sequences <= self.num_rows:
+            raise TransferSetError(f"a sequence set needs 1..{self.num_rows} sequences of at "
+                                   f"least one position, got {self.num_sequences}")
+        if self.views or self.input_shape is not None or self.num_members:
+            raise TransferSetError("sequence sets store tokens, not views, inputs or member "
+                                   "logits; drop --views, --store-inputs and --keep-members")
+        if self.sequence_labels not in SEQUENCE_LABELS:
+            raise TransferSetError(f"sequence labels must be one of {SEQUENCE_LABELS}, got "
+                                   f"{self.sequence_labels!r}")
 
     # --- blocks ---------------------------------------------------------------------------
     @property
@@ -94,7 +119,7 @@ class Layout:
             S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"), S.SAMPLE_HASH: ((r,), "uint64")}
         if self.topk:
             out |= {S.TOPK_INDICES: ((r, self.topk), "int32"),
-                    S.TOPK_LOGITS: ((r, self.topk), "float32"),
+                    S.TOPK_LOGITS: ((r, self.topk), self.topk_dtype),
                     S.TOPK_LOGSUMEXP: ((r, k), "float32")}
         elif self.sample_k:
             out[S.SAMPLE_INDICES] = ((k, r, self.sample_k), "int32")
@@ -106,6 +131,9 @@ class Layout:
             out[S.INPUTS] = ((r, *self.input_shape), self.input_dtype)
         if self.views:
             out[S.VIEW_SEED] = ((r,), "uint64")
+        if self.num_sequences:
+            out |= {S.SEQ_POSITION: ((r,), "int32"), S.SEQ_TOKENS: ((r,), "int32"),
+                    S.SEQ_MASK: ((r,), "uint8")}
         return out
 
     def specs(self) -> dict[str, ArraySpec]:
@@ -114,10 +142,18 @@ class Layout:
         for name, (shape, dtype) in self.arrays().items():
             rows = self.input_chunk_rows if name == S.INPUTS else self.chunk_rows
             shards = self.grid(name, shape, self.shard_rows) if self.shard_rows else None
+            # sorted, shifted top-k logits of sequence sets halve once byte-shuffled
+            # (measured in benchmarks/sequence_storage.py)
             out[name] = ArraySpec(name, shape, dtype, self.grid(name, shape, rows), shards,
-                                  dims_of(name, len(shape)))
+                                  dims_of(name, len(shape)),
+                                  shuffle_compress=bool(self.num_sequences)
+                                  and name == S.TOPK_LOGITS)
         for name, dtype in ((S.BLOCK_DONE, "uint8"), (S.BLOCK_CHECKSUM, "uint64")):
             out[name] = ArraySpec(name, (self.num_blocks,), dtype, (1,), None, dims_of(name, 1))
+        if self.num_sequences:  # written whole when the set is laid out, not by block
+            n = self.num_sequences + 1
+            out[S.SEQ_OFFSETS] = ArraySpec(S.SEQ_OFFSETS, (n,), "int64", (min(n, 1 << 17),),
+                                           None, dims_of(S.SEQ_OFFSETS, 1))
         return out
 
     @property
@@ -153,6 +189,10 @@ class Layout:
             "inputs": (None if self.input_shape is None else
                        {"shape": list(self.input_shape), "dtype": self.input_dtype}),
             "views": self.views or None,
+            "sequence": None if not self.num_sequences else {
+                "num_sequences": self.num_sequences, "topk_dtype": self.topk_dtype,
+                "topk_shifted": True, "topk_order": "class", "labels": self.sequence_labels,
+                "offsets_xxh3": self.offsets_xxh3},
         }
 
     @classmethod
@@ -163,6 +203,10 @@ class Layout:
         """
         try:
             sparse, inputs = meta.get("sparse") or {}, meta.get("inputs") or {}
+            seq = meta.get("sequence") or {}
+            if seq and (seq.get("topk_shifted"), seq.get("topk_order")) != (True, "class"):
+                raise ValueError("a sequence set's top-k logits are shifted and in class order "
+                                 f"(topk_shifted true, topk_order 'class'), found {seq!r}")
             if sparse and sparse.get("kind") not in ("topk", "sample"):
                 raise ValueError(f"unknown sparse kind {sparse.get('kind')!r}")
             layout = cls(
@@ -178,7 +222,11 @@ class Layout:
                 input_dtype=str(inputs.get("dtype", "float32")),
                 views=_count(meta.get("views") or 0),
                 topk=_count(sparse["k"], 1) if sparse.get("kind") == "topk" else 0,
-                sample_k=_count(sparse["k"], 1) if sparse.get("kind") == "sample" else 0)
+                sample_k=_count(sparse["k"], 1) if sparse.get("kind") == "sample" else 0,
+                num_sequences=_count(seq["num_sequences"], 1) if seq else 0,
+                topk_dtype=str(seq.get("topk_dtype", "float32")),
+                sequence_labels=str(seq.get("labels", "next-token")),
+                offsets_xxh3=str(seq["offsets_xxh3"]) if seq else "")
             if inputs and np.dtype(layout.input_dtype).kind not in "biuf":
                 raise ValueError(f"inputs dtype {layout.input_dtype!r} is not numeric")
             for name in ("dtype", "probs_dtype"):
@@ -259,6 +307,8 @@ def dims_of(name: str, ndim: int) -> tuple[str, ...]:
     return S.DIMENSIONS[name]
 
 
+SEQUENCE_LABELS = ("next-token", "data")
+
 # --- metadata keys --------------------------------------------------------------------------
 LAYOUT_KEYS = tuple(Layout(num_rows=1, num_classes=2, temperatures=(1.0,)).to_meta())
 # Beyond the data, what each row is (which augmented view): sets merged row by row must agree.
@@ -290,7 +340,9 @@ def edited_keys(meta: dict[str, Any]) -> list[str] | None:
         return None
     if not isinstance(recorded, dict):
         return [DIGEST]
-    return [key for key, value in digest(meta).items() if recorded.get(key) != value]
+    # a key added to the identity after the set was made (e.g. `sequence`) was recorded as null
+    null = _value_digest(None)
+    return [key for key, value in digest(meta).items() if recorded.get(key, null) != value]
 
 
 def check_digest(meta: dict[str, Any], where: str) -> None:

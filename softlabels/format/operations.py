@@ -47,10 +47,12 @@ def _refuse_existing(out: Path) -> None:
 
 
 def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
-           progress: Progress | None) -> dict[str, Any]:
+           progress: Progress | None, *, whole: dict[str, np.ndarray] | None = None,
+           ) -> dict[str, Any]:
     """Write a new set aside (`OUT.partial`) and rename it to `OUT` once complete, holding the
     output's lease throughout; a zip target is packed from the staged directory. A rerun after a
-    kill clears what the killed run left and starts again."""
+    kill clears what the killed run left and starts again. `whole`: arrays not written by block
+    (a sequence set's offsets)."""
     meta = carried(meta)
     zipped = backend_of(out) == "zarr-zip"
     with WriterLease(out):
@@ -59,7 +61,7 @@ def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
         staged = beside(out, PARTIAL)
         try:
             written = _write_blocks(staged, layout, meta, arrays, progress,
-                                    "zarr" if zipped else backend_of(out))
+                                    "zarr" if zipped else backend_of(out), whole)
             if zipped:
                 packing = beside(out, PACKING)
                 with zipfile.ZipFile(packing, "w", zipfile.ZIP_STORED) as z:
@@ -76,8 +78,9 @@ def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
 
 
 def _write_blocks(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
-                  progress: Progress | None, backend: str) -> dict[str, Any]:
-    with TransferSetWriter(out, layout, meta, backend=backend) as writer:
+                  progress: Progress | None, backend: str,
+                  whole: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    with TransferSetWriter(out, layout, meta, backend=backend, whole=whole) as writer:
         for b in writer.pending:
             start, stop = layout.block_range(b)
             writer.write_block(b, arrays(start, stop))
@@ -125,6 +128,10 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Copy a set into another container (`.zarr`, `.h5`, `.zarr.zip`), content identical."""
     out = Path(out)
     with open_transfer_set(src) as ts:
+        if ts.layout.num_sequences:
+            from .sequence_ops import convert_sequences
+
+            return convert_sequences(ts, out, progress=progress)
         layout = _layout(ts)
         names = list(layout.arrays())
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
@@ -142,6 +149,12 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     out = Path(out)
     _refuse_existing(out)
     with open_transfer_set(src) as ts:
+        if ts.layout.num_sequences:  # cut by whole sequences
+            from .sequence_ops import subset_sequences
+
+            return subset_sequences(ts, out, fraction=fraction, seed=seed, classes=classes,
+                                    exclude_classes=exclude_classes, indices=indices,
+                                    progress=progress)
         source = _Source(ts)
         # every block is checked before its labels and index choose rows
         columns = source.range([S.LABELS, S.INDEX], 0, ts.num_rows)
@@ -167,6 +180,11 @@ def _members(source: _Source, start: int, stop: int) -> np.ndarray:
 
 
 def _check_mergeable(sets: list[TransferSet]) -> None:
+    for ts in sets:
+        if ts.layout.num_sequences:
+            raise SoftlabelsError(f"{ts.path} is a sequence set: merging sequence sets is not "
+                                  "defined in this version; precompute the ensemble at once "
+                                  "(repeat --teacher)")
     first = sets[0]
     for ts in sets[1:]:
         for what, a, b in (

@@ -141,7 +141,7 @@ class TransferSet:
         stop = self.num_rows if stop is None else stop
         if self.sparse["kind"] == "topk":
             idx = self.read(S.TOPK_INDICES, start, stop).astype(np.int64)
-            z = self.read(S.TOPK_LOGITS, start, stop)
+            z = self.read(S.TOPK_LOGITS, start, stop).astype(np.float32)  # float16 in sequences
             lse = self.read(S.TOPK_LOGSUMEXP, start, stop)[:, k:k + 1]
             return idx, np.exp(z / temperature - lse).astype(np.float32)
         idx = self.store.read(S.SAMPLE_INDICES, (k, slice(start, stop))).astype(np.int64)

@@ -27,7 +27,12 @@ MEMBER_LOGITS = "member_logits"  # (M, R, C)
 INPUTS = "inputs"  # (R, ...) the preprocessed inputs, only with --store-inputs
 BLOCK_DONE = "block_done"  # (B,) uint8, 1 once every array's rows of block b are in place
 BLOCK_CHECKSUM = "block_checksum"  # (B,) uint64, XXH3-64 of block b's rows of every row array
-BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM)
+# Sequence sets (one row per position of token sequences; format/sequence.py).
+SEQ_OFFSETS = "seq/offsets"  # (S+1,) int64, rows [offsets[s], offsets[s+1]) are sequence s
+SEQ_POSITION = "seq/position"  # (R,) int32, the row's position inside its sequence
+SEQ_TOKENS = "seq/tokens"  # (R,) int32, the input token at that position
+SEQ_MASK = "seq/mask"  # (R,) uint8, 1 where the position is distilled
+BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM, SEQ_OFFSETS)  # arrays without one entry per row
 
 # Sparse layouts (instead of dense logits and probs).
 TOPK_INDICES = "topk/indices"  # (R, k) int32, the k largest logits' classes, descending
@@ -42,13 +47,14 @@ ROW_AXIS = {PROBS: 1, MEMBER_LOGITS: 1, SAMPLE_INDICES: 1}
 
 # Dimension names (Zarr `dimension_names`, so xarray opens a set with named dimensions).
 ROWS, CLASSES, TEMPERATURE, MEMBER, K = "rows", "classes", "temperature", "member", "k"
-BLOCKS = "blocks"
+BLOCKS, BOUNDS = "blocks", "sequence_bounds"
 DIMENSIONS = {LOGITS: (ROWS, CLASSES), PROBS: (TEMPERATURE, ROWS, CLASSES), LABELS: (ROWS,),
               INDEX: (ROWS,), SAMPLE_HASH: (ROWS,), VIEW_SEED: (ROWS,),
               MEMBER_LOGITS: (MEMBER, ROWS, CLASSES), TOPK_INDICES: (ROWS, K),
               TOPK_LOGITS: (ROWS, K), TOPK_LOGSUMEXP: (ROWS, TEMPERATURE),
               SAMPLE_INDICES: (TEMPERATURE, ROWS, K), BLOCK_DONE: (BLOCKS,),
-              BLOCK_CHECKSUM: (BLOCKS,)}  # inputs: (rows, input_1, ..., input_n)
+              BLOCK_CHECKSUM: (BLOCKS,), SEQ_OFFSETS: (BOUNDS,), SEQ_POSITION: (ROWS,),
+              SEQ_TOKENS: (ROWS,), SEQ_MASK: (ROWS,)}  # inputs: (rows, input_1, ..., input_n)
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"

@@ -74,13 +74,22 @@ class TransferSetWriter:
 
     Holds the output's writer lease (`lease.WriterLease`) from construction to exit, so a second
     writer of the same path is refused. On resume, `row_hashes` (when given) must reproduce the
-    stored sample hashes of every block an earlier run wrote, or the resume is refused.
+    stored sample hashes of every block an earlier run wrote, or the resume is refused. `whole`:
+    arrays that are not written by block (a sequence set's `seq/offsets`), written in full while
+    the set is laid out aside, so they are in place before the set appears at `path`.
     """
 
     def __init__(self, path: str | Path, layout: Layout, meta: dict[str, Any], *,
                  overwrite: bool = False, row_hashes: RowHashes | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, whole: dict[str, np.ndarray] | None = None,
+                 ) -> None:
         self.path, self.layout = Path(path), layout
+        self._whole = dict(whole or {})
+        specs, rows = layout.specs(), layout.arrays()
+        for name, data in self._whole.items():
+            if name not in specs or name in rows or np.shape(data) != specs[name].shape:
+                raise TransferSetError(f"cannot write {self.path}: {name!r} of shape "
+                                       f"{np.shape(data)} is not an array the layout writes whole")
         self.backend = backend or backend_of(self.path)
         self.already_complete = False
         if self.backend == "zarr-zip":
@@ -178,8 +187,10 @@ class TransferSetWriter:
             lay = self.layout
             for a in lay.specs().values():
                 store.create(a.name, a.shape, a.dtype, chunks=a.chunks, shards=a.shards,
-                             dims=a.dims)
+                             dims=a.dims, shuffle_compress=a.shuffle_compress)
             store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
+            for name, data in self._whole.items():
+                store.write(name, slice(None), data)
             store.flush()
         finally:
             store.close()

@@ -1,0 +1,223 @@
+"""Stage two for sequences: batches of whole sequences (input tokens, target classes, weights,
+mask) from a sequence set, and the KD loss over (B, L, V) student logits.
+
+The teacher is never loaded: the set holds the input tokens, the hard next tokens and the soft
+targets. Every block is read through `TransferSet.read_block` (checked) once, into memory.
+
+    batches = SequenceBatches("set.zarr", temperature=2.0, batch_size=16)
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        for batch in batches:
+            logits = student(batch.tokens)                       # (B, L, V)
+            loss = sequence_kd_loss(logits, batch, temperature=2.0, alpha=0.9)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import SoftlabelsError
+from .format import schema as S
+from .format.reader import TransferSet, open_transfer_set
+from .format.sequence import SEQ_MASK, SEQ_TOKENS, is_sequence_set, read_offsets
+from .losses import kd_loss_from_probs, sparse_kd_loss
+from .tempering import tempered_softmax
+from .tokens import TokenSequences
+
+MAX_IN_MEMORY = 4 << 30  # bytes of targets held in memory
+
+
+@dataclass
+class SequenceBatch:
+    """B sequences right-padded to the longest, L."""
+
+    tokens: torch.Tensor  # (B, L) int64 input ids (0 past a sequence's end)
+    labels: torch.Tensor  # (B, L) int64 hard targets, -1 where none
+    mask: torch.Tensor  # (B, L) bool, True where a position is trained on
+    kind: str  # "topk" | "sample" | "dense" | "hard" (no soft targets)
+    classes: torch.Tensor | None = None  # (B, L, k) int64 (sparse sets)
+    weights: torch.Tensor | None = None  # (B, L, k) float32 teacher probabilities (or 1/k)
+    probs: torch.Tensor | None = None  # (B, L, C) float32 (dense sets)
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                for f in fields(self) for v in [getattr(self, f.name)]})
+
+
+def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
+                     temperature: float = 1.0, alpha: float = 0.9) -> torch.Tensor:
+    """Hinton KD per position, averaged over the masked-in positions of the batch:
+
+        alpha * T^2 * KL(p_T || softmax(s / T)) + (1 - alpha) * CE(next token, softmax(s))
+
+    with p_T the stored targets: top-k exact probabilities plus the residual bucket, sampled
+    classes (unbiased), or dense probabilities (see `sparse_kd_loss`, `kd_loss_from_probs`).
+    Only the masked-in rows of the (B, L, V) logits are used; log-softmax runs once over them.
+    A "hard" batch, or alpha = 0, is the cross-entropy on the hard targets alone.
+    """
+    m = batch.mask.reshape(-1)
+    z = student_logits.reshape(-1, student_logits.shape[-1])[m]
+    labels = batch.labels.reshape(-1)[m]
+    if batch.kind == "hard" or alpha == 0:
+        known = labels >= 0
+        if not known.any():
+            return z.sum() * 0
+        return F.cross_entropy(z[known].float(), labels[known])
+    if batch.kind == "dense":
+        return kd_loss_from_probs(z, batch.probs.reshape(-1, batch.probs.shape[-1])[m],
+                                  temperature=temperature, labels=labels, alpha=alpha)
+    k = batch.classes.shape[-1]
+    return sparse_kd_loss(z, batch.classes.reshape(-1, k)[m], batch.weights.reshape(-1, k)[m],
+                          temperature=temperature, labels=labels, alpha=alpha,
+                          residual=batch.kind == "topk")
+
+
+class SequenceBatches:
+    """Batches of whole sequences, from a sequence set (`temperature` picks the stored soft
+    targets) or from token data (hard next tokens only: `SequenceBatches.from_tokens`).
+
+    Each epoch (`set_epoch`) shuffles the sequences with (seed, epoch), sorts each run of
+    `bucket` batches' worth by length so padding stays small, then shuffles the batches.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | TransferSet, *,
+                 temperature: float | None = None, batch_size: int = 16,
+                 sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
+                 bucket: int = 50, max_memory: int = MAX_IN_MEMORY) -> None:
+        if batch_size <= 0:
+            raise SoftlabelsError(f"batch size must be positive, got {batch_size}")
+        self.batch_size, self.shuffle, self.seed, self.bucket = batch_size, shuffle, seed, bucket
+        self.epoch = 0
+        if source is None:  # from_tokens fills the columns itself
+            return
+        ts = source if isinstance(source, TransferSet) else open_transfer_set(source)
+        try:
+            self._load(ts, temperature, max_memory)
+        finally:
+            if not isinstance(source, TransferSet):
+                ts.close()
+        self._select(sequences)
+
+    @classmethod
+    def from_tokens(cls, data: TokenSequences, *, batch_size: int = 16,
+                    sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
+                    num_classes: int | None = None, bucket: int = 50) -> SequenceBatches:
+        """Hard next-token batches straight from token data (no transfer set)."""
+        self = cls(None, batch_size=batch_size, shuffle=shuffle, seed=seed, bucket=bucket)
+        c = int(data.tokens.max()) + 1 if num_classes is None else num_classes
+        self.offsets, self.tokens = data.offsets, data.tokens
+        self.labels = np.concatenate([data.sequence_labels(s, c) for s in range(len(data))])
+        self.mask = (np.ones(len(data.tokens), bool) if data.mask is None
+                     else data.mask.astype(bool))
+        self.kind, self.targets = "hard", {}
+        self._select(sequences)
+        return self
+
+    def _load(self, ts: TransferSet, temperature: float | None, max_memory: int) -> None:
+        if not is_sequence_set(ts):
+            raise SoftlabelsError(f"{ts.path} is not a sequence set; train it with "
+                                  "`softlabels train` (SoftTargetDataset)")
+        t = ts.temperatures[0] if temperature is None else float(temperature)
+        if not (np.isfinite(t) and t > 0):
+            raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
+        k = ts.temperature_index(t)
+        self.kind = ts.sparse["kind"] if ts.sparse else "dense"
+        if self.kind != "dense" and k is None:
+            raise SoftlabelsError(f"{ts.path} is sparse: it has targets at the stored "
+                                  f"temperatures {ts.temperatures} only, not {t}")
+        width = ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4
+        if ts.num_rows * width > max_memory:
+            raise SoftlabelsError(f"the targets need {ts.num_rows * width / 2**30:.1f} GiB, over "
+                                  "max_memory; cut the set with `softlabels subset`")
+        self.offsets = read_offsets(ts)
+        parts: dict[str, list[np.ndarray]] = {}
+        for b in range(ts.num_blocks):
+            for name, data in self._block_columns(ts.read_block(b), t, k).items():
+                parts.setdefault(name, []).append(data)
+        cols = {n: np.concatenate(p) for n, p in parts.items()}
+        self.tokens, self.labels = cols.pop("tokens"), cols.pop("labels")
+        self.mask = cols.pop("mask").astype(bool)
+        self.targets = cols
+
+    def _block_columns(self, arrays: dict[str, np.ndarray], t: float,
+                       k: int | None) -> dict[str, np.ndarray]:
+        out = {"tokens": arrays[SEQ_TOKENS], "labels": arrays[S.LABELS],
+               "mask": arrays[SEQ_MASK]}
+        if self.kind == "topk":
+            z = arrays[S.TOPK_LOGITS].astype(np.float32)
+            out["classes"] = arrays[S.TOPK_INDICES]
+            out["weights"] = np.exp(z / t - arrays[S.TOPK_LOGSUMEXP][:, k:k + 1])
+        elif self.kind == "sample":
+            out["classes"] = arrays[S.SAMPLE_INDICES][k]
+            out["weights"] = np.full(out["classes"].shape, 1 / out["classes"].shape[1],
+                                     np.float32)
+        elif k is not None:
+            out["probs"] = arrays[S.PROBS][k].astype(np.float32)
+        else:  # dense, T not stored: re-tempered from the logits in float32
+            out["probs"] = tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), t).numpy()
+        return out
+
+    def _select(self, sequences: np.ndarray | None) -> None:
+        n = len(self.offsets) - 1
+        self.sequences = np.arange(n) if sequences is None else np.asarray(sequences)
+        if len(self.sequences) == 0 or self.sequences.min() < 0 or self.sequences.max() >= n:
+            raise SoftlabelsError(f"sequences must be a non-empty selection of 0..{n - 1}")
+        self.lengths = np.diff(self.offsets)
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.lengths[self.sequences].sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.sequences) // self.batch_size)
+
+    def plan(self) -> list[np.ndarray]:
+        """This epoch's batches of sequence numbers."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        seqs = rng.permutation(self.sequences) if self.shuffle else self.sequences
+        group = self.bucket * self.batch_size
+        batches = []
+        for g in range(0, len(seqs), group):
+            part = seqs[g:g + group]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part),
+                                                                     self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        for seqs in self.plan():
+            yield self.batch(seqs)
+
+    def batch(self, seqs: np.ndarray) -> SequenceBatch:
+        """One padded batch of the given sequence numbers."""
+        lengths = self.lengths[seqs]
+        b, width = len(seqs), int(lengths.max())
+        rows = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs])
+        dest = np.concatenate([i * width + np.arange(n) for i, n in enumerate(lengths)])
+
+        def put(col: np.ndarray, fill: Any, dtype: Any) -> torch.Tensor:
+            out = np.full((b * width, *col.shape[1:]), fill, dtype=dtype)
+            out[dest] = col[rows]
+            return torch.from_numpy(out.reshape(b, width, *col.shape[1:]))
+
+        out: dict[str, Any] = {"tokens": put(self.tokens, 0, np.int64),
+                               "labels": put(self.labels, -1, np.int64),
+                               "mask": put(self.mask, False, bool), "kind": self.kind}
+        if "classes" in self.targets:
+            out["classes"] = put(self.targets["classes"], 0, np.int64)
+            out["weights"] = put(self.targets["weights"], 0, np.float32)
+        if "probs" in self.targets:
+            out["probs"] = put(self.targets["probs"], 0, np.float32)
+        return SequenceBatch(**out)

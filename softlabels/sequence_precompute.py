@@ -1,0 +1,260 @@
+"""Stage one for sequences: run a teacher mapping (B, L) token ids to (B, L, C) logits over
+token sequences once, and write one row per position (see format/sequence.py).
+
+Pending blocks are taken in windows of consecutive rows; the sequences that touch a window are
+sorted by length and batched, so padding stays small. Top-k, log-sum-exp and sampled classes
+are computed on the teacher's device: only (B, L, k) values come to the host, never (B, L, V).
+Resume, checksums and `verify --teacher` work as for example sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import OptionError, SoftlabelsError, TeacherOutputError
+from .format import schema as S
+from .format.layout import Layout
+from .format.lease import refuse_if_busy
+from .format.sequence import (
+    SEQ_MASK,
+    SEQ_POSITION,
+    SEQ_TOKENS,
+    SequenceSetWriter,
+    row_sequences,
+)
+from .options import PrecomputeOptions, check_output_file
+from .precompute import PrecomputeResult, as_options, dataset_probe, versions
+from .progress import Progress
+from .specs import load_data
+from .teacher import Teacher
+from .tempering import combine_logits, ensemble_probs
+from .tokens import TokenSequences
+
+log = logging.getLogger(__name__)
+
+# A window: up to WINDOW_BLOCKS consecutive blocks (and WINDOW_ROWS rows) whose sequences are
+# sorted by length and batched together; a kill loses at most one window's work.
+WINDOW_BLOCKS, WINDOW_ROWS = 16, 1 << 16
+_REFUSED = {"keep_members": False, "store_inputs": False, "views": 0, "augment": None,
+            "num_workers": 0}
+
+
+def precompute_sequences(
+    data: str | TokenSequences,
+    teachers: Sequence[str | nn.Module],
+    out: str | Path,
+    options: PrecomputeOptions | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    window_rows: int = WINDOW_ROWS,
+    **kwargs: Any,
+) -> PrecomputeResult:
+    """Run `teachers` over token sequences and write a sequence set to `out`.
+
+    Options as for `precompute` (a `PrecomputeOptions` or its fields by keyword); `batch_size`
+    counts sequences. `dtype` is the storage dtype of the logits: dense `logits`, or
+    `topk/logits` (stored shifted by each row's largest logit). A rerun resumes.
+    """
+    t0 = time.perf_counter()
+    opts = as_options(options, kwargs)
+    for name, value in _REFUSED.items():
+        if getattr(opts, name) not in (value, None):
+            raise OptionError(f"{name.replace('_', '-')} does not apply to token sequences "
+                              "(a sequence set stores its tokens and one row per position)")
+    check_output_file(out, directory_ok=True)  # before loading data and teacher
+    refuse_if_busy(out)
+    dataset = load_data(data) if isinstance(data, str) else data
+    if not isinstance(dataset, TokenSequences):
+        raise SoftlabelsError(f"{data!r} is not token sequences; use a tokens:PATH DATA spec")
+    teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
+                      combine=opts.combine, trust_code=opts.trust_code)
+    num_classes = _num_classes(teacher, dataset)
+    layout = Layout(
+        num_rows=int(dataset.offsets[-1]), num_classes=num_classes,
+        temperatures=opts.temperatures, dtype=opts.dtype, probs_dtype=opts.probs_dtype,
+        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows, topk=opts.topk,
+        sample_k=opts.sample_k, num_sequences=len(dataset),
+        topk_dtype=opts.dtype if opts.topk else "float32")
+    meta = {
+        "num_examples": len(dataset), "class_names": [], "teacher": teacher.describe(),
+        "dataset": {"spec": data if isinstance(data, str) else "object:TokenSequences",
+                    "length": len(dataset), "probe": dataset_probe(dataset)},
+        "views": None, "augment": None, "view_seed": None,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(), "device": str(teacher.device), "precision": opts.precision,
+    }
+    labels = "next-token" if dataset.labels is None else "data"
+    with SequenceSetWriter(out, layout, meta, offsets=dataset.offsets, labels=labels,
+                           overwrite=overwrite, row_hashes=_row_hashes(dataset)) as writer:
+        pending = list(writer.pending)
+        todo = sum(np.subtract(*layout.block_range(b)[::-1]) for b in pending)
+        done = layout.num_rows - todo
+        if progress:
+            progress(done, layout.num_rows)
+        for window in _windows(layout, pending, window_rows):
+            done += _write_window(teacher, dataset, writer, window, opts.batch_size)
+            if progress:
+                progress(done, layout.num_rows)
+    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=int(todo),
+                            resumed=writer.resumed, already_complete=writer.already_complete,
+                            seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+def _row_hashes(dataset: TokenSequences) -> Callable[[int, int], np.ndarray]:
+    """Rows [start, stop)'s sample hashes from the current data (each row carries its whole
+    sequence's hash): what a resume checks the earlier run's rows against."""
+    seq = row_sequences(dataset.offsets)
+
+    def hashes(start: int, stop: int) -> np.ndarray:
+        seqs, where = np.unique(seq[start:stop], return_inverse=True)
+        return np.array([S.sample_hash(dataset[int(s)].numpy()) for s in seqs],
+                        dtype=np.uint64)[where]
+
+    return hashes
+
+
+def _num_classes(teacher: Teacher, dataset: TokenSequences) -> int:
+    try:
+        z = teacher.member_logits(dataset[0][None, :8])
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise TeacherOutputError(f"the teacher failed on (1, L) int64 token ids "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0]}); a "
+                                 "sequence teacher maps (B, L) token ids to (B, L, C) logits"
+                                 ) from None
+    if z.dim() != 4 or z.shape[2] != min(8, len(dataset[0])):
+        raise TeacherOutputError(f"a sequence teacher maps (B, L) token ids to (B, L, C) "
+                                 f"logits; this one returned {tuple(z.shape[1:])} for (1, "
+                                 f"{min(8, len(dataset[0]))}) ids")
+    return int(z.shape[-1])
+
+
+def _windows(layout: Layout, pending: list[int], window_rows: int) -> list[list[int]]:
+    """Runs of consecutive pending blocks of at most `window_rows` rows (at least one block)."""
+    windows: list[list[int]] = []
+    for b in pending:
+        if windows and windows[-1][-1] == b - 1 and len(windows[-1]) < WINDOW_BLOCKS and \
+                (b - windows[-1][0] + 1) * layout.block_rows <= window_rows:
+            windows[-1].append(b)
+        else:
+            windows.append([b])
+    return windows
+
+
+def pad(seqs: list[torch.Tensor], value: int = 0) -> torch.Tensor:
+    """(B, max L) right-padded with `value`."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+@torch.inference_mode()
+def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
+                   layout: Layout, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The target arrays of one padded batch, computed on the teacher's device; (B, L, ...)
+    (or (K, B, L, ...) for probs and sampled classes) on the host."""
+    z = teacher.member_logits(ids)  # (M, B, L, V) on the device
+    logits = combine_logits(z, teacher.combine)  # (B, L, V)
+    valid = torch.arange(ids.shape[1], device=z.device)[None] < \
+        torch.as_tensor(lengths, device=z.device)[:, None]
+    bad = valid & ~torch.isfinite(logits).all(-1)
+    if bad.any():
+        b, pos = (int(v) for v in bad.nonzero()[0])
+        raise TeacherOutputError(f"the teacher's output has NaN or inf at position {pos} of "
+                                 f"sequence {seeds[b]}; check that model and that input")
+    temps = torch.tensor(layout.temperatures, device=z.device)
+    if layout.topk:
+        top = torch.topk(logits, layout.topk, dim=-1)
+        lse = torch.stack([torch.logsumexp(logits / t, -1) for t in layout.temperatures], -1)
+        shift = top.values[..., :1]  # the row's largest logit: the stored largest is 0
+        # classes in ascending id order: sorted ids compress 3-10x better (sequence_storage.py)
+        classes, order = top.indices.sort(-1)
+        values = (top.values - shift).gather(-1, order)
+        return {S.TOPK_INDICES: classes.int().cpu().numpy(),
+                S.TOPK_LOGITS: values.to(getattr(torch, layout.topk_dtype)).cpu().numpy(),
+                S.TOPK_LOGSUMEXP: (lse - shift / temps).cpu().numpy()}
+    if layout.sample_k:
+        return {S.SAMPLE_INDICES: _sample(logits, lengths, layout, seeds).numpy()}
+    probs = ensemble_probs(z, layout.temperatures, teacher.combine)  # (K, B, L, C)
+    return {S.LOGITS: logits.cpu().numpy(), S.PROBS: probs.cpu().numpy()}
+
+
+def _sample(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
+            seeds: Sequence[int]) -> torch.Tensor:
+    """(K, B, L, k) int32 classes drawn from p_T by inverse CDF, on the logits' device.
+
+    The uniforms come from a CPU generator seeded by the sequence's number, so any batching,
+    window, resume or device draws the same classes (to float32 resolution of the CDF)."""
+    b, n, k = logits.shape[0], logits.shape[1], layout.sample_k
+    u = torch.zeros(len(layout.temperatures), b, n, k)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        u[:, i, :lengths[i]] = torch.rand(len(layout.temperatures), int(lengths[i]), k,
+                                          generator=g)
+    u = u.to(logits.device)
+    draws = []
+    for j, t in enumerate(layout.temperatures):  # one (B, L, V) CDF at a time
+        cdf = torch.softmax(logits / t, -1).cumsum(-1)
+        idx = torch.searchsorted(cdf, u[j] * cdf[..., -1:], right=True)
+        draws.append(idx.clamp_max(logits.shape[-1] - 1).sort(-1).values.int().cpu())
+    return torch.stack(draws)
+
+
+def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict[str, Any]:
+    tokens = dataset[s].numpy()
+    labels = dataset.sequence_labels(s, num_classes)
+    if len(labels) and (labels.min() < -1 or labels.max() >= num_classes):
+        raise SoftlabelsError(f"sequence {s} has labels outside [-1, {num_classes}); the "
+                              "teacher predicts that many classes")
+    return {S.LABELS: labels, S.INDEX: np.full(len(tokens), s, np.int64),
+            S.SAMPLE_HASH: np.full(len(tokens), S.sample_hash(tokens), np.uint64),
+            SEQ_POSITION: np.arange(len(tokens), dtype=np.int32),
+            SEQ_TOKENS: tokens.astype(np.int32), SEQ_MASK: dataset.sequence_mask(s)}
+
+
+def _write_window(teacher: Teacher, dataset: TokenSequences,
+                  writer: SequenceSetWriter, blocks: list[int], batch_size: int) -> int:
+    """Compute and write a run of consecutive blocks; returns its rows."""
+    layout, offsets = writer.layout, dataset.offsets
+    start, stop = layout.block_range(blocks[0])[0], layout.block_range(blocks[-1])[1]
+    first = int(np.searchsorted(offsets, start, "right")) - 1
+    last = int(np.searchsorted(offsets, stop - 1, "right")) - 1
+    seqs = np.arange(first, last + 1)
+    seqs = seqs[np.argsort(-dataset.lengths[seqs], kind="stable")]  # batches by length
+    buffers = {}
+    for name, (shape, dtype) in layout.arrays().items():
+        s = list(shape)
+        s[S.row_axis(name)] = stop - start
+        buffers[name] = np.empty(s, dtype=dtype)
+    for i in range(0, len(seqs), batch_size):
+        batch = [int(s) for s in seqs[i:i + batch_size]]
+        lengths = dataset.lengths[batch]
+        targets = device_targets(teacher, pad([dataset[s] for s in batch]), lengths, layout,
+                                 batch)
+        for b, s in enumerate(batch):
+            o0, o1 = int(offsets[s]), int(offsets[s + 1])
+            p0, p1 = max(start, o0) - o0, min(stop, o1) - o0  # this window's positions
+            dst = slice(o0 + p0 - start, o0 + p1 - start)
+            for name, col in _sequence_columns(dataset, s, layout.num_classes).items():
+                buffers[name][dst] = col[p0:p1]
+            for name, arr in targets.items():
+                if S.row_axis(name):
+                    buffers[name][:, dst] = arr[:, b, p0:p1]
+                else:
+                    buffers[name][dst] = arr[b, p0:p1]
+    for b in blocks:
+        a, z = layout.block_range(b)
+        writer.write_block(b, {name: (buf[:, a - start:z - start] if S.row_axis(name)
+                                      else buf[a - start:z - start])
+                               for name, buf in buffers.items()})
+    return stop - start
