@@ -1,9 +1,11 @@
 """Stage one for sequences: run a teacher mapping (B, L) token ids to (B, L, C) logits over
 token sequences once, and write one row per position (see format/sequence.py).
 
-Pending blocks are taken in windows of consecutive rows; the sequences that touch a window are
-sorted by length and batched, so padding stays small. Top-k, log-sum-exp and sampled classes
-are computed on the teacher's device: only (B, L, k) values come to the host, never (B, L, V).
+Blocks are taken in fixed windows of consecutive rows; the sequences that touch a window are
+sorted by length and batched, so padding stays small, and a window holding a pending block is
+computed whole, so a resumed run batches every sequence as an uninterrupted run did. Top-k,
+log-sum-exp and sampled classes are computed on the teacher's device: only (B, L, k) values come
+to the host, never (B, L, V).
 Resume, checksums and `verify --teacher` work as for example sets.
 """
 
@@ -101,8 +103,8 @@ def precompute_sequences(
         done = layout.num_rows - todo
         if progress:
             progress(done, layout.num_rows)
-        for window in _windows(layout, pending, window_rows):
-            done += _write_window(teacher, dataset, writer, window, opts.batch_size)
+        for window, blocks in _windows(layout, pending, window_rows):
+            done += _write_window(teacher, dataset, writer, window, blocks, opts.batch_size)
             if progress:
                 progress(done, layout.num_rows)
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=int(todo),
@@ -138,16 +140,20 @@ def _num_classes(teacher: Teacher, dataset: TokenSequences) -> int:
     return int(z.shape[-1])
 
 
-def _windows(layout: Layout, pending: list[int], window_rows: int) -> list[list[int]]:
-    """Runs of consecutive pending blocks of at most `window_rows` rows (at least one block)."""
-    windows: list[list[int]] = []
+def _windows(layout: Layout, pending: list[int], window_rows: int,
+             ) -> list[tuple[list[int], list[int]]]:
+    """The windows that hold pending blocks, each as (all its blocks, its pending blocks).
+
+    Windows are fixed runs of consecutive blocks counted from block 0 (at most WINDOW_BLOCKS
+    blocks and `window_rows` rows, at least one block), the same on every run: a sequence is
+    always batched with the same sequences, so a resumed run computes bit for bit what an
+    uninterrupted one would (padding to another batch's length changes the float rounding)."""
+    per = max(1, min(WINDOW_BLOCKS, window_rows // layout.block_rows))
+    todo: dict[int, list[int]] = {}
     for b in pending:
-        if windows and windows[-1][-1] == b - 1 and len(windows[-1]) < WINDOW_BLOCKS and \
-                (b - windows[-1][0] + 1) * layout.block_rows <= window_rows:
-            windows[-1].append(b)
-        else:
-            windows.append([b])
-    return windows
+        todo.setdefault(b // per, []).append(b)
+    return [(list(range(w * per, min((w + 1) * per, layout.num_blocks))), blocks)
+            for w, blocks in sorted(todo.items())]
 
 
 def pad(seqs: list[torch.Tensor], value: int = 0) -> torch.Tensor:
@@ -222,11 +228,12 @@ def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict
             SEQ_TOKENS: tokens.astype(np.int32), SEQ_MASK: dataset.sequence_mask(s)}
 
 
-def _write_window(teacher: Teacher, dataset: TokenSequences,
-                  writer: SequenceSetWriter, blocks: list[int], batch_size: int) -> int:
-    """Compute and write a run of consecutive blocks; returns its rows."""
+def _write_window(teacher: Teacher, dataset: TokenSequences, writer: SequenceSetWriter,
+                  window: list[int], blocks: list[int], batch_size: int) -> int:
+    """Compute a window of consecutive blocks and write its pending `blocks`; returns the rows
+    written."""
     layout, offsets = writer.layout, dataset.offsets
-    start, stop = layout.block_range(blocks[0])[0], layout.block_range(blocks[-1])[1]
+    start, stop = layout.block_range(window[0])[0], layout.block_range(window[-1])[1]
     first = int(np.searchsorted(offsets, start, "right")) - 1
     last = int(np.searchsorted(offsets, stop - 1, "right")) - 1
     seqs = np.arange(first, last + 1)
@@ -257,4 +264,4 @@ def _write_window(teacher: Teacher, dataset: TokenSequences,
         writer.write_block(b, {name: (buf[:, a - start:z - start] if S.row_axis(name)
                                       else buf[a - start:z - start])
                                for name, buf in buffers.items()})
-    return stop - start
+    return sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in blocks)
