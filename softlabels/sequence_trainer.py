@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +19,9 @@ from .errors import SoftlabelsError
 from .sequence_datasets import SequenceBatches, sequence_kd_loss
 from .specs import load_model, save_checkpoint
 from .teacher import resolve_device
+from .trainer import Callback
 
 log = logging.getLogger(__name__)
-
-Callback = Callable[[str, dict[str, Any]], None]  # (event: "batch" | "epoch", info)
-
 
 @dataclass
 class SequenceTrainResult:

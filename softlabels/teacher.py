@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,6 +113,13 @@ class Teacher:
         """(member logits (M,B,C), combined logits (B,C), probs (K,B,C)), all float32."""
         z = self.member_logits(x)
         return z, combine_logits(z, self.combine), ensemble_probs(z, temperatures, self.combine)
+
+    def weights_match(self, recorded: dict[str, Any]) -> tuple[bool, str]:
+        """Whether these members' weights are those a set's `teacher` metadata records, and a
+        sentence saying so."""
+        same = [m.sha256 for m in self.members] == [m["sha256"] for m in recorded["members"]]
+        return same, ("weights match the recorded SHA-256" if same else
+                      "the live teacher's weights differ from the recorded ones")
 
     def describe(self) -> dict[str, object]:
         return {

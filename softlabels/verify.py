@@ -57,10 +57,7 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     meta = ts.meta
     teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"],
                       trust_code=trust_code)
-    recorded = [m["sha256"] for m in meta["teacher"]["members"]]
-    live = [m.sha256 for m in teacher.members]
-    report.add("teacher weights", live == recorded, "weights match the recorded SHA-256"
-               if live == recorded else "the live teacher's weights differ from the recorded ones")
+    report.add("teacher weights", *teacher.weights_match(meta["teacher"]))
     rows = np.sort(np.random.default_rng(seed).choice(ts.num_rows, min(sample, ts.num_rows),
                                                       replace=False))
     index = ts.index()
