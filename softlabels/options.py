@@ -90,7 +90,7 @@ class PrecomputeOptions(_Options):
     temperatures: tuple[float, ...] = (1.0,)
     batch_size: int = 256
     dtype: str = "float16"  # storage dtype of logits
-    probs_dtype: str = "float32"  # float16 probabilities underflow (DESIGN §3)
+    probs_dtype: str = "float32"  # float16 probabilities underflow (docs/FORMAT.md)
     combine: str = "mean-logits"
     keep_members: bool = False
     store_inputs: bool = False
