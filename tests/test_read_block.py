@@ -61,3 +61,16 @@ def test_values_no_writer_stores_are_refused_even_with_a_matching_checksum(made:
                     np.array([S.block_checksum(arrays)], dtype=np.uint64))
     with open_transfer_set(made) as ts, pytest.raises(IntegrityError, match="labels outside"):
         ts.read_block(2)
+
+
+def test_report_refuses_a_damaged_set_naming_the_block(made: Path, tmp_path: Path) -> None:
+    """`softlabels report` plots only checked blocks: damage is named, never drawn."""
+    from click.testing import CliRunner
+
+    from softlabels.cli import cli
+
+    _edit(made, S.LABELS, slice(33, 34), np.int64(1))
+    result = CliRunner().invoke(cli, ["report", str(made), "--out", str(tmp_path / "rep")])
+    assert result.exit_code != 0
+    assert "block 2 (rows 32-47)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
