@@ -202,9 +202,19 @@ class TrainOptions(_Options):
 def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
                       directory_ok: bool = False) -> None:
     """Refuse an output path that cannot be written, before any work: a directory (unless
-    `directory_ok`: a Zarr set is one), a path under a file, or a folder it cannot write in."""
+    `directory_ok`: a Zarr set is one), a path under a file, or a folder it cannot write in.
+    A URL: its optional package must be installed and its scheme writable (not http)."""
     from pathlib import Path
 
+    from .format.location import Remote, is_url
+
+    if is_url(path):
+        remote = Remote(path)
+        if remote.read_only:
+            raise OptionError(f"{what} {remote}: {remote.scheme}:// is read-only; write to a "
+                              "local path, s3:// or gs://")
+        remote.fs  # noqa: B018 -- refuses, naming the extra, when it is not installed
+        return
     p = Path(path)
     if p.is_dir() and not directory_ok:
         raise OptionError(f"{what} {p} is a directory; name a file, e.g. {p / 'model.pt'}")

@@ -28,7 +28,9 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
         return
     teacher = summary["teacher"]
     lines = [
-        f"{summary['path']}  ({summary['backend']}, {summary['bytes'] / 2**20:.2f} MiB, "
+        f"{summary['path']}  ({summary['backend']}, "
+        + ("size unknown" if summary["bytes"] is None else f"{summary['bytes'] / 2**20:.2f} MiB")
+        + f", "
         f"format v{summary['format_version']}, {summary['status']})",
         f"rows {summary['num_rows']} of {summary['num_examples']} examples, "
         f"{summary['num_classes']} classes, T = {summary['temperatures']}",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import TransferSetError, WriterBusyError
+from .location import Remote, is_url
 from .schema import ATTR_KEY
 
 Mode = Literal["r", "r+", "w"]
@@ -35,7 +36,7 @@ class Store(ABC):
     `links` lists anything that would make a write land outside the store.
     """
 
-    path: Path
+    path: Path | str  # a local path, or the URL of a remote set (see `location`)
     read_only: bool
 
     # --- writes: checked here, done by the backend ----------------------------------------
@@ -136,14 +137,34 @@ def _block_selection(shape: tuple[int, ...], block: int, block_rows: int,
 
 
 class ZarrStore(Store):
-    """A Zarr v3 group in a directory (`*.zarr`), or read-only inside a zip (`*.zarr.zip`)."""
+    """A Zarr v3 group in a directory (`*.zarr`), read-only inside a zip (`*.zarr.zip`), or
+    under a URL (`location.Remote`, through zarr's FsspecStore).
 
-    def __init__(self, path: Path, mode: Mode) -> None:
+    `meta`: with mode "w", the metadata the group is created with (one write of its root
+    `zarr.json`, so a remote set created in place carries its metadata from its first object).
+    `cache`: a local directory that caches a remote set's chunks (reads only)."""
+
+    def __init__(self, path: Path | Remote, mode: Mode, *, meta: dict[str, Any] | None = None,
+                 cache: str | None = None) -> None:
         import zarr
 
-        self.path, self.read_only = path, mode == "r"
+        self.read_only = mode == "r"
+        self._remote = path if isinstance(path, Remote) else None
+        self.path = path.url if isinstance(path, Remote) else path
         self._zip = str(path).endswith(".zip")
-        if self._zip:
+        attributes = {ATTR_KEY: json.loads(json.dumps(meta))} if meta is not None else None
+        if self._remote is not None:
+            if self._zip:
+                raise TransferSetError(f"{self.path} is a zip-packed set at a URL, which is "
+                                       "not read remotely; download it, or store sets as "
+                                       "`.zarr` in the bucket (`softlabels convert`)")
+            if mode != "r" and self._remote.read_only:
+                raise TransferSetError(f"cannot write {self.path}: {self._remote.scheme}:// "
+                                       "sets are read-only; write to a local path, s3:// or "
+                                       "gs://")
+            store: Any = self._remote.zarr_store(read_only=self.read_only,
+                                                 cache=cache if self.read_only else None)
+        elif self._zip:
             if mode != "r":
                 raise TransferSetError(
                     f"{path} is a zip-packed Zarr set, which is read-only; convert it to a "
@@ -152,7 +173,8 @@ class ZarrStore(Store):
             store: Any = zarr.storage.ZipStore(str(path), mode="r")
         else:
             store = str(path)
-        self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode])
+        self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode],
+                                      attributes=attributes if mode == "w" else None)
         self._arrays: dict[str, Any] = {}  # read-only: each array's metadata read once
 
     def _create(self, name, shape, dtype, *, chunks, shards=None, dims=None,
@@ -211,13 +233,20 @@ class ZarrStore(Store):
         grid = arr.shards or arr.chunks
         ranges = [range(-(-s // g)) for s, g in zip(arr.shape, grid)]
         ranges[axis] = range(block, block + 1)
-        for coords in np.ndindex(*[len(r) for r in ranges]):
-            key = arr.metadata.encode_chunk_key(tuple(r[c] for r, c in zip(ranges, coords)))
+        keys = [arr.metadata.encode_chunk_key(tuple(r[c] for r, c in zip(ranges, coords)))
+                for coords in np.ndindex(*[len(r) for r in ranges])]
+        if self._remote is not None:  # an object store: delete the block's objects
+            self._remote.remove([self._remote.child(f"{name}/{key}") for key in keys])
+            return
+        for key in keys:
             (self.path / name / key).unlink(missing_ok=True)
 
     def discard_partial_files(self) -> int:
         # zarr's LocalStore writes `KEY.partial` and renames it into place; a kill leaves it.
+        # An object store puts whole objects (or nothing): there is nothing to discard.
         self._writable("clean up")
+        if self._remote is not None:
+            return 0
         count = 0
         for leftover in self.path.rglob("*.partial"):
             if not leftover.is_symlink():
@@ -226,7 +255,7 @@ class ZarrStore(Store):
         return count
 
     def links(self):
-        if self._zip:
+        if self._zip or self._remote is not None:  # object stores have no links
             return []
         found = [str(self.path)] if self.path.is_symlink() else []
         for root, dirs, files in os.walk(self.path):
@@ -239,13 +268,26 @@ class HDF5Store(Store):
     """One HDF5 file (`*.h5`, `*.hdf5`). Written by a single process: HDF5 has no safe
     parallel writer without MPI."""
 
-    def __init__(self, path: Path, mode: Mode) -> None:
+    def __init__(self, path: Path | Remote, mode: Mode) -> None:
         import h5py
 
-        self.path, self.read_only = path, mode == "r"
+        self.read_only, self._handle = mode == "r", None
+        self._remote = path if isinstance(path, Remote) else None
+        self.path = path.url if isinstance(path, Remote) else path
         try:
-            self._file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode])
+            if self._remote is not None:  # h5py reads through an fsspec file object
+                if mode != "r":
+                    raise TransferSetError(
+                        f"cannot write {self.path}: HDF5 sets at a URL are read-only (an "
+                        "object store cannot rewrite part of a file); write a `.zarr` set there"
+                        ", or write the `.h5` locally and upload it")
+                self._handle = self._remote.open_file()
+                self._file = h5py.File(self._handle, "r")
+            else:
+                self._file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode])
         except OSError as exc:
+            if self._handle is not None:
+                self._handle.close()
             from .lease import holder
 
             who = holder(path)
@@ -318,6 +360,8 @@ class HDF5Store(Store):
     def links(self):
         import h5py
 
+        if self._remote is not None:
+            return []  # a read-only object: nothing is written through it
         found = [str(self.path)] if self.path.is_symlink() else []
         if self.path.stat().st_nlink > 1:
             found.append(f"{self.path} (a file with {self.path.stat().st_nlink} hard links)")
@@ -335,6 +379,8 @@ class HDF5Store(Store):
     def close(self):
         if self._file.id.valid:
             self._file.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def backend_of(path: str | os.PathLike[str]) -> str:
@@ -349,9 +395,16 @@ def backend_of(path: str | os.PathLike[str]) -> str:
 
 
 def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
-               backend: str | None = None) -> Store:
+               backend: str | None = None, meta: dict[str, Any] | None = None,
+               cache: str | None = None) -> Store:
     """Open or create a store; the backend follows the path's suffix unless `backend` names
-    it (a staging path such as `OUT.h5.partial` is written as its final name's backend)."""
+    it (a staging path such as `OUT.h5.partial` is written as its final name's backend).
+
+    `path` may be a URL (`s3://`, `gs://`, `https://`; see `location`). `meta`: the metadata
+    a new Zarr group ("w") is created with. `cache`: a local directory caching a remote set's
+    chunks (mode "r")."""
+    if is_url(path):
+        return _open_remote(Remote(path), mode, backend=backend, meta=meta, cache=cache)
     p = Path(path)
     if mode != "w" and not p.exists():
         raise TransferSetError(f"no transfer set at {p}: the path does not exist")
@@ -360,8 +413,29 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
     if mode != "w" and p.is_dir() and not (p / "zarr.json").exists():
         raise TransferSetError(f"{p} is a directory but not a Zarr v3 group (no zarr.json)")
     try:
-        return ZarrStore(p, mode)
+        store = ZarrStore(p, mode, meta=meta)
     except ValueError as exc:  # a garbled zarr.json (json.JSONDecodeError) or metadata
         raise TransferSetError(f"{p} is not a readable Zarr group: its metadata is damaged "
                                f"({str(exc).splitlines()[0]}); restore the set from its "
+                               "source, or make it again with `softlabels precompute`") from None
+    return store
+
+
+def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,
+                 meta: dict[str, Any] | None, cache: str | None) -> Store:
+    if mode != "w" and not remote.exists():
+        raise TransferSetError(f"no transfer set at {remote}: nothing is stored at that URL")
+    if (backend or backend_of(remote.url)) == "hdf5":
+        return HDF5Store(remote, mode)
+    if mode != "w" and not remote.is_dir_like():
+        raise TransferSetError(f"{remote} is one object, not a Zarr v3 group (no "
+                               f"{remote.url}/zarr.json)")
+    try:
+        return ZarrStore(remote, mode, meta=meta, cache=cache)
+    except FileNotFoundError:
+        raise TransferSetError(f"{remote} is not a Zarr v3 group (no zarr.json at that URL)"
+                               ) from None
+    except ValueError as exc:
+        raise TransferSetError(f"{remote} is not a readable Zarr group: its metadata is "
+                               f"damaged ({str(exc).splitlines()[0]}); restore the set from its "
                                "source, or make it again with `softlabels precompute`") from None

@@ -11,6 +11,10 @@ Every path here is derived from the output's name, and only a writer holding the
 
 A rerun removes any of these left by a killed run. `--overwrite` removes only a transfer set or a
 partial one, never an ordinary file, a directory that is not a set, or a symbolic link.
+
+An object store has no rename: a set at a URL is written in place (see `writer`), and removing
+one first marks it `writing`, then deletes its `block_done`, its other objects, and its root
+`zarr.json` last, so a kill mid-delete leaves a set no reader accepts and a rerun lays out again.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import os
 from pathlib import Path
 
 from ..errors import TransferSetError, WriterBusyError
+from . import schema as S
 from ._store import backend_of, open_store
+from .location import Remote, is_url
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +52,16 @@ def _is_set(path: Path, backend: str) -> bool:
         return False
 
 
-def remove_set(path: Path, *, backend: str | None = None, what: str = "--overwrite") -> None:
+def remove_set(path: Path | str, *, backend: str | None = None,
+               what: str = "--overwrite") -> None:
     """Delete the transfer set (or partial one) at `path`; refuse anything else.
 
     The set is first renamed aside (atomic), so a kill mid-delete never leaves a half-deleted
     set at `path`; the rename target is removed by the next run."""
+    if is_url(path):
+        _remove_remote(Remote(path), what)
+        return
+    path = Path(path)
     backend = backend or backend_of(path)
     if path.is_symlink():
         raise TransferSetError(f"refusing {what} on {path}: it is a symbolic link (to "
@@ -68,6 +79,32 @@ def remove_set(path: Path, *, backend: str | None = None, what: str = "--overwri
     _delete(gone)
     os.rename(path, gone)
     _delete(gone)
+
+
+def _remove_remote(remote: Remote, what: str) -> None:
+    """Delete the Zarr set at a URL: marked `writing`, `block_done` first, `zarr.json` last."""
+    if not remote.exists():
+        return
+    try:
+        with open_store(remote.url, "r") as store:
+            meta = store.get_meta()
+    except WriterBusyError:
+        raise
+    except Exception:
+        meta = None
+    if not isinstance(meta, dict):
+        raise TransferSetError(f"refusing {what} on {remote}: it holds objects that are not a "
+                               "softlabels transfer set; choose another --out, or remove them "
+                               "yourself")
+    if meta.get("status") != S.STATUS_WRITING:
+        with open_store(remote.url, "r+") as store:
+            store.set_meta({**meta, "status": S.STATUS_WRITING})
+    keys = remote.listing()
+    root = remote.child("zarr.json")
+    done = remote.child(S.BLOCK_DONE) + "/"
+    remote.remove([k for k in keys if k.startswith(done)])
+    remote.remove([k for k in keys if k != root and not k.startswith(done)])
+    remote.remove([root])
 
 
 def _delete(path: Path) -> None:

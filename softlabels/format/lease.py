@@ -11,6 +11,9 @@ POSIX locks work on local filesystems and over NFS (v4, or v3 with its lock daem
 filesystem does not support them, writing is refused with a message;
 `SOFTLABELS_USE_FILE_LOCKING=FALSE` (as HDF5's `HDF5_USE_FILE_LOCKING`) writes without a lease,
 and then the user keeps to one writer.
+
+An output in an object store (`s3://`, `gs://`) has no POSIX locks: its lease is an object
+`URL.lock` created with a conditional put and renewed while held (see `remote_lease`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TransferSetError, WriterBusyError
+from .location import is_url
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ _GUARD = threading.Lock()
 
 
 def lock_path(out: str | os.PathLike[str]) -> Path:
-    """The lease file of output `out`: `OUT.lock` beside it."""
+    """The lease file of local output `out`: `OUT.lock` beside it."""
     p = Path(os.path.abspath(out))
     return p.with_name(p.name + LOCK_SUFFIX)
 
@@ -64,6 +68,10 @@ def _describe(raw: str) -> str:
 
 def holder(out: str | os.PathLike[str]) -> str | None:
     """Who holds the lease on `out` now, in words, or None when nobody does."""
+    if is_url(out):
+        from .remote_lease import remote_holder
+
+        return remote_holder(out)
     path = lock_path(out)
     with _GUARD:
         if str(path) in _HELD:
@@ -97,11 +105,25 @@ class WriterLease:
     holder) while another process holds it."""
 
     def __init__(self, out: str | os.PathLike[str]) -> None:
-        self.out = Path(out)
-        self.path = lock_path(out)
+        self._remote: Any = None
+        if is_url(out):  # an object store: a lease object (see `remote_lease`)
+            from .remote_lease import RemoteLease
+
+            self._remote = RemoteLease(out)
+        self.out = Path(out) if self._remote is None else out
+        self.path = lock_path(out) if self._remote is None else self._remote.lock.url
         self._held = False
 
+    @property
+    def lost(self) -> bool:
+        """Whether this lease was taken over by another writer while held (object stores
+        only: a holder that stopped renewing it past its expiry)."""
+        return self._remote is not None and self._remote.lost
+
     def acquire(self) -> WriterLease:
+        if self._remote is not None:
+            self._remote.acquire()
+            return self
         if not _locking_enabled():
             return self
         key = str(self.path)
@@ -166,6 +188,9 @@ class WriterLease:
                               "is another writer starting and stopping on this output?")
 
     def release(self) -> None:
+        if self._remote is not None:
+            self._remote.release()
+            return
         if not self._held:
             return
         self._held = False

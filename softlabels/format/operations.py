@@ -4,6 +4,7 @@ records where it came from (its `provenance`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zipfile
 from collections.abc import Callable, Sequence
@@ -17,10 +18,11 @@ from ..errors import MismatchError, SoftlabelsError, TransferSetError
 from ..progress import Progress
 from ..tempering import combine_logits, ensemble_probs
 from . import schema as S
-from ._store import backend_of
+from ._store import backend_of, open_store
 from .aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
 from .layout import ROW_KEYS, Layout, carried
 from .lease import WriterLease
+from .location import Remote, is_url
 from .reader import TransferSet, open_transfer_set
 from .selection import read_indices, select_rows
 from .writer import TransferSetWriter
@@ -37,23 +39,67 @@ def _source(ts: TransferSet) -> dict[str, Any]:
             "teacher": [m["sha256"] for m in ts.meta["teacher"]["members"]]}
 
 
-def _refuse_existing(out: Path) -> None:
+def _output(out: str | os.PathLike[str]) -> Path | str:
+    """An output as a local Path, or as its URL (a set in an object store)."""
+    return str(Remote(out)) if is_url(out) else Path(out)
+
+
+def _refuse_existing(out: Path | str, provenance: Any = None) -> None:
     """Refuse an existing output, after clearing what a killed earlier run left beside it
-    (its lease file, staging paths): taken and released under the lease, never raced."""
+    (its lease file, staging paths): taken and released under the lease, never raced.
+
+    At a URL, where a set is written in place: an unfinished set whose provenance is
+    `provenance` (this very command, killed) is let through, to be resumed."""
+    if isinstance(out, str):
+        _refuse_existing_remote(out, provenance)
+        return
     if out.exists() or out.is_symlink():
         with WriterLease(out):
             clear_staging(out)
         raise SoftlabelsError(f"{out} already exists; choose a new --out (nothing was written)")
 
 
-def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
+def _refuse_existing_remote(out: str, provenance: Any) -> None:
+    remote = Remote(out)
+    if not remote.exists():
+        return
+    try:
+        with open_store(out, "r") as store:
+            old = store.get_meta()
+    except SoftlabelsError:
+        old = None
+    unfinished = isinstance(old, dict) and old.get("status") == S.STATUS_WRITING
+    if unfinished and provenance is not None:
+        if _normal(old.get("provenance")) == _normal(provenance):
+            return  # this same command, stopped earlier: resumed block by block
+        raise SoftlabelsError(f"{out} holds an unfinished set written by another command "
+                              "(its provenance differs); nothing was written: choose a new "
+                              "--out, or finish or remove that set")
+    if unfinished:
+        return  # checked again, under the lease, once the provenance is known
+    raise SoftlabelsError(f"{out} already exists; choose a new --out (nothing was written)")
+
+
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _write(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
            progress: Progress | None, *, whole: dict[str, np.ndarray] | None = None,
            ) -> dict[str, Any]:
     """Write a new set aside (`OUT.partial`) and rename it to `OUT` once complete, holding the
     output's lease throughout; a zip target is packed from the staged directory. A rerun after a
     kill clears what the killed run left and starts again. `whole`: arrays not written by block
-    (a sequence set's offsets)."""
+    (a sequence set's offsets).
+
+    At a URL (no rename in an object store) the set is written in place, marked complete
+    last; a rerun after a kill resumes it (its provenance names the same sources and
+    selection)."""
     meta = carried(meta)
+    if isinstance(out, str):
+        with WriterLease(out):
+            _refuse_existing(out, meta.get("provenance"))
+            return _write_blocks(out, layout, meta, arrays, progress, backend_of(out), whole)
     zipped = backend_of(out) == "zarr-zip"
     with WriterLease(out):
         clear_staging(out)
@@ -77,7 +123,7 @@ def _write(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
     return written
 
 
-def _write_blocks(out: Path, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
+def _write_blocks(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
                   progress: Progress | None, backend: str,
                   whole: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     with TransferSetWriter(out, layout, meta, backend=backend, whole=whole) as writer:
@@ -126,7 +172,7 @@ class _Source:
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
             progress: Progress | None = None) -> dict[str, Any]:
     """Copy a set into another container (`.zarr`, `.h5`, `.zarr.zip`), content identical."""
-    out = Path(out)
+    out = _output(out)
     with open_transfer_set(src) as ts:
         if ts.layout.num_sequences:
             from .sequence_ops import convert_sequences
@@ -146,7 +192,7 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
            indices: str | os.PathLike[str] | None = None,
            progress: Progress | None = None) -> dict[str, Any]:
     """A new set holding the selected rows; `index` still points into the source dataset."""
-    out = Path(out)
+    out = _output(out)
     _refuse_existing(out)
     with open_transfer_set(src) as ts:
         if ts.layout.num_sequences:  # cut by whole sequences
@@ -215,7 +261,7 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
         raise SoftlabelsError("merge needs at least two transfer sets")
     if combine not in S.COMBINE_CHOICES:
         raise SoftlabelsError(f"combine must be one of {S.COMBINE_CHOICES}, got {combine!r}")
-    out = Path(out)
+    out = _output(out)
     _refuse_existing(out)
     sets = [open_transfer_set(s) for s in sources]
     try:

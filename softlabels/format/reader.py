@@ -16,6 +16,7 @@ from . import schema as S
 from ._store import Store, backend_of, open_store
 from .aside import PARTIAL
 from .layout import Layout, array_problems, check_described, check_digest
+from .location import Remote, cache_dir, is_url
 
 
 def _all_finite(a: np.ndarray) -> bool:
@@ -222,7 +223,10 @@ class TransferSet:
             "teacher_accuracy": float(n_correct / n_labelled) if n_labelled else None,
         }
 
-    def nbytes_on_disk(self) -> int:
+    def nbytes_on_disk(self) -> int | None:
+        """Bytes stored; None for a set at a URL that cannot be listed (http)."""
+        if is_url(self.path):
+            return Remote(self.path).size()
         if self.path.is_dir():
             return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         return self.path.stat().st_size
@@ -295,14 +299,20 @@ class TransferSetInputs(Dataset):
         return {**self.__dict__, "_ts": None, "_cached": (-1, np.empty(0))}
 
 
-def open_transfer_set(path: str | os.PathLike[str]) -> TransferSet:
-    """Open a complete transfer set (`.zarr`, `.zarr.zip` or `.h5`) for reading.
+def open_transfer_set(path: str | os.PathLike[str], *, cache: str | None = None,
+                      ) -> TransferSet:
+    """Open a complete transfer set (`.zarr`, `.zarr.zip` or `.h5`) for reading, from a local
+    path or a URL (`s3://`, `gs://`, `https://`, `http://`).
 
     Refuses anything that is not complete, of an unknown format version, whose identity
     metadata was edited after completion (`IntegrityError` naming the keys), or whose metadata
-    describes no valid layout, saying what to do.
+    describes no valid layout, saying what to do. `cache`: a local directory caching a remote
+    Zarr set's chunks for repeated reads (default: `SOFTLABELS_CACHE` when set).
     """
-    store = open_store(Path(path), "r")
+    if is_url(path):
+        store = open_store(path, "r", cache=cache or cache_dir())
+    else:
+        store = open_store(Path(path), "r")
     try:
         return TransferSet(store)
     except IncompleteTransferSetError:

@@ -20,7 +20,7 @@ from .selection import read_indices
 from .sequence import SEQ_OFFSETS, read_offsets, with_offsets
 
 
-def convert_sequences(ts: TransferSet, out: Path, *,
+def convert_sequences(ts: TransferSet, out: Path | str, *,
                       progress: Progress | None = None) -> dict[str, Any]:
     """Copy a sequence set into another container, content identical."""
     offsets = read_offsets(ts)
@@ -50,7 +50,7 @@ def select_sequences(index: _Source, offsets: np.ndarray, *, fraction: float | N
     return keep
 
 
-def subset_sequences(ts: TransferSet, out: Path, *, fraction: float | None = None,
+def subset_sequences(ts: TransferSet, out: Path | str, *, fraction: float | None = None,
                      seed: int = 0, classes: Any = None, exclude_classes: Any = None,
                      indices: str | os.PathLike[str] | None = None,
                      progress: Progress | None = None) -> dict[str, Any]:

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MismatchError, TransferSetError
+from ..errors import MismatchError, TransferSetError, WriterBusyError
 from . import schema as S
 from ._store import Store, backend_of, open_store
 from .aside import CREATING, beside, clear_staging, remove_set
 from .layout import DIGEST, FILE_KEYS, Layout, digest, resume_identity
 from .lease import WriterLease
+from .location import Remote, is_url
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,19 @@ class TransferSetWriter:
     stored sample hashes of every block an earlier run wrote, or the resume is refused. `whole`:
     arrays that are not written by block (a sequence set's `seq/offsets`), written in full while
     the set is laid out aside, so they are in place before the set appears at `path`.
+
+    `path` may be an `s3://` or `gs://` URL: there is no rename in an object store, so the set
+    is created in place, its root metadata (status `writing`) first and `block_done` last, and
+    a rerun lays out again a set whose `block_done` is missing (docs/FORMAT.md).
     """
 
     def __init__(self, path: str | Path, layout: Layout, meta: dict[str, Any], *,
                  overwrite: bool = False, row_hashes: RowHashes | None = None,
                  backend: str | None = None, whole: dict[str, np.ndarray] | None = None,
                  ) -> None:
-        self.path, self.layout = Path(path), layout
+        self._remote = Remote(path) if is_url(path) else None
+        self.path: Path | str = Path(path) if self._remote is None else self._remote.url
+        self.layout = layout
         self._whole = dict(whole or {})
         specs, rows = layout.specs(), layout.arrays()
         for name, data in self._whole.items():
@@ -95,19 +102,27 @@ class TransferSetWriter:
         if self.backend == "zarr-zip":
             raise TransferSetError(f"cannot write {self.path}: zip-packed sets are read-only; "
                                    "write a .zarr directory and convert it")
+        if self._remote is not None and self.backend != "zarr":
+            raise TransferSetError(f"cannot write {self.path}: only Zarr sets are written to a "
+                                   "URL (an object store cannot rewrite part of an HDF5 file); "
+                                   "name a `.zarr` set")
+        if self._remote is not None and self._remote.read_only:
+            raise TransferSetError(f"cannot write {self.path}: {self._remote.scheme}:// is "
+                                   "read-only; write to a local path, s3:// or gs://")
         self.meta = {**{k: v for k, v in meta.items() if k not in FILE_KEYS},
                      **layout.to_meta(), "format_version": S.FORMAT_VERSION,
                      "status": S.STATUS_WRITING}
         self._lease = WriterLease(self.path).acquire()
         try:
-            if self.path.is_symlink():
+            if self._remote is None and self.path.is_symlink():
                 raise TransferSetError(f"{self.path} is a symbolic link (to "
                                        f"{os.readlink(self.path)}); a writer never follows one: "
                                        "name the set's real path")
-            clear_staging(self.path)
-            if overwrite and self.path.exists():
+            if self._remote is None:
+                clear_staging(self.path)
+            if overwrite and self._exists():
                 remove_set(self.path, backend=self.backend)
-            self.store = self._open_existing() if self.path.exists() else self._create()
+            self.store = self._open_existing() if self._exists() else self._create()
             done = self.store.read(S.BLOCK_DONE)
             self.pending = [int(b) for b in np.flatnonzero(done == 0)]
             self.resumed = bool(self.pending) and len(self.pending) < layout.num_blocks
@@ -118,6 +133,9 @@ class TransferSetWriter:
                 self.store.close()
             self._lease.release()
             raise
+
+    def _exists(self) -> bool:
+        return self._remote.exists() if self._remote is not None else self.path.exists()
 
     def _open_existing(self) -> Store:
         try:
@@ -147,6 +165,10 @@ class TransferSetWriter:
                     f"{self.path} holds a link that leads out of the set ({links[0]}); a "
                     "writer never writes through one: replace it with a copy, or --overwrite")
             self.meta["created_at"] = old.get("created_at", self.meta.get("created_at"))
+            if self._remote is not None and not store.has(S.BLOCK_DONE):
+                store.close()  # killed while laying it out in place: lay it out again
+                log.info("laying out %s again: a killed run left it half laid out", self.path)
+                return self._create()
             self._prepare_resume(store)
         return store
 
@@ -178,33 +200,57 @@ class TransferSetWriter:
 
     def _create(self) -> Store:
         """Lay the set out at `OUT.creating`, then rename it to `OUT`: a set at `OUT` always
-        carries its metadata, so `--overwrite` and a rerun can tell it is one."""
+        carries its metadata, so `--overwrite` and a rerun can tell it is one. At a URL (no
+        rename): in place, the group created with its metadata in one write."""
+        if self._remote is not None:
+            store = open_store(self.path, "w", backend=self.backend, meta=self.meta)
+            try:
+                self._lay_out(store)
+            except BaseException:
+                store.close()
+                raise
+            return store
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staged = beside(self.path, CREATING)
         store = open_store(staged, "w", backend=self.backend)
         try:
             store.set_meta(self.meta)
-            lay = self.layout
-            for a in lay.specs().values():
-                store.create(a.name, a.shape, a.dtype, chunks=a.chunks, shards=a.shards,
-                             dims=a.dims, shuffle_compress=a.shuffle_compress)
-            store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
-            for name, data in self._whole.items():
-                store.write(name, slice(None), data)
-            store.flush()
+            self._lay_out(store)
         finally:
             store.close()
         os.rename(staged, self.path)
         return open_store(self.path, "r+", backend=self.backend)
 
+    def _lay_out(self, store: Store) -> None:
+        """Every array, the whole ones written, `block_done` created last: a set that has it
+        is laid out completely."""
+        lay = self.layout
+        specs = sorted(lay.specs().values(), key=lambda a: a.name == S.BLOCK_DONE)
+        for a in specs:
+            if a.name == S.BLOCK_DONE:
+                for name, data in self._whole.items():
+                    store.write(name, slice(None), data)
+            store.create(a.name, a.shape, a.dtype, chunks=a.chunks, shards=a.shards,
+                         dims=a.dims, shuffle_compress=a.shuffle_compress)
+        store.write(S.BLOCK_DONE, slice(None), np.zeros(lay.num_blocks, np.uint8))
+        store.flush()
+
     def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
         """Write every array's rows of one block, then mark the block done."""
+        self._check_lease()
         write_block(self.store, self.layout, block, arrays)
+
+    def _check_lease(self) -> None:
+        if self._lease.lost:
+            raise WriterBusyError(f"the lease on {self.path} was taken over by another writer "
+                                  "(this one stalled past its expiry); the set was left "
+                                  "incomplete: let that writer finish")
 
     def finish(self) -> dict[str, Any]:
         """Check every block is done, record the fingerprint, mark the set complete."""
         if self.already_complete:
             return self.meta
+        self._check_lease()
         missing = np.flatnonzero(self.store.read(S.BLOCK_DONE) == 0)
         if len(missing):
             raise TransferSetError(f"{len(missing)} block(s) unwritten (first: {missing[0]}); "

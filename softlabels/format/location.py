@@ -1,0 +1,189 @@
+"""Where a transfer set lives when it is not a local path: a URL in an object store (`s3://`,
+`gs://`) or on a web server (`https://`, `http://`, read-only).
+
+A `Remote` is the one object the store, writer, lease and set operations use instead of a
+`pathlib.Path` for such a set: it names the set, opens it as a Zarr store (zarr's
+`FsspecStore`) or as a file object for h5py, and does the few whole-object operations the
+writer needs (a conditional put for the lease, deleting objects, listing a prefix).
+
+The fsspec backends are optional extras (`pip install 'softlabels[s3]'`, `[gcs]`, `[http]`);
+a URL whose extra is missing is refused in one line naming it. Credentials and the endpoint
+come from each library's standard configuration (for S3: `AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `~/.aws/*`; for GCS:
+`GOOGLE_APPLICATION_CREDENTIALS`, `gcloud` defaults, `STORAGE_EMULATOR_HOST`); softlabels adds
+no variables of its own for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from typing import Any
+
+from ..errors import SoftlabelsError, TransferSetError
+
+# scheme -> (fsspec protocol, module the extra installs, extra's name)
+_SCHEMES = {"s3": ("s3", "s3fs", "s3"), "s3a": ("s3", "s3fs", "s3"),
+            "gs": ("gcs", "gcsfs", "gcs"), "gcs": ("gcs", "gcsfs", "gcs"),
+            "http": ("http", "aiohttp", "http"), "https": ("https", "aiohttp", "http")}
+READ_ONLY_SCHEMES = ("http", "https")
+CACHE_ENV = "SOFTLABELS_CACHE"  # a local directory: chunk cache for remote reads (train --cache)
+
+
+def scheme_of(path: object) -> str | None:
+    """The URL scheme of `path` ('s3', 'gs', 'https', ...), or None for a local path."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str) or "://" not in text:
+        return None
+    return text.split("://", 1)[0].lower()
+
+
+def is_url(path: object) -> bool:
+    """Whether `path` names a remote set (a URL with a scheme), not a local path."""
+    return scheme_of(path) is not None
+
+
+class Remote:
+    """A set's location in an object store or on a web server, by its URL."""
+
+    def __init__(self, url: str | os.PathLike[str]) -> None:
+        url = os.fspath(url).rstrip("/")
+        scheme = scheme_of(url)
+        if scheme not in _SCHEMES:
+            known = ", ".join(f"{s}://" for s in ("s3", "gs", "https", "http"))
+            raise TransferSetError(f"{url}: unknown URL scheme {scheme}://; transfer sets are "
+                                   f"read from {known} or a local path")
+        self.url, self.scheme = url, scheme
+        self.protocol, self._module, self.extra = _SCHEMES[scheme]
+        self.read_only = scheme in READ_ONLY_SCHEMES
+        self._fs: Any = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"Remote({self.url!r})"
+
+    # --- the filesystem -----------------------------------------------------------------
+    def _require(self) -> None:
+        try:
+            importlib.import_module(self._module)
+        except ImportError:
+            raise SoftlabelsError(
+                f"{self.url}: {self.scheme}:// needs the optional package {self._module}; "
+                f"install it with `pip install 'softlabels[{self.extra}]'`") from None
+
+    @property
+    def fs(self) -> Any:
+        """The synchronous fsspec filesystem of this URL (created once)."""
+        if self._fs is None:
+            self._require()
+            import fsspec
+
+            self._fs = fsspec.filesystem(self.protocol)
+        return self._fs
+
+    @property
+    def key(self) -> str:
+        """The path the filesystem knows (`bucket/prefix/set.zarr`; the URL for http)."""
+        return self.url if self.read_only else self.url.split("://", 1)[1]
+
+    def child(self, name: str) -> str:
+        return f"{self.key}/{name}"
+
+    def sibling(self, suffix: str) -> Remote:
+        """The URL `URL{suffix}` beside this one (the lease object `URL.lock`)."""
+        return Remote(self.url + suffix)
+
+    # --- opening --------------------------------------------------------------------------
+    def zarr_store(self, *, read_only: bool, cache: str | None = None) -> Any:
+        """zarr's FsspecStore at this URL; with `cache` (a local directory), read through
+        zarr's `CacheStore` into a `LocalStore` kept under a folder named after the set's root
+        metadata, so a set replaced at the same URL never reads another set's cached objects
+        (a complete set is never rewritten in place). LocalStore writes each cached object
+        aside and renames it, so concurrent readers never see half an object."""
+        self._require()
+        from zarr.storage import FsspecStore
+
+        remote = FsspecStore.from_url(self.url, read_only=read_only)
+        if cache is None or not read_only:
+            return remote
+        from zarr.experimental.cache_store import CacheStore
+        from zarr.storage import LocalStore
+
+        root = self.fs.cat_file(self.child("zarr.json"))
+        folder = hashlib.sha256(self.url.encode() + b"\0" + root).hexdigest()[:24]
+        return CacheStore(remote, cache_store=LocalStore(os.path.join(cache, folder)))
+
+    def open_file(self) -> Any:
+        """A read-only file object of the whole object (for h5py)."""
+        try:
+            return self.fs.open(self.key, "rb")
+        except FileNotFoundError:
+            raise TransferSetError(f"no transfer set at {self.url}: there is no such object"
+                                   ) from None
+
+    # --- whole objects --------------------------------------------------------------------
+    def exists(self) -> bool:
+        """Whether anything is stored at the URL: an object, or objects under it as a
+        prefix. Over http only the set's root `zarr.json` or the file itself is probed."""
+        fs = self.fs
+        if self.read_only:
+            return fs.exists(self.child("zarr.json")) or fs.isfile(self.key)
+        fs.invalidate_cache(self.key)
+        return bool(fs.exists(self.key))
+
+    def is_dir_like(self) -> bool:
+        """Whether the URL is a prefix holding objects (a Zarr set), not one object."""
+        if self.read_only:
+            return self.fs.exists(self.child("zarr.json"))
+        self.fs.invalidate_cache(self.key)
+        return bool(self.fs.isdir(self.key))
+
+    def put_new(self, key: str, data: bytes) -> None:
+        """Put `data` at `key` only if no object is there (S3 `If-None-Match: *`, GCS
+        `ifGenerationMatch=0`); FileExistsError otherwise."""
+        self.fs.pipe_file(key, data, mode="create")
+
+    def put(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(key, data)
+
+    def get(self, key: str) -> bytes:
+        return self.fs.cat_file(key)
+
+    def remove(self, keys: list[str]) -> None:
+        """Delete objects; missing ones are ignored."""
+        if keys:
+            try:
+                self.fs.rm(keys)
+            except FileNotFoundError:
+                pass
+
+    def listing(self) -> list[str]:
+        """Every object key under the URL as a prefix."""
+        self.fs.invalidate_cache(self.key)
+        return [k for k in self.fs.find(self.key) if k.startswith(self.key + "/")]
+
+    def size(self) -> int | None:
+        """Bytes stored under the URL, or None where it cannot be listed (http)."""
+        if self.read_only:
+            try:
+                return None if self.is_dir_like() else int(self.fs.size(self.key))
+            except (OSError, ValueError):
+                return None
+        if not self.is_dir_like():
+            return int(self.fs.size(self.key))
+        return int(sum(self.fs.du(self.key, total=False).values()))
+
+
+def as_location(path: str | os.PathLike[str]) -> Any:
+    """A `Remote` for a URL, else a `pathlib.Path`."""
+    from pathlib import Path
+
+    return Remote(path) if is_url(path) else Path(path)
+
+
+def cache_dir() -> str | None:
+    """The chunk cache directory for remote reads, from `SOFTLABELS_CACHE` (None: no cache)."""
+    return os.environ.get(CACHE_ENV) or None

@@ -1,0 +1,391 @@
+"""Transfer sets at URLs: written to and read from a local S3 server (moto's server mode, as
+s3fs and zarr-python test themselves) and a GCS emulator, read over http from a local
+http.server. Nothing leaves 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from click.testing import CliRunner  # noqa: E402
+
+from conftest import make_npz  # noqa: E402
+from softlabels.cli import cli  # noqa: E402
+from softlabels.errors import IntegrityError, SoftlabelsError, WriterBusyError  # noqa: E402
+from softlabels.format import schema as S  # noqa: E402
+from softlabels.format.operations import convert  # noqa: E402
+from softlabels.format.reader import open_transfer_set  # noqa: E402
+from softlabels.precompute import precompute  # noqa: E402
+from softlabels.trainer import train_student  # noqa: E402
+from softlabels.verify import verify  # noqa: E402
+
+HERE = Path(__file__).parent
+TEACHER = "python:helpers:slow"
+OPTS = dict(temperatures=[1, 3], chunk_rows=16, batch_size=8, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the local S3 server; credentials and endpoint through the standard
+    AWS variables, as any s3fs user sets them."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import fsspec
+
+    name = f"b{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _no_teacher_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
+
+
+def _fs():
+    import fsspec
+
+    return fsspec.filesystem("s3")
+
+
+def _same_sets(a_path: str | Path, b_path: str | Path) -> None:
+    with open_transfer_set(a_path) as a, open_transfer_set(b_path) as b:
+        assert a.meta["dataset"]["fingerprint"] == b.meta["dataset"]["fingerprint"]
+        assert sorted(a.layout.arrays()) == sorted(b.layout.arrays())
+        for name in [*a.layout.arrays(), S.BLOCK_CHECKSUM, S.BLOCK_DONE]:
+            x, y = a.store.read(name), b.store.read(name)
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+
+
+# --- write, read, stream ----------------------------------------------------------------------
+def test_precompute_to_s3_then_info_verify_and_streamed_training(tmp_path: Path,
+                                                                 bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    url = f"s3://{bucket}/sets/run.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], tmp_path / "ref.zarr", **OPTS)
+    _same_sets(url, tmp_path / "ref.zarr")
+    assert not _fs().exists(f"{bucket}/sets/run.zarr.lock")  # the lease is given back
+
+    info = CliRunner().invoke(cli, ["info", url])
+    assert info.exit_code == 0, info.output
+    assert info.output.startswith(f"{url}  (zarr, ") and "complete" in info.output
+    report = verify(url, data=data)
+    assert report.ok, report.to_dict()
+
+    kwargs = dict(transfer_set=url, temperature=3.0, epochs=1, batch_size=16, seed=0)
+    streamed = train_student(data, "mlp:16-8-3", stream=True, **kwargs)
+    local = train_student(data, "mlp:16-8-3", stream=True,
+                          **{**kwargs, "transfer_set": tmp_path / "ref.zarr"})
+    for key, value in local.model.state_dict().items():
+        assert np.array_equal(streamed.model.state_dict()[key].numpy(), value.numpy()), key
+
+
+def test_sigkill_mid_precompute_on_s3_resumes_to_the_same_set(tmp_path: Path,
+                                                              bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz", n=100)
+    url = f"s3://{bucket}/killed.zarr"
+    args = ["precompute", "--data", data, "--teacher", TEACHER, "--out", url,
+            "--temperatures", "1,3", "--chunk-rows", "16", "--batch-size", "8",
+            "--dtype", "float32"]
+    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
+                             "softlabels.format.writer:write_block", "3", "after", "--", *args],
+                            env=_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with pytest.raises(SoftlabelsError, match="being written by|not complete|writing"):
+        open_transfer_set(url)  # readers refuse the half-written set
+    lease = json.loads(_fs().cat_file(f"{bucket}/killed.zarr.lock"))
+    assert lease["pid"] != os.getpid()  # the killed writer's lease is still there
+
+    # the same command again (here in-process): the dead holder's lease is taken over
+    rerun = precompute(data, [TEACHER], url, **OPTS)
+    assert rerun.resumed and rerun.rows_computed == 100 - 3 * 16  # only blocks not done
+    precompute(data, [TEACHER], tmp_path / "ref.zarr", **OPTS)
+    _same_sets(url, tmp_path / "ref.zarr")
+
+
+def test_kill_while_laying_out_in_place_is_laid_out_again(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/layout.zarr"
+    args = ["precompute", "--data", data, "--teacher", TEACHER, "--out", url,
+            "--temperatures", "1", "--chunk-rows", "16", "--dtype", "float32"]
+    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
+                             "softlabels.format._store:Store.create", "3", "after", "--", *args],
+                            env=_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _fs().exists(f"{bucket}/layout.zarr/zarr.json")  # created in place, then killed
+    with pytest.raises(SoftlabelsError):
+        open_transfer_set(url)
+    rerun = precompute(data, [TEACHER], url, **{**OPTS, "temperatures": [1]})
+    assert rerun.rows_computed == 40
+    assert verify(url).ok
+
+
+def test_convert_s3_to_local_and_back_bit_for_bit(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    local = tmp_path / "made.zarr"
+    precompute(data, [TEACHER], local, **OPTS)
+    up, down = f"s3://{bucket}/up.zarr", tmp_path / "down.zarr"
+    runner = CliRunner()
+    for src, out in ((local, up), (up, down), (up, tmp_path / "down.h5")):
+        result = runner.invoke(cli, ["convert", str(src), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    _same_sets(local, up)
+    _same_sets(up, down)
+    _same_sets(up, tmp_path / "down.h5")
+    with open_transfer_set(up) as ts:
+        assert ts.meta["provenance"]["converted_from"]["path"] == str(local)
+    again = runner.invoke(cli, ["convert", str(local), "--out", up])
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+# --- damage, two writers, leases --------------------------------------------------------------
+def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
+                                                              bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    url = f"s3://{bucket}/damaged.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    key = f"{bucket}/damaged.zarr/{S.LOGITS}/c/2/0"
+    raw = bytearray(_fs().cat_file(key))
+    raw[5] ^= 0x40  # one flipped bit in block 2's logits
+    _fs().pipe_file(key, bytes(raw))
+
+    report = verify(url)
+    assert not report.ok
+    failed = [c for c in report.checks if not c.ok]
+    assert "block 2" in failed[0].detail or "2" in failed[0].detail
+    with pytest.raises(IntegrityError, match="block 2"):
+        train_student(data, "mlp:16-8-3", transfer_set=url, temperature=3.0, epochs=1,
+                      stream=True)
+
+
+def test_a_second_writer_of_one_s3_set_is_refused(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    url = f"s3://{bucket}/busy.zarr"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from softlabels.format.lease import WriterLease\n"
+         "WriterLease(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", url],
+        env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WriterBusyError, match=f"pid {holder.pid} on .* being written|"
+                                                  f"being written by pid {holder.pid}"):
+            precompute(data, [TEACHER], url, **OPTS)
+        result = CliRunner().invoke(cli, ["convert", str(tmp_path), "--out", url])
+        assert result.exit_code != 0
+        assert not _fs().exists(f"{bucket}/busy.zarr")  # nothing was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # its holder is gone (same host, no such pid): the next writer takes the lease over
+    precompute(data, [TEACHER], url, **OPTS)
+    assert verify(url).ok
+
+
+@pytest.mark.parametrize("expired", [False, True])
+def test_a_lease_from_another_machine_holds_until_it_expires(tmp_path: Path, bucket: str,
+                                                             expired: bool) -> None:
+    data = make_npz(tmp_path / "d.npz", n=20)
+    url = f"s3://{bucket}/elsewhere.zarr"
+    when = "2000-01-01T00:00:00+00:00" if expired else "2999-01-01T00:00:00+00:00"
+    _fs().pipe_file(f"{bucket}/elsewhere.zarr.lock", json.dumps(
+        {"host": "another-machine", "pid": 1, "command": "softlabels precompute",
+         "started_at": "2000-01-01T00:00:00+00:00", "token": "x", "expires_at": when}).encode())
+    if not expired:
+        with pytest.raises(WriterBusyError, match="another-machine.*expires at 2999"):
+            precompute(data, [TEACHER], url, **OPTS)
+        return
+    precompute(data, [TEACHER], url, **OPTS)
+    assert verify(url).ok
+
+
+def test_lease_renewal_notices_a_takeover(bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from softlabels.format import remote_lease
+
+    monkeypatch.setattr(remote_lease, "RENEW_SECONDS", 0.05)
+    url = f"s3://{bucket}/renewed.zarr"
+    lease = remote_lease.RemoteLease(url).acquire()
+    try:
+        first = json.loads(_fs().cat_file(f"{bucket}/renewed.zarr.lock"))
+        time.sleep(0.3)
+        assert not lease.lost
+        _fs().pipe_file(f"{bucket}/renewed.zarr.lock", json.dumps({**first, "token": "other"})
+                        .encode())
+        deadline = time.time() + 5
+        while not lease.lost and time.time() < deadline:
+            time.sleep(0.05)
+        assert lease.lost
+    finally:
+        lease.release()
+    # a lease that is not ours any more is left in place
+    assert json.loads(_fs().cat_file(f"{bucket}/renewed.zarr.lock"))["token"] == "other"
+
+
+def test_overwrite_on_s3_removes_only_a_transfer_set(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz", n=20)
+    url = f"s3://{bucket}/other.zarr"
+    _fs().pipe_file(f"{bucket}/other.zarr/notes.txt", b"not a set")
+    with pytest.raises(SoftlabelsError, match="not a softlabels transfer set"):
+        precompute(data, [TEACHER], url, overwrite=True, **OPTS)
+    assert _fs().cat_file(f"{bucket}/other.zarr/notes.txt") == b"not a set"
+
+    url = f"s3://{bucket}/set.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    result = precompute(data, [TEACHER], url, overwrite=True,
+                        **{**OPTS, "temperatures": [2]})
+    assert result.rows_computed == 20
+    with open_transfer_set(url) as ts:
+        assert ts.temperatures == [2.0]
+
+
+# --- http, missing extras, cache, gcs ---------------------------------------------------------
+class _RangeHandler(SimpleHTTPRequestHandler):
+    """http.server with byte ranges (as every real web server and object store has)."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def send_head(self):  # type: ignore[no-untyped-def]
+        rng = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not rng or not path.is_file():
+            return super().send_head()
+        start, _, stop = rng.removeprefix("bytes=").partition("-")
+        body = path.read_bytes()
+        begin = int(start) if start else max(len(body) - int(stop), 0)
+        end = min(int(stop) + 1, len(body)) if start and stop else len(body)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {begin}-{end - 1}/{len(body)}")
+        self.send_header("Content-Length", str(end - begin))
+        self.end_headers()
+        import io
+
+        return io.BytesIO(body[begin:end])
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(_RangeHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("suffix", ["zarr", "h5"])
+def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Path],
+                                             suffix: str) -> None:
+    pytest.importorskip("aiohttp")
+    base, root = web
+    data = make_npz(tmp_path / "d.npz")
+    precompute(data, [TEACHER], root / f"set.{suffix}", **OPTS)
+    url = f"{base}/set.{suffix}"
+    _same_sets(url, root / f"set.{suffix}")
+    assert verify(url, data=data).ok
+    info = CliRunner().invoke(cli, ["info", url])
+    assert info.exit_code == 0 and url in info.output, info.output
+
+    for args in (["precompute", "--data", data, "--teacher", TEACHER, "--out", f"{base}/n.zarr"],
+                 ["convert", str(root / f"set.{suffix}"), "--out", f"{base}/copy.zarr"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code != 0
+        assert "read-only" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (root / "n.zarr").exists() and not (root / "copy.zarr").exists()
+
+
+def test_a_url_without_its_extra_names_the_extra(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    for url, extra in (("s3://bucket/set.zarr", "s3"), ("gs://bucket/set.zarr", "gcs")):
+        result = CliRunner().invoke(cli, ["info", url])
+        assert result.exit_code != 0
+        assert f"pip install 'softlabels[{extra}]'" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    data = make_npz(tmp_path / "d.npz", n=20)
+    result = CliRunner().invoke(cli, ["precompute", "--data", data, "--teacher", TEACHER,
+                                      "--out", "s3://bucket/set.zarr"])
+    assert result.exit_code != 0 and "softlabels[s3]" in result.output
+
+
+def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    url = f"s3://{bucket}/cached.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    cache = tmp_path / "cache"
+    with open_transfer_set(url, cache=str(cache)) as ts:
+        first = [ts.read_block(b) for b in range(ts.num_blocks)]
+    cached = [p for p in cache.rglob("*") if p.is_file()]
+    assert len(cached) > ts.num_blocks  # the chunks are now on local disk
+    fs = _fs()
+    chunks = [k for k in fs.find(f"{bucket}/cached.zarr") if "/c/" in k]
+    fs.rm(chunks)  # the second epoch cannot read them from the store
+    with open_transfer_set(url, cache=str(cache)) as ts:
+        for b in range(ts.num_blocks):
+            again = ts.read_block(b)
+            assert all(np.array_equal(again[n], first[b][n]) for n in again)
+    with open_transfer_set(url) as ts, pytest.raises(IntegrityError):
+        ts.read_block(0)  # uncached, the chunks are gone
+
+    # a set replaced at the same URL never reads the old set's cached chunks
+    precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]})
+    with open_transfer_set(url, cache=str(cache)) as ts:
+        assert ts.temperatures == [2.0] and ts.read_block(0)
+
+
+def test_gs_urls_write_and_read_through_gcsfs(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("gcsfs")
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    server = emulator.create_server("127.0.0.1", 0, in_memory=True, default_bucket="bkt")
+    server.start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST",
+                           f"http://127.0.0.1:{server._api._httpd.server_address[1]}")
+        data = make_npz(tmp_path / "d.npz")
+        url = f"gs://bkt/sets/{uuid.uuid4().hex[:8]}.zarr"
+        precompute(data, [TEACHER], url, **OPTS)
+        convert(url, tmp_path / "down.zarr")
+        _same_sets(url, tmp_path / "down.zarr")
+        assert verify(url, data=data).ok
+    finally:
+        server.stop()
