@@ -31,8 +31,10 @@ from ._version import __version__
 from .errors import MismatchError, SoftlabelsError, TransferSetError
 from .format import schema as S
 from .format._store import backend_of, open_store
+from .format.aside import remove_set
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
+from .format.location import Remote, is_url
 from .format.writer import BlockWriter, TransferSetWriter
 from .options import PrecomputeOptions, check_output_file
 from .precompute import (
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple[Any, ...], tuple[Any, Teacher]] = {}  # per worker process
 _SHARED = ("every worker must see the DATA, the MODEL files and --out at the same path (a "
-           "shared filesystem)")
+           "shared filesystem; an s3:// or gs:// --out, with the same credentials)")
 
 
 def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: str,
@@ -90,6 +92,12 @@ def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: 
 def set_token(path: str | Path) -> str:
     """What identifies the set at `path` to a worker: a hash of its root metadata file, which
     holds the run's metadata (written at creation, rewritten only when the set completes)."""
+    if is_url(path):  # a set in an object store: the same object, read through fsspec
+        remote = Remote(path)
+        try:
+            return hashlib.sha256(remote.get(remote.child("zarr.json"))).hexdigest()
+        except FileNotFoundError as exc:
+            raise OSError(exc.errno, "no such object", str(path)) from None
     with open(os.path.join(path, "zarr.json"), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -172,6 +180,8 @@ def check_worker(paths: Sequence[str], modules: Sequence[str], version: str,
             return f"cannot see the set {out} ({exc.strerror})"
         if seen != token:
             return f"sees another set at {out} than the driver created"
+        if is_url(out):  # its objects are written with the worker's own credentials
+            return None
         try:  # a real probe: workers write the blocks
             with tempfile.TemporaryFile(dir=out):
                 pass
@@ -251,7 +261,7 @@ def precompute_on_cluster(
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
     check_output_file(out, directory_ok=True)  # before loading data and teacher
     refuse_if_busy(out)
-    target = os.path.abspath(out)
+    target = str(Remote(out)) if is_url(out) else os.path.abspath(out)
     specs = [portable_spec(data, kind="DATA")] + [portable_spec(t, kind="MODEL")
                                                   for t in teachers]
     dataset, _, layout, meta = prepare(data, teachers, opts)
@@ -259,13 +269,15 @@ def precompute_on_cluster(
               tuple(m["sha256"] for m in meta["teacher"]["members"]))
     done_already = not overwrite and _is_complete(target)  # no cluster needed to say so
     with nullcontext() if done_already else _client(workers, scheduler) as client:
+        extra = [Remote(target).module] if is_url(target) else []  # s3fs or gcsfs
         needs = (sorted({p for s in specs for p in s.paths}),
-                 sorted({m for s in specs for m in s.modules}), __version__)
+                 sorted({m for s in specs for m in s.modules} | set(extra)), __version__)
         refused = None if done_already else _check_workers(client, *needs)
         if refused:
             raise SoftlabelsError(f"worker {refused[0]} {refused[1]}: {_SHARED}; nothing was "
                                   "computed")
-        fresh, submitted = overwrite or not os.path.exists(target), False
+        exists = Remote(target).exists() if is_url(target) else os.path.exists(target)
+        fresh, submitted = overwrite or not exists, False
         try:
             with TransferSetWriter(out, layout, meta, overwrite=overwrite,
                                    row_hashes=row_hashes(dataset)) as writer:
@@ -317,7 +329,10 @@ def _left_behind(target: str, fresh: bool) -> str:
         written = int(np.count_nonzero(store.read(S.BLOCK_DONE)))
     if written:
         return f"and {target} was kept ({written} block(s) written)"
-    shutil.rmtree(target)
+    if is_url(target):
+        remove_set(target, what="clean-up")
+    else:
+        shutil.rmtree(target)
     return f"and the empty {target} this run created was removed"
 
 

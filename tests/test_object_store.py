@@ -30,6 +30,7 @@ from conftest import make_npz  # noqa: E402
 from softlabels.cli import cli  # noqa: E402
 from softlabels.errors import IntegrityError, SoftlabelsError, WriterBusyError  # noqa: E402
 from softlabels.format import schema as S  # noqa: E402
+from softlabels.format.location import CACHE_ENV  # noqa: E402
 from softlabels.format.operations import convert  # noqa: E402
 from softlabels.format.reader import open_transfer_set  # noqa: E402
 from softlabels.precompute import precompute  # noqa: E402
@@ -172,6 +173,20 @@ def test_convert_s3_to_local_and_back_bit_for_bit(tmp_path: Path, bucket: str) -
     assert again.exit_code != 0 and "already exists" in again.output
 
 
+@pytest.mark.slow
+def test_a_dask_cluster_writes_an_s3_set_block_by_block(tmp_path: Path, bucket: str) -> None:
+    from softlabels.cluster import precompute_on_cluster
+
+    data = make_npz(tmp_path / "d.npz")
+    args = dict(temperatures=[1, 3], chunk_rows=16, batch_size=8, device="cpu")
+    precompute(data, ["mlp:16-8-3"], tmp_path / "single.zarr", **args)
+    url = f"s3://{bucket}/dist.zarr"
+    result = precompute_on_cluster(data, ["mlp:16-8-3"], url, workers=2, **args)
+    assert result.rows_computed == 103
+    _same_sets(url, tmp_path / "single.zarr")
+    assert not _fs().exists(f"{bucket}/dist.zarr.lock")
+
+
 # --- damage, two writers, leases --------------------------------------------------------------
 def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
                                                               bucket: str) -> None:
@@ -274,10 +289,15 @@ def test_overwrite_on_s3_removes_only_a_transfer_set(tmp_path: Path, bucket: str
 
 # --- http, missing extras, cache, gcs ---------------------------------------------------------
 class _RangeHandler(SimpleHTTPRequestHandler):
-    """http.server with byte ranges (as every real web server and object store has)."""
+    """http.server with byte ranges (as every real web server and object store has) and no
+    directory listings (as a bucket's web endpoint or a CDN)."""
 
     def log_message(self, *args: object) -> None:
         pass
+
+    def list_directory(self, path):  # type: ignore[no-untyped-def]
+        self.send_error(404, "no listings here")
+        return None
 
     def send_head(self):  # type: ignore[no-untyped-def]
         rng = self.headers.get("Range")
@@ -318,6 +338,11 @@ def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Pat
     data = make_npz(tmp_path / "d.npz")
     precompute(data, [TEACHER], root / f"set.{suffix}", **OPTS)
     url = f"{base}/set.{suffix}"
+    if suffix == "zarr":
+        from softlabels.format._store import open_store
+
+        with open_store(url) as store:
+            assert store.names() == []  # the server lists nothing: arrays are probed by name
     _same_sets(url, root / f"set.{suffix}")
     assert verify(url, data=data).ok
     info = CliRunner().invoke(cli, ["info", url])
@@ -346,7 +371,8 @@ def test_a_url_without_its_extra_names_the_extra(tmp_path: Path,
     assert result.exit_code != 0 and "softlabels[s3]" in result.output
 
 
-def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str) -> None:
+def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_npz(tmp_path / "d.npz")
     url = f"s3://{bucket}/cached.zarr"
     precompute(data, [TEACHER], url, **OPTS)
@@ -364,6 +390,15 @@ def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str
             assert all(np.array_equal(again[n], first[b][n]) for n in again)
     with open_transfer_set(url) as ts, pytest.raises(IntegrityError):
         ts.read_block(0)  # uncached, the chunks are gone
+
+    # `train --cache DIR` reads through the same cache (its environment reaches workers):
+    # the chunks are gone from the store, so training succeeds only through the cache
+    monkeypatch.setenv(CACHE_ENV, "")
+    result = CliRunner().invoke(cli, ["train", "--data", data, "--model", "mlp:16-8-3", "--out",
+                                      str(tmp_path / "s.pt"), "--transfer-set", url,
+                                      "--epochs", "1", "--cache", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert os.environ[CACHE_ENV] == str(cache)
 
     # a set replaced at the same URL never reads the old set's cached chunks
     precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]})

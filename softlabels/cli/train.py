@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..options import OPTIMIZER_CHOICES, TrainOptions
@@ -41,13 +43,20 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 @click.option("--views-per-epoch", type=int, default=TrainOptions.views_per_epoch,
               show_default=True, help="From a view set: stored views of each example per epoch.")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+@click.option("--cache", "cache", default=None, metavar="DIR",
+              help="Keep the chunks of a --transfer-set at a URL in DIR, so later epochs (and "
+                   "runs) read them from local disk; same as SOFTLABELS_CACHE=DIR.")
 def train(data: str, model: str, out: str, transfer_set: str | None, indices: str | None,
-          val_data: str | None, **flags: object) -> None:
+          val_data: str | None, cache: str | None, **flags: object) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one.
 
     Rerunning the same command after a kill resumes after the last finished epoch (state in
     OUT.state)."""
+    from ..format.location import CACHE_ENV
     from ..trainer import train_student
+
+    if cache:  # through the environment, so DataLoader workers and ranks read through it too
+        os.environ[CACHE_ENV] = os.path.abspath(cache)
 
     options = TrainOptions(**flags)  # type: ignore[arg-type]  # checked once, here
     result = train_student(data, model, options, out=out, transfer_set=transfer_set,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,8 +104,9 @@ class Store(ABC):
         """The backend's array object (zarr.Array, h5py.Dataset): sliceable, for dask."""
 
     @abstractmethod
-    def names(self) -> list[str]:
-        """Every array, nested ones as 'group/name'."""
+    def names(self, expected: Iterable[str] = ()) -> list[str]:
+        """Every array, nested ones as 'group/name'. `expected`: the names to probe for where
+        the store cannot be listed (a web server without directory listings)."""
 
     @abstractmethod
     def info(self, name: str) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
@@ -211,10 +213,17 @@ class ZarrStore(Store):
             self._arrays[name] = self._group[name]
         return self._arrays[name]
 
-    def names(self):
-        return sorted(path for path, _ in self._group.arrays()) + sorted(
-            f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays()
-        )
+    def names(self, expected=()):
+        try:
+            found = sorted(path for path, _ in self._group.arrays()) + sorted(
+                f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
+        except (FileNotFoundError, PermissionError):  # a web server that does not list
+            found = []
+        if found or self._remote is None or not self._remote.read_only:
+            return found
+        fs = self._remote.fs  # over http: probe each array's metadata instead
+        return [n for n in sorted(expected, key=lambda n: (n.count("/"), n))
+                if fs.exists(self._remote.child(f"{n}/zarr.json"))]
 
     def info(self, name):
         arr = self._group[name]
@@ -324,7 +333,7 @@ class HDF5Store(Store):
     def array(self, name):
         return self._file[name]
 
-    def names(self):
+    def names(self, expected=()):
         import h5py
 
         found: list[str] = []

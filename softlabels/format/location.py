@@ -55,7 +55,7 @@ class Remote:
             raise TransferSetError(f"{url}: unknown URL scheme {scheme}://; transfer sets are "
                                    f"read from {known} or a local path")
         self.url, self.scheme = url, scheme
-        self.protocol, self._module, self.extra = _SCHEMES[scheme]
+        self.protocol, self.module, self.extra = _SCHEMES[scheme]
         self.read_only = scheme in READ_ONLY_SCHEMES
         self._fs: Any = None
 
@@ -68,10 +68,10 @@ class Remote:
     # --- the filesystem -----------------------------------------------------------------
     def _require(self) -> None:
         try:
-            importlib.import_module(self._module)
+            importlib.import_module(self.module)
         except ImportError:
             raise SoftlabelsError(
-                f"{self.url}: {self.scheme}:// needs the optional package {self._module}; "
+                f"{self.url}: {self.scheme}:// needs the optional package {self.module}; "
                 f"install it with `pip install 'softlabels[{self.extra}]'`") from None
 
     @property

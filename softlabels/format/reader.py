@@ -44,7 +44,9 @@ class TransferSet:
         self.block_rows: int = self.layout.block_rows
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self.sparse: dict[str, Any] | None = self.layout.sparse  # {"kind", "k"} or None
-        self._names = set(store.names())  # read-only: listed once, not on every read
+        # read-only: listed once, not on every read (probed by name where it cannot be listed)
+        self._listed = store.names(expected=self.layout.specs())
+        self._names = set(self._listed)
         problems = _check_arrays and array_problems(
             self.layout, {n: store.info(n)[:2] for n in self._names})
         if problems:  # verify opens with _check_arrays=False, to report them as a check
@@ -57,8 +59,7 @@ class TransferSet:
     # --- generic reads --------------------------------------------------------------------
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
         """name -> (shape, dtype, chunks) of every stored array."""
-        return {n: (s, str(d), c) for n in self.store.names()
-                for s, d, c in [self.store.info(n)]}
+        return {n: (s, str(d), c) for n in self._listed for s, d, c in [self.store.info(n)]}
 
     def has(self, name: str) -> bool:
         return name in self._names
@@ -67,7 +68,7 @@ class TransferSet:
         """Rows [start, stop) of array `name` (all leading axes kept)."""
         if name not in self._names:
             raise TransferSetError(f"{self.path} has no array {name!r}; it has "
-                                   f"{', '.join(self.store.names())}")
+                                   f"{', '.join(self._listed)}")
         stop = self.num_rows if stop is None else stop
         sel: list[slice] = [slice(None)] * (S.row_axis(name) + 1)
         sel[S.row_axis(name)] = slice(start, stop)
