@@ -213,7 +213,16 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
         if remote.read_only:
             raise OptionError(f"{what} {remote}: {remote.scheme}:// is read-only; write to a "
                               "local path, s3:// or gs://")
-        remote.fs  # noqa: B018 -- refuses, naming the extra, when it is not installed
+        from .format._store import backend_of
+
+        if backend_of(remote.url) != "zarr":
+            raise OptionError(f"{what} {remote}: only Zarr sets are written to a URL (an object "
+                              "store cannot rewrite part of a file); name a `.zarr` set")
+        bucket = remote.key.split("/", 1)[0]
+        if not remote.fs.exists(bucket):  # also refuses, naming the extra, when it is missing
+            raise OptionError(f"{what} {remote}: the bucket {bucket} does not exist, or these "
+                              "credentials cannot see it; create it, or check the credentials "
+                              "and the endpoint (AWS_ENDPOINT_URL, ~/.aws)")
         return
     p = Path(path)
     if p.is_dir() and not directory_ok:

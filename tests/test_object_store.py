@@ -270,6 +270,17 @@ def test_lease_renewal_notices_a_takeover(bucket: str, monkeypatch: pytest.Monke
     assert json.loads(_fs().cat_file(f"{bucket}/renewed.zarr.lock"))["token"] == "other"
 
 
+def test_an_s3_output_is_checked_before_any_work(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz", n=20)
+    for out, expected in ((f"s3://{bucket}-missing/set.zarr", "does not exist"),
+                          (f"s3://{bucket}/set.h5", "only Zarr sets")):
+        result = CliRunner().invoke(cli, ["precompute", "--data", data, "--teacher", TEACHER,
+                                          "--out", out])
+        assert result.exit_code != 0 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert _fs().ls(bucket) == []
+
+
 def test_overwrite_on_s3_removes_only_a_transfer_set(tmp_path: Path, bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=20)
     url = f"s3://{bucket}/other.zarr"
