@@ -174,6 +174,28 @@ def test_convert_s3_to_local_and_back_bit_for_bit(tmp_path: Path, bucket: str) -
 
 
 @pytest.mark.slow
+def test_a_killed_convert_to_s3_is_resumed_only_by_the_same_command(tmp_path: Path,
+                                                                    bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz")
+    local = tmp_path / "made.zarr"
+    precompute(data, [TEACHER], local, **OPTS)
+    url = f"s3://{bucket}/conv.zarr"
+    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
+                             "softlabels.format.writer:write_block", "3", "after", "--",
+                             "convert", str(local), "--out", url],
+                            env=_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with pytest.raises(SoftlabelsError, match="incomplete"):
+        open_transfer_set(url)
+    # another command into the unfinished output is refused, and changes nothing
+    other = CliRunner().invoke(cli, ["subset", str(local), "--out", url, "--fraction", "0.5"])
+    assert other.exit_code != 0 and "unfinished set written by another command" in other.output
+    again = CliRunner().invoke(cli, ["convert", str(local), "--out", url])
+    assert again.exit_code == 0, again.output
+    _same_sets(local, url)
+
+
+@pytest.mark.slow
 def test_a_dask_cluster_writes_an_s3_set_block_by_block(tmp_path: Path, bucket: str) -> None:
     from softlabels.cluster import precompute_on_cluster
 
