@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple[Any, ...], tuple[Any, Teacher]] = {}  # per worker process
 _SHARED = ("every worker must see the DATA, the MODEL files and --out at the same path (a "
-           "shared filesystem; an s3:// or gs:// --out, with the same credentials)")
+           "shared filesystem)")
 
 
 def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: str,
