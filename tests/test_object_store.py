@@ -94,7 +94,7 @@ def _env() -> dict[str, str]:
 # --- write, read, stream ----------------------------------------------------------------------
 def test_precompute_to_s3_then_info_verify_and_streamed_training(tmp_path: Path,
                                                                  bucket: str) -> None:
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/sets/run.zarr"
     precompute(data, [TEACHER], url, **OPTS)
     precompute(data, [TEACHER], tmp_path / "ref.zarr", **OPTS)
@@ -156,7 +156,7 @@ def test_kill_while_laying_out_in_place_is_laid_out_again(tmp_path: Path, bucket
 
 
 def test_convert_s3_to_local_and_back_bit_for_bit(tmp_path: Path, bucket: str) -> None:
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     local = tmp_path / "made.zarr"
     precompute(data, [TEACHER], local, **OPTS)
     up, down = f"s3://{bucket}/up.zarr", tmp_path / "down.zarr"
@@ -176,7 +176,7 @@ def test_convert_s3_to_local_and_back_bit_for_bit(tmp_path: Path, bucket: str) -
 @pytest.mark.slow
 def test_a_killed_convert_to_s3_is_resumed_only_by_the_same_command(tmp_path: Path,
                                                                     bucket: str) -> None:
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     local = tmp_path / "made.zarr"
     precompute(data, [TEACHER], local, **OPTS)
     url = f"s3://{bucket}/conv.zarr"
@@ -199,12 +199,12 @@ def test_a_killed_convert_to_s3_is_resumed_only_by_the_same_command(tmp_path: Pa
 def test_a_dask_cluster_writes_an_s3_set_block_by_block(tmp_path: Path, bucket: str) -> None:
     from softlabels.cluster import precompute_on_cluster
 
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     args = dict(temperatures=[1, 3], chunk_rows=16, batch_size=8, device="cpu")
     precompute(data, ["mlp:16-8-3"], tmp_path / "single.zarr", **args)
     url = f"s3://{bucket}/dist.zarr"
     result = precompute_on_cluster(data, ["mlp:16-8-3"], url, workers=2, **args)
-    assert result.rows_computed == 103
+    assert result.rows_computed == 40
     _same_sets(url, tmp_path / "single.zarr")
     assert not _fs().exists(f"{bucket}/dist.zarr.lock")
 
@@ -212,7 +212,7 @@ def test_a_dask_cluster_writes_an_s3_set_block_by_block(tmp_path: Path, bucket: 
 # --- damage, two writers, leases --------------------------------------------------------------
 def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
                                                               bucket: str) -> None:
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/damaged.zarr"
     precompute(data, [TEACHER], url, **OPTS)
     key = f"{bucket}/damaged.zarr/{S.LOGITS}/c/2/0"
@@ -230,7 +230,7 @@ def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
 
 
 def test_a_second_writer_of_one_s3_set_is_refused(tmp_path: Path, bucket: str) -> None:
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/busy.zarr"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
@@ -368,7 +368,7 @@ def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Pat
                                              suffix: str) -> None:
     pytest.importorskip("aiohttp")
     base, root = web
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     precompute(data, [TEACHER], root / f"set.{suffix}", **OPTS)
     url = f"{base}/set.{suffix}"
     if suffix == "zarr":
@@ -406,7 +406,7 @@ def test_a_url_without_its_extra_names_the_extra(tmp_path: Path,
 
 def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    data = make_npz(tmp_path / "d.npz")
+    data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/cached.zarr"
     precompute(data, [TEACHER], url, **OPTS)
     cache = tmp_path / "cache"
@@ -449,7 +449,7 @@ def test_gs_urls_write_and_read_through_gcsfs(tmp_path: Path,
     try:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST",
                            f"http://127.0.0.1:{server._api._httpd.server_address[1]}")
-        data = make_npz(tmp_path / "d.npz")
+        data = make_npz(tmp_path / "d.npz", n=40)
         url = f"gs://bkt/sets/{uuid.uuid4().hex[:8]}.zarr"
         precompute(data, [TEACHER], url, **OPTS)
         convert(url, tmp_path / "down.zarr")
