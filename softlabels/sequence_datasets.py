@@ -95,7 +95,8 @@ def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float,
     kind = ts.sparse["kind"] if ts.sparse else "dense"
     if kind != "dense" and k is None:
         raise SoftlabelsError(f"{ts.path} is sparse: it has targets at the stored "
-                              f"temperatures {ts.temperatures} only, not {t}")
+                              f"temperatures {ts.temperatures} only, not {t}; pass one of "
+                              "them as the temperature")
     return kind, t, k
 
 
