@@ -282,6 +282,7 @@ class StreamingSequenceBatches:
                                   f"and {window_blocks}")
         self.batch_size, self.shuffle, self.seed, self.bucket = batch_size, shuffle, seed, bucket
         self.window_blocks, self.epoch = window_blocks, 0
+        self._plan: tuple[int, list[tuple[np.ndarray, list[np.ndarray]]]] | None = None
         self._own = not isinstance(source, TransferSet)
         self.ts = open_transfer_set(source) if self._own else source
         try:
@@ -306,6 +307,8 @@ class StreamingSequenceBatches:
     def plan(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """This epoch's windows: (the blocks whose sequences it serves, its batches of sequence
         numbers). Made from the offsets alone; nothing is read."""
+        if self._plan is not None and self._plan[0] == self.epoch:
+            return self._plan[1]
         rng = np.random.default_rng([self.seed, self.epoch])
         owners = self._first[self.sequences]
         blocks = np.unique(owners)
@@ -318,6 +321,7 @@ class StreamingSequenceBatches:
             plan.append((window, _batches_by_length(seqs, self.lengths, rng,
                                                     batch_size=self.batch_size,
                                                     bucket=self.bucket, shuffle=self.shuffle)))
+        self._plan = (self.epoch, plan)
         return plan
 
     def __len__(self) -> int:
