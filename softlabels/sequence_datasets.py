@@ -263,11 +263,12 @@ class SequenceBatches:
 class StreamingSequenceBatches:
     """`SequenceBatches` for sets larger than memory: whole checked blocks, a window at a time.
 
-    A sequence belongs to the block it starts in. Each epoch (`set_epoch`) shuffles those
-    blocks with (seed, epoch) and takes them `window_blocks` at a time; a window's sequences
-    are shuffled, bucketed by length and batched as `SequenceBatches` does, so every batch holds
-    whole sequences. A window reads its blocks and, for sequences that run past a block's end,
-    the blocks they continue into (each read through `TransferSet.read_block`: damage raises
+    A sequence belongs to the block it starts in. Each epoch (`set_epoch`) cuts the blocks into
+    windows of `window_blocks` consecutive blocks, at an offset drawn with (seed, epoch), and
+    takes the windows in a shuffled order; a window's sequences are shuffled, bucketed by length
+    and batched as `SequenceBatches` does, so every batch holds whole sequences. A window reads
+    its blocks and, for sequences that run past its last block's end, the blocks they continue
+    into (each read through `TransferSet.read_block`: damage raises
     `IntegrityError` naming the block before any of its rows is served). Memory holds one
     window's blocks plus those continuations, whatever the set's size. Every selected sequence
     is served once per epoch; which sequences share a batch depends on the windows.
@@ -311,13 +312,18 @@ class StreamingSequenceBatches:
             return self._plan[1]
         rng = np.random.default_rng([self.seed, self.epoch])
         owners = self._first[self.sequences]
-        blocks = np.unique(owners)
+        # windows of consecutive blocks (a sequence continues into the next block, so only a
+        # window's last block adds a read), cut at an offset drawn per epoch, in shuffled order
+        w = self.window_blocks
+        shift = int(rng.integers(w)) if self.shuffle else 0
+        group = (owners + shift) // w
+        order = np.unique(group)
         if self.shuffle:
-            blocks = rng.permutation(blocks)
+            order = rng.permutation(order)
         plan = []
-        for w in range(0, len(blocks), self.window_blocks):
-            window = blocks[w:w + self.window_blocks]
-            seqs = self.sequences[np.isin(owners, window)]
+        for g in order:
+            seqs = self.sequences[group == g]
+            window = np.unique(owners[group == g])
             plan.append((window, _batches_by_length(seqs, self.lengths, rng,
                                                     batch_size=self.batch_size,
                                                     bucket=self.bucket, shuffle=self.shuffle)))

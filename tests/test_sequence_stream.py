@@ -92,9 +92,9 @@ def test_order_is_seeded_and_reads_are_bounded_by_the_window(
         n = sum(len(b) for b in batches)
         assert n == len(list(_served(stream, batches, reads)))
         per_window.append(len(reads) - before)
-    # a window holds its 2 blocks and at most one continuation block each (sequences are
-    # shorter than a block here), never the set
-    assert max(per_window) <= 4 < stream.ts.num_blocks
+    # a window holds its 2 consecutive blocks and the one its last sequence may continue into
+    # (sequences are shorter than a block here), never the set
+    assert max(per_window) <= 3 < stream.ts.num_blocks
     stream.close()
 
 
