@@ -50,6 +50,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                                             f"mnist:{pipeline.parents[1]}/data"))
     (d / "runs").mkdir()
     tokens = write_tokens(d / "tokens.jsonl")  # a sequence set, sparse and dense
+    write_tokens(d / "other_tokens.jsonl", seed=9)  # as many sequences, other tokens
     precompute(tokens, [LM], d / "seq.zarr", chunk_rows=CHUNK, topk=4, temperatures=[1, 2])
     precompute(tokens, [LM], d / "seqd.zarr", chunk_rows=CHUNK)
     return {"D": str(d), "DATA": data}
@@ -199,6 +200,7 @@ CASES = [
     (with_(SEQ, "--model", "python:helpers:lm_with_head"), "predicts 7 classes per token"),
     (with_(SEQ, "--data", "DATA"), "is a sequence set (one row per token of 23 sequences)"),
     (with_(SEQ, "--transfer-set", "D/set.zarr"), "is an example set"),
+    (with_(SEQ, "--data", "tokens:D/other_tokens.jsonl"), "does not match the dataset"),
     (with_(TS, "--model", LM), "a sequence model (token ids in"),
     (with_(SEQ, "--classes", "1"), "--classes does not apply to token sequences"),
     (with_(SEQ, "--jitter", "2"), "--jitter does not apply to token sequences"),

@@ -110,3 +110,36 @@ def test_killed_worker_neither_loses_nor_duplicates_positions(
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-2000:]
     assert_identical(out, ref)
+
+
+@pytest.mark.slow
+def test_a_killed_cluster_run_resumes_bit_for_bit(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver and its workers killed midway; the rerun computes only the pending blocks
+    (each in its whole window) and the set is the uninterrupted single-process one."""
+    tokens = write_tokens(tmp_path / "t.jsonl", n=300)
+    out, ref = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
+    args = dict(temperatures=[1, 3], chunk_rows=8, batch_size=2, sample_k=2)
+    monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
+    monkeypatch.syspath_prepend(str(HERE))
+    precompute(tokens, [TEACHER], ref, **args)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+           "SOFTLABELS_TEST_DELAY": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", tokens,
+                             "--teacher", TEACHER, "--out", str(out), "--workers", "2",
+                             "--temperatures", "1,3", "--chunk-rows", "8", "--batch-size", "2",
+                             "--sample-k", "2"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.time() + 120, False
+    while time.time() < deadline and proc.poll() is None and not killed:
+        marks = list((out / S.BLOCK_DONE / "c").glob("*")) if out.exists() else []
+        if len(marks) >= WINDOW_BLOCKS:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and every worker at once
+            killed = True
+        time.sleep(0.05)
+    proc.communicate(timeout=60)
+    assert killed, "the run ended before it could be killed"
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    result = precompute_on_cluster(tokens, [TEACHER], out, workers=2, **args)
+    assert result.resumed and 0 < result.rows_computed < result.num_rows
+    assert_identical(out, ref)
