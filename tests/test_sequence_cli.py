@@ -129,3 +129,14 @@ def test_info_on_an_example_set_keeps_its_wording(tmp_path: Path, npz_data: str)
     assert "rows 103 of 103 examples, 3 classes" in result.output
     assert "teacher accuracy on 103 labelled rows" in result.output
     assert "class mass at T=1" in result.output
+
+
+def test_stream_flag_streams_an_example_set_too(tmp_path: Path, npz_data: str) -> None:
+    precompute(npz_data, ["mlp:16-3"], tmp_path / "e.zarr", chunk_rows=16)
+    for flag, streamed in (([], False), (["--stream"], True)):
+        out = tmp_path / f"s{len(flag)}.pt"
+        result = CliRunner().invoke(cli, ["train", "--data", npz_data, "--model", "mlp:16-3",
+                                          "--transfer-set", str(tmp_path / "e.zarr"), "--out",
+                                          str(out), "--epochs", "1", *flag])
+        assert result.exit_code == 0, result.output
+        assert "on 103 rows" in result.output and meta(out)["streamed"] is streamed
