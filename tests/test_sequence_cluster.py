@@ -10,27 +10,34 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_cluster import worker_processes
+from test_cluster_real import cluster as cluster  # a fixture  # noqa: F401
+from test_cluster_real import run_cli
 from test_sequences import TEACHER, write_tokens
 
+from softlabels._version import __version__
 from softlabels.cli import cli
-from softlabels.cluster import precompute_on_cluster
+from softlabels.cluster import check_worker, precompute_on_cluster
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 from softlabels.sequence_precompute import WINDOW_BLOCKS
+from softlabels.specs import portable_spec
 
 HERE = Path(__file__).parent
 
 
-def assert_identical(a_path: Path, b_path: Path) -> None:
-    """Every stored array (row arrays, offsets, checksums) and the digest are the same."""
+def assert_identical(a_path: Path, b_path: Path, same_spec: bool = True) -> None:
+    """Every stored array (row arrays, offsets, checksums) and the digest are the same (but
+    for the DATA spec as written, when the runs wrote it differently)."""
     with open_transfer_set(a_path) as a, open_transfer_set(b_path) as b:
-        assert a.meta["digest"] == b.meta["digest"]
+        differ = {k for k in a.meta["digest"] if a.meta["digest"][k] != b.meta["digest"][k]}
+        assert differ == (set() if same_spec else {"dataset"})
         assert a.meta["dataset"]["fingerprint"] == b.meta["dataset"]["fingerprint"]
         names = sorted(a.store.names())
         assert names == sorted(b.store.names())
@@ -143,3 +150,37 @@ def test_a_killed_cluster_run_resumes_bit_for_bit(tmp_path: Path,
     result = precompute_on_cluster(tokens, [TEACHER], out, workers=2, **args)
     assert result.resumed and 0 < result.rows_computed < result.num_rows
     assert_identical(out, ref)
+
+
+def test_token_data_and_hf_specs_are_made_absolute_for_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative tokens: and hf: paths reach a worker started elsewhere as absolute paths, and
+    are among the paths every worker is checked to see before any block."""
+    monkeypatch.chdir(tmp_path)
+    assert portable_spec("tokens:t.jsonl?field=input_ids", kind="DATA") == (
+        f"tokens:{tmp_path}/t.jsonl?field=input_ids", (f"{tmp_path}/t.jsonl",), ())
+    assert portable_spec("hf:models/tiny", kind="MODEL") == (
+        f"hf:{tmp_path}/models/tiny", (f"{tmp_path}/models/tiny",), ())
+    assert "cannot see" in check_worker([f"{tmp_path}/t.jsonl"], [], __version__)
+
+
+@pytest.mark.slow
+def test_relative_token_data_on_a_real_scheduler(tmp_path: Path, cluster: Any) -> None:
+    """`dask scheduler` and two `dask worker`s started in another directory: relative
+    tokens: DATA reaches them, and the set is the single-process one."""
+    driver, elsewhere = tmp_path / "driver", tmp_path / "elsewhere"
+    driver.mkdir()
+    elsewhere.mkdir()
+    write_tokens(driver / "t.jsonl", n=120)
+    c = cluster()
+    for _ in range(2):
+        c.add_worker(cwd=elsewhere)  # where tokens:t.jsonl does not exist
+    c.wait_for_workers()
+    args = ["--temperatures", "1,2", "--chunk-rows", "8", "--topk", "3"]
+    result = run_cli(["--data", "tokens:t.jsonl", "--teacher", TEACHER, "--out", "s.zarr",
+                      *args, "--scheduler", c.address], cwd=driver)
+    assert result.returncode == 0, result.stderr[-2000:]
+    precompute(f"tokens:{driver / 't.jsonl'}", [TEACHER], tmp_path / "single.zarr",
+               temperatures=[1, 2], chunk_rows=8, topk=3)
+    assert_identical(driver / "s.zarr", tmp_path / "single.zarr", same_spec=False)
+    assert not list(elsewhere.iterdir())
