@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from .format.selection import read_indices
 from .format.sequence import is_sequence_set, read_offsets
 from .format.sequence_ops import select_sequences
 from .options import TrainOptions
+from .resume import clear_state, load_state, restore, run_digest, save_state
 from .sequence_datasets import (
     MAX_IN_MEMORY,
     SequenceBatches,
@@ -66,13 +68,17 @@ def train_sequence_model(
     val: Batches | None = None,
     spec: str | None = None,
     meta: dict[str, Any] | None = None,
+    state_digest: str | None = None,
 ) -> SequenceTrainResult:
     """Train `model` (a MODEL spec, or a module) on `batches` (`SequenceBatches` or
     `StreamingSequenceBatches`) with `sequence_kd_loss`: AdamW, cosine learning-rate decay,
     gradients clipped to `clip`. The teacher is never loaded. The same seed gives the same
     model; a non-finite loss stops training with an error. With `val`, each epoch records the
     held-out perplexity and token accuracy. A module saved to `out` needs the MODEL `spec` it
-    was built from; `meta` goes into the checkpoint."""
+    was built from; `meta` goes into the checkpoint. With `out` and `state_digest` (what
+    identifies the run, `resume.run_digest`), the state after each epoch goes to `<out>.state`
+    and a rerun of the same run continues after its last finished epoch (`softlabels.resume`).
+    """
     if epochs <= 0 or lr <= 0:
         raise SoftlabelsError(f"epochs and lr must be positive, got {epochs} and {lr}")
     if out is not None and not isinstance(model, str) and spec is None:
@@ -91,8 +97,19 @@ def train_sequence_model(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     history: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(epochs):
+    step = start = 0
+    keep = out is not None and state_digest is not None
+    state = load_state(out, state_digest) if keep else None
+    if state is not None:
+        start = restore(state, net, opt, torch.Generator())
+        history = list(state["history"])
+        step = int(history[-1]["steps"]) if history else 0
+        with warnings.catch_warnings():  # no optimizer step here: the restored state's
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):  # the learning rate where the run stopped
+                sched.step()
+        log.info("resuming %s after epoch %d of %d", out, start, epochs)
+    for epoch in range(start, epochs):
         batches.set_epoch(epoch)
         loss_sum, positions = 0.0, 0
         for batch in batches:
@@ -113,20 +130,25 @@ def train_sequence_model(
                 cb("batch", {"epoch": epoch, "step": step, "loss": loss.item(),
                              "batches": len(batches)})
         info = {"epoch": epoch + 1, "epochs": epochs, "loss": loss_sum / max(positions, 1),
-                "positions": positions}
+                "positions": positions, "steps": step}
         if val is not None:
             held = evaluate_sequence_model(net, val, device=str(dev))
             info["val_perplexity"] = held["perplexity"]
             info["val_token_accuracy"] = held["token_accuracy"]
             net.train()
         history.append(info)
+        if keep:
+            save_state(out, digest=state_digest, epoch=epoch + 1, history=history, model=net,
+                       optimizer=opt, generator=torch.Generator())
         log.info("epoch %d: loss %.4f over %d positions", epoch, info["loss"], positions)
         for cb in callbacks:
             cb("epoch", info)
     net.eval()
     if out is not None:
         save_checkpoint(net, out, spec=spec, meta={**(meta or {}), "history": history,
-                                                   "alpha": alpha, "temperature": temperature})
+                                                   "alpha": alpha, "temperature": temperature,
+                                                   "resumed_after_epoch": start})
+        clear_state(out)
     return SequenceTrainResult(model=net, spec=spec, history=history,
                                positions=batches.num_positions,
                                seconds=time.perf_counter() - t0)
@@ -172,13 +194,14 @@ def train_sequence_student(data: str | Dataset, model: str, opts: TrainOptions, 
                            out: str | os.PathLike[str] | None, transfer_set: Any,
                            indices: str | os.PathLike[str] | np.ndarray | None,
                            val_data: str | Dataset | None, stream: bool | None,
-                           callbacks: Sequence[Callback]) -> TrainResult:
+                           callbacks: Sequence[Callback], resume: bool = True) -> TrainResult:
     """`train_student` for token sequences (what it calls when the set is a sequence set or
     the data is token sequences): a model mapping (B, L) token ids to (B, L, C) logits, trained
     with `train_sequence_model` from the set's stored targets (or, without a set, from the
     hard next tokens). The set's targets are loaded when they fit (MAX_IN_MEMORY), else
     streamed (`StreamingSequenceBatches`); `stream` forces either. `--fraction`/`--indices`
-    select whole sequences as `softlabels subset` does. A rerun starts over."""
+    select whole sequences as `softlabels subset` does. With `out` and `resume`, a rerun of
+    the same command after a kill continues after the last finished epoch (`<out>.state`)."""
     t0 = time.perf_counter()
     for name, default, flag, advice in _NOT_FOR_SEQUENCES:
         if getattr(opts, name) != default:
@@ -198,7 +221,8 @@ def train_sequence_student(data: str | Dataset, model: str, opts: TrainOptions, 
                                 "token sequences; pass the tokens:... DATA it was made from")
         name = data if isinstance(data, str) else type(data).__name__
         return _train_on(dataset, name, model, opts, ts, out=out, indices=indices,
-                         val_data=val_data, stream=stream, callbacks=callbacks, t0=t0)
+                         val_data=val_data, stream=stream, callbacks=callbacks, t0=t0,
+                         resume=resume)
     finally:
         if own and ts is not None:
             ts.close()
@@ -207,7 +231,7 @@ def train_sequence_student(data: str | Dataset, model: str, opts: TrainOptions, 
 def _train_on(dataset: TokenSequences, name: str, model: str, opts: TrainOptions,
               ts: TransferSet | None,
               *, out: Any, indices: Any, val_data: Any, stream: bool | None,
-              callbacks: Sequence[Callback], t0: float) -> TrainResult:
+              callbacks: Sequence[Callback], t0: float, resume: bool) -> TrainResult:
     offsets = dataset.offsets if ts is None else read_offsets(ts)
     index = np.arange(len(dataset)) if ts is None else ts.index()[offsets[:-1]]
     if isinstance(indices, (str, os.PathLike)):
@@ -250,10 +274,18 @@ def _train_on(dataset: TokenSequences, name: str, model: str, opts: TrainOptions
     if ts is not None:
         meta["transfer_set"] = {"path": str(ts.path), "temperature": temperature,
                                 "alpha": alpha, "fingerprint": ts.meta["dataset"]["fingerprint"]}
+    digest = run_digest({  # the epochs too: they shape the learning-rate schedule
+        "data": name, "model": model, "transfer_set": None if ts is None else [
+            str(ts.path), ts.meta.get("created_at"), ts.meta["dataset"]["fingerprint"]],
+        "temperature": temperature, "alpha": alpha, "sequences": chosen.tolist(),
+        "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
+        "seed": opts.seed, "stream": bool(stream), "val": val_data is not None,
+        "run": ("sequence", opts.epochs)})
     result = train_sequence_model(net, batches, epochs=opts.epochs, lr=opts.lr,
                                   weight_decay=opts.weight_decay, temperature=temperature,
                                   alpha=alpha, seed=opts.seed, device=opts.device, out=out,
-                                  callbacks=callbacks, val=val, spec=spec, meta=meta)
+                                  callbacks=callbacks, val=val, spec=spec, meta=meta,
+                                  state_digest=digest if resume else None)
     return TrainResult(model=result.model.cpu(), spec=spec, history=result.history,
                        rows=result.positions, seconds=time.perf_counter() - t0)
 

@@ -196,7 +196,7 @@ def train_student(
 
         return train_sequence_student(data, model, opts, out=out, transfer_set=ts,
                                       indices=indices, val_data=val_data, stream=stream,
-                                      callbacks=callbacks)
+                                      callbacks=callbacks, resume=resume)
     dev = resolve_device(opts.device)
     distributed = opts.distributed
     rank, world = _init_distributed(dev) if distributed else (0, 1)

@@ -140,3 +140,35 @@ def test_stream_flag_streams_an_example_set_too(tmp_path: Path, npz_data: str) -
                                           str(out), "--epochs", "1", *flag])
         assert result.exit_code == 0, result.output
         assert "on 103 rows" in result.output and meta(out)["streamed"] is streamed
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_killed_sequence_run_resumes_after_its_last_epoch(tmp_path: Path, lm: tuple[str, Path],
+                                                            stream: bool) -> None:
+    tokens, seq_set = lm
+    args = dict(transfer_set=seq_set, epochs=3, batch_size=8, lr=0.01, seed=2, stream=stream,
+                device="cpu")
+    whole = train_student(tokens, TEACHER, out=tmp_path / "whole.pt", **args)
+
+    def kill(event: str, info: dict) -> None:
+        if event == "epoch" and info["epoch"] == 2:
+            raise Killed  # after epoch 2's state was written
+
+    with pytest.raises(Killed):
+        train_student(tokens, TEACHER, out=tmp_path / "r.pt", callbacks=[kill], **args)
+    assert (tmp_path / "r.pt.state").is_file() and not (tmp_path / "r.pt").exists()
+    resumed = train_student(tokens, TEACHER, out=tmp_path / "r.pt", **args)
+    assert meta(tmp_path / "r.pt")["resumed_after_epoch"] == 2
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert not (tmp_path / "r.pt.state").exists() and not (tmp_path / "whole.pt.state").exists()
+    # another run (other epochs: another learning-rate schedule) does not take up that state
+    with pytest.raises(Killed):
+        train_student(tokens, TEACHER, out=tmp_path / "o.pt", callbacks=[kill], **args)
+    other = train_student(tokens, TEACHER, out=tmp_path / "o.pt", **{**args, "epochs": 4})
+    assert meta(tmp_path / "o.pt")["resumed_after_epoch"] == 0 and len(other.history) == 4
