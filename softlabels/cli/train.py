@@ -42,7 +42,7 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
               show_default=True, help="From a view set: stored views of each example per epoch.")
 @click.option("--stream", is_flag=True,
               help="Stream the set's targets from whole blocks instead of loading them (the "
-                   "default for sets whose targets exceed 4 GiB).")
+                   "default past 2 GiB of targets, 4 GiB for a sequence set).")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 def train(data: str, model: str, out: str, transfer_set: str | None, indices: str | None,
           val_data: str | None, stream: bool, **flags: object) -> None:
