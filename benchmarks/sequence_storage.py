@@ -119,7 +119,7 @@ def stage_two(path: Path, vocab: int) -> None:
     for _batch in batches:
         pass
     it = time.perf_counter() - t0
-    k = batches.targets["classes"].shape[1]
+    k = batches.columns["classes"].shape[1]
     print(f"stage two, k = {k}: load (checked blocks) {n / load:,.0f} tokens/s, batching "
           f"{n / it:,.0f} tokens/s")
     torch.manual_seed(0)

@@ -47,8 +47,16 @@ from .precompute import (
     run_blocks,
 )
 from .progress import Progress
+from .sequence_precompute import (
+    WINDOW_ROWS,
+    prepare_sequences,
+    sequence_writer,
+    windows,
+    write_window,
+)
 from .specs import Portable, load_data, portable_spec
 from .teacher import Teacher
+from .tokens import is_sequence_data
 from .views import ViewDataset
 
 log = logging.getLogger(__name__)
@@ -128,9 +136,13 @@ def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
                    teachers: tuple[str, ...], device: str, precision: str, combine: str,
                    batch_size: int, views: tuple[int, str | None, int] = (0, None, 0),
                    trust_code: bool = False, token: str | None = None,
-                   expect: tuple[str, tuple[str, ...]] | None = None) -> list[int]:
+                   expect: tuple[str, tuple[str, ...]] | None = None,
+                   window: list[int] | None = None) -> list[int]:
     """A task: compute and write `blocks` of the set at `path`; returns them. With `token`
     (`set_token` on the driver), a worker that does not see that very set writes nothing.
+    A sequence set's task names its `window` (sequence_precompute.windows): the fixed run of
+    blocks whose sequences are batched together, computed whole, so the pending `blocks` come
+    out bit for bit as in a single process.
     Any failure is raised as one line naming the worker, the block and the set."""
     try:
         if token is not None:
@@ -147,7 +159,10 @@ def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
         writer = BlockWriter(path, layout)
         try:
             writer.erase(blocks)
-            run_blocks(teacher, dataset, writer, blocks, batch_size, 0, lambda n: None)
+            if window is None:
+                run_blocks(teacher, dataset, writer, blocks, batch_size, 0, lambda n: None)
+            else:
+                write_window(teacher, dataset, writer, window, blocks, batch_size)
         finally:
             writer.close()
     except Exception as exc:
@@ -243,7 +258,8 @@ def precompute_on_cluster(
 ) -> PrecomputeResult:
     """`precompute` with its blocks spread over a Dask cluster: `workers` local processes, or
     the running cluster at `scheduler`. Options as for `precompute` (a `PrecomputeOptions` or
-    its fields by keyword). The result is identical to a single-process run.
+    its fields by keyword). The result is identical to a single-process run; token DATA
+    (`tokens:...`) makes a sequence set, one task per window of blocks.
 
     Relative paths are resolved here; every worker must see the same files at the same
     absolute paths (a shared filesystem). That is checked on every worker before any block
@@ -264,7 +280,9 @@ def precompute_on_cluster(
     target = str(Remote(out)) if is_url(out) else os.path.abspath(out)
     specs = [portable_spec(data, kind="DATA")] + [portable_spec(t, kind="MODEL")
                                                   for t in teachers]
-    dataset, _, layout, meta = prepare(data, teachers, opts)
+    sequences = is_sequence_data(data)
+    dataset, _, layout, meta = (prepare_sequences if sequences else prepare)(data, teachers,
+                                                                            opts)
     expect = (meta["dataset"]["probe"],
               tuple(m["sha256"] for m in meta["teacher"]["members"]))
     done_already = not overwrite and _is_complete(target)  # no cluster needed to say so
@@ -279,8 +297,11 @@ def precompute_on_cluster(
         exists = Remote(target).exists() if is_url(target) else os.path.exists(target)
         fresh, submitted = overwrite or not exists, False
         try:
-            with TransferSetWriter(out, layout, meta, overwrite=overwrite,
-                                   row_hashes=row_hashes(dataset)) as writer:
+            with (sequence_writer(out, dataset, layout, meta, overwrite=overwrite)
+                  if sequences else
+                  TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                                    row_hashes=row_hashes(dataset))) as writer:
+                layout = writer.layout  # a sequence set's carries its offsets' hash
                 pending = list(writer.pending)
                 done = layout.num_rows - len(rows_of(layout, pending))
                 if progress:
@@ -361,11 +382,15 @@ def _submit(client: Any, layout: Layout, pending: list[int], out: str, specs: li
 
     views = (opts.views, opts.augment, opts.view_seed)
     data, teachers = specs[0].spec, tuple(s.spec for s in specs[1:])
-    futures = {client.submit(compute_blocks, out, layout, [b], data, teachers, opts.device,
+    # one task per block; per window of blocks for a sequence set (computed whole)
+    tasks = (windows(layout, pending, WINDOW_ROWS) if layout.num_sequences
+             else [(None, [b]) for b in pending])
+    futures = {client.submit(compute_blocks, out, layout, blocks, data, teachers, opts.device,
                              opts.precision, opts.combine, opts.batch_size, views,
-                             opts.trust_code, token, expect,
-                             key=f"softlabels-block-{b}", retries=retries, pure=False): b
-               for b in pending}
+                             opts.trust_code, token, expect, window,
+                             key=f"softlabels-block-{blocks[0]}", retries=retries,
+                             pure=False): blocks[0]
+               for window, blocks in tasks}
     try:
         for future in as_completed(futures):
             try:

@@ -22,6 +22,7 @@ from .metrics import (
 )
 from .specs import load_data, load_model
 from .teacher import resolve_device
+from .tokens import is_sequence_data
 from .trainer import materialize, predict
 
 
@@ -53,6 +54,14 @@ def evaluate(
 
     A model with NaN/inf weights is refused; a checkpoint's python: spec runs only with
     `trust_code`."""
+    if is_sequence_data(data):
+        raise SoftlabelsError(
+            f"evaluate measures an example model's accuracy, expected example DATA, but {data} "
+            "is token sequences; measure a sequence model's perplexity and token accuracy with "
+            "`softlabels train ... --val-data tokens:...` or "
+            "softlabels.sequence_trainer.evaluate_sequence_model")
+    if transfer_set is not None:
+        _refuse_sequence_set(transfer_set)
     dev = resolve_device(device)
     net = load_model(model, trust_code=trust_code)[0] if isinstance(model, str) else model
     if not all(torch.isfinite(t).all() for t in net.state_dict().values()
@@ -76,3 +85,13 @@ def evaluate(
             report["teacher_agreement"] = teacher_agreement(rows_logits, teacher)
             report["kl_to_teacher"] = kl_to_teacher(rows_logits, teacher)
     return report
+
+
+def _refuse_sequence_set(path: str | os.PathLike[str]) -> None:
+    with open_transfer_set(path) as ts:
+        if ts.layout.num_sequences:
+            raise SoftlabelsError(
+                f"{ts.path} is a sequence set (one row per token of {ts.layout.num_sequences} "
+                "sequences): --transfer-set expects an example set of the same DATA; pass one, "
+                "or measure a sequence model's perplexity and token accuracy with "
+                "softlabels.sequence_trainer.evaluate_sequence_model")

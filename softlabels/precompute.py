@@ -268,9 +268,9 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
     writing. `opts` were checked when made.
 
     With `views`, the returned dataset yields view rows (see `views.ViewDataset`)."""
-    if is_sequence_data(data):  # prepare() serves the distributed runs (cluster.py)
-        raise OptionError("token sequences are precomputed in one process: drop --workers "
-                          "and --scheduler")
+    if is_sequence_data(data):  # one row per position: laid out by their own prepare
+        raise OptionError("token sequences make a sequence set: use "
+                          "sequence_precompute.prepare_sequences for them")
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise DataError("the dataset is empty; check the DATA spec")

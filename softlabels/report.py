@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import SoftlabelsError
+
 
 def _plt() -> Any:
     import matplotlib
@@ -88,8 +90,14 @@ def transfer_set_report(path: str | Path, out: str | Path) -> dict[str, Any]:
     from .format.reader import open_transfer_set
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with open_transfer_set(path) as ts:
+        if ts.layout.num_sequences:
+            raise SoftlabelsError(
+                f"{ts.path} is a sequence set ({ts.layout.num_sequences} sequences, "
+                f"{ts.num_rows} positions): report plots per-example class mass, expected an "
+                f"example set; describe it with `softlabels info {ts.path}` and check it with "
+                f"`softlabels verify {ts.path}`")
+        out.mkdir(parents=True, exist_ok=True)
         st = _set_statistics(ts)
         _histograms(ts, st, out / "confidence_entropy.png")
         _heatmaps(ts, st, out / "class_mass.png")

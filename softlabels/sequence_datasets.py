@@ -2,7 +2,9 @@
 mask) from a sequence set, and the KD loss over (B, L, V) student logits.
 
 The teacher is never loaded: the set holds the input tokens, the hard next tokens and the soft
-targets. Every block is read through `TransferSet.read_block` (checked) once, into memory.
+targets. Every block is read through `TransferSet.read_block` (checked): `SequenceBatches` reads
+each once, into memory; `StreamingSequenceBatches` reads a window of blocks at a time, for sets
+larger than memory.
 
     batches = SequenceBatches("set.zarr", temperature=2.0, batch_size=16)
     for epoch in range(epochs):
@@ -45,6 +47,7 @@ class SequenceBatch:
     classes: torch.Tensor | None = None  # (B, L, k) int64 (sparse sets)
     weights: torch.Tensor | None = None  # (B, L, k) float32 teacher probabilities (or 1/k)
     probs: torch.Tensor | None = None  # (B, L, C) float32 (dense sets)
+    sequences: torch.Tensor | None = None  # (B,) int64 the sequences' numbers in the set
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
@@ -77,6 +80,97 @@ def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
     return sparse_kd_loss(z, batch.classes.reshape(-1, k)[m], batch.weights.reshape(-1, k)[m],
                           temperature=temperature, labels=labels, alpha=alpha,
                           residual=batch.kind == "topk")
+
+
+def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float, int | None]:
+    """(kind, T, index of T among the stored temperatures or None) of a sequence set's soft
+    targets at `temperature` (default: the first stored T); refuses what cannot serve them."""
+    if not is_sequence_set(ts):
+        raise SoftlabelsError(f"{ts.path} is not a sequence set; train it with "
+                              "`softlabels train` (SoftTargetDataset)")
+    t = ts.temperatures[0] if temperature is None else float(temperature)
+    if not (np.isfinite(t) and t > 0):
+        raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
+    k = ts.temperature_index(t)
+    kind = ts.sparse["kind"] if ts.sparse else "dense"
+    if kind != "dense" and k is None:
+        raise SoftlabelsError(f"{ts.path} is sparse: it has targets at the stored "
+                              f"temperatures {ts.temperatures} only, not {t}; pass one of "
+                              "them as the temperature")
+    return kind, t, k
+
+
+def target_bytes(ts: TransferSet) -> int:
+    """Bytes the targets of every row take in memory (what decides streaming)."""
+    return ts.num_rows * (ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4)
+
+
+def block_columns(arrays: dict[str, np.ndarray], kind: str, t: float,
+                  k: int | None) -> dict[str, np.ndarray]:
+    """The columns batches are cut from, for the rows of one checked block."""
+    out = {"tokens": arrays[SEQ_TOKENS], "labels": arrays[S.LABELS],
+           "mask": arrays[SEQ_MASK].astype(bool)}
+    if kind == "topk":
+        z = arrays[S.TOPK_LOGITS].astype(np.float32)
+        out["classes"] = arrays[S.TOPK_INDICES]
+        out["weights"] = np.exp(z / t - arrays[S.TOPK_LOGSUMEXP][:, k:k + 1])
+    elif kind == "sample":
+        out["classes"] = arrays[S.SAMPLE_INDICES][k]
+        out["weights"] = np.full(out["classes"].shape, 1 / out["classes"].shape[1], np.float32)
+    elif k is not None:
+        out["probs"] = arrays[S.PROBS][k].astype(np.float32)
+    else:  # dense, T not stored: re-tempered from the logits in float32
+        out["probs"] = tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), t).numpy()
+    return out
+
+
+def pad_batch(kind: str, cols: dict[str, np.ndarray], rows: list[np.ndarray],
+              seqs: np.ndarray) -> SequenceBatch:
+    """One batch, right-padded: sequence i of `seqs` is rows[i] of the columns `cols`."""
+    lengths = np.array([len(r) for r in rows])
+    b, width = len(rows), int(lengths.max())
+    src = np.concatenate(rows)
+    dest = np.concatenate([i * width + np.arange(n) for i, n in enumerate(lengths)])
+
+    def put(col: np.ndarray, fill: Any, dtype: Any) -> torch.Tensor:
+        out = np.full((b * width, *col.shape[1:]), fill, dtype=dtype)
+        out[dest] = col[src]
+        return torch.from_numpy(out.reshape(b, width, *col.shape[1:]))
+
+    out: dict[str, Any] = {"tokens": put(cols["tokens"], 0, np.int64),
+                           "labels": put(cols["labels"], -1, np.int64),
+                           "mask": put(cols["mask"], False, bool), "kind": kind,
+                           "sequences": torch.as_tensor(np.asarray(seqs, dtype=np.int64))}
+    if "classes" in cols:
+        out["classes"] = put(cols["classes"], 0, np.int64)
+        out["weights"] = put(cols["weights"], 0, np.float32)
+    if "probs" in cols:
+        out["probs"] = put(cols["probs"], 0, np.float32)
+    return SequenceBatch(**out)
+
+
+def _selection(offsets: np.ndarray, sequences: np.ndarray | None) -> np.ndarray:
+    n = len(offsets) - 1
+    chosen = np.arange(n) if sequences is None else np.asarray(sequences, dtype=np.int64)
+    if len(chosen) == 0 or chosen.min() < 0 or chosen.max() >= n:
+        raise SoftlabelsError(f"sequences must be a non-empty selection of 0..{n - 1}")
+    return chosen
+
+
+def _batches_by_length(seqs: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, *,
+                       batch_size: int, bucket: int, shuffle: bool) -> list[np.ndarray]:
+    """Shuffle `seqs`, sort each run of `bucket` batches' worth by length, cut into batches,
+    shuffle the batches."""
+    seqs = rng.permutation(seqs) if shuffle else seqs
+    group = bucket * batch_size
+    batches = []
+    for g in range(0, len(seqs), group):
+        part = seqs[g:g + group]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
 class SequenceBatches:
@@ -112,63 +206,31 @@ class SequenceBatches:
         """Hard next-token batches straight from token data (no transfer set)."""
         self = cls(None, batch_size=batch_size, shuffle=shuffle, seed=seed, bucket=bucket)
         c = int(data.tokens.max()) + 1 if num_classes is None else num_classes
-        self.offsets, self.tokens = data.offsets, data.tokens
-        self.labels = np.concatenate([data.sequence_labels(s, c) for s in range(len(data))])
-        self.mask = (np.ones(len(data.tokens), bool) if data.mask is None
-                     else data.mask.astype(bool))
-        self.kind, self.targets = "hard", {}
+        self.offsets = data.offsets
+        self.kind = "hard"
+        self.columns = {
+            "tokens": data.tokens,
+            "labels": np.concatenate([data.sequence_labels(s, c) for s in range(len(data))]),
+            "mask": (np.ones(len(data.tokens), bool) if data.mask is None
+                     else data.mask.astype(bool))}
         self._select(sequences)
         return self
 
     def _load(self, ts: TransferSet, temperature: float | None, max_memory: int) -> None:
-        if not is_sequence_set(ts):
-            raise SoftlabelsError(f"{ts.path} is not a sequence set; train it with "
-                                  "`softlabels train` (SoftTargetDataset)")
-        t = ts.temperatures[0] if temperature is None else float(temperature)
-        if not (np.isfinite(t) and t > 0):
-            raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
-        k = ts.temperature_index(t)
-        self.kind = ts.sparse["kind"] if ts.sparse else "dense"
-        if self.kind != "dense" and k is None:
-            raise SoftlabelsError(f"{ts.path} is sparse: it has targets at the stored "
-                                  f"temperatures {ts.temperatures} only, not {t}")
-        width = ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4
-        if ts.num_rows * width > max_memory:
-            raise SoftlabelsError(f"the targets need {ts.num_rows * width / 2**30:.1f} GiB, over "
-                                  "max_memory; cut the set with `softlabels subset`")
+        self.kind, t, k = target_kind(ts, temperature)
+        if target_bytes(ts) > max_memory:
+            raise SoftlabelsError(f"the targets need {target_bytes(ts) / 2**30:.1f} GiB, over "
+                                  "max_memory; stream them (StreamingSequenceBatches, `train "
+                                  "--stream`) or cut the set with `softlabels subset`")
         self.offsets = read_offsets(ts)
         parts: dict[str, list[np.ndarray]] = {}
         for b in range(ts.num_blocks):
-            for name, data in self._block_columns(ts.read_block(b), t, k).items():
+            for name, data in block_columns(ts.read_block(b), self.kind, t, k).items():
                 parts.setdefault(name, []).append(data)
-        cols = {n: np.concatenate(p) for n, p in parts.items()}
-        self.tokens, self.labels = cols.pop("tokens"), cols.pop("labels")
-        self.mask = cols.pop("mask").astype(bool)
-        self.targets = cols
-
-    def _block_columns(self, arrays: dict[str, np.ndarray], t: float,
-                       k: int | None) -> dict[str, np.ndarray]:
-        out = {"tokens": arrays[SEQ_TOKENS], "labels": arrays[S.LABELS],
-               "mask": arrays[SEQ_MASK]}
-        if self.kind == "topk":
-            z = arrays[S.TOPK_LOGITS].astype(np.float32)
-            out["classes"] = arrays[S.TOPK_INDICES]
-            out["weights"] = np.exp(z / t - arrays[S.TOPK_LOGSUMEXP][:, k:k + 1])
-        elif self.kind == "sample":
-            out["classes"] = arrays[S.SAMPLE_INDICES][k]
-            out["weights"] = np.full(out["classes"].shape, 1 / out["classes"].shape[1],
-                                     np.float32)
-        elif k is not None:
-            out["probs"] = arrays[S.PROBS][k].astype(np.float32)
-        else:  # dense, T not stored: re-tempered from the logits in float32
-            out["probs"] = tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), t).numpy()
-        return out
+        self.columns = {n: np.concatenate(p) for n, p in parts.items()}
 
     def _select(self, sequences: np.ndarray | None) -> None:
-        n = len(self.offsets) - 1
-        self.sequences = np.arange(n) if sequences is None else np.asarray(sequences)
-        if len(self.sequences) == 0 or self.sequences.min() < 0 or self.sequences.max() >= n:
-            raise SoftlabelsError(f"sequences must be a non-empty selection of 0..{n - 1}")
+        self.sequences = _selection(self.offsets, sequences)
         self.lengths = np.diff(self.offsets)
 
     @property
@@ -183,18 +245,10 @@ class SequenceBatches:
 
     def plan(self) -> list[np.ndarray]:
         """This epoch's batches of sequence numbers."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        seqs = rng.permutation(self.sequences) if self.shuffle else self.sequences
-        group = self.bucket * self.batch_size
-        batches = []
-        for g in range(0, len(seqs), group):
-            part = seqs[g:g + group]
-            part = part[np.argsort(-self.lengths[part], kind="stable")]
-            batches += [part[i:i + self.batch_size] for i in range(0, len(part),
-                                                                     self.batch_size)]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+        return _batches_by_length(self.sequences, self.lengths,
+                                  np.random.default_rng([self.seed, self.epoch]),
+                                  batch_size=self.batch_size, bucket=self.bucket,
+                                  shuffle=self.shuffle)
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         for seqs in self.plan():
@@ -202,22 +256,107 @@ class SequenceBatches:
 
     def batch(self, seqs: np.ndarray) -> SequenceBatch:
         """One padded batch of the given sequence numbers."""
-        lengths = self.lengths[seqs]
-        b, width = len(seqs), int(lengths.max())
-        rows = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs])
-        dest = np.concatenate([i * width + np.arange(n) for i, n in enumerate(lengths)])
+        rows = [np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs]
+        return pad_batch(self.kind, self.columns, rows, seqs)
 
-        def put(col: np.ndarray, fill: Any, dtype: Any) -> torch.Tensor:
-            out = np.full((b * width, *col.shape[1:]), fill, dtype=dtype)
-            out[dest] = col[rows]
-            return torch.from_numpy(out.reshape(b, width, *col.shape[1:]))
 
-        out: dict[str, Any] = {"tokens": put(self.tokens, 0, np.int64),
-                               "labels": put(self.labels, -1, np.int64),
-                               "mask": put(self.mask, False, bool), "kind": self.kind}
-        if "classes" in self.targets:
-            out["classes"] = put(self.targets["classes"], 0, np.int64)
-            out["weights"] = put(self.targets["weights"], 0, np.float32)
-        if "probs" in self.targets:
-            out["probs"] = put(self.targets["probs"], 0, np.float32)
-        return SequenceBatch(**out)
+class StreamingSequenceBatches:
+    """`SequenceBatches` for sets larger than memory: whole checked blocks, a window at a time.
+
+    A sequence belongs to the block it starts in. Each epoch (`set_epoch`) cuts the blocks into
+    windows of `window_blocks` consecutive blocks, at an offset drawn with (seed, epoch), and
+    takes the windows in a shuffled order; a window's sequences are shuffled, bucketed by length
+    and batched as `SequenceBatches` does, so every batch holds whole sequences. A window reads
+    its blocks and, for sequences that run past its last block's end, the blocks they continue
+    into (each read through `TransferSet.read_block`: damage raises
+    `IntegrityError` naming the block before any of its rows is served). Memory holds one
+    window's blocks plus those continuations, whatever the set's size. Every selected sequence
+    is served once per epoch; which sequences share a batch depends on the windows.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | TransferSet, *,
+                 temperature: float | None = None, batch_size: int = 16,
+                 sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
+                 bucket: int = 50, window_blocks: int = 16) -> None:
+        if batch_size <= 0 or window_blocks <= 0:
+            raise SoftlabelsError(f"batch size and window must be positive, got {batch_size} "
+                                  f"and {window_blocks}")
+        self.batch_size, self.shuffle, self.seed, self.bucket = batch_size, shuffle, seed, bucket
+        self.window_blocks, self.epoch = window_blocks, 0
+        self._plan: tuple[int, list[tuple[np.ndarray, list[np.ndarray]]]] | None = None
+        self._own = not isinstance(source, TransferSet)
+        self.ts = open_transfer_set(source) if self._own else source
+        try:
+            self.kind, self._t, self._k = target_kind(self.ts, temperature)
+            self.offsets = read_offsets(self.ts)
+        except BaseException:
+            self.close()
+            raise
+        self.sequences = _selection(self.offsets, sequences)
+        self.lengths = np.diff(self.offsets)
+        rows = self.ts.block_rows
+        self._first = self.offsets[:-1] // rows  # the block each sequence starts in
+        self._last = (self.offsets[1:] - 1) // rows  # ... and ends in
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.lengths[self.sequences].sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """This epoch's windows: (the blocks whose sequences it serves, its batches of sequence
+        numbers). Made from the offsets alone; nothing is read."""
+        if self._plan is not None and self._plan[0] == self.epoch:
+            return self._plan[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        owners = self._first[self.sequences]
+        # windows of consecutive blocks (a sequence continues into the next block, so only a
+        # window's last block adds a read), cut at an offset drawn per epoch, in shuffled order
+        w = self.window_blocks
+        shift = int(rng.integers(w)) if self.shuffle else 0
+        group = (owners + shift) // w
+        order = np.unique(group)
+        if self.shuffle:
+            order = rng.permutation(order)
+        plan = []
+        for g in order:
+            seqs = self.sequences[group == g]
+            window = np.unique(owners[group == g])
+            plan.append((window, _batches_by_length(seqs, self.lengths, rng,
+                                                    batch_size=self.batch_size,
+                                                    bucket=self.bucket, shuffle=self.shuffle)))
+        self._plan = (self.epoch, plan)
+        return plan
+
+    def __len__(self) -> int:
+        return sum(len(batches) for _, batches in self.plan())
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        rows = self.ts.block_rows
+        for _, batches in self.plan():
+            seqs = np.concatenate(batches)
+            needed = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in
+                                               zip(self._first[seqs], self._last[seqs])]))
+            parts: dict[str, list[np.ndarray]] = {}
+            for block in needed:  # checked before any of its rows is served
+                cols = block_columns(self.ts.read_block(int(block)), self.kind, self._t,
+                                     self._k)
+                for name, col in cols.items():
+                    parts.setdefault(name, []).append(col)
+            # where each needed block's rows start in the window's columns
+            base = np.cumsum([0] + [len(c) for c in parts["tokens"][:-1]])
+            columns = {name: np.concatenate(p) for name, p in parts.items()}
+            del parts
+            for batch in batches:
+                local = []
+                for s in batch:
+                    r = np.arange(self.offsets[s], self.offsets[s + 1])
+                    blocks = r // rows
+                    local.append(base[np.searchsorted(needed, blocks)] + r - blocks * rows)
+                yield pad_batch(self.kind, columns, local, batch)
+
+    def close(self) -> None:
+        if self._own:
+            self.ts.close()

@@ -33,6 +33,7 @@ from .format.sequence import (
     SequenceSetWriter,
     row_sequences,
 )
+from .format.writer import BlockWriter
 from .options import PrecomputeOptions, check_output_file
 from .precompute import PrecomputeResult, as_options, dataset_probe, versions
 from .progress import Progress
@@ -69,12 +70,33 @@ def precompute_sequences(
     """
     t0 = time.perf_counter()
     opts = as_options(options, kwargs)
+    check_output_file(out, directory_ok=True)  # before loading data and teacher
+    refuse_if_busy(out)
+    dataset, teacher, layout, meta = prepare_sequences(data, teachers, opts)
+    with sequence_writer(out, dataset, layout, meta, overwrite=overwrite) as writer:
+        pending = list(writer.pending)
+        todo = sum(np.subtract(*layout.block_range(b)[::-1]) for b in pending)
+        done = layout.num_rows - todo
+        if progress:
+            progress(done, layout.num_rows)
+        for window, blocks in windows(layout, pending, window_rows):
+            done += write_window(teacher, dataset, writer, window, blocks, opts.batch_size)
+            if progress:
+                progress(done, layout.num_rows)
+    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=int(todo),
+                            resumed=writer.resumed, already_complete=writer.already_complete,
+                            seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+def prepare_sequences(data: str | TokenSequences, teachers: Sequence[str | nn.Module],
+                      opts: PrecomputeOptions,
+                      ) -> tuple[TokenSequences, Teacher, Layout, dict[str, Any]]:
+    """Load token data and teacher, check they fit, and lay out the sequence set: all but the
+    writing (also what a Dask run does on the driver, cluster.py)."""
     for name, value in _REFUSED.items():
         if getattr(opts, name) not in (value, None):
             raise OptionError(f"{name.replace('_', '-')} does not apply to token sequences "
                               "(a sequence set stores its tokens and one row per position)")
-    check_output_file(out, directory_ok=True)  # before loading data and teacher
-    refuse_if_busy(out)
     dataset = load_data(data) if isinstance(data, str) else data
     if not isinstance(dataset, TokenSequences):
         raise SoftlabelsError(f"{data!r} is not token sequences; use a tokens:PATH DATA spec")
@@ -95,21 +117,15 @@ def precompute_sequences(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(), "device": str(teacher.device), "precision": opts.precision,
     }
+    return dataset, teacher, layout, meta
+
+
+def sequence_writer(out: str | Path, dataset: TokenSequences, layout: Layout,
+                    meta: dict[str, Any], *, overwrite: bool = False) -> SequenceSetWriter:
+    """The writer that creates or resumes the sequence set of `dataset` at `out`."""
     labels = "next-token" if dataset.labels is None else "data"
-    with SequenceSetWriter(out, layout, meta, offsets=dataset.offsets, labels=labels,
-                           overwrite=overwrite, row_hashes=_row_hashes(dataset)) as writer:
-        pending = list(writer.pending)
-        todo = sum(np.subtract(*layout.block_range(b)[::-1]) for b in pending)
-        done = layout.num_rows - todo
-        if progress:
-            progress(done, layout.num_rows)
-        for window, blocks in _windows(layout, pending, window_rows):
-            done += _write_window(teacher, dataset, writer, window, blocks, opts.batch_size)
-            if progress:
-                progress(done, layout.num_rows)
-    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=int(todo),
-                            resumed=writer.resumed, already_complete=writer.already_complete,
-                            seconds=time.perf_counter() - t0, meta=writer.meta)
+    return SequenceSetWriter(out, layout, meta, offsets=dataset.offsets, labels=labels,
+                             overwrite=overwrite, row_hashes=_row_hashes(dataset))
 
 
 def _row_hashes(dataset: TokenSequences) -> Callable[[int, int], np.ndarray]:
@@ -140,7 +156,7 @@ def _num_classes(teacher: Teacher, dataset: TokenSequences) -> int:
     return int(z.shape[-1])
 
 
-def _windows(layout: Layout, pending: list[int], window_rows: int,
+def windows(layout: Layout, pending: list[int], window_rows: int,
              ) -> list[tuple[list[int], list[int]]]:
     """The windows that hold pending blocks, each as (all its blocks, its pending blocks).
 
@@ -228,8 +244,9 @@ def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict
             SEQ_TOKENS: tokens.astype(np.int32), SEQ_MASK: dataset.sequence_mask(s)}
 
 
-def _write_window(teacher: Teacher, dataset: TokenSequences, writer: SequenceSetWriter,
-                  window: list[int], blocks: list[int], batch_size: int) -> int:
+def write_window(teacher: Teacher, dataset: TokenSequences,
+                 writer: SequenceSetWriter | BlockWriter, window: list[int], blocks: list[int],
+                 batch_size: int) -> int:
     """Compute a window of consecutive blocks and write its pending `blocks`; returns the rows
     written."""
     layout, offsets = writer.layout, dataset.offsets

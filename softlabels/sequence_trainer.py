@@ -7,21 +7,40 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
-from .errors import SoftlabelsError
-from .sequence_datasets import SequenceBatches, sequence_kd_loss
-from .specs import load_model, save_checkpoint
+from .datasets import check_alignment
+from .errors import MismatchError, OptionError, SoftlabelsError
+from .format import schema as S
+from .format.reader import TransferSet, open_transfer_set
+from .format.selection import read_indices
+from .format.sequence import is_sequence_set, read_offsets
+from .format.sequence_ops import select_sequences
+from .options import TrainOptions
+from .resume import clear_state, load_state, restore, run_digest, save_state
+from .sequence_datasets import (
+    MAX_IN_MEMORY,
+    SequenceBatches,
+    StreamingSequenceBatches,
+    sequence_kd_loss,
+    target_bytes,
+)
+from .specs import load_data, load_model, save_checkpoint
 from .teacher import resolve_device
-from .trainer import Callback
+from .tokens import TokenSequences
+from .trainer import Callback, TrainResult
 
 log = logging.getLogger(__name__)
+Batches = SequenceBatches | StreamingSequenceBatches
 
 @dataclass
 class SequenceTrainResult:
@@ -34,7 +53,7 @@ class SequenceTrainResult:
 
 def train_sequence_model(
     model: str | nn.Module,
-    batches: SequenceBatches,
+    batches: Batches,
     *,
     epochs: int = 1,
     lr: float = 3e-3,
@@ -46,13 +65,23 @@ def train_sequence_model(
     device: str = "auto",
     out: str | os.PathLike[str] | None = None,
     callbacks: Sequence[Callback] = (),
+    val: Batches | None = None,
+    spec: str | None = None,
+    meta: dict[str, Any] | None = None,
+    state_digest: str | None = None,
 ) -> SequenceTrainResult:
-    """Train `model` (a MODEL spec, or a module) on `batches` with `sequence_kd_loss`: AdamW,
-    cosine learning-rate decay, gradients clipped to `clip`. The teacher is never loaded.
-    The same seed gives the same model; a non-finite loss stops training with an error."""
+    """Train `model` (a MODEL spec, or a module) on `batches` (`SequenceBatches` or
+    `StreamingSequenceBatches`) with `sequence_kd_loss`: AdamW, cosine learning-rate decay,
+    gradients clipped to `clip`. The teacher is never loaded. The same seed gives the same
+    model; a non-finite loss stops training with an error. With `val`, each epoch records the
+    held-out perplexity and token accuracy. A module saved to `out` needs the MODEL `spec` it
+    was built from; `meta` goes into the checkpoint. With `out` and `state_digest` (what
+    identifies the run, `resume.run_digest`), the state after each epoch goes to `<out>.state`
+    and a rerun of the same run continues after its last finished epoch (`softlabels.resume`).
+    """
     if epochs <= 0 or lr <= 0:
         raise SoftlabelsError(f"epochs and lr must be positive, got {epochs} and {lr}")
-    if out is not None and not isinstance(model, str):
+    if out is not None and not isinstance(model, str) and spec is None:
         raise SoftlabelsError("a checkpoint rebuilds its model from a MODEL spec: pass the "
                               "model as a spec (e.g. python:package.module:factory) to save it")
     t0 = time.perf_counter()
@@ -61,15 +90,26 @@ def train_sequence_model(
     if isinstance(model, str):
         net, spec = load_model(model)
     else:
-        net, spec = model, f"object:{type(model).__qualname__}"
+        net, spec = model, spec or f"object:{type(model).__qualname__}"
     net = net.to(dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     total = epochs * len(batches)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     history: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(epochs):
+    step = start = 0
+    keep = out is not None and state_digest is not None
+    state = load_state(out, state_digest) if keep else None
+    if state is not None:
+        start = restore(state, net, opt, torch.Generator())
+        history = list(state["history"])
+        step = int(history[-1]["steps"]) if history else 0
+        with warnings.catch_warnings():  # no optimizer step here: the restored state's
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):  # the learning rate where the run stopped
+                sched.step()
+        log.info("resuming %s after epoch %d of %d", out, start, epochs)
+    for epoch in range(start, epochs):
         batches.set_epoch(epoch)
         loss_sum, positions = 0.0, 0
         for batch in batches:
@@ -90,22 +130,32 @@ def train_sequence_model(
                 cb("batch", {"epoch": epoch, "step": step, "loss": loss.item(),
                              "batches": len(batches)})
         info = {"epoch": epoch + 1, "epochs": epochs, "loss": loss_sum / max(positions, 1),
-                "positions": positions}
+                "positions": positions, "steps": step}
+        if val is not None:
+            held = evaluate_sequence_model(net, val, device=str(dev))
+            info["val_perplexity"] = held["perplexity"]
+            info["val_token_accuracy"] = held["token_accuracy"]
+            net.train()
         history.append(info)
+        if keep:
+            save_state(out, digest=state_digest, epoch=epoch + 1, history=history, model=net,
+                       optimizer=opt, generator=torch.Generator())
         log.info("epoch %d: loss %.4f over %d positions", epoch, info["loss"], positions)
         for cb in callbacks:
             cb("epoch", info)
     net.eval()
     if out is not None:
-        save_checkpoint(net, out, spec=spec, meta={"history": history, "alpha": alpha,
-                                                   "temperature": temperature})
+        save_checkpoint(net, out, spec=spec, meta={**(meta or {}), "history": history,
+                                                   "alpha": alpha, "temperature": temperature,
+                                                   "resumed_after_epoch": start})
+        clear_state(out)
     return SequenceTrainResult(model=net, spec=spec, history=history,
                                positions=batches.num_positions,
                                seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()
-def evaluate_sequence_model(model: nn.Module, batches: SequenceBatches, *,
+def evaluate_sequence_model(model: nn.Module, batches: Batches, *,
                             device: str = "auto") -> dict[str, float]:
     """Perplexity (exp of the mean next-token cross-entropy, nats) and token accuracy over the
     masked-in positions that have a hard target."""
@@ -124,3 +174,157 @@ def evaluate_sequence_model(model: nn.Module, batches: SequenceBatches, *,
         raise SoftlabelsError("no position with a hard target to evaluate")
     return {"perplexity": math.exp(nll / count), "cross_entropy": nll / count,
             "token_accuracy": correct / count, "positions": count}
+
+
+# --- `softlabels train` on token sequences ------------------------------------------------------
+
+_NOT_FOR_SEQUENCES = (  # option, its default, flag, what to do instead
+    ("classes", None, "--classes", "a sequence set is cut by whole sequences: use --fraction "
+                                   "or --indices"),
+    ("exclude_classes", None, "--exclude-classes", "a sequence set is cut by whole sequences: "
+                                                   "use --fraction or --indices"),
+    ("jitter_pixels", 0, "--jitter", "drop it (it shifts images)"),
+    ("views_per_epoch", 1, "--views-per-epoch", "drop it (a sequence set holds no views)"),
+    ("distributed", False, "--distributed", "drop it: sequence students train in one process"),
+    ("optimizer", "adam", "--optimizer sgd", "drop it: sequence students train with AdamW"),
+)
+
+
+def train_sequence_student(data: str | Dataset, model: str, opts: TrainOptions, *,
+                           out: str | os.PathLike[str] | None, transfer_set: Any,
+                           indices: str | os.PathLike[str] | np.ndarray | None,
+                           val_data: str | Dataset | None, stream: bool | None,
+                           callbacks: Sequence[Callback], resume: bool = True) -> TrainResult:
+    """`train_student` for token sequences (what it calls when the set is a sequence set or
+    the data is token sequences): a model mapping (B, L) token ids to (B, L, C) logits, trained
+    with `train_sequence_model` from the set's stored targets (or, without a set, from the
+    hard next tokens). The set's targets are loaded when they fit (MAX_IN_MEMORY), else
+    streamed (`StreamingSequenceBatches`); `stream` forces either. `--fraction`/`--indices`
+    select whole sequences as `softlabels subset` does. With `out` and `resume`, a rerun of
+    the same command after a kill continues after the last finished epoch (`<out>.state`)."""
+    t0 = time.perf_counter()
+    for name, default, flag, advice in _NOT_FOR_SEQUENCES:
+        if getattr(opts, name) != default:
+            raise OptionError(f"{flag} does not apply to token sequences; {advice}")
+    own = transfer_set is not None and not isinstance(transfer_set, TransferSet)
+    ts = open_transfer_set(transfer_set) if own else transfer_set
+    try:
+        dataset = load_data(data) if isinstance(data, str) else data
+        if ts is not None and not is_sequence_set(ts):
+            raise MismatchError(f"--data {data} is token sequences but {ts.path} is an example "
+                                "set (one row per example); pass the DATA it was made from, or "
+                                "a sequence set made from this data (precompute --data "
+                                "tokens:...)")
+        if not isinstance(dataset, TokenSequences):
+            raise MismatchError(f"{ts.path} is a sequence set (one row per token of "
+                                f"{ts.layout.num_sequences} sequences) but --data {data} is not "
+                                "token sequences; pass the tokens:... DATA it was made from")
+        name = data if isinstance(data, str) else type(data).__name__
+        return _train_on(dataset, name, model, opts, ts, out=out, indices=indices,
+                         val_data=val_data, stream=stream, callbacks=callbacks, t0=t0,
+                         resume=resume)
+    finally:
+        if own and ts is not None:
+            ts.close()
+
+
+def _train_on(dataset: TokenSequences, name: str, model: str, opts: TrainOptions,
+              ts: TransferSet | None,
+              *, out: Any, indices: Any, val_data: Any, stream: bool | None,
+              callbacks: Sequence[Callback], t0: float, resume: bool) -> TrainResult:
+    offsets = dataset.offsets if ts is None else read_offsets(ts)
+    index = np.arange(len(dataset)) if ts is None else ts.index()[offsets[:-1]]
+    if isinstance(indices, (str, os.PathLike)):
+        indices = read_indices(indices)
+    chosen = select_sequences(_Index(index, offsets[:-1]), offsets, fraction=opts.fraction,
+                              seed=opts.seed,
+                              indices=None if indices is None else np.asarray(indices))
+    if ts is not None:
+        check_alignment(dataset, ts, offsets[:-1][chosen], seed=opts.seed)
+    torch.manual_seed(opts.seed)  # the student's initial weights, as train_sequence_model's
+    net, spec = load_model(model, trust_code=opts.trust_code)
+    classes = ts.num_classes if ts is not None else int(dataset.tokens.max()) + 1
+    probe = torch.cat([dataset[int(chosen[0])][:7], torch.tensor([int(dataset.tokens.max())])])
+    check_sequence_student(net, probe, classes, where=(
+        f"{ts.path} has {classes} classes" if ts is not None else
+        f"the tokens reach id {classes - 1}"))
+    if stream is None:
+        stream = ts is not None and target_bytes(ts) > MAX_IN_MEMORY
+    common = dict(batch_size=opts.batch_size, sequences=chosen, seed=opts.seed)
+    if ts is None:
+        batches: Batches = SequenceBatches.from_tokens(dataset, **common)
+    elif stream:
+        batches = StreamingSequenceBatches(ts, temperature=opts.temperature, **common)
+    else:
+        batches = SequenceBatches(ts, temperature=opts.temperature, **common)
+    val = None
+    if val_data is not None:
+        held = load_data(val_data) if isinstance(val_data, str) else val_data
+        if not isinstance(held, TokenSequences):
+            raise MismatchError(f"--val-data {val_data} is not token sequences; pass tokens:... "
+                                "held-out text for a sequence student")
+        val = SequenceBatches.from_tokens(held, batch_size=opts.batch_size, shuffle=False,
+                                          num_classes=classes)
+    temperature = (ts.temperatures[0] if opts.temperature is None else opts.temperature
+                   ) if ts is not None else 1.0
+    alpha = (0.9 if opts.alpha is None else opts.alpha) if ts is not None else 0.0
+    meta = {"rows": batches.num_positions, "sequences": int(len(chosen)), "seed": opts.seed,
+            "epochs": opts.epochs, "batch_size": opts.batch_size, "streamed": bool(stream),
+            "data": name}
+    if ts is not None:
+        meta["transfer_set"] = {"path": str(ts.path), "temperature": temperature,
+                                "alpha": alpha, "fingerprint": ts.meta["dataset"]["fingerprint"]}
+    digest = run_digest({  # the epochs too: they shape the learning-rate schedule
+        "data": name, "model": model, "transfer_set": None if ts is None else [
+            str(ts.path), ts.meta.get("created_at"), ts.meta["dataset"]["fingerprint"]],
+        "temperature": temperature, "alpha": alpha, "sequences": chosen.tolist(),
+        "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
+        "seed": opts.seed, "stream": bool(stream), "val": val_data is not None,
+        "run": ("sequence", opts.epochs)})
+    result = train_sequence_model(net, batches, epochs=opts.epochs, lr=opts.lr,
+                                  weight_decay=opts.weight_decay, temperature=temperature,
+                                  alpha=alpha, seed=opts.seed, device=opts.device, out=out,
+                                  callbacks=callbacks, val=val, spec=spec, meta=meta,
+                                  state_digest=digest if resume else None)
+    return TrainResult(model=result.model.cpu(), spec=spec, history=result.history,
+                       rows=result.positions, seconds=time.perf_counter() - t0)
+
+
+class _Index:
+    """The dataset index of each sequence (starting at row `starts`), read as
+    `select_sequences` reads a set."""
+
+    def __init__(self, index: np.ndarray, starts: np.ndarray) -> None:
+        self.index, self._starts = index, starts
+
+    def rows(self, names: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {S.INDEX: self.index[np.searchsorted(self._starts, rows)]}
+
+
+def check_sequence_student(net: nn.Module, ids: torch.Tensor, classes: int, *,
+                           where: str) -> None:
+    """Refuse a student that does not map (B, L) token ids to (B, L, `classes`) logits; `ids`
+    (L,): a probe holding the data's largest token id."""
+    x = ids[None].long()
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            z = net(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MismatchError(f"the student cannot take (B, L) token ids (ids up to "
+                            f"{int(ids.max())} here; {type(exc).__name__}: {first}); a sequence "
+                            "set trains a model mapping (B, L) token ids "
+                            f"to (B, L, C) logits: give --model such a model, or train an "
+                            "example model from an example set") from None
+    finally:
+        net.train(was)
+    shape = tuple(getattr(z, "shape", ()))
+    if len(shape) != 3 or shape[:2] != tuple(x.shape):
+        raise MismatchError(f"the student maps {tuple(x.shape)} token ids to {shape}, expected "
+                            f"(B, L, C) logits, one row per token; give --model a sequence "
+                            "model, or train this one from an example set")
+    if shape[2] != classes:
+        raise MismatchError(f"the student predicts {shape[2]} classes per token but {where}; "
+                            f"give the model {classes} outputs")

@@ -408,7 +408,8 @@ def portable_spec(spec: str, *, kind: str) -> Portable:
     body, qmark, query = rest.partition("?")
     if scheme == CODE_SCHEME:
         return Portable(spec, (), (body.partition(":")[0],))
-    if kind == "DATA" and scheme in ("npz", "mnist", "imagefolder", "transferset") and body:
+    if (kind == "DATA" and scheme in ("npz", "mnist", "imagefolder", "transferset", "tokens")
+            or kind == "MODEL" and scheme == "hf") and body:
         path = _absolute(body)
         return Portable(f"{scheme}:{path}{qmark}{query}", (path,), ())
     if kind == "DATA" and scheme == "torchvision":

@@ -32,6 +32,7 @@ from .options import TrainOptions, check_output_file, check_temperature
 from .resume import clear_state, load_state, restore, run_digest, save_state
 from .specs import check_labels, load_data, load_model, save_checkpoint, split_item
 from .teacher import resolve_device
+from .tokens import is_sequence_data
 from .views import replay
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,12 @@ def train_student(
               else open_transfer_set(transfer_set))
         temperature = check_temperature(ts.temperatures[0] if temperature is None
                                         else temperature)
+    if is_sequence_data(data) or (ts is not None and ts.layout.num_sequences):
+        from .sequence_trainer import train_sequence_student  # one row per token
+
+        return train_sequence_student(data, model, opts, out=out, transfer_set=ts,
+                                      indices=indices, val_data=val_data, stream=stream,
+                                      callbacks=callbacks, resume=resume)
     dev = resolve_device(opts.device)
     distributed = opts.distributed
     rank, world = _init_distributed(dev) if distributed else (0, 1)
@@ -418,14 +425,22 @@ def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
     with torch.no_grad():
         was = net.training
         net.eval()
+        sequence_model = any(isinstance(m, nn.Embedding) for m in net.modules())
+        hint = ("; a sequence model (token ids in, (B, L, C) logits out) trains from a "
+                "sequence set: precompute one from tokens:... DATA" if sequence_model else "")
         try:
-            c = int(net(x).shape[-1])
-        except (RuntimeError, ValueError, TypeError) as exc:
+            z = net(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise MismatchError(f"the student cannot take the data's inputs shaped "
                                 f"{tuple(x.shape[1:])} ({first}); give it a matching input "
-                                "size") from None
+                                f"size{hint}") from None
         net.train(was)
+        if z.dim() != 2:
+            raise MismatchError(f"the student maps inputs shaped {tuple(x.shape[1:])} to "
+                                f"{tuple(z.shape[1:])} per example, expected (C,) logits; give "
+                                f"--model an example model{hint}")
+        c = int(z.shape[-1])
     want = ts.num_classes if ts is not None else int(y_all.max()) + 1
     if (ts is not None and c != want) or c < want:
         source = f"{ts.path} has {want} classes" if ts is not None else f"labels reach {want - 1}"

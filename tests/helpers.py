@@ -100,3 +100,10 @@ class TinyLM(nn.Module):
 
 def tiny_lm(vocab: int = 11, seed: int = 3) -> nn.Module:
     return TinyLM(vocab, delay=float(os.environ.get("SOFTLABELS_TEST_DELAY", 0)), seed=seed)
+
+
+def lm_with_head(classes: int = 7) -> nn.Module:
+    """A TinyLM over 11 token ids with `classes` outputs per token (not the vocabulary)."""
+    model = TinyLM(11)
+    model.head = nn.Linear(16, classes)
+    return model

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_sequences import TEACHER as LM
+from test_sequences import write_tokens
 
 from conftest import CHUNK, make_npz
 from softlabels.cli import cli
@@ -47,6 +49,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (d / "p.toml").write_text(pipeline.read_text().replace("mnist:data",
                                                             f"mnist:{pipeline.parents[1]}/data"))
     (d / "runs").mkdir()
+    tokens = write_tokens(d / "tokens.jsonl")  # a sequence set, sparse and dense
+    write_tokens(d / "other_tokens.jsonl", seed=9)  # as many sequences, other tokens
+    precompute(tokens, [LM], d / "seq.zarr", chunk_rows=CHUNK, topk=4, temperatures=[1, 2])
+    precompute(tokens, [LM], d / "seqd.zarr", chunk_rows=CHUNK)
     return {"D": str(d), "DATA": data}
 
 
@@ -66,6 +72,10 @@ def with_(base: list[str], *extra: str) -> list[str]:
             args += [flag, value]
     return args
 
+
+# a sequence set, its token data and a sequence student
+TOK = "tokens:D/tokens.jsonl"
+SEQ = with_(TS, "--data", TOK, "--model", LM, "--transfer-set", "D/seq.zarr")
 
 CASES = [
     # precompute: data and teacher specs
@@ -183,6 +193,26 @@ CASES = [
     (["subset", "D/set.zarr", "--out", "D/sub.zarr", "--classes", "7"], "lacks: [7]"),
     (["merge", "D/set.zarr", "D/other.zarr", "--out", "D/m.zarr"], "fingerprint differs"),
     (["convert", "D/nowhere.zarr", "--out", "D/c.h5"], "does not exist"),
+    # sequence sets handed to example-set commands, and the reverse
+    (with_(SEQ, "--model", "mlp:16-3"), "cannot take (B, L) token ids"),
+    (with_(SEQ, "--model", "python:helpers:four_classes"), "cannot take (B, L) token ids"),
+    (with_(SEQ, "--model", "python:helpers:tiny_lm?vocab=5"), "ids up to 10 here"),
+    (with_(SEQ, "--model", "python:helpers:lm_with_head"), "predicts 7 classes per token"),
+    (with_(SEQ, "--data", "DATA"), "is a sequence set (one row per token of 23 sequences)"),
+    (with_(SEQ, "--transfer-set", "D/set.zarr"), "is an example set"),
+    (with_(SEQ, "--data", "tokens:D/other_tokens.jsonl"), "does not match the dataset"),
+    (with_(TS, "--model", LM), "a sequence model (token ids in"),
+    (with_(SEQ, "--classes", "1"), "--classes does not apply to token sequences"),
+    (with_(SEQ, "--jitter", "2"), "--jitter does not apply to token sequences"),
+    (with_(SEQ, "--optimizer", "sgd"), "sequence students train with AdamW"),
+    (with_(SEQ, "--val-data", "DATA"), "is not token sequences"),
+    (with_(SEQ, "--temperature", "3"), "only, not 3.0"),
+    (with_(E, "--data", TOK), "is token sequences"),
+    (with_(E, "--transfer-set", "D/seq.zarr"), "is a sequence set"),
+    (["report", "D/seq.zarr", "--out", "D/rep"], "expected an example set"),
+    (["merge", "D/seqd.zarr", "D/seqd.zarr", "--out", "D/m.zarr"], "is a sequence set"),
+    (["merge", "D/set.zarr", "D/seqd.zarr", "--out", "D/m.zarr"], "is a sequence set"),
+    (["info", "D/seq.zarr", "--stats"], "sparse sequence set"),
     # run
     (["run", "D/nowhere.toml"], "no pipeline file"),
     (["run", "D/bad.toml"], "is not valid TOML"),
@@ -210,6 +240,7 @@ def test_bad_input_is_one_line(files: dict[str, str], args: list[str], message: 
     other = files["DATA"].replace("data.npz", "other.npz")
     args = [a.replace("DATA_OTHER", other).replace("DATA", files["DATA"])
             .replace("D/", d + "/") if a != "D" else d for a in args]
+    message = message.replace("D/", d + "/")
     before = sorted(p.name for p in Path(d).iterdir())
     result = CliRunner().invoke(cli, args)
     out, err = result.stdout, result.stderr

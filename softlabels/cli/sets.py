@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
+from ..errors import SoftlabelsError
 from ..format.schema import COMBINE_CHOICES
 from ._common import TRUST_CODE_HELP, IntList, echo_json, progress_bar, provenance_lines
 
@@ -21,6 +23,12 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
 
     with open_transfer_set(transfer_set) as ts:
         summary = ts.summary()
+        seq = summary.get("sequence") or None  # a sequence set: rows are token positions
+        if stats and seq and ts.sparse:
+            raise SoftlabelsError(f"{ts.path} is a sparse sequence set ({ts.sparse['kind']}, "
+                                  f"k = {ts.sparse['k']}): --stats reads dense arrays; drop "
+                                  f"--stats, and check the set with `softlabels verify "
+                                  f"{ts.path}`")
         if stats:
             summary["stats"] = ts.stats()
     if as_json:
@@ -32,8 +40,7 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
         + ("size unknown" if summary["bytes"] is None else f"{summary['bytes'] / 2**20:.2f} MiB")
         + f", "
         f"format v{summary['format_version']}, {summary['status']})",
-        f"rows {summary['num_rows']} of {summary['num_examples']} examples, "
-        f"{summary['num_classes']} classes, T = {summary['temperatures']}",
+        _size_line(summary),
         f"teacher ({teacher['combine']}):",
         *[f"  {m.get('source', m['spec'])}  ({m['spec']})  sha256 {m['sha256'][:16]}…"
           for m in teacher["members"]],
@@ -49,13 +56,37 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     if stats:
         st = summary["stats"]
         acc = st["teacher_accuracy"]
-        lines += [f"teacher accuracy on {st['labelled_rows']} labelled rows: "
+        what = ("accuracy on {} positions with a hard target" if seq else
+                "accuracy on {} labelled rows")
+        lines += [f"teacher {what.format(st['labelled_rows'])}: "
                   + (f"{acc:.4f}" if acc is not None else "n/a"),
-                  "mean entropy (nats) per T: " + ", ".join(f"T={t}: {e:.4f}" for t, e in
-                                                            st["mean_entropy"].items())]
+                  f"mean entropy (nats) per {'position' if seq else 'row'} and T: "
+                  + ", ".join(f"T={t}: {e:.4f}" for t, e in st["mean_entropy"].items())]
         for t, mass in st["class_mass"].items():
-            lines.append(f"class mass at T={t}: " + " ".join(f"{m:.3f}" for m in mass))
+            if seq and len(mass) > 32:  # a vocabulary: its most probable tokens
+                top = sorted(range(len(mass)), key=lambda c: -mass[c])[:10]
+                lines.append(f"most probable token ids at T={t} (mean probability): "
+                             + " ".join(f"{c}:{mass[c]:.3f}" for c in top))
+            else:
+                lines.append(f"{'mean token probability' if seq else 'class mass'} at T={t}: "
+                             + " ".join(f"{m:.3f}" for m in mass))
     click.echo("\n".join(lines))
+
+
+def _size_line(summary: dict[str, Any]) -> str:
+    """What the rows are: examples, or the positions of sequences."""
+    temps = f"T = {summary['temperatures']}"
+    seq = summary.get("sequence")
+    if not seq:
+        return (f"rows {summary['num_rows']} of {summary['num_examples']} examples, "
+                f"{summary['num_classes']} classes, {temps}")
+    n, rows = seq["num_sequences"], summary["num_rows"]
+    source = (f" (cut from data of {summary['num_examples']} sequences)"
+              if summary["num_examples"] != n else "")
+    labels = ("the next token" if seq.get("labels") == "next-token" else "the data's labels")
+    return (f"{rows} positions (one row per token) of {n} sequences{source}, mean length "
+            f"{rows / n:.1f} tokens; {summary['num_classes']} classes (token ids); hard "
+            f"targets: {labels}; {temps}")
 
 
 @click.command()

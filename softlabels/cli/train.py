@@ -42,12 +42,15 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
                    "--batch-size is per rank.")
 @click.option("--views-per-epoch", type=int, default=TrainOptions.views_per_epoch,
               show_default=True, help="From a view set: stored views of each example per epoch.")
+@click.option("--stream", is_flag=True,
+              help="Stream the set's targets from whole blocks instead of loading them (the "
+                   "default past 2 GiB of targets, 4 GiB for a sequence set).")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 @click.option("--cache", "cache", default=None, metavar="DIR",
               help="Keep the chunks of a --transfer-set at a URL in DIR, so later epochs (and "
                    "runs) read them from local disk; same as SOFTLABELS_CACHE=DIR.")
 def train(data: str, model: str, out: str, transfer_set: str | None, indices: str | None,
-          val_data: str | None, cache: str | None, **flags: object) -> None:
+          val_data: str | None, cache: str | None, stream: bool, **flags: object) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one.
 
     Rerunning the same command after a kill resumes after the last finished epoch (state in
@@ -60,14 +63,19 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
 
     options = TrainOptions(**flags)  # type: ignore[arg-type]  # checked once, here
     result = train_student(data, model, options, out=out, transfer_set=transfer_set,
-                           indices=indices, val_data=val_data, callbacks=[epoch_bars()])
+                           indices=indices, val_data=val_data, stream=True if stream else None,
+                           callbacks=[epoch_bars()])
     if result.rank != 0:
         return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]
     acc = f", val_accuracy {last['val_accuracy']:.4f}" if "val_accuracy" in last else ""
+    if "val_perplexity" in last:  # a sequence student
+        acc = (f", val_perplexity {last['val_perplexity']:.3f}, val_token_accuracy "
+               f"{last['val_token_accuracy']:.4f}")
+    rows = "positions" if "positions" in last else "rows"
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"
     click.echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
-               f"rows from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
+               f"{rows} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
 
 
 @click.command()
