@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checksums import forge_checksums
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
@@ -167,11 +168,7 @@ def test_non_finite_targets_are_refused_even_with_a_matching_checksum(
         probs = store.read(S.PROBS)
         probs[1, 70, 0] = np.inf  # block 4
         store.write(S.PROBS, slice(None), probs)
-        arrays = {n: store.read(n, (slice(64, 80),) if S.row_axis(n) == 0 else
-                                (slice(None), slice(64, 80))) for n in store.names()
-                  if n not in S.BOOKKEEPING}
-        store.write(S.BLOCK_CHECKSUM, slice(4, 5),
-                    np.array([S.block_checksum(arrays)], dtype=np.uint64))
+    forge_checksums(path, 4)
     for stream in (False, True):
         with pytest.raises(IntegrityError, match="block 4 .*NaN or inf"):
             train_student(data, "mlp:16-8-3", transfer_set=path, temperature=4.0, epochs=1,
