@@ -4,6 +4,9 @@ and becomes the soft targets at the chosen temperature."""
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -84,3 +87,110 @@ def load_checked(ts: TransferSet, temperature: float) -> dict[str, Any]:
     return {"labels": cat(parts["labels"]), "index": cat(parts["index"]),
             "view_seed": cat(parts["view_seed"]) if parts["view_seed"] else None,
             "targets": [cat([t[j] for t in per_block]) for j in range(len(per_block[0]))]}
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory when `shared` (a DataLoader worker's window
+    then crosses to the main process as a reference, not a copy)."""
+    if not shared:  # numpy's allocation: about half the page-fault cost of torch.empty here
+        raw = np.empty(int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
+    count = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(count * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def block_columns(ts: TransferSet, block: int, *, temperature: float, checksum: bool,
+                  keep: np.ndarray | None) -> list[torch.Tensor]:
+    """[index, labels, *targets] of one block's selected rows (`keep`, a mask over all rows,
+    or every row), read through `read_checked`."""
+    arrays = read_checked(ts, block, temperature=temperature, checksum=checksum)
+    cols = [arrays[S.INDEX], arrays[S.LABELS], *block_targets(ts, arrays, temperature)]
+    if keep is not None:
+        start, stop = ts.block_range(block)
+        cols = [c[keep[start:stop]] for c in cols]
+    return [torch.from_numpy(c) for c in cols]
+
+
+def read_ahead(blocks: list[int], window: int, read: Callable[[int], list[torch.Tensor]],
+               ) -> Iterator[list[list[torch.Tensor]]]:
+    """`read(block)` of each window of `window` blocks, in order, run by a background thread one
+    window ahead of the consumer: while a window is shuffled and served, the next is read and
+    checked (zarr's I/O and codecs, numpy, xxhash release the GIL), so memory holds about two
+    windows. A block's `IntegrityError` is raised where its window is due."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
+    pending: deque[Future[list[torch.Tensor]]] = deque()
+
+    def submit(first: int) -> None:
+        pending.extend(pool.submit(read, b) for b in blocks[first:first + window])
+    try:
+        submit(0)
+        for w in range(0, len(blocks), window):
+            got = [pending.popleft().result() for _ in blocks[w:w + window]]
+            submit(w + window)
+            yield got
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def shuffled_window(blocks: list[list[torch.Tensor]], order: np.random.Generator | None, *,
+                    shared: bool = False) -> list[torch.Tensor] | None:
+    """The columns of several blocks as one tensor per column, rows in the order of a
+    permutation drawn from `order` (None: as they come); None without rows."""
+    n = sum(len(c[0]) for c in blocks)
+    if n == 0:
+        return None
+    dest = order.permutation(n) if order is not None else None
+    window = []
+    for j, first in enumerate(blocks[0]):
+        if first.device.type != "cpu":  # inputs a dataset keeps on an accelerator
+            part = torch.cat([c[j] for c in blocks])
+            window.append(part if dest is None else
+                          torch.empty_like(part).index_copy_(0, torch.from_numpy(dest).to(
+                              part.device), part))
+            continue
+        out = empty((n, *first.shape[1:]), first.dtype, shared=shared)
+        view, at = _rows(out), 0
+        for c in blocks:
+            rows = len(c[j])
+            if rows:
+                view[slice(at, at + rows) if dest is None else dest[at:at + rows]] = _rows(c[j])
+            at += rows
+        window.append(out)
+    return window
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """A (n, ...) tensor's memory as n opaque numpy rows (any dtype, bfloat16 included): numpy
+    moves them by row, about twice as fast as element by element for narrow rows (measured)."""
+    t = t.contiguous()
+    raw = t.reshape(len(t), -1).view(torch.uint8).numpy()
+    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(len(t))
+
+
+def rebatch(windows: Iterable[list[torch.Tensor]], size: int,
+            ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
+    batch that joins a window's leftover rows to the next window's first (pinned when the
+    windows are); then the tail."""
+    carry: list[torch.Tensor] | None = None
+    for cols in windows:
+        n, at = len(cols[0]), 0
+        if carry is not None:
+            need = size - len(carry[0])
+            if n < need:
+                carry = _joined(carry, cols)
+                continue
+            yield tuple(_joined(carry, [c[:need] for c in cols]))
+            carry, at = None, need
+        full = at + (n - at) // size * size
+        if full > at:  # one split per column: a third of the cost of slicing batch by batch
+            yield from zip(*[c[at:full].split(size) for c in cols])
+        carry = [c[full:] for c in cols] if full < n else None
+    if carry is not None:
+        yield tuple(carry)
+
+
+def _joined(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.cat([x, y]).pin_memory() if y.is_pinned() else torch.cat([x, y])
+            for x, y in zip(a, b)]

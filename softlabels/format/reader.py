@@ -55,6 +55,7 @@ class TransferSet:
         # version 2: (B, S) checksums, read with each block. Version 1: one checksum per block
         # over every row array, read here; None in a set from before block checksums.
         self._slots = {slot: col for col, slot in enumerate(self.layout.checksum_slots())}
+        self._recorded: dict[int, np.ndarray] = {}  # block -> its array_checksum row, once read
         self._v1_checksums = (store.read(S.BLOCK_CHECKSUM) if self.format_version == 1
                               and S.BLOCK_CHECKSUM in self._names else None)
 
@@ -117,7 +118,8 @@ class TransferSet:
         v1 = checksum and self._v1_checksums is not None
         read = self.row_arrays() if v1 else names
         requests = [(n, self._block_selection(n, start, stop, None if v1 else k)) for n in read]
-        if checksum and self.format_version >= 2:
+        v2 = checksum and self.format_version >= 2
+        if v2 and block not in self._recorded:  # read with the block's arrays, kept for reuse
             requests.append((S.ARRAY_CHECKSUM, (block, slice(None))))
         try:
             got = self.store.read_many(requests)
@@ -125,12 +127,14 @@ class TransferSet:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise IntegrityError(f"{where} cannot be read ({type(exc).__name__}: {first}); get "
                                  "a fresh copy of the set") from None
+        if len(got) > len(read):
+            self._recorded[block] = got.pop()
         out = dict(zip(read, got))
         problem = None
         if v1 and S.block_checksum_v1(out) != int(self._v1_checksums[block]):
             problem = "does not match its checksum (a flipped byte or a missing chunk)"
-        elif checksum and self.format_version >= 2:
-            problem = self._checksum_problem(out, k, got[-1])
+        elif v2:
+            problem = self._checksum_problem(out, k, self._recorded[block])
         problem = problem or self._value_problem(out)
         if problem:
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
