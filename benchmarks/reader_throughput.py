@@ -13,7 +13,7 @@
 3. `--epoch-cost`: the cost of the block checks in an epoch of training (784-800-800-10 MLP,
    60,000 MNIST-shaped rows, batch 128): checked against checksum=False, interleaved.
 
-    python benchmarks/reader_throughput.py [--zarrs] [--rounds 3]
+    python benchmarks/reader_throughput.py [--zarrs] [--rounds 3] [--sets DIR] [--only 10 top10]
     python benchmarks/reader_throughput.py --rss --rss-rows 600000
     python benchmarks/reader_throughput.py --epoch-cost
 """
@@ -134,10 +134,12 @@ def measure(data: str, path: Path, rows: int, rounds: int,
 
 def throughput(args: argparse.Namespace) -> None:
     cases = [(10, 0, 1_000_000), (100, 0, 200_000), (1000, 0, 30_000), (1000, 10, 400_000)]
+    cases = [c for c in cases if not args.only or (f"top{c[1]}" if c[1] else str(c[0]))
+             in args.only]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for classes, topk, rows in cases:
-            folder = Path(tmp) / f"{classes}-{topk}"
-            folder.mkdir()
+            folder = Path(args.sets or tmp) / f"{classes}-{topk}"
+            folder.mkdir(parents=True, exist_ok=True)  # a made set is reused (--sets)
             data, path = make_set(folder, rows, classes, topk=topk)
             with open_transfer_set(path) as ts:
                 block_rows = ts.block_rows
@@ -232,6 +234,10 @@ def main() -> None:
     parser.add_argument("--rss-rows", type=int, default=600_000)
     parser.add_argument("--epoch-cost", action="store_true")
     parser.add_argument("--tmp", default=None, help="folder for the temporary sets")
+    parser.add_argument("--sets", default=None,
+                        help="folder to make the throughput sets in once and reuse")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="throughput cases to run: 10 100 1000 top10")
     args = parser.parse_args()
     if args.zarrs:
         import zarr

@@ -226,22 +226,29 @@ class SoftTargetBatches(IterableDataset):
             check_alignment(dataset, ts, picked, seed=seed, check_all_up_to=CHECK_SAMPLE)
         if not isinstance(transfer_set, TransferSet):
             ts.close()
-        self.shuffle, self.window, self.seed, self.epoch = shuffle, max(1, window), seed, 0
+        self.shuffle, self.window, self.seed = shuffle, max(1, window), seed
+        # the epoch in shared memory: persistent DataLoader workers see `set_epoch` too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.checksum, self._rank, self._world = checksum, rank, world_size
         self.num_workers = num_workers  # the DataLoader's, so len() counts its batches
         self._windows_out = False  # True in `loader()`'s workers: yield whole windows
         self._open_set: tuple[int, TransferSet] | None = None  # (pid, set) kept across epochs
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(int(epoch))
 
     def loader(self, *, num_workers: int = 0, pin_memory: bool = False,
                **dataloader_options: Any) -> WindowLoader:
         """Batches of this stream read by `num_workers` DataLoader workers that hand over whole
         windows (see the class); `pin_memory` pins each window once, and its batches with it.
-        Other options go to the DataLoader (e.g. `multiprocessing_context`)."""
-        return WindowLoader(self, num_workers=num_workers, pin_memory=pin_memory,
-                            **dataloader_options)
+        Workers persist across epochs unless `persistent_workers=False`; other options go to
+        the DataLoader too (e.g. `multiprocessing_context`)."""
+        options = {"persistent_workers": num_workers > 0, **dataloader_options}
+        return WindowLoader(self, num_workers=num_workers, pin_memory=pin_memory, **options)
 
     def __getstate__(self) -> dict[str, Any]:  # a worker opens its own handle
         return {**self.__dict__, "_open_set": None}
@@ -334,18 +341,17 @@ class WindowLoader:
 
     def __init__(self, stream: SoftTargetBatches, *, num_workers: int, pin_memory: bool,
                  **dataloader_options: Any) -> None:
-        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
-        self.options = dataloader_options
+        self.stream = stream
+        source = copy.copy(stream)  # shares the stream's epoch; yields whole windows
+        source._windows_out = True
+        self.windows = DataLoader(source, batch_size=None, num_workers=num_workers,
+                                  pin_memory=pin_memory, **dataloader_options)
 
     def __len__(self) -> int:
         return self.stream.steps_per_epoch()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        source = copy.copy(self.stream)  # this epoch's, yielding windows
-        source._windows_out = True
-        windows = DataLoader(source, batch_size=None, num_workers=self.num_workers,
-                             pin_memory=self.pin_memory, **self.options)
-        batches = rebatch(windows, self.stream.batch_size)
+        batches = rebatch(self.windows, self.stream.batch_size)
         yield from (batches if self.stream._where()[1] == 1 else
                     itertools.islice(batches, len(self)))
 
