@@ -5,7 +5,6 @@ distributed ranks. Every block is read checked (`TransferSet.read_block`)."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import os
 from collections.abc import Iterator
@@ -14,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
 
 from .blocks import block_columns, check_servable, load_checked, read_ahead, rebatch
 from .blocks import shuffled_window as shuffled
+from .epochs import WindowLoader, chunk_plan, rank_and_world, worker_quota
 from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format._store import backend_of
@@ -140,30 +140,6 @@ class SoftTargetDataset(Dataset):
 
 # --- streaming ----------------------------------------------------------------------------------
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's torch.distributed rank and world size (0, 1 when not distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def chunk_plan(num_rows: int, chunk_rows: int, *, epoch: int, seed: int, shuffle: bool = True,
-               rank: int = 0, world_size: int = 1, worker: int = 0,
-               num_workers: int = 1) -> list[int]:
-    """The chunks (blocks) one (rank, worker) reads this epoch, in order.
-
-    All chunks are shuffled with (seed, epoch) — the same order on every rank — then dealt
-    round-robin to ranks, and each rank's share round-robin to its DataLoader workers, so every
-    chunk is read exactly once per epoch across all of them.
-    """
-    chunks = np.arange(-(-num_rows // chunk_rows))
-    if shuffle:
-        chunks = np.random.default_rng([seed, epoch]).permutation(chunks)
-    return chunks[rank::world_size][worker::num_workers].tolist()
-
-
 def gather_inputs(data: Dataset, index: torch.Tensor) -> torch.Tensor:
     """The inputs of dataset examples `index` (int64), stacked (N, ...): one gather for datasets
     holding a tensor (npz, TensorDataset), else `__getitems__` or one item at a time."""
@@ -185,7 +161,8 @@ class SoftTargetBatches(IterableDataset):
     Targets are (B, C) float32 probabilities at `temperature`, or (classes, weights) (B, k) of a
     sparse set. Per epoch (`set_epoch`) the block order is shuffled with (seed, epoch), blocks
     are dealt round-robin to ranks and then to DataLoader workers, and rows are shuffled within a
-    window of `window` blocks, so memory holds about `window` blocks, never the set. Every block
+    window of `window` blocks (at least one batch's worth); a thread reads the next window while
+    one is served, so memory holds about two windows, never the set. Every block
     passes `TransferSet.read_block` (checksums, finite targets, labels in range) for the arrays
     it serves (labels, index, the targets at T) before use; `checksum=False` skips the checksums
     (the value checks remain) for sets already verified.
@@ -325,51 +302,15 @@ class SoftTargetBatches(IterableDataset):
             return
         # Equal steps across ranks: each worker of this rank stops at its share of the budget.
         budget = self.steps_per_epoch(num_workers=workers if info else 0) if world > 1 else None
-        quota = None if budget is None else _worker_quota(self, rank, world, workers, budget)[
+        quota = None if budget is None else worker_quota(self, rank, world, workers, budget)[
             worker]
         with self._reading() as ts:
             batches = rebatch(self._windows(ts, blocks, rng, shared=info is not None),
                               self.batch_size)
-            yield from batches if quota is None else itertools.islice(batches, quota)
-
-
-class WindowLoader:
-    """`SoftTargetBatches.loader()`: a DataLoader whose workers hand over whole shuffled windows
-    (one hand-over per window, in shared memory, pinned once with `pin_memory`), cut here into
-    batches that are views of them. Every rank takes `stream.steps_per_epoch()` steps; memory
-    holds about (workers x prefetch_factor + 1) windows."""
-
-    def __init__(self, stream: SoftTargetBatches, *, num_workers: int, pin_memory: bool,
-                 **dataloader_options: Any) -> None:
-        self.stream = stream
-        source = copy.copy(stream)  # shares the stream's epoch; yields whole windows
-        source._windows_out = True
-        self.windows = DataLoader(source, batch_size=None, num_workers=num_workers,
-                                  pin_memory=pin_memory, **dataloader_options)
-
-    def __len__(self) -> int:
-        return self.stream.steps_per_epoch()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        batches = rebatch(self.windows, self.stream.batch_size)
-        yield from (batches if self.stream._where()[1] == 1 else
-                    itertools.islice(batches, len(self)))
-
-
-def _worker_quota(stream: SoftTargetBatches, rank: int, world: int, workers: int,
-                  budget: int) -> list[int]:
-    """How many of this rank's `budget` batches each worker of a plain DataLoader yields: it
-    takes one batch from each worker in turn, so the first `budget` are a round-robin prefix."""
-    have = [-(-stream._rows_in(stream._blocks(stream.epoch, rank, world, w, workers))
-              // stream.batch_size) for w in range(workers)]
-    quota = [0] * workers
-    w = 0
-    for _ in range(budget):
-        while quota[w] >= have[w]:
-            w = (w + 1) % workers
-        quota[w] += 1
-        w = (w + 1) % workers
-    return quota
+            try:
+                yield from batches if quota is None else itertools.islice(batches, quota)
+            finally:  # stop the read-ahead thread before the set is closed
+                batches.close()
 
 
 class StreamingSoftTargetDataset(IterableDataset):
