@@ -216,3 +216,17 @@ def verify_ok(path: Path) -> bool:
     from softlabels.verify import verify
 
     return verify(path).ok
+
+
+def test_convert_copies_a_version_1_set_into_version_2(made: Path, tmp_path: Path) -> None:
+    from softlabels.format.operations import convert
+
+    as_version_1(made)
+    out = tmp_path / f"copy{made.suffix}"
+    convert(made, out)
+    assert verify_ok(out)
+    with open_transfer_set(made) as old, open_transfer_set(out) as new:
+        assert (old.format_version, new.format_version) == (1, 2)
+        for name in old.row_arrays():
+            np.testing.assert_array_equal(old.read(name), new.read(name))
+        assert old.meta["digest"] == new.meta["digest"]  # the same identity
