@@ -1,16 +1,19 @@
 """Does stage two read at storage speed, checked, in bounded memory? (issues 12.1 and 11.3)
 
 1. Throughput, at C = 10, 100, 1000 (dense) and top-10 of C = 1000: rows/s and MB/s of
-   - zarr-python reading whole chunks of the same arrays (every row array of a block, the bytes
-     a checked block read needs; and the served arrays alone: probs at T, labels, index),
-   - `SoftTargetBatches` iterated plainly (checked, and with checksum=False), and through a
-     DataLoader with 1 and 2 workers (batch_size=None); blocks in shuffled order everywhere.
-   Goal: plain >= 0.8 and DataLoader >= 0.5 of zarr-python's rows/s on the same arrays.
+   - zarr-python reading whole chunks of the same arrays, one array and block at a time: the
+     served arrays (probs at T, labels, index; top-k: its three arrays, labels, index), and
+     for reference every row array of a block (what a checked read of a version 1 set needs),
+   - `SoftTargetBatches` iterated plainly (checked, and with checksum=False), through
+     `stream.loader(num_workers=W)` (workers hand over whole windows) with 1 and 2 workers, and
+     through a plain `DataLoader(stream, batch_size=None, num_workers=2)` (hands over every
+     batch); blocks in shuffled order everywhere.
+   Goal: plain >= 0.8 and DataLoader >= 0.5 of zarr-python's rows/s on the served arrays.
 2. `--rss`: peak RSS of one streamed epoch over a set of several GB (window of 4 blocks).
 3. `--epoch-cost`: the cost of the block checks in an epoch of training (784-800-800-10 MLP,
    60,000 MNIST-shaped rows, batch 128): checked against checksum=False, interleaved.
 
-    python benchmarks/reader_throughput.py [--zarrs] [--rounds 3]
+    python benchmarks/reader_throughput.py [--zarrs] [--rounds 3] [--sets DIR] [--only 10 top10]
     python benchmarks/reader_throughput.py --rss --rss-rows 600000
     python benchmarks/reader_throughput.py --epoch-cost
 """
@@ -49,14 +52,15 @@ def make_set(folder: Path, rows: int, classes: int, *, topk: int = 0, width: int
 
 
 def zarr_blocks(group: object, names: list[str], order: list[int], block_rows: int,
-                num_rows: int) -> tuple[int, int]:
-    """(rows, bytes) read with zarr-python whole-chunk slices, block by block."""
+                num_rows: int, k: int | None = None) -> tuple[int, int]:
+    """(rows, bytes) read with zarr-python whole-chunk slices, block by block; arrays whose
+    rows lie on axis 1 at leading index `k` only (all when None)."""
     arrays = {n: group[n] for n in names}
     nbytes = 0
     for b in order:
         rows = slice(b * block_rows, min((b + 1) * block_rows, num_rows))
         for n, arr in arrays.items():
-            sel = (slice(None), rows) if S.row_axis(n) == 1 else rows
+            sel = (slice(None) if k is None else k, rows) if S.row_axis(n) == 1 else rows
             nbytes += np.asarray(arr[sel]).nbytes
     return num_rows, nbytes
 
@@ -83,7 +87,7 @@ def measure(data: str, path: Path, rows: int, rounds: int,
         every = ts.row_arrays()
         served = ([S.LABELS, S.INDEX, S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
                   if ts.sparse else [S.LABELS, S.INDEX, S.PROBS])
-        block_rows, num_blocks = ts.block_rows, ts.num_blocks
+        block_rows, num_blocks, k = ts.block_rows, ts.num_blocks, ts.temperature_index(T)
     order = np.random.default_rng(1).permutation(num_blocks).tolist()
     group = zarr.open_group(str(path), mode="r")
     dataset = load_data(data)
@@ -96,17 +100,18 @@ def measure(data: str, path: Path, rows: int, rounds: int,
     # zarrs' Rust thread pool does not survive fork (a forked worker hangs): spawn under zarrs,
     # the pipeline reaching the workers through ZARR_CODEC_PIPELINE__PATH.
     context = "spawn" if os.environ.get("ZARR_CODEC_PIPELINE__PATH") else None
-    loader1 = DataLoader(stream(True, 1), batch_size=None, num_workers=1,
-                         multiprocessing_context=context)
-    loader2 = DataLoader(stream(True, 2), batch_size=None, num_workers=2,
-                         multiprocessing_context=context)
+    loader1 = stream(True).loader(num_workers=1, multiprocessing_context=context)
+    loader2 = stream(True).loader(num_workers=2, multiprocessing_context=context)
+    plain2 = DataLoader(stream(True, 2), batch_size=None, num_workers=2,
+                        multiprocessing_context=context)
     variants = {
         "zarr, every row array": lambda: zarr_blocks(group, every, order, block_rows, rows),
-        "zarr, served arrays": lambda: zarr_blocks(group, served, order, block_rows, rows),
+        "zarr, served arrays": lambda: zarr_blocks(group, served, order, block_rows, rows, k),
         "stream, checked": lambda: count_rows(checked),
         "stream, checksum off": lambda: count_rows(unchecked),
-        "DataLoader 1 worker, checked": lambda: count_rows(loader1),
-        "DataLoader 2 workers, checked": lambda: count_rows(loader2),
+        "loader 1 worker, checked": lambda: count_rows(loader1),
+        "loader 2 workers, checked": lambda: count_rows(loader2),
+        "plain DataLoader 2 workers": lambda: count_rows(plain2),
     }
     best: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -123,16 +128,18 @@ def measure(data: str, path: Path, rows: int, rounds: int,
             else:
                 first[name] = min(first.get(name, np.inf), extra)
     every_b, served_b = row_bytes["zarr, every row array"], row_bytes["zarr, served arrays"]
-    return {name: (r, r * (served_b if ("served" in name or "off" in name) else every_b) / 1e6,
+    return {name: (r, r * (every_b if "every" in name else served_b) / 1e6,
                    first.get(name, 0.0)) for name, r in best.items()}
 
 
 def throughput(args: argparse.Namespace) -> None:
     cases = [(10, 0, 1_000_000), (100, 0, 200_000), (1000, 0, 30_000), (1000, 10, 400_000)]
+    cases = [c for c in cases if not args.only or (f"top{c[1]}" if c[1] else str(c[0]))
+             in args.only]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for classes, topk, rows in cases:
-            folder = Path(tmp) / f"{classes}-{topk}"
-            folder.mkdir()
+            folder = Path(args.sets or tmp) / f"{classes}-{topk}"
+            folder.mkdir(parents=True, exist_ok=True)  # a made set is reused (--sets)
             data, path = make_set(folder, rows, classes, topk=topk)
             with open_transfer_set(path) as ts:
                 block_rows = ts.block_rows
@@ -145,8 +152,8 @@ def throughput(args: argparse.Namespace) -> None:
                 base_served = found["zarr, served arrays"][0]
                 for name, (r, mbs, first) in found.items():
                     start = f"  first batch {first * 1e3:5.0f} ms" if first else ""
-                    print(f"  {name:31s} {r:11,.0f} rows/s {mbs:8.1f} MB/s   / zarr every: "
-                          f"{r / base_all:5.2f}   / zarr served: {r / base_served:5.2f}{start}")
+                    print(f"  {name:28s} {r:11,.0f} rows/s {mbs:8.1f} MB/s   / zarr served: "
+                          f"{r / base_served:5.2f}   / zarr every: {r / base_all:5.2f}{start}")
 
 
 def rss(args: argparse.Namespace) -> None:
@@ -227,6 +234,10 @@ def main() -> None:
     parser.add_argument("--rss-rows", type=int, default=600_000)
     parser.add_argument("--epoch-cost", action="store_true")
     parser.add_argument("--tmp", default=None, help="folder for the temporary sets")
+    parser.add_argument("--sets", default=None,
+                        help="folder to make the throughput sets in once and reuse")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="throughput cases to run: 10 100 1000 top10")
     args = parser.parse_args()
     if args.zarrs:
         import zarr

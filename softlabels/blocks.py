@@ -4,12 +4,15 @@ and becomes the soft targets at the chosen temperature."""
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import IntegrityError, SoftlabelsError
+from .errors import SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet
 from .tempering import tempered_softmax
@@ -24,48 +27,46 @@ def check_servable(ts: TransferSet, temperature: float) -> None:
 
 def block_targets(ts: TransferSet, arrays: dict[str, np.ndarray],
                   temperature: float) -> list[np.ndarray]:
-    """The soft targets at `temperature` of one block's arrays (from `read_block`):
-    [probs (n, C) float32] for a dense set — stored when T was stored, else re-tempered from
-    the logits in float32 — or [classes (n, k) int64, weights (n, k) float32] for a sparse one."""
+    """The soft targets at `temperature` of one block's arrays (from `read_checked`, where
+    `probs` and `sample/indices` hold that temperature only): [probs (n, C) float32] for a
+    dense set (stored when T was stored, else re-tempered from the logits in float32), or
+    [classes (n, k) int64, weights (n, k) float32] for a sparse one."""
     k = ts.temperature_index(temperature)
     if ts.sparse:
         check_servable(ts, temperature)
         if ts.sparse["kind"] == "topk":
             z, lse = arrays[S.TOPK_LOGITS], arrays[S.TOPK_LOGSUMEXP][:, k:k + 1]
             return [arrays[S.TOPK_INDICES].astype(np.int64),
-                    np.exp(z / temperature - lse).astype(np.float32)]
-        idx = arrays[S.SAMPLE_INDICES][k].astype(np.int64)
+                    np.exp(z / temperature - lse).astype(np.float32, copy=False)]
+        idx = arrays[S.SAMPLE_INDICES].astype(np.int64)
         return [idx, np.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=np.float32)]
     if k is not None:
-        return [arrays[S.PROBS][k].astype(np.float32, copy=False)]
+        return [arrays[S.PROBS].astype(np.float32, copy=False)]
     return [tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), temperature).numpy()]
 
 
 def needed_arrays(ts: TransferSet, temperature: float) -> list[str]:
-    """The arrays stage two serves from (a block read without its checksum reads only these)."""
+    """The arrays stage two serves from: labels, index, the targets (probs when T was stored,
+    else logits; a sparse set's top-k or samples) and, in a view set, the view seeds."""
+    extra = [S.VIEW_SEED] if ts.has(S.VIEW_SEED) else []
     if ts.sparse:
-        return [S.LABELS, S.INDEX, *((S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP)
-                                     if ts.sparse["kind"] == "topk" else (S.SAMPLE_INDICES,))]
+        return [S.LABELS, S.INDEX, *extra, *((S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP)
+                                             if ts.sparse["kind"] == "topk"
+                                             else (S.SAMPLE_INDICES,))]
     stored = ts.temperature_index(temperature) is not None
-    return [S.LABELS, S.INDEX, S.PROBS if stored else S.LOGITS]
+    return [S.LABELS, S.INDEX, *extra, S.PROBS if stored else S.LOGITS]
 
 
 def read_checked(ts: TransferSet, block: int, *, temperature: float,
                  checksum: bool = True) -> dict[str, np.ndarray]:
-    """One block's arrays, checked: `ts.read_block` (readable, checksum, finite targets, labels
-    in range; `IntegrityError` names the block). With checksum=False only the served arrays are
-    read and the value checks run (no flipped-byte detection: for sets already verified)."""
-    if checksum:
-        return ts.read_block(block)
-    start, stop = ts.block_range(block)
-    arrays = {n: ts.read(n, start, stop) for n in needed_arrays(ts, temperature)}
-    labels = arrays[S.LABELS]
-    bad = [n for n in arrays if n in S.TARGET_ARRAYS and not np.isfinite(arrays[n]).all()]
-    if bad or (len(labels) and (labels.min() < -1 or labels.max() >= ts.num_classes)):
-        what = f"NaN or inf in {bad[0]!r}" if bad else "labels outside [-1, C)"
-        raise IntegrityError(f"block {block} (rows {start}-{stop - 1}) of {ts.path} holds {what}; "
-                             f"run `softlabels verify {ts.path}` and get a fresh copy of the set")
-    return arrays
+    """The arrays one block serves at `temperature` (`needed_arrays`; `probs` and
+    `sample/indices` at that temperature only), read and checked by `ts.read_block`: readable,
+    matching their checksums, finite targets, labels in range; `IntegrityError` names the
+    block. checksum=False skips the checksums (the value checks remain), for sets already
+    verified."""
+    stored = ts.temperature_index(temperature) is not None
+    return ts.read_block(block, needed_arrays(ts, temperature),
+                         temperature=temperature if stored else None, checksum=checksum)
 
 
 def load_checked(ts: TransferSet, temperature: float) -> dict[str, Any]:
@@ -86,3 +87,110 @@ def load_checked(ts: TransferSet, temperature: float) -> dict[str, Any]:
     return {"labels": cat(parts["labels"]), "index": cat(parts["index"]),
             "view_seed": cat(parts["view_seed"]) if parts["view_seed"] else None,
             "targets": [cat([t[j] for t in per_block]) for j in range(len(per_block[0]))]}
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory when `shared` (a DataLoader worker's window
+    then crosses to the main process as a reference, not a copy)."""
+    if not shared:  # numpy's allocation: about half the page-fault cost of torch.empty here
+        raw = np.empty(int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
+    count = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(count * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def block_columns(ts: TransferSet, block: int, *, temperature: float, checksum: bool,
+                  keep: np.ndarray | None) -> list[torch.Tensor]:
+    """[index, labels, *targets] of one block's selected rows (`keep`, a mask over all rows,
+    or every row), read through `read_checked`."""
+    arrays = read_checked(ts, block, temperature=temperature, checksum=checksum)
+    cols = [arrays[S.INDEX], arrays[S.LABELS], *block_targets(ts, arrays, temperature)]
+    if keep is not None:
+        start, stop = ts.block_range(block)
+        cols = [c[keep[start:stop]] for c in cols]
+    return [torch.from_numpy(c) for c in cols]
+
+
+def read_ahead(blocks: list[int], window: int, read: Callable[[int], list[torch.Tensor]],
+               ) -> Iterator[list[list[torch.Tensor]]]:
+    """`read(block)` of each window of `window` blocks, in order, run by a background thread one
+    window ahead of the consumer: while a window is shuffled and served, the next is read and
+    checked (zarr's I/O and codecs, numpy, xxhash release the GIL), so memory holds about two
+    windows. A block's `IntegrityError` is raised where its window is due."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
+    pending: deque[Future[list[torch.Tensor]]] = deque()
+
+    def submit(first: int) -> None:
+        pending.extend(pool.submit(read, b) for b in blocks[first:first + window])
+    try:
+        submit(0)
+        for w in range(0, len(blocks), window):
+            got = [pending.popleft().result() for _ in blocks[w:w + window]]
+            submit(w + window)
+            yield got
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def shuffled_window(blocks: list[list[torch.Tensor]], order: np.random.Generator | None, *,
+                    shared: bool = False) -> list[torch.Tensor] | None:
+    """The columns of several blocks as one tensor per column, rows in the order of a
+    permutation drawn from `order` (None: as they come); None without rows."""
+    n = sum(len(c[0]) for c in blocks)
+    if n == 0:
+        return None
+    dest = order.permutation(n) if order is not None else None
+    window = []
+    for j, first in enumerate(blocks[0]):
+        if first.device.type != "cpu":  # inputs a dataset keeps on an accelerator
+            part = torch.cat([c[j] for c in blocks])
+            window.append(part if dest is None else
+                          torch.empty_like(part).index_copy_(0, torch.from_numpy(dest).to(
+                              part.device), part))
+            continue
+        out = empty((n, *first.shape[1:]), first.dtype, shared=shared)
+        view, at = _rows(out), 0
+        for c in blocks:
+            rows = len(c[j])
+            if rows:
+                view[slice(at, at + rows) if dest is None else dest[at:at + rows]] = _rows(c[j])
+            at += rows
+        window.append(out)
+    return window
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """A (n, ...) tensor's memory as n opaque numpy rows (any dtype, bfloat16 included): numpy
+    moves them by row, about twice as fast as element by element for narrow rows (measured)."""
+    t = t.contiguous()
+    raw = t.reshape(len(t), -1).view(torch.uint8).numpy()
+    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(len(t))
+
+
+def rebatch(windows: Iterable[list[torch.Tensor]], size: int,
+            ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
+    batch that joins a window's leftover rows to the next window's first (pinned when the
+    windows are); then the tail."""
+    carry: list[torch.Tensor] | None = None
+    for cols in windows:
+        n, at = len(cols[0]), 0
+        if carry is not None:
+            need = size - len(carry[0])
+            if n < need:
+                carry = _joined(carry, cols)
+                continue
+            yield tuple(_joined(carry, [c[:need] for c in cols]))
+            carry, at = None, need
+        full = at + (n - at) // size * size
+        if full > at:  # one split per column: a third of the cost of slicing batch by batch
+            yield from zip(*[c[at:full].split(size) for c in cols])
+        carry = [c[full:] for c in cols] if full < n else None
+    if carry is not None:
+        yield tuple(carry)
+
+
+def _joined(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.cat([x, y]).pin_memory() if y.is_pinned() else torch.cat([x, y])
+            for x, y in zip(a, b)]

@@ -5,17 +5,22 @@ distributed ranks. Every block is read checked (`TransferSet.read_block`)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
 
-from .blocks import block_targets, check_servable, load_checked, read_checked
+from .blocks import block_columns, check_servable, load_checked, read_ahead, rebatch
+from .blocks import shuffled_window as shuffled
+from .epochs import WindowLoader, chunk_plan, rank_and_world, worker_quota
 from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
+from .format._store import backend_of
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
 from .specs import NpzDataset, load_data, split_item
@@ -135,37 +140,16 @@ class SoftTargetDataset(Dataset):
 
 # --- streaming ----------------------------------------------------------------------------------
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's torch.distributed rank and world size (0, 1 when not distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def chunk_plan(num_rows: int, chunk_rows: int, *, epoch: int, seed: int, shuffle: bool = True,
-               rank: int = 0, world_size: int = 1, worker: int = 0,
-               num_workers: int = 1) -> list[int]:
-    """The chunks (blocks) one (rank, worker) reads this epoch, in order.
-
-    All chunks are shuffled with (seed, epoch) — the same order on every rank — then dealt
-    round-robin to ranks, and each rank's share round-robin to its DataLoader workers, so every
-    chunk is read exactly once per epoch across all of them.
-    """
-    chunks = np.arange(-(-num_rows // chunk_rows))
-    if shuffle:
-        chunks = np.random.default_rng([seed, epoch]).permutation(chunks)
-    return chunks[rank::world_size][worker::num_workers].tolist()
-
-
 def gather_inputs(data: Dataset, index: torch.Tensor) -> torch.Tensor:
     """The inputs of dataset examples `index` (int64), stacked (N, ...): one gather for datasets
     holding a tensor (npz, TensorDataset), else `__getitems__` or one item at a time."""
-    if isinstance(data, NpzDataset):
-        return data.x.index_select(0, index)
-    if isinstance(data, TensorDataset):
-        return data.tensors[0].index_select(0, index)
+    source = (data.x if isinstance(data, NpzDataset) else
+              data.tensors[0] if isinstance(data, TensorDataset) else None)
+    if source is not None and source.device.type == "cpu" and source.dtype != torch.bfloat16:
+        # numpy's take: several times torch's index_select for narrow rows (measured)
+        return torch.from_numpy(np.take(source.detach().numpy(), index.numpy(), axis=0))
+    if source is not None:
+        return source.index_select(0, index.to(source.device))
     many = getattr(data, "__getitems__", None)
     items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
     return torch.stack([split_item(item)[0] for item in items])
@@ -177,17 +161,22 @@ class SoftTargetBatches(IterableDataset):
     Targets are (B, C) float32 probabilities at `temperature`, or (classes, weights) (B, k) of a
     sparse set. Per epoch (`set_epoch`) the block order is shuffled with (seed, epoch), blocks
     are dealt round-robin to ranks and then to DataLoader workers, and rows are shuffled within a
-    window of `window` blocks, so memory holds about `window` blocks, never the set. Every block
-    passes `TransferSet.read_block` (checksum, finite targets, labels in range) before use.
+    window of `window` blocks (at least one batch's worth); a thread reads the next window while
+    one is served, so memory holds about two windows, never the set. Every block
+    passes `TransferSet.read_block` (checksums, finite targets, labels in range) for the arrays
+    it serves (labels, index, the targets at T) before use; `checksum=False` skips the checksums
+    (the value checks remain) for sets already verified.
 
-    Use with `DataLoader(stream, batch_size=None, num_workers=W, pin_memory=...)` and pass the
-    same `num_workers=W` here so `len()` is exact. `rank`/`world_size` default to
-    torch.distributed's. `checksum=False` skips the block checksum (and reads only the served
-    arrays; NaN/inf and label checks remain) for sets already verified. Batches
-    hold `batch_size` rows (per rank) except the last of each worker. Across `world_size` ranks
-    each rank's stream ends after `steps_per_epoch()` batches, the same number on every rank:
-    the tail of a rank with more rows is dropped (at most about one block per rank per epoch;
-    which rows differs every epoch, as the order is reshuffled).
+    With DataLoader workers use `loader(num_workers=W, pin_memory=...)`: each worker reads,
+    checks and shuffles whole windows (inputs included) and hands each over once, in shared
+    memory; the main process cuts batches from them as views, so a batch costs no hand-over.
+    A plain `DataLoader(stream, batch_size=None, num_workers=W)` works too (pass the same
+    `num_workers=W` here so `len()` is exact) and hands over every batch. Batches hold
+    `batch_size` rows (per rank) but the last (through a plain DataLoader: the last of each
+    worker). `rank`/`world_size` default to torch.distributed's. Across `world_size` ranks each
+    rank's stream ends after `steps_per_epoch()` batches, the same number on every rank: the tail
+    of a rank with more rows is dropped (at most about one block per rank per epoch; which rows
+    differs every epoch, as the order is reshuffled).
     """
 
     def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
@@ -214,12 +203,45 @@ class SoftTargetBatches(IterableDataset):
             check_alignment(dataset, ts, picked, seed=seed, check_all_up_to=CHECK_SAMPLE)
         if not isinstance(transfer_set, TransferSet):
             ts.close()
-        self.shuffle, self.window, self.seed, self.epoch = shuffle, max(1, window), seed, 0
+        self.shuffle, self.window, self.seed = shuffle, max(1, window), seed
+        # the epoch in shared memory: persistent DataLoader workers see `set_epoch` too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.checksum, self._rank, self._world = checksum, rank, world_size
         self.num_workers = num_workers  # the DataLoader's, so len() counts its batches
+        self._windows_out = False  # True in `loader()`'s workers: yield whole windows
+        self._open_set: tuple[int, TransferSet] | None = None  # (pid, set) kept across epochs
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(int(epoch))
+
+    def loader(self, *, num_workers: int = 0, pin_memory: bool = False,
+               **dataloader_options: Any) -> WindowLoader:
+        """Batches of this stream read by `num_workers` DataLoader workers that hand over whole
+        windows (see the class); `pin_memory` pins each window once, and its batches with it.
+        Workers persist across epochs unless `persistent_workers=False`; other options go to
+        the DataLoader too (e.g. `multiprocessing_context`)."""
+        options = {"persistent_workers": num_workers > 0, **dataloader_options}
+        return WindowLoader(self, num_workers=num_workers, pin_memory=pin_memory, **options)
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker opens its own handle
+        return {**self.__dict__, "_open_set": None}
+
+    @contextmanager
+    def _reading(self) -> Iterator[TransferSet]:
+        """The set, open in this process. A Zarr set stays open across epochs (opening reads
+        its metadata: about 15 ms, a tenth of an epoch of a small set); an HDF5 file is opened
+        per epoch, so no file handle outlives an iteration."""
+        if backend_of(self.path) == "hdf5":
+            with open_transfer_set(self.path) as ts:
+                yield ts
+            return
+        if self._open_set is None or self._open_set[0] != os.getpid():
+            self._open_set = (os.getpid(), open_transfer_set(self.path))
+        yield self._open_set[1]
 
     def _where(self) -> tuple[int, int]:
         rank, world = rank_and_world()
@@ -234,7 +256,9 @@ class SoftTargetBatches(IterableDataset):
 
     def steps_per_epoch(self, epoch: int | None = None, *, num_workers: int = 0) -> int:
         """Batches every rank yields in `epoch` (default: the current one) when read through
-        `num_workers` DataLoader workers: the fewest any rank has, so all ranks step together."""
+        `num_workers` workers of a plain DataLoader (0: iterated directly, or through
+        `loader()` with any number of workers): the fewest any rank has, so all ranks step
+        together."""
         epoch, (_, world) = (self.epoch if epoch is None else epoch), self._where()
         workers = max(1, num_workers)
         return min(sum(-(-self._rows_in(self._blocks(epoch, r, world, w, workers))
@@ -250,93 +274,43 @@ class SoftTargetBatches(IterableDataset):
 
     def _windows(self, ts: TransferSet, blocks: list[int], rng: np.random.Generator,
                  shared: bool) -> Iterator[list[torch.Tensor]]:
-        """[index, labels, *targets] of each window of blocks, selected rows only, shuffled:
-        each block scattered once into the window's order, then batches are views of it. In a
-        DataLoader worker (`shared`) the window lives in shared memory, so a batch crosses to
-        the main process as a reference, not a copy."""
-        for w in range(0, len(blocks), self.window):
-            cols: list[list[np.ndarray]] = []
-            for b in blocks[w:w + self.window]:
-                arrays = read_checked(ts, b, temperature=self.temperature, checksum=self.checksum)
-                got = [arrays[S.INDEX], arrays[S.LABELS],
-                       *block_targets(ts, arrays, self.temperature)]
-                if self.keep is not None:
-                    start, stop = ts.block_range(b)
-                    got = [c[self.keep[start:stop]] for c in got]
-                cols.append(got)
-            n = sum(len(c[0]) for c in cols)
-            if n == 0:
-                continue
-            dest = rng.permutation(n) if self.shuffle else np.arange(n)
-            window = []
-            for j, first in enumerate(cols[0]):
-                out = torch.empty((n, *first.shape[1:]), dtype=torch.from_numpy(first[:0]).dtype)
-                if shared:
-                    out.share_memory_()
-                view, at = out.numpy(), 0
-                for c in cols:
-                    view[dest[at:at + len(c[j])]] = c[j]
-                    at += len(c[j])
-                window.append(out)
-            yield window
+        """[inputs, labels, *targets] of each window of blocks, selected rows only, shuffled
+        (`blocks.shuffled_window`); batches are then views of it. A background thread reads, checks
+        and gathers the inputs of the next window meanwhile. A window holds at least one batch.
+        In a DataLoader worker (`shared`) the window lives in shared memory, so it crosses to
+        the main process as a reference."""
+        def read(block: int) -> list[torch.Tensor]:
+            index, *cols = block_columns(ts, block, temperature=self.temperature,
+                                         checksum=self.checksum, keep=self.keep)
+            return [gather_inputs(self.data, index), *cols]
+
+        window = max(self.window, -(-self.batch_size // self.block_rows))
+        for got in read_ahead(blocks, window, read):
+            cols = shuffled(got, rng if self.shuffle else None, shared=shared)
+            if cols is not None:
+                yield cols
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         rank, world = self._where()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         blocks = self._blocks(self.epoch, rank, world, worker, workers)
+        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
+        if self._windows_out:  # `loader()` cuts the batches and counts the steps
+            with self._reading() as ts:
+                yield from (tuple(w) for w in self._windows(ts, blocks, rng, info is not None))
+            return
         # Equal steps across ranks: each worker of this rank stops at its share of the budget.
         budget = self.steps_per_epoch(num_workers=workers if info else 0) if world > 1 else None
-        quota = None if budget is None else _worker_quota(self, rank, world, workers, budget)[
+        quota = None if budget is None else worker_quota(self, rank, world, workers, budget)[
             worker]
-        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
-        with open_transfer_set(self.path) as ts:
-            windows = self._windows(ts, blocks, rng, shared=info is not None)
-            for made, cols in enumerate(_rebatch(windows, self.batch_size)):
-                if quota is not None and made >= quota:
-                    return
-                yield self._batch(cols)
-
-    def _batch(self, cols: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return (gather_inputs(self.data, cols[0]), *cols[1:])
-
-
-def _rebatch(windows: Iterator[list[torch.Tensor]], size: int,
-             ) -> Iterator[list[torch.Tensor]]:
-    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
-    batch that joins a window's leftover rows to the next window's first; then the tail."""
-    carry: list[torch.Tensor] | None = None
-    for cols in windows:
-        n, at = len(cols[0]), 0
-        if carry is not None:
-            need = size - len(carry[0])
-            if n < need:
-                carry = [torch.cat([a, c]) for a, c in zip(carry, cols)]
-                continue
-            yield [torch.cat([a, c[:need]]) for a, c in zip(carry, cols)]
-            carry, at = None, need
-        full = at + (n - at) // size * size
-        for i in range(at, full, size):
-            yield [c[i:i + size] for c in cols]
-        carry = [c[full:] for c in cols] if full < n else None
-    if carry is not None:
-        yield carry
-
-
-def _worker_quota(stream: SoftTargetBatches, rank: int, world: int, workers: int,
-                  budget: int) -> list[int]:
-    """How many of this rank's `budget` batches each worker yields: the DataLoader takes one
-    batch from each worker in turn, so the first `budget` batches are a round-robin prefix."""
-    have = [-(-stream._rows_in(stream._blocks(stream.epoch, rank, world, w, workers))
-              // stream.batch_size) for w in range(workers)]
-    quota = [0] * workers
-    w = 0
-    for _ in range(budget):
-        while quota[w] >= have[w]:
-            w = (w + 1) % workers
-        quota[w] += 1
-        w = (w + 1) % workers
-    return quota
+        with self._reading() as ts:
+            batches = rebatch(self._windows(ts, blocks, rng, shared=info is not None),
+                              self.batch_size)
+            try:
+                yield from batches if quota is None else itertools.islice(batches, quota)
+            finally:  # stop the read-ahead thread before the set is closed
+                batches.close()
 
 
 class StreamingSoftTargetDataset(IterableDataset):

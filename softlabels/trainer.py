@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .datasets import (
     MAX_IN_MEMORY,
@@ -347,7 +347,7 @@ def _streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: tor
                                rows=rows, seed=select["seed"], rank=rank, world_size=world)
     x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
     _check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
-    loader = DataLoader(stream, batch_size=None, pin_memory=dev.type == "cuda")
+    loader = stream.loader(pin_memory=dev.type == "cuda")  # each window pinned once
 
     def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
         stream.set_epoch(epoch)

@@ -112,8 +112,9 @@ def verify(
     try:
         ts = TransferSet(store, _check_arrays=False)  # check_arrays reports them below
     except IntegrityError as exc:  # complete, but its identity metadata was edited
+        version = (store.get_meta() or {}).get("format_version")
         store.close()
-        report.add("status", True, f"complete, format version {S.FORMAT_VERSION}")
+        report.add("status", True, f"complete, format version {version}")
         report.add("metadata", False, str(exc))
         return report
     except TransferSetError as exc:
@@ -121,7 +122,7 @@ def verify(
         report.add("status", False, str(exc))
         return report
     with ts:
-        report.add("status", True, f"complete, format version {S.FORMAT_VERSION}")
+        report.add("status", True, f"complete, format version {ts.format_version}")
         check_meta(ts, report)
         if not check_arrays(ts, report):
             return report

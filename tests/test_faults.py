@@ -260,7 +260,8 @@ def _edit_meta(path: Path, edit: dict[str, object]) -> None:
 
 EDITS = [
     {"status": "writing"},
-    {"format_version": 2},
+    {"format_version": 1},  # a version 1 set holds other checksums than this one
+    {"format_version": 3},
     {"num_rows": 50},
     {"num_classes": 4},
     {"num_examples": 50},
@@ -285,9 +286,9 @@ def test_edited_bookkeeping_is_never_presented_valid(sources: dict[str, Path | s
     bad = tmp_path / "a.zarr"
     shutil.copytree(sources["a"], bad)
     with open_store(bad, "r+") as store:
-        sums = store.read(S.BLOCK_CHECKSUM)
-        sums[3] ^= np.uint64(1)
-        store.write(S.BLOCK_CHECKSUM, slice(None), sums)
+        sums = store.read(S.ARRAY_CHECKSUM)
+        sums[3, 1] ^= np.uint64(1)
+        store.write(S.ARRAY_CHECKSUM, slice(None), sums)
     assert not presented_valid(bad)
     shutil.rmtree(bad / S.PROBS)  # a whole array gone
     assert not presented_valid(bad)

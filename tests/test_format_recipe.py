@@ -1,4 +1,4 @@
-"""docs/FORMAT.md is enough to re-implement a reader: block checksums, the dataset fingerprint,
+"""docs/FORMAT.md is enough to re-implement a reader: array checksums, the dataset fingerprint,
 sample hashes and the metadata digest recomputed from the document's recipes with numpy, xxhash,
 zarr and h5py alone (softlabels only makes the sets)."""
 
@@ -57,20 +57,24 @@ def test_checksums_fingerprint_hashes_and_digest_follow_the_document(
                chunk_rows=CHUNK, **opts[kind])
     meta, arrays = (read_h5 if suffix == "h5" else read_zarr)(path)
 
-    # block_checksum: XXH3-64 over the row arrays in name order, each its name then its rows
+    # array_checksum: per block, one XXH3-64 per checksum slot: the row arrays in name order,
+    # one slot per leading index (temperature, member) of the arrays whose rows are axis 1
     rows = meta["num_rows"]
-    row_arrays = sorted(n for n in arrays if n not in ("block_done", "block_checksum"))
+    assert meta["format_version"] == 2
+    row_arrays = sorted(n for n in arrays if n not in ("block_done", "array_checksum"))
     assert (kind == "sample") == ("sample/indices" in row_arrays)
+    slots = [(n, j) for n in row_arrays
+             for j in (range(arrays[n].shape[0]) if n in AXIS_1 else [None])]
     blocks = -(-rows // meta["block_rows"])
-    assert len(arrays["block_checksum"]) == blocks > 1
+    assert arrays["array_checksum"].shape == (blocks, len(slots)) and blocks > 1
+    assert (len(slots) > len(row_arrays)) == (kind != "topk")  # temperatures, members: own slots
     for b in range(blocks):
         start, stop = b * meta["block_rows"], min((b + 1) * meta["block_rows"], rows)
-        h = xxhash.xxh3_64()
-        for name in row_arrays:
-            data = arrays[name][:, start:stop] if name in AXIS_1 else arrays[name][start:stop]
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes())
-        assert h.intdigest() == int(arrays["block_checksum"][b]), f"block {b}"
+        for s, (name, j) in enumerate(slots):
+            data = arrays[name][start:stop] if j is None else arrays[name][j, start:stop]
+            data = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"))
+            assert xxhash.xxh3_64_intdigest(data.tobytes()) == \
+                int(arrays["array_checksum"][b, s]), f"block {b}, {name}[{j}]"
 
     # fingerprint: SHA-256 of the little-endian uint64 sample hashes in row order
     fp = hashlib.sha256(arrays["sample_hash"].astype("<u8").tobytes()).hexdigest()
@@ -99,3 +103,18 @@ def test_checksums_fingerprint_hashes_and_digest_follow_the_document(
         text = json.dumps(meta.get(key), sort_keys=True, separators=(",", ":"),
                           ensure_ascii=True)
         assert xxhash.xxh3_64_hexdigest(text.encode()) == meta["digest"][key], key
+
+
+def test_the_documented_checksum_snippet_runs(tmp_path: Path, npz_data: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python block of FORMAT.md's `array_checksum` section checks a real set."""
+    precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], tmp_path / "set.zarr",
+               temperatures=[1, 4], chunk_rows=CHUNK, keep_members=True)
+    text = FORMAT_MD.read_text()
+    section = text[text.index("### `array_checksum`"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "FORMAT.md", "exec"), {})
+    zarr.open_group(tmp_path / "set.zarr", mode="r+")["array_checksum"][3, 0] = 1  # can fail
+    with pytest.raises(AssertionError):
+        exec(compile(snippet, "FORMAT.md", "exec"), {})

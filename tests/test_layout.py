@@ -19,7 +19,7 @@ KINDS: dict[str, dict[str, Any]] = {
     "sharded": {"shard_rows": 48}, "everything": {"num_members": 2, "views": 2,
                                                    "input_shape": (2,), "shard_rows": 32},
 }
-EXPECTED = {  # arrays besides labels, index, sample_hash, block_done, block_checksum
+EXPECTED = {  # arrays besides labels, index, sample_hash, block_done, array_checksum
     "dense": {S.LOGITS, S.PROBS}, "float32": {S.LOGITS, S.PROBS},
     "ensemble": {S.LOGITS, S.PROBS, S.MEMBER_LOGITS},
     "topk": {S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP}, "sample": {S.SAMPLE_INDICES},
@@ -40,16 +40,24 @@ def test_layout_to_meta_and_back_for_every_kind(kind: str) -> None:
     assert tuple(meta) == LAYOUT_KEYS
     assert Layout.from_meta(with_teacher(meta, max(layout.num_members, 1))) == layout
     specs = layout.specs()
-    always = {S.LABELS, S.INDEX, S.SAMPLE_HASH, S.BLOCK_DONE, S.BLOCK_CHECKSUM}
+    always = {S.LABELS, S.INDEX, S.SAMPLE_HASH, S.BLOCK_DONE, S.ARRAY_CHECKSUM}
     assert set(specs) == always | EXPECTED[kind]
     for name, a in specs.items():
         assert len(a.dims) == len(a.shape) == len(a.chunks), name
-        if name in always - {S.BLOCK_DONE, S.BLOCK_CHECKSUM} or name in EXPECTED[kind]:
+        if name in always - {S.BLOCK_DONE, S.ARRAY_CHECKSUM} or name in EXPECTED[kind]:
             assert a.shape[S.row_axis(name)] == 103 and a.dims[S.row_axis(name)] == S.ROWS
             assert (a.shards or a.chunks)[S.row_axis(name)] == layout.block_rows \
                 or name == S.INPUTS
-        else:
+        elif name == S.BLOCK_DONE:
             assert a.shape == (layout.num_blocks,) and a.dims == (S.BLOCKS,)
+    # one checksum per block and row array, per temperature or member where rows are axis 1
+    slots = layout.checksum_slots()
+    assert specs[S.ARRAY_CHECKSUM].shape == (layout.num_blocks, len(slots))
+    assert specs[S.ARRAY_CHECKSUM].chunks == (1, len(slots))  # one writer per block
+    assert specs[S.ARRAY_CHECKSUM].dims == (S.BLOCKS, S.SLOTS)
+    assert [name for name, _ in slots] == sorted(
+        n for n, (shape, _) in layout.arrays().items()
+        for _ in range(shape[0] if S.row_axis(n) == 1 else 1))
 
 
 def test_a_sparse_set_keeps_no_member_logits() -> None:

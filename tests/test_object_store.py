@@ -82,7 +82,7 @@ def _same_sets(a_path: str | Path, b_path: str | Path) -> None:
     with open_transfer_set(a_path) as a, open_transfer_set(b_path) as b:
         assert a.meta["dataset"]["fingerprint"] == b.meta["dataset"]["fingerprint"]
         assert sorted(a.layout.arrays()) == sorted(b.layout.arrays())
-        for name in [*a.layout.arrays(), S.BLOCK_CHECKSUM, S.BLOCK_DONE]:
+        for name in [*a.layout.arrays(), S.ARRAY_CHECKSUM, S.BLOCK_DONE]:
             x, y = a.store.read(name), b.store.read(name)
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
 
@@ -215,9 +215,11 @@ def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/damaged.zarr"
     precompute(data, [TEACHER], url, **OPTS)
-    key = f"{bucket}/damaged.zarr/{S.LOGITS}/c/2/0"
+    # one flipped bit in block 2's probs at T=3 (a served array: training reads and checks
+    # only the arrays it serves, verify reads them all)
+    key = f"{bucket}/damaged.zarr/{S.PROBS}/c/1/2/0"
     raw = bytearray(_fs().cat_file(key))
-    raw[5] ^= 0x40  # one flipped bit in block 2's logits
+    raw[5] ^= 0x40
     _fs().pipe_file(key, bytes(raw))
 
     report = verify(url)

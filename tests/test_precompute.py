@@ -66,7 +66,7 @@ def test_defaults_dtypes_and_metadata(npz_data: str, out_path: Path) -> None:
         assert arrays[S.LOGITS][2] == (CHUNK, 3)  # rows only, never split classes
         assert S.MEMBER_LOGITS not in arrays
         meta = ts.meta
-        assert meta["status"] == "complete" and meta["format_version"] == 1
+        assert meta["status"] == "complete" and meta["format_version"] == 2
         assert len(meta["teacher"]["members"][0]["sha256"]) == 64
         assert meta["dataset"]["length"] == N_ROWS and meta["versions"]["zarr"]
         # T not stored: re-tempered from logits in float32

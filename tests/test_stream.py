@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checksums import forge_checksums
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
@@ -84,6 +85,80 @@ def test_every_rank_takes_the_same_steps_deterministically(made: tuple[str, Path
     assert sum(len(b) // 2 for r in runs for b in r) >= N_ROWS - world * CHUNK  # drop < 1 block
     assert epoch_of(0, 0, 1) == runs[0] and epoch_of(0, 0, 2) != runs[0]
     assert len(raw) == N_ROWS
+
+
+# --- loader(): workers hand over whole windows, batches are views of them ----------------------
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_serves_selected_rows_once_in_full_batches(made: tuple[str, Path],
+                                                          workers: int) -> None:
+    data, path = made
+    rows = np.arange(1, N_ROWS, 3)  # 34 rows in 6 blocks
+    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=5, rows=rows, window=2)
+    loader = stream.loader(num_workers=workers)
+    raw = NpzDataset(data[4:])
+    with open_transfer_set(path) as ts:
+        want = (ts.sparse_targets(4.0) if ts.sparse else (ts.probs(4.0),))
+        labels = ts.labels()
+    orders = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        got, sizes = [], []
+        for x, y, *targets in loader:
+            sizes.append(len(x))
+            ids = _row_of(raw, x)
+            np.testing.assert_array_equal(y.numpy(), labels[ids])
+            for t, w in zip(targets, want):
+                np.testing.assert_allclose(t.numpy(), w[ids], rtol=1e-6)
+            got += ids
+        assert sorted(got) == rows.tolist()
+        assert sizes == [5] * 6 + [4]  # cut in the main process: one tail, whatever the workers
+        assert len(loader) == len(sizes) == stream.steps_per_epoch()
+        orders.append(got)
+    assert orders[0] != orders[1]
+    stream.set_epoch(1)
+    again = SoftTargetBatches(data, path, temperature=4.0, batch_size=5, rows=rows, window=2)
+    again.set_epoch(1)
+    assert [_row_of(raw, b[0]) for b in again.loader(num_workers=workers)] == \
+        [_row_of(raw, b[0]) for b in loader]  # the seed decides the order
+
+
+def test_loader_batches_are_views_of_one_handed_over_window(made: tuple[str, Path]) -> None:
+    data, path = made
+    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=4, window=4,
+                               shuffle=False)
+    for column in range(3):
+        storages = [b[column].untyped_storage().data_ptr()
+                    for b in stream.loader(num_workers=1, pin_memory=False)]
+        # blocks 0-3 (64 rows, 16 batches), then blocks 4-6 (39 rows, 10 batches): each
+        # window crossed once, its batches are views of it
+        assert storages == [storages[0]] * 16 + [storages[16]] * 10
+        assert storages[0] != storages[16]
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*")
+def test_loader_pins_windows_and_their_batches(made: tuple[str, Path]) -> None:
+    data, path = made
+    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=7)
+    batches = list(stream.loader(num_workers=1, pin_memory=True))
+    assert sum(len(b[1]) for b in batches) == N_ROWS
+    if torch.cuda.is_available():  # pinned only where there is a device to pin for
+        assert all(t.is_pinned() for b in batches for t in b)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_loader_gives_every_rank_the_same_steps(made: tuple[str, Path], world: int) -> None:
+    data, path = made
+    runs = []
+    for rank in range(world):
+        stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=4, rank=rank,
+                                   world_size=world)
+        stream.set_epoch(1)
+        runs.append([b[1].tolist() + b[0].flatten(1)[:, 0].tolist()
+                     for b in stream.loader(num_workers=2)])
+    assert len({len(r) for r in runs}) == 1
+    firsts = [v for r in runs for b in r for v in b[len(b) // 2:]]
+    assert len(set(firsts)) == len(firsts) >= N_ROWS - world * CHUNK  # disjoint, drop < a block
 
 
 # --- damage: training refuses it, names the block, writes nothing -----------------------------
@@ -167,11 +242,7 @@ def test_non_finite_targets_are_refused_even_with_a_matching_checksum(
         probs = store.read(S.PROBS)
         probs[1, 70, 0] = np.inf  # block 4
         store.write(S.PROBS, slice(None), probs)
-        arrays = {n: store.read(n, (slice(64, 80),) if S.row_axis(n) == 0 else
-                                (slice(None), slice(64, 80))) for n in store.names()
-                  if n not in S.BOOKKEEPING}
-        store.write(S.BLOCK_CHECKSUM, slice(4, 5),
-                    np.array([S.block_checksum(arrays)], dtype=np.uint64))
+    forge_checksums(path, 4)
     for stream in (False, True):
         with pytest.raises(IntegrityError, match="block 4 .*NaN or inf"):
             train_student(data, "mlp:16-8-3", transfer_set=path, temperature=4.0, epochs=1,

@@ -18,7 +18,7 @@ from softlabels.precompute import precompute
 DENSE = {"logits": ("rows", "classes"), "probs": ("temperature", "rows", "classes"),
          "member_logits": ("member", "rows", "classes"), "labels": ("rows",),
          "index": ("rows",), "sample_hash": ("rows",), "view_seed": ("rows",),
-         "block_done": ("blocks",), "block_checksum": ("blocks",)}
+         "block_done": ("blocks",), "array_checksum": ("blocks", "checksum_slots")}
 TOPK = {"indices": ("rows", "k"), "logits": ("rows", "k"), "logsumexp": ("rows", "temperature")}
 SAMPLE = {"indices": ("temperature", "rows", "k")}
 
@@ -40,7 +40,8 @@ def test_xarray_opens_a_set_with_named_dimensions_and_zarr_values(
     store = zarr.storage.ZipStore(str(path), mode="r") if zipped else path
     ds = xr.open_zarr(store, consolidated=False)
     assert {n: ds[n].dims for n in ds.data_vars} == DENSE
-    assert ds.sizes == {"rows": 206, "classes": 3, "temperature": 3, "member": 2, "blocks": 13}
+    assert ds.sizes == {"rows": 206, "classes": 3, "temperature": 3, "member": 2, "blocks": 13,
+                        "checksum_slots": 10}  # 5 one-slot row arrays, probs at 3 T, 2 members
     for name in DENSE:  # the same values, labels 0 and uint64 hashes included (no masking)
         value = ds[name].values
         np.testing.assert_array_equal(value, group[name][:], err_msg=name)

@@ -7,6 +7,7 @@ come from docs/FORMAT.md: NaN fill for floats, empty chunks written, one writer 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from abc import ABC, abstractmethod
@@ -98,6 +99,10 @@ class Store(ABC):
     # --- reads ----------------------------------------------------------------------------
     @abstractmethod
     def read(self, name: str, selection: Selection = slice(None)) -> np.ndarray: ...
+
+    def read_many(self, requests: list[tuple[str, Selection]]) -> list[np.ndarray]:
+        """Several (name, selection) reads; Zarr issues them together, in one round trip."""
+        return [self.read(name, selection) for name, selection in requests]
 
     @abstractmethod
     def array(self, name: str) -> Any:
@@ -205,6 +210,17 @@ class ZarrStore(Store):
 
     def read(self, name, selection=slice(None)):
         return np.asarray(self.array(name)[selection])
+
+    def read_many(self, requests):
+        from zarr.core.sync import sync
+
+        arrays = [self.array(name).async_array for name, _ in requests]
+
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*(a.getitem(selection)
+                                          for a, (_, selection) in zip(arrays, requests)))
+
+        return [np.asarray(a) for a in sync(gather())]
 
     def array(self, name):
         if not self.read_only:

@@ -45,7 +45,8 @@ class VerifyReport:
 def check_arrays(ts: TransferSet, report: VerifyReport) -> bool:
     """Exactly the arrays the metadata implies, with the declared shapes and dtypes (the reader
     refuses a set that fails this; verify reports it when the set opened all the same)."""
-    bad = array_problems(ts.layout, {n: (s, d) for n, (s, d, _) in ts.arrays().items()})
+    bad = array_problems(ts.layout, {n: (s, d) for n, (s, d, _) in ts.arrays().items()},
+                         version=ts.format_version)
     return report.add("arrays", not bad, "; ".join(bad) or f"{len(ts.layout.specs())} arrays, "
                       "shapes and dtypes as the metadata implies")
 
@@ -59,13 +60,41 @@ def check_meta(ts: TransferSet, report: VerifyReport) -> None:
                f"{len(IDENTITY_KEYS)} identity fields match their digest")
 
 
-def _read_block(ts: TransferSet, names: list[str], start: int, stop: int,
-                ) -> dict[str, np.ndarray] | str:
-    """Every row array's rows of one block, or why they cannot be read."""
+def _read_block(ts: TransferSet, names: list[str], block: int,
+                ) -> tuple[dict[str, np.ndarray], np.ndarray | None] | str:
+    """Every row array's rows of one block and its recorded `array_checksum` row (None in a
+    version 1 set), or why they cannot be read."""
+    start, stop = ts.block_range(block)
+    requests = [(n, (slice(None),) * S.row_axis(n) + (slice(start, stop),)) for n in names]
+    v2 = ts.format_version >= 2
+    if v2:
+        requests.append((S.ARRAY_CHECKSUM, (block, slice(None))))
     try:
-        return {n: ts.read(n, start, stop) for n in names}
+        got = ts.store.read_many(requests)
     except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return dict(zip(names, got)), (got[-1] if v2 else None)
+
+
+def _slot_name(ts: TransferSet, name: str, j: int | None) -> str:
+    if j is None:
+        return name
+    return f"{name} at T={ts.temperatures[j]:g}" if name in S.TEMPERATURE_AXIS else \
+        f"{name} of member {j}"
+
+
+def _checksum_problem(ts: TransferSet, block: int, arrays: dict[str, np.ndarray],
+                      recorded: np.ndarray | None, v1: np.ndarray | None) -> str | None:
+    start, stop = ts.block_range(block)
+    where = f"block {block} (rows {start}-{stop - 1}) does not match its checksum"
+    if recorded is not None:
+        bad = [_slot_name(ts, name, j) for (name, j), ok in
+               zip(ts.layout.checksum_slots(), ts.layout.block_checksums(arrays) == recorded)
+               if not ok]
+        return f"{where} ({', '.join(bad)})" if bad else None
+    if v1 is not None and S.block_checksum_v1(arrays) != int(v1[block]):
+        return where
+    return None
 
 
 # Unit roundoff of a storage dtype, and the smallest stored probability whose log is compared.
@@ -161,19 +190,23 @@ class TemperingCheck:
 def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | None) -> None:
     first_bad: dict[str, int] = {}
     worst_sum = 0.0
-    checksums = ts.store.read(S.BLOCK_CHECKSUM) if ts.has(S.BLOCK_CHECKSUM) else None
+    v1 = (ts.store.read(S.BLOCK_CHECKSUM) if ts.format_version == 1 and ts.has(S.BLOCK_CHECKSUM)
+          else None)
+    checked = ts.format_version >= 2 or v1 is not None
     corrupt: list[str] = []
     unreadable = False
     tempering = TemperingCheck(ts)
     for b in range(ts.num_blocks):
         start, stop = ts.block_range(b)
-        arrays = _read_block(ts, ts.row_arrays(), start, stop)
-        if isinstance(arrays, str):
-            corrupt.append(f"block {b} (rows {start}-{stop - 1}) unreadable: {arrays}")
+        got = _read_block(ts, ts.row_arrays(), b)
+        if isinstance(got, str):
+            corrupt.append(f"block {b} (rows {start}-{stop - 1}) unreadable: {got}")
             unreadable = True
             continue
-        if checksums is not None and S.block_checksum(arrays) != int(checksums[b]):
-            corrupt.append(f"block {b} (rows {start}-{stop - 1}) does not match its checksum")
+        arrays, recorded = got
+        problem = _checksum_problem(ts, b, arrays, recorded, v1)
+        if problem:
+            corrupt.append(problem)
         for name in S.TARGET_ARRAYS:
             if name in first_bad or name not in arrays:
                 continue
@@ -189,12 +222,14 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
             tempering.add(start, arrays)
         if progress:
             progress(stop, ts.num_rows)
-    if checksums is None:
+    if not checked:
         report.add("checksums", True, "none recorded (a set from before block checksums)")
     else:
+        per = (f"each row array's ({len(ts.layout.checksum_slots())} per block)"
+               if ts.format_version >= 2 else "one per block, format version 1")
         report.add("checksums", not corrupt, "; ".join(corrupt[:5])
                    + (f"; and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
-                   or f"all {len(checksums)} blocks match their checksums")
+                   or f"all {ts.num_blocks} blocks match their checksums ({per})")
     report.add("finite", not first_bad, "; ".join(f"{n} has NaN/inf at row {r}" for n, r in
                                                   first_bad.items()) or "no NaN or inf")
     tol = 1e-2 if ts.layout.probs_dtype == "float16" else 1e-4

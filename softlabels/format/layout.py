@@ -148,13 +148,34 @@ class Layout:
                                   dims_of(name, len(shape)),
                                   shuffle_compress=bool(self.num_sequences)
                                   and name == S.TOPK_LOGITS)
-        for name, dtype in ((S.BLOCK_DONE, "uint8"), (S.BLOCK_CHECKSUM, "uint64")):
-            out[name] = ArraySpec(name, (self.num_blocks,), dtype, (1,), None, dims_of(name, 1))
+        out[S.BLOCK_DONE] = ArraySpec(S.BLOCK_DONE, (self.num_blocks,), "uint8", (1,), None,
+                                      dims_of(S.BLOCK_DONE, 1))
+        slots = len(self.checksum_slots())  # one chunk per block: one writer per chunk
+        out[S.ARRAY_CHECKSUM] = ArraySpec(S.ARRAY_CHECKSUM, (self.num_blocks, slots), "uint64",
+                                          (1, slots), None, dims_of(S.ARRAY_CHECKSUM, 2))
         if self.num_sequences:  # written whole when the set is laid out, not by block
             n = self.num_sequences + 1
             out[S.SEQ_OFFSETS] = ArraySpec(S.SEQ_OFFSETS, (n,), "int64", (min(n, 1 << 17),),
                                            None, dims_of(S.SEQ_OFFSETS, 1))
         return out
+
+    # --- block checksums (format version 2) ------------------------------------------------
+    def checksum_slots(self) -> list[tuple[str, int | None]]:
+        """What each column of `array_checksum` covers: every row array in name order, as
+        (name, None); an array whose rows lie on axis 1 (`probs`, `member_logits`,
+        `sample/indices`) has one slot per leading index (name, j), one temperature or member,
+        so a reader of one temperature reads and checks only that temperature."""
+        slots: list[tuple[str, int | None]] = []
+        for name, (shape, _) in sorted(self.arrays().items()):
+            slots += ([(name, j) for j in range(shape[0])] if S.row_axis(name) == 1
+                      else [(name, None)])
+        return slots
+
+    def block_checksums(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """(S,) uint64: the XXH3-64 of every checksum slot of one block's row arrays (each
+        array's rows of the block, all leading axes, as stored)."""
+        return np.array([S.array_checksum(arrays[name] if j is None else arrays[name][j])
+                         for name, j in self.checksum_slots()], dtype=np.uint64)
 
     @property
     def input_chunk_rows(self) -> int:
@@ -243,13 +264,17 @@ class Layout:
         return layout
 
 
-def array_problems(layout: Layout,
-                   have: dict[str, tuple[tuple[int, ...], Any]]) -> list[str]:
+def array_problems(layout: Layout, have: dict[str, tuple[tuple[int, ...], Any]], *,
+                   version: int = S.FORMAT_VERSION) -> list[str]:
     """How stored arrays (name -> (shape, dtype)) differ from exactly those the layout implies
-    (a set from before block checksums may lack `block_checksum`)."""
+    in format `version`: version 2 holds `array_checksum`; version 1 holds `block_checksum`
+    instead, or no checksums at all in a set from before block checksums."""
     want = layout.specs()
-    if S.BLOCK_CHECKSUM not in have:
-        want.pop(S.BLOCK_CHECKSUM)
+    if version == 1:
+        want.pop(S.ARRAY_CHECKSUM)
+        if S.BLOCK_CHECKSUM in have:
+            want[S.BLOCK_CHECKSUM] = ArraySpec(S.BLOCK_CHECKSUM, (layout.num_blocks,), "uint64",
+                                               (1,), None, dims_of(S.BLOCK_CHECKSUM, 1))
     bad = [f"{n}: expected {a.shape} {a.dtype}, found "
            + (f"{have[n][0]} {have[n][1]}" if n in have else "nothing")
            for n, a in want.items()

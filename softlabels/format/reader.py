@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +45,23 @@ class TransferSet:
         self.block_rows: int = self.layout.block_rows
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
         self.sparse: dict[str, Any] | None = self.layout.sparse  # {"kind", "k"} or None
-        # read-only: listed once, not on every read (probed by name where it cannot be listed)
-        self._listed = store.names(expected=self.layout.specs())
+        self.format_version: int = int(self.meta["format_version"])
+        # read-only: listed once, not on every read (probed by name where it cannot be listed;
+        # a version 1 set holds block_checksum instead of array_checksum)
+        self._listed = store.names(expected=[*self.layout.specs(), S.BLOCK_CHECKSUM])
         self._names = set(self._listed)
         problems = _check_arrays and array_problems(
-            self.layout, {n: store.info(n)[:2] for n in self._names})
+            self.layout, {n: store.info(n)[:2] for n in self._names},
+            version=self.format_version)
         if problems:  # verify opens with _check_arrays=False, to report them as a check
             raise IntegrityError(f"{store.path} does not hold the arrays its metadata implies "
                                  f"({'; '.join(problems)}); get a fresh copy of the set")
-        # (B,) recorded block checksums; None in a set from before they existed
-        self._checksums = (store.read(S.BLOCK_CHECKSUM) if S.BLOCK_CHECKSUM in self._names
-                           else None)
+        # version 2: (B, S) checksums, read with each block. Version 1: one checksum per block
+        # over every row array, read here; None in a set from before block checksums.
+        self._slots = {slot: col for col, slot in enumerate(self.layout.checksum_slots())}
+        self._recorded: dict[int, np.ndarray] = {}  # block -> its array_checksum row, once read
+        self._v1_checksums = (store.read(S.BLOCK_CHECKSUM) if self.format_version == 1
+                              and S.BLOCK_CHECKSUM in self._names else None)
 
     # --- generic reads --------------------------------------------------------------------
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -87,30 +94,90 @@ class TransferSet:
         bookkeeping), in name order."""
         return sorted(self.layout.arrays())
 
-    def read_block(self, block: int) -> dict[str, np.ndarray]:
-        """Every row array's rows of one block, checked before anything uses them.
+    def read_block(self, block: int, arrays: Iterable[str] | None = None, *,
+                   temperature: float | None = None, checksum: bool = True,
+                   ) -> dict[str, np.ndarray]:
+        """Rows of one block, checked before anything uses them: of every row array, or of
+        `arrays` only. With `temperature` (a stored one), `probs` and `sample/indices` are read
+        at that temperature alone and returned without their temperature axis ((rows, ...)).
 
-        The block must be readable, match its recorded checksum, hold only finite targets and
-        labels in [-1, C); otherwise `IntegrityError` names the block and what is wrong with it.
+        What is read must be readable, match its recorded checksums, hold only finite targets
+        and labels in [-1, C); otherwise `IntegrityError` names the block and what is wrong
+        with it. `checksum=False` skips the checksums (the value checks remain), for sets
+        already verified. A version 1 set records one checksum over every row array of a block,
+        so its checked reads read every row array, whatever `arrays` asks for.
         """
+        names = self.row_arrays() if arrays is None else list(dict.fromkeys(arrays))
+        unknown = sorted(set(names) - set(self.layout.arrays()))
+        if unknown:
+            raise TransferSetError(f"{self.path} has no row array {unknown[0]!r}; its row arrays "
+                                   f"are {', '.join(self.row_arrays())}")
+        k = None if temperature is None else self.temperature_index(temperature)
+        if temperature is not None and k is None:
+            raise TransferSetError(f"{self.path} stores T={self.temperatures}, not "
+                                   f"T={temperature}; read logits to re-temper")
         start, stop = self.block_range(block)
         where = f"block {block} (rows {start}-{stop - 1}) of {self.path}"
+        v1 = checksum and self._v1_checksums is not None
+        read = self.row_arrays() if v1 else names
+        requests = [(n, self._block_selection(n, start, stop, None if v1 else k)) for n in read]
+        v2 = checksum and self.format_version >= 2
+        if v2 and block not in self._recorded:  # read with the block's arrays, kept for reuse
+            requests.append((S.ARRAY_CHECKSUM, (block, slice(None))))
         try:
-            arrays = {n: self.read(n, start, stop) for n in self.row_arrays()}
+            got = self.store.read_many(requests)
         except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise IntegrityError(f"{where} cannot be read ({type(exc).__name__}: {first}); get "
                                  "a fresh copy of the set") from None
-        problem = self._block_problem(block, arrays)
+        if len(got) > len(read):
+            self._recorded[block] = got.pop()
+        out = dict(zip(read, got))
+        problem = None
+        if v1 and S.block_checksum_v1(out) != int(self._v1_checksums[block]):
+            problem = "does not match its checksum (a flipped byte or a missing chunk)"
+        elif v2:
+            problem = self._checksum_problem(out, k, self._recorded[block])
+        problem = problem or self._value_problem(out)
         if problem:
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
                                  "get a fresh copy of the set")
-        return arrays
+        if v1:  # what was asked for, out of every row array
+            out = {n: out[n][k] if k is not None and n in S.TEMPERATURE_AXIS else out[n]
+                   for n in names}
+        return out
 
-    def _block_problem(self, block: int, arrays: dict[str, np.ndarray]) -> str | None:
-        """Why a block's arrays cannot be trusted, or None."""
-        if self._checksums is not None and S.block_checksum(arrays) != int(self._checksums[block]):
-            return "does not match its checksum (a flipped byte or a missing chunk)"
+    @staticmethod
+    def _block_selection(name: str, start: int, stop: int, k: int | None) -> tuple[Any, ...]:
+        if S.row_axis(name) == 0:
+            return (slice(start, stop),)
+        return (k if k is not None and name in S.TEMPERATURE_AXIS else slice(None),
+                slice(start, stop))
+
+    def _checksum_problem(self, arrays: dict[str, np.ndarray], k: int | None,
+                          recorded: np.ndarray) -> str | None:
+        """The first array read whose checksum slot(s) differ from `recorded`, or None."""
+        def which(name: str, j: int) -> str:
+            return (f" at T={self.temperatures[j]:g}" if name in S.TEMPERATURE_AXIS
+                    else f" of member {j}")
+
+        for name, data in arrays.items():
+            if S.row_axis(name) == 0:
+                parts = [(self._slots[(name, None)], data, "")]
+            elif k is not None and name in S.TEMPERATURE_AXIS:
+                parts = [(self._slots[(name, k)], data, which(name, k))]
+            else:
+                parts = [(self._slots[(name, j)], data[j], which(name, j))
+                         for j in range(len(data))]
+            for col, part, what in parts:
+                if S.array_checksum(part) != int(recorded[col]):
+                    return (f"does not match its checksum (a flipped byte or a missing chunk in "
+                            f"{name!r}{what})")
+        return None
+
+    def _value_problem(self, arrays: dict[str, np.ndarray]) -> str | None:
+        """Why a block's values cannot be trusted (non-finite targets, labels out of range),
+        or None."""
         for name in S.TARGET_ARRAYS:
             if name in arrays and not _all_finite(arrays[name]):
                 return f"holds NaN or inf in {name!r}"
@@ -178,8 +245,8 @@ class TransferSet:
         return dense
 
     def temperature_index(self, temperature: float) -> int | None:
-        for k, t in enumerate(self.temperatures):
-            if np.isclose(t, temperature, rtol=1e-6, atol=0):
+        for k, t in enumerate(self.temperatures):  # np.isclose(rtol=1e-6, atol=0), 30x faster
+            if abs(t - temperature) <= 1e-6 * abs(temperature):
                 return k
         return None
 

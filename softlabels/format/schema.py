@@ -1,4 +1,4 @@
-"""The transfer-set format, version 1: every array and attribute name lives here and nowhere else.
+"""The transfer-set format, version 2: every array and attribute name lives here and nowhere else.
 
 See docs/FORMAT.md for the prose version of this contract.
 """
@@ -13,7 +13,8 @@ import xxhash
 
 from ..errors import IncompleteTransferSetError, TransferSetError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes
+READABLE_VERSIONS = (1, 2)  # 1: one `block_checksum` per block over every row array
 ATTR_KEY = "softlabels"  # root attribute holding one JSON object
 
 # Arrays (row axis is axis 0, except probs / member_logits where it is axis 1).
@@ -26,13 +27,15 @@ VIEW_SEED = "view_seed"  # (R,) uint64, only with augmented views
 MEMBER_LOGITS = "member_logits"  # (M, R, C)
 INPUTS = "inputs"  # (R, ...) the preprocessed inputs, only with --store-inputs
 BLOCK_DONE = "block_done"  # (B,) uint8, 1 once every array's rows of block b are in place
-BLOCK_CHECKSUM = "block_checksum"  # (B,) uint64, XXH3-64 of block b's rows of every row array
+ARRAY_CHECKSUM = "array_checksum"  # (B, S) uint64, XXH3-64 of block b's rows of checksum slot s
+BLOCK_CHECKSUM = "block_checksum"  # version 1 only: (B,) uint64, one XXH3-64 over every row array
 # Sequence sets (one row per position of token sequences; format/sequence.py).
 SEQ_OFFSETS = "seq/offsets"  # (S+1,) int64, rows [offsets[s], offsets[s+1]) are sequence s
 SEQ_POSITION = "seq/position"  # (R,) int32, the row's position inside its sequence
 SEQ_TOKENS = "seq/tokens"  # (R,) int32, the input token at that position
 SEQ_MASK = "seq/mask"  # (R,) uint8, 1 where the position is distilled
-BOOKKEEPING = (BLOCK_DONE, BLOCK_CHECKSUM, SEQ_OFFSETS)  # arrays without one entry per row
+# arrays without one entry per row
+BOOKKEEPING = (BLOCK_DONE, ARRAY_CHECKSUM, BLOCK_CHECKSUM, SEQ_OFFSETS)
 
 # Sparse layouts (instead of dense logits and probs).
 TOPK_INDICES = "topk/indices"  # (R, k) int32, the k largest logits' classes, descending
@@ -44,17 +47,19 @@ SAMPLE_INDICES = "sample/indices"  # (K, R, k) int32, k classes drawn from p_T_k
 TARGET_ARRAYS = (LOGITS, PROBS, MEMBER_LOGITS, TOPK_LOGITS, TOPK_LOGSUMEXP)
 
 ROW_AXIS = {PROBS: 1, MEMBER_LOGITS: 1, SAMPLE_INDICES: 1}
+TEMPERATURE_AXIS = (PROBS, SAMPLE_INDICES)  # arrays whose leading axis is the temperature
 
 # Dimension names (Zarr `dimension_names`, so xarray opens a set with named dimensions).
 ROWS, CLASSES, TEMPERATURE, MEMBER, K = "rows", "classes", "temperature", "member", "k"
-BLOCKS, BOUNDS = "blocks", "sequence_bounds"
+BLOCKS, BOUNDS, SLOTS = "blocks", "sequence_bounds", "checksum_slots"
 DIMENSIONS = {LOGITS: (ROWS, CLASSES), PROBS: (TEMPERATURE, ROWS, CLASSES), LABELS: (ROWS,),
               INDEX: (ROWS,), SAMPLE_HASH: (ROWS,), VIEW_SEED: (ROWS,),
               MEMBER_LOGITS: (MEMBER, ROWS, CLASSES), TOPK_INDICES: (ROWS, K),
               TOPK_LOGITS: (ROWS, K), TOPK_LOGSUMEXP: (ROWS, TEMPERATURE),
               SAMPLE_INDICES: (TEMPERATURE, ROWS, K), BLOCK_DONE: (BLOCKS,),
-              BLOCK_CHECKSUM: (BLOCKS,), SEQ_OFFSETS: (BOUNDS,), SEQ_POSITION: (ROWS,),
-              SEQ_TOKENS: (ROWS,), SEQ_MASK: (ROWS,)}  # inputs: (rows, input_1, ..., input_n)
+              BLOCK_CHECKSUM: (BLOCKS,), ARRAY_CHECKSUM: (BLOCKS, SLOTS),
+              SEQ_OFFSETS: (BOUNDS,), SEQ_POSITION: (ROWS,), SEQ_TOKENS: (ROWS,),
+              SEQ_MASK: (ROWS,)}  # inputs: (rows, input_1, ..., input_n)
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
@@ -88,10 +93,10 @@ def check_readable(meta: dict[str, Any] | None, where: str) -> dict[str, Any]:
             "make one with `softlabels precompute`"
         )
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise TransferSetError(
-            f"{where} has format_version {version!r}, this softlabels reads version "
-            f"{FORMAT_VERSION}; upgrade softlabels or re-create the set"
+            f"{where} has format_version {version!r}, this softlabels reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade softlabels or re-create the set"
         )
     if meta.get("status") != STATUS_COMPLETE:
         raise IncompleteTransferSetError(
@@ -101,14 +106,25 @@ def check_readable(meta: dict[str, Any] | None, where: str) -> dict[str, Any]:
     return meta
 
 
-def block_checksum(arrays: dict[str, np.ndarray]) -> int:
-    """XXH3-64 over, for each row array in name order, its name and the little-endian C-order
-    bytes of the block's rows (all leading axes), as stored."""
+def array_checksum(data: np.ndarray) -> int:
+    """XXH3-64 (seed 0) of an array's little-endian C-order bytes, as stored (one checksum slot
+    of one block; `Layout.checksum_slots`). Hashes the array's memory in place, no copy, when
+    it is C-contiguous and little-endian (as read)."""
+    return xxhash.xxh3_64_intdigest(_little_endian(data))
+
+
+def _little_endian(data: np.ndarray) -> np.ndarray:
+    data = np.ascontiguousarray(data)
+    return data.astype(data.dtype.newbyteorder("<")) if data.dtype.byteorder == ">" else data
+
+
+def block_checksum_v1(arrays: dict[str, np.ndarray]) -> int:
+    """Format version 1's `block_checksum`: XXH3-64 over, for each row array in name order, its
+    name and the little-endian C-order bytes of the block's rows (all leading axes), as stored."""
     h = xxhash.xxh3_64()
     for name in sorted(arrays):
-        data = np.ascontiguousarray(arrays[name])
         h.update(name.encode())
-        h.update(data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes())
+        h.update(_little_endian(arrays[name]))
     return h.intdigest()
 
 

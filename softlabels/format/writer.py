@@ -43,8 +43,8 @@ def write_block(store: Store, layout: Layout, block: int, arrays: dict[str, np.n
         sel = [slice(None)] * len(expected[name][0])
         sel[S.row_axis(name)] = slice(start, stop)
         store.write(name, tuple(sel), data)
-    checksum = np.array([S.block_checksum(stored)], dtype=np.uint64)
-    store.write(S.BLOCK_CHECKSUM, slice(block, block + 1), checksum)
+    store.write(S.ARRAY_CHECKSUM, (slice(block, block + 1), slice(None)),
+                layout.block_checksums(stored)[None])
     store.flush()
     store.write(S.BLOCK_DONE, slice(block, block + 1), np.ones(1, np.uint8))
     store.flush()
@@ -157,6 +157,12 @@ class TransferSetWriter:
                                 "it was left untouched: use another --out, or --overwrite")
         if old.get("status") == S.STATUS_COMPLETE:
             self.meta, self.already_complete = old, True
+        elif old.get("format_version") != S.FORMAT_VERSION:
+            store.close()
+            raise TransferSetError(
+                f"{self.path} was begun by another softlabels version (format version "
+                f"{old.get('format_version')!r}; this one writes {S.FORMAT_VERSION}); finish it "
+                "with the softlabels that began it, or start again with --overwrite")
         else:
             links = store.links()
             if links:
