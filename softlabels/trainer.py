@@ -29,6 +29,7 @@ from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices, select_rows
 from .losses import kd_loss_from_probs, sparse_kd_loss
 from .options import TrainOptions, check_output_file, check_temperature
+from .ranks import finish_distributed, init_distributed, rank_share, summed, wrap_ddp
 from .resume import clear_state, load_state, restore, run_digest, save_state
 from .specs import check_labels, load_data, load_model, save_checkpoint, split_item
 from .teacher import resolve_device
@@ -87,13 +88,6 @@ def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Te
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
                   rows, cols]
-
-
-def rank_share(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's disjoint share of an epoch's order, the same length on every rank (the last
-    len % world rows of the epoch are skipped, so all ranks take the same number of steps)."""
-    per = len(order) // world
-    return order[rank::world][:per] if world > 1 else order
 
 
 def _batches(tensors: Sequence[torch.Tensor], batch_size: int, generator: torch.Generator,
@@ -199,11 +193,11 @@ def train_student(
                                       callbacks=callbacks, resume=resume)
     dev = resolve_device(opts.device)
     distributed = opts.distributed
-    rank, world = _init_distributed(dev) if distributed else (0, 1)
+    rank, world = init_distributed(dev) if distributed else (0, 1)
     torch.manual_seed(seed)
     net, spec = load_model(model, trust_code=opts.trust_code)
     net = net.to(dev)
-    step_net = _wrap_ddp(net, dev) if world > 1 else net
+    step_net = wrap_ddp(net, dev) if world > 1 else net
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise DataError("the dataset is empty: there is nothing to train on; check --data")
@@ -252,7 +246,7 @@ def train_student(
             loss = _loss(step_net(x), y, [t.to(dev) for t in batch[2:]], ts, temperature,
                          alpha)
             if world > 1:  # all ranks stop together, or the rest would wait in backward
-                _finite_loss(_summed(loss), epoch, b)
+                _finite_loss(summed(loss), epoch, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -277,7 +271,7 @@ def train_student(
     result = TrainResult(model=net, spec=spec, history=history, rows=n_rows,
                          seconds=time.perf_counter() - t0, rank=rank)
     if distributed:
-        _finish_distributed()
+        finish_distributed()
     if out is not None and rank == 0:
         meta = {"history": history, "rows": n_rows, "seed": seed, "epochs": epochs,
                 "world_size": world, "batch_size": batch_size, "batch_size_is": "per rank",
@@ -376,47 +370,12 @@ def _finite_loss(value: float, epoch: int, step: int) -> float:
     return value
 
 
-def _summed(loss: torch.Tensor) -> float:
-    """The loss summed over ranks: NaN/inf when any rank's is."""
-    import torch.distributed as dist
-
-    value = loss.detach().clone()
-    dist.all_reduce(value)
-    return float(value)
-
-
 def _check_weights(net: nn.Module, epochs: int) -> None:
     """Never save a model with NaN/inf weights (a finite loss can still overflow a step)."""
     for name, tensor in net.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TrainingError(f"after {epochs} epochs the weights {name!r} hold NaN or inf; "
                                 "nothing was saved; lower --lr")
-
-
-def _init_distributed(dev: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            raise SoftlabelsError("--distributed runs under torchrun, e.g. `torchrun "
-                                  "--nproc-per-node 2 -m softlabels train --distributed ...`")
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _wrap_ddp(net: nn.Module, dev: torch.device) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-
-def _finish_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,

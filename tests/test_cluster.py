@@ -111,7 +111,7 @@ def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
 def test_rank_shares_are_disjoint_and_equal(n: int, world: int) -> None:
     import torch
 
-    from softlabels.trainer import rank_share
+    from softlabels.ranks import rank_share
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
     shares = [rank_share(order, r, world).tolist() for r in range(world)]
