@@ -24,7 +24,18 @@ def test_quick_tiny_lm_writes_results_and_rerun_skips(tmp_path: Path,
     r = json.loads((out / "results.json").read_text())
     for key in ("teacher", "student_hard", "student_distilled", "subset_hard", "subset_soft"):
         assert 1 < r[key]["perplexity"] < 256 * 4 and 0 <= r[key]["token_accuracy"] <= 1
-    assert r["train_positions"] == 12000 and 0 < r["bytes_per_token"] < 200
+    # 12,000 bytes less the validation split (every 5th 1,024-byte chunk: chunks 4 and 9);
+    # a validation sequence of 64 bytes has 63 next-byte positions
+    assert r["train_positions"] == 12000 - 2 * 1024
+    assert r["validation_positions"] == 2 * 1024 - 2 * 1024 // 64
+    assert 0 < r["bytes_per_token"] < 200
+    for key in ("student_hard", "subset_hard", "subset_soft"):  # kept at a validated epoch
+        row = r[key]["per_seed"][0]
+        assert row["validation_perplexity"] == min(p["validation_perplexity"]
+                                                   for p in row["curve"])
+    assert 0 <= r["subset_hard"]["train_token_accuracy"] <= 1
+    assert {v["effect"] for v in r["verdicts"]} >= {
+        "soft targets much better than hard on 3% of the data"}
     assert r["subset_positions"] < r["train_positions"] * 0.2
     assert (out / "tiny_lm.png").read_bytes()[:4] == b"\x89PNG"
     assert "| student, distilled from top-k, 3% of the text |" in (out / "results.md").read_text()
