@@ -132,6 +132,8 @@ class _Job:
                                                  for m, v in s.items()},
                     **last, "epoch": best["epoch"], "positions": result.positions,
                     "loss": [round(h["loss"], 4) for h in result.history], "curve": curve}
+        if kwargs.get("alpha") == 0.0:  # hard targets: the soft-target settings play no part
+            params = {k: v for k, v in params.items() if k not in ("temperature", "alpha")}
         return self.steps.run(name, {**params, **kwargs, "data": key, "seed": seed}, go)
 
 
