@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from softlabels.cli import cli
+from softlabels.errors import SoftlabelsError
 from softlabels.experiments.tiny_lm import split_text
 from softlabels.verify import verify
 
@@ -54,6 +55,10 @@ def test_validation_split_is_whole_chunks_of_the_training_text() -> None:
     assert val == data[3000:4000] + data[7000:8000]  # chunks 3 and 7
     assert train == data[:3000] + data[4000:7000] + data[8000:]
     assert split_text(data, None) == (data, b"")
+    for bad in ({"chunk_bytes": 1000, "every": 1}, {"chunk_bytes": "1k", "every": 4},
+                {"chunk_bytes": 5000, "every": 4}):  # the last: no whole validation chunk
+        with pytest.raises(SoftlabelsError, match="validation"):
+            split_text(data, bad)
 
 
 def test_seeds_pair_students_and_subsets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..errors import SoftlabelsError
 from ..format.operations import subset
 from ..format.reader import open_transfer_set
 from ..gpt import TinyGPT
@@ -48,7 +49,16 @@ def split_text(data: bytes, validation: dict[str, Any] | None) -> tuple[bytes, b
     2*every-1, ...) is validation; none without a `validation` table."""
     if not validation:
         return data, b""
-    size, every = int(validation["chunk_bytes"]), int(validation["every"])
+    size, every = validation.get("chunk_bytes"), validation.get("every")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, every)) \
+            or size < 1 or every < 2:
+        raise SoftlabelsError("[data] validation takes whole numbers chunk_bytes >= 1 and "
+                              f"every >= 2 (e.g. {{ chunk_bytes = 4096, every = 10 }}), got "
+                              f"{validation!r}; fix the pipeline file")
+    if len(data) < size * every:
+        raise SoftlabelsError(f"the training text has {len(data)} bytes, fewer than one "
+                              f"validation chunk in {every} of {size} needs ({size * every}); "
+                              "lower [data] validation.chunk_bytes")
     chunks = [data[i:i + size] for i in range(0, len(data), size)]
     return (b"".join(c for i, c in enumerate(chunks) if i % every != every - 1),
             b"".join(c for i, c in enumerate(chunks) if i % every == every - 1))
