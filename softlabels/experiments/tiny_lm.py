@@ -3,31 +3,39 @@ token from stored top-k (and sampled) targets, against the same student on hard 
 and both again on 3% of the training text (the paper's speech finding, Hinton et al. 2015 §4).
 
 The text is CPython's own standard-library source (data/tiny_lm, see data/README.md); the
-tokens are its bytes (256 classes), cut into sequences of `sequence_length` bytes.
+tokens are its bytes (256 classes), cut into sequences of `sequence_length` bytes. Every
+`validation.every`-th chunk of `validation.chunk_bytes` of the TRAINING text is set aside as a
+validation split: it chooses everything that is chosen (each model is kept at the evaluated
+epoch with the lowest validation perplexity; configurations are compared on it). The held-out
+text (other files) chooses nothing.
+
+The teacher and its transfer sets are made once (from `seed`); every student, and the 3%
+subset, once per seed (`seed`, `seed`+1, ...; `seeds` of them), so rows of one seed are paired.
+The first seed's files lie in OUT, the others' in OUT/seed{s}/.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import SoftlabelsError
 from ..format.operations import subset
 from ..format.reader import open_transfer_set
 from ..gpt import TinyGPT
 from ..precompute import precompute
 from ..sequence_datasets import SequenceBatches
 from ..sequence_trainer import evaluate_sequence_model, train_sequence_model
-from ..specs import load_checkpoint, load_data
-
-# Hinton, Vinyals & Dean (2015): Table 1 (frame accuracy, speech) and Table 3 (3% of the data).
-PAPER = {"baseline": 58.9, "ensemble_10": 61.1, "distilled": 60.8,
-         "3pct_hard": 44.5, "3pct_soft": 57.0, "3pct_hard_train": 67.3,
-         "3pct_soft_train": 65.4}
+from ..specs import load_checkpoint, load_data, load_model, save_checkpoint
+from .tiny_lm_report import PAPER, plot, results_md, summarize_lm_seeds
 
 
 def gpt(vocab: int = 256, dim: int = 128, layers: int = 4, heads: int = 4,
@@ -36,50 +44,119 @@ def gpt(vocab: int = 256, dim: int = 128, layers: int = 4, heads: int = 4,
     return TinyGPT(vocab, dim, layers, heads, context)
 
 
-def write_sequences(text: Path, out: Path, length: int, limit: int | None) -> str:
-    """The text's bytes cut into sequences of `length`, one JSON list a line; a tokens: spec."""
-    data = text.read_bytes()[:limit]
+def split_text(data: bytes, validation: dict[str, Any] | None) -> tuple[bytes, bytes]:
+    """(training, validation) bytes: every `every`-th chunk of `chunk_bytes` (chunks every-1,
+    2*every-1, ...) is validation; none without a `validation` table."""
+    if not validation:
+        return data, b""
+    size, every = validation.get("chunk_bytes"), validation.get("every")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, every)) \
+            or size < 1 or every < 2:
+        raise SoftlabelsError("[data] validation takes whole numbers chunk_bytes >= 1 and "
+                              f"every >= 2 (e.g. {{ chunk_bytes = 4096, every = 10 }}), got "
+                              f"{validation!r}; fix the pipeline file")
+    if len(data) < size * every:
+        raise SoftlabelsError(f"the training text has {len(data)} bytes, fewer than one "
+                              f"validation chunk in {every} of {size} needs ({size * every}); "
+                              "lower [data] validation.chunk_bytes")
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    return (b"".join(c for i, c in enumerate(chunks) if i % every != every - 1),
+            b"".join(c for i, c in enumerate(chunks) if i % every == every - 1))
+
+
+def write_sequences(data: bytes, out: Path, length: int) -> str:
+    """The bytes cut into sequences of `length`, one JSON list a line; a tokens: spec."""
     with out.open("w") as f:
         for i in range(0, len(data) - 1, length):
             f.write(json.dumps(list(data[i:i + length])) + "\n")
     return f"tokens:{out}"
 
 
-def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    seed = int(cfg.get("seed", 0))
-    dcfg, tcfg, scfg, setcfg = cfg["data"], cfg["teacher"], cfg["student"], cfg["transfer_set"]
-    length = int(dcfg["sequence_length"])
-    train_spec = write_sequences(Path(dcfg["train"]), out / "train.jsonl", length,
-                                 dcfg.get("train_bytes"))
-    held_spec = write_sequences(Path(dcfg["held_out"]), out / "held_out.jsonl", length,
-                                dcfg.get("held_out_bytes"))
-    train_data, held_data = load_data(train_spec), load_data(held_spec)
-    held = SequenceBatches.from_tokens(held_data, batch_size=64, shuffle=False,
-                                       num_classes=256)
+class _Job:
+    """What every step of one run shares: the data, the evaluation sets, the step cache."""
 
-    def score(ckpt: Path) -> dict[str, Any]:
-        r = evaluate_sequence_model(load_checkpoint(ckpt)[0], held, device="cpu")
+    def __init__(self, cfg: dict[str, Any], out: Path, steps: Any,
+                 callbacks: list[Any]) -> None:
+        self.cfg, self.out, self.steps, self.callbacks = cfg, out, steps, callbacks
+        d = cfg["data"]
+        length = int(d["sequence_length"])
+        train_bytes, val_bytes = split_text(Path(d["train"]).read_bytes()[:d.get("train_bytes")],
+                                            d.get("validation"))
+        held_bytes = Path(d["held_out"]).read_bytes()[:d.get("held_out_bytes")]
+        self.train_spec = write_sequences(train_bytes, out / "train.jsonl", length)
+        self.train_data = load_data(self.train_spec)
+        self.evals = {"held_out": write_sequences(held_bytes, out / "held_out.jsonl", length)}
+        if val_bytes:
+            self.evals["validation"] = write_sequences(val_bytes, out / "validation.jsonl",
+                                                       length)
+        self.eval_batches = {k: SequenceBatches.from_tokens(load_data(v), batch_size=64,
+                                                            shuffle=False, num_classes=256)
+                             for k, v in self.evals.items()}
+        self.select_on = "validation" if val_bytes else None
+        self.sizes = {"train_bytes": len(train_bytes), "validation_bytes": len(val_bytes),
+                      "held_out_bytes": len(held_bytes)}
+
+    def evaluate(self, net: torch.nn.Module, name: str) -> dict[str, float]:
+        r = evaluate_sequence_model(net, self.eval_batches[name], device="cpu")
         return {"perplexity": round(r["perplexity"], 4),
                 "token_accuracy": round(r["token_accuracy"], 4)}
 
-    def train(name: str, params: dict[str, Any], batches: SequenceBatches, key: Any,
-              **kwargs: Any) -> dict[str, Any]:
-        ckpt = out / f"{name}.pt"
+    def train(self, name: str, params: dict[str, Any], batches: SequenceBatches, key: Any,
+              seed: int, **kwargs: Any) -> dict[str, Any]:
+        """Train and score one model; kept at the evaluated epoch (every `eval_every`, and the
+        last) with the lowest validation perplexity when there is a validation split."""
+        ckpt = self.out / f"{name}.pt"
 
         def go() -> dict[str, Any]:
-            result = train_sequence_model(
-                params["model"], batches, epochs=int(params["epochs"]),
-                lr=float(params.get("lr", 3e-3)), seed=int(params.get("seed", seed)),
-                device="cpu", out=ckpt, callbacks=callbacks, **kwargs)
-            return {**score(ckpt), "positions": result.positions,
-                    "loss": [round(h["loss"], 4) for h in result.history]}
-        return steps.run(name, {**params, **kwargs, "data": key}, go)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            epochs, every = int(params["epochs"]), int(params.get("eval_every", 1))
+            torch.manual_seed(seed)
+            net, spec = load_model(params["model"])
+            curve: list[dict[str, Any]] = []
+            best: dict[str, Any] = {"perplexity": math.inf, "epoch": epochs, "state": None}
 
-    # 1. The teacher, on hard next bytes of the whole training text.
-    hard_all = SequenceBatches.from_tokens(train_data, batch_size=int(tcfg["batch_size"]),
-                                           seed=seed, num_classes=256)
-    teacher = train("teacher", tcfg, hard_all, dcfg, alpha=0.0)
+            def watch(event: str, info: dict[str, Any]) -> None:
+                e = info.get("epoch", 0)
+                if event != "epoch" or self.select_on is None or (e % every and e != epochs):
+                    return
+                v = self.evaluate(net, self.select_on)
+                net.train()
+                curve.append({"epoch": e, "loss": round(info["loss"], 4),
+                              "validation_perplexity": v["perplexity"]})
+                if v["perplexity"] < best["perplexity"]:
+                    best.update(perplexity=v["perplexity"], epoch=e,
+                                state=copy.deepcopy(net.state_dict()))
+
+            result = train_sequence_model(
+                net, batches, epochs=epochs, lr=float(params.get("lr", 3e-3)), seed=seed,
+                weight_decay=float(params.get("weight_decay", 0.0)), device="cpu",
+                callbacks=[*self.callbacks, watch], **kwargs)
+            last = {f"final_{k}": v for k, v in self.evaluate(net, self.select_on).items()} \
+                if self.select_on else {}
+            if best["state"] is not None:
+                net.load_state_dict(best["state"])
+            save_checkpoint(net, ckpt, spec=spec, meta={"history": result.history,
+                                                        "epoch": best["epoch"], **kwargs})
+            scores = {k: self.evaluate(net, k) for k in self.eval_batches}
+            return {**scores.pop("held_out"), **{f"{k}_{m}": v for k, s in scores.items()
+                                                 for m, v in s.items()},
+                    **last, "epoch": best["epoch"], "positions": result.positions,
+                    "loss": [round(h["loss"], 4) for h in result.history], "curve": curve}
+        if kwargs.get("alpha") == 0.0:  # hard targets: the soft-target settings play no part
+            params = {k: v for k, v in params.items() if k not in ("temperature", "alpha")}
+        return self.steps.run(name, {**params, **kwargs, "data": key, "seed": seed}, go)
+
+
+def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    first, n_seeds = int(cfg.get("seed", 0)), int(cfg.get("seeds", 1))
+    dcfg, tcfg, setcfg = cfg["data"], cfg["teacher"], cfg["transfer_set"]
+    job = _Job(cfg, out, steps, callbacks)
+
+    # 1. The teacher, on hard next bytes of the training text (validation chunks left out).
+    hard_all = SequenceBatches.from_tokens(job.train_data, batch_size=int(tcfg["batch_size"]),
+                                           seed=first, num_classes=256)
+    teacher = job.train("teacher", tcfg, hard_all, dcfg, first, alpha=0.0)
 
     # 2. Its targets, stored once: top-k with exact normalisers, and k sampled bytes.
     temps = [float(t) for t in setcfg["temperatures"]]
@@ -91,45 +168,23 @@ def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) ->
         sets[kind] = path
         steps.run(f"set_{kind}", {"teacher": tcfg, "data": dcfg, "set": setcfg},
                   lambda path=path, opts=opts: str(precompute(
-                      train_spec, [str(out / "teacher.pt")], path, temperatures=temps,
+                      job.train_spec, [str(out / "teacher.pt")], path, temperatures=temps,
                       batch_size=64, dtype="float16", device="cpu", overwrite=True,
                       **opts).path))
     with open_transfer_set(sets["topk"]) as ts:
         bytes_per_token = round(ts.nbytes_on_disk() / ts.num_rows, 1)
 
-    # 3. The smaller student: hard next bytes, against distilled from top-k and from samples.
-    t_soft, alpha = float(scfg["temperature"]), float(scfg["alpha"])
-    bs = int(scfg["batch_size"])
-    hard = train("student_hard", scfg, SequenceBatches.from_tokens(
-        train_data, batch_size=bs, seed=seed, num_classes=256), dcfg, alpha=0.0)
-    distilled = train("student_distilled", scfg, SequenceBatches(
-        sets["topk"], temperature=t_soft, batch_size=bs, seed=seed), dcfg,
-        temperature=t_soft, alpha=alpha)
-    sampled = train("student_sampled", scfg, SequenceBatches(
-        sets["sample"], temperature=t_soft, batch_size=bs, seed=seed), dcfg,
-        temperature=t_soft, alpha=alpha)
-
-    # 4. 3% of the training sequences (a subset of the set, by sequence): hard against soft.
-    sub_cfg = {**scfg, **cfg["subset"]}
-    sub_path = out / "subset.zarr"
-    steps.run("subset_set", {"set": setcfg, "subset": sub_cfg, "teacher": tcfg, "data": dcfg},
-              lambda: _subset(sets["topk"], sub_path, float(sub_cfg["fraction"]), seed))
-    sub_hard = train("subset_hard", sub_cfg, SequenceBatches(
-        sub_path, temperature=t_soft, batch_size=bs, seed=seed), [dcfg, "subset"], alpha=0.0)
-    sub_soft = train("subset_soft", sub_cfg, SequenceBatches(
-        sub_path, temperature=t_soft, batch_size=bs, seed=seed), [dcfg, "subset"],
-        temperature=t_soft, alpha=alpha)
-    with open_transfer_set(sub_path) as ts:
-        sub_positions = ts.num_rows
-
+    seeds = list(range(first, first + n_seeds))
+    per_seed = [_students(job, sets, s, "" if s == first else f"seed{s}/") for s in seeds]
     results = {
-        "teacher": teacher, "student_hard": hard, "student_distilled": distilled,
-        "student_sampled": sampled, "subset_hard": sub_hard, "subset_soft": sub_soft,
-        "bytes_per_token": bytes_per_token,
-        "train_positions": int(train_data.offsets[-1]),
-        "held_out_positions": held.num_positions - len(held_data),
-        "subset_positions": sub_positions, "paper": PAPER,
-        "seconds_this_run": round(time.perf_counter() - t0, 1),
+        "teacher": teacher, **summarize_lm_seeds(per_seed),
+        "bytes_per_token": bytes_per_token, "seeds_run": seeds,
+        "train_positions": int(job.train_data.offsets[-1]),
+        "held_out_positions": _positions(job, "held_out"),
+        "validation_positions": _positions(job, "validation"),
+        "subset_positions": per_seed[0]["subset_positions"], **job.sizes,
+        "selected_on": job.select_on or "nothing (no validation split)",
+        "paper": PAPER, "seconds_this_run": round(time.perf_counter() - t0, 1),
         "seconds_all_steps": round(steps.seconds(), 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "config": cfg,
@@ -140,70 +195,51 @@ def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) ->
     return results
 
 
+def _positions(job: _Job, name: str) -> int:
+    b = job.eval_batches.get(name)
+    return 0 if b is None else b.num_positions - (len(b.offsets) - 1)
+
+
+def _students(job: _Job, sets: dict[str, Path], seed: int, prefix: str) -> dict[str, Any]:
+    """Every student from one seed: hard, distilled from top-k and from samples, and both on
+    this seed's 3% of the training sequences."""
+    cfg, dcfg = job.cfg, job.cfg["data"]
+    scfg, setcfg, tcfg = cfg["student"], cfg["transfer_set"], cfg["teacher"]
+    t_soft, alpha, bs = float(scfg["temperature"]), float(scfg["alpha"]), int(scfg["batch_size"])
+    r: dict[str, Any] = {}
+    r["student_hard"] = job.train(f"{prefix}student_hard", scfg, SequenceBatches.from_tokens(
+        job.train_data, batch_size=bs, seed=seed, num_classes=256), dcfg, seed, alpha=0.0)
+    for key, kind in (("student_distilled", "topk"), ("student_sampled", "sample")):
+        r[key] = job.train(f"{prefix}{key}", scfg, SequenceBatches(
+            sets[kind], temperature=t_soft, batch_size=bs, seed=seed), [dcfg, setcfg, tcfg],
+            seed, temperature=t_soft, alpha=alpha)
+
+    # 3% of the training sequences (a subset of the set, by sequence): hard against soft.
+    sub_cfg = {**scfg, **cfg["subset"]}
+    sub_path = job.out / f"{prefix}subset.zarr"
+    sub_key = {"set": setcfg, "fraction": sub_cfg["fraction"], "teacher": tcfg, "data": dcfg}
+    job.steps.run(f"{prefix}subset_set", {**sub_key, "seed": seed},
+                  lambda: _subset(sets["topk"], sub_path, float(sub_cfg["fraction"]), seed))
+    sub = SequenceBatches(sub_path, temperature=t_soft, batch_size=bs, seed=seed)
+    t_sub, a_sub = float(sub_cfg["temperature"]), float(sub_cfg["alpha"])
+    r["subset_hard"] = job.train(f"{prefix}subset_hard", sub_cfg, sub, [sub_key, "hard"], seed,
+                                 alpha=0.0)
+    r["subset_soft"] = job.train(f"{prefix}subset_soft", sub_cfg, SequenceBatches(
+        sub_path, temperature=t_sub, batch_size=bs, seed=seed), sub_key, seed,
+        temperature=t_sub, alpha=a_sub)
+    # the paper's Table 3 gives train accuracy too: each 3% model on its own training bytes
+    for key in ("subset_hard", "subset_soft"):
+        net = load_checkpoint(job.out / f"{prefix}{key}.pt")[0]
+        r[key]["train_token_accuracy"] = round(evaluate_sequence_model(
+            net, SequenceBatches(sub_path, batch_size=64, shuffle=False),
+            device="cpu")["token_accuracy"], 4)
+    r["subset_positions"] = sub.num_positions
+    return r
+
+
 def _subset(src: Path, out: Path, fraction: float, seed: int) -> str:
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     subset(src, out, fraction=fraction, seed=seed)
     return str(out)
-
-
-ROWS = [("teacher", "teacher (hard next bytes, all text)", None),
-        ("student_hard", "student, hard next bytes, all text", "baseline"),
-        ("student_distilled", "student, distilled from top-k, all text", "distilled"),
-        ("student_sampled", "student, distilled from sampled bytes, all text", None),
-        ("subset_hard", "student, hard next bytes, 3% of the text", "3pct_hard"),
-        ("subset_soft", "student, distilled from top-k, 3% of the text", "3pct_soft")]
-
-
-def results_md(r: dict[str, Any]) -> str:
-    c = r["config"]
-    lines = [
-        "# tiny_lm: per-token distillation on CPython's standard-library source",
-        "",
-        f"Byte-level (256 classes); {r['train_positions']:,} training and "
-        f"{r['held_out_positions']:,} held-out next-byte positions; the 3% subset holds "
-        f"{r['subset_positions']:,}. Teacher `{c['teacher']['model']}`, student "
-        f"`{c['student']['model']}`; targets at T = {c['student']['temperature']} "
-        f"(alpha {c['student']['alpha']}), top-{c['transfer_set']['topk']} with exact "
-        f"normalisers ({r['bytes_per_token']} bytes a token on disk) or "
-        f"{c['transfer_set']['sample_k']} sampled bytes. Held-out text: other files.",
-        "",
-        "| model | held-out perplexity | held-out token accuracy | paper (speech, frame acc.) |",
-        "|---|---|---|---|",
-    ]
-    for key, name, paper in ROWS:
-        m = r[key]
-        ref = f"{r['paper'][paper]}%" if paper else ""
-        lines.append(f"| {name} | {m['perplexity']:.3f} | {100 * m['token_accuracy']:.2f}% "
-                     f"| {ref} |")
-    lines += ["", "The paper's speech model: baseline 58.9%, 10-model ensemble 61.1%, distilled "
-              "single model 60.8% (Table 1); on 3% of the data, hard targets 44.5% and soft "
-              "targets 57.0% test frame accuracy (Table 3).", "",
-              f"Run time: {r['seconds_all_steps']} s over all steps on {r['machine']}."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(r: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k, _, _ in ROWS]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, metric, label in ((axes[0], "perplexity", "held-out perplexity"),
-                              (axes[1], "token_accuracy", "held-out token accuracy")):
-        ax.bar(range(len(keys)), [r[k][metric] for k in keys],
-               color=["#555", "#c44", "#48c", "#8ac", "#c88", "#48c"])
-        ax.set_xticks(range(len(keys)), [k.replace("_", "\n") for k in keys], fontsize=8)
-        ax.set_title(label)
-    for k in keys:
-        axes[2].plot(range(1, len(r[k]["loss"]) + 1), r[k]["loss"], label=k)
-    axes[2].set_xlabel("epoch")
-    axes[2].set_title("training loss (per position)")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "tiny_lm.png", dpi=100)
-    plt.close(fig)
