@@ -459,3 +459,21 @@ def test_gs_urls_write_and_read_through_gcsfs(tmp_path: Path,
         assert verify(url, data=data).ok
     finally:
         server.stop()
+
+
+def test_an_unreachable_endpoint_is_one_line_for_a_reader(tmp_path: Path, bucket: str) -> None:
+    """Every reading command on a URL whose endpoint does not answer says so in one line (no
+    traceback), naming the URL and where the endpoint comes from."""
+    import socket
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "PYTHONPATH": str(HERE.parent)}
+    done = subprocess.run([sys.executable, "-m", "softlabels", "info", f"s3://{bucket}/a.zarr"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"s3://{bucket}/a.zarr" in lines[0], lines
+    assert "AWS_ENDPOINT_URL" in lines[0]

@@ -129,10 +129,17 @@ class Remote:
         """Whether anything is stored at the URL: an object, or objects under it as a
         prefix. Over http only the set's root `zarr.json` or the file itself is probed."""
         fs = self.fs
-        if self.read_only:
-            return fs.exists(self.child("zarr.json")) or fs.isfile(self.key)
-        fs.invalidate_cache(self.key)
-        return bool(fs.exists(self.key))
+        try:
+            if self.read_only:
+                return fs.exists(self.child("zarr.json")) or fs.isfile(self.key)
+            fs.invalidate_cache(self.key)
+            return bool(fs.exists(self.key))
+        except Exception as exc:  # an endpoint that does not answer (botocore, aiohttp, ...)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            where = {"s3": "AWS_ENDPOINT_URL, ~/.aws", "gcs": "STORAGE_EMULATOR_HOST, gcloud"}
+            raise TransferSetError(
+                f"cannot reach {self.url} ({type(exc).__name__}: {first}); check the network "
+                f"and the endpoint ({where.get(self.protocol, 'the URL')})") from None
 
     def is_dir_like(self) -> bool:
         """Whether the URL is a prefix holding objects (a Zarr set), not one object."""
