@@ -441,6 +441,26 @@ def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str
         assert ts.temperatures == [2.0] and ts.read_block(0)
 
 
+def test_a_chunk_cached_while_damaged_is_read_again_once_the_store_is_repaired(
+        tmp_path: Path, bucket: str) -> None:
+    """A chunk damaged in the store and cached by a refused read is dropped from the cache, so
+    after the owner repairs the set (verify passes) the same cache does not keep refusing it."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/repaired.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    fs, key = _fs(), f"{bucket}/repaired.zarr/{S.PROBS}/c/0/1/0"
+    good = fs.cat_file(key)
+    fs.pipe_file(key, good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 0x10])
+                 + good[len(good) // 2 + 1:])
+    cache = str(tmp_path / "cache")
+    with open_transfer_set(url, cache=cache) as ts, pytest.raises(IntegrityError, match="block 1"):
+        ts.read_block(1)
+    fs.pipe_file(key, good)  # the owner puts the good object back
+    assert verify(url).ok
+    with open_transfer_set(url, cache=cache) as ts:
+        assert ts.read_block(1)[S.PROBS].shape == (2, 16, 3)
+
+
 def test_gs_urls_write_and_read_through_gcsfs(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gcsfs")

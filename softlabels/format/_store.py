@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -126,6 +127,9 @@ class Store(ABC):
     def close(self) -> None:
         """Release file handles."""
 
+    def drop_cache(self) -> None:
+        """Forget what a local chunk cache holds of this set (none by default)."""
+
     def has(self, name: str) -> bool:
         return name in self.names()
 
@@ -210,6 +214,10 @@ class ZarrStore(Store):
 
     def read(self, name, selection=slice(None)):
         return np.asarray(self.array(name)[selection])
+
+    def drop_cache(self):  # a damaged object read through the cache is not kept in it
+        if self._remote is not None and self._remote.cache_folder is not None:
+            shutil.rmtree(self._remote.cache_folder, ignore_errors=True)
 
     def read_many(self, requests):
         from zarr.core.sync import sync

@@ -58,6 +58,7 @@ class Remote:
         self.protocol, self.module, self.extra = _SCHEMES[scheme]
         self.read_only = scheme in READ_ONLY_SCHEMES
         self._fs: Any = None
+        self.cache_folder: str | None = None  # the local chunk cache zarr_store reads through
 
     def __str__(self) -> str:
         return self.url
@@ -114,7 +115,8 @@ class Remote:
 
         root = self.fs.cat_file(self.child("zarr.json"))
         folder = hashlib.sha256(self.url.encode() + b"\0" + root).hexdigest()[:24]
-        return CacheStore(remote, cache_store=LocalStore(os.path.join(cache, folder)))
+        self.cache_folder = os.path.join(cache, folder)
+        return CacheStore(remote, cache_store=LocalStore(self.cache_folder))
 
     def open_file(self) -> Any:
         """A read-only file object of the whole object (for h5py)."""
