@@ -28,7 +28,12 @@ from click.testing import CliRunner  # noqa: E402
 
 from conftest import make_npz  # noqa: E402
 from softlabels.cli import cli  # noqa: E402
-from softlabels.errors import IntegrityError, SoftlabelsError, WriterBusyError  # noqa: E402
+from softlabels.errors import (  # noqa: E402
+    IntegrityError,
+    SoftlabelsError,
+    TransferSetError,
+    WriterBusyError,
+)
 from softlabels.format import schema as S  # noqa: E402
 from softlabels.format.location import CACHE_ENV  # noqa: E402
 from softlabels.format.operations import convert  # noqa: E402
@@ -389,6 +394,16 @@ def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Pat
         assert result.exit_code != 0
         assert "read-only" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (root / "n.zarr").exists() and not (root / "copy.zarr").exists()
+
+
+def test_an_h5_url_that_is_not_hdf5_is_one_line(web: tuple[str, Path]) -> None:
+    pytest.importorskip("aiohttp")
+    base, root = web
+    (root / "notes.h5").write_text("not an HDF5 file\n")
+    with pytest.raises(TransferSetError, match="cannot open .*notes.h5 as HDF5"):
+        open_transfer_set(f"{base}/notes.h5")
+    result = CliRunner().invoke(cli, ["verify", f"{base}/notes.h5"])
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_a_url_without_its_extra_names_the_extra(tmp_path: Path,
