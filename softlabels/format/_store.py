@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -238,9 +239,11 @@ class ZarrStore(Store):
         return self._arrays[name]
 
     def names(self, expected=()):
-        try:
-            found = sorted(path for path, _ in self._group.arrays()) + sorted(
-                f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
+        try:  # a folder without zarr.json (a damaged array) is left to the layout check
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                found = sorted(path for path, _ in self._group.arrays()) + sorted(
+                    f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
         except (FileNotFoundError, PermissionError):  # a web server that does not list
             found = []
         if found or self._remote is None or not self._remote.read_only:
