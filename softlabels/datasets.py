@@ -60,7 +60,8 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
     index, hashes = ts.index(), ts.sample_hash()
     for r in rows:
         x, _ = split_item(data[int(index[r])])
-        if S.sample_hash(x.numpy()) != int(hashes[r]):
+        if S.sample_hash(x.numpy()) != int(hashes[r]):  # damage in the set is named first
+            ts.read_block(int(r) // ts.layout.block_rows, [S.INDEX, S.SAMPLE_HASH])
             raise MismatchError(
                 f"row {int(r)} of {ts.path} (dataset index {int(index[r])}) does not match the "
                 "dataset's example: the data is permuted, edited or another dataset; pass the "

@@ -159,3 +159,21 @@ def test_a_set_without_digest_whose_metadata_disagrees_is_refused_in_one_line(
         open_transfer_set(path)
     assert found in str(err.value) and "\n" not in str(err.value)
     assert not verify(path).ok
+
+
+def test_an_array_without_its_metadata_is_one_line_without_zarr_warnings(
+        tmp_path: Path, npz_data: str) -> None:
+    """A Zarr set missing one array's zarr.json: the command's only output is its error line
+    (zarr's warning about the leftover chunk folder is not shown to the user)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "set.zarr"
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+    (path / "probs" / "zarr.json").unlink()
+    done = subprocess.run([sys.executable, "-m", "softlabels", "info", str(path)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 1 and "probs" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

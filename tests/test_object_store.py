@@ -28,7 +28,12 @@ from click.testing import CliRunner  # noqa: E402
 
 from conftest import make_npz  # noqa: E402
 from softlabels.cli import cli  # noqa: E402
-from softlabels.errors import IntegrityError, SoftlabelsError, WriterBusyError  # noqa: E402
+from softlabels.errors import (  # noqa: E402
+    IntegrityError,
+    SoftlabelsError,
+    TransferSetError,
+    WriterBusyError,
+)
 from softlabels.format import schema as S  # noqa: E402
 from softlabels.format.location import CACHE_ENV  # noqa: E402
 from softlabels.format.operations import convert  # noqa: E402
@@ -391,6 +396,16 @@ def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Pat
     assert not (root / "n.zarr").exists() and not (root / "copy.zarr").exists()
 
 
+def test_an_h5_url_that_is_not_hdf5_is_one_line(web: tuple[str, Path]) -> None:
+    pytest.importorskip("aiohttp")
+    base, root = web
+    (root / "notes.h5").write_text("not an HDF5 file\n")
+    with pytest.raises(TransferSetError, match="cannot open .*notes.h5 as HDF5"):
+        open_transfer_set(f"{base}/notes.h5")
+    result = CliRunner().invoke(cli, ["verify", f"{base}/notes.h5"])
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_a_url_without_its_extra_names_the_extra(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
@@ -441,6 +456,26 @@ def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str
         assert ts.temperatures == [2.0] and ts.read_block(0)
 
 
+def test_a_chunk_cached_while_damaged_is_read_again_once_the_store_is_repaired(
+        tmp_path: Path, bucket: str) -> None:
+    """A chunk damaged in the store and cached by a refused read is dropped from the cache, so
+    after the owner repairs the set (verify passes) the same cache does not keep refusing it."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/repaired.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    fs, key = _fs(), f"{bucket}/repaired.zarr/{S.PROBS}/c/0/1/0"
+    good = fs.cat_file(key)
+    fs.pipe_file(key, good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 0x10])
+                 + good[len(good) // 2 + 1:])
+    cache = str(tmp_path / "cache")
+    with open_transfer_set(url, cache=cache) as ts, pytest.raises(IntegrityError, match="block 1"):
+        ts.read_block(1)
+    fs.pipe_file(key, good)  # the owner puts the good object back
+    assert verify(url).ok
+    with open_transfer_set(url, cache=cache) as ts:
+        assert ts.read_block(1)[S.PROBS].shape == (2, 16, 3)
+
+
 def test_gs_urls_write_and_read_through_gcsfs(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gcsfs")
@@ -459,3 +494,21 @@ def test_gs_urls_write_and_read_through_gcsfs(tmp_path: Path,
         assert verify(url, data=data).ok
     finally:
         server.stop()
+
+
+def test_an_unreachable_endpoint_is_one_line_for_a_reader(tmp_path: Path, bucket: str) -> None:
+    """Every reading command on a URL whose endpoint does not answer says so in one line (no
+    traceback), naming the URL and where the endpoint comes from."""
+    import socket
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "PYTHONPATH": str(HERE.parent)}
+    done = subprocess.run([sys.executable, "-m", "softlabels", "info", f"s3://{bucket}/a.zarr"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"s3://{bucket}/a.zarr" in lines[0], lines
+    assert "AWS_ENDPOINT_URL" in lines[0]

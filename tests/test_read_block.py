@@ -230,3 +230,21 @@ def test_convert_copies_a_version_1_set_into_version_2(made: Path, tmp_path: Pat
         for name in old.row_arrays():
             np.testing.assert_array_equal(old.read(name), new.read(name))
         assert old.meta["digest"] == new.meta["digest"]  # the same identity
+
+
+@pytest.mark.parametrize("name", [S.INDEX, S.SAMPLE_HASH])
+def test_a_damaged_index_or_sample_hash_is_named_as_damage_not_as_other_data(
+        made: Path, npz_data: str, name: str) -> None:
+    """The alignment check reads `index` and `sample_hash` whole; when a damaged block of either
+    makes a row disagree with the data, the user is told the set is damaged (and which block),
+    not to pass other DATA."""
+    from softlabels.datasets import SoftTargetBatches, check_alignment
+    from softlabels.specs import load_data
+
+    _edit(made, name, slice(40, 41), np.array([7], dtype=np.int64 if name == S.INDEX
+                                                 else np.uint64))
+    with open_transfer_set(made) as ts:
+        with pytest.raises(IntegrityError, match="block 2 .*" + name):
+            check_alignment(load_data(npz_data), ts, np.arange(ts.num_rows))
+    with pytest.raises(IntegrityError, match="block 2 "):
+        list(SoftTargetBatches(npz_data, made, temperature=1.0, batch_size=8))

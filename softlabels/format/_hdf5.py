@@ -41,7 +41,7 @@ class HDF5Store(Store):
                 self._handle.close()
             from .lease import holder
 
-            who = holder(path)
+            who = holder(self.path)  # the URL of a remote set, not its Remote
             if who is not None and who != "this process":
                 raise WriterBusyError(f"{path} is being written by {who}; wait for it to "
                                       "finish") from None

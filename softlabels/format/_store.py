@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -126,6 +128,9 @@ class Store(ABC):
     def close(self) -> None:
         """Release file handles."""
 
+    def drop_cache(self) -> None:
+        """Forget what a local chunk cache holds of this set (none by default)."""
+
     def has(self, name: str) -> bool:
         return name in self.names()
 
@@ -211,6 +216,10 @@ class ZarrStore(Store):
     def read(self, name, selection=slice(None)):
         return np.asarray(self.array(name)[selection])
 
+    def drop_cache(self):  # a damaged object read through the cache is not kept in it
+        if self._remote is not None and self._remote.cache_folder is not None:
+            shutil.rmtree(self._remote.cache_folder, ignore_errors=True)
+
     def read_many(self, requests):
         from zarr.core.sync import sync
 
@@ -230,9 +239,11 @@ class ZarrStore(Store):
         return self._arrays[name]
 
     def names(self, expected=()):
-        try:
-            found = sorted(path for path, _ in self._group.arrays()) + sorted(
-                f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
+        try:  # a folder without zarr.json (a damaged array) is left to the layout check
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                found = sorted(path for path, _ in self._group.arrays()) + sorted(
+                    f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
         except (FileNotFoundError, PermissionError):  # a web server that does not list
             found = []
         if found or self._remote is None or not self._remote.read_only:

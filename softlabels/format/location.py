@@ -58,6 +58,7 @@ class Remote:
         self.protocol, self.module, self.extra = _SCHEMES[scheme]
         self.read_only = scheme in READ_ONLY_SCHEMES
         self._fs: Any = None
+        self.cache_folder: str | None = None  # the local chunk cache zarr_store reads through
 
     def __str__(self) -> str:
         return self.url
@@ -114,7 +115,8 @@ class Remote:
 
         root = self.fs.cat_file(self.child("zarr.json"))
         folder = hashlib.sha256(self.url.encode() + b"\0" + root).hexdigest()[:24]
-        return CacheStore(remote, cache_store=LocalStore(os.path.join(cache, folder)))
+        self.cache_folder = os.path.join(cache, folder)
+        return CacheStore(remote, cache_store=LocalStore(self.cache_folder))
 
     def open_file(self) -> Any:
         """A read-only file object of the whole object (for h5py)."""
@@ -129,10 +131,17 @@ class Remote:
         """Whether anything is stored at the URL: an object, or objects under it as a
         prefix. Over http only the set's root `zarr.json` or the file itself is probed."""
         fs = self.fs
-        if self.read_only:
-            return fs.exists(self.child("zarr.json")) or fs.isfile(self.key)
-        fs.invalidate_cache(self.key)
-        return bool(fs.exists(self.key))
+        try:
+            if self.read_only:
+                return fs.exists(self.child("zarr.json")) or fs.isfile(self.key)
+            fs.invalidate_cache(self.key)
+            return bool(fs.exists(self.key))
+        except Exception as exc:  # an endpoint that does not answer (botocore, aiohttp, ...)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            where = {"s3": "AWS_ENDPOINT_URL, ~/.aws", "gcs": "STORAGE_EMULATOR_HOST, gcloud"}
+            raise TransferSetError(
+                f"cannot reach {self.url} ({type(exc).__name__}: {first}); check the network "
+                f"and the endpoint ({where.get(self.protocol, 'the URL')})") from None
 
     def is_dir_like(self) -> bool:
         """Whether the URL is a prefix holding objects (a Zarr set), not one object."""

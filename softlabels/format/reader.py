@@ -128,6 +128,7 @@ class TransferSet:
             got = self.store.read_many(requests)
         except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
             first = str(exc).splitlines()[0] if str(exc) else ""
+            self.store.drop_cache()
             raise IntegrityError(f"{where} cannot be read ({type(exc).__name__}: {first}); get "
                                  "a fresh copy of the set") from None
         if len(got) > len(read):
@@ -140,6 +141,7 @@ class TransferSet:
             problem = self._checksum_problem(out, k, self._recorded[block])
         problem = problem or self._value_problem(out)
         if problem:
+            self.store.drop_cache()
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
                                  "get a fresh copy of the set")
         if v1:  # what was asked for, out of every row array
