@@ -219,10 +219,18 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
             raise OptionError(f"{what} {remote}: only Zarr sets are written to a URL (an object "
                               "store cannot rewrite part of a file); name a `.zarr` set")
         bucket = remote.key.split("/", 1)[0]
-        if not remote.fs.exists(bucket):  # also refuses, naming the extra, when it is missing
+        fs = remote.fs  # refuses, naming the extra, when its package is missing
+        try:
+            fs.info(bucket)
+        except (FileNotFoundError, PermissionError):
             raise OptionError(f"{what} {remote}: the bucket {bucket} does not exist, or these "
                               "credentials cannot see it; create it, or check the credentials "
-                              "and the endpoint (AWS_ENDPOINT_URL, ~/.aws)")
+                              "and the endpoint (AWS_ENDPOINT_URL, ~/.aws)") from None
+        except Exception as exc:  # an endpoint that does not answer (botocore, aiohttp, ...)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise OptionError(f"{what} {remote}: cannot reach the store ({type(exc).__name__}: "
+                              f"{first}); check the network and the endpoint "
+                              "(AWS_ENDPOINT_URL, ~/.aws)") from None
         return
     p = Path(path)
     if p.is_dir() and not directory_ok:

@@ -512,3 +512,24 @@ def test_an_unreachable_endpoint_is_one_line_for_a_reader(tmp_path: Path, bucket
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"s3://{bucket}/a.zarr" in lines[0], lines
     assert "AWS_ENDPOINT_URL" in lines[0]
+
+
+def test_an_unreachable_endpoint_is_one_line_for_a_writer(tmp_path: Path, bucket: str) -> None:
+    """precompute --out s3://... on an endpoint that does not answer says it cannot reach it,
+    not that the bucket is missing (it may well exist), in one line."""
+    import socket
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = make_npz(tmp_path / "d.npz", n=40)
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    url = f"s3://{bucket}/w.zarr"
+    done = subprocess.run([sys.executable, "-m", "softlabels", "precompute", "--data", data,
+                           "--teacher", "mlp:16-3", "--out", url],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and url in lines[0] and "cannot reach" in lines[0], lines
+    assert "does not exist" not in lines[0]
