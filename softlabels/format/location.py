@@ -29,6 +29,7 @@ _SCHEMES = {"s3": ("s3", "s3fs", "s3"), "s3a": ("s3", "s3fs", "s3"),
             "http": ("http", "aiohttp", "http"), "https": ("https", "aiohttp", "http")}
 READ_ONLY_SCHEMES = ("http", "https")
 CACHE_ENV = "SOFTLABELS_CACHE"  # a local directory: chunk cache for remote reads (train --cache)
+HTTP_TIMEOUT_S = 60  # seconds an http(s) server may take to accept a connection or send bytes
 
 
 def scheme_of(path: object) -> str | None:
@@ -82,8 +83,20 @@ class Remote:
             self._require()
             import fsspec
 
-            self._fs = fsspec.filesystem(self.protocol)
+            self._fs = fsspec.filesystem(self.protocol, **self._options())
         return self._fs
+
+    def _options(self) -> dict[str, Any]:
+        """fsspec storage options: none for object stores (their own config decides); for
+        http(s), a session of our own (not a cached one shared across servers) with timeouts,
+        so a server that stops answering fails rather than hangs."""
+        if not self.read_only:
+            return {}
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT_S,
+                                        sock_read=HTTP_TIMEOUT_S)
+        return {"skip_instance_cache": True, "client_kwargs": {"timeout": timeout}}
 
     @property
     def key(self) -> str:
@@ -107,7 +120,8 @@ class Remote:
         self._require()
         from zarr.storage import FsspecStore
 
-        remote = FsspecStore.from_url(self.url, read_only=read_only)
+        remote = FsspecStore.from_url(self.url, storage_options=self._options() or None,
+                                      read_only=read_only)
         if cache is None or not read_only:
             return remote
         from zarr.experimental.cache_store import CacheStore
