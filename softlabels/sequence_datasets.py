@@ -105,6 +105,14 @@ def target_bytes(ts: TransferSet) -> int:
     return ts.num_rows * (ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4)
 
 
+def block_arrays(kind: str, k: int | None) -> list[str]:
+    """The row arrays `block_columns` cuts its columns from: a block read reads and checks
+    only these (not the logits of a sparse set, nor the index and sample hashes)."""
+    targets = {"topk": [S.TOPK_LOGITS, S.TOPK_INDICES, S.TOPK_LOGSUMEXP],
+               "sample": [S.SAMPLE_INDICES]}.get(kind, [S.LOGITS if k is None else S.PROBS])
+    return [SEQ_TOKENS, S.LABELS, SEQ_MASK, *targets]
+
+
 def block_columns(arrays: dict[str, np.ndarray], kind: str, t: float,
                   k: int | None) -> dict[str, np.ndarray]:
     """The columns batches are cut from, for the rows of one checked block."""
@@ -225,7 +233,8 @@ class SequenceBatches:
         self.offsets = read_offsets(ts)
         parts: dict[str, list[np.ndarray]] = {}
         for b in range(ts.num_blocks):
-            for name, data in block_columns(ts.read_block(b), self.kind, t, k).items():
+            arrays = ts.read_block(b, block_arrays(self.kind, k))
+            for name, data in block_columns(arrays, self.kind, t, k).items():
                 parts.setdefault(name, []).append(data)
         self.columns = {n: np.concatenate(p) for n, p in parts.items()}
 
@@ -341,8 +350,9 @@ class StreamingSequenceBatches:
                                                zip(self._first[seqs], self._last[seqs])]))
             parts: dict[str, list[np.ndarray]] = {}
             for block in needed:  # checked before any of its rows is served
-                cols = block_columns(self.ts.read_block(int(block)), self.kind, self._t,
-                                     self._k)
+                cols = block_columns(
+                    self.ts.read_block(int(block), block_arrays(self.kind, self._k)),
+                    self.kind, self._t, self._k)
                 for name, col in cols.items():
                     parts.setdefault(name, []).append(col)
             # where each needed block's rows start in the window's columns

@@ -84,7 +84,7 @@ def test_order_is_seeded_and_reads_are_bounded_by_the_window(
     reads: list[int] = []
     real = TransferSet.read_block
     monkeypatch.setattr(TransferSet, "read_block",
-                        lambda self, b: reads.append(b) or real(self, b))
+                        lambda self, b, *args, **kw: reads.append(b) or real(self, b, *args, **kw))
     stream = StreamingSequenceBatches(seq_set, batch_size=3, window_blocks=2)
     per_window = []
     for _, batches in stream.plan():
