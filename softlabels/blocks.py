@@ -112,48 +112,54 @@ def block_columns(ts: TransferSet, block: int, *, temperature: float, checksum: 
     return [torch.from_numpy(c) for c in cols]
 
 
-def read_ahead(blocks: list[int], window: int, read: Callable[[int], list[torch.Tensor]],
-               ) -> Iterator[list[list[torch.Tensor]]]:
-    """`read(block)` of each window of `window` blocks, in order, run by a background thread one
-    window ahead of the consumer: while a window is shuffled and served, the next is read and
-    checked (zarr's I/O and codecs, numpy, xxhash release the GIL), so memory holds about two
-    windows. A block's `IntegrityError` is raised where its window is due."""
+def read_ahead(groups: list[list[int]], read: Callable[[int], Any],
+               build: Callable[[list[Any]], Any]) -> Iterator[Any]:
+    """`build([read(b) for b in group])` of each group of blocks, in order, run by a background
+    thread one group ahead of the consumer: while one window is served, the next is read,
+    checked, shuffled and gathered (zarr's I/O and codecs, numpy's and torch's copies, xxhash
+    release the GIL), so the consumer only cuts batches and memory holds about two windows. A
+    block's `IntegrityError` is raised where its window is due."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
-    pending: deque[Future[list[torch.Tensor]]] = deque()
+    pending: deque[Future[Any]] = deque()
 
-    def submit(first: int) -> None:
-        pending.extend(pool.submit(read, b) for b in blocks[first:first + window])
+    def submit(i: int) -> None:
+        if i < len(groups):
+            pending.append(pool.submit(lambda: build([read(b) for b in groups[i]])))
     try:
         submit(0)
-        for w in range(0, len(blocks), window):
-            got = [pending.popleft().result() for _ in blocks[w:w + window]]
-            submit(w + window)
+        for i in range(len(groups)):
+            got = pending.popleft().result()
+            submit(i + 1)
             yield got
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def shuffled_window(blocks: list[list[torch.Tensor]], order: np.random.Generator | None, *,
-                    shared: bool = False) -> list[torch.Tensor] | None:
-    """The columns of several blocks as one tensor per column, rows in the order of a
-    permutation drawn from `order` (None: as they come); None without rows."""
+def window_order(seed: list[int]) -> torch.Generator:
+    """The generator of a stream's within-window shuffles, seeded by (seed, epoch, rank, worker)
+    through numpy's SeedSequence: `torch.randperm` draws a window's permutation in less than
+    half the time of numpy's `Generator.permutation` (measured: 0.42 against 0.99 ms for
+    131,072 rows)."""
+    state = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def shuffled_window(blocks: list[list[torch.Tensor]], order: torch.Generator | None, *,
+                    shared: list[bool] | None = None) -> list[torch.Tensor] | None:
+    """The columns of several blocks (CPU tensors) as one tensor per column, rows in the order
+    of a permutation drawn from `order` (None: as they come); None without rows. Column j is
+    put in shared memory where `shared[j]`."""
     n = sum(len(c[0]) for c in blocks)
     if n == 0:
         return None
-    dest = order.permutation(n) if order is not None else None
+    dest = torch.randperm(n, generator=order).numpy() if order is not None else None
     window = []
     for j, first in enumerate(blocks[0]):
-        if first.device.type != "cpu":  # inputs a dataset keeps on an accelerator
-            part = torch.cat([c[j] for c in blocks])
-            window.append(part if dest is None else
-                          torch.empty_like(part).index_copy_(0, torch.from_numpy(dest).to(
-                              part.device), part))
-            continue
-        out = empty((n, *first.shape[1:]), first.dtype, shared=shared)
+        out = empty((n, *first.shape[1:]), first.dtype, shared=bool(shared and shared[j]))
         view, at = _rows(out), 0
         for c in blocks:
             rows = len(c[j])
-            if rows:
+            if rows:  # a scatter of opaque rows: no concatenation of the blocks first
                 view[slice(at, at + rows) if dest is None else dest[at:at + rows]] = _rows(c[j])
             at += rows
         window.append(out)
@@ -184,8 +190,8 @@ def rebatch(windows: Iterable[list[torch.Tensor]], size: int,
             yield tuple(_joined(carry, [c[:need] for c in cols]))
             carry, at = None, need
         full = at + (n - at) // size * size
-        if full > at:  # one split per column: a third of the cost of slicing batch by batch
-            yield from zip(*[c[at:full].split(size) for c in cols])
+        if full > at:  # one unbind per column: a third of the cost of slicing batch by batch
+            yield from zip(*[c[at:full].view(-1, size, *c.shape[1:]).unbind(0) for c in cols])
         carry = [c[full:] for c in cols] if full < n else None
     if carry is not None:
         yield tuple(carry)

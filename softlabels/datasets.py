@@ -15,10 +15,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
 
-from .blocks import block_columns, check_servable, load_checked, read_ahead, rebatch
+from .blocks import (
+    block_columns,
+    check_servable,
+    empty,
+    load_checked,
+    read_ahead,
+    rebatch,
+    window_order,
+)
 from .blocks import shuffled_window as shuffled
 from .epochs import WindowLoader, chunk_plan, rank_and_world, worker_quota
-from .errors import MismatchError, SoftlabelsError
+from .errors import IntegrityError, MismatchError, SoftlabelsError
 from .format import schema as S
 from .format._store import backend_of
 from .format.reader import TransferSet, open_transfer_set
@@ -58,6 +66,9 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(rows, CHECK_SAMPLE, replace=False))
     index, hashes = ts.index(), ts.sample_hash()
+    outside = rows[(index[rows] < 0) | (index[rows] >= len(data))]
+    if len(outside):  # a value no writer stores: read_block names its block
+        ts.read_block(int(outside[0]) // ts.layout.block_rows, [S.INDEX])
     for r in rows:
         x, _ = split_item(data[int(index[r])])
         if S.sample_hash(x.numpy()) != int(hashes[r]):  # damage in the set is named first
@@ -69,15 +80,16 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
     return len(rows)
 
 def selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
-    """The rows the subset options keep. Labels no writer stores (a damaged block) are refused,
-    naming their block, before any selection reads them."""
+    """The rows the subset options keep. Labels or dataset indices no writer stores (a damaged
+    block) are refused, naming their block, before any selection reads them."""
     try:
         labels, index = ts.labels(), ts.index()
     except Exception:  # an unreadable chunk: read_block names its block
         for block in range(ts.num_blocks):
             ts.read_block(block)
         raise
-    bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes))
+    bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes)
+                         | (index < 0) | (index >= int(ts.meta["num_examples"])))
     if len(bad):
         ts.read_block(int(bad[0]) // ts.block_rows)  # raises IntegrityError naming the block
     return select_rows(labels, index=index, **select)
@@ -141,19 +153,31 @@ class SoftTargetDataset(Dataset):
 
 # --- streaming ----------------------------------------------------------------------------------
 
-def gather_inputs(data: Dataset, index: torch.Tensor) -> torch.Tensor:
-    """The inputs of dataset examples `index` (int64), stacked (N, ...): one gather for datasets
-    holding a tensor (npz, TensorDataset), else `__getitems__` or one item at a time."""
+def gather_inputs(data: Dataset, index: torch.Tensor, *, shared: bool = False) -> torch.Tensor:
+    """The inputs of dataset examples `index` (int64), stacked (N, ...), in shared memory when
+    `shared`: one gather for datasets holding a tensor (npz, TensorDataset), else
+    `__getitems__` or one item at a time. An index outside the dataset is refused."""
+    at = index.numpy()
+    if len(at) and (int(at.min()) < 0 or int(at.max()) >= len(data)):
+        raise IntegrityError(f"the transfer set indexes examples outside the dataset's "
+                             f"{len(data)} (found {int(at.min())}..{int(at.max())}); "
+                             "run `softlabels verify` on it and pass the DATA it was made from")
     source = (data.x if isinstance(data, NpzDataset) else
               data.tensors[0] if isinstance(data, TensorDataset) else None)
-    if source is not None and source.device.type == "cpu" and source.dtype != torch.bfloat16:
-        # numpy's take: several times torch's index_select for narrow rows (measured)
-        return torch.from_numpy(np.take(source.detach().numpy(), index.numpy(), axis=0))
-    if source is not None:
+    if source is not None and source.device.type != "cpu":  # kept on an accelerator
         return source.index_select(0, index.to(source.device))
+    if source is not None:
+        out = empty((len(index), *source.shape[1:]), source.dtype, shared=shared)
+        if source.dtype == torch.bfloat16:
+            return torch.index_select(source, 0, index, out=out)
+        # numpy's take, in range (checked above) so without its bounds-check buffer
+        np.take(source.detach().numpy(), index.numpy(), axis=0, out=out.numpy(), mode="clip")
+        return out
     many = getattr(data, "__getitems__", None)
     items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
-    return torch.stack([split_item(item)[0] for item in items])
+    first = split_item(items[0])[0] if items else torch.empty(0)
+    out = empty((len(items), *first.shape), first.dtype, shared=shared)
+    return torch.stack([split_item(item)[0] for item in items], out=out)
 
 
 class SoftTargetBatches(IterableDataset):
@@ -273,30 +297,36 @@ class SoftTargetBatches(IterableDataset):
                           shuffle=self.shuffle, rank=rank, world_size=world, worker=worker,
                           num_workers=workers)
 
-    def _windows(self, ts: TransferSet, blocks: list[int], rng: np.random.Generator,
+    def _windows(self, ts: TransferSet, blocks: list[int], order: torch.Generator,
                  shared: bool) -> Iterator[list[torch.Tensor]]:
         """[inputs, labels, *targets] of each window of blocks, selected rows only, shuffled
-        (`blocks.shuffled_window`); batches are then views of it. A background thread reads, checks
-        and gathers the inputs of the next window meanwhile. A window holds at least one batch.
-        In a DataLoader worker (`shared`) the window lives in shared memory, so it crosses to
-        the main process as a reference."""
+        (`blocks.shuffled_window`), the inputs then gathered in that order; batches are views of
+        it. A background thread builds the next window meanwhile (`blocks.read_ahead`), so the
+        consumer only cuts batches. A window holds at least one batch. In a DataLoader worker
+        (`shared`) the window lives in shared memory, so it crosses to the main process as a
+        reference."""
         def read(block: int) -> list[torch.Tensor]:
-            index, *cols = block_columns(ts, block, temperature=self.temperature,
-                                         checksum=self.checksum, keep=self.keep)
-            return [gather_inputs(self.data, index), *cols]
+            return block_columns(ts, block, temperature=self.temperature,
+                                 checksum=self.checksum, keep=self.keep)
+
+        def build(parts: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+            cols = shuffled(parts, order if self.shuffle else None,
+                            shared=[False] + [shared] * (len(parts[0]) - 1))
+            if cols is None:
+                return None
+            index, *rest = cols
+            return [gather_inputs(self.data, index, shared=shared), *rest]
 
         window = max(self.window, -(-self.batch_size // self.block_rows))
-        for got in read_ahead(blocks, window, read):
-            cols = shuffled(got, rng if self.shuffle else None, shared=shared)
-            if cols is not None:
-                yield cols
+        groups = [blocks[i:i + window] for i in range(0, len(blocks), window)]
+        yield from (cols for cols in read_ahead(groups, read, build) if cols is not None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         rank, world = self._where()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         blocks = self._blocks(self.epoch, rank, world, worker, workers)
-        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
+        rng = window_order([self.seed, self.epoch, rank, worker])
         if self._windows_out:  # `loader()` cuts the batches and counts the steps
             with self._reading() as ts:
                 yield from (tuple(w) for w in self._windows(ts, blocks, rng, info is not None))

@@ -265,3 +265,30 @@ def test_without_checksums_value_checks_still_refuse_a_missing_chunk(tmp_path: P
     stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=8, checksum=False)
     with pytest.raises(IntegrityError, match=f"block {block} .*NaN or inf in 'probs'"):
         list(stream)
+
+
+def test_an_index_outside_the_dataset_is_refused_not_served(dense: tuple[str, Path]) -> None:
+    """A set whose `index` points past the dataset (checksums forged to match) must not serve
+    another example's input, nor fail with a bare IndexError."""
+    data, path = dense
+    from softlabels.format._store import open_store
+
+    with open_store(path, "r+") as store:
+        index = store.read(S.INDEX)
+        index[70] = N_ROWS + 5  # block 4
+        store.write(S.INDEX, slice(None), index)
+    forge_checksums(path, 4)
+    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=8, check=False)
+    with pytest.raises(IntegrityError, match="block 4 .*dataset indices outside"):
+        for _ in stream:
+            pass
+    with pytest.raises(IntegrityError, match="block 4 .*dataset indices outside"):
+        for _ in stream.loader(num_workers=1):
+            pass
+    for how in ([], ["--stream"]):
+        result = CliRunner().invoke(cli, ["train", "--data", data, "--model", "mlp:16-8-3",
+                                          "--out", str(path.parent / "s.pt"), "--transfer-set",
+                                          str(path), "--temperature", "4", "--epochs", "1", *how])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code != 0 and len(lines) == 1, result.stderr
+        assert "block 4 " in lines[0] and "dataset indices outside" in lines[0]

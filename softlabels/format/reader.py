@@ -178,11 +178,15 @@ class TransferSet:
         return None
 
     def _value_problem(self, arrays: dict[str, np.ndarray]) -> str | None:
-        """Why a block's values cannot be trusted (non-finite targets, labels out of range),
-        or None."""
+        """Why a block's values cannot be trusted (non-finite targets, dataset indices or
+        labels out of range), or None."""
         for name in S.TARGET_ARRAYS:
             if name in arrays and not _all_finite(arrays[name]):
                 return f"holds NaN or inf in {name!r}"
+        index, n = arrays.get(S.INDEX), int(self.meta["num_examples"])
+        if index is not None and len(index) and (index.min() < 0 or index.max() >= n):
+            return (f"holds dataset indices outside [0, {n}) "
+                    f"(found {int(index.min())}..{int(index.max())})")
         labels = arrays.get(S.LABELS)
         if labels is not None and len(labels) and (labels.min() < -1
                                                    or labels.max() >= self.num_classes):
