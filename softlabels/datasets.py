@@ -186,9 +186,10 @@ class SoftTargetBatches(IterableDataset):
     Targets are (B, C) float32 probabilities at `temperature`, or (classes, weights) (B, k) of a
     sparse set. Per epoch (`set_epoch`) the block order is shuffled with (seed, epoch), blocks
     are dealt round-robin to ranks and then to DataLoader workers, and rows are shuffled within a
-    window of `window` blocks (at least one batch's worth); a thread reads the next window while
-    one is served, so memory holds about two windows, never the set. Every block
-    passes `TransferSet.read_block` (checksums, finite targets, labels in range) for the arrays
+    window of `window` blocks (at least one batch's worth); a thread builds the next window (reads,
+    checks, shuffles, gathers its inputs) while one is served, so memory holds about two
+    windows, never the set, and the consumer only cuts batches. Every block passes
+    `TransferSet.read_block` (checksums, finite targets, labels and indices in range) for the arrays
     it serves (labels, index, the targets at T) before use; `checksum=False` skips the checksums
     (the value checks remain) for sets already verified.
 
