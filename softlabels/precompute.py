@@ -7,6 +7,7 @@ outputs, assembles whole blocks and writes them, so storage overlaps compute.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import queue
 import threading
@@ -350,10 +351,11 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
     # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
     # uses every core, and a thread only preempts its workers (measured: 0.89 of bare speed with
     # a thread, see benchmarks/README.md), so there the same work runs inline between batches.
-    q: Any = queue.Queue(maxsize=4) if cuda else _Inline(assembler, errors)
+    threaded = writer_thread(cuda)
+    q: Any = queue.Queue(maxsize=WRITER_QUEUE) if threaded else _Inline(assembler, errors)
     thread = threading.Thread(target=_writer_loop, args=(assembler, q, errors),
                               name="softlabels-writer", daemon=True)
-    if cuda:
+    if threaded:
         thread.start()
     try:
         for x, y, *view in loader:  # view rows also carry (hashes, seeds)
@@ -369,10 +371,22 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
             report(done)
     finally:
         q.put(None)
-        if cuda:
+        if threaded:
             thread.join()
     if errors:
         raise errors[0]
+
+
+WRITER_QUEUE = 4  # batches the teacher may run ahead of the writer thread
+
+
+def writer_thread(cuda: bool) -> bool:
+    """Whether block writes run on a writer thread: on a GPU by default, or as the environment
+    variable SOFTLABELS_WRITER_THREAD says (1 or 0), e.g. on a many-core CPU host."""
+    value = os.environ.get("SOFTLABELS_WRITER_THREAD", "").strip()
+    if value not in ("", "0", "1"):
+        raise OptionError(f"SOFTLABELS_WRITER_THREAD must be 1 or 0, found {value!r}")
+    return cuda if not value else value == "1"
 
 
 class _Inline:
