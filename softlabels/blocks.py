@@ -113,18 +113,24 @@ def block_columns(ts: TransferSet, block: int, *, temperature: float, checksum: 
 
 
 def read_ahead(groups: list[list[int]], read: Callable[[int], Any],
-               build: Callable[[list[Any]], Any]) -> Iterator[Any]:
+               build: Callable[[list[Any]], Any], *, concurrent: int = 1) -> Iterator[Any]:
     """`build([read(b) for b in group])` of each group of blocks, in order, run by a background
     thread one group ahead of the consumer: while one window is served, the next is read,
     checked, shuffled and gathered (zarr's I/O and codecs, numpy's and torch's copies, xxhash
-    release the GIL), so the consumer only cuts batches and memory holds about two windows. A
-    block's `IntegrityError` is raised where its window is due."""
+    release the GIL), so the consumer only cuts batches and memory holds about two windows.
+    `concurrent` > 1 reads that many blocks of a group at once (for an object store, where
+    each read waits a round trip). A block's `IntegrityError` is raised where its window is
+    due."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
+    reads = (ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="softlabels-get")
+             if concurrent > 1 else None)
     pending: deque[Future[Any]] = deque()
 
     def submit(i: int) -> None:
         if i < len(groups):
-            pending.append(pool.submit(lambda: build([read(b) for b in groups[i]])))
+            got = (lambda: list(reads.map(read, groups[i]))) if reads else (
+                lambda: [read(b) for b in groups[i]])
+            pending.append(pool.submit(lambda: build(got())))
     try:
         submit(0)
         for i in range(len(groups)):
@@ -133,6 +139,8 @@ def read_ahead(groups: list[list[int]], read: Callable[[int], Any],
             yield got
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if reads:
+            reads.shutdown(wait=True, cancel_futures=True)
 
 
 def window_order(seed: list[int]) -> torch.Generator:

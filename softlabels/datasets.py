@@ -29,6 +29,7 @@ from .epochs import WindowLoader, chunk_plan, rank_and_world, worker_quota
 from .errors import IntegrityError, MismatchError, SoftlabelsError
 from .format import schema as S
 from .format._store import backend_of
+from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
 from .specs import NpzDataset, load_data, split_item
@@ -320,7 +321,9 @@ class SoftTargetBatches(IterableDataset):
 
         window = max(self.window, -(-self.batch_size // self.block_rows))
         groups = [blocks[i:i + window] for i in range(0, len(blocks), window)]
-        yield from (cols for cols in read_ahead(groups, read, build) if cols is not None)
+        concurrent = window if is_url(self.path) else 1  # hide an object store's latency
+        yield from (cols for cols in read_ahead(groups, read, build, concurrent=concurrent)
+                    if cols is not None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         rank, world = self._where()

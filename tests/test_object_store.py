@@ -120,6 +120,33 @@ def test_precompute_to_s3_then_info_verify_and_streamed_training(tmp_path: Path,
         assert np.array_equal(streamed.model.state_dict()[key].numpy(), value.numpy()), key
 
 
+def test_a_block_read_costs_one_request_per_array(tmp_path: Path, bucket: str) -> None:
+    """Each request waits a round trip on a real bucket: a chunk is one GET, with no HEAD
+    before it (s3fs asks an object's size first unless told not to split objects)."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/r.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    seen: list[str] = []
+
+    class Requests(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log, handler = logging.getLogger("werkzeug"), Requests()
+    with open_transfer_set(url) as ts:
+        ts.read_block(0, [S.LABELS, S.INDEX, S.PROBS], temperature=3.0)  # opens the arrays
+        level = log.level
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+        try:
+            ts.read_block(1, [S.LABELS, S.INDEX, S.PROBS], temperature=3.0)
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(level)
+    asked = [line for line in seen if '"GET ' in line or '"HEAD ' in line]
+    assert len(asked) == 4 and not any('"HEAD ' in line for line in asked), asked
+
+
 def test_sigkill_mid_precompute_on_s3_resumes_to_the_same_set(tmp_path: Path,
                                                               bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=100)

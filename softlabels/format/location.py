@@ -89,7 +89,12 @@ class Remote:
     def _options(self) -> dict[str, Any]:
         """fsspec storage options: none for object stores (their own config decides); for
         http(s), a session of our own (not a cached one shared across servers) with timeouts,
-        so a server that stops answering fails rather than hangs."""
+        so a server that stops answering fails rather than hangs. s3fs asks an object's size
+        (a HEAD) before each whole-object GET, to split objects past its 50 MiB block size into
+        concurrent ranges; chunks are about 1 MiB, so with `max_concurrency=1` a chunk costs one
+        round trip, not two (measured: 8 requests a block instead of 4, at 20 ms each)."""
+        if self.protocol == "s3":
+            return {"max_concurrency": 1}
         if not self.read_only:
             return {}
         import aiohttp
