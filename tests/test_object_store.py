@@ -236,6 +236,27 @@ def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
                       stream=True)
 
 
+def test_a_deleted_block_done_object_is_refused_then_rewritten_by_precompute(
+        tmp_path: Path, bucket: str) -> None:
+    """A complete set whose `block_done` object of one block is gone (it reads as 0): a read
+    of that block is refused naming it, even through a cache; the precompute command rewrites
+    it."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/undone.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    before = _fs().cat_file(f"{bucket}/undone.zarr/{S.PROBS}/c/1/1/0")
+    _fs().rm(f"{bucket}/undone.zarr/{S.BLOCK_DONE}/c/1")
+    for cache in (None, str(tmp_path / "cache")):
+        with open_transfer_set(url, cache=cache) as ts, pytest.raises(
+                IntegrityError, match=r"block 1 \(rows 16-31\).*block_done") as err:
+            ts.read_block(1, [S.LABELS])
+        assert "\n" not in str(err.value)
+    assert not verify(url).ok
+    result = precompute(data, [TEACHER], url, **OPTS)
+    assert result.rows_computed == 16 and verify(url).ok
+    assert _fs().cat_file(f"{bucket}/undone.zarr/{S.PROBS}/c/1/1/0") == before
+
+
 def test_a_second_writer_of_one_s3_set_is_refused(tmp_path: Path, bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/busy.zarr"
