@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
 
+from ..format.lease import WriterLease
 from ..options import OPTIMIZER_CHOICES, TrainOptions
 from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 
@@ -62,9 +64,10 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
         os.environ[CACHE_ENV] = os.path.abspath(cache)
 
     options = TrainOptions(**flags)  # type: ignore[arg-type]  # checked once, here
-    result = train_student(data, model, options, out=out, transfer_set=transfer_set,
-                           indices=indices, val_data=val_data, stream=True if stream else None,
-                           callbacks=[epoch_bars()])
+    with _one_trainer(out, distributed=options.distributed):
+        result = train_student(data, model, options, out=out, transfer_set=transfer_set,
+                               indices=indices, val_data=val_data,
+                               stream=True if stream else None, callbacks=[epoch_bars()])
     if result.rank != 0:
         return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]
@@ -76,6 +79,16 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"
     click.echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
                f"{rows} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
+
+
+def _one_trainer(out: str, *, distributed: bool) -> WriterLease | contextlib.nullcontext:
+    """The writer lease on `--out` (`OUT.lock`, as precompute's): a second `train` into the
+    same checkpoint, which would share its resume state `OUT.state`, is refused naming the
+    holder; a killed holder's lease is taken over at once. Under torchrun, rank 0 holds it
+    (it alone writes the state and the checkpoint)."""
+    if distributed and os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return WriterLease(out)
 
 
 @click.command()
