@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -477,6 +478,78 @@ def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str
     precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]})
     with open_transfer_set(url, cache=str(cache)) as ts:
         assert ts.temperatures == [2.0] and ts.read_block(0)
+
+
+def _cache_bytes(cache: Path) -> int:
+    return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+
+
+def _read_all(url: str, cache: Path) -> list[dict[str, np.ndarray]]:
+    with open_transfer_set(url, cache=str(cache)) as ts:
+        return [ts.read_block(b) for b in range(ts.num_blocks)]
+
+
+def test_the_cache_stays_within_its_bound(tmp_path: Path, bucket: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SOFTLABELS_CACHE_MAX_BYTES bounds the cache: a set larger than it is cached in part
+    (and read right, the rest from the store); another set's folder is evicted, least recently
+    opened first, to make room for the set being read."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    a, b = f"s3://{bucket}/a.zarr", f"s3://{bucket}/b.zarr"
+    precompute(data, [TEACHER], a, **OPTS)
+    precompute(data, [TEACHER], b, **{**OPTS, "temperatures": [2]})
+    cache = tmp_path / "cache"
+    whole = _read_all(a, cache)  # unbounded (half the free disk): all of it
+    full = _cache_bytes(cache)
+    assert full > 4000
+
+    bound = full // 2
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", str(bound))
+    shutil.rmtree(cache)
+    again = _read_all(a, cache)
+    assert 0 < _cache_bytes(cache) <= bound
+    assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)
+    _read_all(a, cache)  # a second pass: still within it
+    assert _cache_bytes(cache) <= bound
+
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", str(full + full // 2))
+    shutil.rmtree(cache)
+    _read_all(a, cache)
+    time.sleep(0.05)  # a later opening, by the folders' times
+    _read_all(b, cache)  # a's folder goes to make room for b's
+    folders = [p for p in cache.glob("*/*") if p.is_dir()]
+    assert len(folders) == 1 and _cache_bytes(cache) <= full + full // 2
+    with open_transfer_set(b, cache=str(cache)) as ts:
+        assert ts.temperatures == [2.0]
+
+
+def test_a_replaced_sets_cache_folder_is_removed(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url, cache = f"s3://{bucket}/replaced.zarr", tmp_path / "cache"
+    precompute(data, [TEACHER], url, **OPTS)
+    _read_all(url, cache)
+    old = [p for p in cache.glob("*/*") if p.is_dir()]
+    precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]})
+    _read_all(url, cache)
+    new = [p for p in cache.glob("*/*") if p.is_dir()]
+    assert len(old) == len(new) == 1 and old != new and not old[0].exists()
+
+
+def test_train_cache_max_bytes_reaches_the_readers(tmp_path: Path, bucket: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/bounded.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    monkeypatch.setenv(CACHE_ENV, "")
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", "")
+    args = ["train", "--data", data, "--model", "mlp:16-8-3", "--out", str(tmp_path / "s.pt"),
+            "--transfer-set", url, "--epochs", "1", "--cache", str(tmp_path / "c")]
+    result = CliRunner().invoke(cli, [*args, "--cache-max-bytes", "3K"])
+    assert result.exit_code == 0, result.output
+    assert os.environ["SOFTLABELS_CACHE_MAX_BYTES"] == "3072"
+    assert 0 < _cache_bytes(tmp_path / "c") <= 3072
+    result = CliRunner().invoke(cli, [*args, "--cache-max-bytes", "lots"])
+    assert result.exit_code == 1 and "512M or 20G" in result.output
 
 
 def test_a_chunk_cached_while_damaged_is_read_again_once_the_store_is_repaired(

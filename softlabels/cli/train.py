@@ -51,17 +51,24 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 @click.option("--cache", "cache", default=None, metavar="DIR",
               help="Keep the chunks of a --transfer-set at a URL in DIR, so later epochs (and "
                    "runs) read them from local disk; same as SOFTLABELS_CACHE=DIR.")
+@click.option("--cache-max-bytes", default=None, metavar="SIZE",
+              help="Bound of the --cache DIR (e.g. 20G; default: half the free disk space, at "
+                   "most 64G); same as SOFTLABELS_CACHE_MAX_BYTES.")
 def train(data: str, model: str, out: str, transfer_set: str | None, indices: str | None,
-          val_data: str | None, cache: str | None, stream: bool, **flags: object) -> None:
+          val_data: str | None, cache: str | None, cache_max_bytes: str | None, stream: bool,
+          **flags: object) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one.
 
     Rerunning the same command after a kill resumes after the last finished epoch (state in
     OUT.state)."""
+    from ..format.chunk_cache import MAX_BYTES_ENV, parse_bytes
     from ..format.location import CACHE_ENV
     from ..trainer import train_student
 
     if cache:  # through the environment, so DataLoader workers and ranks read through it too
         os.environ[CACHE_ENV] = os.path.abspath(cache)
+    if cache_max_bytes is not None:
+        os.environ[MAX_BYTES_ENV] = str(parse_bytes(cache_max_bytes))
 
     options = TrainOptions(**flags)  # type: ignore[arg-type]  # checked once, here
     with _one_trainer(out, distributed=options.distributed):

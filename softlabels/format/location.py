@@ -16,7 +16,6 @@ no variables of its own for them.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from typing import Any
@@ -112,11 +111,11 @@ class Remote:
 
     # --- opening --------------------------------------------------------------------------
     def zarr_store(self, *, read_only: bool, cache: str | None = None) -> Any:
-        """zarr's FsspecStore at this URL; with `cache` (a local directory), read through
-        zarr's `CacheStore` into a `LocalStore` kept under a folder named after the set's root
-        metadata, so a set replaced at the same URL never reads another set's cached objects
-        (a complete set is never rewritten in place). LocalStore writes each cached object
-        aside and renames it, so concurrent readers never see half an object."""
+        """zarr's FsspecStore at this URL; with `cache` (a local directory), read through a
+        bounded local cache (`chunk_cache`): a `LocalStore` under a folder named after the set's
+        URL and root metadata, so a set replaced at the same URL never reads another set's
+        cached objects (a complete set is never rewritten in place). LocalStore writes each
+        cached object aside and renames it, so concurrent readers never see half an object."""
         self._require()
         from zarr.storage import FsspecStore
 
@@ -124,13 +123,12 @@ class Remote:
                                       read_only=read_only)
         if cache is None or not read_only:
             return remote
-        from zarr.experimental.cache_store import CacheStore
-        from zarr.storage import LocalStore
+        from .chunk_cache import bounded_cache_store, prepare
 
+        cache = os.path.abspath(cache)
         root = self.fs.cat_file(self.child("zarr.json"))
-        folder = hashlib.sha256(self.url.encode() + b"\0" + root).hexdigest()[:24]
-        self.cache_folder = os.path.join(cache, folder)
-        return CacheStore(remote, cache_store=LocalStore(self.cache_folder))
+        self.cache_folder, room = prepare(cache, self.url, root)
+        return bounded_cache_store(remote, cache, self.cache_folder, room)
 
     def open_file(self) -> Any:
         """A read-only file object of the whole object (for h5py)."""
