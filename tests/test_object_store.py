@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -629,3 +630,26 @@ def test_an_unreachable_endpoint_is_one_line_for_a_writer(tmp_path: Path, bucket
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and url in lines[0] and "cannot reach" in lines[0], lines
     assert "does not exist" not in lines[0]
+
+
+def test_a_refused_connection_is_refused_before_the_store_library_retries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listening at the endpoint: refused by the connect probe, before s3fs (and
+    botocore's retries, ~12 s) is reached. A name that does not resolve is not final (DNS may
+    be slow to come up): it is left to the library."""
+    import fsspec
+
+    from softlabels.format.location import Remote
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(fsspec, "filesystem", lambda *a, **k: pytest.fail("library reached"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(TransferSetError, match=f"127.0.0.1:{port} .connection refused.*"
+                       "AWS_ENDPOINT_URL"):
+        open_transfer_set("s3://bucket/a.zarr")
+    with pytest.raises(TransferSetError, match="connection refused"):
+        Remote(f"http://127.0.0.1:{port}/a.zarr").probe()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://no-such-host.invalid:9000")
+    Remote("s3://bucket/a.zarr").probe()  # not refused: the library's retries decide
