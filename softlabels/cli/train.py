@@ -8,7 +8,7 @@ import os
 import click
 
 from ..format.lease import WriterLease
-from ..options import OPTIMIZER_CHOICES, TrainOptions
+from ..options import OPTIMIZER_CHOICES, TrainOptions, check_output_file
 from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 
 
@@ -95,6 +95,7 @@ def _one_trainer(out: str, *, distributed: bool) -> WriterLease | contextlib.nul
     (it alone writes the state and the checkpoint)."""
     if distributed and os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()
+    check_output_file(out)  # a bad --out is named as such, not as a lease it cannot take
     return WriterLease(out)
 
 
