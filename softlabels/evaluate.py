@@ -7,13 +7,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .blocks import block_targets, check_servable, needed_arrays
 from .datasets import check_alignment
 from .errors import SoftlabelsError
-from .format.reader import open_transfer_set
+from .format import schema as S
+from .format.reader import TransferSet, open_transfer_set
 from .metrics import (
     accuracy_report,
     expected_calibration_error,
@@ -78,13 +81,27 @@ def evaluate(
                 raise SoftlabelsError(f"the model predicts {logits.shape[-1]} classes, "
                                       f"{ts.path} has {ts.num_classes}")
             check_alignment(dataset, ts, torch.arange(ts.num_rows).numpy())
-            for block in range(ts.num_blocks):  # damage stops here, naming its block
-                ts.read_block(block)
-            rows_logits = logits[torch.from_numpy(ts.index())]
-            teacher = torch.from_numpy(ts.probs(1.0))
+            index, teacher = _teacher_at_1(ts)
+            rows_logits = logits[torch.from_numpy(index)]
             report["teacher_agreement"] = teacher_agreement(rows_logits, teacher)
             report["kl_to_teacher"] = kl_to_teacher(rows_logits, teacher)
     return report
+
+
+def _teacher_at_1(ts: TransferSet) -> tuple[np.ndarray, torch.Tensor]:
+    """Every row's dataset index and the teacher's (rows, C) probabilities at T = 1 (stored,
+    re-tempered from the logits, or densified from sparse targets), reading only those arrays,
+    checked block by block (`TransferSet.read_block`: damage stops here, naming its block)."""
+    check_servable(ts, 1.0)
+    names = [n for n in needed_arrays(ts, 1.0) if n not in (S.LABELS, S.VIEW_SEED)]
+    stored = ts.temperature_index(1.0) is not None
+    index, probs = [], []
+    for block in range(ts.num_blocks):
+        arrays = ts.read_block(block, names, temperature=1.0 if stored else None)
+        targets = block_targets(ts, arrays, 1.0)
+        index.append(arrays[S.INDEX])
+        probs.append(targets[0] if len(targets) == 1 else ts.densify(*targets))
+    return np.concatenate(index), torch.from_numpy(np.concatenate(probs))
 
 
 def _refuse_sequence_set(path: str | os.PathLike[str]) -> None:

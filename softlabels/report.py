@@ -19,9 +19,14 @@ def _plt() -> Any:
 
 
 def _set_statistics(ts: Any, bins: int = 40) -> dict[str, Any]:
-    """One pass over whole, checked blocks: per-T histograms of confidence and entropy, mean
-    probability by true label (C x C per T), and top-1 accuracy on labelled rows."""
+    """One pass over the blocks, reading only labels and the soft targets at every stored T,
+    checked (`TransferSet.read_block`: damage is named, not plotted): per-T histograms of
+    confidence and entropy, mean probability by true label (C x C per T), and top-1 accuracy
+    on labelled rows."""
     import numpy as np
+
+    from .blocks import block_targets, needed_arrays
+    from .format import schema as S
 
     k, c = len(ts.temperatures), ts.num_classes
     conf_hist = np.zeros((k, bins), np.int64)
@@ -30,16 +35,20 @@ def _set_statistics(ts: Any, bins: int = 40) -> dict[str, Any]:
     counts = np.zeros(c, np.int64)
     correct = labelled = 0
     ent_max = float(np.log(c))
+    # labels and the targets at every stored T at once (probs, top-k or samples)
+    names = [n for n in needed_arrays(ts, ts.temperatures[0]) if n not in (S.INDEX, S.VIEW_SEED)]
     for block in range(ts.num_blocks):
-        start, stop = ts.block_range(block)
-        labels = ts.read_block(block)["labels"]  # checked: damage is named, not plotted
+        arrays = ts.read_block(block, names)
+        labels = arrays[S.LABELS]
         known = labels >= 0
         counts += np.bincount(labels[known], minlength=c)[:c]
-        pred = ts.probs(ts.temperatures[0], start, stop).argmax(1)  # dense or sparse
-        correct += int((pred[known] == labels[known]).sum())
         labelled += int(known.sum())
         for i, t in enumerate(ts.temperatures):
-            p = ts.probs(t, start, stop)
+            at_t = {n: a[i] if n in S.TEMPERATURE_AXIS else a for n, a in arrays.items()}
+            targets = block_targets(ts, at_t, t)
+            p = targets[0] if len(targets) == 1 else ts.densify(*targets)
+            if i == 0:  # dense or sparse
+                correct += int((p.argmax(1)[known] == labels[known]).sum())
             conf_hist[i] += np.histogram(p.max(1), bins=bins, range=(0, 1))[0]
             ent = -(p * np.log(np.where(p > 0, p, 1))).sum(1)
             ent_hist[i] += np.histogram(ent, bins=bins, range=(0, ent_max))[0]
@@ -97,8 +106,8 @@ def transfer_set_report(path: str | Path, out: str | Path) -> dict[str, Any]:
                 f"{ts.num_rows} positions): report plots per-example class mass, expected an "
                 f"example set; describe it with `softlabels info {ts.path}` and check it with "
                 f"`softlabels verify {ts.path}`")
+        st = _set_statistics(ts)  # before anything is written: a refused set leaves nothing
         out.mkdir(parents=True, exist_ok=True)
-        st = _set_statistics(ts)
         _histograms(ts, st, out / "confidence_entropy.png")
         _heatmaps(ts, st, out / "class_mass.png")
         summary = ts.summary()

@@ -8,7 +8,9 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -263,6 +265,27 @@ def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
                       stream=True)
 
 
+def test_a_deleted_block_done_object_is_refused_then_rewritten_by_precompute(
+        tmp_path: Path, bucket: str) -> None:
+    """A complete set whose `block_done` object of one block is gone (it reads as 0): a read
+    of that block is refused naming it, even through a cache; the precompute command rewrites
+    it."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/undone.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    before = _fs().cat_file(f"{bucket}/undone.zarr/{S.PROBS}/c/1/1/0")
+    _fs().rm(f"{bucket}/undone.zarr/{S.BLOCK_DONE}/c/1")
+    for cache in (None, str(tmp_path / "cache")):
+        with open_transfer_set(url, cache=cache) as ts, pytest.raises(
+                IntegrityError, match=r"block 1 \(rows 16-31\).*block_done") as err:
+            ts.read_block(1, [S.LABELS])
+        assert "\n" not in str(err.value)
+    assert not verify(url).ok
+    result = precompute(data, [TEACHER], url, **OPTS)
+    assert result.rows_computed == 16 and verify(url).ok
+    assert _fs().cat_file(f"{bucket}/undone.zarr/{S.PROBS}/c/1/1/0") == before
+
+
 def test_a_second_writer_of_one_s3_set_is_refused(tmp_path: Path, bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/busy.zarr"
@@ -485,6 +508,78 @@ def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str
         assert ts.temperatures == [2.0] and ts.read_block(0)
 
 
+def _cache_bytes(cache: Path) -> int:
+    return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+
+
+def _read_all(url: str, cache: Path) -> list[dict[str, np.ndarray]]:
+    with open_transfer_set(url, cache=str(cache)) as ts:
+        return [ts.read_block(b) for b in range(ts.num_blocks)]
+
+
+def test_the_cache_stays_within_its_bound(tmp_path: Path, bucket: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SOFTLABELS_CACHE_MAX_BYTES bounds the cache: a set larger than it is cached in part
+    (and read right, the rest from the store); another set's folder is evicted, least recently
+    opened first, to make room for the set being read."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    a, b = f"s3://{bucket}/a.zarr", f"s3://{bucket}/b.zarr"
+    precompute(data, [TEACHER], a, **OPTS)
+    precompute(data, [TEACHER], b, **{**OPTS, "temperatures": [2]})
+    cache = tmp_path / "cache"
+    whole = _read_all(a, cache)  # unbounded (half the free disk): all of it
+    full = _cache_bytes(cache)
+    assert full > 4000
+
+    bound = full // 2
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", str(bound))
+    shutil.rmtree(cache)
+    again = _read_all(a, cache)
+    assert 0 < _cache_bytes(cache) <= bound
+    assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)
+    _read_all(a, cache)  # a second pass: still within it
+    assert _cache_bytes(cache) <= bound
+
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", str(full + full // 2))
+    shutil.rmtree(cache)
+    _read_all(a, cache)
+    time.sleep(0.05)  # a later opening, by the folders' times
+    _read_all(b, cache)  # a's folder goes to make room for b's
+    folders = [p for p in cache.glob("*/*") if p.is_dir()]
+    assert len(folders) == 1 and _cache_bytes(cache) <= full + full // 2
+    with open_transfer_set(b, cache=str(cache)) as ts:
+        assert ts.temperatures == [2.0]
+
+
+def test_a_replaced_sets_cache_folder_is_removed(tmp_path: Path, bucket: str) -> None:
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url, cache = f"s3://{bucket}/replaced.zarr", tmp_path / "cache"
+    precompute(data, [TEACHER], url, **OPTS)
+    _read_all(url, cache)
+    old = [p for p in cache.glob("*/*") if p.is_dir()]
+    precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]})
+    _read_all(url, cache)
+    new = [p for p in cache.glob("*/*") if p.is_dir()]
+    assert len(old) == len(new) == 1 and old != new and not old[0].exists()
+
+
+def test_train_cache_max_bytes_reaches_the_readers(tmp_path: Path, bucket: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/bounded.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    monkeypatch.setenv(CACHE_ENV, "")
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", "")
+    args = ["train", "--data", data, "--model", "mlp:16-8-3", "--out", str(tmp_path / "s.pt"),
+            "--transfer-set", url, "--epochs", "1", "--cache", str(tmp_path / "c")]
+    result = CliRunner().invoke(cli, [*args, "--cache-max-bytes", "3K"])
+    assert result.exit_code == 0, result.output
+    assert os.environ["SOFTLABELS_CACHE_MAX_BYTES"] == "3072"
+    assert 0 < _cache_bytes(tmp_path / "c") <= 3072
+    result = CliRunner().invoke(cli, [*args, "--cache-max-bytes", "lots"])
+    assert result.exit_code == 1 and "512M or 20G" in result.output
+
+
 def test_a_chunk_cached_while_damaged_is_read_again_once_the_store_is_repaired(
         tmp_path: Path, bucket: str) -> None:
     """A chunk damaged in the store and cached by a refused read is dropped from the cache, so
@@ -562,3 +657,26 @@ def test_an_unreachable_endpoint_is_one_line_for_a_writer(tmp_path: Path, bucket
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and url in lines[0] and "cannot reach" in lines[0], lines
     assert "does not exist" not in lines[0]
+
+
+def test_a_refused_connection_is_refused_before_the_store_library_retries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listening at the endpoint: refused by the connect probe, before s3fs (and
+    botocore's retries, ~12 s) is reached. A name that does not resolve is not final (DNS may
+    be slow to come up): it is left to the library."""
+    import fsspec
+
+    from softlabels.format.location import Remote
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(fsspec, "filesystem", lambda *a, **k: pytest.fail("library reached"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(TransferSetError, match=f"127.0.0.1:{port} .connection refused.*"
+                       "AWS_ENDPOINT_URL"):
+        open_transfer_set("s3://bucket/a.zarr")
+    with pytest.raises(TransferSetError, match="connection refused"):
+        Remote(f"http://127.0.0.1:{port}/a.zarr").probe()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://no-such-host.invalid:9000")
+    Remote("s3://bucket/a.zarr").probe()  # not refused: the library's retries decide

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
 
-from ..options import OPTIMIZER_CHOICES, TrainOptions
+from ..format.lease import WriterLease
+from ..options import OPTIMIZER_CHOICES, TrainOptions, check_output_file
 from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 
 
@@ -49,22 +51,30 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 @click.option("--cache", "cache", default=None, metavar="DIR",
               help="Keep the chunks of a --transfer-set at a URL in DIR, so later epochs (and "
                    "runs) read them from local disk; same as SOFTLABELS_CACHE=DIR.")
+@click.option("--cache-max-bytes", default=None, metavar="SIZE",
+              help="Bound of the --cache DIR (e.g. 20G; default: half the free disk space, at "
+                   "most 64G); same as SOFTLABELS_CACHE_MAX_BYTES.")
 def train(data: str, model: str, out: str, transfer_set: str | None, indices: str | None,
-          val_data: str | None, cache: str | None, stream: bool, **flags: object) -> None:
+          val_data: str | None, cache: str | None, cache_max_bytes: str | None, stream: bool,
+          **flags: object) -> None:
     """Train a student from a transfer set's soft targets, or from hard labels without one.
 
     Rerunning the same command after a kill resumes after the last finished epoch (state in
     OUT.state)."""
+    from ..format.chunk_cache import MAX_BYTES_ENV, parse_bytes
     from ..format.location import CACHE_ENV
     from ..trainer import train_student
 
     if cache:  # through the environment, so DataLoader workers and ranks read through it too
         os.environ[CACHE_ENV] = os.path.abspath(cache)
+    if cache_max_bytes is not None:
+        os.environ[MAX_BYTES_ENV] = str(parse_bytes(cache_max_bytes))
 
     options = TrainOptions(**flags)  # type: ignore[arg-type]  # checked once, here
-    result = train_student(data, model, options, out=out, transfer_set=transfer_set,
-                           indices=indices, val_data=val_data, stream=True if stream else None,
-                           callbacks=[epoch_bars()])
+    with _one_trainer(out, distributed=options.distributed):
+        result = train_student(data, model, options, out=out, transfer_set=transfer_set,
+                               indices=indices, val_data=val_data,
+                               stream=True if stream else None, callbacks=[epoch_bars()])
     if result.rank != 0:
         return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]
@@ -76,6 +86,17 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"
     click.echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
                f"{rows} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
+
+
+def _one_trainer(out: str, *, distributed: bool) -> WriterLease | contextlib.nullcontext:
+    """The writer lease on `--out` (`OUT.lock`, as precompute's): a second `train` into the
+    same checkpoint, which would share its resume state `OUT.state`, is refused naming the
+    holder; a killed holder's lease is taken over at once. Under torchrun, rank 0 holds it
+    (it alone writes the state and the checkpoint)."""
+    if distributed and os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    check_output_file(out)  # a bad --out is named as such, not as a lease it cannot take
+    return WriterLease(out)
 
 
 @click.command()

@@ -42,6 +42,9 @@ class Store(ABC):
 
     path: Path | str  # a local path, or the URL of a remote set (see `location`)
     read_only: bool
+    # whether `read_many` issues its reads together (one round trip), so one more small read
+    # in it costs little; else they run one after another
+    reads_together: bool = False
 
     # --- writes: checked here, done by the backend ----------------------------------------
     def create(self, name: str, shape: tuple[int, ...], dtype: str, *,
@@ -219,6 +222,8 @@ class ZarrStore(Store):
     def drop_cache(self):  # a damaged object read through the cache is not kept in it
         if self._remote is not None and self._remote.cache_folder is not None:
             shutil.rmtree(self._remote.cache_folder, ignore_errors=True)
+
+    reads_together = True
 
     def read_many(self, requests):
         from zarr.core.sync import sync

@@ -16,10 +16,11 @@ no variables of its own for them.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import SoftlabelsError, TransferSetError
 
@@ -30,6 +31,7 @@ _SCHEMES = {"s3": ("s3", "s3fs", "s3"), "s3a": ("s3", "s3fs", "s3"),
 READ_ONLY_SCHEMES = ("http", "https")
 CACHE_ENV = "SOFTLABELS_CACHE"  # a local directory: chunk cache for remote reads (train --cache)
 HTTP_TIMEOUT_S = 60  # seconds an http(s) server may take to accept a connection or send bytes
+PROBE_TIMEOUT_S = 5  # the connect probe's wait; past it, the store library decides
 
 
 def scheme_of(path: object) -> str | None:
@@ -78,13 +80,53 @@ class Remote:
 
     @property
     def fs(self) -> Any:
-        """The synchronous fsspec filesystem of this URL (created once)."""
+        """The synchronous fsspec filesystem of this URL (created once, after `probe`)."""
         if self._fs is None:
             self._require()
+            self.probe()
             import fsspec
 
             self._fs = fsspec.filesystem(self.protocol, **self._options())
         return self._fs
+
+    def endpoint(self) -> tuple[str, int] | None:
+        """(host, port) this URL's requests go to, where the environment names it: the URL's
+        own host for http(s), `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` for s3,
+        `STORAGE_EMULATOR_HOST` for gs; None when the library resolves it (AWS's regional
+        endpoints, ~/.aws/config, Google's)."""
+        if self.read_only:
+            url = self.url
+        elif self.protocol == "s3":
+            url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        else:
+            url = os.environ.get("STORAGE_EMULATOR_HOST")
+        if not url:
+            return None
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return None
+        return (parts.hostname, port) if parts.hostname else None
+
+    def probe(self) -> None:
+        """Refuse at once an endpoint where nothing listens (the connection is refused), which
+        the store libraries would otherwise retry for many seconds (botocore: about 12 s at an
+        idle machine) before failing. Only a refusal is final: a timeout, a name that does not
+        resolve yet or a slow network is left to the libraries' own retries."""
+        where = self.endpoint()
+        if where is None:
+            return
+        try:
+            socket.create_connection(where, timeout=PROBE_TIMEOUT_S).close()
+        except ConnectionRefusedError:
+            hint = {"s3": "AWS_ENDPOINT_URL, ~/.aws", "gcs": "STORAGE_EMULATOR_HOST"}
+            raise TransferSetError(
+                f"cannot reach {self.url}: nothing answers at {where[0]}:{where[1]} (connection "
+                f"refused); check the network and the endpoint "
+                f"({hint.get(self.protocol, 'the URL')})") from None
+        except OSError:
+            pass  # not final: the libraries retry
 
     def _options(self) -> dict[str, Any]:
         """fsspec storage options: none for object stores (their own config decides); for
@@ -117,11 +159,11 @@ class Remote:
 
     # --- opening --------------------------------------------------------------------------
     def zarr_store(self, *, read_only: bool, cache: str | None = None) -> Any:
-        """zarr's FsspecStore at this URL; with `cache` (a local directory), read through
-        zarr's `CacheStore` into a `LocalStore` kept under a folder named after the set's root
-        metadata, so a set replaced at the same URL never reads another set's cached objects
-        (a complete set is never rewritten in place). LocalStore writes each cached object
-        aside and renames it, so concurrent readers never see half an object."""
+        """zarr's FsspecStore at this URL; with `cache` (a local directory), read through a
+        bounded local cache (`chunk_cache`): a `LocalStore` under a folder named after the set's
+        URL and root metadata, so a set replaced at the same URL never reads another set's
+        cached objects (a complete set is never rewritten in place). LocalStore writes each
+        cached object aside and renames it, so concurrent readers never see half an object."""
         self._require()
         from zarr.storage import FsspecStore
 
@@ -129,13 +171,12 @@ class Remote:
                                       read_only=read_only)
         if cache is None or not read_only:
             return remote
-        from zarr.experimental.cache_store import CacheStore
-        from zarr.storage import LocalStore
+        from .chunk_cache import bounded_cache_store, prepare
 
+        cache = os.path.abspath(cache)
         root = self.fs.cat_file(self.child("zarr.json"))
-        folder = hashlib.sha256(self.url.encode() + b"\0" + root).hexdigest()[:24]
-        self.cache_folder = os.path.join(cache, folder)
-        return CacheStore(remote, cache_store=LocalStore(self.cache_folder))
+        self.cache_folder, room = prepare(cache, self.url, root)
+        return bounded_cache_store(remote, cache, self.cache_folder, room)
 
     def open_file(self) -> Any:
         """A read-only file object of the whole object (for h5py)."""

@@ -16,16 +16,9 @@ from ..tempering import tempered_softmax
 from . import schema as S
 from ._store import Store, backend_of, open_store
 from .aside import PARTIAL
+from .blockcheck import checksum_problem, undone_problem, value_problem
 from .layout import Layout, array_problems, check_described, check_digest
 from .location import Remote, cache_dir, is_url
-
-
-def _all_finite(a: np.ndarray) -> bool:
-    """No NaN or inf in `a`. float16 by its exponent bits: numpy's float16 isfinite is ~15x
-    slower than reading the block (all-ones exponent = inf or NaN)."""
-    if a.dtype == np.float16:
-        return not ((a.view(np.uint16) & 0x7C00) == 0x7C00).any()
-    return bool(np.isfinite(a).all())
 
 
 class TransferSet:
@@ -60,6 +53,8 @@ class TransferSet:
         # over every row array, read here; None in a set from before block checksums.
         self._slots = {slot: col for col, slot in enumerate(self.layout.checksum_slots())}
         self._recorded: dict[int, np.ndarray] = {}  # block -> its array_checksum row, once read
+        self._marked: set[int] = set()  # blocks whose `block_done` marker was read and is 1
+        self._marks: np.ndarray | None = None  # all of `block_done`, where read at once
         self._v1_checksums = (store.read(S.BLOCK_CHECKSUM) if self.format_version == 1
                               and S.BLOCK_CHECKSUM in self._names else None)
 
@@ -124,13 +119,22 @@ class TransferSet:
         v2 = checksum and self.format_version >= 2
         if v2 and block not in self._recorded:  # read with the block's arrays, kept for reuse
             requests.append((S.ARRAY_CHECKSUM, (block, slice(None))))
+        # A complete set marks every block done: checked on a block's first read, in the same
+        # round trip where reads go together (Zarr: one object per block), else all at once
+        marker = block not in self._marked and self.store.reads_together
+        if marker:
+            requests.append((S.BLOCK_DONE, slice(block, block + 1)))
         try:
+            if not marker and block not in self._marked and self._marks is None:
+                self._marks = self.store.read(S.BLOCK_DONE)  # HDF5: ~10 us per block, once
             got = self.store.read_many(requests)
         except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.store.drop_cache()
             raise IntegrityError(f"{where} cannot be read ({type(exc).__name__}: {first}); get "
                                  "a fresh copy of the set") from None
+        undone = (undone_problem(got.pop()) if marker else None if block in self._marked
+                  else undone_problem(self._marks[block:block + 1]))
         if len(got) > len(read):
             self._recorded[block] = got.pop()
         out = dict(zip(read, got))
@@ -138,12 +142,15 @@ class TransferSet:
         if v1 and S.block_checksum_v1(out) != int(self._v1_checksums[block]):
             problem = "does not match its checksum (a flipped byte or a missing chunk)"
         elif v2:
-            problem = self._checksum_problem(out, k, self._recorded[block])
-        problem = problem or self._value_problem(out)
+            problem = checksum_problem(self._slots, self.temperatures, out, k,
+                                       self._recorded[block])
+        problem = undone or problem or value_problem(out, self.num_classes,
+                                                         int(self.meta["num_examples"]))
         if problem:
             self.store.drop_cache()
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
                                  "get a fresh copy of the set")
+        self._marked.add(block)
         if v1:  # what was asked for, out of every row array
             out = {n: out[n][k] if k is not None and n in S.TEMPERATURE_AXIS else out[n]
                    for n in names}
@@ -155,44 +162,6 @@ class TransferSet:
             return (slice(start, stop),)
         return (k if k is not None and name in S.TEMPERATURE_AXIS else slice(None),
                 slice(start, stop))
-
-    def _checksum_problem(self, arrays: dict[str, np.ndarray], k: int | None,
-                          recorded: np.ndarray) -> str | None:
-        """The first array read whose checksum slot(s) differ from `recorded`, or None."""
-        def which(name: str, j: int) -> str:
-            return (f" at T={self.temperatures[j]:g}" if name in S.TEMPERATURE_AXIS
-                    else f" of member {j}")
-
-        for name, data in arrays.items():
-            if S.row_axis(name) == 0:
-                parts = [(self._slots[(name, None)], data, "")]
-            elif k is not None and name in S.TEMPERATURE_AXIS:
-                parts = [(self._slots[(name, k)], data, which(name, k))]
-            else:
-                parts = [(self._slots[(name, j)], data[j], which(name, j))
-                         for j in range(len(data))]
-            for col, part, what in parts:
-                if S.array_checksum(part) != int(recorded[col]):
-                    return (f"does not match its checksum (a flipped byte or a missing chunk in "
-                            f"{name!r}{what})")
-        return None
-
-    def _value_problem(self, arrays: dict[str, np.ndarray]) -> str | None:
-        """Why a block's values cannot be trusted (non-finite targets, dataset indices or
-        labels out of range), or None."""
-        for name in S.TARGET_ARRAYS:
-            if name in arrays and not _all_finite(arrays[name]):
-                return f"holds NaN or inf in {name!r}"
-        index, n = arrays.get(S.INDEX), int(self.meta["num_examples"])
-        if index is not None and len(index) and (index.min() < 0 or index.max() >= n):
-            return (f"holds dataset indices outside [0, {n}) "
-                    f"(found {int(index.min())}..{int(index.max())})")
-        labels = arrays.get(S.LABELS)
-        if labels is not None and len(labels) and (labels.min() < -1
-                                                   or labels.max() >= self.num_classes):
-            return (f"holds labels outside [-1, {self.num_classes}) "
-                    f"(found {int(labels.min())}..{int(labels.max())})")
-        return None
 
     def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(rows, C) combined teacher logits as float32."""
@@ -238,16 +207,19 @@ class TransferSet:
 
     def _dense_from_sparse(self, temperature: float, start: int, stop: int | None,
                            ) -> np.ndarray:
-        """Dense (rows, C) probabilities from sparse targets: top-k exact, the residual mass
-        spread evenly over the other classes; or the sampled frequencies."""
-        idx, w = self.sparse_targets(temperature, start, stop)
-        rows, k = idx.shape
+        return self.densify(*self.sparse_targets(temperature, start, stop))
+
+    def densify(self, classes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Dense (rows, C) float32 probabilities from sparse targets (classes, weights) of this
+        set: top-k exact, the residual mass spread evenly over the other classes; or the
+        sampled frequencies."""
+        rows, k = classes.shape
         dense = np.zeros((rows, self.num_classes), np.float32)
-        if self.sparse["kind"] == "topk":
-            dense += (1 - w.sum(1, keepdims=True)).clip(0) / (self.num_classes - k)
-            np.put_along_axis(dense, idx, w, axis=1)
+        if self.sparse and self.sparse["kind"] == "topk":
+            dense += (1 - weights.sum(1, keepdims=True)).clip(0) / (self.num_classes - k)
+            np.put_along_axis(dense, classes, weights, axis=1)
         else:
-            np.add.at(dense, (np.repeat(np.arange(rows), k), idx.ravel()), w.ravel())
+            np.add.at(dense, (np.repeat(np.arange(rows), k), classes.ravel()), weights.ravel())
         return dense
 
     def temperature_index(self, temperature: float) -> int | None:
@@ -266,36 +238,12 @@ class TransferSet:
         return self.read(S.SAMPLE_HASH)
 
     def stats(self) -> dict[str, Any]:
-        """Out-of-core statistics through dask.array, one chunk in memory at a time: per-class
-        mean probability at each T, mean entropy (nats) at each T, and the teacher's top-1
-        accuracy on labelled rows."""
-        import dask
-        import dask.array as da
+        """Per-class mean probability and mean entropy (nats) at each T, and the teacher's
+        top-1 accuracy on labelled rows, from whole checked blocks, one at a time
+        (`statistics.set_statistics`)."""
+        from .statistics import set_statistics
 
-        if self.sparse:
-            raise TransferSetError(f"{self.path} is sparse: --stats reads dense arrays; use "
-                                   "`softlabels report` instead")
-        rows = self.chunk_rows
-        probs = da.from_array(self.store.array(S.PROBS), chunks=(1, rows, self.num_classes))
-        logits = da.from_array(self.store.array(S.LOGITS), chunks=(rows, self.num_classes))
-        labels = da.from_array(self.store.array(S.LABELS), chunks=(rows,))
-        p = probs.astype("float32")
-        entropy = -da.where(p > 0, p * da.log(da.where(p > 0, p, 1)), 0).sum(axis=-1).mean(-1)
-        labelled = labels >= 0
-        correct = ((logits.argmax(axis=1) == labels) & labelled).sum()
-        # h5py is not thread-safe: HDF5 sets are reduced in this thread, Zarr with threads.
-        scheduler = "synchronous" if backend_of(self.path) == "hdf5" else "threads"
-        with dask.config.set(scheduler=scheduler):
-            mass, ent, n_correct, n_labelled = dask.compute(p.mean(axis=1), entropy, correct,
-                                                            labelled.sum())
-        return {
-            "temperatures": self.temperatures,
-            "class_mass": {f"{t:g}": m.round(6).tolist() for t, m in zip(self.temperatures, mass)},
-            "mean_entropy": {f"{t:g}": round(float(e), 6)
-                             for t, e in zip(self.temperatures, ent)},
-            "labelled_rows": int(n_labelled),
-            "teacher_accuracy": float(n_correct / n_labelled) if n_labelled else None,
-        }
+        return set_statistics(self)
 
     def nbytes_on_disk(self) -> int | None:
         """Bytes stored; None for a set at a URL that cannot be listed (http)."""

@@ -70,6 +70,14 @@ class BlockWriter:
         self.store.close()
 
 
+def _all_done(store: Store) -> bool:
+    """Every block marked done (a complete set; one whose marker was lost is resumed)."""
+    try:
+        return bool((store.read(S.BLOCK_DONE) == 1).all())
+    except Exception:  # unreadable markers: rewrite what they cannot vouch for
+        return False
+
+
 class TransferSetWriter:
     """Create or resume a transfer set; a context manager that finalises only on a clean exit.
 
@@ -124,10 +132,10 @@ class TransferSetWriter:
                 remove_set(self.path, backend=self.backend)
             self.store = self._open_existing() if self._exists() else self._create()
             done = self.store.read(S.BLOCK_DONE)
-            self.pending = [int(b) for b in np.flatnonzero(done == 0)]
+            self.pending = [int(b) for b in np.flatnonzero(done != 1)]
             self.resumed = bool(self.pending) and len(self.pending) < layout.num_blocks
             if self.resumed and row_hashes is not None:
-                self._prove_rows(np.flatnonzero(done != 0), row_hashes)
+                self._prove_rows(np.flatnonzero(done == 1), row_hashes)
         except BaseException:
             if getattr(self, "store", None) is not None:
                 self.store.close()
@@ -155,7 +163,7 @@ class TransferSetWriter:
             what = "; ".join(f"{k}: existing {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise MismatchError(f"{self.path} was made from a different run ({what}); "
                                 "it was left untouched: use another --out, or --overwrite")
-        if old.get("status") == S.STATUS_COMPLETE:
+        if old.get("status") == S.STATUS_COMPLETE and _all_done(store):
             self.meta, self.already_complete = old, True
         elif old.get("format_version") != S.FORMAT_VERSION:
             store.close()
@@ -171,6 +179,10 @@ class TransferSetWriter:
                     f"{self.path} holds a link that leads out of the set ({links[0]}); a "
                     "writer never writes through one: replace it with a copy, or --overwrite")
             self.meta["created_at"] = old.get("created_at", self.meta.get("created_at"))
+            if old.get("status") == S.STATUS_COMPLETE:  # a block's done marker was lost
+                log.warning("%s is marked complete but not every block is marked done: "
+                            "rewriting those blocks", self.path)
+                store.set_meta({**old, "status": S.STATUS_WRITING})  # readers refuse it now
             if self._remote is not None and not store.has(S.BLOCK_DONE):
                 store.close()  # killed while laying it out in place: lay it out again
                 log.info("laying out %s again: a killed run left it half laid out", self.path)
@@ -194,7 +206,7 @@ class TransferSetWriter:
 
     def _prepare_resume(self, store: Store) -> None:
         done = store.read(S.BLOCK_DONE)
-        pending = np.flatnonzero(done == 0)
+        pending = np.flatnonzero(done != 1)
         removed = store.discard_partial_files()
         if removed:
             log.info("removed %d partial file(s) left by a killed writer", removed)
@@ -257,7 +269,7 @@ class TransferSetWriter:
         if self.already_complete:
             return self.meta
         self._check_lease()
-        missing = np.flatnonzero(self.store.read(S.BLOCK_DONE) == 0)
+        missing = np.flatnonzero(self.store.read(S.BLOCK_DONE) != 1)
         if len(missing):
             raise TransferSetError(f"{len(missing)} block(s) unwritten (first: {missing[0]}); "
                                    "rerun the same command to finish")
