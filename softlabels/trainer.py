@@ -296,7 +296,7 @@ def _hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
     x_all, y_all = materialize(dataset)
     check_labels(y_all.numpy(), where="the data")
     rows = select_rows(y_all.numpy(), **select)
-    _check_outputs(net, x_all[:1].to(dev), None, y_all)
+    check_outputs(net, x_all[:1].to(dev), None, y_all)
     if (y_all[rows] < 0).all():
         raise SoftlabelsError("the data has no labels; train from a transfer set")
     tensors = [x_all[rows], y_all[rows]]
@@ -312,7 +312,7 @@ def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: to
     check_length(dataset, ts)
     examples = ts.index()[rows]
     cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
-    _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
+    check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
     sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=select["seed"],
                             trust_code=trust_code)
     targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
@@ -340,7 +340,7 @@ def _streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: tor
     stream = SoftTargetBatches(dataset, ts, temperature=temperature, batch_size=batch_size,
                                rows=rows, seed=select["seed"], rank=rank, world_size=world)
     x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
-    _check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
+    check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
     loader = stream.loader(pin_memory=dev.type == "cuda")  # each window pinned once
 
     def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
@@ -378,15 +378,18 @@ def _check_weights(net: nn.Module, epochs: int) -> None:
                                 "nothing was saved; lower --lr")
 
 
-def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
-                   y_all: torch.Tensor) -> None:
-    """Refuse a student whose output size differs from the set's (or the labels') classes."""
+def check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
+                   y_all: torch.Tensor, *,
+                   sequence_hint: str = "trains from a sequence set: precompute one from "
+                                        "tokens:... DATA") -> None:
+    """Refuse a student whose output size differs from the set's (or the labels') classes;
+    `sequence_hint` ends the message when the student looks like a sequence model."""
     with torch.no_grad():
         was = net.training
         net.eval()
         sequence_model = any(isinstance(m, nn.Embedding) for m in net.modules())
-        hint = ("; a sequence model (token ids in, (B, L, C) logits out) trains from a "
-                "sequence set: precompute one from tokens:... DATA" if sequence_model else "")
+        hint = (f"; a sequence model (token ids in, (B, L, C) logits out) {sequence_hint}"
+                if sequence_model else "")
         try:
             z = net(x)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
