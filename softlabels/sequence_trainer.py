@@ -171,7 +171,9 @@ def evaluate_sequence_model(model: nn.Module, batches: Batches, *,
         correct += int((z.argmax(-1) == y).sum())
         count += len(y)
     if count == 0:
-        raise SoftlabelsError("no position with a hard target to evaluate")
+        raise SoftlabelsError("no position with a next token (hard target) that the mask "
+                              "keeps: there is nothing to evaluate; pass sequences of 2 or "
+                              "more tokens, or a mask that keeps some")
     return {"perplexity": math.exp(nll / count), "cross_entropy": nll / count,
             "token_accuracy": correct / count, "positions": count}
 

@@ -195,3 +195,55 @@ def test_other_token_data_is_refused_against_the_set(lm: dict, tmp_path: Path) -
     result = CliRunner().invoke(cli, ["evaluate", "--data", other, "--model", lm["model"],
                                       "--transfer-set", str(out)])
     assert result.exit_code == 1 and "does not match the dataset" in result.stderr
+
+
+def test_streamed_and_in_memory_targets_give_the_same_report(
+        lm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set whose targets do not fit is read a window of checked blocks at a time."""
+    from softlabels import sequence_evaluate
+
+    out = lm["d"] / "topk.zarr"
+    if not out.exists():
+        precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[2, 4])
+    loaded = evaluate(lm["data"], lm["model"], transfer_set=out, temperature=4)
+    monkeypatch.setattr(sequence_evaluate, "MAX_IN_MEMORY", 0)
+
+    made = []
+
+    class Spy(sequence_evaluate.StreamingSequenceBatches):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sequence_evaluate, "StreamingSequenceBatches", Spy)
+    streamed = evaluate(lm["data"], lm["model"], transfer_set=out, temperature=4)
+    assert len(made) == 1  # streamed
+    assert streamed.keys() == loaded.keys() and streamed["teacher_targets"] == "topk"
+    for key in ("kl_to_teacher_topk", "teacher_agreement", "teacher_positions", "perplexity"):
+        assert streamed[key] == pytest.approx(loaded[key], rel=1e-6)
+
+
+def test_a_damaged_block_of_targets_is_one_line_naming_it(lm: dict, tmp_path: Path) -> None:
+    """The teacher's targets are read only through checked blocks: flipped stored logits are
+    refused, naming their block, not turned into a silently wrong KL."""
+    from softlabels.format._store import open_store
+
+    out = tmp_path / "k.zarr"
+    precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[1])
+    with open_store(out, "r+") as store:
+        z = store.read(S.TOPK_LOGITS, slice(40, 41))
+        store.write(S.TOPK_LOGITS, slice(40, 41), z[:, ::-1].copy())
+    result = CliRunner().invoke(cli, ["evaluate", "--data", lm["data"], "--model", lm["model"],
+                                      "--transfer-set", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "block 2 (rows 32-47)" in result.stderr and "checksum" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+def test_data_whose_mask_keeps_nothing_is_refused(lm: dict, tmp_path: Path) -> None:
+    path = tmp_path / "none.jsonl"
+    path.write_text('{"input_ids": [1, 2, 3], "m": [0, 0, 0]}\n')
+    result = CliRunner().invoke(cli, ["evaluate", "--data", f"tokens:{path}?mask=m",
+                                      "--model", lm["model"]])
+    assert result.exit_code == 1
+    assert "no position with a next token" in result.stderr
