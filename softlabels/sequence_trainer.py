@@ -174,7 +174,8 @@ def evaluate_sequence_model(model: nn.Module, batches: Batches, *,
         raise SoftlabelsError("no position with a next token (hard target) that the mask "
                               "keeps: there is nothing to evaluate; pass sequences of 2 or "
                               "more tokens, or a mask that keeps some")
-    return {"perplexity": math.exp(nll / count), "cross_entropy": nll / count,
+    ce = nll / count  # past ~709 nats exp overflows: a perplexity beyond any float is inf
+    return {"perplexity": math.exp(ce) if ce < 709 else math.inf, "cross_entropy": ce,
             "token_accuracy": correct / count, "positions": count}
 
 

@@ -247,3 +247,15 @@ def test_data_whose_mask_keeps_nothing_is_refused(lm: dict, tmp_path: Path) -> N
                                       "--model", lm["model"]])
     assert result.exit_code == 1
     assert "no position with a next token" in result.stderr
+
+
+def test_a_hopeless_student_has_infinite_perplexity_not_a_crash(lm: dict, tmp_path: Path) -> None:
+    """Cross-entropy past exp's range (huge, confidently wrong logits) is reported, with an
+    infinite perplexity, instead of an OverflowError."""
+    net = build_model(STUDENT)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([1e4] + [0.0] * (VOCAB - 1)))  # always token 0
+    save_checkpoint(net, tmp_path / "h.pt", spec=STUDENT)
+    report = evaluate(lm["data"], str(tmp_path / "h.pt"))
+    assert report["cross_entropy"] > 709 and report["perplexity"] == float("inf")
