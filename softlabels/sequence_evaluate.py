@@ -47,6 +47,7 @@ from .teacher import resolve_device
 from .tempering import tempered_log_softmax
 from .tokens import TokenSequences
 
+LOGITS_BUDGET = 1 << 28  # bytes of float32 (B, L, C) student logits per evaluation batch
 TEACHER_KEYS = {"dense": ("teacher_agreement", "kl_to_teacher"),
                 "topk": ("teacher_agreement", "kl_to_teacher_topk"),
                 "sample": ("teacher_cross_entropy",)}
@@ -58,7 +59,7 @@ def evaluate_sequence_student(
     *,
     transfer_set: str | os.PathLike[str] | TransferSet | None = None,
     temperature: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str = "auto",
     trust_code: bool = False,
 ) -> dict[str, Any]:
@@ -67,7 +68,8 @@ def evaluate_sequence_student(
     (`tokens:...`). With `transfer_set`, a sequence set made from `data` (checked), also the
     `teacher_metrics` at `temperature` (default 1 where the set holds it, else its first stored
     T) over the set's distilled positions, with teacher_temperature, teacher_targets (dense,
-    topk, sample) and teacher_positions."""
+    topk, sample) and teacher_positions. `batch_size` sequences a batch (default: as many, up
+    to 64, as keep the student's float32 logits of the longest within LOGITS_BUDGET)."""
     dataset = load_data(data) if isinstance(data, str) else data
     name = data if isinstance(data, str) else type(data).__name__
     if not isinstance(dataset, TokenSequences):
@@ -85,6 +87,9 @@ def evaluate_sequence_student(
         classes = _check_student(net, dataset, None if ts is None else ts.num_classes,
                                  where=None if ts is None else f"{ts.path} has "
                                  f"{ts.num_classes} classes")
+        if batch_size is None:
+            per_sequence = 4 * classes * int(dataset.lengths.max())
+            batch_size = int(min(64, max(1, LOGITS_BUDGET // per_sequence)))
         held = SequenceBatches.from_tokens(dataset, batch_size=batch_size, shuffle=False,
                                            num_classes=classes)
         report: dict[str, Any] = dict(evaluate_sequence_model(net, held, device=str(dev)))

@@ -259,3 +259,32 @@ def test_a_hopeless_student_has_infinite_perplexity_not_a_crash(lm: dict, tmp_pa
     save_checkpoint(net, tmp_path / "h.pt", spec=STUDENT)
     report = evaluate(lm["data"], str(tmp_path / "h.pt"))
     assert report["cross_entropy"] > 709 and report["perplexity"] == float("inf")
+
+
+def test_batches_fit_a_logits_budget_and_do_not_change_the_report(
+        lm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default as many sequences share a batch as keep the (B, L, C) logits within
+    LOGITS_BUDGET (a 128k vocabulary must not take (64, L, 128k) at once); padding and batch
+    size leave every figure as it was."""
+    from softlabels import sequence_evaluate
+    from softlabels.sequence_datasets import SequenceBatches
+
+    out = lm["d"] / "full.zarr"
+    if not out.exists():
+        precompute(lm["data"], [TEACHER], out, chunk_rows=16)
+    sizes = []
+
+    class Spy(SequenceBatches):
+        @classmethod
+        def from_tokens(cls, data: object, **kwargs: object) -> SequenceBatches:
+            sizes.append(kwargs["batch_size"])
+            return SequenceBatches.from_tokens(data, **kwargs)
+
+    monkeypatch.setattr(sequence_evaluate, "SequenceBatches", Spy)
+    wide = evaluate(lm["data"], lm["model"], transfer_set=out)
+    longest = max(len(x) for x in lm["seqs"])
+    monkeypatch.setattr(sequence_evaluate, "LOGITS_BUDGET", 4 * VOCAB * longest * 3)
+    narrow = evaluate(lm["data"], lm["model"], transfer_set=out)
+    assert sizes == [64, 3]
+    for key in ("cross_entropy", "token_accuracy", "kl_to_teacher", "teacher_agreement"):
+        assert narrow[key] == pytest.approx(wide[key], rel=1e-5)
