@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .blocks import block_targets, check_servable, needed_arrays
 from .datasets import check_alignment
-from .errors import SoftlabelsError
+from .errors import OptionError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
 from .metrics import (
@@ -26,6 +26,7 @@ from .metrics import (
 from .specs import load_data, load_model
 from .teacher import resolve_device
 from .tokens import is_sequence_data
+from .train_plans import check_outputs
 from .trainer import materialize, predict
 
 
@@ -51,27 +52,36 @@ def evaluate(
     device: str = "auto",
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     trust_code: bool = False,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """accuracy, errors, n, per_class_errors, ece; with `transfer_set`: teacher_agreement and
     kl_to_teacher (mean KL(teacher || student) at T = 1) over the set's rows.
 
+    On token sequences (`tokens:...` DATA) a sequence student is scored instead
+    (`sequence_evaluate.evaluate_sequence_student`: cross_entropy, perplexity, token_accuracy;
+    with a sequence set, its teacher measures at `temperature`, which applies only there).
     A model with NaN/inf weights is refused; a checkpoint's python: spec runs only with
     `trust_code`."""
-    if is_sequence_data(data):
-        raise SoftlabelsError(
-            f"evaluate measures an example model's accuracy, expected example DATA, but {data} "
-            "is token sequences; measure a sequence model's perplexity and token accuracy with "
-            "`softlabels train ... --val-data tokens:...` or "
-            "softlabels.sequence_trainer.evaluate_sequence_model")
+    if is_sequence_data(data):  # a sequence (language-model) student
+        if bias_adjust:
+            raise OptionError("--bias-adjust applies to example models; drop it for token "
+                              "sequences")
+        from .sequence_evaluate import evaluate_sequence_student
+
+        return evaluate_sequence_student(data, _finite(model, trust_code),
+                                         transfer_set=transfer_set, temperature=temperature,
+                                         device=device)
+    if temperature is not None:
+        raise OptionError("--temperature picks the targets of a sequence set; an example "
+                          "student is compared with its teacher at T = 1: drop it")
     if transfer_set is not None:
         _refuse_sequence_set(transfer_set)
     dev = resolve_device(device)
-    net = load_model(model, trust_code=trust_code)[0] if isinstance(model, str) else model
-    if not all(torch.isfinite(t).all() for t in net.state_dict().values()
-               if t.is_floating_point()):
-        raise SoftlabelsError("the model has NaN or inf weights (a diverged run); retrain it")
+    net = _finite(model, trust_code)
     dataset = load_data(data) if isinstance(data, str) else data
     x, y = inputs if inputs is not None else materialize(dataset)
+    check_outputs(net, x[:1].to(dev), None, y,
+                  sequence_hint="is evaluated on token sequences: pass tokens:... DATA")
     logits = adjust_bias(predict(net.to(dev), x, dev), bias_adjust or {})
     report: dict[str, Any] = accuracy_report(logits, y)
     report["ece"] = expected_calibration_error(logits, y)
@@ -102,6 +112,14 @@ def _teacher_at_1(ts: TransferSet) -> tuple[np.ndarray, torch.Tensor]:
         index.append(arrays[S.INDEX])
         probs.append(targets[0] if len(targets) == 1 else ts.densify(*targets))
     return np.concatenate(index), torch.from_numpy(np.concatenate(probs))
+
+
+def _finite(model: str | nn.Module, trust_code: bool) -> nn.Module:
+    net = load_model(model, trust_code=trust_code)[0] if isinstance(model, str) else model
+    if not all(torch.isfinite(t).all() for t in net.state_dict().values()
+               if t.is_floating_point()):
+        raise SoftlabelsError("the model has NaN or inf weights (a diverged run); retrain it")
+    return net
 
 
 def _refuse_sequence_set(path: str | os.PathLike[str]) -> None:

@@ -171,8 +171,11 @@ def evaluate_sequence_model(model: nn.Module, batches: Batches, *,
         correct += int((z.argmax(-1) == y).sum())
         count += len(y)
     if count == 0:
-        raise SoftlabelsError("no position with a hard target to evaluate")
-    return {"perplexity": math.exp(nll / count), "cross_entropy": nll / count,
+        raise SoftlabelsError("no position with a next token (hard target) that the mask "
+                              "keeps: there is nothing to evaluate; pass sequences of 2 or "
+                              "more tokens, or a mask that keeps some")
+    ce = nll / count  # past ~709 nats exp overflows: a perplexity beyond any float is inf
+    return {"perplexity": math.exp(ce) if ce < 709 else math.inf, "cross_entropy": ce,
             "token_accuracy": correct / count, "positions": count}
 
 
@@ -301,10 +304,11 @@ class _Index:
         return {S.INDEX: self.index[np.searchsorted(self._starts, rows)]}
 
 
-def check_sequence_student(net: nn.Module, ids: torch.Tensor, classes: int, *,
-                           where: str) -> None:
-    """Refuse a student that does not map (B, L) token ids to (B, L, `classes`) logits; `ids`
-    (L,): a probe holding the data's largest token id."""
+def check_sequence_student(net: nn.Module, ids: torch.Tensor, classes: int | None, *,
+                           where: str) -> int:
+    """Refuse a student that does not map (B, L) token ids to (B, L, `classes`) logits (any C
+    when `classes` is None); `ids` (L,): a probe holding the data's largest token id. Returns
+    the student's C."""
     x = ids[None].long()
     was = net.training
     net.eval()
@@ -325,6 +329,7 @@ def check_sequence_student(net: nn.Module, ids: torch.Tensor, classes: int, *,
         raise MismatchError(f"the student maps {tuple(x.shape)} token ids to {shape}, expected "
                             f"(B, L, C) logits, one row per token; give --model a sequence "
                             "model, or train this one from an example set")
-    if shape[2] != classes:
+    if classes is not None and shape[2] != classes:
         raise MismatchError(f"the student predicts {shape[2]} classes per token but {where}; "
                             f"give the model {classes} outputs")
+    return int(shape[2])

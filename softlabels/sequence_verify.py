@@ -3,6 +3,8 @@ data, and sampled positions recomputed by the live teacher."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,18 +28,57 @@ def verify_sequences(ts: TransferSet, report: VerifyReport, *,
                      sample: int, seed: int, tolerance: float, device: str,
                      progress: Progress | None = None, trust_code: bool = False) -> None:
     """Sequence checks of `verify`: offsets and positions, then against the token DATA and
-    the live teacher when given (`trust_code` as for `verify`)."""
-    check_sequences(ts, report)
-    if data is None:
-        return
-    dataset = load_data(data) if isinstance(data, str) else data
-    if not isinstance(dataset, TokenSequences):
-        report.add("data", False, "a sequence set is checked against token sequences; pass "
-                   "the tokens:PATH DATA it was made from")
-        return
-    if not _check_data(ts, dataset, report, progress) or not teachers:
-        return
-    _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device, trust_code)
+    the live teacher when given (`trust_code` as for `verify`). The report's words are then
+    those of a sequence set (`speak_of_positions`)."""
+    try:
+        check_sequences(ts, report)
+        if data is None:
+            return
+        dataset = load_data(data) if isinstance(data, str) else data
+        if not isinstance(dataset, TokenSequences):
+            report.add("data", False, "a sequence set is checked against token sequences; "
+                       "pass the tokens:PATH DATA it was made from")
+            return
+        if not _check_data(ts, dataset, report, progress) or not teachers:
+            return
+        _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,
+                       trust_code)
+    finally:
+        speak_of_positions(ts, report)
+
+
+_WORDS = [  # the set-wide checks' words for rows, as a sequence set's reader says them
+    (re.compile(r"\brows sum to 1\b"), "every position's probabilities sum to 1"),
+    (re.compile(r"\beach row array's\b"), "each per-position array's"),
+    (re.compile(r"\(rows (\d+)-(\d+)\)"), r"(positions \1-\2)"),
+    (re.compile(r"\bdataset indices\b"), "sequence indices"),
+]
+_AT_ROW = re.compile(r"\bat row (\d+)")
+
+
+def speak_of_positions(ts: TransferSet, report: VerifyReport) -> None:
+    """Reword the set-wide checks' details for a sequence set, whose rows are token positions:
+    "rows" become positions, and a row named "at row R" is also located as (sequence s,
+    token t) where the offsets are readable."""
+    try:
+        offsets = read_offsets(ts)
+    except Exception:  # damaged offsets are the sequences check's to report
+        offsets = None
+
+    def at(match: re.Match[str]) -> str:
+        row = int(match.group(1))
+        if offsets is None or not 0 <= row < offsets[-1]:
+            return f"at position {row}"
+        s = int(np.searchsorted(offsets, row, side="right")) - 1
+        return f"at position {row} (sequence {s}, token {row - int(offsets[s])})"
+
+    for i, check in enumerate(report.checks):
+        detail = check.detail
+        for pattern, words in _WORDS:
+            detail = pattern.sub(words, detail)
+        if check.name != "sequences":  # whose own words name rows and positions apart
+            detail = _AT_ROW.sub(at, detail)
+        report.checks[i] = dataclasses.replace(check, detail=detail)
 
 
 def _check_data(ts: TransferSet, dataset: TokenSequences, report: VerifyReport,
@@ -86,6 +127,7 @@ def _check_teacher(ts: TransferSet, dataset: TokenSequences,
         for row, diff in zip(mine, _differences(ts, mine, live, meta)):
             if diff > worst:
                 worst, worst_row = diff, int(row)
+    # "at row": speak_of_positions locates it as (sequence, token)
     report.add("teacher", worst <= tolerance, f"{len(rows)} sampled positions recomputed: "
                f"largest relative difference {worst:.2e} (tolerance {tolerance:.0e})"
                + ("" if worst <= tolerance else f", worst at row {worst_row}"))

@@ -5,25 +5,34 @@ DATA:  npz:PATH | mnist:ROOT?split=train|test | torchvision:NAME?root=ROOT&split
        | imagefolder:DIR?size=N | python:package.module:factory?key=value
 MODEL: CHECKPOINT.pt | mlp:784-1200-1200-10?dropout=0.5 | torchvision:NAME?num_classes=..
        | python:package.module:factory?key=value
+
+The example datasets themselves (NpzDataset, checked labels, items) are example_data.py's;
+their names stay importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import DataError, SpecError, UntrustedCodeError
+from .example_data import (  # noqa: F401  (importable from here, as before the split)
+    NpzDataset,
+    check_labels,
+    class_names,
+    split_item,
+    to_tensor,
+    torchvision_dataset,
+)
 
 DATA_FORMS = (
     "npz:PATH",
@@ -102,101 +111,6 @@ def import_factory(body: str, spec: str) -> Callable[..., Any]:
 # --- data -------------------------------------------------------------------------------------
 
 
-class NpzDataset(Dataset):
-    """Arrays `x` (N, ...) and optional `y` (N,) from an .npz; uint8 inputs are scaled to [0, 1]."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "x" not in f.files:
-                    raise DataError(
-                        f"{path} has no array 'x' (found {sorted(f.files)}); save the inputs "
-                        "as x, e.g. numpy.savez(path, x=inputs, y=labels)"
-                    )
-                x, y = f["x"], (f["y"] if "y" in f.files else None)
-        except (OSError, ValueError) as exc:
-            what = "not an .npz archive" if "pickled" in str(exc) else str(exc).splitlines()[0]
-            raise DataError(f"cannot read {path} as .npz ({what}); write it with "
-                            "numpy.savez(path, x=inputs, y=labels)") from None
-        scale = 1 / 255 if x.dtype == np.uint8 else 1.0
-        self.x = torch.from_numpy(np.ascontiguousarray(x)).float() * scale
-        if y is not None and len(y) != len(x):
-            raise DataError(f"{path}: y has {len(y)} rows but x has {len(x)}; they must match")
-        self.y = torch.full((len(x),), -1) if y is None else torch.from_numpy(
-            check_labels(y, where=str(path)))
-        labelled = self.y[self.y >= 0]
-        self.classes = [str(c) for c in range(int(labelled.max()) + 1)] if len(labelled) else []
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], int(self.y[i])
-
-
-def check_labels(y: np.ndarray, *, where: str, num_classes: int | None = None) -> np.ndarray:
-    """Labels as int64, refusing what no class can be: non-integer values, values below -1
-    (-1 = unknown) and, given `num_classes`, values at or above it. Names the first bad one."""
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise DataError(f"{where}: labels must be one number per example, found shape "
-                        f"{y.shape}; save y as a 1-D integer array")
-    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
-            or y.dtype == np.bool_):
-        raise DataError(f"{where}: labels must be integers, found dtype {y.dtype}")
-    bad = ~np.isfinite(y) | (y != np.round(y)) if np.issubdtype(y.dtype, np.floating) else None
-    if bad is not None and bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{where}: label {y[i].item()!r} of example {i} is not a whole "
-                        "number; labels are class numbers 0..C-1, or -1 for unknown")
-    yi = y.astype(np.int64)
-    high = num_classes if num_classes is not None else np.iinfo(np.int64).max
-    bad = (yi < -1) | (yi >= high)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        rule = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
-        raise DataError(f"{where}: label {int(yi[i])} of example {i} is not a class; labels "
-                        f"must be {rule}, or -1 for unknown")
-    return yi
-
-
-def _to_tensor(size: int | None = None) -> Callable[[Any], torch.Tensor]:
-    from torchvision.transforms import v2
-
-    steps: list[Any] = [v2.ToImage()]
-    if size:
-        steps += [v2.Resize(size), v2.CenterCrop(size)]
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
-
-
-def _torchvision_dataset(name: str, root: str, options: dict[str, Any], spec: str) -> Dataset:
-    import torchvision
-
-    cls = getattr(torchvision.datasets, name, None)
-    if not inspect.isclass(cls):
-        raise SpecError(f"torchvision.datasets has no dataset {name!r} (from {spec!r})")
-    split = str(options.pop("split", "train"))
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {"transform": _to_tensor(options.pop("size", None)), **options}
-    if "train" in params:
-        if split not in ("train", "test"):
-            raise SpecError(f"split must be train or test for {name}, got {split!r}")
-        kwargs["train"] = split == "train"
-    elif "split" in params:
-        kwargs["split"] = split
-    if "download" in params:
-        kwargs["download"] = False  # never touch the network
-    if not Path(root).exists():
-        raise DataError(f"data root {root!r} of {spec!r} does not exist; check ROOT")
-    try:
-        return cls(root, **kwargs)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise DataError(
-            f"cannot load {name} from {root!r}: {str(exc).splitlines()[0]}; put the files under "
-            "ROOT as torchvision expects (nothing is downloaded)"
-        ) from None
-
-
 def load_data(spec: str) -> Dataset:
     """Build the dataset a DATA spec names. Items are (input tensor, label or -1)."""
     scheme, body, options = parse_spec(spec, DATA_FORMS, "DATA")
@@ -205,15 +119,15 @@ def load_data(spec: str) -> Dataset:
             raise DataError(f"no such file {body!r} (from {spec!r}); check the path")
         return NpzDataset(body)
     if scheme == "mnist":
-        return _torchvision_dataset("MNIST", body, options, spec)
+        return torchvision_dataset("MNIST", body, options, spec)
     if scheme == "torchvision":
-        return _torchvision_dataset(body, str(options.pop("root", ".")), options, spec)
+        return torchvision_dataset(body, str(options.pop("root", ".")), options, spec)
     if scheme == "imagefolder":
         from torchvision.datasets import ImageFolder
 
         if not Path(body).is_dir():
             raise DataError(f"no such directory {body!r} (from {spec!r}); check the path")
-        return ImageFolder(body, transform=_to_tensor(options.get("size")))
+        return ImageFolder(body, transform=to_tensor(options.get("size")))
     if scheme == "transferset":
         from .format.reader import TransferSetInputs
 
@@ -229,25 +143,6 @@ def load_data(spec: str) -> Dataset:
         return data
     raise SpecError(f"unknown DATA scheme {scheme!r} in {spec!r}; valid forms: "
                     + ", ".join(DATA_FORMS))
-
-
-def class_names(data: Dataset) -> list[str]:
-    """The dataset's class names where it has them (torchvision's `classes`), else []."""
-    return [str(c) for c in getattr(data, "classes", None) or []]
-
-
-def split_item(item: Any) -> tuple[torch.Tensor, int]:
-    """(input, label) from a dataset item; a bare input gets label -1. A label that is not a
-    whole number is refused, never truncated."""
-    if isinstance(item, (tuple, list)):
-        x, y = item[0], (item[1] if len(item) > 1 else -1)
-    else:
-        x, y = item, -1
-    label = int(y)
-    if label != y:
-        raise DataError(f"label {y!r} is not a whole number; labels are class numbers 0..C-1, "
-                        "or -1 for unknown")
-    return torch.as_tensor(x), label
 
 
 # --- models -----------------------------------------------------------------------------------

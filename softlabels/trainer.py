@@ -1,5 +1,6 @@
 """Stage two: train a student from stored soft targets (or from hard labels, for teachers and
-baselines). The teacher is never loaded: its outputs come from the transfer set."""
+baselines). The teacher is never loaded: its outputs come from the transfer set. What each
+epoch's batches are is train_plans.py's; this module runs the steps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,24 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .datasets import (
-    MAX_IN_MEMORY,
-    SoftTargetBatches,
-    SoftTargetDataset,
-    check_length,
-    selected_rows,
-)
-from .errors import DataError, MismatchError, SoftlabelsError, TrainingError
+from .datasets import MAX_IN_MEMORY
+from .errors import DataError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
-from .format.selection import read_indices, select_rows
+from .format.selection import read_indices
 from .losses import kd_loss_from_probs, sparse_kd_loss
 from .options import TrainOptions, check_output_file, check_temperature
-from .ranks import finish_distributed, init_distributed, rank_share, summed, wrap_ddp
+from .ranks import finish_distributed, init_distributed, summed, wrap_ddp
 from .resume import clear_state, load_state, restore, run_digest, save_state
-from .specs import check_labels, load_data, load_model, save_checkpoint, split_item
+from .specs import load_data, load_model, save_checkpoint
 from .teacher import resolve_device
 from .tokens import is_sequence_data
-from .views import replay
+from .train_plans import (
+    Cached,  # noqa: F401  (importable from here, as before the split)
+    hard_label_epochs,
+    in_memory_epochs,
+    materialize,
+    streamed_epochs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +52,6 @@ class TrainResult:
     rank: int = 0
 
 
-def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (inputs, labels) of a dataset as two tensors: one pass, then training is indexing."""
-    pairs = [split_item(data[i]) for i in range(len(data))]
-    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
-
-
-class Cached(Dataset):
-    """A dataset's examples at chosen indices, read once and held as tensors. It keeps the
-    dataset's length and indexing (so it joins a transfer set by `index`) but serves only
-    those indices."""
-
-    def __init__(self, data: Dataset, indices: np.ndarray) -> None:
-        self.n = len(data)
-        self.pos = {int(i): k for k, i in enumerate(indices)}
-        pairs = [split_item(data[int(i)]) for i in indices]
-        self.x = torch.stack([x for x, _ in pairs])
-        self.y = torch.tensor([y for _, y in pairs])
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        k = self.pos[int(i)]
-        return self.x[k], int(self.y[k])
-
-
 def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
     """Shift each image (N, C, H, W) by up to `pixels` in x and y, filling with zeros."""
     if pixels <= 0 or x.dim() != 4:
@@ -88,33 +63,6 @@ def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Te
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
                   rows, cols]
-
-
-def _batches(tensors: Sequence[torch.Tensor], batch_size: int, generator: torch.Generator,
-             rank: int = 0, world: int = 1) -> Iterator[list[torch.Tensor]]:
-    # Every rank draws the same permutation (same seed) and takes its own share of it.
-    order = rank_share(torch.randperm(len(tensors[0]), generator=generator), rank, world)
-    for i in range(0, len(order), batch_size):
-        b = order[i:i + batch_size]
-        yield [t[b] for t in tensors]
-
-
-def _view_batches(sds: SoftTargetDataset, x_examples: torch.Tensor,
-                  tensors: list[torch.Tensor], examples: np.ndarray, per_epoch: int,
-                  batch_size: int, rng: np.random.Generator, rank: int, world: int,
-                  ) -> Iterator[list[torch.Tensor]]:
-    """An epoch over a view set: `per_epoch` stored views of each example, drawn afresh each
-    epoch, each replayed from its seed. tensors = [example position, labels, targets...]."""
-    draw = np.lexsort((rng.random(len(examples)), examples))  # views of an example together
-    ex = examples[draw]
-    nth = np.arange(len(draw)) - np.searchsorted(ex, ex, side="left")
-    keep = draw[nth < per_epoch]
-    order = rank_share(torch.from_numpy(rng.permutation(keep)), rank, world)
-    for i in range(0, len(order), batch_size):
-        b = order[i:i + batch_size]
-        x = torch.stack([replay(sds.transform, x_examples[int(tensors[0][j])],
-                                int(sds.view_seeds[j])) for j in b.tolist()])
-        yield [x, *[t[b] for t in tensors[1:]]]
 
 
 @torch.inference_mode()
@@ -209,13 +157,13 @@ def train_student(
     if stream is None:
         stream = ts is not None and ts.num_rows * ts.num_classes * 4 > MAX_IN_MEMORY
     if ts is None:
-        plan = _hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
+        plan = hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
     elif not stream:
-        plan = _in_memory_epochs(dataset, ts, net, dev, select, temperature,
+        plan = in_memory_epochs(dataset, ts, net, dev, select, temperature,
                                  opts.views_per_epoch, batch_size, gen, rank, world,
                                  trust_code=opts.trust_code)
     else:
-        plan = _streamed_epochs(dataset, ts, net, dev, select, temperature, batch_size, rank,
+        plan = streamed_epochs(dataset, ts, net, dev, select, temperature, batch_size, rank,
                                 world)
     epoch_batches, n_rows, n_batches = plan
     if n_rows == 0:
@@ -287,68 +235,6 @@ def train_student(
     return result
 
 
-Plan = tuple[Callable[[int], Iterator[list[torch.Tensor]]], int, int]  # batches(epoch), rows, n
-
-
-def _hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
-                       select: dict[str, Any], batch_size: int, gen: torch.Generator,
-                       rank: int, world: int) -> Plan:
-    x_all, y_all = materialize(dataset)
-    check_labels(y_all.numpy(), where="the data")
-    rows = select_rows(y_all.numpy(), **select)
-    _check_outputs(net, x_all[:1].to(dev), None, y_all)
-    if (y_all[rows] < 0).all():
-        raise SoftlabelsError("the data has no labels; train from a transfer set")
-    tensors = [x_all[rows], y_all[rows]]
-    return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
-            -(-(len(rows) // world) // batch_size))
-
-
-def _in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
-                      select: dict[str, Any], temperature: float, views_per_epoch: int,
-                      batch_size: int, gen: torch.Generator, rank: int, world: int,
-                      trust_code: bool = False) -> Plan:
-    rows = selected_rows(ts, select)
-    check_length(dataset, ts)
-    examples = ts.index()[rows]
-    cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
-    _check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
-    sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=select["seed"],
-                            trust_code=trust_code)
-    targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
-    pos = torch.tensor([cached.pos[int(i)] for i in examples], dtype=torch.long)
-    if sds.transform is None:
-        tensors = [cached.x[pos], sds.labels, *targets]  # all in the order of `rows`
-        return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
-                -(-(len(rows) // world) // batch_size))
-    # a view set: each epoch replays stored views of the examples, not the examples
-    per_epoch = min(views_per_epoch, int(ts.meta["views"]))
-    n_rows = len(np.unique(examples)) * per_epoch
-    return (lambda epoch: _view_batches(sds, cached.x, [pos, sds.labels, *targets], examples,
-                                        per_epoch, batch_size,
-                                        np.random.default_rng([select["seed"], epoch]),
-                                        rank, world),
-            n_rows, -(-(n_rows // world) // batch_size))
-
-
-def _streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
-                     select: dict[str, Any], temperature: float, batch_size: int, rank: int,
-                     world: int) -> Plan:
-    """Whole batches straight from whole checked blocks, shuffled by block and within a
-    window; every rank takes `steps_per_epoch` steps (the longer ranks' tails dropped)."""
-    rows = selected_rows(ts, select)
-    stream = SoftTargetBatches(dataset, ts, temperature=temperature, batch_size=batch_size,
-                               rows=rows, seed=select["seed"], rank=rank, world_size=world)
-    x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
-    _check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
-    loader = stream.loader(pin_memory=dev.type == "cuda")  # each window pinned once
-
-    def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
-        stream.set_epoch(epoch)
-        return iter(loader)
-    return epoch_batches, len(rows), stream.steps_per_epoch(0)
-
-
 def _loss(logits: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],
           ts: TransferSet | None, temperature: float | None, alpha: float) -> torch.Tensor:
     """Hard-label CE without a set; Hinton KD against dense targets; sparse KD otherwise."""
@@ -376,32 +262,3 @@ def _check_weights(net: nn.Module, epochs: int) -> None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TrainingError(f"after {epochs} epochs the weights {name!r} hold NaN or inf; "
                                 "nothing was saved; lower --lr")
-
-
-def _check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
-                   y_all: torch.Tensor) -> None:
-    """Refuse a student whose output size differs from the set's (or the labels') classes."""
-    with torch.no_grad():
-        was = net.training
-        net.eval()
-        sequence_model = any(isinstance(m, nn.Embedding) for m in net.modules())
-        hint = ("; a sequence model (token ids in, (B, L, C) logits out) trains from a "
-                "sequence set: precompute one from tokens:... DATA" if sequence_model else "")
-        try:
-            z = net(x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MismatchError(f"the student cannot take the data's inputs shaped "
-                                f"{tuple(x.shape[1:])} ({first}); give it a matching input "
-                                f"size{hint}") from None
-        net.train(was)
-        if z.dim() != 2:
-            raise MismatchError(f"the student maps inputs shaped {tuple(x.shape[1:])} to "
-                                f"{tuple(z.shape[1:])} per example, expected (C,) logits; give "
-                                f"--model an example model{hint}")
-        c = int(z.shape[-1])
-    want = ts.num_classes if ts is not None else int(y_all.max()) + 1
-    if (ts is not None and c != want) or c < want:
-        source = f"{ts.path} has {want} classes" if ts is not None else f"labels reach {want - 1}"
-        raise MismatchError(f"the student predicts {c} classes but {source}; give the model "
-                            f"{want} outputs")

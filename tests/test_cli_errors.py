@@ -53,6 +53,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     write_tokens(d / "other_tokens.jsonl", seed=9)  # as many sequences, other tokens
     precompute(tokens, [LM], d / "seq.zarr", chunk_rows=CHUNK, topk=4, temperatures=[1, 2])
     precompute(tokens, [LM], d / "seqd.zarr", chunk_rows=CHUNK)
+    save_checkpoint(build_model(GPT), d / "lm.pt", spec=GPT)  # a sequence student
     return {"D": str(d), "DATA": data}
 
 
@@ -76,6 +77,8 @@ def with_(base: list[str], *extra: str) -> list[str]:
 # a sequence set, its token data and a sequence student
 TOK = "tokens:D/tokens.jsonl"
 SEQ = with_(TS, "--data", TOK, "--model", LM, "--transfer-set", "D/seq.zarr")
+GPT = "gpt:11?dim=8&layers=1&heads=2&context=16"
+SE = with_(E, "--data", TOK, "--model", "D/lm.pt")  # evaluate a sequence student
 
 CASES = [
     # precompute: data and teacher specs
@@ -207,8 +210,20 @@ CASES = [
     (with_(SEQ, "--optimizer", "sgd"), "sequence students train with AdamW"),
     (with_(SEQ, "--val-data", "DATA"), "is not token sequences"),
     (with_(SEQ, "--temperature", "3"), "only, not 3.0"),
-    (with_(E, "--data", TOK), "is token sequences"),
+    (with_(E, "--data", TOK), "cannot take (B, L) token ids"),
     (with_(E, "--transfer-set", "D/seq.zarr"), "is a sequence set"),
+    (with_(E, "--model", "D/lm.pt"), "is evaluated on token sequences: pass tokens:"),
+    (with_(E, "--temperature", "2"), "compared with its teacher at T = 1: drop it"),
+    (with_(SE, "--transfer-set", "D/set.zarr"), "is an example set"),
+    (with_(SE, "--bias-adjust", "1=2"), "--bias-adjust applies to example models"),
+    (with_(SE, "--transfer-set", "D/seq.zarr", "--temperature", "3"), "only, not 3.0"),
+    (with_(SE, "--transfer-set", "D/seq.zarr", "--data", "tokens:D/other_tokens.jsonl"),
+     "does not match the dataset"),
+    (with_(SE, "--model", "gpt:5?dim=8&layers=1&heads=2"), "ids up to 10 here"),
+    (with_(SE, "--model", "gpt:11?dim=8&layers=1&heads=2&context=4"), "context is 4"),
+    (with_(SE, "--model", "python:helpers:lm_with_head", "--transfer-set", "D/seq.zarr"),
+     "predicts 7 classes per token"),
+    (with_(SE, "--model", "D/nan.pt"), "has NaN or inf"),
     (["report", "D/seq.zarr", "--out", "D/rep"], "expected an example set"),
     (["merge", "D/seqd.zarr", "D/seqd.zarr", "--out", "D/m.zarr"], "is a sequence set"),
     (["merge", "D/set.zarr", "D/seqd.zarr", "--out", "D/m.zarr"], "is a sequence set"),

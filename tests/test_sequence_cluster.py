@@ -77,7 +77,8 @@ def test_cli_workers_on_token_data(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     result = CliRunner().invoke(cli, ["precompute", *common, "--out",
                                       str(tmp_path / "dist.zarr"), "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert "rows x 11 classes" in result.output
+    assert "positions of 40 sequences x 11 classes" in result.output  # not "rows"
+    assert " rows" not in result.stdout
     precompute(tokens, [TEACHER], tmp_path / "single.zarr", chunk_rows=16, topk=3,
                temperatures=[1, 2])
     assert_identical(tmp_path / "dist.zarr", tmp_path / "single.zarr")

@@ -44,6 +44,15 @@ def test_quick_tiny_lm_writes_results_and_rerun_skips(tmp_path: Path, pipeline: 
     assert "| student, distilled from top-k, 3% of the text |" in (out / "results.md").read_text()
     assert verify(out / "subset.zarr", data=f"tokens:{out / 'train.jsonl'}",
                   teachers=[str(out / "teacher.pt")]).ok
+    # `softlabels evaluate` on a checkpoint scores the held-out text as the job did
+    for key in ("teacher", "student_distilled"):
+        scored = CliRunner().invoke(cli, ["evaluate", "--data", f"tokens:{out / 'held_out.jsonl'}",
+                                          "--model", str(out / f"{key}.pt"), "--json"])
+        assert scored.exit_code == 0, scored.output
+        mine = json.loads(scored.stdout)
+        # results.json holds 4 decimals
+        assert mine["perplexity"] == pytest.approx(r[key]["perplexity"], abs=6e-5)
+        assert mine["token_accuracy"] == pytest.approx(r[key]["token_accuracy"], abs=6e-5)
     again = CliRunner().invoke(cli, ["run", pipeline, "--quick",
                                      "--out", str(out)])
     assert again.exit_code == 0 and "[run ]" not in again.output

@@ -55,8 +55,11 @@ from ._common import TRUST_CODE_HELP, FloatList, progress_bar
 def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
                workers: int | None, scheduler: str | None, **flags: object) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
+    from ..tokens import is_sequence_data
+
     options = PrecomputeOptions(**flags)  # type: ignore[arg-type]  # checked once, here
-    with progress_bar("precompute") as bar:
+    unit = "token" if is_sequence_data(data) else "row"
+    with progress_bar("precompute", unit=unit) as bar:
         if workers is not None or scheduler is not None:
             from ..cluster import precompute_on_cluster
 
@@ -67,10 +70,14 @@ def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
             from ..precompute import precompute as run
 
             result = run(data, list(teachers), out, options, overwrite=overwrite, progress=bar)
+    seq = result.meta.get("sequence")  # a sequence set: one row per token position
+    rows = (f"{result.num_rows} positions of {seq['num_sequences']} sequences" if seq
+            else f"{result.num_rows} rows")
     if result.already_complete:
-        click.echo(f"{out} is already complete ({result.num_rows} rows); nothing to do")
+        click.echo(f"{out} is already complete ({rows}); nothing to do")
     else:
         how = "resumed, " if result.resumed else ""
-        click.echo(f"wrote {out}: {result.num_rows} rows x {result.meta['num_classes']} classes "
+        done = f"{result.rows_computed}{' positions' if seq else ''}"
+        click.echo(f"wrote {out}: {rows} x {result.meta['num_classes']} classes "
                    f"at T={','.join(f'{t:g}' for t in result.meta['temperatures'])} "
-                   f"({how}{result.rows_computed} computed in {result.seconds:.1f}s)")
+                   f"({how}{done} computed in {result.seconds:.1f}s)")

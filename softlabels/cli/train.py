@@ -100,31 +100,58 @@ def _one_trainer(out: str, *, distributed: bool) -> WriterLease | contextlib.nul
 
 
 @click.command()
-@click.option("--data", required=True, help="DATA spec to evaluate on.")
+@click.option("--data", required=True,
+              help="DATA spec to evaluate on (tokens:... for a sequence model).")
 @click.option("--model", required=True, help="Checkpoint (or MODEL spec) to evaluate.")
 @click.option("--bias-adjust", multiple=True, help="CLASS=VALUE added to a class's logit bias.")
 @click.option("--transfer-set", default=None,
               help="A set of the same data: report agreement with and KL to its teacher.")
+@click.option("--temperature", type=float, default=None,
+              help="With a sequence set: compare with its targets at this T (default 1 where "
+                   "stored, else the set's first T).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: str | None,
-             device: str, as_json: bool, trust_code: bool) -> None:
-    """Accuracy, errors per class, calibration, and agreement with a teacher."""
+             temperature: float | None, device: str, as_json: bool, trust_code: bool) -> None:
+    """Accuracy, errors per class, calibration, and agreement with a teacher; for a sequence
+    model on tokens:... DATA, per-token cross-entropy, perplexity and next-token accuracy."""
     from ..evaluate import evaluate as run
 
     report = run(data, model, bias_adjust=parse_bias(bias_adjust), transfer_set=transfer_set,
-                 device=device, trust_code=trust_code)
+                 device=device, trust_code=trust_code, temperature=temperature)
     if as_json:
         echo_json(report)
+    elif "perplexity" in report:
+        _echo_sequence_report(report)
+    else:
+        click.echo(f"accuracy {report['accuracy']:.4f}  errors {report['errors']} of "
+                   f"{report['n']}  ECE {report['ece']:.4f}")
+        click.echo("errors per class: " + " ".join(f"{k}:{v}" for k, v in
+                                                   enumerate(report["per_class_errors"])))
+        if "teacher_agreement" in report:
+            click.echo(f"agreement with teacher {report['teacher_agreement']:.4f}  "
+                       f"KL(teacher||student) {report['kl_to_teacher']:.4f}")
+
+
+def _echo_sequence_report(report: dict[str, object]) -> None:
+    click.echo(f"perplexity {report['perplexity']:.4f}  cross-entropy "
+               f"{report['cross_entropy']:.4f} nats/token  token accuracy "
+               f"{report['token_accuracy']:.4f}  over {report['positions']} positions of "
+               f"{report['sequences']} sequences")
+    if "teacher_targets" not in report:
         return
-    click.echo(f"accuracy {report['accuracy']:.4f}  errors {report['errors']} of {report['n']}"
-               f"  ECE {report['ece']:.4f}")
-    click.echo("errors per class: " + " ".join(f"{k}:{v}" for k, v in
-                                               enumerate(report["per_class_errors"])))
+    where = (f"at T = {report['teacher_temperature']:g} over {report['teacher_positions']} "
+             f"distilled positions ({report['teacher_targets']} targets)")
     if "teacher_agreement" in report:
-        click.echo(f"agreement with teacher {report['teacher_agreement']:.4f}  "
-                   f"KL(teacher||student) {report['kl_to_teacher']:.4f}")
+        kl = ("KL(teacher||student) {:.4f}".format(report["kl_to_teacher"])
+              if "kl_to_teacher" in report else
+              "KL over the top-k and the rest {:.4f} (a lower bound on the full KL)".format(
+                  report["kl_to_teacher_topk"]))
+        click.echo(f"agreement with teacher {report['teacher_agreement']:.4f}  {kl}  {where}")
+    else:
+        click.echo(f"cross-entropy to the teacher's samples {report['teacher_cross_entropy']:.4f}"
+                   f" nats/token (KL and agreement need more than samples)  {where}")
 
 
 # --- pipelines --------------------------------------------------------------------------------
