@@ -259,6 +259,12 @@ def test_a_hopeless_student_has_infinite_perplexity_not_a_crash(lm: dict, tmp_pa
     save_checkpoint(net, tmp_path / "h.pt", spec=STUDENT)
     report = evaluate(lm["data"], str(tmp_path / "h.pt"))
     assert report["cross_entropy"] > 709 and report["perplexity"] == float("inf")
+    # --json stays strict JSON (no Infinity token): the infinite perplexity is null
+    result = CliRunner().invoke(cli, ["evaluate", "--data", lm["data"], "--model",
+                                      str(tmp_path / "h.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert printed["perplexity"] is None and printed["cross_entropy"] > 709
 
 
 def test_batches_fit_a_logits_budget_and_do_not_change_the_report(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,7 +64,19 @@ def progress_bar(desc: str, unit: str = "row") -> Iterator[Callable[[int, int], 
 
 
 def echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=None, default=str))
+    """`obj` as strict JSON: a non-finite float (an infinite perplexity) is written as null,
+    since JSON has no Infinity or NaN and strict parsers refuse them."""
+    click.echo(json.dumps(_finite_or_null(obj), indent=None, default=str, allow_nan=False))
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def provenance_lines(prov: dict[str, Any]) -> list[str]:
