@@ -63,6 +63,17 @@ class Store(ABC):
         self._writable(f"write {name!r}")
         self._write(name, selection, data)
 
+    def write_many(self, requests: list[tuple[str, Selection, np.ndarray]]) -> None:
+        """Several (name, selection, data) writes; Zarr issues them together, in one round
+        trip (what an object store charges per request is its latency)."""
+        for name, _, _ in requests:
+            self._writable(f"write {name!r}")
+        self._write_many(requests)
+
+    def _write_many(self, requests: list[tuple[str, Selection, np.ndarray]]) -> None:
+        for name, selection, data in requests:
+            self._write(name, selection, data)
+
     def set_meta(self, meta: dict[str, Any]) -> None:
         self._writable("write its metadata")
         self._set_meta(meta)
@@ -190,7 +201,7 @@ class ZarrStore(Store):
             store = str(path)
         self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode],
                                       attributes=attributes if mode == "w" else None)
-        self._arrays: dict[str, Any] = {}  # read-only: each array's metadata read once
+        self._arrays: dict[str, Any] = {}  # each array's metadata, read once
 
     def _create(self, name, shape, dtype, *, chunks, shards=None, dims=None,
                 shuffle_compress=False):
@@ -198,6 +209,7 @@ class ZarrStore(Store):
 
         dt = np.dtype(dtype)
         default = None if dt.kind == "f" else "auto"
+        self._arrays.pop(name, None)
         self._group.create_array(
             name,
             shape=shape,
@@ -214,7 +226,18 @@ class ZarrStore(Store):
         )
 
     def _write(self, name, selection, data):
-        self._group[name][selection] = data
+        self.array(name)[selection] = data
+
+    def _write_many(self, requests):
+        from zarr.core.sync import sync
+
+        arrays = [self.array(name).async_array for name, _, _ in requests]
+
+        async def gather() -> None:
+            await asyncio.gather(*(a.setitem(selection, data)
+                                   for a, (_, selection, data) in zip(arrays, requests)))
+
+        sync(gather())
 
     def read(self, name, selection=slice(None)):
         return np.asarray(self.array(name)[selection])
@@ -237,8 +260,9 @@ class ZarrStore(Store):
         return [np.asarray(a) for a in sync(gather())]
 
     def array(self, name):
-        if not self.read_only:
-            return self._group[name]
+        # An array's metadata does not change once laid out (a writer holds the lease; it is
+        # re-read after `_create`), so it is read once: on an object store each read is a
+        # round trip, and a writer used to pay one per array per block.
         if name not in self._arrays:
             self._arrays[name] = self._group[name]
         return self._arrays[name]

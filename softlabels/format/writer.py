@@ -39,12 +39,14 @@ def write_block(store: Store, layout: Layout, block: int, arrays: dict[str, np.n
         raise TransferSetError(f"block {block} has arrays {sorted(arrays)}, "
                                f"expected {sorted(expected)}")
     stored = {name: np.asarray(data, dtype=expected[name][1]) for name, data in arrays.items()}
+    writes = []
     for name, data in stored.items():
         sel = [slice(None)] * len(expected[name][0])
         sel[S.row_axis(name)] = slice(start, stop)
-        store.write(name, tuple(sel), data)
-    store.write(S.ARRAY_CHECKSUM, (slice(block, block + 1), slice(None)),
-                layout.block_checksums(stored)[None])
+        writes.append((name, tuple(sel), data))
+    writes.append((S.ARRAY_CHECKSUM, (slice(block, block + 1), slice(None)),
+                   layout.block_checksums(stored)[None]))
+    store.write_many(writes)  # together: one round trip to an object store, not one each
     store.flush()
     store.write(S.BLOCK_DONE, slice(block, block + 1), np.ones(1, np.uint8))
     store.flush()
