@@ -219,3 +219,56 @@ def test_lease_can_be_turned_off_for_filesystems_without_locks(tmp_path: Path,
     monkeypatch.setenv("SOFTLABELS_USE_FILE_LOCKING", "FALSE")
     with WriterLease(tmp_path / "s.zarr"):
         assert not lock_path(tmp_path / "s.zarr").exists()
+
+
+TAKE = """
+import os, sys
+from softlabels.errors import SoftlabelsError
+from softlabels.format.lease import WriterLease
+if sys.argv[2] == "nobody":  # root: another user from here on (the interpreter is root's)
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    lease = WriterLease(sys.argv[1]).acquire()
+except SoftlabelsError as exc:
+    print(exc)
+    sys.exit(1)
+print("taken")
+lease.release()
+"""
+
+
+def test_another_users_lease_is_refused_while_held_and_taken_over_once_stale() -> None:
+    """A lease file this user cannot write (another user's; as root the taker runs as nobody,
+    otherwise the file is made read-only): refused naming its holder while held, taken over
+    once its holder is gone, instead of 'permission denied'."""
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="softlabels-lease-"))  # outside root-only folders
+    try:
+        shared.chmod(0o777)
+        out = shared / "s.zarr"
+        other = _hold(out)
+        who = "nobody" if os.geteuid() == 0 else "me"
+        if who == "me":
+            lock_path(out).chmod(0o444)
+
+        def take() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-c", TAKE, str(out), who], cwd=shared,
+                                  capture_output=True, text=True, timeout=120,
+                                  env={**os.environ,
+                                       "PYTHONPATH": str(Path(__file__).parents[1])})
+        try:
+            held = take()
+            assert held.returncode == 1, held.stdout + held.stderr
+            assert f"being written by pid {other.pid} on " in held.stdout, held.stdout
+        finally:
+            other.kill()
+            other.wait()
+        taken = take()
+        assert taken.returncode == 0 and taken.stdout.strip() == "taken", \
+            taken.stdout + taken.stderr
+        assert not lock_path(out).exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -148,6 +148,8 @@ class WriterLease:
             except OSError as exc:
                 if exc.errno == errno.EROFS:  # nobody can write there: nothing to exclude
                     return None
+                if exc.errno == errno.EACCES and self._remove_stale():
+                    continue  # another user's lease, left by a process that is gone
                 raise TransferSetError(
                     f"cannot write {self.out}: {exc.strerror} ({exc.filename}); choose an "
                     "--out in a writable directory") from None
@@ -186,6 +188,42 @@ class WriterLease:
             return fd
         raise WriterBusyError(f"could not take the lease {self.path}: it keeps being replaced; "
                               "is another writer starting and stopping on this output?")
+
+    def _remove_stale(self) -> bool:
+        """The lease file exists and this user cannot write it (another user's): refuse naming
+        the holder while one holds it; else its holder is gone, and the file is removed (under
+        a shared lock, so no writer takes it meanwhile) for a fresh one. False when it cannot be
+        removed (a sticky directory such as /tmp keeps other users' files)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in _HELD_ELSEWHERE:
+                    who = _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
+                    raise WriterBusyError(
+                        f"{self.out} is being written by {who}; wait for it to finish (a "
+                        "second writer is refused; nothing was changed)") from None
+                return False
+            previous = os.pread(fd, 4096, 0).decode(errors="replace")
+            try:
+                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except PermissionError:
+                raise WriterBusyError(
+                    f"{self.out} has the lease file {self.path} of another user, left by "
+                    f"{_describe(previous)} (that process is gone), and this user cannot remove "
+                    "it from its directory; remove it, or ask its owner to") from None
+            log.info("removed the stale lease of %s left by %s (another user's; that process "
+                     "is gone)", self.out, _describe(previous))
+            return True
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._remote is not None:
