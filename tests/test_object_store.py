@@ -680,3 +680,22 @@ def test_a_refused_connection_is_refused_before_the_store_library_retries(
         Remote(f"http://127.0.0.1:{port}/a.zarr").probe()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://no-such-host.invalid:9000")
     Remote("s3://bucket/a.zarr").probe()  # not refused: the library's retries decide
+
+
+def test_a_cache_dir_shared_with_other_files_evicts_only_cache_folders(
+        tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--cache ~/.cache` is a directory others use too: eviction removes only the folders the
+    cache made (`<url key>/<set key>`), never another program's folders or a user's local set."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/shared.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    cache = tmp_path / "dot-cache"
+    (cache / "pip" / "wheels").mkdir(parents=True)
+    (cache / "pip" / "wheels" / "w.whl").write_bytes(b"w" * 5000)
+    (cache / "mine.zarr").mkdir()
+    (cache / "mine.zarr" / "zarr.json").write_text("{}")
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", "3K")
+    whole = _read_all(url, cache)
+    assert (cache / "pip" / "wheels" / "w.whl").exists()
+    assert (cache / "mine.zarr" / "zarr.json").exists()
+    assert len(whole) == 3
