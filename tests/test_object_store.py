@@ -699,3 +699,35 @@ def test_a_cache_dir_shared_with_other_files_evicts_only_cache_folders(
     assert (cache / "pip" / "wheels" / "w.whl").exists()
     assert (cache / "mine.zarr" / "zarr.json").exists()
     assert len(whole) == 3
+
+
+def test_metadata_damaged_in_the_cache_is_refused_once_then_fetched_again(
+        tmp_path: Path, bucket: str) -> None:
+    """A cached `zarr.json` damaged on local disk (the root's or an array's) is refused in one
+    line and dropped from the cache, so the next opening reads the intact set from the store."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url, cache = f"s3://{bucket}/meta.zarr", tmp_path / "cache"
+    precompute(data, [TEACHER], url, **OPTS)
+    whole = _read_all(url, cache)
+    for damaged in (f"{S.PROBS}/zarr.json", "zarr.json"):
+        [folder] = [p for p in cache.glob("*/*") if p.is_dir()]
+        (folder / damaged).write_text("{garbage")
+        with pytest.raises(TransferSetError, match="damaged"):
+            _read_all(url, cache)
+        again = _read_all(url, cache)
+        assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)
+
+
+def test_a_cache_that_cannot_be_written_only_stops_caching(tmp_path: Path, bucket: str) -> None:
+    """The cache is an option: where it cannot store an object (a full or read-only disk, a
+    folder evicted meanwhile by another process) the set is read from the store, not refused as
+    if it were damaged."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url, cache = f"s3://{bucket}/unwritable.zarr", tmp_path / "cache"
+    precompute(data, [TEACHER], url, **OPTS)
+    whole = _read_all(url, cache)
+    [folder] = [p for p in cache.glob("*/*") if p.is_dir()]
+    shutil.rmtree(folder / S.PROBS)
+    (folder / S.PROBS).write_text("a file where the cache would write a folder")
+    again = _read_all(url, cache)
+    assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)

@@ -173,7 +173,11 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
                 return await remote.get(key, prototype, byte_range)
             whole = await remote.get(key, prototype)
             if whole is not None and self._reserve(len(whole)):  # before the await: the
-                await local.set(key, whole)  # reads of one block run concurrently
+                try:  # reads of one block run concurrently
+                    await local.set(key, whole)
+                except OSError as exc:  # a full or read-only disk, a folder evicted meanwhile:
+                    log.warning("not caching %s in %s (%s)", key, folder, exc)  # read on
+                    self.full = True
             elif whole is not None:
                 self.full = True
             return whole if whole is None or byte_range is None else _cut(whole, byte_range)
