@@ -731,3 +731,31 @@ def test_a_cache_that_cannot_be_written_only_stops_caching(tmp_path: Path, bucke
     (folder / S.PROBS).write_text("a file where the cache would write a folder")
     again = _read_all(url, cache)
     assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)
+
+
+_READER = """
+import sys
+from softlabels.format.reader import open_transfer_set
+for i in range(12):
+    with open_transfer_set(sys.argv[2 + i % (len(sys.argv) - 2)], cache=sys.argv[1]) as ts:
+        for b in range(ts.num_blocks):
+            ts.read_block(b)
+"""
+
+
+@pytest.mark.slow
+def test_processes_filling_and_evicting_one_cache_at_once_all_read(tmp_path: Path,
+                                                                     bucket: str) -> None:
+    """Readers in several processes share one small cache: each evicts the folders the others
+    are filling. Every read succeeds (an object evicted under a reader is fetched again or read
+    uncached), none is refused as a damaged set."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    urls = [f"s3://{bucket}/r{t}.zarr" for t in (1, 2, 3)]
+    for t, url in enumerate(urls, 1):
+        precompute(data, [TEACHER], url, **{**OPTS, "temperatures": [t]})
+    cache = str(tmp_path / "cache")
+    env = {**_env(), "SOFTLABELS_CACHE_MAX_BYTES": "6K"}
+    procs = [subprocess.Popen([sys.executable, "-c", _READER, cache, *urls[i:], *urls[:i]],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)[-3000:]

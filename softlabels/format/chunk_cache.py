@@ -164,6 +164,7 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
         def __init__(self) -> None:
             super().__init__(remote)
             self.room, self.added, self.full = room, 0, room <= 0
+            self.warned = False
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             value = await local.get(key, prototype, byte_range)
@@ -176,8 +177,9 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
                 try:  # reads of one block run concurrently
                     await local.set(key, whole)
                 except OSError as exc:  # a full or read-only disk, a folder evicted meanwhile:
-                    log.warning("not caching %s in %s (%s)", key, folder, exc)  # read on
-                    self.full = True
+                    (log.info if self.warned else log.warning)(  # read on, said once
+                        "not caching %s in %s (%s)", key, folder, exc)
+                    self.full = self.warned = True
             elif whole is not None:
                 self.full = True
             return whole if whole is None or byte_range is None else _cut(whole, byte_range)
