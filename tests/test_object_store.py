@@ -681,6 +681,16 @@ def test_a_refused_connection_is_refused_before_the_store_library_retries(
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://no-such-host.invalid:9000")
     Remote("s3://bucket/a.zarr").probe()  # not refused: the library's retries decide
 
+    # behind a proxy (as botocore reads it from the environment) a direct refusal says
+    # nothing about the endpoint: left to the library, unless NO_PROXY names the host
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    Remote("s3://bucket/a.zarr").probe()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with pytest.raises(TransferSetError, match="connection refused"):
+        Remote("s3://bucket/a.zarr").probe()
+
 
 def test_a_cache_dir_shared_with_other_files_evicts_only_cache_folders(
         tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
