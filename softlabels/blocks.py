@@ -4,6 +4,7 @@ and becomes the soft targets at the chosen temperature."""
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -138,9 +139,10 @@ def read_ahead(groups: list[list[int]], read: Callable[[int], Any],
             submit(i + 1)
             yield got
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        if reads:
-            reads.shutdown(wait=True, cancel_futures=True)
+        if not sys.is_finalizing():  # at exit the pools' modules are torn down: nothing to stop
+            pool.shutdown(wait=True, cancel_futures=True)
+            if reads:
+                reads.shutdown(wait=True, cancel_futures=True)
 
 
 def window_order(seed: list[int]) -> torch.Generator:

@@ -200,10 +200,12 @@ class TrainOptions(_Options):
 
 
 def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
-                      directory_ok: bool = False) -> None:
+                      directory_ok: bool = False, checkpoint: bool = False) -> None:
     """Refuse an output path that cannot be written, before any work: a directory (unless
-    `directory_ok`: a Zarr set is one), a path under a file, or a folder it cannot write in.
-    A URL: its optional package must be installed and its scheme writable (not http)."""
+    `directory_ok`: a Zarr set is one), a path under a file, or a folder it cannot write in;
+    with `checkpoint`, an existing file that is not a torch-saved checkpoint (a transfer set,
+    the DATA), which writing the checkpoint would replace. A URL: its optional package must be
+    installed and its scheme writable (not http)."""
     from pathlib import Path
 
     from .format.location import Remote, is_url
@@ -235,6 +237,9 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
     p = Path(path)
     if p.is_dir() and not directory_ok:
         raise OptionError(f"{what} {p} is a directory; name a file, e.g. {p / 'model.pt'}")
+    if checkpoint and p.is_file() and not _torch_saved(p):
+        raise OptionError(f"{what} {p} exists and is not a checkpoint (training would replace "
+                          "it); choose another path, or remove the file first")
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -249,3 +254,16 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
     except OSError as exc:
         raise OptionError(f"{what} {p}: cannot write in {parent} ({exc.strerror}); choose a "
                           "writable directory") from None
+
+
+def _torch_saved(path: os.PathLike[str]) -> bool:
+    """Whether `path` is a `torch.save` file (a zip archive holding `<name>/data.pkl`), as
+    every checkpoint and resume state is, unlike a transfer set or DATA (an .npz is a zip
+    without it)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

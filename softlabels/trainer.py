@@ -123,7 +123,7 @@ def train_student(
     opts = options if options is not None else TrainOptions(**kwargs)
     opts.check_distillation(transfer_set is not None)
     if out is not None:
-        check_output_file(out)  # before any work: a bad --out is found now, not after epochs
+        check_output_file(out, checkpoint=True)  # before any work, not after epochs
     epochs, batch_size, seed = opts.epochs, opts.batch_size, opts.seed
     alpha = 0.9 if opts.alpha is None else opts.alpha
     ts = None

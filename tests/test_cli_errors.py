@@ -173,6 +173,8 @@ CASES = [
     (with_(TS, "--transfer-set", "D/garbled.zarr"), "garbled.zarr"),
     (with_(T, "--data", "npz:D/empty.npz"), "the dataset is empty"),
     (with_(TS, "--out", "D"), "is a directory"),
+    (with_(TS, "--out", "D/plain.txt"), "plain.txt exists and is not a checkpoint"),
+    (with_(TS, "--out", "D/data.npz"), "data.npz exists and is not a checkpoint"),
     (with_(TS, "--out", "D/plain.txt/o.pt"), "which is a file"),
     (with_(TS, "--out", "/proc/softlabels-test.pt"), "cannot write in /proc"),
     (with_(TS, "--val-data", "npz:D/missing.npz"), "no such file"),

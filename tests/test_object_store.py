@@ -684,3 +684,92 @@ def test_a_refused_connection_is_refused_before_the_store_library_retries(
         Remote(f"http://127.0.0.1:{port}/a.zarr").probe()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://no-such-host.invalid:9000")
     Remote("s3://bucket/a.zarr").probe()  # not refused: the library's retries decide
+
+    # behind a proxy (as botocore reads it from the environment) a direct refusal says
+    # nothing about the endpoint: left to the library, unless NO_PROXY names the host
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    Remote("s3://bucket/a.zarr").probe()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with pytest.raises(TransferSetError, match="connection refused"):
+        Remote("s3://bucket/a.zarr").probe()
+
+
+def test_a_cache_dir_shared_with_other_files_evicts_only_cache_folders(
+        tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--cache ~/.cache` is a directory others use too: eviction removes only the folders the
+    cache made (`<url key>/<set key>`), never another program's folders or a user's local set."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url = f"s3://{bucket}/shared.zarr"
+    precompute(data, [TEACHER], url, **OPTS)
+    cache = tmp_path / "dot-cache"
+    (cache / "pip" / "wheels").mkdir(parents=True)
+    (cache / "pip" / "wheels" / "w.whl").write_bytes(b"w" * 5000)
+    (cache / "mine.zarr").mkdir()
+    (cache / "mine.zarr" / "zarr.json").write_text("{}")
+    monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", "3K")
+    whole = _read_all(url, cache)
+    assert (cache / "pip" / "wheels" / "w.whl").exists()
+    assert (cache / "mine.zarr" / "zarr.json").exists()
+    assert len(whole) == 3
+
+
+def test_metadata_damaged_in_the_cache_is_refused_once_then_fetched_again(
+        tmp_path: Path, bucket: str) -> None:
+    """A cached `zarr.json` damaged on local disk (the root's or an array's) is refused in one
+    line and dropped from the cache, so the next opening reads the intact set from the store."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url, cache = f"s3://{bucket}/meta.zarr", tmp_path / "cache"
+    precompute(data, [TEACHER], url, **OPTS)
+    whole = _read_all(url, cache)
+    for damaged in (f"{S.PROBS}/zarr.json", "zarr.json"):
+        [folder] = [p for p in cache.glob("*/*") if p.is_dir()]
+        (folder / damaged).write_text("{garbage")
+        with pytest.raises(TransferSetError, match="damaged"):
+            _read_all(url, cache)
+        again = _read_all(url, cache)
+        assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)
+
+
+def test_a_cache_that_cannot_be_written_only_stops_caching(tmp_path: Path, bucket: str) -> None:
+    """The cache is an option: where it cannot store an object (a full or read-only disk, a
+    folder evicted meanwhile by another process) the set is read from the store, not refused as
+    if it were damaged."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url, cache = f"s3://{bucket}/unwritable.zarr", tmp_path / "cache"
+    precompute(data, [TEACHER], url, **OPTS)
+    whole = _read_all(url, cache)
+    [folder] = [p for p in cache.glob("*/*") if p.is_dir()]
+    shutil.rmtree(folder / S.PROBS)
+    (folder / S.PROBS).write_text("a file where the cache would write a folder")
+    again = _read_all(url, cache)
+    assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)
+
+
+_READER = """
+import sys
+from softlabels.format.reader import open_transfer_set
+for i in range(12):
+    with open_transfer_set(sys.argv[2 + i % (len(sys.argv) - 2)], cache=sys.argv[1]) as ts:
+        for b in range(ts.num_blocks):
+            ts.read_block(b)
+"""
+
+
+@pytest.mark.slow
+def test_processes_filling_and_evicting_one_cache_at_once_all_read(tmp_path: Path,
+                                                                     bucket: str) -> None:
+    """Readers in several processes share one small cache: each evicts the folders the others
+    are filling. Every read succeeds (an object evicted under a reader is fetched again or read
+    uncached), none is refused as a damaged set."""
+    data = make_npz(tmp_path / "d.npz", n=40)
+    urls = [f"s3://{bucket}/r{t}.zarr" for t in (1, 2, 3)]
+    for t, url in enumerate(urls, 1):
+        precompute(data, [TEACHER], url, **{**OPTS, "temperatures": [t]})
+    cache = str(tmp_path / "cache")
+    env = {**_env(), "SOFTLABELS_CACHE_MAX_BYTES": "6K"}
+    procs = [subprocess.Popen([sys.executable, "-c", _READER, cache, *urls[i:], *urls[:i]],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)[-3000:]

@@ -134,3 +134,15 @@ def test_zip_store_is_read_only(tmp_path: Path) -> None:
         assert store.read("x").tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(TransferSetError, match="read-only"):
         open_store(zpath, "r+")
+
+
+def test_an_arrays_garbled_metadata_is_one_line(tmp_path: Path) -> None:
+    """A damaged `zarr.json` of one array (not the root's) is a TransferSetError saying what to
+    do, not a JSONDecodeError traceback."""
+    path = tmp_path / "s.zarr"
+    with open_store(path, "w") as store:
+        store.create("x", (5, 2), np.float32, chunks=(2, 2))
+    (path / "x" / "zarr.json").write_text("{garbage")
+    with open_store(path, "r") as store, pytest.raises(TransferSetError,
+                                                       match="metadata .*damaged"):
+        store.names()

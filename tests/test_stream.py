@@ -292,3 +292,21 @@ def test_an_index_outside_the_dataset_is_refused_not_served(dense: tuple[str, Pa
         lines = result.stderr.strip().splitlines()
         assert result.exit_code != 0 and len(lines) == 1, result.stderr
         assert "block 4 " in lines[0] and "dataset indices outside" in lines[0]
+
+
+def test_a_stream_left_open_at_exit_ends_quietly(dense: tuple[str, Path]) -> None:
+    """A script that stops reading mid-epoch and exits (a stream still open, its read-ahead
+    thread parked) exits cleanly, without an 'Exception ignored' traceback from the thread
+    pool torn down with the interpreter."""
+    import subprocess
+    import sys
+
+    data, path = dense
+    script = ("import sys\nfrom softlabels.datasets import SoftTargetBatches\n"
+              f"stream = SoftTargetBatches({data!r}, {str(path)!r}, temperature=4.0, "
+              "batch_size=8, window=1)\nit = iter(stream)\nnext(it)\nprint('read one')\n")
+    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "read one", done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr

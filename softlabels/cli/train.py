@@ -95,7 +95,7 @@ def _one_trainer(out: str, *, distributed: bool) -> WriterLease | contextlib.nul
     (it alone writes the state and the checkpoint)."""
     if distributed and os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()
-    check_output_file(out)  # a bad --out is named as such, not as a lease it cannot take
+    check_output_file(out, checkpoint=True)  # named as such, not as a lease it cannot take
     return WriterLease(out)
 
 

@@ -4,6 +4,7 @@ through an fsspec file object."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,8 @@ class HDF5Store(Store):
         self._file.flush()
 
     def close(self):
+        if sys.is_finalizing():  # at exit h5py is torn down and closes its files itself
+            return
         if self._file.id.valid:
             self._file.close()
         if self._handle is not None:

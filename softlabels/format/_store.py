@@ -275,6 +275,13 @@ class ZarrStore(Store):
                     f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
         except (FileNotFoundError, PermissionError):  # a web server that does not list
             found = []
+        except ValueError as exc:  # an array's zarr.json garbled (json.JSONDecodeError)
+            self.drop_cache()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise TransferSetError(f"{self.path} holds an array whose metadata (zarr.json) is "
+                                   f"damaged ({type(exc).__name__}: {first}); restore the set "
+                                   "from its source, or make it again with `softlabels "
+                                   "precompute`") from None
         if found or self._remote is None or not self._remote.read_only:
             return found
         fs = self._remote.fs  # over http: probe each array's metadata instead
@@ -382,6 +389,8 @@ def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,
         raise TransferSetError(f"{remote} is not a Zarr v3 group (no zarr.json at that URL)"
                                ) from None
     except ValueError as exc:
+        if remote.cache_folder is not None:  # damaged in the local cache: fetched again next time
+            shutil.rmtree(remote.cache_folder, ignore_errors=True)
         raise TransferSetError(f"{remote} is not a readable Zarr group: its metadata is "
                                f"damaged ({str(exc).splitlines()[0]}); restore the set from its "
                                "source, or make it again with `softlabels precompute`") from None

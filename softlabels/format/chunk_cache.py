@@ -66,22 +66,36 @@ def max_bytes(cache: str, held: int | None = None) -> int:
     given = os.environ.get(MAX_BYTES_ENV)
     if given:
         return parse_bytes(given)
-    held = folder_bytes(cache) if held is None else held
+    held = cache_bytes(cache) if held is None else held
     return min(DEFAULT_CAP, int((shutil.disk_usage(cache).free + held) * DEFAULT_FREE_SHARE))
 
 
+def _ours(folder: Path, digits: int) -> bool:
+    """Whether `folder` is named as the cache names its folders (`digits` hex digits), so a
+    cache directory shared with other files (`--cache ~/.cache`) never has those removed."""
+    return (bool(re.fullmatch(f"[0-9a-f]{{{digits}}}", folder.name)) and folder.is_dir()
+            and not folder.is_symlink())
+
+
 def set_folders(cache: str) -> list[Path]:
-    """Every set's folder in the cache: `<url key>/<set key>`, and a folder of the older flat
-    layout (a set's root `zarr.json` directly inside)."""
+    """Every set's folder in the cache: `<url key>/<set key>` (16 hex digits each), and a
+    folder of the older flat layout (24 hex digits, a set's root `zarr.json` directly inside).
+    Nothing else in the directory is the cache's."""
     found = []
     for top in Path(cache).iterdir() if os.path.isdir(cache) else []:
-        if not top.is_dir() or top.is_symlink():
-            continue
-        if (top / "zarr.json").exists():
+        if _ours(top, 24) and (top / "zarr.json").exists():
             found.append(top)
-        else:
-            found += [d for d in top.iterdir() if d.is_dir() and not d.is_symlink()]
+        elif _ours(top, 16):
+            try:  # another process may be evicting it meanwhile
+                found += [d for d in top.iterdir() if _ours(d, 16)]
+            except OSError:
+                pass
     return found
+
+
+def cache_bytes(cache: str) -> int:
+    """Bytes held by the cache's own folders (`set_folders`), not by other files there."""
+    return sum(folder_bytes(f) for f in set_folders(cache))
 
 
 def prepare(cache: str, url: str, root: bytes) -> tuple[str, int]:
@@ -98,7 +112,7 @@ def prepare(cache: str, url: str, root: bytes) -> tuple[str, int]:
                 shutil.rmtree(old, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.utime(folder)  # opened now: the last to be evicted
-    used = folder_bytes(cache)
+    used = cache_bytes(cache)
     bound = max_bytes(cache, used)
     while used > bound:
         freed = evict_oldest(cache, keep=folder)
@@ -119,8 +133,11 @@ def evict_oldest(cache: str, *, keep: Path | str) -> int:
     log.info("evicting the cache folder %s (%d bytes) to keep %s within its bound", oldest,
              size, cache)
     shutil.rmtree(oldest, ignore_errors=True)
-    if oldest.parent != Path(cache) and not any(oldest.parent.iterdir()):
-        oldest.parent.rmdir()
+    try:  # another process may be filling or evicting it meanwhile: then it stays
+        if oldest.parent != Path(cache) and not any(oldest.parent.iterdir()):
+            oldest.parent.rmdir()
+    except OSError:
+        pass
     return size
 
 
@@ -147,6 +164,7 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
         def __init__(self) -> None:
             super().__init__(remote)
             self.room, self.added, self.full = room, 0, room <= 0
+            self.warned = False
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             value = await local.get(key, prototype, byte_range)
@@ -156,7 +174,12 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
                 return await remote.get(key, prototype, byte_range)
             whole = await remote.get(key, prototype)
             if whole is not None and self._reserve(len(whole)):  # before the await: the
-                await local.set(key, whole)  # reads of one block run concurrently
+                try:  # reads of one block run concurrently
+                    await local.set(key, whole)
+                except OSError as exc:  # a full or read-only disk, a folder evicted meanwhile:
+                    (log.info if self.warned else log.warning)(  # read on, said once
+                        "not caching %s in %s (%s)", key, folder, exc)
+                    self.full = self.warned = True
             elif whole is not None:
                 self.full = True
             return whole if whole is None or byte_range is None else _cut(whole, byte_range)
@@ -164,7 +187,7 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
         def _reserve(self, size: int) -> bool:
             """Count `size` more bytes as added, if the cache has room for them."""
             if self.added >= REMEASURE_BYTES:  # other processes may have filled or emptied it
-                held = folder_bytes(cache)
+                held = cache_bytes(cache)
                 self.room, self.added = max_bytes(cache, held) - held, 0
             while self.added + size > self.room:
                 freed = evict_oldest(cache, keep=folder)  # another set's folder, if any

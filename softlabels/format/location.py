@@ -115,8 +115,8 @@ class Remote:
         idle machine) before failing. Only a refusal is final: a timeout, a name that does not
         resolve yet or a slow network is left to the libraries' own retries."""
         where = self.endpoint()
-        if where is None:
-            return
+        if where is None or (not self.read_only and _proxied(where[0])):
+            return  # an object store's requests go through a proxy: a direct refusal says nothing
         try:
             socket.create_connection(where, timeout=PROBE_TIMEOUT_S).close()
         except ConnectionRefusedError:
@@ -251,6 +251,16 @@ def as_location(path: str | os.PathLike[str]) -> Any:
     from pathlib import Path
 
     return Remote(path) if is_url(path) else Path(path)
+
+
+def _proxied(host: str) -> bool:
+    """Whether the environment sends requests to `host` through a proxy (HTTP(S)_PROXY, not
+    bypassed by NO_PROXY), as botocore does."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get("http") or proxies.get("https")) and not bool(
+        urllib.request.proxy_bypass(host))
 
 
 def cache_dir() -> str | None:
