@@ -38,6 +38,7 @@ from .views import build_augment, replay
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
 CHECK_SAMPLE = 10_000
 MAX_IN_MEMORY = 2 << 30  # bytes of targets held in memory before streaming is required
+URL_READS = 8  # blocks a stream reads at once from a URL
 
 
 def _open(data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
@@ -321,7 +322,8 @@ class SoftTargetBatches(IterableDataset):
 
         window = max(self.window, -(-self.batch_size // self.block_rows))
         groups = [blocks[i:i + window] for i in range(0, len(blocks), window)]
-        concurrent = window if is_url(self.path) else 1  # hide an object store's latency
+        # from a URL, read blocks at once to hide the store's latency (threads: at most 8)
+        concurrent = min(window, URL_READS) if is_url(self.path) else 1
         yield from (cols for cols in read_ahead(groups, read, build, concurrent=concurrent)
                     if cols is not None)
 
