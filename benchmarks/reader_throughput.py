@@ -4,7 +4,9 @@
    - zarr-python reading whole chunks of the same arrays, one array and block at a time: the
      served arrays (probs at T, labels, index; top-k: its three arrays, labels, index), and
      for reference every row array of a block (what a checked read of a version 1 set needs),
-   - `SoftTargetBatches` iterated plainly (checked, and with checksum=False), through
+   - zarr-python's reads plus the least a window shuffle adds ("zarr served, shuffled"),
+   - `SoftTargetBatches` iterated plainly (checked, with checksum=False, and checked without
+     the shuffle: blocks in order, rows in order), through
      `stream.loader(num_workers=W)` (workers hand over whole windows) with 1 and 2 workers, and
      through a plain `DataLoader(stream, batch_size=None, num_workers=2)` (hands over every
      batch); blocks in shuffled order everywhere.
@@ -120,11 +122,11 @@ def measure(data: str, path: Path, rows: int, rounds: int,
     group = zarr.open_group(str(path), mode="r")
     dataset = load_data(data)
 
-    def stream(checksum: bool, workers: int = 0) -> SoftTargetBatches:
+    def stream(checksum: bool, workers: int = 0, shuffle: bool = True) -> SoftTargetBatches:
         return SoftTargetBatches(dataset, path, temperature=T, batch_size=batch, check=False,
-                                 checksum=checksum, num_workers=workers)
+                                 checksum=checksum, num_workers=workers, shuffle=shuffle)
 
-    checked, unchecked = stream(True), stream(False)
+    checked, unchecked, in_order = stream(True), stream(False), stream(True, shuffle=False)
     # zarrs' Rust thread pool does not survive fork (a forked worker hangs): spawn under zarrs,
     # the pipeline reaching the workers through ZARR_CODEC_PIPELINE__PATH.
     context = "spawn" if os.environ.get("ZARR_CODEC_PIPELINE__PATH") else None
@@ -140,6 +142,7 @@ def measure(data: str, path: Path, rows: int, rounds: int,
                                                        k, window),
         "stream, checked": lambda: count_rows(checked),
         "stream, checksum off": lambda: count_rows(unchecked),
+        "stream, unshuffled": lambda: count_rows(in_order),
         "loader 1 worker, checked": lambda: count_rows(loader1),
         "loader 2 workers, checked": lambda: count_rows(loader2),
         "plain DataLoader 2 workers": lambda: count_rows(plain2),
