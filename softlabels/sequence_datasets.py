@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import SoftlabelsError
+from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
 from .format.sequence import SEQ_MASK, SEQ_TOKENS, is_sequence_set, read_offsets
@@ -103,6 +103,33 @@ def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float,
 def target_bytes(ts: TransferSet) -> int:
     """Bytes the targets of every row take in memory (what decides streaming)."""
     return ts.num_rows * (ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4)
+
+
+def check_tokens(data: TokenSequences, ts: TransferSet, offsets: np.ndarray) -> None:
+    """Refuse a set whose stored tokens, the student's inputs, are not `data`'s: sample hashes
+    match the data, but the tokens themselves are read from the set (checked block by block),
+    so a set edited with forged checksums could feed the student other tokens, or ids past its
+    vocabulary. Compares every position, block by block."""
+    index = ts.index()[offsets[:-1]]
+    if len(index) and (index.min() < 0 or index.max() >= len(data)
+                       or np.any(np.diff(offsets) != data.lengths[index])):
+        raise MismatchError(f"{ts.path}'s sequences are not the data's (their lengths differ); "
+                            "pass the tokens:... DATA it was made from, or run `softlabels "
+                            "verify` on the set with --data")
+    for b in range(ts.num_blocks):
+        start, stop = ts.block_range(b)
+        stored = ts.read_block(b, [SEQ_TOKENS])[SEQ_TOKENS]
+        pos = np.arange(start, stop)
+        seq = np.searchsorted(offsets, pos, side="right") - 1
+        want = data.tokens[data.offsets[index[seq]] + pos - offsets[seq]]
+        if not np.array_equal(stored, want):
+            p = start + int(np.argmax(stored != want))
+            s = int(seq[p - start])
+            raise MismatchError(
+                f"block {b} of {ts.path} holds token {int(stored[p - start])} at position {p} "
+                f"(sequence {s}, token {p - int(offsets[s])}) where the data has "
+                f"{int(want[p - start])}: the set's tokens are not its data's; run `softlabels "
+                "verify` on the set with --data, and get a fresh copy of the set")
 
 
 def block_arrays(kind: str, k: int | None) -> list[str]:

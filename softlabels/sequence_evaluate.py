@@ -39,6 +39,7 @@ from .sequence_datasets import (
     SequenceBatch,
     SequenceBatches,
     StreamingSequenceBatches,
+    check_tokens,
     target_bytes,
 )
 from .sequence_trainer import check_sequence_student, evaluate_sequence_model
@@ -120,6 +121,7 @@ def _against(net: nn.Module, data: TokenSequences, ts: TransferSet, temperature:
             else ts.temperatures[0]
     offsets = read_offsets(ts)
     check_alignment(data, ts, offsets[:-1])
+    check_tokens(data, ts, offsets)
     common = dict(temperature=temperature, batch_size=batch_size, shuffle=False)
     batches: SequenceBatches | StreamingSequenceBatches = (
         StreamingSequenceBatches(ts, **common) if target_bytes(ts) > MAX_IN_MEMORY

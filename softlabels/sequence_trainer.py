@@ -31,6 +31,7 @@ from .sequence_datasets import (
     MAX_IN_MEMORY,
     SequenceBatches,
     StreamingSequenceBatches,
+    check_tokens,
     sequence_kd_loss,
     target_bytes,
 )
@@ -244,6 +245,7 @@ def _train_on(dataset: TokenSequences, name: str, model: str, opts: TrainOptions
                               indices=None if indices is None else np.asarray(indices))
     if ts is not None:
         check_alignment(dataset, ts, offsets[:-1][chosen], seed=opts.seed)
+        check_tokens(dataset, ts, offsets)
     torch.manual_seed(opts.seed)  # the student's initial weights, as train_sequence_model's
     net, spec = load_model(model, trust_code=opts.trust_code)
     classes = ts.num_classes if ts is not None else int(dataset.tokens.max()) + 1

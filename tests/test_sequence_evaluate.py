@@ -294,3 +294,37 @@ def test_batches_fit_a_logits_budget_and_do_not_change_the_report(
     assert sizes == [64, 3]
     for key in ("cross_entropy", "token_accuracy", "kl_to_teacher", "teacher_agreement"):
         assert narrow[key] == pytest.approx(wide[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("token", [5, 10_000], ids=["another token", "past the vocabulary"])
+def test_set_tokens_that_are_not_the_datas_are_refused_in_one_line(lm: dict, tmp_path: Path,
+                                                                    token: int) -> None:
+    """The student's inputs are the set's stored tokens. Edited with forged checksums (the
+    sample hashes left as they were, so they still match the data), they must not be trained
+    or scored on: one line naming the block, not silence, and not an embedding's IndexError."""
+    from checksums import forge_checksums
+
+    from softlabels.format._store import open_store
+    from softlabels.format.sequence import SEQ_TOKENS
+
+    out = tmp_path / "set.zarr"
+    precompute(lm["data"], [TEACHER], out, chunk_rows=16, dtype="float32")
+    with open_store(out, "r+") as store:
+        tokens = store.read(SEQ_TOKENS)
+        tokens[40] = token if tokens[40] != token else token + 1  # block 2
+        store.write(SEQ_TOKENS, slice(None), tokens)
+    forge_checksums(out, 2)
+    with open_transfer_set(out) as ts:  # the block still reads back as checked
+        ts.read_block(2)
+    runs = {"evaluate": ["evaluate", "--data", lm["data"], "--model", lm["model"],
+                         "--transfer-set", str(out)],
+            "train": ["train", "--data", lm["data"], "--model", STUDENT, "--transfer-set",
+                      str(out), "--out", str(tmp_path / "s.pt"), "--epochs", "1"]}
+    for name, args in runs.items():
+        for extra in ([], ["--stream"]) if name == "train" else ([],):
+            result = CliRunner().invoke(cli, [*args, *extra])
+            lines = result.stderr.strip().splitlines()
+            assert result.exit_code != 0 and len(lines) == 1, (name, result.stderr)
+            assert "block 2 " in lines[0] and "not its data's" in lines[0], lines[0]
+            assert "Traceback" not in result.output
+    assert not (tmp_path / "s.pt").exists()
