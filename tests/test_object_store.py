@@ -747,6 +747,38 @@ def test_a_cache_that_cannot_be_written_only_stops_caching(tmp_path: Path, bucke
     assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, again) for n in x)
 
 
+def test_a_cache_folder_evicted_while_opening_is_read_uncached(
+        tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Another process may evict the folder a reader is preparing (seen once under load as
+    'not a Zarr v3 group'): the cache is an aid, so the set is read from the store, said once;
+    and a folder evicted between its creation and its timestamp is made again."""
+    from softlabels.format import chunk_cache
+
+    data = make_npz(tmp_path / "d.npz", n=40)
+    url, cache = f"s3://{bucket}/evicted.zarr", tmp_path / "cache"
+    precompute(data, [TEACHER], url, **OPTS)
+    whole = _read_all(url, tmp_path / "other")
+    utime, calls = os.utime, [0]
+
+    def evicted_once(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls[0] += 1
+        if calls[0] == 1:
+            shutil.rmtree(path)  # as another process's eviction would, just then
+        return utime(path, *args, **kwargs)
+
+    monkeypatch.setattr(chunk_cache.os, "utime", evicted_once)
+    again = _read_all(url, cache)
+    assert calls[0] == 2 and any(cache.glob("*/*/zarr.json"))  # made again, and used
+    monkeypatch.setattr(chunk_cache, "prepare", lambda *a: (_ for _ in ()).throw(
+        FileNotFoundError("evicted meanwhile")))
+    with caplog.at_level(logging.WARNING, logger="softlabels.format.location"):
+        third = _read_all(url, cache)
+    assert "reading" in caplog.text and "uncached" in caplog.text
+    for got in (again, third):
+        assert all(np.array_equal(x[n], y[n]) for x, y in zip(whole, got) for n in x)
+
+
 _READER = """
 import sys
 from softlabels.format.reader import open_transfer_set

@@ -110,8 +110,14 @@ def prepare(cache: str, url: str, root: bytes) -> tuple[str, int]:
             if old != folder:
                 log.info("removing the cache of a replaced set at %s (%s)", url, old)
                 shutil.rmtree(old, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    os.utime(folder)  # opened now: the last to be evicted
+    for attempt in range(3):  # another process may evict the new folder meanwhile
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.utime(folder)  # opened now: the last to be evicted
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     used = cache_bytes(cache)
     bound = max_bytes(cache, used)
     while used > bound:

@@ -17,12 +17,15 @@ no variables of its own for them.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import socket
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import SoftlabelsError, TransferSetError
+
+log = logging.getLogger(__name__)
 
 # scheme -> (fsspec protocol, module the extra installs, extra's name)
 _SCHEMES = {"s3": ("s3", "s3fs", "s3"), "s3a": ("s3", "s3fs", "s3"),
@@ -175,7 +178,12 @@ class Remote:
 
         cache = os.path.abspath(cache)
         root = self.fs.cat_file(self.child("zarr.json"))
-        self.cache_folder, room = prepare(cache, self.url, root)
+        try:
+            self.cache_folder, room = prepare(cache, self.url, root)
+        except OSError as exc:  # the cache is an aid: a read never fails for it
+            log.warning("reading %s uncached: the cache at %s cannot be used (%s)", self.url,
+                        cache, exc)
+            return remote
         return bounded_cache_store(remote, cache, self.cache_folder, room)
 
     def open_file(self) -> Any:
