@@ -24,16 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from linear_set import linear_set  # noqa: E402
 
 from softlabels.format import reader  # noqa: E402
 from softlabels.format import schema as S  # noqa: E402
 from softlabels.format.operations import convert  # noqa: E402
-from softlabels.precompute import precompute  # noqa: E402
 
 
 def timed_open(path: str | Path, check: bool) -> float:
@@ -82,12 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        rng = np.random.default_rng(0)
-        np.savez(d / "x.npz", x=rng.normal(size=(args.rows, 8)).astype(np.float32),
-                 y=rng.integers(0, args.classes, args.rows))
-        torch.manual_seed(0)
-        precompute(f"npz:{d}/x.npz", [nn.Linear(8, args.classes)], d / "s.zarr",
-                   temperatures=[1, 4], chunk_rows=args.chunk_rows, batch_size=4096)
+        linear_set(d, args.rows, args.classes, temperatures=[1, 4], chunk_rows=args.chunk_rows,
+                   batch_size=4096)
         convert(d / "s.zarr", d / "s.h5")
         paths: list[str | Path] = [d / "s.zarr", d / "s.h5"]
         if args.s3:

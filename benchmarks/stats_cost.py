@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from linear_set import linear_set  # noqa: E402
+
 from softlabels.format import schema as S  # noqa: E402
 from softlabels.format.reader import open_transfer_set  # noqa: E402
-from softlabels.precompute import precompute  # noqa: E402
 
 
 def dask_stats(ts) -> dict:  # noqa: ANN001
@@ -56,13 +55,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        rng = np.random.default_rng(0)
-        np.savez(d / "x.npz", x=rng.normal(size=(args.rows, 8)).astype(np.float32),
-                 y=rng.integers(0, args.classes, args.rows))
-        torch.manual_seed(0)
-        precompute(f"npz:{d}/x.npz", [nn.Linear(8, args.classes)], d / "s.zarr",
-                   temperatures=[1, 4], dtype="float16", probs_dtype="float16",
-                   batch_size=8192)
+        linear_set(d, args.rows, args.classes, temperatures=[1, 4], dtype="float16",
+                   probs_dtype="float16", batch_size=8192)
         times: dict[str, list[float]] = {"checked blocks": [], "dask, unchecked": []}
         results = {}
         for _ in range(args.repeats):

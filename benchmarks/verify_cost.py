@@ -16,12 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+from linear_set import linear_set
 
 from softlabels.format import integrity
-from softlabels.precompute import precompute
 from softlabels.verify import verify
 
 
@@ -33,12 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        rng = np.random.default_rng(0)
-        np.savez(d / "x.npz", x=rng.normal(size=(args.rows, 8)).astype(np.float32),
-                 y=rng.integers(0, args.classes, args.rows))
-        torch.manual_seed(0)
-        precompute(f"npz:{d}/x.npz", [nn.Linear(8, args.classes)], d / "s.zarr",
-                   temperatures=[1, 4, 20], batch_size=4096)
+        linear_set(d, args.rows, args.classes, temperatures=[1, 4, 20], batch_size=4096)
         check = integrity.TemperingCheck.add
         times: dict[str, list[float]] = {"with": [], "without": []}
         cpu: dict[str, list[float]] = {"with": [], "without": []}

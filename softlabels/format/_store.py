@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -243,8 +242,8 @@ class ZarrStore(Store):
         return np.asarray(self.array(name)[selection])
 
     def drop_cache(self):  # a damaged object read through the cache is not kept in it
-        if self._remote is not None and self._remote.cache_folder is not None:
-            shutil.rmtree(self._remote.cache_folder, ignore_errors=True)
+        if self._remote is not None:
+            self._remote.drop_cache()
 
     reads_together = True
 
@@ -366,12 +365,11 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
     if mode != "w" and p.is_dir() and not (p / "zarr.json").exists():
         raise TransferSetError(f"{p} is a directory but not a Zarr v3 group (no zarr.json)")
     try:
-        store = ZarrStore(p, mode, meta=meta)
+        return ZarrStore(p, mode, meta=meta)
     except ValueError as exc:  # a garbled zarr.json (json.JSONDecodeError) or metadata
         raise TransferSetError(f"{p} is not a readable Zarr group: its metadata is damaged "
                                f"({str(exc).splitlines()[0]}); restore the set from its "
                                "source, or make it again with `softlabels precompute`") from None
-    return store
 
 
 def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,
@@ -389,8 +387,7 @@ def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,
         raise TransferSetError(f"{remote} is not a Zarr v3 group (no zarr.json at that URL)"
                                ) from None
     except ValueError as exc:
-        if remote.cache_folder is not None:  # damaged in the local cache: fetched again next time
-            shutil.rmtree(remote.cache_folder, ignore_errors=True)
+        remote.drop_cache()  # damaged in the local cache: fetched again next time
         raise TransferSetError(f"{remote} is not a readable Zarr group: its metadata is "
                                f"damaged ({str(exc).splitlines()[0]}); restore the set from its "
                                "source, or make it again with `softlabels precompute`") from None

@@ -1,6 +1,6 @@
 """The checks a block of a complete set passes before a reader uses it: marked done, readable,
-matching its recorded checksums, finite targets and labels in range. `reader.TransferSet`
-applies them; each returns why the block cannot be trusted, or None."""
+matching its recorded checksums, finite targets, dataset indices and labels in range.
+`reader.TransferSet` applies them; each returns why the block cannot be trusted, or None."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import socket
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +36,8 @@ READ_ONLY_SCHEMES = ("http", "https")
 CACHE_ENV = "SOFTLABELS_CACHE"  # a local directory: chunk cache for remote reads (train --cache)
 HTTP_TIMEOUT_S = 60  # seconds an http(s) server may take to accept a connection or send bytes
 PROBE_TIMEOUT_S = 5  # the connect probe's wait; past it, the store library decides
+# where each library takes its endpoint from, for the "cannot reach" messages
+_ENDPOINT_HINT = {"s3": "AWS_ENDPOINT_URL, ~/.aws", "gcs": "STORAGE_EMULATOR_HOST, gcloud"}
 
 
 def scheme_of(path: object) -> str | None:
@@ -123,21 +126,21 @@ class Remote:
         try:
             socket.create_connection(where, timeout=PROBE_TIMEOUT_S).close()
         except ConnectionRefusedError:
-            hint = {"s3": "AWS_ENDPOINT_URL, ~/.aws", "gcs": "STORAGE_EMULATOR_HOST"}
             raise TransferSetError(
                 f"cannot reach {self.url}: nothing answers at {where[0]}:{where[1]} (connection "
                 f"refused); check the network and the endpoint "
-                f"({hint.get(self.protocol, 'the URL')})") from None
+                f"({_ENDPOINT_HINT.get(self.protocol, 'the URL')})") from None
         except OSError:
             pass  # not final: the libraries retry
 
     def _options(self) -> dict[str, Any]:
-        """fsspec storage options: none for object stores (their own config decides); for
-        http(s), a session of our own (not a cached one shared across servers) with timeouts,
-        so a server that stops answering fails rather than hangs. s3fs asks an object's size
-        (a HEAD) before each whole-object GET, to split objects past its 50 MiB block size into
-        concurrent ranges; chunks are about 1 MiB, so with `max_concurrency=1` a chunk costs one
-        round trip, not two (measured: 8 requests a block instead of 4, at 20 ms each)."""
+        """fsspec storage options. For s3, `max_concurrency=1`: s3fs asks an object's size (a
+        HEAD) before each whole-object GET, to split objects past its 50 MiB block size into
+        concurrent ranges; chunks are about 1 MiB, so a chunk then costs one round trip, not two
+        (measured: 8 requests a block instead of 4, at 20 ms each). Otherwise none for object
+        stores (their own config decides, credentials and endpoint included); for http(s), a
+        session of our own (not a cached one shared across servers) with timeouts, so a server
+        that stops answering fails rather than hangs."""
         if self.protocol == "s3":
             return {"max_concurrency": 1}
         if not self.read_only:
@@ -186,6 +189,12 @@ class Remote:
             return remote
         return bounded_cache_store(remote, cache, self.cache_folder, room)
 
+    def drop_cache(self) -> None:
+        """Remove this set's folder of the local chunk cache (what it holds may be damaged);
+        its objects are fetched from the store again."""
+        if self.cache_folder is not None:
+            shutil.rmtree(self.cache_folder, ignore_errors=True)
+
     def open_file(self) -> Any:
         """A read-only file object of the whole object (for h5py)."""
         try:
@@ -206,10 +215,9 @@ class Remote:
             return bool(fs.exists(self.key))
         except Exception as exc:  # an endpoint that does not answer (botocore, aiohttp, ...)
             first = str(exc).splitlines()[0] if str(exc) else ""
-            where = {"s3": "AWS_ENDPOINT_URL, ~/.aws", "gcs": "STORAGE_EMULATOR_HOST, gcloud"}
             raise TransferSetError(
                 f"cannot reach {self.url} ({type(exc).__name__}: {first}); check the network "
-                f"and the endpoint ({where.get(self.protocol, 'the URL')})") from None
+                f"and the endpoint ({_ENDPOINT_HINT.get(self.protocol, 'the URL')})") from None
 
     def is_dir_like(self) -> bool:
         """Whether the URL is a prefix holding objects (a Zarr set), not one object."""

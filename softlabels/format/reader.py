@@ -97,11 +97,12 @@ class TransferSet:
         at that temperature alone and returned without their temperature axis ((rows, ...)).
 
         The block must be marked done in `block_done` (checked on its first read), and what
-        is read must be readable, match its recorded checksums, hold only finite targets and
-        labels in [-1, C); otherwise `IntegrityError` names the block and what is wrong with
-        it. `checksum=False` skips the checksums (the other checks remain), for sets already
-        verified. A version 1 set records one checksum over every row array of a block,
-        so its checked reads read every row array, whatever `arrays` asks for.
+        is read must be readable, match its recorded checksums, hold only finite targets,
+        dataset indices in [0, num_examples) and labels in [-1, C); otherwise `IntegrityError`
+        names the block and what is wrong with it. `checksum=False` skips the checksums (the
+        other checks remain), for sets already verified. A version 1 set records one checksum
+        over every row array of a block, so its checked reads read every row array, whatever
+        `arrays` asks for.
         """
         names = self.row_arrays() if arrays is None else list(dict.fromkeys(arrays))
         unknown = sorted(set(names) - set(self.layout.arrays()))
