@@ -3,6 +3,7 @@ agreement with and KL to the teacher; optionally after adding constants to class
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -74,19 +75,20 @@ def evaluate(
     if temperature is not None:
         raise OptionError("--temperature picks the targets of a sequence set; an example "
                           "student is compared with its teacher at T = 1: drop it")
-    if transfer_set is not None:
-        _refuse_sequence_set(transfer_set)
-    dev = resolve_device(device)
-    net = _finite(model, trust_code)
-    dataset = load_data(data) if isinstance(data, str) else data
-    x, y = inputs if inputs is not None else materialize(dataset)
-    check_outputs(net, x[:1].to(dev), None, y,
-                  sequence_hint="is evaluated on token sequences: pass tokens:... DATA")
-    logits = adjust_bias(predict(net.to(dev), x, dev), bias_adjust or {})
-    report: dict[str, Any] = accuracy_report(logits, y)
-    report["ece"] = expected_calibration_error(logits, y)
-    if transfer_set is not None:
-        with open_transfer_set(transfer_set) as ts:
+    with (open_transfer_set(transfer_set) if transfer_set is not None
+          else contextlib.nullcontext()) as ts:
+        if ts is not None:
+            _refuse_sequence_set(ts)
+        dev = resolve_device(device)
+        net = _finite(model, trust_code)
+        dataset = load_data(data) if isinstance(data, str) else data
+        x, y = inputs if inputs is not None else materialize(dataset)
+        check_outputs(net, x[:1].to(dev), None, y,
+                      sequence_hint="is evaluated on token sequences: pass tokens:... DATA")
+        logits = adjust_bias(predict(net.to(dev), x, dev), bias_adjust or {})
+        report: dict[str, Any] = accuracy_report(logits, y)
+        report["ece"] = expected_calibration_error(logits, y)
+        if ts is not None:
             if ts.num_classes != logits.shape[-1]:
                 raise SoftlabelsError(f"the model predicts {logits.shape[-1]} classes, "
                                       f"{ts.path} has {ts.num_classes}")
@@ -122,11 +124,9 @@ def _finite(model: str | nn.Module, trust_code: bool) -> nn.Module:
     return net
 
 
-def _refuse_sequence_set(path: str | os.PathLike[str]) -> None:
-    with open_transfer_set(path) as ts:
-        if ts.layout.num_sequences:
-            raise SoftlabelsError(
-                f"{ts.path} is a sequence set (one row per token of {ts.layout.num_sequences} "
-                "sequences): --transfer-set expects an example set of the same DATA; pass one, "
-                "or measure a sequence model's perplexity and token accuracy with "
-                "softlabels.sequence_trainer.evaluate_sequence_model")
+def _refuse_sequence_set(ts: TransferSet) -> None:
+    if ts.layout.num_sequences:
+        raise SoftlabelsError(
+            f"{ts.path} is a sequence set (one row per token of {ts.layout.num_sequences} "
+            "sequences): --transfer-set expects an example set of the same DATA; pass one, or "
+            "evaluate a sequence model on the tokens:... DATA the set was made from")
