@@ -109,19 +109,19 @@ def check_tokens(data: TokenSequences, ts: TransferSet, offsets: np.ndarray) -> 
     """Refuse a set whose stored tokens, the student's inputs, are not `data`'s: sample hashes
     match the data, but the tokens themselves are read from the set (checked block by block),
     so a set edited with forged checksums could feed the student other tokens, or ids past its
-    vocabulary. Compares every position, block by block."""
-    index = ts.index()[offsets[:-1]]
-    if len(index) and (index.min() < 0 or index.max() >= len(data)
-                       or np.any(np.diff(offsets) != data.lengths[index])):
-        raise MismatchError(f"{ts.path}'s sequences are not the data's (their lengths differ); "
-                            "pass the tokens:... DATA it was made from, or run `softlabels "
-                            "verify` on the set with --data")
+    vocabulary. Compares every position, one checked block of tokens and indices at a time."""
+    lengths = np.diff(offsets)
     for b in range(ts.num_blocks):
         start, stop = ts.block_range(b)
-        stored = ts.read_block(b, [SEQ_TOKENS])[SEQ_TOKENS]
+        got = ts.read_block(b, [SEQ_TOKENS, S.INDEX])  # indices within the data: checked
+        stored, index = got[SEQ_TOKENS], got[S.INDEX]
         pos = np.arange(start, stop)
         seq = np.searchsorted(offsets, pos, side="right") - 1
-        want = data.tokens[data.offsets[index[seq]] + pos - offsets[seq]]
+        if np.any(lengths[seq] != data.lengths[index]):
+            raise MismatchError(f"{ts.path}'s sequences are not the data's (their lengths "
+                                f"differ in block {b}); pass the tokens:... DATA it was made "
+                                "from, or run `softlabels verify` on the set with --data")
+        want = data.tokens[data.offsets[index] + pos - offsets[seq]]
         if not np.array_equal(stored, want):
             p = start + int(np.argmax(stored != want))
             s = int(seq[p - start])
