@@ -1,0 +1,101 @@
+"""Image preprocessing as data: what turns a decoded image into a model's input.
+
+A `Preprocess` is recorded in a transfer set's metadata (so `verify --teacher` replays it and
+another team sees exactly what the teacher saw) and rebuilt from it; it never names code.
+Image sources (imagefolder, hfds, wds) yield decoded uint8 tensors (3, H, W); a `Preprocess`
+maps one to a float32 tensor: resize the shorter side, centre crop, scale to [0, 1], normalise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+
+from .errors import SpecError
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+OPTION_NAMES = ("resize", "crop", "mean", "std", "interpolation")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """resize: the shorter side in pixels (None: keep); crop: a centre square (None: none);
+    mean/std: per-channel normalisation after scaling to [0, 1] (None: none)."""
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise SpecError(f"preprocessing {name}={value!r} must be a whole number of "
+                                "pixels >= 1")
+        if self.interpolation not in INTERPOLATIONS:
+            raise SpecError(f"interpolation={self.interpolation!r}; use one of "
+                            + ", ".join(INTERPOLATIONS))
+        if (self.mean is None) != (self.std is None):
+            raise SpecError("give mean and std together (e.g. mean=0.485,0.456,0.406&"
+                            "std=0.229,0.224,0.225), or neither")
+        if self.std is not None and (len(self.std) != len(self.mean or ())
+                                     or min(self.std) <= 0):
+            raise SpecError(f"std={self.std} must be positive, one value per channel of "
+                            f"mean={self.mean}")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Preprocess:
+        """Rebuilt from a set's metadata; anything else than the recorded fields is refused."""
+        if not isinstance(meta, dict) or set(meta) - {f.name for f in fields(cls)}:
+            raise SpecError(f"not a recorded preprocessing: {meta!r}")
+        values = dict(meta)
+        for key in ("mean", "std"):
+            if values.get(key) is not None:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)
+
+    def with_options(self, options: dict[str, Any]) -> Preprocess:
+        """This preprocessing with the spec's overrides (resize=, crop=, mean=, std=,
+        interpolation=) applied; the overrides are popped from `options`."""
+        changes: dict[str, Any] = {}
+        for key in OPTION_NAMES:
+            if key in options:
+                value = options.pop(key)
+                if key in ("mean", "std"):
+                    value = _floats(value, key)
+                changes[key] = value
+        return replace(self, **changes) if changes else self
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> float32 (3, crop, crop)."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        mode = InterpolationMode(self.interpolation)
+        x = image
+        if self.resize is not None:
+            x = F.resize(x, [self.resize], interpolation=mode, antialias=True)
+        if self.crop is not None:
+            x = F.center_crop(x, [self.crop, self.crop])
+        x = F.to_dtype(x, torch.float32, scale=True)
+        if self.mean is not None:
+            x = F.normalize(x, list(self.mean), list(self.std or ()))
+        return x
+
+
+def _floats(value: Any, key: str) -> tuple[float, ...]:
+    try:
+        if isinstance(value, (int, float)):
+            return (float(value),)
+        return tuple(float(v) for v in str(value).split(","))
+    except ValueError:
+        raise SpecError(f"{key}={value!r} must be numbers separated by commas, "
+                        "e.g. 0.485,0.456,0.406") from None
