@@ -32,7 +32,8 @@ from .format._store import backend_of
 from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
-from .specs import NpzDataset, load_data, split_item
+from .images import model_inputs
+from .specs import NpzDataset, example_hash, load_data, split_item
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
@@ -44,7 +45,7 @@ URL_READS = 8  # blocks a stream reads at once from a URL
 def _open(data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
           ) -> tuple[Dataset, TransferSet]:
     ts = transfer_set if isinstance(transfer_set, TransferSet) else open_transfer_set(transfer_set)
-    return (load_data(data) if isinstance(data, str) else data), ts
+    return model_inputs(load_data(data) if isinstance(data, str) else data), ts
 
 
 def check_length(data: Dataset, ts: TransferSet) -> None:
@@ -72,8 +73,7 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
     if len(outside):  # a value no writer stores: read_block names its block
         ts.read_block(int(outside[0]) // ts.layout.block_rows, [S.INDEX])
     for r in rows:
-        x, _ = split_item(data[int(index[r])])
-        if S.sample_hash(x.numpy()) != int(hashes[r]):  # damage in the set is named first
+        if example_hash(data, int(index[r])) != int(hashes[r]):  # damage in the set is named first
             ts.read_block(int(r) // ts.layout.block_rows, [S.INDEX, S.SAMPLE_HASH])
             raise MismatchError(
                 f"row {int(r)} of {ts.path} (dataset index {int(index[r])}) does not match the "

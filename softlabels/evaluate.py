@@ -18,6 +18,7 @@ from .datasets import check_alignment
 from .errors import OptionError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
+from .images import model_inputs
 from .metrics import (
     accuracy_report,
     expected_calibration_error,
@@ -81,7 +82,7 @@ def evaluate(
             _refuse_sequence_set(ts)
         dev = resolve_device(device)
         net = _finite(model, trust_code)
-        dataset = load_data(data) if isinstance(data, str) else data
+        dataset = model_inputs(load_data(data) if isinstance(data, str) else data)
         x, y = inputs if inputs is not None else materialize(dataset)
         check_outputs(net, x[:1].to(dev), None, y,
                       sequence_hint="is evaluated on token sequences: pass tokens:... DATA")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import DataError, SpecError
+from .format.schema import sample_hash
 
 
 class NpzDataset(Dataset):
@@ -130,3 +131,21 @@ def split_item(item: Any) -> tuple[torch.Tensor, int]:
         raise DataError(f"label {y!r} is not a whole number; labels are class numbers 0..C-1, "
                         "or -1 for unknown")
     return torch.as_tensor(x), label
+
+
+def hashed_item(data: Dataset, i: int) -> tuple[torch.Tensor, int, int]:
+    """(input, label, sample hash) of example i. A dataset may define its own `hashed_item`
+    (image sources hash the encoded file, whatever transform they apply); otherwise the hash
+    covers the input tensor's bytes."""
+    own = getattr(data, "hashed_item", None)
+    if own is not None:
+        return own(i)
+    x, y = split_item(data[i])
+    return x, y, sample_hash(x.numpy())
+
+
+def example_hash(data: Dataset, i: int) -> int:
+    """The sample hash of example i (see `hashed_item`), without decoding where the dataset
+    can hash its stored bytes (`example_hash`)."""
+    own = getattr(data, "example_hash", None)
+    return own(i) if own is not None else hashed_item(data, i)[2]

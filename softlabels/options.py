@@ -83,6 +83,21 @@ class _Options:
         return {f.name for f in fields(cls)}  # type: ignore[arg-type]
 
 
+def check_decode_device(device: str) -> None:
+    """`--decode-device`: cpu (DataLoader workers) or cuda[:N], refused in one line where no
+    CUDA device is visible."""
+    if not isinstance(device, str) or not (device in ("cpu", "cuda")
+                                           or device.startswith("cuda:")):
+        raise OptionError(f"--decode-device must be cpu or cuda[:N], got {device!r}")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OptionError(f"--decode-device {device} needs a CUDA device and none is visible "
+                              "here (torch.cuda.is_available() is False); use --decode-device "
+                              "cpu, which decodes in the DataLoader workers (--num-workers)")
+
+
 @dataclass(frozen=True)
 class PrecomputeOptions(_Options):
     """How `precompute` runs the teacher and lays out the set (see `softlabels precompute`)."""
@@ -105,6 +120,8 @@ class PrecomputeOptions(_Options):
     precision: str = "fp32"
     num_workers: int = 0  # DataLoader worker processes
     trust_code: bool = False  # build python: specs found inside checkpoints
+    decode_device: str = "cpu"  # where image sources' JPEGs are decoded (cpu: in the workers)
+    skip_bad_images: bool = False  # leave undecodable images out, listed in the set's metadata
 
     def __post_init__(self) -> None:
         temps = self.temperatures
@@ -140,9 +157,11 @@ class PrecomputeOptions(_Options):
                               "drop --store-inputs and keep the DATA")
         if not isinstance(self.device, str) or not self.device:
             raise OptionError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_decode_device(self.decode_device)
 
     def layout_args(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("num_workers", "trust_code")}
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("num_workers", "trust_code", "decode_device", "skip_bad_images")}
 
 
 @dataclass(frozen=True)

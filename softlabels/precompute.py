@@ -6,6 +6,7 @@ outputs, assembles whole blocks and writes them, so storage overlaps compute.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -24,14 +25,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._version import __version__
-from .errors import DataError, OptionError, TeacherOutputError
+from .errors import DataError, OptionError, SoftlabelsError, TeacherOutputError
 from .format import schema as S
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
+from .images import decode_batch, keep_decodable, stack_images
 from .options import PrecomputeOptions, check_output_file
+from .preprocessing import Preprocess
 from .progress import Progress
-from .specs import check_labels, class_names, load_data, split_item
+from .specs import check_labels, class_names, example_hash, load_data, split_item
 from .teacher import Teacher
 from .tokens import is_sequence_data
 from .views import ViewDataset
@@ -49,22 +52,23 @@ class PrecomputeResult:
     meta: dict[str, Any] = field(repr=False)
 
 
-def collate(items: Sequence[Any]) -> tuple[Any, ...]:
-    """Stack (input, label) items; a dataset without labels gets -1. View rows
-    (input, label, hash, seed) keep their hashes and seeds as uint64 numpy arrays."""
-    if isinstance(items[0], tuple) and len(items[0]) == 4:
-        xs, ys, hashes, seeds = zip(*items)
-        return (torch.stack(xs), torch.tensor(ys), np.array(hashes, dtype=np.uint64),
-                np.array(seeds, dtype=np.uint64))
+def collate(items: Sequence[Any], *, encoded: bool = False) -> tuple[Any, ...]:
+    """Stack (input, label) items; a dataset without labels gets -1. Hashed items
+    (input, label, hash) and view rows (input, label, hash, seed) keep their hashes and seeds
+    as uint64 numpy arrays. `encoded` inputs (image bytes) stay a list, decoded later."""
+    if isinstance(items[0], tuple) and len(items[0]) in (3, 4):
+        xs, ys, hashes, *seeds = zip(*items)
+        return (list(xs) if encoded else stack_images(xs), torch.tensor(ys),
+                np.array(hashes, dtype=np.uint64),
+                *([np.array(seeds[0], dtype=np.uint64)] if seeds else []))
     pairs = [split_item(item) for item in items]
-    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+    return stack_images([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
 
 
 def dataset_probe(data: Dataset, n: int = 16) -> str:
     """A cheap identity of a dataset: the hashes of up to n evenly spaced examples."""
     picks = np.unique(np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(int))
-    hashes = np.array([S.sample_hash(split_item(data[int(i)])[0].numpy()) for i in picks],
-                      dtype=np.uint64)
+    hashes = np.array([example_hash(data, int(i)) for i in picks], dtype=np.uint64)
     return S.fingerprint(hashes)[:32]
 
 
@@ -82,8 +86,9 @@ def versions() -> dict[str, str]:
 class _BlockAssembler:
     """Writer-thread side: gathers batches into whole blocks and writes each once it is full."""
 
-    def __init__(self, writer: TransferSetWriter, rows: np.ndarray) -> None:
-        self.writer, self.rows, self.pos = writer, rows, 0
+    def __init__(self, writer: TransferSetWriter, rows: np.ndarray,
+                 kept: np.ndarray | None = None) -> None:
+        self.writer, self.rows, self.pos, self.kept = writer, rows, 0, kept
         self.lay = writer.layout
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.filled: dict[int, int] = {}
@@ -151,6 +156,8 @@ class _BlockAssembler:
         rows = self.rows[self.pos:self.pos + len(x)]
         self.pos += len(x)
         index = rows // self.lay.views if self.lay.views else rows
+        if self.kept is not None:  # bad images left out: row -> the dataset's own index
+            index = self.kept[index]
         self._check(rows, index, y, members, logits)
         xs = x.numpy()
         if hashes is None:
@@ -231,7 +238,8 @@ def precompute(
         if len(rows):
             run_blocks(teacher, dataset, writer, writer.pending, opts.batch_size,
                        opts.num_workers,
-                       lambda n: progress(done + n, layout.num_rows) if progress else None)
+                       lambda n: progress(done + n, layout.num_rows) if progress else None,
+                       decode_device=opts.decode_device)
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
                             resumed=writer.resumed, already_complete=writer.already_complete,
                             seconds=time.perf_counter() - t0, meta=writer.meta)
@@ -253,7 +261,7 @@ def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:
 
     def hashes(start: int, stop: int) -> np.ndarray:
         examples, where = np.unique(np.arange(start, stop) // views, return_inverse=True)
-        return np.array([S.sample_hash(split_item(data[int(i)])[0].numpy()) for i in examples],
+        return np.array([example_hash(data, int(i)) for i in examples],
                         dtype=np.uint64)[where]
 
     return hashes
@@ -277,6 +285,11 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise DataError("the dataset is empty; check the DATA spec")
+    full = dataset
+    if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
+        dataset = keep_decodable(dataset, opts.num_workers)
+    if getattr(dataset, "raw_images", False):  # decoded uint8 images: the teacher's input
+        dataset = dataset.with_preprocess(Preprocess())  # (its own preprocessing, once known)
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
     x0, _ = split_item(dataset[0])
@@ -293,11 +306,12 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
                     input_dtype=str(x0.numpy().dtype), topk=opts.topk, sample_k=opts.sample_k,
                     views=views)
     meta = {
-        "num_examples": len(dataset),
+        "num_examples": len(full),
         "class_names": class_names(dataset),
         "teacher": teacher.describe(),
         "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
-                    "length": len(dataset), "probe": dataset_probe(dataset)},
+                    "length": len(full), "probe": dataset_probe(dataset),
+                    **({"skipped": dataset.skipped} if opts.skip_bad_images else {})},
         "views": views or None, "augment": opts.augment,
         "view_seed": opts.view_seed if views else None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -338,17 +352,20 @@ def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> lis
 
 def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | BlockWriter,
                blocks: Sequence[int], batch_size: int, num_workers: int,
-               report: Callable[[int], None]) -> None:
-    """Compute and write whole `blocks`; `report(rows done so far)` after each batch."""
+               report: Callable[[int], None], *, decode_device: str = "cpu") -> None:
+    """Compute and write whole `blocks`; `report(rows done so far)` after each batch.
+    With `decode_device` cuda, image sources hand over encoded bytes, decoded there."""
     cuda = teacher.device.type == "cuda"
     temps = writer.layout.temperatures
     rows = rows_of(writer.layout, blocks)
     done = 0
-    loader = DataLoader(Subset(dataset, rows.tolist()),
+    items, decode_on = _loader_items(dataset, decode_device)
+    loader = DataLoader(Subset(items, rows.tolist()),
                         batch_sampler=block_batches(writer.layout, blocks, batch_size),
-                        num_workers=num_workers, collate_fn=collate, pin_memory=cuda)
+                        num_workers=num_workers, pin_memory=cuda and decode_on is None,
+                        collate_fn=functools.partial(collate, encoded=decode_on is not None))
     keep = writer.layout.num_members > 0
-    assembler = _BlockAssembler(writer, rows)
+    assembler = _BlockAssembler(writer, rows, getattr(_examples(dataset), "kept", None))
     errors: list[BaseException] = []
     # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
     # uses every core, and a thread only preempts its workers (measured: 0.89 of bare speed with
@@ -360,10 +377,13 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
     if threaded:
         thread.start()
     try:
-        for x, y, *view in loader:  # view rows also carry (hashes, seeds)
+        for x, y, *view in _worker_errors(loader):  # hashed rows also carry (hashes, seeds)
             if errors:
                 break
+            if decode_on is not None:  # encoded bytes: decode and preprocess on the device
+                x = decode_batch(x, decode_on, _examples(dataset).preprocess or Preprocess())
             members, logits, probs = teacher.soft_targets(x, temps)
+            x = x.cpu()  # a no-op unless decoded on the device
             host = [t.to("cpu", non_blocking=cuda) for t in (members, logits, probs)]
             event = torch.cuda.Event() if cuda else None
             if event is not None:
@@ -380,6 +400,54 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
 
 
 WRITER_QUEUE = 4  # batches the teacher may run ahead of the writer thread
+
+
+def _examples(dataset: Dataset) -> Dataset:
+    """The examples behind the rows (a view set's rows are views of them)."""
+    return dataset.data if isinstance(dataset, ViewDataset) else dataset
+
+
+def _loader_items(dataset: Dataset, decode_device: str) -> tuple[Dataset, torch.device | None]:
+    """What the DataLoader reads, and the device that decodes (None: the workers decode).
+    A dataset with its own hashes (an image source) hands them over with each item, so the
+    writer hashes no decoded tensor."""
+    if decode_device != "cpu":
+        if isinstance(dataset, ViewDataset) or not hasattr(dataset, "as_encoded"):
+            raise OptionError("--decode-device cuda decodes image sources (imagefolder:, hfds:, "
+                              "wds:) without --views; use --decode-device cpu here")
+        return _Hashed(dataset.as_encoded()), torch.device(decode_device)
+    return (_Hashed(dataset) if hasattr(dataset, "hashed_item") else dataset), None
+
+
+class _Hashed(Dataset):
+    """Items (input, label, sample hash) of a dataset that hashes its own examples."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.data.hashed_item(i)
+
+
+def _worker_errors(loader: DataLoader) -> Any:
+    """The loader's batches; a library error raised in a worker process is re-raised with its
+    own one-line message (the DataLoader wraps it in the worker's traceback)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except SoftlabelsError as exc:
+            text = str(exc)
+            if "Original Traceback" not in text:
+                raise
+            line = [ln for ln in text.splitlines() if ln.strip()][-1]
+            raise type(exc)(line.split(": ", 1)[-1]) from None
+        yield batch
 
 
 def writer_thread(cuda: bool) -> bool:

@@ -22,6 +22,7 @@ from .datasets import MAX_IN_MEMORY
 from .errors import DataError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
+from .images import model_inputs
 from .losses import kd_loss_from_probs, sparse_kd_loss
 from .options import TrainOptions, check_output_file, check_temperature
 from .ranks import finish_distributed, init_distributed, summed, wrap_ddp
@@ -146,7 +147,7 @@ def train_student(
     net, spec = load_model(model, trust_code=opts.trust_code)
     net = net.to(dev)
     step_net = wrap_ddp(net, dev) if world > 1 else net
-    dataset = load_data(data) if isinstance(data, str) else data
+    dataset = model_inputs(load_data(data) if isinstance(data, str) else data)
     if len(dataset) == 0:
         raise DataError("the dataset is empty: there is nothing to train on; check --data")
     select = dict(fraction=opts.fraction, seed=seed, classes=opts.classes,
@@ -169,7 +170,8 @@ def train_student(
     if n_rows == 0:
         raise DataError("the selection leaves no rows to train on; widen --fraction, "
                         "--classes or --indices")
-    val = materialize(load_data(val_data) if isinstance(val_data, str) else val_data) \
+    val = materialize(model_inputs(load_data(val_data) if isinstance(val_data, str)
+                                   else val_data)) \
         if val_data is not None else None
     opt = _make_optimizer(opts.optimizer, net.parameters(), opts.lr, opts.weight_decay)
     history: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from .format.blockcheck import undone_blocks
 from .format.integrity import VerifyReport, check_arrays, check_meta, check_values
 from .format.reader import TransferSet
 from .progress import Progress
-from .specs import load_data, split_item
+from .specs import example_hash, load_data, split_item
 from .teacher import Teacher
 from .views import build_augment, replay
 
@@ -34,7 +34,7 @@ def _check_data(ts: TransferSet, data: Dataset, report: VerifyReport,
     mismatches = 0
     first = -1
     for row, (i, h) in enumerate(zip(index, hashes)):
-        if S.sample_hash(split_item(data[int(i)])[0].numpy()) != int(h):
+        if example_hash(data, int(i)) != int(h):
             mismatches += 1
             first = row if first < 0 else first
         if progress and (row + 1) % 1024 == 0:

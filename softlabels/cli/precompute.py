@@ -47,6 +47,11 @@ from ._common import TRUST_CODE_HELP, FloatList, progress_bar
               help="Autocast precision of the teacher.")
 @click.option("--num-workers", type=int, default=0, show_default=True,
               help="DataLoader worker processes.")
+@click.option("--decode-device", default=PrecomputeOptions.decode_device, show_default=True,
+              help="Where image DATA is decoded: cpu (in the --num-workers workers) or cuda.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave out images that cannot be decoded (a decoding pass first); they are "
+                   "listed in the set's metadata (dataset.skipped).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set made by another run.")
 @click.option("--workers", type=int, default=None,
               help="Spread blocks over a local Dask cluster of N single-threaded processes.")
