@@ -292,7 +292,7 @@ def image_folder(body: str, options: dict[str, Any], spec: str) -> ImageFolderSo
 # --- decoding on a device ----------------------------------------------------------------------
 
 
-def decode_batch(encoded: list[torch.Tensor], device: torch.device,
+def decode_batch(encoded: list[torch.Tensor], device: str | torch.device,
                  preprocess: Preprocess) -> torch.Tensor:
     """Encoded images (1-D uint8 each) -> preprocessed float32 (B, 3, h, w) on `device`:
     JPEGs decoded there in one batched call (nvJPEG), others on the CPU."""

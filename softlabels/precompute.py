@@ -407,7 +407,7 @@ def _examples(dataset: Dataset) -> Dataset:
     return dataset.data if isinstance(dataset, ViewDataset) else dataset
 
 
-def _loader_items(dataset: Dataset, decode_device: str) -> tuple[Dataset, torch.device | None]:
+def _loader_items(dataset: Dataset, decode_device: str) -> tuple[Dataset, str | None]:
     """What the DataLoader reads, and the device that decodes (None: the workers decode).
     A dataset with its own hashes (an image source) hands them over with each item, so the
     writer hashes no decoded tensor."""
@@ -415,7 +415,7 @@ def _loader_items(dataset: Dataset, decode_device: str) -> tuple[Dataset, torch.
         if isinstance(dataset, ViewDataset) or not hasattr(dataset, "as_encoded"):
             raise OptionError("--decode-device cuda decodes image sources (imagefolder:, hfds:, "
                               "wds:) without --views; use --decode-device cpu here")
-        return _Hashed(dataset.as_encoded()), torch.device(decode_device)
+        return _Hashed(dataset.as_encoded()), decode_device
     return (_Hashed(dataset) if hasattr(dataset, "hashed_item") else dataset), None
 
 

@@ -132,3 +132,35 @@ def test_skip_bad_images_lists_them_in_the_provenance(tmp_path: Path, teacher: s
     code, stdout, err = run("precompute", "--data", "npz:nowhere.npz", "--teacher", teacher,
                             "--out", str(tmp_path / "t.zarr"), "--skip-bad-images")
     assert code == 1
+
+
+def test_decoding_on_the_device_makes_the_same_set(tmp_path: Path, teacher: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The --decode-device path (encoded bytes through the workers, one batched decode, the
+    preprocessing after it), run here with the CPU standing in for the GPU."""
+    import importlib
+
+    from softlabels.images import decode_batch
+    from softlabels.options import PrecomputeOptions
+    from softlabels.precompute import precompute
+
+    data = f"imagefolder:{IMAGES}?{SIZE}"
+    plain = precompute(data, [teacher], tmp_path / "cpu.zarr", batch_size=4, dtype="float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    opts = PrecomputeOptions(batch_size=4, dtype="float32", decode_device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+
+    def on_cpu(encoded, device, preprocess):  # noqa: ANN001, ANN202
+        calls.append(len(encoded))
+        assert all(e.ndim == 1 and e.dtype == torch.uint8 for e in encoded)
+        return decode_batch(encoded, torch.device("cpu"), preprocess)
+
+    monkeypatch.setattr(importlib.import_module("softlabels.precompute"), "decode_batch", on_cpu)
+    device = precompute(data, [teacher], tmp_path / "dev.zarr", opts)
+    assert calls == [4, 2] and device.num_rows == plain.num_rows == 6
+    with (open_transfer_set(tmp_path / "cpu.zarr") as a,
+          open_transfer_set(tmp_path / "dev.zarr") as b):
+        assert a.sample_hash().tolist() == b.sample_hash().tolist()
+        np.testing.assert_allclose(np.asarray(a.read("logits")), np.asarray(b.read("logits")),
+                                   rtol=1e-5, atol=1e-6)
