@@ -20,6 +20,7 @@ from .errors import MismatchError, SoftlabelsError, TransferSetError
 from .format.layout import Layout
 from .format.location import Remote, is_url
 from .format.writer import BlockWriter
+from .images import model_inputs
 from .precompute import dataset_probe, run_blocks
 from .sequence_precompute import write_window
 from .specs import load_data
@@ -44,7 +45,7 @@ def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: 
 
         torch.set_num_threads(1)  # one thread per single-threaded worker process
         _CACHE.clear()
-        dataset = load_data(data)
+        dataset = model_inputs(load_data(data))  # as precompute.prepare
         teacher = Teacher(list(teachers), device=device, precision=precision, combine=combine,
                           trust_code=trust_code)
         if expect is not None:

@@ -30,7 +30,7 @@ from .format import schema as S
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
-from .images import decode_batch, keep_decodable, stack_images
+from .images import decode_batch, keep_decodable, model_inputs, stack_images
 from .options import PrecomputeOptions, check_output_file
 from .preprocessing import Preprocess
 from .progress import Progress
@@ -288,8 +288,7 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
     full = dataset
     if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
         dataset = keep_decodable(dataset, opts.num_workers)
-    if getattr(dataset, "raw_images", False):  # decoded uint8 images: the teacher's input
-        dataset = dataset.with_preprocess(Preprocess())  # (its own preprocessing, once known)
+    dataset = model_inputs(dataset)  # raw images scaled to [0, 1] for the teacher
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
     x0, _ = split_item(dataset[0])

@@ -35,6 +35,7 @@ def teacher(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # precompute, train and evaluate: seconds
 def test_imagefolder_set_and_a_student_at_another_resolution(tmp_path: Path,
                                                              teacher: str) -> None:
     out = tmp_path / "set.zarr"
@@ -75,6 +76,7 @@ def test_imagefolder_set_and_a_student_at_another_resolution(tmp_path: Path,
     assert report["count"] == 6 if "count" in report else True
 
 
+@pytest.mark.slow  # builds a mobilenet
 def test_raw_images_of_different_sizes_need_a_size(tmp_path: Path) -> None:
     from softlabels.specs import build_model
 
@@ -164,3 +166,14 @@ def test_decoding_on_the_device_makes_the_same_set(tmp_path: Path, teacher: str,
         assert a.sample_hash().tolist() == b.sample_hash().tolist()
         np.testing.assert_allclose(np.asarray(a.read("logits")), np.asarray(b.read("logits")),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_cluster_run_refuses_skipping_and_device_decoding(tmp_path: Path, teacher: str) -> None:
+    from softlabels.cluster import precompute_on_cluster
+    from softlabels.errors import OptionError
+    from softlabels.options import PrecomputeOptions
+
+    with pytest.raises(OptionError, match="single process"):
+        precompute_on_cluster(f"imagefolder:{IMAGES}?{SIZE}", [teacher], tmp_path / "s.zarr",
+                              PrecomputeOptions(skip_bad_images=True), workers=1)
+    assert not (tmp_path / "s.zarr").exists()

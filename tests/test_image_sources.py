@@ -45,7 +45,7 @@ def test_imagefolder_classes_order_and_labels_as_torchvision() -> None:
 def test_decoded_pixels_equal_pils(path: Path) -> None:
     data = load_data(f"imagefolder:{IMAGES}")
     x = data[[p for p, _ in data.samples].index(str(path))][0]
-    pil = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    pil = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
     assert x.shape == pil.shape
     diff = (x.int() - pil.int()).abs()
     if path.suffix == ".png":
@@ -221,6 +221,7 @@ def check_same_as_folder(data, source: ImageFolderSource) -> None:  # noqa: ANN0
         assert (y, h) == (yf, hf) and torch.equal(x, xf)
 
 
+@pytest.mark.slow  # importing datasets takes seconds
 def test_hfds_save_to_disk(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     ds, source = hf_dataset()
