@@ -84,13 +84,24 @@ def teacher_rate(model: torch.nn.Module, n: int, batch_size: int, device: torch.
     return n / (time.perf_counter() - t0)
 
 
-def precompute_rate(data: ImageFolderSource, model: torch.nn.Module, out: Path,
+def precompute_time(data: ImageFolderSource, model: torch.nn.Module, out: Path,
                     args: argparse.Namespace, workers: int, decode_device: str) -> float:
     t0 = time.perf_counter()
     precompute(data, [model], out, batch_size=args.batch_size, num_workers=workers,
                device=args.device, precision=args.precision, decode_device=decode_device,
                overwrite=True)
-    return len(data) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def precompute_rates(data: ImageFolderSource, model: torch.nn.Module, out: Path,
+                     args: argparse.Namespace, workers: int, decode_device: str,
+                     ) -> tuple[float, float]:
+    """(end-to-end images/s over all of `data`, marginal images/s: the same less a run over
+    one batch, which cancels the fixed costs of a run: loading, probing, starting workers)."""
+    small = part(data, 0, args.batch_size)
+    t_small = precompute_time(small, model, out, args, workers, decode_device)
+    t_all = precompute_time(data, model, out, args, workers, decode_device)
+    return len(data) / t_all, (len(data) - len(small)) / max(t_all - t_small, 1e-9)
 
 
 def load() -> str:
@@ -111,6 +122,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--decode-device", default="cpu", help="also decode on this device (cuda)")
+    p.add_argument("--folder", default=None,
+                   help="make the JPEGs here and keep them (reused when already there); "
+                        "default: a temporary folder")
     args = p.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     pre_workers = ([int(w) for w in args.precompute_workers.split(",")]
@@ -122,11 +136,14 @@ def main() -> None:
     model = torchvision.models.resnet50().eval().to(device)  # random init: speed only
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        paths = photo_crops(args.files, Path(tmp) / "images")
+        folder = Path(args.folder) if args.folder else Path(tmp) / "images"
+        paths = sorted(folder.glob("*/*.jpg"))
+        if len(paths) != args.files:
+            paths = photo_crops(args.files, folder)
         size = sum(p.stat().st_size for p in paths)
         print(f"made {len(paths)} JPEGs ({size / len(paths) / 1024:.0f} KiB each on average) in "
               f"{time.perf_counter() - t0:.0f}s; load {load()}")
-        source = load_data(f"imagefolder:{tmp}/images?resize=256&crop=224&mean={MEAN}&std={STD}")
+        source = load_data(f"imagefolder:{folder}?resize=256&crop=224&mean={MEAN}&std={STD}")
         # the folder lists class by class: take each round's images from across the classes
         source.samples = source.samples[0::5] + source.samples[1::5] + source.samples[2::5] \
             + source.samples[3::5] + source.samples[4::5]
@@ -148,16 +165,19 @@ def main() -> None:
                                           args.precision)
             small = part(data, 0, per_teacher)
             ratios = []
-            for w in pre_workers:
-                now[f"precompute w={w}"] = precompute_rate(small, model, Path(tmp) / "set.zarr",
-                                                           args, w, "cpu")
-                bound = min(now.get(f"decode w={w}", now[f"decode w={workers[-1]}"]),
-                            now["teacher"])
-                ratios.append(f"w={w} {now[f'precompute w={w}'] / bound:.3f}")
+            runs = [(f"w={w}", w, "cpu") for w in pre_workers]
             if args.decode_device != "cpu":
-                now[f"precompute decode on {args.decode_device}"] = precompute_rate(
-                    small, model, Path(tmp) / "set.zarr", args, min(workers[-1], 4),
-                    args.decode_device)
+                runs.append((f"decode on {args.decode_device}", min(workers[-1], 4),
+                             args.decode_device))
+            for name, w, where in runs:
+                key = f"precompute {name}"
+                now[key], now[key + " marginal"] = precompute_rates(
+                    small, model, Path(tmp) / "set.zarr", args, w, where)
+                decode = now.get(f"decode w={w}") if where == "cpu" else \
+                    now[f"decode on {where}"]
+                bound = min(decode or now[f"decode w={workers[-1]}"], now["teacher"])
+                ratios.append(f"{name} {now[key] / bound:.3f} (marginal "
+                              f"{now[key + ' marginal'] / bound:.3f})")
             print(f"round {r}: " + ", ".join(f"{k} {v:.1f}/s" for k, v in now.items())
                   + f"; precompute / min(decode, teacher): {', '.join(ratios)}; "
                   f"load {load()}", flush=True)

@@ -75,15 +75,22 @@ class TarShardSource(ImageSource):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker opens its own files
+    def __getstate__(self) -> dict[str, Any]:  # a spawned process opens its own files
         return {**self.__dict__, "_files": {}}
 
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _bytes(self, shard: int, offset: int, size: int) -> bytes:
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.shards[shard], "rb")
-        f.seek(offset)
-        data = f.read(size)
+        # pread: no shared file offset, so forked DataLoader workers may share the descriptor
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
         if len(data) != size:
             raise DataError(f"cannot read {self.shards[shard]}: it ends inside a member (read "
                             f"{len(data)} of {size} bytes at {offset}); the shard was truncated")
