@@ -17,6 +17,7 @@ from .format._store import open_store
 from .format.blockcheck import undone_blocks
 from .format.integrity import VerifyReport, check_arrays, check_meta, check_values
 from .format.reader import TransferSet
+from .images import model_inputs, stack_images
 from .progress import Progress
 from .specs import example_hash, load_data, split_item
 from .teacher import Teacher
@@ -62,7 +63,7 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     rows = np.sort(np.random.default_rng(seed).choice(ts.num_rows, min(sample, ts.num_rows),
                                                       replace=False))
     index = ts.index()
-    x = torch.stack([split_item(data[int(index[r])])[0] for r in rows])
+    x = stack_images([split_item(data[int(index[r])])[0] for r in rows])
     if meta.get("views"):  # replay each sampled row's view from its seed
         transform = build_augment(meta["augment"], x[0], trust_code=trust_code,
                                   source=f"{ts.path} (its augment)")
@@ -143,7 +144,7 @@ def verify(
                              trust_code=trust_code)
             return report
         if data is not None:
-            dataset = load_data(data) if isinstance(data, str) else data
+            dataset = model_inputs(load_data(data) if isinstance(data, str) else data)
             _check_data(ts, dataset, report, progress)
             if teachers:
                 _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,

@@ -177,3 +177,22 @@ def test_a_cluster_run_refuses_skipping_and_device_decoding(tmp_path: Path, teac
         precompute_on_cluster(f"imagefolder:{IMAGES}?{SIZE}", [teacher], tmp_path / "s.zarr",
                               PrecomputeOptions(skip_bad_images=True), workers=1)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_verify_replays_the_teacher_on_raw_images(tmp_path: Path) -> None:
+    """A one-class folder of equal-sized images, no transform options: precompute and verify
+    --teacher both feed the teacher the images scaled to [0, 1]."""
+    root = tmp_path / "same" / "cup"
+    root.mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):  # copies of one 48x48 photograph crop
+        shutil.copy(IMAGES / "cat" / "chelsea_1.png", root / name)
+    torch.manual_seed(0)
+    save_checkpoint(mlp([3 * 48 * 48, 3]), tmp_path / "t.pt", spec=f"mlp:{3 * 48 * 48}-3")
+    data = f"imagefolder:{tmp_path / 'same'}"
+    out = tmp_path / "s.zarr"
+    code, _, err = run("precompute", "--data", data, "--teacher", str(tmp_path / "t.pt"),
+                       "--out", str(out), "--dtype", "float32")
+    assert code == 0, err
+    code, stdout, err = run("verify", str(out), "--data", data, "--teacher",
+                            str(tmp_path / "t.pt"), "--sample", "3")
+    assert code == 0 and stdout.strip().endswith("verified"), stdout + err
