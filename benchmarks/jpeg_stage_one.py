@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -150,6 +151,7 @@ def main() -> None:
         source.targets = [y for _, y in source.samples]
         teacher_rate(model, args.batch_size, args.batch_size, device, args.precision)  # warm-up
         best: dict[str, float] = {}
+        round_ratios: dict[str, list[float]] = {}
         start = 0
         for r in range(args.rounds):
             data = part(source, start % (len(source) - args.per + 1), args.per)
@@ -178,6 +180,9 @@ def main() -> None:
                 bound = min(decode or now[f"decode w={workers[-1]}"], now["teacher"])
                 ratios.append(f"{name} {now[key] / bound:.3f} (marginal "
                               f"{now[key + ' marginal'] / bound:.3f})")
+                round_ratios.setdefault(key, []).append(now[key] / bound)
+                round_ratios.setdefault(key + " marginal", []).append(
+                    now[key + " marginal"] / bound)
             print(f"round {r}: " + ", ".join(f"{k} {v:.1f}/s" for k, v in now.items())
                   + f"; precompute / min(decode, teacher): {', '.join(ratios)}; "
                   f"load {load()}", flush=True)
@@ -188,6 +193,9 @@ def main() -> None:
           f"{torch.get_num_threads()}, cpus {os.cpu_count()}")
     for k, v in best.items():
         print(f"  {k:28s} {v:8.1f} images/s (best of {args.rounds})")
+    for k, values in round_ratios.items():
+        print(f"  {k:28s} / min(decode, teacher): median {statistics.median(values):.3f} of "
+              + " ".join(f"{r:.3f}" for r in values))
 
 
 if __name__ == "__main__":
