@@ -239,3 +239,15 @@ def test_hfds_parquet(tmp_path: Path) -> None:
     data = load_data(f"hfds:{tmp_path / 'part.parquet'}?image=img")
     check_same_as_folder(data, source)
     assert len(data.groups) >= 1
+
+
+@pytest.mark.slow  # starts two worker processes
+def test_wds_in_forked_workers_reads_what_one_process_reads(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    shards = load_data(f"wds:{write_shards(tmp_path, per_shard=2)}?resize=24&crop=20")
+    shards[0]  # the parent opens a shard first: the workers inherit its descriptor
+    expected = [shards.hashed_item(i) for i in range(len(shards))]
+    loader = DataLoader(shards, batch_size=1, num_workers=2, collate_fn=lambda b: b[0])
+    for (x, y), (xe, ye, _) in zip(loader, expected, strict=True):
+        assert y == ye and torch.equal(x, xe)
