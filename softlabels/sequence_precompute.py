@@ -102,6 +102,7 @@ def prepare_sequences(data: str | TokenSequences, teachers: Sequence[str | nn.Mo
         raise SoftlabelsError(f"{data!r} is not token sequences; use a tokens:PATH DATA spec")
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
+    teacher.refuse_untrained(opts.random_teacher)
     num_classes = _num_classes(teacher, dataset)
     layout = Layout(
         num_rows=int(dataset.offsets[-1]), num_classes=num_classes,

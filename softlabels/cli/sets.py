@@ -9,6 +9,7 @@ import click
 
 from ..errors import SoftlabelsError
 from ..format.schema import COMBINE_CHOICES
+from ..preprocessing import describe
 from ._common import TRUST_CODE_HELP, IntList, echo_json, progress_bar, provenance_lines
 
 
@@ -42,8 +43,9 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
         f"format v{summary['format_version']}, {summary['status']})",
         _size_line(summary),
         f"teacher ({teacher['combine']}):",
-        *[f"  {m.get('source', m['spec'])}  ({m['spec']})  sha256 {m['sha256'][:16]}…"
-          for m in teacher["members"]],
+        *[line for m in teacher["members"] for line in _member_lines(m)],
+        *([f"  preprocessing applied: {describe(teacher['preprocess'])}"]
+          if teacher.get("preprocess") else []),
         f"dataset {summary['dataset']['spec']}  fingerprint "
         f"{summary['dataset']['fingerprint'][:16]}…",
         f"made {summary.get('created_at')} on {summary.get('device')} ({summary.get('precision')}),"
@@ -71,6 +73,15 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
                 lines.append(f"{'mean token probability' if seq else 'class mass'} at T={t}: "
                              + " ".join(f"{m:.3f}" for m in mass))
     click.echo("\n".join(lines))
+
+
+def _member_lines(member: dict[str, Any]) -> list[str]:
+    """A teacher member: what was named, its state-dict hash, its weights files' SHA-256."""
+    return [f"  {member.get('source', member['spec'])}  ({member['spec']})  sha256 "
+            f"{member['sha256'][:16]}…" + ("  (untrained: random initialisation)"
+                                         if member.get("untrained") else ""),
+            *[f"    weights file {f.get('file')}  sha256 {f.get('sha256')}"
+              for f in member.get("weights_sha256") or [] if isinstance(f, dict)]]
 
 
 def _size_line(summary: dict[str, Any]) -> str:
