@@ -53,11 +53,6 @@ class ImageClassifier(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def load_hf(directory: str, options: dict[str, Any], spec: str) -> nn.Module:
-    """The model saved (with `save_pretrained`) in `directory`."""
-    return build_hf(directory, options, spec).model
-
-
 def build_hf(directory: str, options: dict[str, Any], spec: str) -> Built:
     """The model in `directory` with its weights files' hashes and, for an image classifier,
     its preprocessing and class names. Only preprocessing overrides are taken as options."""

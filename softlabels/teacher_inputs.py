@@ -67,9 +67,10 @@ def teacher_inputs(data: Dataset, preprocess: Preprocess | None,
 
 
 def replay_inputs(data: Dataset, teacher_meta: dict[str, Any]) -> Dataset:
-    """`data` as a set's recorded teacher saw it: through the recorded preprocessing, rebuilt
-    from the metadata (never from code), when one was applied."""
+    """`data` as a set's recorded teacher saw it: raw images through the recorded
+    preprocessing, rebuilt from the metadata (never from code), when one was applied. Other
+    data is returned as it is (its sample hashes then show whether it is what was used)."""
     recorded = (teacher_meta or {}).get("preprocess")
-    if not recorded:
+    if not recorded or not raw_images(data):
         return data
     return Preprocessed(data, Preprocess.from_meta(recorded))

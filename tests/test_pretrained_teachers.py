@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from raw_image_data import RawImages
 
 from softlabels.cli import cli
+from softlabels.datasets import check_alignment
 from softlabels.format.reader import open_transfer_set
 from softlabels.weights import check_hash_prefix, file_sha256, hash_prefix
 
@@ -27,8 +29,9 @@ SIZES = [(200, 168), (168, 230), (190, 168), (168, 168)]
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four real photographs (scikit-image's), cut small, as JPEG and PNG files."""
-    import skimage.data as sd
     from PIL import Image
+
+    sd = pytest.importorskip("skimage.data")
 
     root = tmp_path_factory.mktemp("images")
     for i, (name, size) in enumerate(zip(("astronaut", "coffee", "chelsea", "rocket"), SIZES)):
@@ -165,12 +168,16 @@ def test_torchvision_safetensors_with_preprocessing_in_the_spec(
         assert ts.meta["teacher"]["members"][0]["weights_sha256"][0]["sha256"] == \
             file_sha256(path)
         assert ts.meta["class_names"] == ["even", "odd"]  # the data's own names win
+    with open_transfer_set(out) as ts:  # stage two hashes raw images as the teacher saw them
+        assert check_alignment(RawImages(str(images)), ts, np.arange(4)) == 4
     # the replay comes from the metadata: the live spec without the overrides still verifies
     # the data, and says that its own preprocessing differs
     code, text = run("verify", str(out), "--data", data_spec(images),
                      "--teacher", teacher.split("&")[0] + "&resize=90&crop=64&mean=0.5&std=0.2")
-    assert "data: all 4 sample hashes match" in text
-    assert "FAIL teacher preprocessing" in text or "teacher preprocessing" in text
+    assert "ok   data: all 4 sample hashes match" in text, text
+    assert "ok   teacher: 4 sampled rows recomputed" in text, text  # replayed as recorded
+    assert "FAIL teacher preprocessing: replayed from the metadata: resize shorter side to 80 " \
+        "(bicubic)" in text and "the live teacher's own is resize shorter side to 90" in text
 
 
 @pytest.mark.parametrize("weights, message", [
@@ -363,3 +370,33 @@ def test_hf_causal_lm_missing_tensor_is_refused(tmp_path: Path) -> None:
     save_file(tensors, root / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SpecError, match="missing"):
         build_model(f"hf:{root}")
+
+
+# --- specs: checkpoints and other processes --------------------------------------------------
+
+
+def test_a_checkpoint_records_the_architecture_not_the_weights_file(resnet18: tuple,
+                                                                     tmp_path: Path) -> None:
+    """A student started from a weights file is saved with the spec of its architecture: its
+    own state dict holds the weights, and the file need not exist where it is loaded."""
+    from softlabels.specs import load_checkpoint, save_checkpoint
+
+    model, path = resnet18
+    spec = f"torchvision:resnet18?weights={path}&num_classes=1000"
+    save_checkpoint(model, tmp_path / "c.pt", spec=spec)
+    loaded, payload = load_checkpoint(tmp_path / "c.pt")
+    assert payload["model_spec"] == "torchvision:resnet18?num_classes=1000"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
+
+
+def test_portable_specs_make_weights_paths_absolute(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from softlabels.specs import portable_spec
+
+    monkeypatch.chdir(tmp_path)
+    p = portable_spec("torchvision:resnet18?weights=w/r18.pth&num_classes=3", kind="MODEL")
+    assert p.spec == f"torchvision:resnet18?weights={tmp_path}/w/r18.pth&num_classes=3"
+    assert p.paths == (f"{tmp_path}/w/r18.pth",)
+    p = portable_spec("timm:test_resnet?checkpoint=t.safetensors", kind="MODEL")
+    assert p.paths == (f"{tmp_path}/t.safetensors",)
