@@ -49,6 +49,7 @@ class Member:
         return {"spec": self.spec, "sha256": self.sha256, "source": self.source,
                 "weights_sha256": [f.to_meta() for f in self.built.files],
                 "preprocess": pre.to_meta() if pre is not None else None,
+                **({"weights_entry": self.built.entry} if self.built.entry else {}),
                 **({"untrained": True} if self.built.untrained else {})}
 
 

@@ -3,7 +3,8 @@
 An image source (imagefolder, hfds, wds) yields decoded uint8 images (3, H, W) and says so
 with `raw_images = True`; a teacher that carries a `Preprocess` (from its weights entry, timm
 config or HF image processor, or the spec's overrides) gets each image resized, cropped and
-normalised as it was trained. The sample hash is taken over the preprocessed tensor, and the
+normalised as it was trained. The sample hash is the source's (over the preprocessed tensor, unless
+the source defines its own, as image sources hashing the encoded file do), and the
 preprocessing is recorded in the set's metadata (`teacher.preprocess`), from which `verify`
 rebuilds it (`Preprocess.from_meta`), never from code.
 """
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .errors import SpecError
 from .preprocessing import Preprocess, describe
 from .specs import split_item
 
@@ -49,21 +49,23 @@ def teacher_inputs(data: Dataset, preprocess: Preprocess | None,
                    ) -> tuple[Dataset, Preprocess | None]:
     """(the dataset the teacher runs on, the preprocessing applied to it or None).
 
-    Applied to raw images only; for other data (arrays already made into tensors) the
-    teacher's preprocessing is not applied, and a warning says so."""
+    Applied to raw images only, through the source's own `with_preprocess` where it has one
+    (an image source then keeps its own sample hash), else by the `Preprocessed` wrapper. For
+    other data (arrays already made into tensors) the teacher's preprocessing is not applied,
+    and a warning says so."""
     if preprocess is None:
-        if raw_images(data):
-            raise SpecError("the DATA yields raw images (uint8, of any size) but the teacher "
-                            "has no preprocessing of its own (only torchvision's own weights "
-                            "files, timm configs and HF image processors bring one): give "
-                            "resize=, crop=, mean=, std= in its MODEL spec")
         return data, None
     if not raw_images(data):
         log.warning("the teacher's own preprocessing (%s) is not applied: the DATA yields "
                     "tensors, not raw images (an image source such as imagefolder: does); "
                     "its inputs go to the teacher as they are", describe(preprocess.to_meta()))
         return data, None
-    return Preprocessed(data, preprocess), preprocess
+    return _through(data, preprocess), preprocess
+
+
+def _through(data: Dataset, preprocess: Preprocess) -> Dataset:
+    own = getattr(data, "with_preprocess", None)
+    return own(preprocess) if callable(own) else Preprocessed(data, preprocess)
 
 
 def replay_inputs(data: Dataset, teacher_meta: dict[str, Any]) -> Dataset:
@@ -73,4 +75,4 @@ def replay_inputs(data: Dataset, teacher_meta: dict[str, Any]) -> Dataset:
     recorded = (teacher_meta or {}).get("preprocess")
     if not recorded or not raw_images(data):
         return data
-    return Preprocessed(data, Preprocess.from_meta(recorded))
+    return _through(data, Preprocess.from_meta(recorded))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
-from .preprocessing import Preprocess
+from .preprocessing import OPTION_NAMES, Preprocess
 from .weights import (
     Built,
     WeightsFile,
@@ -94,8 +94,7 @@ def build_torchvision(name: str, options: dict[str, Any], spec: str) -> Built:
     if name not in torchvision.models.list_models():
         raise SpecError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
     weights = options.pop("weights", None)
-    preprocess_options = {k: options.pop(k) for k in list(options)
-                          if k in ("resize", "crop", "mean", "std", "interpolation")}
+    preprocess_options = {k: options.pop(k) for k in list(options) if k in OPTION_NAMES}
     if weights is None:
         model = _get_model(name, options, spec)
         return Built(model, preprocess=take_preprocess(preprocess_options, None), untrained=True)
@@ -122,7 +121,7 @@ def build_torchvision(name: str, options: dict[str, Any], spec: str) -> Built:
                  "names come with it (give resize=, crop=, mean=, std= in the spec)", path, name)
     return Built(model, files=(WeightsFile(path, sha),),
                  preprocess=take_preprocess(preprocess_options, base), class_names=names,
-                 notes={"weights_entry": f"{type(entry).__name__}.{entry.name}"} if entry else {})
+                 entry=f"{type(entry).__name__}.{entry.name}" if entry is not None else None)
 
 
 def _get_model(name: str, options: dict[str, Any], spec: str) -> Any:

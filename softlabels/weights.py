@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .preprocessing import Preprocess
+from .preprocessing import OPTION_NAMES, Preprocess
 
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _NAMED = 3  # keys named in a message
@@ -51,7 +51,7 @@ class Built:
     preprocess: Preprocess | None = None
     class_names: tuple[str, ...] | None = None
     untrained: bool = False
-    notes: dict[str, Any] = field(default_factory=dict)
+    entry: str | None = None  # the library's weights entry the file is (e.g. torchvision's)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -154,12 +154,11 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
 
 def _head_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                shaped: list[str]) -> bool:
-    """Whether the mis-shaped tensors differ only in their first dimension, all alike: a
-    classifier head with another class count."""
-    firsts = {(int(state[k].shape[0]), int(own[k].shape[0])) for k in shaped
-              if state[k].dim() and own[k].dim() and state[k].shape[1:] == own[k].shape[1:]}
-    return len(firsts) == 1 and all(state[k].dim() and own[k].dim() for k in shaped) and all(
-        state[k].shape[1:] == own[k].shape[1:] for k in shaped)
+    """Whether the mis-shaped tensors differ only in their first dimension, all by the same
+    sizes: a classifier head with another class count."""
+    pairs = {(tuple(state[k].shape), tuple(own[k].shape)) for k in shaped}
+    return all(len(a) and len(a) == len(b) and a[1:] == b[1:] for a, b in pairs) and len(
+        {(a[0], b[0]) for a, b in pairs}) == 1
 
 
 def load_weights_file(model: nn.Module, path: str, spec: str) -> WeightsFile:
@@ -172,8 +171,6 @@ def load_weights_file(model: nn.Module, path: str, spec: str) -> WeightsFile:
 def take_preprocess(options: dict[str, Any], base: Preprocess | None) -> Preprocess | None:
     """The teacher's preprocessing with the spec's overrides (resize=, crop=, mean=, std=,
     interpolation=) popped from `options` and applied; None when neither gives any."""
-    from .preprocessing import OPTION_NAMES
-
     if not any(k in options for k in OPTION_NAMES):
         return base
     return (base or Preprocess()).with_options(options)

@@ -105,7 +105,10 @@ def fake_entry(monkeypatch: pytest.MonkeyPatch, path: Path) -> Path:
     real = ResNet18_Weights.IMAGENET1K_V1
     named = path.parent / f"resnet18-{file_sha256(path)[:8]}.pth"
     shutil.copy(path, named)
-    entry = SimpleNamespace(name=real.name, url=f"https://example.invalid/{named.name}",
+    class ResNet18_Weights(SimpleNamespace):  # noqa: N801  (named as torchvision's)
+        pass
+
+    entry = ResNet18_Weights(name=real.name, url=f"https://example.invalid/{named.name}",
                             meta=real.meta, transforms=real.transforms)
     monkeypatch.setattr(torchvision_teacher, "entries", lambda name: [entry])
     return named
@@ -132,6 +135,7 @@ def test_torchvision_entry_file_brings_preprocessing_and_class_names(
     teacher_meta = json.loads(text)["teacher"]
     member = teacher_meta["members"][0]
     assert member["weights_sha256"] == [{"file": named.name, "sha256": file_sha256(path)}]
+    assert member["weights_entry"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert teacher_meta["preprocess"] == {"resize": 256, "crop": 224,
                                           "mean": [0.485, 0.456, 0.406],
                                           "std": [0.229, 0.224, 0.225],
@@ -140,6 +144,7 @@ def test_torchvision_entry_file_brings_preprocessing_and_class_names(
     code, text = run("info", str(out))
     assert f"weights file {named.name}  sha256 {file_sha256(path)}" in text
     assert "preprocessing applied: resize shorter side to 256" in text
+    assert "weights entry ResNet18_Weights.IMAGENET1K_V1" in text
     code, text = run("verify", str(out), "--data", data_spec(images, "unnamed"),
                      "--teacher", teacher)
     assert code == 0 and "teacher preprocessing" in text and "data: all 4" in text, text
@@ -255,11 +260,22 @@ def test_ensemble_members_with_other_preprocessing_are_refused(
     assert code != 0 and "different preprocessing" in text, text
 
 
-def test_raw_images_with_no_preprocessing_are_refused(images: Path, resnet18: tuple,
-                                                      tmp_path: Path) -> None:
-    _, path = resnet18
-    code, text = precompute(images, f"torchvision:resnet18?weights={path}", tmp_path / "s.zarr")
-    assert code != 0 and "resize=, crop=, mean=, std=" in text, text
+def test_a_source_with_its_own_preprocessing_hook_is_used(images: Path) -> None:
+    """An image source that can preprocess itself (and keep its own sample hash) is asked to,
+    rather than wrapped."""
+    from softlabels.preprocessing import Preprocess
+    from softlabels.teacher_inputs import Preprocessed, teacher_inputs
+
+    class Hooked(RawImages):
+        def with_preprocess(self, preprocess: Preprocess) -> Preprocessed:
+            self.asked = preprocess
+            return Preprocessed(RawImages(str(images)), preprocess)
+
+    source, pre = Hooked(str(images)), Preprocess(resize=8, crop=8)
+    data, applied = teacher_inputs(source, pre)
+    assert applied == pre and source.asked == pre and data[0][0].shape == (3, 8, 8)
+    plain, applied = teacher_inputs(RawImages(str(images)), pre)
+    assert isinstance(plain, Preprocessed) and plain[1][0].dtype == torch.float32
 
 
 # --- timm ------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ def _member_lines(member: dict[str, Any]) -> list[str]:
     return [f"  {member.get('source', member['spec'])}  ({member['spec']})  sha256 "
             f"{member['sha256'][:16]}…" + ("  (untrained: random initialisation)"
                                          if member.get("untrained") else ""),
+            *([f"    weights entry {member['weights_entry']}"]
+              if member.get("weights_entry") else []),
             *[f"    weights file {f.get('file')}  sha256 {f.get('sha256')}"
               for f in member.get("weights_sha256") or [] if isinstance(f, dict)]]
 
