@@ -345,6 +345,25 @@ def test_hf_image_classifier_with_its_processor(images: Path, vit: Path, tmp_pat
                           "sha256": file_sha256(vit / "model.safetensors")}]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~10 s
+def test_hf_teacher_from_python_m_softlabels(images: Path, vit: Path, tmp_path: Path) -> None:
+    """The command as a user types it, in its own process: a set, then its teacher shown."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    out = tmp_path / "s.zarr"
+    done = subprocess.run([sys.executable, "-m", "softlabels", "precompute", "--data",
+                           data_spec(images), "--teacher", f"hf:{vit}", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"wrote {out}: 4 rows x 3 classes" in done.stdout, done.stderr
+    shown = subprocess.run([sys.executable, "-m", "softlabels", "info", str(out)], env=env,
+                           capture_output=True, text=True, timeout=300).stdout
+    assert "weights file model.safetensors  sha256 " in shown and "square to 32" in shown
+
+
 def test_hf_missing_tensor_and_other_architecture_are_refused(
         images: Path, vit: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
