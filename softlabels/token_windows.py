@@ -10,7 +10,8 @@ N - M more tokens of context. The other rows keep the sequence's own mask.
 
 Hard targets stay the sequence's: the last row of a window is labelled with the token that
 follows it in the sequence (not -1, as a window alone would say), so a windowed dataset carries
-explicit labels (a set made from it records `labels: "data"`).
+explicit labels (a set made from it records `labels: "data"`); as next-token labels, a next
+token the teacher does not predict (id >= its classes) is no target (-1).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def windowed(data: TokenSequences, length: int, stride: int) -> TokenSequences:
         np.concatenate(pieces["tokens"]), offsets, mask=np.concatenate(pieces["mask"]),
         labels=np.concatenate(pieces["labels"]), where=data.where,
         origin=origin.take(np.array(parents), np.array(spans, dtype=np.int64)))
+    out.next_token_labels = data.labels is None or data.next_token_labels
     cut = int((lengths > length).sum())
     out.provenance = {**data.provenance,
                       "windows": _record(length, stride, cut, len(data))}

@@ -93,6 +93,7 @@ class TokenSequences(Dataset):
                                                              "labels")
         self.classes: list[str] = []
         self.provenance: dict[str, Any] = {}
+        self.next_token_labels = False  # labels that are the next token (token_windows.py)
 
     @classmethod
     def from_arrays(cls, tokens: np.ndarray, offsets: np.ndarray, *,
@@ -107,7 +108,7 @@ class TokenSequences(Dataset):
         self.tokens = self._checked(tokens, "tokens")
         self.mask = None if mask is None else self._checked(mask, "mask")
         self.labels = None if labels is None else self._checked(labels, "labels")
-        self.classes, self.provenance = [], {}
+        self.classes, self.provenance, self.next_token_labels = [], {}, False
         return self
 
     def describe(self, s: int) -> str:
@@ -136,7 +137,9 @@ class TokenSequences(Dataset):
         where the next token is not a class)."""
         a, b = self.offsets[i], self.offsets[i + 1]
         if self.labels is not None:
-            return self.labels[a:b].astype(np.int64)
+            labels = self.labels[a:b].astype(np.int64)
+            return np.where(labels >= num_classes, -1, labels) if self.next_token_labels \
+                else labels
         nxt = np.append(self.tokens[a + 1:b], -1).astype(np.int64)
         return np.where(nxt >= num_classes, -1, nxt)
 
