@@ -410,3 +410,23 @@ def test_your_own_causal_lm_over_your_own_text(tmp_path: Path, teacher_dir: Path
         assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["positions"] > 0 and np.isfinite(report["perplexity"])
+
+
+def test_gpt_and_declared_limits_are_checked(tmp_path: Path) -> None:
+    from helpers import TinyLM
+
+    from softlabels.sequence_checks import check_fits_teacher
+    from softlabels.teacher import Teacher
+
+    data = load_data(write_rows(tmp_path / "t.jsonl", [[1, 2, 3], [4, 5, 6, 7, 8, 9]]))
+    with pytest.raises(DataError, match=r"sequence 1 .* has 6 tokens, more than the teacher's "
+                                        r"context of 5 \(gpt:11"):
+        check_fits_teacher(data, Teacher(["gpt:11?dim=8&layers=1&heads=2&context=5"]))
+    with pytest.raises(DataError, match=r"token id 9 at position 5 is not in the teacher's "
+                                        r"vocabulary of 9 ids"):
+        check_fits_teacher(data, Teacher(["gpt:9?dim=8&layers=1&heads=2&context=8"]))
+    declared = TinyLM(11)
+    check_fits_teacher(data, Teacher([declared]))  # declares nothing: not checked
+    declared.context = 4
+    with pytest.raises(DataError, match="context of 4"):
+        check_fits_teacher(data, Teacher([declared]))
