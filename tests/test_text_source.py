@@ -22,11 +22,11 @@ from click.testing import CliRunner
 from softlabels.cli import cli
 from softlabels.errors import DataError, SpecError
 from softlabels.format.reader import open_transfer_set
-from softlabels.format.sequence import SEQ_MASK, SEQ_POSITION, SEQ_TOKENS, read_offsets
+from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
 from softlabels.sequence_datasets import SequenceBatch, sequence_kd_loss
 from softlabels.specs import load_data, portable_spec
 from softlabels.token_windows import window_starts, windowed
-from softlabels.tokens import TokenSequences, load_tokens
+from softlabels.tokens import TokenSequences
 
 transformers = pytest.importorskip("transformers", reason="text: needs the hf extra")
 tokenizers = pytest.importorskip("tokenizers", reason="text: needs the hf extra")
@@ -118,7 +118,8 @@ def test_text_windows_match_an_independent_forward_pass(tmp_path: Path,
             assert mask[4:].all()
             seen[a + np.flatnonzero(mask)] += 1
             # hard targets: the next token of the document, across the window's end
-            np.testing.assert_array_equal(ts.labels()[r0:r1], (ids + [-1])[a + 1:a + 1 + len(window)])
+            np.testing.assert_array_equal(ts.labels()[r0:r1],
+                                          (ids + [-1])[a + 1:a + 1 + len(window)])
         np.testing.assert_array_equal(seen, 1)  # every position distilled exactly once
         dataset = ts.meta["dataset"]
         assert dataset["windows"] == {"max_length": 16, "stride": 4, "sequences_cut": 1,
@@ -286,7 +287,8 @@ def test_windows_cover_every_position_once(n: int, length: int, stride: int) -> 
 def test_windowed_tokens_spec_names_the_window(tmp_path: Path) -> None:
     spec = write_rows(tmp_path / "t.jsonl", [[1, 2, 3, 4, 5, 6, 7], [8, 9]])
     data = load_data(spec + "?max_length=4&stride=1")
-    assert len(data) == 3 and data.describe(1) == f"sequence 1 ({tmp_path / 't.jsonl'} line 1, tokens 3-7)"
+    assert len(data) == 3
+    assert data.describe(1) == f"sequence 1 ({tmp_path / 't.jsonl'} line 1, tokens 3-7)"
 
 
 def refused(tmp_path: Path, teacher_dir: Path, data: str, match: str) -> None:
@@ -414,7 +416,6 @@ def test_your_own_causal_lm_over_your_own_text(tmp_path: Path, teacher_dir: Path
 
 def test_gpt_and_declared_limits_are_checked(tmp_path: Path) -> None:
     from helpers import TinyLM
-
     from softlabels.sequence_checks import check_fits_teacher
     from softlabels.teacher import Teacher
 
