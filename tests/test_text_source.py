@@ -431,3 +431,31 @@ def test_gpt_and_declared_limits_are_checked(tmp_path: Path) -> None:
     declared.context = 4
     with pytest.raises(DataError, match="context of 4"):
         check_fits_teacher(data, Teacher([declared]))
+
+
+def test_json_lines_of_text_are_one_document_a_line(tmp_path: Path, teacher_dir: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "the cat sat"}) + "\n\n" + json.dumps({"text": "a dog"})
+                    + "\n" + json.dumps({"text": 3}) + "\n")
+    spec = f"text:{path}?tokenizer={teacher_dir}&field=text"
+    with pytest.raises(DataError, match=r"sequence 2 \(.*d.jsonl line 4\): field 'text' is int"):
+        load_data(spec)
+    path.write_text("\n".join(path.read_text().splitlines()[:3]) + "\n")
+    data = load_data(spec)
+    tok = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+    assert [data[i].tolist() for i in range(2)] == [tok("the cat sat")["input_ids"],
+                                                    tok("a dog")["input_ids"]]
+
+
+@pytest.mark.parametrize("line, options, match", [
+    ({"messages": [{"role": "user", "content": ["x"]}]}, "&mask=assistant",
+     r"sequence 0 \(.*c.jsonl line 1\): expected a non-empty list of messages"),
+    ({"messages": []}, "", "expected a non-empty list of messages"),
+    ({"chat": []}, "", "has no field 'messages'"),
+    ({"messages": CHATS[1]}, "&mask=prompt", "mask='prompt'"),
+])
+def test_bad_conversations(tmp_path: Path, teacher_dir: Path, line: Any, options: str,
+                           match: str) -> None:
+    (tmp_path / "c.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises((DataError, SpecError), match=match):
+        load_data(f"text:{tmp_path / 'c.jsonl'}?tokenizer={teacher_dir}&chat=messages{options}")
