@@ -390,20 +390,27 @@ def test_text_that_is_not_utf8_is_refused(tmp_path: Path, teacher_dir: Path) -> 
 
 @pytest.mark.slow
 def test_your_own_causal_lm_over_your_own_text(tmp_path: Path, teacher_dir: Path) -> None:
-    """The README's commands, as written, on tiny files: precompute, train, evaluate."""
+    """The proposed README commands on tiny files (smaller windows): teacher/ and student/ are
+    save_pretrained folders, corpus/ a folder of .txt files."""
+    import shutil
+
+    shutil.copytree(teacher_dir, tmp_path / "teacher")
+    torch.manual_seed(1)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(teacher_dir))
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab, n_positions=CONTEXT, n_embd=8, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "student")
     (tmp_path / "corpus").mkdir()
     for i in range(4):
         (tmp_path / "corpus" / f"{i}.txt").write_text(document(30, seed=10 + i))
-    (tmp_path / "held.txt").write_text(document(20, seed=99))
-    data = f"text:corpus?tokenizer={teacher_dir}&max_length=32&stride=8"
-    vocab = len(transformers.AutoTokenizer.from_pretrained(teacher_dir))
+    (tmp_path / "held_out.txt").write_text(document(20, seed=99))
+    data = "text:corpus?tokenizer=teacher&max_length=32&stride=8"
     commands = [
-        ["precompute", "--data", data, "--teacher", f"hf:{teacher_dir}", "--out", "lm.zarr",
+        ["precompute", "--data", data, "--teacher", "hf:teacher", "--out", "lm.zarr",
          "--topk", "8", "--temperatures", "1,2"],
-        ["train", "--data", data, "--transfer-set", "lm.zarr", "--model",
-         f"gpt:{vocab}?dim=16&layers=1&heads=2&context=32", "--out", "student.pt",
-         "--temperature", "2", "--epochs", "2"],
-        ["evaluate", "--data", f"text:held.txt?tokenizer={teacher_dir}&max_length=32",
+        ["train", "--data", data, "--transfer-set", "lm.zarr", "--model", "hf:student",
+         "--out", "student.pt", "--temperature", "2", "--epochs", "2"],
+        ["evaluate", "--data", "text:held_out.txt?tokenizer=teacher&max_length=32",
          "--model", "student.pt", "--json"],
     ]
     for args in commands:
