@@ -47,19 +47,22 @@ def build_timm(name: str, options: dict[str, Any], spec: str) -> Built:
     overrides = {k: options.pop(k) for k in list(options) if k in OPTION_NAMES}
     if not timm.is_model(name):
         raise SpecError(f"timm has no model {name!r} (from {spec!r}); see timm.list_models()")
-    try:
-        model = timm.create_model(name, pretrained=False, **options)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"bad options in {spec!r}: {msg}; see the model's timm documentation"
-                        ) from None
+
+    def build() -> Any:
+        try:
+            return timm.create_model(name, pretrained=False, **options)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SpecError(f"bad options in {spec!r}: {msg}; see the model's timm "
+                            "documentation") from None
+
     if checkpoint is None:
-        return Built(model, preprocess=take_preprocess(overrides, None), untrained=True)
+        return Built(build(), preprocess=take_preprocess(overrides, None), untrained=True)
     path = str(checkpoint)
     if not Path(path).is_file():
         raise SpecError(f"no checkpoint file {path!r} (from {spec!r}); pass the path of a "
                         "state dict (.pth, .pt or .safetensors); nothing is downloaded")
-    file = load_weights_file(model, path, spec)
+    model, file = load_weights_file(build, path, spec)
     base = None if _all_given(overrides) else timm_preprocess(model, spec)
     return Built(model, files=(file,), preprocess=take_preprocess(overrides, base))
 

@@ -22,6 +22,7 @@ from .weights import (
     check_hash_prefix,
     file_sha256,
     load_strict,
+    precheck,
     read_state_dict,
     take_preprocess,
 )
@@ -108,7 +109,8 @@ def build_torchvision(name: str, options: dict[str, Any], spec: str) -> Built:
         check_hash_prefix(path, sha, f"torchvision's {name} {entry.name}")
         options = _entry_options(name, entry, options)
     state = read_state_dict(path, spec)
-    model = _get_model(name, options, spec)
+    precheck(lambda: _get_model(name, options, spec), state, f"weights file {path}", spec)
+    model = _get_model(name, options, spec)  # allocated once the file is known to fit
     load_strict(model, state, f"weights file {path}", spec)
     if entry is not None and not aux and name == "googlenet":  # as torchvision's builder does
         model.aux_logits, model.aux1, model.aux2 = False, None, None

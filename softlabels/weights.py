@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,31 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
                 spec: str) -> None:
     """Load `state` into `model`, refusing missing, unexpected or mis-shaped tensors in one
     line (a file of another architecture, or another class count), and NaN or inf."""
-    own = model.state_dict()
+    check_tensors(model.state_dict(), state, where, spec)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SpecError(f"{where} has NaN or inf in {name!r}: it is damaged or saved from "
+                            "a diverged run; get a good copy")
+    model.load_state_dict(state, strict=True)
+
+
+def precheck(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], where: str,
+             spec: str) -> None:
+    """Check the file's tensors against the architecture built on the meta device (shapes,
+    no memory), so that a file that does not fit is refused before a large model is
+    allocated. A constructor that computes on its tensors cannot run there: the real build's
+    check then decides."""
+    try:
+        with torch.device("meta"):
+            shadow = build()
+    except Exception:  # noqa: BLE001  (any constructor error: the real build reports it)
+        return
+    check_tensors(shadow.state_dict(), state, where, spec)
+
+
+def check_tensors(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                  where: str, spec: str) -> None:
+    """Refuse a state dict whose names or shapes differ from the model's, in one line."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -145,11 +169,6 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
         raise SpecError(f"{where} does not hold the weights of {spec!r}: tensors "
                         f"{'; '.join(problems)}; was it saved from another architecture or "
                         "other options? name the ones it was saved from")
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise SpecError(f"{where} has NaN or inf in {name!r}: it is damaged or saved from "
-                            "a diverged run; get a good copy")
-    model.load_state_dict(state, strict=True)
 
 
 def _head_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
@@ -161,11 +180,16 @@ def _head_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
         {(a[0], b[0]) for a, b in pairs}) == 1
 
 
-def load_weights_file(model: nn.Module, path: str, spec: str) -> WeightsFile:
-    """Read `path` and load it strictly into `model`; the file and its SHA-256."""
-    sha = file_sha256(path) if Path(path).is_file() else ""
-    load_strict(model, read_state_dict(path, spec), f"weights file {path}", spec)
-    return WeightsFile(str(path), sha)
+def load_weights_file(build: Callable[[], nn.Module], path: str,
+                      spec: str) -> tuple[nn.Module, WeightsFile]:
+    """The model `build` makes with the weights of `path` loaded strictly (checked on the meta
+    device first), and the file with its SHA-256."""
+    state = read_state_dict(path, spec)
+    where = f"weights file {path}"
+    precheck(build, state, where, spec)
+    model = build()
+    load_strict(model, state, where, spec)
+    return model, WeightsFile(str(path), file_sha256(path))
 
 
 def take_preprocess(options: dict[str, Any], base: Preprocess | None) -> Preprocess | None:

@@ -217,6 +217,30 @@ def test_mismatched_state_dicts_are_refused(images: Path, resnet18: tuple,
     assert not any((tmp_path / n).exists() for n in ("a.zarr", "b.zarr", "c.zarr", "d.zarr"))
 
 
+def test_a_file_that_does_not_fit_is_refused_before_the_model_is_allocated(
+        resnet18: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The architecture is first built on the meta device (shapes only) and checked against
+    the file: a small file naming a large model costs no memory for that model."""
+    from softlabels import torchvision_teacher
+    from softlabels.errors import SpecError
+    from softlabels.specs import build_model
+
+    _, path = resnet18
+    devices: list[str] = []
+    real = torchvision_teacher._get_model
+
+    def spy(*args: object) -> torch.nn.Module:
+        devices.append(str(torch.get_default_device()))
+        return real(*args)
+
+    monkeypatch.setattr(torchvision_teacher, "_get_model", spy)
+    with pytest.raises(SpecError, match="another architecture"):
+        build_model(f"torchvision:resnet152?weights={path}")
+    assert devices == ["meta"]
+    build_model(f"torchvision:resnet18?weights={path}")
+    assert devices == ["meta", "meta", "cpu"]
+
+
 def test_random_teacher_needs_the_flag(npz_data: str, tmp_path: Path) -> None:
     for teacher in ("mlp:16-3", "torchvision:resnet18?num_classes=3"):
         code, text = run("precompute", "--data", npz_data, "--teacher", teacher,
