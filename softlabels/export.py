@@ -18,7 +18,7 @@ sampled set as the distinct drawn classes with log(count / k), padded to k with 
 -inf and mask 0. A top-k set also carries `softlabels_*` columns (its stored top-k logits and
 log-sum-exps, labels, index and sample hash), so `softlabels import` rebuilds it bit for bit.
 The set's metadata, the T and the export's description go into every Parquet file's schema
-metadata (key `softlabels`) and `softlabels.json` beside them; in a `datasets` directory, into
+metadata (key `softlabels`) and `_softlabels.json` beside them; in a `datasets` directory, into
 `info.description` (JSON), which `datasets.load_from_disk` keeps.
 
 Blocks are read one at a time through the checked reader; memory holds one block and the
@@ -49,7 +49,7 @@ from .tempering import tempered_softmax
 FORMATS = ("hf", "parquet")
 SHARD_POSITIONS = 1 << 20  # positions per Parquet file
 META_KEY = "softlabels"
-SIDECAR = "softlabels.json"
+SIDECAR = "_softlabels.json"  # a leading _ : pyarrow.dataset and pandas skip it
 STAGING = ".exporting"
 ALIGNMENT = ("target_* at position p describe the token after p (the student's logits at p); "
              "labels are unshifted Hugging Face causal-LM labels")
