@@ -110,6 +110,8 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
     valid = batch["target_mask"].bool()  # (B, L, K)
     m = valid.any(-1)  # (B, L) the distilled positions
     z = logits[m]  # (N, V)
+    if not len(z):  # nothing distilled in this batch: no loss, not NaN
+        return logits.sum() * 0
     nxt = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)[m]  # hard target of position p
     labels = torch.where(nxt >= 0, nxt, -1)
     ids, lp, ok = batch["target_token_ids"][m], batch["target_logprobs"][m], valid[m]
