@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--classes", type=int, default=32_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chunk-rows", type=int, default=0, help="0: the default (~1 MiB)")
     args = ap.parse_args()
     from softlabels.write_set import write_set
 
@@ -43,7 +44,7 @@ def main() -> None:
             t0 = time.perf_counter()
             write_set(d / "set.zarr", data=f"npz:{d / 'data.npz'}", teacher_name="bench",
                       topk_indices=arrays["i"], topk_values=arrays["v"], logsumexp=arrays["l"],
-                      num_classes=args.classes, overwrite=True)
+                      num_classes=args.classes, chunk_rows=args.chunk_rows, overwrite=True)
             ours = time.perf_counter() - t0
             t0 = time.perf_counter()
             for name in "ivl":

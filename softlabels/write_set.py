@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -190,21 +191,27 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
             "provenance": {"imported_from": {"format": "arrays"}}}
     if not k:  # dense: every T is exact (re-tempered from the logits)
         meta["teacher"]["targets"].pop("exact_temperatures")
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
-                           row_hashes=lambda a, b: _row_hashes(dataset, index[a:b])) as writer:
-        for n, block in enumerate(writer.pending):
-            a, b = layout.block_range(block)
-            where = f"rows {a}-{b - 1}"
-            targets = (_dense_block(z[a:b], temps) if not k else
-                       _topk_block(idx[a:b], val[a:b], None if lse is None else lse[a:b],
-                                   temps, c, where))
-            writer.write_block(block, {S.LABELS: labels[a:b], S.INDEX: index[a:b],
-                                       S.SAMPLE_HASH: _row_hashes(dataset, index[a:b]),
-                                       **targets})
-            if progress:
-                progress(n + 1, len(writer.pending))
-    return writer.meta
+    def block_arrays(block: int) -> dict[str, np.ndarray]:
+        a, b = layout.block_range(block)
+        targets = (_dense_block(z[a:b], temps) if not k else
+                   _topk_block(idx[a:b], val[a:b], None if lse is None else lse[a:b], temps, c,
+                               f"rows {a}-{b - 1}"))
+        return {S.LABELS: labels[a:b], S.INDEX: index[a:b],
+                S.SAMPLE_HASH: _row_hashes(dataset, index[a:b]), **targets}
 
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                           row_hashes=lambda a, b: _row_hashes(dataset, index[a:b])) as writer, \
+            ThreadPoolExecutor(1) as pool:  # the next block is checked while one is written
+        pending = list(writer.pending)
+        ahead = pool.submit(block_arrays, pending[0]) if pending else None
+        for n, block in enumerate(pending):
+            arrays = ahead.result()
+            if n + 1 < len(pending):
+                ahead = pool.submit(block_arrays, pending[n + 1])
+            writer.write_block(block, arrays)
+            if progress:
+                progress(n + 1, len(pending))
+    return writer.meta
 
 def load_arrays(paths: dict[str, str | Path | None]) -> dict[str, np.ndarray | None]:
     """name -> the array at each path (memory-mapped), for the command line."""
