@@ -45,6 +45,7 @@ from .progress import Progress
 from .sequence_import import MASS_TOLERANCE
 from .specs import load_data
 from .tempering import tempered_softmax
+from .tokens import is_sequence_data
 
 ArrayLike = np.ndarray | str | os.PathLike
 
@@ -64,8 +65,8 @@ def _shape(a: np.ndarray, shape: tuple[int | None, ...], what: str, kind: str) -
     ok = a.ndim == len(shape) and all(n is None or n == m for n, m in zip(shape, a.shape))
     if not ok or np.dtype(a.dtype).kind not in kind:
         want = "x".join("?" if n is None else str(n) for n in shape)
-        raise DataError(f"{what} must be a ({want}) {'integer' if kind == 'iu' else 'float'} "
-                        f"array, found {a.shape} {a.dtype}")
+        words = {"iu": "integer", "f": "float"}.get(kind, "numeric")
+        raise DataError(f"{what} must be a ({want}) {words} array, found {a.shape} {a.dtype}")
 
 
 def _row_hashes(data: Dataset, index: np.ndarray) -> np.ndarray:
@@ -147,6 +148,9 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
     lse = _array(logsumexp, "--logsumexp")
     if (z is None) == (idx is None or val is None) or (z is not None and idx is not None):
         raise OptionError("pass either logits, or topk indices and values")
+    if is_sequence_data(data):
+        raise OptionError("write_set makes example sets (one row per example); bring token "
+                          "sequences in with `softlabels import --vllm` or `--parquet`")
     dataset = load_data(data) if isinstance(data, str) else data
     if z is not None:
         _shape(z, (None, None), "logits", "f")
@@ -170,10 +174,12 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
     if rows == 0 or index.min() < 0 or index.max() >= len(dataset):
         raise DataError(f"index must lie in [0, {len(dataset)}) (the data's examples), and "
                         "there must be rows")
-    labels = (_data_labels(dataset, index) if labels is None else
-              check_labels(np.asarray(_array(labels, "labels")), where="labels",
-                           num_classes=c))
-    _shape(labels, (rows,), "labels", "iu")
+    if labels is None:
+        labels = _data_labels(dataset, index)
+    else:
+        labels = _array(labels, "labels")
+        _shape(labels, (rows,), "labels", "iuf")  # before any copy
+        labels = check_labels(np.asarray(labels), where="labels", num_classes=c)
     layout = Layout(num_rows=rows, num_classes=c, temperatures=temps, dtype=dtype, topk=k,
                     chunk_rows=chunk_rows)
     source = "logprobs" if k and lse is None else "logits"

@@ -64,6 +64,7 @@ def _student() -> torch.nn.Module:
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["set", "export"])
 def test_trainer_runs_a_few_steps(sets: dict[str, Path], tmp_path: Path, source: str) -> None:
+    pytest.importorskip("accelerate")  # transformers' Trainer needs it
     from softlabels.integrations.hf import DistillationCollator, DistillationTrainer, records
 
     if source == "set":

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CHUNK, N_CLASSES, N_ROWS
 
+from conftest import CHUNK, N_CLASSES, N_ROWS
 from softlabels import write_set
 from softlabels.cli import cli
 from softlabels.datasets import SoftTargetDataset
