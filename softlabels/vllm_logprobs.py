@@ -12,9 +12,9 @@ tokens at position j given t_0..t_{j-1}, plus the prompt token t_j itself when i
 them (so K or K + 1 entries). Row j - 1 of the set (input token t_{j-1}) gets position j's K
 classes: a sequence set's row p holds the distribution of the token after p. The last row has
 no prompt log-probs: it is stored with placeholder targets and mask 0. The extra entry is
-dropped exactly: with ranks, the entries of rank <= K are kept (they must be ranks 1..K and the
-extra one must be t_j); without ranks, a (K + 1)th entry must be t_j's, with the lowest
-log-prob.
+dropped exactly: vLLM adds t_j only when it is not among the top K, so with K + 1 entries t_j's
+is dropped (its log-prob must not exceed any other's: it may tie with the Kth, and then shares
+its rank); the K kept must have ranks 1..K where ranks are given.
 """
 
 from __future__ import annotations
@@ -91,22 +91,18 @@ def _position(entries: Any, token: int, k: int, where: str) -> tuple[list[int], 
         raise DataError(f"{where}: the prompt token {token} is missing; vLLM lists it at every "
                         "position (is prompt_token_ids the prompt these log-probs are for?)")
     ranks = [r for _, _, r in items]
-    if all(r is not None for r in ranks):
-        keep = [(i, lp) for i, lp, r in items if r <= k]
-        if sorted(r for r in ranks if r <= k) != list(range(1, k + 1)) or len(keep) != k:
-            raise DataError(f"{where}: ranks {sorted(ranks)} are not 1..{k} (plus the prompt "
-                            f"token's, above {k})")
-    elif any(r is not None for r in ranks):
+    if any(r is None for r in ranks) and any(r is not None for r in ranks):
         raise DataError(f"{where}: some entries have a rank and some not")
-    elif len(items) == k:
-        keep = [(i, lp) for i, lp, _ in items]
-    else:  # no ranks, K + 1 entries: the prompt token's is the extra one, and the least likely
+    keep = [(i, lp, r) for i, lp, r in items if len(items) == k or i != token]
+    if len(items) == k + 1:  # vLLM added the prompt token: it is not among the top K
         extra = next(lp for i, lp, _ in items if i == token)
-        keep = [(i, lp) for i, lp, _ in items if i != token]
-        if extra > min(lp for _, lp in keep):
-            raise DataError(f"{where}: {k + 1} entries, but the prompt token {token} is not the "
-                            f"least likely; cannot tell which {k} are the top {k}")
-    return [i for i, _ in keep], [lp for _, lp in keep]
+        if extra > min(lp for _, lp, _ in keep):
+            raise DataError(f"{where}: {k + 1} entries, but the prompt token {token} is more "
+                            f"likely than one of the other {k}; cannot tell the top {k}")
+    if ranks[0] is not None and sorted(r for _, _, r in keep) != list(range(1, k + 1)):
+        raise DataError(f"{where}: the top {k} have ranks {sorted(r for _, _, r in keep)}, "
+                        f"expected 1..{k}")
+    return [i for i, _, _ in keep], [lp for _, lp, _ in keep]
 
 
 def parse_line(obj: Any, *, k: int, num_classes: int, dtype: str, where: str,

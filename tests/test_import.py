@@ -257,3 +257,17 @@ def test_cli_vllm_import_needs_its_options(vllm: tuple, tmp_path: Path) -> None:
                                       str(tmp_path / "o.zarr")])
     assert result.exit_code == 0, result.output
     assert "9 sequences" in result.output
+
+
+def test_prompt_token_tied_with_the_kth_is_the_extra_entry(tmp_path: Path) -> None:
+    """vLLM counts ranks as 1 + (how many are more likely): a prompt token tied with the Kth
+    (but not chosen by top-k) shares rank K; with K + 1 entries it is still the extra one."""
+    lp = {"3": {"logprob": -0.5, "rank": 1}, "7": {"logprob": -1.5, "rank": 2},
+          "9": {"logprob": -2.5, "rank": 3}, "4": {"logprob": -2.5, "rank": 3}}
+    line = {"prompt_token_ids": [1, 4], "prompt_logprobs": [None, lp]}
+    path = write_jsonl(tmp_path / "tie.jsonl", [line])
+    import_vllm(path, tmp_path / "t.zarr", topk=3, vocab_size=10, teacher_name="t")
+    with open_transfer_set(tmp_path / "t.zarr") as ts:
+        classes, weights = ts.sparse_targets(1.0)
+    np.testing.assert_array_equal(classes[0], [3, 7, 9])
+    np.testing.assert_allclose(weights[0], np.exp([-0.5, -1.5, -2.5]), rtol=1e-6)
