@@ -60,7 +60,7 @@ def imported_meta(*, teacher_name: str, data_spec: str, hashes: np.ndarray,
         "dataset": {"spec": data_spec, "length": len(hashes), "probe": probe(hashes)},
         "views": None, "augment": None, "view_seed": None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(), "device": None, "precision": None,
+        "versions": versions(), "device": "imported", "precision": "unknown",
         "provenance": {"imported_from": provenance},
     }
 

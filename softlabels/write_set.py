@@ -193,7 +193,7 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
                         "length": len(dataset), "probe": dataset_probe(dataset)},
             "views": None, "augment": None, "view_seed": None,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(), "device": None, "precision": None,
+            "versions": versions(), "device": "imported", "precision": "unknown",
             "provenance": {"imported_from": {"format": "arrays"}}}
     if not k:  # dense: every T is exact (re-tempered from the logits)
         meta["teacher"]["targets"].pop("exact_temperatures")
