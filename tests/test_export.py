@@ -177,3 +177,17 @@ def test_export_into_an_empty_directory_via_cli(sets: dict[str, Path], tmp_path:
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["sequences"] == 23 and summary["k"] == 4
     assert not (tmp_path / "e.exporting").exists()
+
+
+def test_dense_set_at_an_unstored_t_is_re_tempered(sets: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    export_set(sets["dense"], tmp_path / "d2", to="parquet", topk=3, temperature=2.0)
+    rows = pq.read_table(tmp_path / "d2").to_pylist()
+    with open_transfer_set(sets["dense"]) as ts:
+        assert 2.0 not in ts.temperatures
+        probs, offsets = ts.probs(2.0), read_offsets(ts)  # re-tempered from the logits
+    a, b = offsets[4], offsets[5]
+    ids = np.array(rows[4]["target_token_ids"])
+    np.testing.assert_allclose(np.exp(rows[4]["target_logprobs"]),
+                               np.take_along_axis(probs[a:b], ids, 1), rtol=1e-6)
+    assert read_export_info(tmp_path / "d2")["temperature"] == 2.0
