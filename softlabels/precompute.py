@@ -70,9 +70,11 @@ def dataset_probe(data: Dataset, n: int = 16) -> str:
 
 def versions() -> dict[str, str]:
     import h5py
+    import torchvision
     import zarr
 
-    return {"softlabels": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
+    return {"softlabels": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "zarr": zarr.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 

@@ -2,7 +2,8 @@
 and the self-describing checkpoints that `softlabels train` writes.
 
 DATA:  npz:PATH | mnist:ROOT?split=train|test | torchvision:NAME?root=ROOT&split=..
-       | imagefolder:DIR?size=N | python:package.module:factory?key=value
+       | imagefolder:DIR?size=N | tokens:PATH | text:PATH?tokenizer=DIR
+       | python:package.module:factory?key=value
 MODEL: CHECKPOINT.pt | mlp:784-1200-1200-10?dropout=0.5 | torchvision:NAME?num_classes=..
        | python:package.module:factory?key=value
 
@@ -41,6 +42,7 @@ DATA_FORMS = (
     "imagefolder:DIR?size=N",
     "transferset:PATH (a set made with --store-inputs)",
     "tokens:FILE.jsonl|FILE.parquet|DIR?field=..&mask=.. (token sequences)",
+    "text:FILE|DIR?tokenizer=DIR&max_length=..&stride=.. (raw text, the teacher's tokenizer)",
     "python:package.module:factory",
 )
 MODEL_FORMS = (
@@ -136,6 +138,10 @@ def load_data(spec: str) -> Dataset:
         from .tokens import load_tokens
 
         return load_tokens(body, options, spec)
+    if scheme == "text":
+        from .text_source import load_text
+
+        return load_text(body, options, spec)
     if scheme == "python":
         data = import_factory(body, spec)(**options)
         if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
@@ -307,6 +313,15 @@ def portable_spec(spec: str, *, kind: str) -> Portable:
             or kind == "MODEL" and scheme == "hf") and body:
         path = _absolute(body)
         return Portable(f"{scheme}:{path}{qmark}{query}", (path,), ())
+    if kind == "DATA" and scheme == "text" and body:
+        path, items = _absolute(body), query.split("&") if query else []
+        tokenizer = dict(parse_qsl(query)).get("tokenizer")
+        items = [i for i in items if not i.startswith("tokenizer=")]
+        if tokenizer:
+            tokenizer = _absolute(tokenizer)
+            items.append(f"tokenizer={quote(tokenizer, safe='/:')}")
+        return Portable(f"{scheme}:{path}?{'&'.join(items)}",
+                        (path, tokenizer) if tokenizer else (path,), ())
     if kind == "DATA" and scheme == "torchvision":
         pairs = parse_qsl(query)
         root = _absolute(str(dict(pairs).get("root", ".")))

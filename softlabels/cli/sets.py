@@ -46,6 +46,7 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
           for m in teacher["members"]],
         f"dataset {summary['dataset']['spec']}  fingerprint "
         f"{summary['dataset']['fingerprint'][:16]}…",
+        *_tokenizer_lines(summary["dataset"]),
         f"made {summary.get('created_at')} on {summary.get('device')} ({summary.get('precision')}),"
         f" " + ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()),
         *provenance_lines(summary.get("provenance") or {}),
@@ -179,3 +180,16 @@ def report(transfer_set: str, out: str) -> None:
 
     transfer_set_report(transfer_set, out)
     click.echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")
+
+
+def _tokenizer_lines(dataset: dict) -> list[str]:
+    """The tokenizer (text: data) and windows a set's dataset records."""
+    lines = []
+    if isinstance(dataset.get("tokenizer"), dict):
+        tok = dataset["tokenizer"]
+        lines.append(f"  tokenizer {tok.get('path')}  sha256 {str(tok.get('sha256'))[:16]}…")
+    if isinstance(dataset.get("windows"), dict):
+        w = dataset["windows"]
+        lines.append(f"  windows of {w.get('max_length')} tokens sharing {w.get('stride')} "
+                     f"({w.get('sequences_cut')} of {w.get('source_sequences')} sequences cut)")
+    return lines
