@@ -96,7 +96,7 @@ def _data_labels(data: Dataset, index: np.ndarray) -> np.ndarray:
 def _dense_block(z: np.ndarray, temps: Sequence[float]) -> dict[str, np.ndarray]:
     if not np.isfinite(z).all():
         raise DataError("logits hold NaN or inf")
-    zt = torch.from_numpy(np.asarray(z, dtype=np.float32))
+    zt = torch.from_numpy(np.array(z, dtype=np.float32))  # a copy: a memory map is read-only
     return {S.LOGITS: z, S.PROBS: np.stack([tempered_softmax(zt, t).numpy() for t in temps])}
 
 

@@ -131,3 +131,18 @@ def test_topk_mass_past_one_and_other_data_refused(tmp_path: Path, npz_data: str
         write_set(tmp_path / "d.zarr", logits=logits, data=f"npz:{other}", teacher_name="m",
                   chunk_rows=CHUNK)
     assert N_CLASSES < C
+
+
+def test_cli_logits_then_train_a_student(tmp_path: Path, npz_data: str,
+                                         logits: np.ndarray) -> None:
+    np.save(tmp_path / "z.npy", logits)
+    out = tmp_path / "mine.zarr"
+    result = CliRunner().invoke(cli, ["import", "--logits", str(tmp_path / "z.npy"), "--data",
+                                      npz_data, "--teacher-name", "my-model", "--out", str(out),
+                                      "--temperatures", "1,4"])
+    assert result.exit_code == 0, result.output
+    assert "103 rows, dense over 7 classes" in result.output
+    result = CliRunner().invoke(cli, ["train", "--data", npz_data, "--model", f"mlp:16-{C}",
+                                      "--out", str(tmp_path / "s.pt"), "--transfer-set",
+                                      str(out), "--temperature", "4", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
