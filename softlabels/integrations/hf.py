@@ -140,6 +140,8 @@ def _trainer_class() -> type:
                      **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.kd_temperature, self.kd_alpha = temperature, alpha
+            # the loss is a mean per batch: let the Trainer average it over accumulation steps
+            self.model_accepts_loss_kwargs = False
 
         def _set_signature_columns_if_needed(self) -> None:  # keep the target columns
             super()._set_signature_columns_if_needed()
