@@ -2,7 +2,8 @@
 
     tokens:FILE.jsonl     one sequence a line: a JSON list of token ids, or an object whose
                           `field` (default: tokens, else input_ids) is that list
-    tokens:FILE.parquet   a column `field` of integer lists (needs pyarrow)
+    tokens:FILE.parquet   a column `field` of integer lists (needs pyarrow); or a directory
+                          of .parquet files, read in name order (`softlabels export --to parquet`)
     tokens:DIR            a Hugging Face `datasets` directory written by `save_to_disk`
                           (needs datasets)
 
@@ -303,7 +304,10 @@ def load_tokens(body: str, options: dict[str, Any], spec: str) -> TokenSequences
                         + ", ".join(TOKENS_OPTIONS))
     cut = window_options(options, spec)
     path = Path(body)
-    if path.is_dir():
+    if path.is_dir() and not (path / "state.json").is_file() and any(path.glob("*.parquet")):
+        rows = [r for f in sorted(path.glob("*.parquet")) for r in _read_parquet(f)]
+        origin = Origin.of_rows(str(path), np.arange(len(rows)), "row")  # across the files
+    elif path.is_dir():
         rows = _read_saved_dataset(path)
         origin = Origin.of_rows(str(path), np.arange(len(rows)), "row")
     elif not path.is_file():
