@@ -161,7 +161,7 @@ def test_refusals_are_one_line(sets: dict[str, Path], tmp_path: Path, npz_data: 
     with pytest.raises(OptionError, match="symbolic link"):
         export_set(sets["topk"], tmp_path / "link")
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "a").exists()
-    precompute(npz_data, ["mlp:16-3"], tmp_path / "ex.zarr")
+    precompute(npz_data, ["mlp:16-3"], tmp_path / "ex.zarr", random_teacher=True)
     with pytest.raises(SoftlabelsError, match="example set"):
         export_set(tmp_path / "ex.zarr", tmp_path / "a")
     result = CliRunner().invoke(cli, ["export", str(sets["topk"]), "--to", "hf",
