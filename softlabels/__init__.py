@@ -30,6 +30,7 @@ from .precompute import PrecomputeResult, precompute
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
 from .trainer import TrainResult, train_student
 from .verify import VerifyReport, verify
+from .write_set import write_set
 
 __all__ = [
     "DataError",
@@ -72,4 +73,5 @@ __all__ = [
     "subset",
     "train_student",
     "verify",
+    "write_set",
 ]

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .errors import DataError, SpecError
 from .format.schema import sample_hash
-from .preprocessing import Preprocess
+from .preprocessing import OPTION_NAMES, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,7 @@ def preprocess_from(options: dict[str, Any], spec: str) -> Preprocess | None:
         if "resize" in options or "crop" in options:
             raise SpecError(f"{spec!r}: give size= or resize=/crop=, not both")
         options["resize"], options["crop"] = size, size
-    names = ("resize", "crop", "mean", "std", "interpolation")
-    if not any(k in options for k in names):
+    if not any(k in options for k in OPTION_NAMES):
         return None
     return Preprocess().with_options(options)
 
@@ -235,8 +234,7 @@ def refuse_unknown(options: dict[str, Any], allowed: tuple[str, ...], spec: str)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise SpecError(f"unknown options {unknown} in {spec!r}; valid: "
-                        + ", ".join(allowed + ("resize", "crop", "mean", "std", "interpolation",
-                                               "size")))
+                        + ", ".join(allowed + OPTION_NAMES + ("size",)))
 
 
 # --- imagefolder:DIR ---------------------------------------------------------------------------

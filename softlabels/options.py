@@ -120,6 +120,7 @@ class PrecomputeOptions(_Options):
     precision: str = "fp32"
     num_workers: int = 0  # DataLoader worker processes
     trust_code: bool = False  # build python: specs found inside checkpoints
+    random_teacher: bool = False  # accept a teacher with no trained weights (init only)
     decode_device: str = "cpu"  # where image sources' JPEGs are decoded (cpu: in the workers)
     skip_bad_images: bool = False  # leave undecodable images out, listed in the set's metadata
 
@@ -161,7 +162,8 @@ class PrecomputeOptions(_Options):
 
     def layout_args(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()
-                if k not in ("num_workers", "trust_code", "decode_device", "skip_bad_images")}
+                if k not in ("num_workers", "trust_code", "random_teacher", "decode_device",
+                             "skip_bad_images")}
 
 
 @dataclass(frozen=True)

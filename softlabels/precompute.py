@@ -36,6 +36,7 @@ from .preprocessing import Preprocess
 from .progress import Progress
 from .specs import check_labels, class_names, example_hash, load_data, split_item
 from .teacher import Teacher
+from .teacher_inputs import teacher_inputs
 from .tokens import is_sequence_data
 from .views import ViewDataset
 
@@ -288,9 +289,12 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
     full = dataset
     if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
         dataset = keep_decodable(dataset, opts.num_workers)
-    dataset = model_inputs(dataset)  # raw images scaled to [0, 1] for the teacher
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
+    teacher.refuse_untrained(opts.random_teacher)
+    names = class_names(dataset) or teacher.class_names()
+    dataset, applied = teacher_inputs(dataset, teacher.preprocess())
+    dataset = model_inputs(dataset)  # raw images no preprocessing took: scaled to [0, 1]
     x0, _ = split_item(dataset[0])
     num_classes = teacher.num_classes(x0)
     _check_known_labels(dataset, num_classes)
@@ -306,8 +310,8 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
                     views=views)
     meta = {
         "num_examples": len(full),
-        "class_names": class_names(dataset),
-        "teacher": teacher.describe(),
+        "class_names": names,
+        "teacher": teacher.describe(applied),
         "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
                     "length": len(full), "probe": dataset_probe(dataset),
                     **({"skipped": dataset.skipped} if opts.skip_bad_images else {})},

@@ -96,7 +96,8 @@ def test_probe_hex_digests_canonical_json_chunking_and_versions(tmp_path: Path,
                                                                  npz_data: str) -> None:
     path = tmp_path / "set.zarr"
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    precompute(npz_data, [teacher], path, temperatures=[1, 2.5, 1e-4 * 3], chunk_rows=CHUNK)
+    precompute(npz_data, [teacher], path, temperatures=[1, 2.5, 1e-4 * 3], chunk_rows=CHUNK,
+               random_teacher=True)
     meta, g = open_set(path)
 
     # probe: the sample hashes of the examples at floor(linspace(0, N-1, min(16, N))), SHA-256
@@ -142,7 +143,7 @@ def test_sampled_example_draws_follow_the_document(tmp_path: Path, npz_data: str
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     temps, k = [1.0, 4.0], 3
     precompute(npz_data, [teacher], path, temperatures=temps, sample_k=k, chunk_rows=CHUNK,
-               batch_size=batch)
+               batch_size=batch, random_teacher=True)
     meta, g = open_set(path)
     x = torch.from_numpy(np.load(npz_data.removeprefix("npz:"))["x"])
     with torch.no_grad():
@@ -166,9 +167,10 @@ def test_sequence_shift_sampler_labels_offsets_follow_the_document(tmp_path: Pat
     temps = [1.0, 2.0]
     top = tmp_path / "top.zarr"
     precompute(data, [teacher], top, temperatures=temps, topk=4, dtype="float32",
-               chunk_rows=16)
+               chunk_rows=16, random_teacher=True)
     sampled = tmp_path / "sampled.zarr"
-    precompute(data, [teacher], sampled, temperatures=temps, sample_k=5, chunk_rows=16)
+    precompute(data, [teacher], sampled, temperatures=temps, sample_k=5, chunk_rows=16,
+               random_teacher=True)
     meta, g = open_set(top)
     offsets = g["seq/offsets"][...]
     assert g["seq/offsets"].chunks == (min(len(offsets), 131072),)
@@ -216,7 +218,7 @@ def test_hf_teacher_hash_follows_the_document(tmp_path: Path) -> None:
     data, _ = write_token_file(tmp_path / "t.jsonl")
     out = tmp_path / "s.zarr"
     precompute(data, [f"hf:{tmp_path / 'gpt'}"], out, temperatures=[1.0], topk=4,
-               chunk_rows=16)
+               chunk_rows=16, random_teacher=True)
     meta, _ = open_set(out)
     stored = load_file(tmp_path / "gpt" / "model.safetensors")
     assert "lm_head.weight" not in stored  # save_pretrained stores the tied weight once
