@@ -196,3 +196,37 @@ def test_verify_replays_the_teacher_on_raw_images(tmp_path: Path) -> None:
     code, stdout, err = run("verify", str(out), "--data", data, "--teacher",
                             str(tmp_path / "t.pt"), "--sample", "3")
     assert code == 0 and stdout.strip().endswith("verified"), stdout + err
+
+
+@pytest.mark.slow  # a resnet18 over the photographs, and an independent forward pass
+def test_a_torchvision_weights_file_over_an_image_folder(tmp_path: Path) -> None:
+    """Raw images from imagefolder: through the teacher's own preprocessing (here the spec's
+    overrides on a resnet18 state dict): the stored logits are torchvision's own transforms
+    and model(x), and the set's hashes are the files'."""
+    import torchvision
+    from torchvision.io import decode_image
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    spec = (f"torchvision:resnet18?weights={tmp_path / 'r18.pth'}&num_classes=3&resize=40"
+            f"&crop=32&mean={','.join(map(str, mean))}&std={','.join(map(str, std))}")
+    out = tmp_path / "s.zarr"
+    code, _, err = run("precompute", "--data", f"imagefolder:{IMAGES}", "--teacher", spec,
+                       "--out", str(out), "--dtype", "float32", "--batch-size", "4")
+    assert code == 0, err
+    tf = v2.Compose([v2.Resize(40, antialias=True), v2.CenterCrop(32),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    files = [p for p, _ in ImageFolderSource(IMAGES).samples]
+    with torch.no_grad():
+        expected = model(torch.stack([tf(decode_image(p)) for p in files]))
+    with open_transfer_set(out) as ts:
+        torch.testing.assert_close(torch.from_numpy(np.asarray(ts.read("logits"))), expected,
+                                   rtol=1e-4, atol=1e-4)
+        assert ts.sample_hash().tolist() == [
+            sample_hash(np.frombuffer(Path(p).read_bytes(), dtype=np.uint8)) for p in files]
+    code, stdout, err = run("verify", str(out), "--data", f"imagefolder:{IMAGES}",
+                            "--teacher", spec, "--sample", "6")
+    assert code == 0 and stdout.strip().endswith("verified"), stdout + err
