@@ -156,7 +156,8 @@ class PrecomputeOptions(_Options):
             raise OptionError("--tail and --quantize make a hybrid set: give --nucleus P too "
                               "(P = 1 keeps a plain top-K head)")
         _check_number(self.nucleus, "--nucleus", low=0, high=1, low_open=True)
-        check_choice(self.quantize, QUANTIZE_CHOICES, "--quantize")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise OptionError(f"--quantize must be 0 (off) or 8 (bits), got {self.quantize}")
         if not self.topk or self.sample_k:
             raise OptionError("--nucleus needs --topk K, the head's cap and width, and no "
                               "--sample-k (the tail is the hybrid's own sample)")
