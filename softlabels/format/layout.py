@@ -153,10 +153,11 @@ class Layout:
             rows = self.input_chunk_rows if name == S.INPUTS else self.chunk_rows
             shards = self.grid(name, shape, self.shard_rows) if self.shard_rows else None
             # sorted, shifted top-k logits of sequence sets halve once byte-shuffled
-            # (measured in benchmarks/sequence_storage.py)
+            # (measured in benchmarks/sequence_storage.py); so do a hybrid's sorted int32 ids
+            # (benchmarks/sparse_fidelity.py)
             out[name] = ArraySpec(name, shape, dtype, self.grid(name, shape, rows), shards,
                                   dims_of(name, len(shape)),
-                                  shuffle_compress=name == S.HYBRID_VALUES
+                                  shuffle_compress=name in S.SHUFFLED
                                   or (bool(self.num_sequences) and name == S.TOPK_LOGITS))
         out[S.BLOCK_DONE] = ArraySpec(S.BLOCK_DONE, (self.num_blocks,), "uint8", (1,), None,
                                       dims_of(S.BLOCK_DONE, 1))

@@ -47,6 +47,7 @@ HYBRID_INDICES = "hybrid/indices"  # (R, W) int32, head classes (-1 pads), then 
 HYBRID_VALUES = "hybrid/values"  # (R, W) float16|float32 logits - row max, or uint8 codes
 HYBRID_LOGSUMEXP = "hybrid/logsumexp"  # (R, K) float32, logsumexp(z / T_k) - max(z) / T_k
 HYBRID_SCALE = "hybrid/scale"  # (R,) float32, only when quantised: logit step of one code
+SHUFFLED = (HYBRID_INDICES, HYBRID_VALUES)  # stored byte-shuffled + zstd in every set
 
 # Float arrays a reader must find finite (NaN is also the fill value of an unwritten chunk).
 TARGET_ARRAYS = (LOGITS, PROBS, MEMBER_LOGITS, TOPK_LOGITS, TOPK_LOGSUMEXP, HYBRID_VALUES,
