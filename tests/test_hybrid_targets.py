@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import CHUNK
 from softlabels.errors import OptionError
@@ -18,6 +19,15 @@ from softlabels.losses import kd_loss_from_probs, sparse_kd_loss
 from softlabels.options import PrecomputeOptions
 from softlabels.precompute import precompute
 from softlabels.trainer import train_student
+from softlabels.evaluate import evaluate
+from softlabels.sequence_datasets import (
+    SequenceBatches,
+    StreamingSequenceBatches,
+    sequence_kd_loss,
+)
+from softlabels.sequence_evaluate import evaluate_sequence_student
+from softlabels.sequence_precompute import precompute_sequences
+from softlabels.tokens import TokenSequences
 from softlabels.verify import verify
 
 TEMPS = (1.0, 2.5)
@@ -162,3 +172,39 @@ def test_example_set_round_trip_verify_and_training(tmp_path: Path, npz_data: st
     r = train_student(npz_data, "mlp:16-6", transfer_set=out, temperature=3.0, epochs=1,
                       device="cpu")
     assert np.isfinite(r.history[-1]["loss"])
+    scores = evaluate(npz_data, r.model, transfer_set=out, device="cpu")
+    assert 0 <= scores["teacher_agreement"] <= 1
+
+
+def test_sequence_set_batches_stream_and_evaluate(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Embedding(30, 6), nn.Linear(6, 30))
+    rng = np.random.default_rng(0)
+    data = TokenSequences([rng.integers(0, 30, n).tolist() for n in (9, 4, 17, 6, 11)])
+    out = tmp_path / "h.h5"
+    precompute_sequences(data, [teacher], out, temperatures=[1, 2], topk=5, nucleus=0.9,
+                         tail=3, chunk_rows=CHUNK)
+    assert verify(out, data=data, teachers=[teacher], device="cpu").ok
+    whole = SequenceBatches(out, temperature=2.0, batch_size=2, shuffle=False)
+    streamed = StreamingSequenceBatches(out, temperature=2.0, batch_size=2, shuffle=False,
+                                        window_blocks=1)
+    def per_sequence(batches) -> dict[int, list[torch.Tensor]]:
+        return {int(q): [b.classes[i], b.weights[i], b.log_p[i]]
+                for b in batches for i, q in enumerate(b.sequences)
+                for _ in [None] if b.kind == "hybrid"}
+
+    mine, theirs = per_sequence(whole), per_sequence(streamed)
+    assert sorted(mine) == sorted(theirs) == list(range(5))
+    for q, cols in mine.items():
+        n = len(data[q])
+        for a, b in zip(cols, theirs[q]):
+            assert torch.equal(a[:n], b[:n])
+    for b in whole:
+        z = torch.randn(*b.tokens.shape, 30, requires_grad=True)
+        sequence_kd_loss(z, b, temperature=2.0).backward()
+        assert torch.isfinite(z.grad).all() and z.grad[b.mask].abs().sum() > 0
+    streamed.close()
+    student = nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 30))
+    scores = evaluate_sequence_student(data, student, transfer_set=out, temperature=2.0,
+                                       device="cpu")
+    assert scores["teacher_targets"] == "hybrid" and scores["kl_to_teacher"] > 0
