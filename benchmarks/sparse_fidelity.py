@@ -40,7 +40,6 @@ import torch
 
 from softlabels.experiments.tiny_lm import write_sequences
 from softlabels.format.reader import open_transfer_set
-from softlabels.format.targets import Hybrid
 from softlabels.losses import kd_loss_from_probs, sparse_kd_loss, target_convention
 from softlabels.sequence_datasets import SequenceBatches
 from softlabels.sequence_precompute import precompute_sequences
@@ -195,8 +194,9 @@ def main() -> None:
         students = {"random": torch.cat([load_model(STUDENT)[0](data[s][None])[0].detach()
                                          for s in range(len(data))]).double(),
                     "near": z + torch.randn_like(z)}
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         print(f"teacher on {n} held-out bytes ({len(data)} sequences), V = 256, T = "
-              f"{list(TEMPS)}; load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+              f"{list(TEMPS)}; load: {uptime}")
         names = args.only.split(",") if args.only else list(VARIANTS)
         for name in names:
             out = tmp / f"{len(results)}.zarr"

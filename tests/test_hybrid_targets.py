@@ -12,14 +12,13 @@ from torch import nn
 
 from conftest import CHUNK
 from softlabels.errors import OptionError
+from softlabels.evaluate import evaluate
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.targets import Hybrid
 from softlabels.losses import kd_loss_from_probs, sparse_kd_loss
 from softlabels.options import PrecomputeOptions
 from softlabels.precompute import precompute
-from softlabels.trainer import train_student
-from softlabels.evaluate import evaluate
 from softlabels.sequence_datasets import (
     SequenceBatches,
     StreamingSequenceBatches,
@@ -28,6 +27,7 @@ from softlabels.sequence_datasets import (
 from softlabels.sequence_evaluate import evaluate_sequence_student
 from softlabels.sequence_precompute import precompute_sequences
 from softlabels.tokens import TokenSequences
+from softlabels.trainer import train_student
 from softlabels.verify import verify
 
 TEMPS = (1.0, 2.5)

@@ -67,7 +67,8 @@ DIMENSIONS = {LOGITS: (ROWS, CLASSES), PROBS: (TEMPERATURE, ROWS, CLASSES), LABE
               BLOCK_CHECKSUM: (BLOCKS,), ARRAY_CHECKSUM: (BLOCKS, SLOTS),
               SEQ_OFFSETS: (BOUNDS,), SEQ_POSITION: (ROWS,), SEQ_TOKENS: (ROWS,),
               SEQ_MASK: (ROWS,), HYBRID_INDICES: (ROWS, K), HYBRID_VALUES: (ROWS, K),
-              HYBRID_LOGSUMEXP: (ROWS, TEMPERATURE), HYBRID_SCALE: (ROWS,)}  # inputs: (rows, input_1, ..., input_n)
+              HYBRID_LOGSUMEXP: (ROWS, TEMPERATURE), HYBRID_SCALE: (ROWS,)}
+# (inputs: rows, input_1, ..., input_n)
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
