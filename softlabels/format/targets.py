@@ -106,14 +106,13 @@ class Hybrid:
         """The hybrid arrays of N rows of combined logits (N, C), computed on their device;
         `uniforms` (N, M) in [0, 1) pick the tail draws (inverse CDF of r_0)."""
         z = logits.float()
-        n, c = z.shape
         top = z.max(-1, keepdim=True).values
         lse = torch.stack([torch.logsumexp(z / t, -1) for t in temperatures], -1)
         lse = lse - top / torch.tensor(temperatures, device=z.device)
         head, in_head = self._head(z, temperatures[0])
         tail = self._tail(z, temperatures[0], in_head, uniforms.to(z.device))
         idx = torch.cat([head, tail], -1)  # (N, W), PAD where unused
-        v = torch.where(idx >= 0, z.gather(-1, idx.clamp_min(0)) - top, torch.zeros(()))
+        v = torch.where(idx >= 0, z.gather(-1, idx.clamp_min(0)) - top, 0.0)
         out = {S.HYBRID_INDICES: idx.int().cpu().numpy(),
                S.HYBRID_LOGSUMEXP: lse.float().cpu().numpy()}
         return out | self._values(v)
@@ -155,7 +154,7 @@ class Hybrid:
             return {S.HYBRID_VALUES: v.cpu().numpy()}  # cast to the dtype by the writer's buffer
         step = (-v).amax(-1) / LEVELS  # (N,) float32
         codes = torch.where(step[:, None] > 0, torch.round(-v / step[:, None].clamp_min(1e-30)),
-                            torch.zeros(()))
+                            0.0)
         return {S.HYBRID_VALUES: codes.clamp(0, LEVELS).to(torch.uint8).cpu().numpy(),
                 S.HYBRID_SCALE: step.cpu().numpy()}
 
