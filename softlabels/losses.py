@@ -115,7 +115,7 @@ def sparse_kd_loss(
       mass outside the k classes, a KL over k + 1 buckets:
           sum_j w_j log(w_j / q_j) + r log(r / (1 - sum_j q_j)).
       (DistillKit's "symmetric_uniform": the rest spread alike over the other classes in
-      teacher and student, which gives the same value.)
+      teacher and student, which gives the same value for probabilities stored at T.)
     * top-k, `convention="zero"` (DistillKit's default, `missing_probability_handling: zero`):
       the k probabilities renormalised, p~_j = w_j / sum(w), the other classes taken as 0:
           sum_j p~_j log(p~_j / q_j),
