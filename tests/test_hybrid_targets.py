@@ -13,6 +13,7 @@ from torch import nn
 from conftest import CHUNK
 from softlabels.errors import OptionError
 from softlabels.evaluate import evaluate
+from softlabels.export import export_set
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.targets import Hybrid
@@ -204,6 +205,8 @@ def test_sequence_set_batches_stream_and_evaluate(tmp_path: Path) -> None:
         sequence_kd_loss(z, b, temperature=2.0).backward()
         assert torch.isfinite(z.grad).all() and z.grad[b.mask].abs().sum() > 0
     streamed.close()
+    with pytest.raises(OptionError, match="hybrid set"):
+        export_set(out, tmp_path / "export")
     student = nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 30))
     scores = evaluate_sequence_student(data, student, transfer_set=out, temperature=2.0,
                                        device="cpu")
