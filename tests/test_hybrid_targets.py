@@ -161,7 +161,7 @@ def test_example_set_round_trip_verify_and_training(tmp_path: Path, npz_data: st
                                                     suffix: str, quantize: int) -> None:
     out = tmp_path / f"h.{suffix}"
     precompute(npz_data, ["mlp:16-6"], out, temperatures=[1, 3], chunk_rows=CHUNK, topk=3,
-               nucleus=0.7, tail=2, quantize=quantize)
+               nucleus=0.7, tail=2, quantize=quantize, random_teacher=True)
     with open_transfer_set(out) as ts:
         assert ts.sparse == {"kind": "hybrid", "k": 3, "nucleus": 0.7, "tail": 2,
                              "quantize": quantize or None}
