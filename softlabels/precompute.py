@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ._version import __version__
 from .errors import DataError, OptionError, TeacherOutputError
+from .example_data import batch_of
 from .format import schema as S
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
@@ -77,6 +78,34 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+PEAK, MEMBER_PEAK = "peak", "member_peak"  # device outputs the writer checks, never stored
+HOST_LOGITS, HOST_PROBS = "host_logits", "host_probs"  # float32, for codecs run on the host
+
+
+@torch.inference_mode()
+def device_outputs(layout: Layout, members: torch.Tensor, logits: torch.Tensor,
+                   probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the writer needs of one batch, computed where the teacher ran, so that only what is
+    stored crosses to the host: the rows' largest |logit| (B,) (NaN, inf and the storage
+    dtype's range are checked from it), dense arrays already in their storage dtype, top-k
+    classes with their per-T normalisers, and the float32 logits (B, C) and probs (K, B, C)
+    only where a host-side codec draws from them (sampled classes)."""
+    arrays = layout.arrays()
+    out = {PEAK: logits.abs().amax(dim=1)}  # one pass: NaN and inf show in the row's peak
+    if S.MEMBER_LOGITS in arrays:
+        out[MEMBER_PEAK] = members.abs().amax(dim=(0, 2))
+    if S.LOGITS in arrays:
+        dense = {S.LOGITS: logits, S.PROBS: probs, S.MEMBER_LOGITS: members}
+        return out | {name: t.to(getattr(torch, arrays[name][1]))
+                      for name, t in dense.items() if name in arrays}
+    if layout.topk:
+        top = torch.topk(logits, layout.topk, dim=-1)
+        lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in layout.temperatures], -1)
+        return out | {S.TOPK_INDICES: top.indices.int(), S.TOPK_LOGITS: top.values,
+                      S.TOPK_LOGSUMEXP: lse}
+    return out | {HOST_LOGITS: logits, HOST_PROBS: probs}
+
+
 class _BlockAssembler:
     """Writer-thread side: gathers batches into whole blocks and writes each once it is full."""
 
@@ -99,13 +128,9 @@ class _BlockAssembler:
 
     def _sparse(self, rows: np.ndarray, logits: torch.Tensor,
                 probs: torch.Tensor) -> dict[str, np.ndarray]:
-        """Top-k classes with the per-T normalisers, or k classes drawn from each p_T."""
+        """Targets drawn on the host: k classes drawn from each p_T (top-k is computed on the
+        teacher's device, `device_outputs`)."""
         lay = self.lay
-        if lay.topk:
-            top = torch.topk(logits, lay.topk, dim=-1)
-            lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in lay.temperatures], -1)
-            return {S.TOPK_INDICES: top.indices.int().numpy(),
-                    S.TOPK_LOGITS: top.values.numpy(), S.TOPK_LOGSUMEXP: lse.numpy()}
         if lay.sample_k:
             # Seeded by the batch's first row: blocks are cut into the same batches on every
             # run (block_batches), so a resumed or distributed run draws the same classes.
@@ -116,10 +141,10 @@ class _BlockAssembler:
         return {}
 
     def _check(self, rows: np.ndarray, index: np.ndarray, y: torch.Tensor,
-               members: torch.Tensor, logits: torch.Tensor) -> None:
+               peak: torch.Tensor, member_peak: torch.Tensor | None) -> None:
         """Refuse rows no reader may be handed: NaN/inf logits, logits past the storage
-        dtype's range (stored they would be inf, a set its own verify fails), bad labels."""
-        peak = logits.abs().amax(dim=1)  # one pass: NaN and inf show in the row's peak
+        dtype's range (stored they would be inf, a set its own verify fails), bad labels.
+        `peak`: each row's largest |logit| (B,); `member_peak`: the same over kept members."""
         bad = ~torch.isfinite(peak)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -127,8 +152,8 @@ class _BlockAssembler:
                                      f" (dataset index {index[i]}); check that model and that "
                                      "input")
         limit = float(np.finfo(self.lay.dtype).max)
-        if members.numel():
-            peak = torch.maximum(peak, members.abs().amax(dim=(0, 2)))
+        if member_peak is not None:
+            peak = torch.maximum(peak, member_peak)
         if (peak > limit).any():
             i = int((peak > limit).nonzero()[0])
             raise TeacherOutputError(
@@ -142,20 +167,46 @@ class _BlockAssembler:
                             f"teacher's {self.lay.num_classes} classes; labels must lie in "
                             f"[0, {self.lay.num_classes}), or be -1 for unknown")
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, members: torch.Tensor, logits: torch.Tensor,
-            probs: torch.Tensor, hashes: np.ndarray | None = None,
-            seeds: np.ndarray | None = None) -> None:
-        """One batch of rows; view rows bring the un-augmented input's hash and their seed."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, outputs: dict[str, torch.Tensor],
+            hashes: np.ndarray | None = None, seeds: np.ndarray | None = None) -> None:
+        """One batch of rows: its inputs, labels and `device_outputs` (on the host); view rows
+        bring the un-augmented input's hash and their seed."""
         rows = self.rows[self.pos:self.pos + len(x)]
         self.pos += len(x)
         index = rows // self.lay.views if self.lay.views else rows
-        self._check(rows, index, y, members, logits)
+        self._check(rows, index, y, outputs[PEAK], outputs.get(MEMBER_PEAK))
         xs = x.numpy()
         if hashes is None:
-            hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
-        columns = {S.LOGITS: logits.numpy(), S.PROBS: probs.numpy(), S.LABELS: y.numpy(),
-                   S.INDEX: index, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy(),
-                   S.INPUTS: xs, S.VIEW_SEED: seeds, **self._sparse(rows, logits, probs)}
+            hashes = S.sample_hashes(xs)  # per batch: no per-row numpy view
+        columns = {S.LABELS: y.numpy(), S.INDEX: index, S.SAMPLE_HASH: hashes, S.INPUTS: xs,
+                   S.VIEW_SEED: seeds, **{name: t.numpy() for name, t in outputs.items()}}
+        if HOST_LOGITS in outputs:
+            columns |= self._sparse(rows, outputs[HOST_LOGITS], outputs[HOST_PROBS])
+        self._place(rows, columns)
+
+    def _place(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
+        """Copy a batch's columns into its block's buffers (a batch of a whole block is written
+        as it is), and write each block once full. A batch of consecutive rows in one block
+        (what `block_batches` makes) is copied by slice; other batches row by row."""
+        lay, first = self.lay, int(rows[0])
+        block = first // lay.block_rows
+        start, stop = lay.block_range(block)
+        a, b = first - start, first - start + len(rows)
+        if b > stop - start or int(rows[-1]) - first + 1 != len(rows):
+            return self._scatter(rows, columns)
+        if a == 0 and b == stop - start:
+            self.writer.write_block(block, {name: columns[name] for name in lay.arrays()})
+            return None
+        bufs = self._buffer(block)
+        for name, buf in bufs.items():
+            if S.row_axis(name):
+                buf[:, a:b] = columns[name]
+            else:
+                buf[a:b] = columns[name]
+        self._filled(block, b - a)
+        return None
+
+    def _scatter(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
         for block in np.unique(rows // self.lay.block_rows):
             start, _ = self.lay.block_range(int(block))
             mine = (rows // self.lay.block_rows) == block
@@ -167,9 +218,14 @@ class _BlockAssembler:
                     buf[:, local] = src
                 else:
                     buf[local] = src
-            self.filled[int(block)] += int(mine.sum())
-            if self.filled[int(block)] == self.lay.block_range(int(block))[1] - start:
-                self.writer.write_block(int(block), self.buffers.pop(int(block)))
+            self._filled(int(block), int(mine.sum()))
+
+    def _filled(self, block: int, rows: int) -> None:
+        self.filled[block] += rows
+        start, stop = self.lay.block_range(block)
+        if self.filled[block] == stop - start:
+            self.writer.write_block(block, self.buffers.pop(block))
+            del self.filled[block]
 
 
 def _consume(assembler: _BlockAssembler, item: tuple[Any, ...],
@@ -334,18 +390,63 @@ def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> lis
     return batches
 
 
+class _Batches(Dataset):
+    """Item i: the i-th batch of `rows`, fetched whole. Where the data is an array (a source
+    with `get_batch(rows) -> (x (B, ...), y (B,) int64)`, or a TensorDataset of inputs and
+    1-D labels) one indexing operation per array; else item by item, stacked by `collate`."""
+
+    def __init__(self, dataset: Dataset, rows: np.ndarray, batches: list[list[int]]) -> None:
+        self.dataset, self.rows = dataset, rows
+        self.batches = [(b[0], b[-1] + 1) for b in batches]  # block_batches: consecutive
+        self.how = ("get_batch" if callable(getattr(dataset, "get_batch", None)) else
+                    "tensors" if _tensor_pairs(dataset) else "items")
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        a, b = self.batches[i]
+        rows = self.rows[a:b]
+        if self.how == "get_batch":
+            return tuple(self.dataset.get_batch(rows))
+        if self.how == "tensors":
+            return _tensor_batch(self.dataset, rows)
+        return collate([self.dataset[int(r)] for r in rows])
+
+
+def _tensor_pairs(dataset: Dataset) -> bool:
+    """A TensorDataset of inputs, or of inputs and one integer label per row (float labels
+    go item by item, where each is checked to be a whole number)."""
+    if not isinstance(dataset, TensorDataset) or len(dataset.tensors) not in (1, 2):
+        return False
+    y = dataset.tensors[-1]
+    return len(dataset.tensors) == 1 or (y.dim() == 1 and not y.is_floating_point()
+                                         and not y.is_complex())
+
+
+def _tensor_batch(dataset: TensorDataset, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `collate` makes of rows' items, in one indexing operation per tensor."""
+    x = batch_of(dataset.tensors[0], rows)
+    if len(dataset.tensors) == 1:
+        return x, torch.full((len(rows),), -1, dtype=torch.int64)
+    return x, batch_of(dataset.tensors[1], rows).long()
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
 def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | BlockWriter,
                blocks: Sequence[int], batch_size: int, num_workers: int,
                report: Callable[[int], None]) -> None:
     """Compute and write whole `blocks`; `report(rows done so far)` after each batch."""
     cuda = teacher.device.type == "cuda"
-    temps = writer.layout.temperatures
-    rows = rows_of(writer.layout, blocks)
+    layout = writer.layout
+    rows = rows_of(layout, blocks)
     done = 0
-    loader = DataLoader(Subset(dataset, rows.tolist()),
-                        batch_sampler=block_batches(writer.layout, blocks, batch_size),
-                        num_workers=num_workers, collate_fn=collate, pin_memory=cuda)
-    keep = writer.layout.num_members > 0
+    loader = DataLoader(_Batches(dataset, rows, block_batches(layout, blocks, batch_size)),
+                        batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                        pin_memory=cuda)
     assembler = _BlockAssembler(writer, rows)
     errors: list[BaseException] = []
     # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
@@ -361,12 +462,12 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
         for x, y, *view in loader:  # view rows also carry (hashes, seeds)
             if errors:
                 break
-            members, logits, probs = teacher.soft_targets(x, temps)
-            host = [t.to("cpu", non_blocking=cuda) for t in (members, logits, probs)]
+            outputs = device_outputs(layout, *teacher.soft_targets(x, layout.temperatures))
+            host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
             event = torch.cuda.Event() if cuda else None
             if event is not None:
                 event.record()
-            q.put((event, x, y, host[0] if keep else host[0][:0], host[1], host[2], *view))
+            q.put((event, x, y, host, *view))
             done += len(x)
             report(done)
     finally:
