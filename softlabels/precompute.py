@@ -91,9 +91,9 @@ def device_outputs(layout: Layout, members: torch.Tensor, logits: torch.Tensor,
     classes with their per-T normalisers, and the float32 logits (B, C) and probs (K, B, C)
     only where a host-side codec draws from them (sampled classes)."""
     arrays = layout.arrays()
-    out = {PEAK: logits.abs().amax(dim=1)}  # one pass: NaN and inf show in the row's peak
+    out = {PEAK: _peak(logits, (1,))}  # NaN and inf show in the row's peak
     if S.MEMBER_LOGITS in arrays:
-        out[MEMBER_PEAK] = members.abs().amax(dim=(0, 2))
+        out[MEMBER_PEAK] = _peak(members, (0, 2))
     if S.LOGITS in arrays:
         dense = {S.LOGITS: logits, S.PROBS: probs, S.MEMBER_LOGITS: members}
         return out | {name: t.to(getattr(torch, arrays[name][1]))
@@ -104,6 +104,12 @@ def device_outputs(layout: Layout, members: torch.Tensor, logits: torch.Tensor,
         return out | {S.TOPK_INDICES: top.indices.int(), S.TOPK_LOGITS: top.values,
                       S.TOPK_LOGSUMEXP: lse}
     return out | {HOST_LOGITS: logits, HOST_PROBS: probs}
+
+
+def _peak(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """|t|'s largest value over `dims`, as max(max t, -min t): two reading passes, no |t|
+    temporary; NaN propagates through both."""
+    return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
 
 
 class _BlockAssembler:
