@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ._version import __version__
 from .errors import DataError, OptionError, TeacherOutputError
-from .example_data import batch_of
+from .fetch import RowBatches, as_is
 from .format import schema as S
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
@@ -48,17 +48,6 @@ class PrecomputeResult:
     already_complete: bool
     seconds: float
     meta: dict[str, Any] = field(repr=False)
-
-
-def collate(items: Sequence[Any]) -> tuple[Any, ...]:
-    """Stack (input, label) items; a dataset without labels gets -1. View rows
-    (input, label, hash, seed) keep their hashes and seeds as uint64 numpy arrays."""
-    if isinstance(items[0], tuple) and len(items[0]) == 4:
-        xs, ys, hashes, seeds = zip(*items)
-        return (torch.stack(xs), torch.tensor(ys), np.array(hashes, dtype=np.uint64),
-                np.array(seeds, dtype=np.uint64))
-    pairs = [split_item(item) for item in items]
-    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
 
 
 def dataset_probe(data: Dataset, n: int = 16) -> str:
@@ -396,52 +385,6 @@ def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> lis
     return batches
 
 
-class _Batches(Dataset):
-    """Item i: the i-th batch of `rows`, fetched whole. Where the data is an array (a source
-    with `get_batch(rows) -> (x (B, ...), y (B,) int64)`, or a TensorDataset of inputs and
-    1-D labels) one indexing operation per array; else item by item, stacked by `collate`."""
-
-    def __init__(self, dataset: Dataset, rows: np.ndarray, batches: list[list[int]]) -> None:
-        self.dataset, self.rows = dataset, rows
-        self.batches = [(b[0], b[-1] + 1) for b in batches]  # block_batches: consecutive
-        self.how = ("get_batch" if callable(getattr(dataset, "get_batch", None)) else
-                    "tensors" if _tensor_pairs(dataset) else "items")
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        a, b = self.batches[i]
-        rows = self.rows[a:b]
-        if self.how == "get_batch":
-            return tuple(self.dataset.get_batch(rows))
-        if self.how == "tensors":
-            return _tensor_batch(self.dataset, rows)
-        return collate([self.dataset[int(r)] for r in rows])
-
-
-def _tensor_pairs(dataset: Dataset) -> bool:
-    """A TensorDataset of inputs, or of inputs and one integer label per row (float labels
-    go item by item, where each is checked to be a whole number)."""
-    if not isinstance(dataset, TensorDataset) or len(dataset.tensors) not in (1, 2):
-        return False
-    y = dataset.tensors[-1]
-    return len(dataset.tensors) == 1 or (y.dim() == 1 and not y.is_floating_point()
-                                         and not y.is_complex())
-
-
-def _tensor_batch(dataset: TensorDataset, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """What `collate` makes of rows' items, in one indexing operation per tensor."""
-    x = batch_of(dataset.tensors[0], rows)
-    if len(dataset.tensors) == 1:
-        return x, torch.full((len(rows),), -1, dtype=torch.int64)
-    return x, batch_of(dataset.tensors[1], rows).long()
-
-
-def _as_is(batch: Any) -> Any:
-    return batch
-
-
 def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | BlockWriter,
                blocks: Sequence[int], batch_size: int, num_workers: int,
                report: Callable[[int], None]) -> None:
@@ -450,8 +393,8 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
     layout = writer.layout
     rows = rows_of(layout, blocks)
     done = 0
-    loader = DataLoader(_Batches(dataset, rows, block_batches(layout, blocks, batch_size)),
-                        batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+    loader = DataLoader(RowBatches(dataset, rows, block_batches(layout, blocks, batch_size)),
+                        batch_size=None, collate_fn=as_is, num_workers=num_workers,
                         pin_memory=cuda)
     assembler = _BlockAssembler(writer, rows)
     errors: list[BaseException] = []
