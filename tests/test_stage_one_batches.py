@@ -175,3 +175,11 @@ def test_storage_dtypes_cast_on_the_device_round_like_numpy() -> None:
         want = z.astype(np.float16)[:, None]
     assert got[S.LOGITS].numpy().view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
     assert got[S.PROBS].numpy()[0].tobytes() == want.tobytes()
+
+
+def test_loader_workers_fetch_the_same_batches(tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz", classes=5)
+    for workers in (0, 2):
+        precompute(data, [_model(0)], tmp_path / f"w{workers}.zarr", temperatures=TEMPS,
+                   chunk_rows=CHUNK, batch_size=BATCH, num_workers=workers)
+    _assert_same(_stored(tmp_path / "w2.zarr")[0], _stored(tmp_path / "w0.zarr")[0])
