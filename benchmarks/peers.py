@@ -25,6 +25,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=list(PEERS))
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     print(f"{args.rows} rows, C = {args.classes}, batch {BATCH}, load {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
