@@ -145,13 +145,14 @@ class SoftTargetDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        """(input, label, target at T); for a sparse set (input, label, classes, weights).
+        """(input, label, target at T); for a sparse set (input, label, classes, weights), and
+        a hybrid set's log p_T last.
         In a view set the input is the row's replayed view."""
         x, _ = split_item(self.data[int(self.data_index[i])])
         if self.transform is not None:
             x = replay(self.transform, x, int(self.view_seeds[i]))
-        if isinstance(self.targets, tuple):
-            return x, int(self.labels[i]), self.targets[0][i], self.targets[1][i]
+        if isinstance(self.targets, tuple):  # classes, weights (and a hybrid's log p)
+            return (x, int(self.labels[i]), *(t[i] for t in self.targets))
         return x, int(self.labels[i]), self.targets[i]
 
 

@@ -136,6 +136,10 @@ class _BlockAssembler:
             draws = [torch.multinomial(p, lay.sample_k, replacement=True, generator=g)
                      .sort(dim=-1).values for p in probs]
             return {S.SAMPLE_INDICES: torch.stack(draws).int().numpy()}
+        if lay.hybrid:  # the tail's uniforms seeded as sampled classes are, by the first row
+            g = torch.Generator().manual_seed(int(rows[0]))
+            u = torch.rand(len(rows), lay.hybrid.tail, generator=g)
+            return lay.hybrid.encode(logits, lay.temperatures, u)
         return {}
 
     def _check(self, rows: np.ndarray, index: np.ndarray, y: torch.Tensor,
@@ -345,7 +349,7 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
                     num_members=len(teacher.members) if opts.keep_members else 0,
                     chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows,
                     input_shape=tuple(x0.shape) if opts.store_inputs else None,
-                    input_dtype=str(x0.numpy().dtype), topk=opts.topk, sample_k=opts.sample_k,
+                    input_dtype=str(x0.numpy().dtype), **opts.sparse_args(),
                     views=views)
     meta = {
         "num_examples": len(dataset),

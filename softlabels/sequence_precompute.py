@@ -112,9 +112,9 @@ def prepare_sequences(data: str | TokenSequences, teachers: Sequence[str | nn.Mo
     layout = Layout(
         num_rows=int(dataset.offsets[-1]), num_classes=num_classes,
         temperatures=opts.temperatures, dtype=opts.dtype, probs_dtype=opts.probs_dtype,
-        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows, topk=opts.topk,
-        sample_k=opts.sample_k, num_sequences=len(dataset),
-        topk_dtype=opts.dtype if opts.topk else "float32")
+        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows, **opts.sparse_args(),
+        num_sequences=len(dataset),
+        topk_dtype=opts.dtype if opts.topk and not opts.nucleus else "float32")
     meta = {
         "num_examples": len(dataset), "class_names": [], "teacher": teacher.describe(),
         "dataset": {"spec": data if isinstance(data, str) else "object:TokenSequences",
@@ -218,6 +218,8 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
                 S.TOPK_LOGSUMEXP: (lse - shift / temps).cpu().numpy()}
     if layout.sample_k:
         return {S.SAMPLE_INDICES: _sample(logits, lengths, layout, seeds).numpy()}
+    if layout.hybrid:
+        return _hybrid(logits, lengths, layout, seeds)
     probs = ensemble_probs(z, layout.temperatures, teacher.combine)  # (K, B, L, C)
     return {S.LOGITS: logits.cpu().numpy(), S.PROBS: probs.cpu().numpy()}
 
@@ -241,6 +243,20 @@ def _sample(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
         idx = torch.searchsorted(cdf, u[j] * cdf[..., -1:], right=True)
         draws.append(idx.clamp_max(logits.shape[-1] - 1).sort(-1).values.int().cpu())
     return torch.stack(draws)
+
+
+def _hybrid(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
+            seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The hybrid arrays (B, L, ...) of a padded batch; the tail's uniforms of sequence s are
+    `torch.rand(L_s, M)` from a CPU generator seeded by s (any batching draws the same)."""
+    b, n = logits.shape[:2]
+    u = torch.zeros(b, n, layout.hybrid.tail)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        u[i, :lengths[i]] = torch.rand(int(lengths[i]), layout.hybrid.tail, generator=g)
+    out = layout.hybrid.encode(logits.reshape(b * n, -1), layout.temperatures,
+                               u.reshape(b * n, -1))
+    return {name: a.reshape(b, n, *a.shape[1:]) for name, a in out.items()}
 
 
 def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict[str, Any]:

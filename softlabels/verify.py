@@ -84,13 +84,18 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     if ts.sparse and ts.sparse["kind"] == "sample":
         report.add("teacher", True, "not recomputed: sampled classes are random draws")
         return
-    if ts.sparse:  # top-k: compare the stored logits with the live ones at those classes
-        classes = ts.read(S.TOPK_INDICES)[rows].astype(np.int64)
-        z_live = np.take_along_axis(z_live, classes, axis=1)
-        z_stored = ts.read(S.TOPK_LOGITS)[rows]
+    if ts.layout.hybrid:  # the stored values and normalisers against the live logits
+        hybrid = ts.layout.hybrid
+        diff = hybrid.live_differences({n: ts.read(n)[rows] for n in hybrid.names()}, z_live,
+                                       ts.temperatures)[:, None]
     else:
-        z_stored = ts.logits()[rows]
-    diff = np.abs(z_live - z_stored) / (1 + np.abs(z_stored))
+        if ts.sparse:  # top-k: compare the stored logits with the live ones at those classes
+            classes = ts.read(S.TOPK_INDICES)[rows].astype(np.int64)
+            z_live = np.take_along_axis(z_live, classes, axis=1)
+            z_stored = ts.read(S.TOPK_LOGITS)[rows]
+        else:
+            z_stored = ts.logits()[rows]
+        diff = np.abs(z_live - z_stored) / (1 + np.abs(z_stored))
     tol = default_tolerance(meta) if tolerance is None else tolerance
     worst = float(diff.max()) if diff.size else 0.0
     report.add("teacher", worst <= tol, f"{len(rows)} sampled rows recomputed: largest "
