@@ -50,6 +50,19 @@ class NpzDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.x[i], int(self.y[i])
 
+    def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items `rows` at once: inputs (B, ...) and int64 labels (B,), one indexing operation
+        each (a slice where the rows are consecutive), what `dataset[i]` gives row by row."""
+        return batch_of(self.x, rows), batch_of(self.y, rows)
+
+
+def batch_of(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """t[rows] along the first axis: a view for consecutive rows, else one gather."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows) and (
+            len(rows) < 3 or bool((np.diff(rows) == 1).all())):
+        return t[int(rows[0]):int(rows[-1]) + 1]
+    return t[torch.as_tensor(np.asarray(rows, dtype=np.int64))]
+
 
 def check_labels(y: np.ndarray, *, where: str, num_classes: int | None = None) -> np.ndarray:
     """Labels as int64, refusing what no class can be: non-integer values, values below -1

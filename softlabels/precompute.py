@@ -6,7 +6,6 @@ outputs, assembles whole blocks and writes them, so storage overlaps compute.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -22,15 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ._version import __version__
 from .errors import DataError, OptionError, SoftlabelsError, TeacherOutputError
+from .fetch import RowBatches, as_is
 from .format import schema as S
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
-from .images import decode_batch, keep_decodable, model_inputs, stack_images
+from .images import decode_batch, keep_decodable, model_inputs
 from .options import PrecomputeOptions, check_output_file
 from .preprocessing import Preprocess
 from .progress import Progress
@@ -53,19 +53,6 @@ class PrecomputeResult:
     meta: dict[str, Any] = field(repr=False)
 
 
-def collate(items: Sequence[Any], *, encoded: bool = False) -> tuple[Any, ...]:
-    """Stack (input, label) items; a dataset without labels gets -1. Hashed items
-    (input, label, hash) and view rows (input, label, hash, seed) keep their hashes and seeds
-    as uint64 numpy arrays. `encoded` inputs (image bytes) stay a list, decoded later."""
-    if isinstance(items[0], tuple) and len(items[0]) in (3, 4):
-        xs, ys, hashes, *seeds = zip(*items)
-        return (list(xs) if encoded else stack_images(xs), torch.tensor(ys),
-                np.array(hashes, dtype=np.uint64),
-                *([np.array(seeds[0], dtype=np.uint64)] if seeds else []))
-    pairs = [split_item(item) for item in items]
-    return stack_images([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
-
-
 def dataset_probe(data: Dataset, n: int = 16) -> str:
     """A cheap identity of a dataset: the hashes of up to n evenly spaced examples."""
     picks = np.unique(np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(int))
@@ -82,6 +69,40 @@ def versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "zarr": zarr.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
+
+
+PEAK, MEMBER_PEAK = "peak", "member_peak"  # device outputs the writer checks, never stored
+HOST_LOGITS, HOST_PROBS = "host_logits", "host_probs"  # float32, for codecs run on the host
+
+
+@torch.inference_mode()
+def device_outputs(layout: Layout, members: torch.Tensor, logits: torch.Tensor,
+                   probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the writer needs of one batch, computed where the teacher ran, so that only what is
+    stored crosses to the host: the rows' largest |logit| (B,) (NaN, inf and the storage
+    dtype's range are checked from it), dense arrays already in their storage dtype, top-k
+    classes with their per-T normalisers, and the float32 logits (B, C) and probs (K, B, C)
+    only where a host-side codec draws from them (sampled classes)."""
+    arrays = layout.arrays()
+    out = {PEAK: _peak(logits, (1,))}  # NaN and inf show in the row's peak
+    if S.MEMBER_LOGITS in arrays:
+        out[MEMBER_PEAK] = _peak(members, (0, 2))
+    if S.LOGITS in arrays:
+        dense = {S.LOGITS: logits, S.PROBS: probs, S.MEMBER_LOGITS: members}
+        return out | {name: t.to(getattr(torch, arrays[name][1]))
+                      for name, t in dense.items() if name in arrays}
+    if layout.topk:
+        top = torch.topk(logits, layout.topk, dim=-1)
+        lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in layout.temperatures], -1)
+        return out | {S.TOPK_INDICES: top.indices.int(), S.TOPK_LOGITS: top.values,
+                      S.TOPK_LOGSUMEXP: lse}
+    return out | {HOST_LOGITS: logits, HOST_PROBS: probs}
+
+
+def _peak(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """|t|'s largest value over `dims`, as max(max t, -min t): two reading passes, no |t|
+    temporary; NaN propagates through both."""
+    return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
 
 
 class _BlockAssembler:
@@ -107,13 +128,9 @@ class _BlockAssembler:
 
     def _sparse(self, rows: np.ndarray, logits: torch.Tensor,
                 probs: torch.Tensor) -> dict[str, np.ndarray]:
-        """Top-k classes with the per-T normalisers, or k classes drawn from each p_T."""
+        """Targets drawn on the host: k classes drawn from each p_T (top-k is computed on the
+        teacher's device, `device_outputs`)."""
         lay = self.lay
-        if lay.topk:
-            top = torch.topk(logits, lay.topk, dim=-1)
-            lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in lay.temperatures], -1)
-            return {S.TOPK_INDICES: top.indices.int().numpy(),
-                    S.TOPK_LOGITS: top.values.numpy(), S.TOPK_LOGSUMEXP: lse.numpy()}
         if lay.sample_k:
             # Seeded by the batch's first row: blocks are cut into the same batches on every
             # run (block_batches), so a resumed or distributed run draws the same classes.
@@ -128,10 +145,10 @@ class _BlockAssembler:
         return {}
 
     def _check(self, rows: np.ndarray, index: np.ndarray, y: torch.Tensor,
-               members: torch.Tensor, logits: torch.Tensor) -> None:
+               peak: torch.Tensor, member_peak: torch.Tensor | None) -> None:
         """Refuse rows no reader may be handed: NaN/inf logits, logits past the storage
-        dtype's range (stored they would be inf, a set its own verify fails), bad labels."""
-        peak = logits.abs().amax(dim=1)  # one pass: NaN and inf show in the row's peak
+        dtype's range (stored they would be inf, a set its own verify fails), bad labels.
+        `peak`: each row's largest |logit| (B,); `member_peak`: the same over kept members."""
         bad = ~torch.isfinite(peak)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -139,8 +156,8 @@ class _BlockAssembler:
                                      f" (dataset index {index[i]}); check that model and that "
                                      "input")
         limit = float(np.finfo(self.lay.dtype).max)
-        if members.numel():
-            peak = torch.maximum(peak, members.abs().amax(dim=(0, 2)))
+        if member_peak is not None:
+            peak = torch.maximum(peak, member_peak)
         if (peak > limit).any():
             i = int((peak > limit).nonzero()[0])
             raise TeacherOutputError(
@@ -154,22 +171,48 @@ class _BlockAssembler:
                             f"teacher's {self.lay.num_classes} classes; labels must lie in "
                             f"[0, {self.lay.num_classes}), or be -1 for unknown")
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, members: torch.Tensor, logits: torch.Tensor,
-            probs: torch.Tensor, hashes: np.ndarray | None = None,
-            seeds: np.ndarray | None = None) -> None:
-        """One batch of rows; view rows bring the un-augmented input's hash and their seed."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, outputs: dict[str, torch.Tensor],
+            hashes: np.ndarray | None = None, seeds: np.ndarray | None = None) -> None:
+        """One batch of rows: its inputs, labels and `device_outputs` (on the host); view rows
+        bring the un-augmented input's hash and their seed."""
         rows = self.rows[self.pos:self.pos + len(x)]
         self.pos += len(x)
         index = rows // self.lay.views if self.lay.views else rows
         if self.kept is not None:  # bad images left out: row -> the dataset's own index
             index = self.kept[index]
-        self._check(rows, index, y, members, logits)
+        self._check(rows, index, y, outputs[PEAK], outputs.get(MEMBER_PEAK))
         xs = x.numpy()
         if hashes is None:
-            hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
-        columns = {S.LOGITS: logits.numpy(), S.PROBS: probs.numpy(), S.LABELS: y.numpy(),
-                   S.INDEX: index, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy(),
-                   S.INPUTS: xs, S.VIEW_SEED: seeds, **self._sparse(rows, logits, probs)}
+            hashes = S.sample_hashes(xs)  # per batch: no per-row numpy view
+        columns = {S.LABELS: y.numpy(), S.INDEX: index, S.SAMPLE_HASH: hashes, S.INPUTS: xs,
+                   S.VIEW_SEED: seeds, **{name: t.numpy() for name, t in outputs.items()}}
+        if HOST_LOGITS in outputs:
+            columns |= self._sparse(rows, outputs[HOST_LOGITS], outputs[HOST_PROBS])
+        self._place(rows, columns)
+
+    def _place(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
+        """Copy a batch's columns into its block's buffers (a batch of a whole block is written
+        as it is), and write each block once full. A batch of consecutive rows in one block
+        (what `block_batches` makes) is copied by slice; other batches row by row."""
+        lay, first = self.lay, int(rows[0])
+        block = first // lay.block_rows
+        start, stop = lay.block_range(block)
+        a, b = first - start, first - start + len(rows)
+        if b > stop - start or int(rows[-1]) - first + 1 != len(rows):
+            return self._scatter(rows, columns)
+        if a == 0 and b == stop - start:
+            self.writer.write_block(block, {name: columns[name] for name in lay.arrays()})
+            return None
+        bufs = self._buffer(block)
+        for name, buf in bufs.items():
+            if S.row_axis(name):
+                buf[:, a:b] = columns[name]
+            else:
+                buf[a:b] = columns[name]
+        self._filled(block, b - a)
+        return None
+
+    def _scatter(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
         for block in np.unique(rows // self.lay.block_rows):
             start, _ = self.lay.block_range(int(block))
             mine = (rows // self.lay.block_rows) == block
@@ -181,9 +224,14 @@ class _BlockAssembler:
                     buf[:, local] = src
                 else:
                     buf[local] = src
-            self.filled[int(block)] += int(mine.sum())
-            if self.filled[int(block)] == self.lay.block_range(int(block))[1] - start:
-                self.writer.write_block(int(block), self.buffers.pop(int(block)))
+            self._filled(int(block), int(mine.sum()))
+
+    def _filled(self, block: int, rows: int) -> None:
+        self.filled[block] += rows
+        start, stop = self.lay.block_range(block)
+        if self.filled[block] == stop - start:
+            self.writer.write_block(block, self.buffers.pop(block))
+            del self.filled[block]
 
 
 def _consume(assembler: _BlockAssembler, item: tuple[Any, ...],
@@ -363,15 +411,14 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
     """Compute and write whole `blocks`; `report(rows done so far)` after each batch.
     With `decode_device` cuda, image sources hand over encoded bytes, decoded there."""
     cuda = teacher.device.type == "cuda"
-    temps = writer.layout.temperatures
-    rows = rows_of(writer.layout, blocks)
+    layout = writer.layout
+    rows = rows_of(layout, blocks)
     done = 0
     items, decode_on = _loader_items(dataset, decode_device)
-    loader = DataLoader(Subset(items, rows.tolist()),
-                        batch_sampler=block_batches(writer.layout, blocks, batch_size),
-                        num_workers=num_workers, pin_memory=cuda and decode_on is None,
-                        collate_fn=functools.partial(collate, encoded=decode_on is not None))
-    keep = writer.layout.num_members > 0
+    loader = DataLoader(RowBatches(items, rows, block_batches(layout, blocks, batch_size),
+                                   encoded=decode_on is not None),
+                        batch_size=None, collate_fn=as_is, num_workers=num_workers,
+                        pin_memory=cuda and decode_on is None)
     assembler = _BlockAssembler(writer, rows, getattr(_examples(dataset), "kept", None))
     errors: list[BaseException] = []
     # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
@@ -389,13 +436,13 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
                 break
             if decode_on is not None:  # encoded bytes: decode and preprocess on the device
                 x = decode_batch(x, decode_on, _examples(dataset).preprocess or Preprocess())
-            members, logits, probs = teacher.soft_targets(x, temps)
+            outputs = device_outputs(layout, *teacher.soft_targets(x, layout.temperatures))
             x = x.cpu()  # a no-op unless decoded on the device
-            host = [t.to("cpu", non_blocking=cuda) for t in (members, logits, probs)]
+            host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
             event = torch.cuda.Event() if cuda else None
             if event is not None:
                 event.record()
-            q.put((event, x, y, host[0] if keep else host[0][:0], host[1], host[2], *view))
+            q.put((event, x, y, host, *view))
             done += len(x)
             report(done)
     finally:

@@ -144,3 +144,10 @@ def sample_hash(x: np.ndarray) -> int:
     hashing 224x224 images keeps pace with a GPU teacher; it detects edits, not attacks.
     """
     return xxhash.xxh3_64_intdigest(np.ascontiguousarray(x))
+
+
+def sample_hashes(x: np.ndarray) -> np.ndarray:
+    """(B,) uint64: `sample_hash` of each row x[i] of a batch (B, ...), the same values, without
+    a numpy view per row (~100 ns a row for small inputs)."""
+    rows = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
+    return np.fromiter(map(xxhash.xxh3_64_intdigest, rows), dtype=np.uint64, count=len(rows))
