@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 from make_images import photo_crops  # noqa: E402
 
-from softlabels.images import ImageFolderSource, decode_batch  # noqa: E402
 from softlabels.fetch import collate  # noqa: E402
+from softlabels.images import ImageFolderSource, decode_batch  # noqa: E402
 from softlabels.precompute import precompute  # noqa: E402
 from softlabels.specs import load_data  # noqa: E402
 

@@ -26,7 +26,8 @@ from .evaluate import evaluate
 from .format import TransferSet, convert, merge, open_transfer_set, subset
 from .losses import kd_loss, kd_loss_from_probs, logit_matching_loss, sparse_kd_loss
 from .options import PrecomputeOptions, TrainOptions
-from .precompute import PrecomputeResult, precompute
+from .precompute import precompute
+from .run_record import PrecomputeResult
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
 from .trainer import TrainResult, train_student
 from .verify import VerifyReport, verify

@@ -35,14 +35,9 @@ from .format.lease import refuse_if_busy
 from .format.location import Remote, is_url
 from .format.writer import TransferSetWriter
 from .options import PrecomputeOptions, check_output_file
-from .precompute import (
-    PrecomputeResult,
-    as_options,
-    prepare,
-    row_hashes,
-    rows_of,
-)
+from .precompute import prepare, row_hashes, rows_of
 from .progress import Progress
+from .run_record import PrecomputeResult, as_options
 from .sequence_precompute import (
     WINDOW_ROWS,
     prepare_sequences,

@@ -21,7 +21,8 @@ from .format.layout import Layout
 from .format.location import Remote, is_url
 from .format.writer import BlockWriter
 from .images import model_inputs
-from .precompute import dataset_probe, run_blocks
+from .precompute import run_blocks
+from .run_record import dataset_probe
 from .sequence_precompute import write_window
 from .specs import load_data
 from .teacher import Teacher

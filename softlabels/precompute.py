@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._version import __version__
 from .errors import DataError, OptionError, SoftlabelsError, TeacherOutputError
 from .fetch import RowBatches, as_is
 from .format import schema as S
@@ -34,6 +31,7 @@ from .images import decode_batch, keep_decodable, model_inputs
 from .options import PrecomputeOptions, check_output_file
 from .preprocessing import Preprocess
 from .progress import Progress
+from .run_record import PrecomputeResult, as_options, dataset_probe, versions
 from .specs import check_labels, class_names, example_hash, load_data, split_item
 from .teacher import Teacher
 from .teacher_inputs import teacher_inputs
@@ -42,33 +40,10 @@ from .views import ViewDataset
 
 log = logging.getLogger(__name__)
 
-@dataclass
-class PrecomputeResult:
-    path: Path
-    num_rows: int
-    rows_computed: int
-    resumed: bool
-    already_complete: bool
-    seconds: float
-    meta: dict[str, Any] = field(repr=False)
 
 
-def dataset_probe(data: Dataset, n: int = 16) -> str:
-    """A cheap identity of a dataset: the hashes of up to n evenly spaced examples."""
-    picks = np.unique(np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(int))
-    hashes = np.array([example_hash(data, int(i)) for i in picks], dtype=np.uint64)
-    return S.fingerprint(hashes)[:32]
 
 
-def versions() -> dict[str, str]:
-    import h5py
-    import torchvision
-    import zarr
-
-    return {"softlabels": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "zarr": zarr.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
 
 
 PEAK, MEMBER_PEAK = "peak", "member_peak"  # device outputs the writer checks, never stored
@@ -298,12 +273,6 @@ def precompute(
                             seconds=time.perf_counter() - t0, meta=writer.meta)
 
 
-def as_options(options: PrecomputeOptions | None, kwargs: dict[str, Any]) -> PrecomputeOptions:
-    """The options object from an object or from its fields by keyword, not both."""
-    if options is not None and kwargs:
-        raise TypeError(f"pass a PrecomputeOptions or keyword options, not both "
-                        f"(got {sorted(kwargs)})")
-    return options if options is not None else PrecomputeOptions(**kwargs)
 
 
 def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:

@@ -28,8 +28,8 @@ from .errors import DataError
 from .format import schema as S
 from .format.layout import Layout
 from .format.sequence import SEQ_MASK, SEQ_POSITION, SEQ_TOKENS, SequenceSetWriter
-from .precompute import versions
 from .progress import Progress
+from .run_record import versions
 
 # exp(log p) summed over a position's k classes may exceed 1 by rounding only
 MASS_TOLERANCE = 1e-4

@@ -35,8 +35,8 @@ from .format.sequence import (
 )
 from .format.writer import BlockWriter
 from .options import PrecomputeOptions, check_output_file
-from .precompute import PrecomputeResult, as_options, dataset_probe, versions
 from .progress import Progress
+from .run_record import PrecomputeResult, as_options, dataset_probe, versions
 from .sequence_checks import check_fits_teacher, check_labels, check_something_to_distil
 from .specs import load_data
 from .teacher import Teacher

@@ -150,7 +150,7 @@ def load_data(spec: str) -> Dataset:
 
         return TransferSetInputs(body)
     if scheme == "tokens":
-        from .tokens import load_tokens
+        from .token_files import load_tokens
 
         return load_tokens(body, options, spec)
     if scheme == "text":

@@ -29,9 +29,10 @@ import numpy as np
 
 from .chat import render_chats
 from .errors import DataError, SpecError
+from .token_files import read_jsonl
 from .token_windows import window_options, windowed
 from .tokenizer_files import load_tokenizer
-from .tokens import Origin, TokenSequences, read_jsonl
+from .tokens import Origin, TokenSequences
 
 log = logging.getLogger(__name__)
 

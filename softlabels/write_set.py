@@ -40,8 +40,8 @@ from .format import schema as S
 from .format.layout import Layout
 from .format.writer import TransferSetWriter
 from .options import check_choice, check_temperature
-from .precompute import dataset_probe, versions
 from .progress import Progress
+from .run_record import dataset_probe, versions
 from .sequence_import import MASS_TOLERANCE
 from .specs import example_hash, load_data
 from .tempering import tempered_softmax

@@ -25,7 +25,7 @@ from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, read_offsets
 from softlabels.precompute import precompute
 from softlabels.specs import build_model, load_model, save_checkpoint
-from softlabels.tokens import load_tokens
+from softlabels.token_files import load_tokens
 
 TEACHER = "python:helpers:tiny_lm"
 STUDENT = "gpt:11?dim=8&layers=1&heads=2&context=16"

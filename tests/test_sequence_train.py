@@ -21,7 +21,7 @@ from softlabels.precompute import precompute
 from softlabels.sequence_datasets import SequenceBatches, sequence_kd_loss
 from softlabels.sequence_trainer import evaluate_sequence_model, train_sequence_model
 from softlabels.specs import load_checkpoint
-from softlabels.tokens import load_tokens
+from softlabels.token_files import load_tokens
 from softlabels.verify import verify
 
 

@@ -25,7 +25,7 @@ from softlabels.format.sequence import (
     read_offsets,
 )
 from softlabels.precompute import precompute
-from softlabels.tokens import load_tokens
+from softlabels.token_files import load_tokens
 from softlabels.verify import verify
 
 VOCAB, CHUNK = 11, 16
