@@ -104,6 +104,16 @@ class TransferSet:
         over every row array of a block, so its checked reads read every row array, whatever
         `arrays` asks for.
         """
+        return self.read_blocks([block], arrays, temperature=temperature, checksum=checksum)[0]
+
+    def read_blocks(self, blocks: Iterable[int], arrays: Iterable[str] | None = None, *,
+                    temperature: float | None = None, checksum: bool = True,
+                    ) -> list[dict[str, np.ndarray]]:
+        """`read_block` of several blocks, their chunks fetched in one call (Zarr: one asyncio
+        gather, so a window of blocks costs one round of zarr's per-call work, not one per
+        block), then each block checked on its own bytes as `read_block` checks it. A block
+        that cannot be read is named by reading the blocks again one at a time."""
+        blocks = [int(b) for b in blocks]
         names = self.row_arrays() if arrays is None else list(dict.fromkeys(arrays))
         unknown = sorted(set(names) - set(self.layout.arrays()))
         if unknown:
@@ -113,31 +123,52 @@ class TransferSet:
         if temperature is not None and k is None:
             raise TransferSetError(f"{self.path} stores T={self.temperatures}, not "
                                    f"T={temperature}; read logits to re-temper")
-        start, stop = self.block_range(block)
-        where = f"block {block} (rows {start}-{stop - 1}) of {self.path}"
         v1 = checksum and self._v1_checksums is not None
         read = self.row_arrays() if v1 else names
-        requests = [(n, self._block_selection(n, start, stop, None if v1 else k)) for n in read]
         v2 = checksum and self.format_version >= 2
-        if v2 and block not in self._recorded:  # read with the block's arrays, kept for reuse
-            requests.append((S.ARRAY_CHECKSUM, (block, slice(None))))
-        # A complete set marks every block done: checked on a block's first read, in the same
-        # round trip where reads go together (Zarr: one object per block), else all at once
-        marker = block not in self._marked and self.store.reads_together
-        if marker:
-            requests.append((S.BLOCK_DONE, slice(block, block + 1)))
+        requests, plans = [], []
+        for block in blocks:
+            start, stop = self.block_range(block)
+            mine = [(n, self._block_selection(n, start, stop, None if v1 else k)) for n in read]
+            recorded = v2 and block not in self._recorded  # read with the block, kept for reuse
+            if recorded:
+                mine.append((S.ARRAY_CHECKSUM, (block, slice(None))))
+            # A complete set marks every block done: checked on a block's first read, in the
+            # same round trip where reads go together (Zarr: one object per block), else all at
+            # once
+            marker = block not in self._marked and self.store.reads_together
+            if marker:
+                mine.append((S.BLOCK_DONE, slice(block, block + 1)))
+            plans.append((block, len(requests), len(mine), recorded, marker))
+            requests += mine
         try:
-            if not marker and block not in self._marked and self._marks is None:
+            if any(b not in self._marked for b in blocks) and not self.store.reads_together \
+                    and self._marks is None:
                 self._marks = self.store.read(S.BLOCK_DONE)  # HDF5: ~10 us per block, once
             got = self.store.read_many(requests)
         except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
+            if len(blocks) > 1:  # name the block: one at a time
+                for block in blocks:
+                    self.read_block(block, names, temperature=temperature, checksum=checksum)
+            start, stop = self.block_range(blocks[0])
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.store.drop_cache()
-            raise IntegrityError(f"{where} cannot be read ({type(exc).__name__}: {first}); get "
-                                 "a fresh copy of the set") from None
+            raise IntegrityError(f"block {blocks[0]} (rows {start}-{stop - 1}) of {self.path} "
+                                 f"cannot be read ({type(exc).__name__}: {first}); get a fresh "
+                                 "copy of the set") from None
+        return [self._checked(block, list(got[at:at + n]), read, names, k, v1, v2, recorded,
+                              marker) for block, at, n, recorded, marker in plans]
+
+    def _checked(self, block: int, got: list[np.ndarray], read: list[str], names: list[str],
+                 k: int | None, v1: bool, v2: bool, recorded: bool, marker: bool,
+                 ) -> dict[str, np.ndarray]:
+        """One block's arrays as read (`got`: `read`, then its checksum row and marker where
+        asked), checked; `IntegrityError` names the block."""
+        start, stop = self.block_range(block)
+        where = f"block {block} (rows {start}-{stop - 1}) of {self.path}"
         undone = (undone_problem(got.pop()) if marker else None if block in self._marked
                   else undone_problem(self._marks[block:block + 1]))
-        if len(got) > len(read):
+        if recorded:
             self._recorded[block] = got.pop()
         out = dict(zip(read, got))
         problem = None

@@ -1,0 +1,204 @@
+"""One rank's epoch of a streamed set as a sequence of rows, cut into pieces of whole batches.
+
+The rows are the rank's windows of blocks (`epochs.block_windows`) one after another, each
+window's rows permuted by a generator of its own (seed, epoch, rank, window number), so any
+stretch of the sequence can be rebuilt without the ones before it: a resumed epoch starts at
+its first unserved batch, and a DataLoader worker builds only its own pieces (piece i goes to
+worker i % workers, the order in which a DataLoader takes them). A window's blocks are read in
+one call and checked block by block (`TransferSet.read_blocks`: checksums over each block's
+bytes, `block_done`, finite targets, labels and indices in range); targets are converted with
+torch. A background thread builds the next pieces while the consumer cuts batches.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .blocks import empty, needed_arrays, shuffled_window, window_order
+from .format import schema as S
+from .format.reader import TransferSet
+from .tempering import tempered_softmax
+
+Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
+
+
+@dataclass(frozen=True)
+class Span:
+    """The rows one iteration serves: [first, stop) of the rank's row sequence, in pieces of
+    `piece` rows (a multiple of the batch), piece i built where `mine(i)`."""
+
+    first: int
+    stop: int
+    piece: int
+    mine: Callable[[int], bool]
+
+    def pieces_in(self, lo: int, hi: int) -> range:
+        """The pieces that rows [lo, hi) of the sequence overlap."""
+        lo, hi = max(lo, self.first), min(hi, self.stop)
+        if lo >= hi:
+            return range(0)
+        return range((lo - self.first) // self.piece, (hi - 1 - self.first) // self.piece + 1)
+
+    def rows_of(self, i: int) -> tuple[int, int]:
+        start = self.first + i * self.piece
+        return start, min(start + self.piece, self.stop)
+
+
+def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature: float,
+                  dtype: torch.dtype, keep: np.ndarray | None, block: int) -> Columns:
+    """[index, labels, *targets] of one checked block's selected rows (`keep`, a mask over all
+    rows, or every row), converted with torch: dense (n, C) probabilities at T (stored, or
+    re-tempered from the logits in float32) in `dtype`; sparse (classes int64, weights in
+    `dtype`)."""
+    k = ts.temperature_index(temperature)
+    t = {name: torch.from_numpy(a) for name, a in arrays.items()}
+    if ts.sparse and ts.sparse["kind"] == "topk":
+        lse = t[S.TOPK_LOGSUMEXP][:, k:k + 1]
+        targets = [t[S.TOPK_INDICES].long(),
+                   torch.exp(t[S.TOPK_LOGITS].float() / temperature - lse).to(dtype)]
+    elif ts.sparse:
+        idx = t[S.SAMPLE_INDICES].long()
+        targets = [idx, torch.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=dtype)]
+    elif k is not None:
+        targets = [t[S.PROBS].to(dtype)]
+    else:
+        targets = [tempered_softmax(t[S.LOGITS], temperature).to(dtype)]
+    cols = [t[S.INDEX], t[S.LABELS], *targets]
+    if keep is not None:
+        start, stop = ts.block_range(block)
+        mask = torch.from_numpy(keep[start:stop])
+        cols = [c[mask] for c in cols]
+    return cols
+
+
+def read_window(ts: TransferSet, blocks: list[int], *, temperature: float, checksum: bool,
+                dtype: torch.dtype, keep: np.ndarray | None) -> list[Columns]:
+    """The columns of each block of a window, read in one call and checked block by block."""
+    stored = ts.temperature_index(temperature) is not None
+    got = ts.read_blocks(blocks, needed_arrays(ts, temperature),
+                         temperature=temperature if stored else None, checksum=checksum)
+    return [block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
+                          block=b) for b, arrays in zip(blocks, got)]
+
+
+def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
+           read: Callable[[list[int]], list[Columns]], gather: Callable[[torch.Tensor], Any],
+           order_of: Callable[[int], torch.Generator | None], shared: bool,
+           ) -> Iterator[Columns]:
+    """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
+
+    Window j (its `counts[j]` rows) is read only when one of this worker's pieces overlaps it,
+    and its rows are permuted with `order_of(j)` (None: kept in order). A piece is a view of
+    its window where it lies in one, else the rows of several joined (in shared memory where
+    `shared`); `gather` turns its `index` column into the inputs.
+    """
+    parts: dict[int, list[Columns]] = {}
+    at = 0
+    for j, (blocks, n) in enumerate(zip(windows, counts)):
+        lo, hi, at = at, at + n, at + n
+        own = [i for i in span.pieces_in(lo, hi) if span.mine(i)]
+        if not own:
+            continue
+        got = read(blocks)  # the index column stays private: it becomes the inputs
+        cols = shuffled_window(got, order_of(j), shared=[False] + [shared] * (len(got[0]) - 1))
+        for i in own:
+            start, stop = span.rows_of(i)
+            cut = slice(max(start, lo) - lo, min(stop, hi) - lo)
+            parts.setdefault(i, []).append([c[cut] for c in cols])
+            if stop <= hi:
+                index, *rest = _joined(parts.pop(i), shared)
+                yield [gather(index), *rest]
+    if span.stop > at:  # a window shorter than planned cannot happen: the counts are the plan's
+        raise RuntimeError(f"the plan has {at} rows, fewer than the {span.stop} served")
+
+
+def _joined(parts: list[Columns], shared: bool) -> Columns:
+    if len(parts) == 1:
+        return parts[0]
+    out = []
+    for j in range(len(parts[0])):
+        pieces_j = [p[j] for p in parts]
+        n = sum(len(p) for p in pieces_j)
+        dest = empty((n, *pieces_j[0].shape[1:]), pieces_j[0].dtype, shared=shared and j > 0)
+        out.append(torch.cat(pieces_j, out=dest))
+    return out
+
+
+def cut(piece: Columns, size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of `size` rows of a piece (views: one unbind per column), then its tail."""
+    n = len(piece[0])
+    full = n // size * size
+    if full:
+        yield from zip(*[c[:full].view(-1, size, *c.shape[1:]).unbind(0) for c in piece])
+    if full < n:
+        yield tuple(c[full:] for c in piece)
+
+
+_RUNNING: dict[threading.Thread, threading.Event] = {}  # producers alive, stopped at exit
+
+
+@atexit.register
+def _stop_producers() -> None:
+    """A stream left open at exit: stop its producer before the interpreter tears down what
+    the thread runs in (an HDF5 read cut short at exit aborts the process)."""
+    for thread, stop in list(_RUNNING.items()):
+        stop.set()
+        thread.join(timeout=10)
+
+
+def background(make: Callable[[], Iterator[Any]], depth: int = 2) -> Iterator[Any]:
+    """The items of `make()`, produced by a thread at most `depth` items ahead of the consumer
+    (zarr's I/O and codecs, numpy's and torch's copies and xxhash release the GIL). An error
+    of the producer is raised where its item is due; closing the iterator stops the thread."""
+    items: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in make():
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc))
+
+    thread = threading.Thread(target=run, name="softlabels-read", daemon=True)
+    _RUNNING[thread] = stop
+    thread.start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if not sys.is_finalizing():
+            thread.join()
+        _RUNNING.pop(thread, None)
+
+
+def window_generator(seed: int, epoch: int, rank: int, window: int) -> torch.Generator:
+    """The permutation of one window's rows: a function of (seed, epoch, rank, window number)
+    alone, so no window's order depends on which windows were read before it."""
+    return window_order([seed, epoch, rank, window])
