@@ -19,6 +19,7 @@ from .epochs import WindowLoader, block_windows, rank_and_world
 from .errors import IntegrityError, MismatchError, SoftlabelsError
 from .format import schema as S
 from .format._store import backend_of
+from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
 from .specs import NpzDataset, load_data, split_item
@@ -28,6 +29,7 @@ from .views import build_augment, replay
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
 CHECK_SAMPLE = 10_000
 MAX_IN_MEMORY = 2 << 30  # bytes of targets held in memory before streaming is required
+URL_READS = 8  # blocks a stream reads in one call from a URL
 WINDOW_BLOCKS = 64  # blocks a stream shuffles across: a batch then spans most of the set
 PIECE_ROWS = 65_536  # rows of inputs a stream gathers at once, at most
 PIECE_BYTES = 32 << 20  # bytes of inputs a stream gathers at once, at most
@@ -344,10 +346,11 @@ class SoftTargetBatches(IterableDataset):
         windows = self.windows(epoch, rank, world)
         counts = [self._rows_in(w) for w in windows]
         span = span_of(sum(counts))
+        together = URL_READS if is_url(self.path) else 1  # hide an object store's latency
 
         def read(blocks: list[int]) -> list[list[torch.Tensor]]:
             return read_window(ts, blocks, temperature=self.temperature, checksum=self.checksum,
-                               dtype=self.dtype, keep=self.keep)
+                               dtype=self.dtype, keep=self.keep, together=together)
 
         def order_of(j: int) -> torch.Generator | None:
             return window_generator(self.seed, epoch, rank, j) if self.shuffle else None

@@ -77,6 +77,10 @@ class WindowLoader:
         self.stream = stream
         source = copy.copy(stream)  # shares the stream's epoch and counters; yields pieces
         source._pieces_out = True
+        # The stream's order is its own (seed, epoch, rank): the DataLoader's worker seed is
+        # drawn from a generator of its own, not torch's global one, which would advance the
+        # training's random state differently with and without (persistent) workers.
+        dataloader_options.setdefault("generator", torch.Generator().manual_seed(0))
         self.pieces = DataLoader(source, batch_size=None, num_workers=num_workers,
                                  pin_memory=pin_memory, **dataloader_options)
 

@@ -81,11 +81,18 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
 
 
 def read_window(ts: TransferSet, blocks: list[int], *, temperature: float, checksum: bool,
-                dtype: torch.dtype, keep: np.ndarray | None) -> list[Columns]:
-    """The columns of each block of a window, read in one call and checked block by block."""
+                dtype: torch.dtype, keep: np.ndarray | None, together: int = 1,
+                ) -> list[Columns]:
+    """The columns of each block of a window, read `together` blocks per call (one zarr
+    gather) and checked block by block. One block per call is the fastest on local disk
+    (measured: a gather of a whole 49-block window took 3-4x as long as 49 one-block
+    calls); from a URL, where each call waits a round trip, read several at once."""
     stored = ts.temperature_index(temperature) is not None
-    got = ts.read_blocks(blocks, needed_arrays(ts, temperature),
-                         temperature=temperature if stored else None, checksum=checksum)
+    names = needed_arrays(ts, temperature)
+    got = [arrays for i in range(0, len(blocks), together)
+           for arrays in ts.read_blocks(blocks[i:i + together], names,
+                                        temperature=temperature if stored else None,
+                                        checksum=checksum)]
     return [block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
                           block=b) for b, arrays in zip(blocks, got)]
 
