@@ -166,17 +166,17 @@ def shuffled_window(blocks: list[list[torch.Tensor]], order: torch.Generator | N
     window = []
     for j, first in enumerate(blocks[0]):
         out = empty((n, *first.shape[1:]), first.dtype, shared=bool(shared and shared[j]))
-        view, at = _rows(out), 0
+        view, at = opaque_rows(out), 0
         for c in blocks:
             rows = len(c[j])
             if rows:  # a scatter of opaque rows: no concatenation of the blocks first
-                view[slice(at, at + rows) if dest is None else dest[at:at + rows]] = _rows(c[j])
+                view[slice(at, at + rows) if dest is None else dest[at:at + rows]] = opaque_rows(c[j])
             at += rows
         window.append(out)
     return window
 
 
-def _rows(t: torch.Tensor) -> np.ndarray:
+def opaque_rows(t: torch.Tensor) -> np.ndarray:
     """A (n, ...) tensor's memory as n opaque numpy rows (any dtype, bfloat16 included): numpy
     moves them by row, about twice as fast as element by element for narrow rows (measured)."""
     t = t.contiguous()

@@ -23,7 +23,7 @@ from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
 from .specs import NpzDataset, load_data, split_item
-from .stream_pieces import Span, background, cut, pieces, read_window, window_generator
+from .stream_pieces import Span, background, build_window, cut, pieces, window_generator
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
@@ -346,17 +346,16 @@ class SoftTargetBatches(IterableDataset):
         windows = self.windows(epoch, rank, world)
         counts = [self._rows_in(w) for w in windows]
         span = span_of(sum(counts))
-        together = URL_READS if is_url(self.path) else 1  # hide an object store's latency
 
-        def read(blocks: list[int]) -> list[list[torch.Tensor]]:
-            return read_window(ts, blocks, temperature=self.temperature, checksum=self.checksum,
-                               dtype=self.dtype, keep=self.keep, together=together)
-
-        def order_of(j: int) -> torch.Generator | None:
-            return window_generator(self.seed, epoch, rank, j) if self.shuffle else None
+        def build(j: int, blocks: list[int]) -> list[torch.Tensor] | None:
+            order = window_generator(self.seed, epoch, rank, j) if self.shuffle else None
+            return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
+                                temperature=self.temperature, checksum=self.checksum,
+                                dtype=self.dtype, keep=self.keep, order=order, shared=shared,
+                                together=URL_READS if is_url(self.path) else 1)
 
         return background(lambda: pieces(
-            windows, counts, span, read=read, order_of=order_of, shared=shared,
+            windows, counts, span, build=build, shared=shared,
             gather=lambda index: gather_inputs(self.data, index, shared=shared)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:

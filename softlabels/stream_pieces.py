@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blocks import empty, needed_arrays, shuffled_window, window_order
+from .blocks import empty, needed_arrays, opaque_rows, window_order
 from .format import schema as S
 from .format.reader import TransferSet
 from .tempering import tempered_softmax
@@ -80,32 +80,58 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
     return cols
 
 
-def read_window(ts: TransferSet, blocks: list[int], *, temperature: float, checksum: bool,
-                dtype: torch.dtype, keep: np.ndarray | None, together: int = 1,
-                ) -> list[Columns]:
-    """The columns of each block of a window, read `together` blocks per call (one zarr
-    gather) and checked block by block. One block per call is the fastest on local disk
-    (measured: a gather of a whole 49-block window took 3-4x as long as 49 one-block
-    calls); from a URL, where each call waits a round trip, read several at once."""
+def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
+                 checksum: bool, dtype: torch.dtype, keep: np.ndarray | None,
+                 order: torch.Generator | None, shared: bool, together: int = 1,
+                 ) -> Columns | None:
+    """[index, labels, *targets] of a window's selected rows (`sizes[i]` of block i), in the
+    order of a permutation drawn from `order` (None: as they come); None without rows.
+
+    Each block is read (`TransferSet.read_blocks`, checked on its own bytes) into this thread's
+    reused buffers and scattered at once into the window's columns (targets in shared memory
+    where `shared`): no fresh memory per block, one copy per row. Reading one block per call
+    is also the fastest through zarr on local disk (a gather of a whole 49-block window took
+    3-4x as long as 49 one-block calls); `together` > 1 reads that many per call (a URL)."""
+    n = sum(sizes)
+    if n == 0:
+        return None
     stored = ts.temperature_index(temperature) is not None
     names = needed_arrays(ts, temperature)
-    got = [arrays for i in range(0, len(blocks), together)
-           for arrays in ts.read_blocks(blocks[i:i + together], names,
-                                        temperature=temperature if stored else None,
-                                        checksum=checksum)]
-    return [block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
-                          block=b) for b, arrays in zip(blocks, got)]
+    dest = torch.randperm(n, generator=order).numpy() if order is not None else None
+    window: Columns | None = None
+    at = 0
+    for block, rows, arrays in zip(blocks, sizes, _read(ts, blocks, names, together, checksum,
+                                                        temperature if stored else None)):
+        cols = block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
+                             block=block)
+        if window is None:
+            window = [empty((n, *c.shape[1:]), c.dtype, shared=shared and j > 0)
+                      for j, c in enumerate(cols)]
+        if rows:  # a scatter of opaque rows, straight out of the read buffers
+            where = slice(at, at + rows) if dest is None else dest[at:at + rows]
+            for out, c in zip(window, cols):
+                opaque_rows(out)[where] = opaque_rows(c)
+        at += rows
+    return window
+
+
+def _read(ts: TransferSet, blocks: list[int], names: list[str], together: int,
+          checksum: bool, temperature: float | None) -> Iterator[dict[str, np.ndarray]]:
+    """Each block's checked arrays, read `together` blocks per call (from a URL, where each
+    call waits a round trip); one at a time into reused buffers otherwise."""
+    for i in range(0, len(blocks), together):
+        yield from ts.read_blocks(blocks[i:i + together], names, temperature=temperature,
+                                  checksum=checksum, reuse=together == 1)
 
 
 def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
-           read: Callable[[list[int]], list[Columns]], gather: Callable[[torch.Tensor], Any],
-           order_of: Callable[[int], torch.Generator | None], shared: bool,
-           ) -> Iterator[Columns]:
+           build: Callable[[int, list[int]], Columns | None],
+           gather: Callable[[torch.Tensor], Any], shared: bool) -> Iterator[Columns]:
     """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
 
-    Window j (its `counts[j]` rows) is read only when one of this worker's pieces overlaps it,
-    and its rows are permuted with `order_of(j)` (None: kept in order). A piece is a view of
-    its window where it lies in one, else the rows of several joined (in shared memory where
+    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, its rows
+    permuted) only when one of this worker's pieces overlaps it. A piece is a view of its
+    window where it lies in one, else the rows of several joined (in shared memory where
     `shared`); `gather` turns its `index` column into the inputs.
     """
     parts: dict[int, list[Columns]] = {}
@@ -115,8 +141,7 @@ def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
         own = [i for i in span.pieces_in(lo, hi) if span.mine(i)]
         if not own:
             continue
-        got = read(blocks)  # the index column stays private: it becomes the inputs
-        cols = shuffled_window(got, order_of(j), shared=[False] + [shared] * (len(got[0]) - 1))
+        cols = build(j, blocks)
         for i in own:
             start, stop = span.rows_of(i)
             cut = slice(max(start, lo) - lo, min(stop, hi) - lo)
