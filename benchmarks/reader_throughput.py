@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +121,34 @@ def numpy_windowed(arrays: dict[str, np.ndarray], x: np.ndarray, windows: list[l
         yield [inputs, cols[S.LABELS], *targets]
 
 
+def rebatch(windows: Iterable[list[torch.Tensor]], size: int,
+            ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
+    batch that joins a window's leftover rows to the next window's first (pinned when the
+    windows are); then the tail."""
+    carry: list[torch.Tensor] | None = None
+    for cols in windows:
+        n, at = len(cols[0]), 0
+        if carry is not None:
+            need = size - len(carry[0])
+            if n < need:
+                carry = _joined(carry, cols)
+                continue
+            yield tuple(_joined(carry, [c[:need] for c in cols]))
+            carry, at = None, need
+        full = at + (n - at) // size * size
+        if full > at:  # one unbind per column: a third of the cost of slicing batch by batch
+            yield from zip(*[c[at:full].view(-1, size, *c.shape[1:]).unbind(0) for c in cols])
+        carry = [c[full:] for c in cols] if full < n else None
+    if carry is not None:
+        yield tuple(carry)
+
+
+def _joined(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.cat([x, y]).pin_memory() if y.is_pinned() else torch.cat([x, y])
+            for x, y in zip(a, b)]
+
+
 def count_rows(batches: object) -> tuple[int, float]:
     """(rows, seconds to the first batch) of one pass over an iterable of batches."""
     t0, first, n = time.perf_counter(), 0.0, 0
@@ -149,7 +177,6 @@ def measure(data: str, path: Path, rows: int, rounds: int, batch: int, *,
     start-up)."""
     import zarr
 
-    from softlabels.blocks import rebatch
     from softlabels.specs import load_data
 
     with open_transfer_set(path) as ts:

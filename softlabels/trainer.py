@@ -31,9 +31,9 @@ from .teacher import resolve_device
 from .tokens import is_sequence_data
 from .train_plans import (
     Cached,  # noqa: F401  (importable from here, as before the split)
+    StreamedEpochs,
     hard_label_epochs,
     in_memory_epochs,
-    StreamedEpochs,
     materialize,
     streamed_epochs,
 )

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+MAX_CHUNK_BYTES = 1 << 30  # a chunk past this is left to zarr (ours aim near 1 MiB)
 _TYPES = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
           "uint16", "uint32", "uint64", "bool"}
 
@@ -54,8 +55,10 @@ class ChunkFiles:
             fill = float(fill) if isinstance(fill, str) else fill  # "NaN", "Infinity"
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if len(shape) != len(chunks) or min(chunks, default=1) <= 0:
-            return None
+        if (len(shape) != len(chunks) or min(chunks, default=1) <= 0
+                or any(c > max(n, 1) for c, n in zip(chunks, shape))
+                or int(np.prod(chunks)) * dtype.itemsize > MAX_CHUNK_BYTES):
+            return None  # sizes no writer of ours makes: checked before any allocation
         return cls(folder, shape, chunks, dtype, fill, zstd=len(codecs) == 2)
 
     def read(self, selection: Any, scratch: dict[str, np.ndarray] | None = None,
