@@ -4,7 +4,7 @@ items 2 and 3; earlier 12.1 and 11.3)
 1. Throughput, at C = 10, 100, 1000 (dense) and top-10 of C = 1000, in rows/s (the median of
    interleaved rounds) and as a ratio to a numpy windowed memmap reader; beside it rows per
    second of this process's CPU time (all its threads; not the DataLoader's worker processes),
-   which a loaded machine disturbs less than wall time:
+   which a loaded machine disturbs less than wall time, and the ratio of the best rounds:
    - "numpy windowed": the served arrays (probs at T, labels, index; top-k: its three arrays)
      as .npy memmaps, read with the stream's own window semantics (the same windows of blocks,
      each window's rows permuted, top-k weights made with torch, inputs gathered, batches cut
@@ -228,7 +228,7 @@ def measure(data: str, path: Path, rows: int, rounds: int, batch: int, *,
             else:
                 first[name] = min(first.get(name, np.inf), extra)
     return {name: (float(np.median(r)), float(np.median(r)) * nbytes / 1e6,
-                   first.get(name, 0.0), float(np.median(cpu[name])))
+                   first.get(name, 0.0), float(np.median(cpu[name])), float(max(r)))
             for name, r in rates.items()}
 
 
@@ -255,12 +255,12 @@ def throughput(args: argparse.Namespace) -> None:
                       f"of 2 stored, batch {batch}, window {probe.window} blocks; mix (distinct "
                       f"64ths of the set in a 256-row batch, median): {mixed:.0f} of 64; "
                       f"load {load:.1f} -> {os.getloadavg()[0]:.1f}")
-                base, base_cpu = found["numpy windowed"][0], found["numpy windowed"][3]
-                for name, (r, mbs, first, c) in found.items():
+                base, _, _, base_cpu, base_best = found["numpy windowed"]
+                for name, (r, mbs, first, c, best) in found.items():
                     start = f"  first batch {first * 1e3:5.0f} ms" if first else ""
-                    print(f"  {name:26s} {r:11,.0f} rows/s {mbs:8.1f} MB/s   / numpy windowed: "
-                          f"{r / base:5.2f}   per CPU second {c:11,.0f} ({c / base_cpu:5.2f})"
-                          f"{start}")
+                    print(f"  {name:26s} {r:11,.0f} rows/s {mbs:7.1f} MB/s  / numpy windowed: "
+                          f"{r / base:5.2f} (best rounds {best / base_best:5.2f})  per CPU "
+                          f"second {c:11,.0f} ({c / base_cpu:5.2f}){start}")
 
 
 def rss(args: argparse.Namespace) -> None:

@@ -23,7 +23,15 @@ from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
 from .specs import NpzDataset, load_data, split_item
-from .stream_pieces import Span, background, build_window, cut, pieces, window_generator
+from .stream_pieces import (
+    BlockReaders,
+    Span,
+    background,
+    build_window,
+    cut,
+    pieces,
+    window_generator,
+)
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
@@ -245,7 +253,7 @@ class SoftTargetBatches(IterableDataset):
         # shared memory: persistent DataLoader workers and `loader()`'s copy see them too
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._start = torch.zeros((), dtype=torch.int64).share_memory_()  # resumed at batch
-        self._served = torch.zeros((), dtype=torch.int64).share_memory_()  # counted here
+        self._served = 0  # batches of the epoch handed out in this process (`state_dict`)
         self.checksum, self._rank, self._world = checksum, rank, world_size
         self._pieces_out = False  # True in `loader()`'s source: yield pieces, not batches
         self._open_set: tuple[int, TransferSet] | None = None  # (pid, set) kept across epochs
@@ -258,13 +266,13 @@ class SoftTargetBatches(IterableDataset):
         """Serve `epoch` from its first batch on the next iteration."""
         self._epoch.fill_(int(epoch))
         self._start.fill_(0)
-        self._served.fill_(0)
+        self._served = 0
 
     def state_dict(self) -> dict[str, int]:
         """Where the stream stands: its epoch, the batches of it served (counted where the
         stream, or `loader()`, is iterated in this process; a plain DataLoader's consumer counts
         its own) and the seed. Small and JSON-able."""
-        return {"epoch": self.epoch, "batches": int(self._served), "seed": self.seed}
+        return {"epoch": self.epoch, "batches": self._served, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`: the next iteration serves the rest of that epoch."""
@@ -283,7 +291,7 @@ class SoftTargetBatches(IterableDataset):
                                   f"were served, but the epoch has {steps}")
         self.set_epoch(epoch)
         self._start.fill_(batches)
-        self._served.fill_(batches)
+        self._served = batches
 
     def loader(self, *, num_workers: int = 0, pin_memory: bool = False,
                **dataloader_options: Any) -> WindowLoader:
@@ -347,21 +355,32 @@ class SoftTargetBatches(IterableDataset):
         counts = [self._rows_in(w) for w in windows]
         span = span_of(sum(counts))
 
+        readers = BlockReaders()
+
         def build(j: int, blocks: list[int]) -> list[torch.Tensor] | None:
             order = window_generator(self.seed, epoch, rank, j) if self.shuffle else None
             return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
                                 temperature=self.temperature, checksum=self.checksum,
                                 dtype=self.dtype, keep=self.keep, order=order, shared=shared,
+                                readers=readers,
                                 together=URL_READS if is_url(self.path) else 1)
 
-        return background(lambda: pieces(
-            windows, counts, span, build=build, shared=shared,
-            gather=lambda index: gather_inputs(self.data, index, shared=shared)))
+        def make() -> Iterator[list[torch.Tensor]]:
+            try:
+                yield from pieces(windows, counts, span, build=build, shared=shared,
+                                  gather=lambda index: gather_inputs(self.data, index,
+                                                                     shared=shared))
+            finally:
+                readers.close()
+
+        return background(make)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         start, steps, size = int(self._start), self.steps_per_epoch(), self.batch_size
+        if info is None:
+            self._served = start
         # a plain DataLoader's worker hands over batches; otherwise pieces of whole batches
         per = self.piece_batches if (info is None or self._pieces_out) else 1
 

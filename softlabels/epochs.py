@@ -75,7 +75,7 @@ class WindowLoader:
     def __init__(self, stream: SoftTargetBatches, *, num_workers: int, pin_memory: bool,
                  **dataloader_options: Any) -> None:
         self.stream = stream
-        source = copy.copy(stream)  # shares the stream's epoch and counters; yields pieces
+        source = copy.copy(stream)  # shares the stream's epoch and start; yields pieces
         source._pieces_out = True
         # The stream's order is its own (seed, epoch, rank): the DataLoader's worker seed is
         # drawn from a generator of its own, not torch's global one, which would advance the
@@ -88,6 +88,7 @@ class WindowLoader:
         return len(self.stream)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        self.stream._served = int(self.stream._start)
         for piece in self.pieces:
             for batch in cut(list(piece), self.stream.batch_size):
                 self.stream._served += 1

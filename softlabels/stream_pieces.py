@@ -16,7 +16,9 @@ import atexit
 import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,16 +84,17 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
 
 def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
                  checksum: bool, dtype: torch.dtype, keep: np.ndarray | None,
-                 order: torch.Generator | None, shared: bool, together: int = 1,
-                 ) -> Columns | None:
+                 order: torch.Generator | None, shared: bool, readers: BlockReaders,
+                 together: int = 1) -> Columns | None:
     """[index, labels, *targets] of a window's selected rows (`sizes[i]` of block i), in the
     order of a permutation drawn from `order` (None: as they come); None without rows.
 
-    Each block is read (`TransferSet.read_blocks`, checked on its own bytes) into this thread's
-    reused buffers and scattered at once into the window's columns (targets in shared memory
-    where `shared`): no fresh memory per block, one copy per row. Reading one block per call
-    is also the fastest through zarr on local disk (a gather of a whole 49-block window took
-    3-4x as long as 49 one-block calls); `together` > 1 reads that many per call (a URL)."""
+    Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
+    into reused buffers, the next one while this one is scattered into the window's columns
+    (targets in shared memory where `shared`): no fresh memory per block, one copy per row.
+    One block per call is also the fastest through zarr on local disk (a gather of a whole
+    49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
+    per call (a URL)."""
     n = sum(sizes)
     if n == 0:
         return None
@@ -100,8 +103,8 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
     dest = torch.randperm(n, generator=order).numpy() if order is not None else None
     window: Columns | None = None
     at = 0
-    for block, rows, arrays in zip(blocks, sizes, _read(ts, blocks, names, together, checksum,
-                                                        temperature if stored else None)):
+    read = readers.read(ts, blocks, names, together, checksum, temperature if stored else None)
+    for block, rows, arrays in zip(blocks, sizes, read):
         cols = block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
                              block=block)
         if window is None:
@@ -115,13 +118,41 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
     return window
 
 
-def _read(ts: TransferSet, blocks: list[int], names: list[str], together: int,
-          checksum: bool, temperature: float | None) -> Iterator[dict[str, np.ndarray]]:
-    """Each block's checked arrays, read `together` blocks per call (from a URL, where each
-    call waits a round trip); one at a time into reused buffers otherwise."""
-    for i in range(0, len(blocks), together):
-        yield from ts.read_blocks(blocks[i:i + together], names, temperature=temperature,
-                                  checksum=checksum, reuse=together == 1)
+class BlockReaders:
+    """Two reading threads, taking blocks in turn, so block i + 1 is read and checked while
+    block i is scattered (file reads, zstd, xxhash and numpy's checks release the GIL). Each
+    thread reads into its own reused buffers (`read_blocks(reuse=True)`), and a thread is given
+    its next block only once the block it read last has been scattered: double buffering."""
+
+    def __init__(self) -> None:
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix="softlabels-block")
+                      for _ in range(2)]
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=not sys.is_finalizing(), cancel_futures=True)
+
+    def read(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
+             checksum: bool, temperature: float | None) -> Iterator[dict[str, np.ndarray]]:
+        """Each block's checked arrays, valid until the next is asked for; `together` blocks
+        per call (from a URL, where each call waits a round trip)."""
+        groups = [blocks[i:i + together] for i in range(0, len(blocks), together)]
+
+        def job(group: list[int]) -> list[dict[str, np.ndarray]]:
+            return ts.read_blocks(group, names, temperature=temperature, checksum=checksum,
+                                  reuse=together == 1)
+
+        due = deque(self.pools[i % 2].submit(job, groups[i]) for i in range(min(2, len(groups))))
+        try:
+            for i in range(len(groups)):
+                yield from due.popleft().result()
+                if i + 2 < len(groups):  # that thread's buffers are free again
+                    due.append(self.pools[i % 2].submit(job, groups[i + 2]))
+        finally:
+            for future in due:  # a window left early: nothing may still write the buffers
+                future.cancel()
+                if not future.cancelled():
+                    future.exception()
 
 
 def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
