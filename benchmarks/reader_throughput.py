@@ -266,7 +266,9 @@ def throughput(args: argparse.Namespace) -> None:
 def rss(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         t0 = time.perf_counter()
-        data, path = make_set(Path(tmp), args.rss_rows, 1000)
+        folder = Path(args.sets) / f"rss-{args.rss_rows}" if args.sets else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)  # a made set is reused (--sets)
+        data, path = make_set(folder, args.rss_rows, 1000)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"set: {args.rss_rows} rows x 1000 classes, {size / 2**30:.2f} GiB on disk "
               f"(made in {time.perf_counter() - t0:.0f}s)")

@@ -40,7 +40,7 @@ MAX_IN_MEMORY = 2 << 30  # bytes of targets held in memory before streaming is r
 URL_READS = 8  # blocks a stream reads in one call from a URL
 WINDOW_BLOCKS = 64  # blocks a stream shuffles across: a batch then spans most of the set
 PIECE_ROWS = 65_536  # rows of inputs a stream gathers at once, at most
-PIECE_BYTES = 32 << 20  # bytes of inputs a stream gathers at once, at most
+PIECE_BYTES = 32 << 20  # bytes of a piece (inputs, labels, targets) a stream builds at once
 SERVED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -203,7 +203,8 @@ class SoftTargetBatches(IterableDataset):
     so at most two windows of the served arrays are held (a window is `window` to
     2 x `window` - 1 blocks of labels, index and targets at T: at C = 1,000 in float32 a block
     of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and `dtype=torch.float16`
-    lower it), plus a few pieces of inputs (each at most PIECE_BYTES); never the set.
+    lower it), plus up to four pieces (each at most PIECE_BYTES of inputs, labels and targets:
+    queued, being cut, being built); never the set.
 
     Workers: `loader(num_workers=W)` (pieces of whole batches, built by worker i % W and cut
     into batches in the main process, as views) or a plain `DataLoader(stream,
@@ -246,10 +247,10 @@ class SoftTargetBatches(IterableDataset):
             picked = np.flatnonzero(self.keep) if self.keep is not None else np.arange(ts.num_rows)
             check_alignment(dataset, ts, picked, seed=seed, check_all_up_to=CHECK_SAMPLE)
         self._num_blocks = ts.num_blocks
+        self.piece_batches = _piece_batches(dataset, ts, self.batch_size, dtype)
         if not isinstance(transfer_set, TransferSet):
             ts.close()
         self.shuffle, self.window, self.seed = shuffle, max(1, int(window)), int(seed)
-        self.piece_batches = _piece_batches(dataset, self.batch_size)
         # shared memory: persistent DataLoader workers and `loader()`'s copy see them too
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._start = torch.zeros((), dtype=torch.int64).share_memory_()  # resumed at batch
@@ -403,11 +404,13 @@ class SoftTargetBatches(IterableDataset):
                 made.close()
 
 
-def _piece_batches(data: Dataset, batch_size: int) -> int:
-    """Batches per piece: up to PIECE_ROWS rows whose inputs take at most PIECE_BYTES (the
-    first example's size), and at least one batch."""
+def _piece_batches(data: Dataset, ts: TransferSet, batch_size: int, dtype: torch.dtype) -> int:
+    """Batches per piece: up to PIECE_ROWS rows whose inputs (the first example's size), labels
+    and targets take at most PIECE_BYTES, and at least one batch."""
     x, _ = split_item(data[0]) if len(data) else (torch.zeros(1), 0)
-    row_bytes = max(1, x.numel() * x.element_size()) if isinstance(x, torch.Tensor) else 1
+    row_bytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+    width = ts.sparse["k"] if ts.sparse else ts.num_classes
+    row_bytes += 8 + width * ((8 if ts.sparse else 0) + dtype.itemsize)
     return max(1, min(PIECE_ROWS, PIECE_BYTES // row_bytes) // batch_size)
 
 
