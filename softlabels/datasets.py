@@ -1,7 +1,8 @@
 """Stage two's input: join a dataset with a transfer set by `index`, check they line up by
 `sample_hash`, and serve (input, label, soft target at T) — in memory, or streamed as whole
-batches from whole blocks with a block-aware shuffle split across DataLoader workers and
-distributed ranks. Every block is read checked (`TransferSet.read_block`)."""
+batches from whole blocks, shuffled across windows of blocks that span the set, split across
+distributed ranks, in an order DataLoader workers do not change, resumable mid-epoch. Every
+block is read checked (`TransferSet.read_block`)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .blocks import check_servable, empty, load_checked
+from .blocks import check_servable, load_checked
 from .epochs import WindowLoader, block_windows, rank_and_world
-from .errors import IntegrityError, MismatchError, SoftlabelsError
+from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format._store import backend_of
 from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
-from .specs import NpzDataset, load_data, split_item
+from .specs import load_data, split_item
 from .stream_pieces import (
     BlockReaders,
     Span,
     background,
     build_window,
     cut,
+    gather_inputs,
+    piece_batches,
     pieces,
     window_generator,
 )
@@ -39,8 +42,6 @@ CHECK_SAMPLE = 10_000
 MAX_IN_MEMORY = 2 << 30  # bytes of targets held in memory before streaming is required
 URL_READS = 8  # blocks a stream reads in one call from a URL
 WINDOW_BLOCKS = 64  # blocks a stream shuffles across: a batch then spans most of the set
-PIECE_ROWS = 65_536  # rows of inputs a stream gathers at once, at most
-PIECE_BYTES = 32 << 20  # bytes of a piece (inputs, labels, targets) a stream builds at once
 SERVED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -158,33 +159,6 @@ class SoftTargetDataset(Dataset):
 
 # --- streaming ----------------------------------------------------------------------------------
 
-def gather_inputs(data: Dataset, index: torch.Tensor, *, shared: bool = False) -> torch.Tensor:
-    """The inputs of dataset examples `index` (int64), stacked (N, ...), in shared memory when
-    `shared`: one gather for datasets holding a tensor (npz, TensorDataset), else
-    `__getitems__` or one item at a time. An index outside the dataset is refused."""
-    at = index.numpy()
-    if len(at) and (int(at.min()) < 0 or int(at.max()) >= len(data)):
-        raise IntegrityError(f"the transfer set indexes examples outside the dataset's "
-                             f"{len(data)} (found {int(at.min())}..{int(at.max())}); "
-                             "run `softlabels verify` on it and pass the DATA it was made from")
-    source = (data.x if isinstance(data, NpzDataset) else
-              data.tensors[0] if isinstance(data, TensorDataset) else None)
-    if source is not None and source.device.type != "cpu":  # kept on an accelerator
-        return source.index_select(0, index.to(source.device))
-    if source is not None:
-        out = empty((len(index), *source.shape[1:]), source.dtype, shared=shared)
-        if source.dtype == torch.bfloat16:
-            return torch.index_select(source, 0, index, out=out)
-        # numpy's take, in range (checked above) so without its bounds-check buffer
-        np.take(source.detach().numpy(), index.numpy(), axis=0, out=out.numpy(), mode="clip")
-        return out
-    many = getattr(data, "__getitems__", None)
-    items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
-    first = split_item(items[0])[0] if items else torch.empty(0)
-    out = empty((len(items), *first.shape), first.dtype, shared=shared)
-    return torch.stack([split_item(item)[0] for item in items], out=out)
-
-
 class SoftTargetBatches(IterableDataset):
     """Whole batches (inputs, labels, *targets) streamed from whole checked blocks of a set.
 
@@ -247,7 +221,7 @@ class SoftTargetBatches(IterableDataset):
             picked = np.flatnonzero(self.keep) if self.keep is not None else np.arange(ts.num_rows)
             check_alignment(dataset, ts, picked, seed=seed, check_all_up_to=CHECK_SAMPLE)
         self._num_blocks = ts.num_blocks
-        self.piece_batches = _piece_batches(dataset, ts, self.batch_size, dtype)
+        self.piece_batches = piece_batches(dataset, ts, self.batch_size, dtype)
         if not isinstance(transfer_set, TransferSet):
             ts.close()
         self.shuffle, self.window, self.seed = shuffle, max(1, int(window)), int(seed)
@@ -402,16 +376,6 @@ class SoftTargetBatches(IterableDataset):
                         yield batch
             finally:  # stop the read-ahead thread before the set is closed
                 made.close()
-
-
-def _piece_batches(data: Dataset, ts: TransferSet, batch_size: int, dtype: torch.dtype) -> int:
-    """Batches per piece: up to PIECE_ROWS rows whose inputs (the first example's size), labels
-    and targets take at most PIECE_BYTES, and at least one batch."""
-    x, _ = split_item(data[0]) if len(data) else (torch.zeros(1), 0)
-    row_bytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
-    width = ts.sparse["k"] if ts.sparse else ts.num_classes
-    row_bytes += 8 + width * ((8 if ts.sparse else 0) + dtype.itemsize)
-    return max(1, min(PIECE_ROWS, PIECE_BYTES // row_bytes) // batch_size)
 
 
 class StreamingSoftTargetDataset(IterableDataset):

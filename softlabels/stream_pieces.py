@@ -24,13 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, TensorDataset
 
 from .blocks import empty, needed_arrays, opaque_rows, window_order
+from .errors import IntegrityError
 from .format import schema as S
 from .format.reader import TransferSet
+from .specs import NpzDataset, split_item
 from .tempering import tempered_softmax
 
 Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
+PIECE_ROWS = 65_536  # rows of a piece a stream builds at once, at most
+PIECE_BYTES = 32 << 20  # bytes of a piece (inputs, labels, targets) a stream builds at once
 
 
 @dataclass(frozen=True)
@@ -265,3 +270,40 @@ def window_generator(seed: int, epoch: int, rank: int, window: int) -> torch.Gen
     """The permutation of one window's rows: a function of (seed, epoch, rank, window number)
     alone, so no window's order depends on which windows were read before it."""
     return window_order([seed, epoch, rank, window])
+
+
+def gather_inputs(data: Dataset, index: torch.Tensor, *, shared: bool = False) -> torch.Tensor:
+    """The inputs of dataset examples `index` (int64), stacked (N, ...), in shared memory when
+    `shared`: one gather for datasets holding a tensor (npz, TensorDataset), else
+    `__getitems__` or one item at a time. An index outside the dataset is refused."""
+    at = index.numpy()
+    if len(at) and (int(at.min()) < 0 or int(at.max()) >= len(data)):
+        raise IntegrityError(f"the transfer set indexes examples outside the dataset's "
+                             f"{len(data)} (found {int(at.min())}..{int(at.max())}); "
+                             "run `softlabels verify` on it and pass the DATA it was made from")
+    source = (data.x if isinstance(data, NpzDataset) else
+              data.tensors[0] if isinstance(data, TensorDataset) else None)
+    if source is not None and source.device.type != "cpu":  # kept on an accelerator
+        return source.index_select(0, index.to(source.device))
+    if source is not None:
+        out = empty((len(index), *source.shape[1:]), source.dtype, shared=shared)
+        if source.dtype == torch.bfloat16:
+            return torch.index_select(source, 0, index, out=out)
+        # numpy's take, in range (checked above) so without its bounds-check buffer
+        np.take(source.detach().numpy(), index.numpy(), axis=0, out=out.numpy(), mode="clip")
+        return out
+    many = getattr(data, "__getitems__", None)
+    items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
+    first = split_item(items[0])[0] if items else torch.empty(0)
+    out = empty((len(items), *first.shape), first.dtype, shared=shared)
+    return torch.stack([split_item(item)[0] for item in items], out=out)
+
+
+def piece_batches(data: Dataset, ts: TransferSet, batch_size: int, dtype: torch.dtype) -> int:
+    """Batches per piece: up to PIECE_ROWS rows whose inputs (the first example's size), labels
+    and targets take at most PIECE_BYTES, and at least one batch."""
+    x, _ = split_item(data[0]) if len(data) else (torch.zeros(1), 0)
+    row_bytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+    width = ts.sparse["k"] if ts.sparse else ts.num_classes
+    row_bytes += 8 + width * ((8 if ts.sparse else 0) + dtype.itemsize)
+    return max(1, min(PIECE_ROWS, PIECE_BYTES // row_bytes) // batch_size)
