@@ -27,6 +27,7 @@ from .specs import load_data, split_item
 from .stream_pieces import (
     BlockReaders,
     Span,
+    WindowPool,
     background,
     build_window,
     cut,
@@ -232,6 +233,7 @@ class SoftTargetBatches(IterableDataset):
         self.checksum, self._rank, self._world = checksum, rank, world_size
         self._pieces_out = False  # True in `loader()`'s source: yield pieces, not batches
         self._open_set: tuple[int, TransferSet] | None = None  # (pid, set) kept across epochs
+        self._pool = WindowPool()  # window memory lent again (plain iteration in this process)
 
     @property
     def epoch(self) -> int:
@@ -278,8 +280,8 @@ class SoftTargetBatches(IterableDataset):
         options = {"persistent_workers": num_workers > 0, **dataloader_options}
         return WindowLoader(self, num_workers=num_workers, pin_memory=pin_memory, **options)
 
-    def __getstate__(self) -> dict[str, Any]:  # a worker opens its own handle
-        return {**self.__dict__, "_open_set": None}
+    def __getstate__(self) -> dict[str, Any]:  # a worker opens its own handle and pool
+        return {**self.__dict__, "_open_set": None, "_pool": WindowPool()}
 
     @contextmanager
     def _reading(self) -> Iterator[TransferSet]:
@@ -337,7 +339,7 @@ class SoftTargetBatches(IterableDataset):
             return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
                                 temperature=self.temperature, checksum=self.checksum,
                                 dtype=self.dtype, keep=self.keep, order=order, shared=shared,
-                                readers=readers,
+                                readers=readers, pool=self._pool,
                                 together=URL_READS if is_url(self.path) else 1)
 
         def make() -> Iterator[list[torch.Tensor]]:

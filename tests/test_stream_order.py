@@ -116,3 +116,18 @@ def test_float16_serving_returns_the_float32_targets_rounded(numbered: tuple[str
         assert torch.equal(w[0], h[0]) and torch.equal(w[1], h[1])
         assert h[-1].dtype == torch.float16
         assert torch.equal(h[-1], w[-1].half())
+
+
+def test_batches_a_consumer_keeps_are_never_overwritten(numbered: tuple[str, Path]) -> None:
+    data, path = numbered
+    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=64, window=16)
+    kept = list(stream)  # held across the next epochs: their windows may not be lent again
+    copies = [tuple(t.clone() for t in b) for b in kept]
+    for epoch in range(1, 4):
+        stream.set_epoch(epoch)
+        assert sum(len(b[1]) for b in stream) == ROWS
+    _same(kept, copies)
+    del kept
+    stream.set_epoch(0)  # once released, the memory is lent again: the same epoch, the same rows
+    _same(_epoch(stream), copies)
+    assert stream._pool.kept
