@@ -36,6 +36,7 @@ from .stream_pieces import (
     pieces,
     window_generator,
 )
+from .teacher_inputs import replay_inputs
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
@@ -73,6 +74,7 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(rows, CHECK_SAMPLE, replace=False))
     index, hashes = ts.index(), ts.sample_hash()
+    data = replay_inputs(data, ts.meta.get("teacher") or {})  # hashed as the teacher saw it
     outside = rows[(index[rows] < 0) | (index[rows] >= len(data))]
     if len(outside):  # a value no writer stores: read_block names its block
         ts.read_block(int(outside[0]) // ts.layout.block_rows, [S.INDEX])
@@ -148,13 +150,14 @@ class SoftTargetDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        """(input, label, target at T); for a sparse set (input, label, classes, weights).
+        """(input, label, target at T); for a sparse set (input, label, classes, weights), and
+        a hybrid set's log p_T last.
         In a view set the input is the row's replayed view."""
         x, _ = split_item(self.data[int(self.data_index[i])])
         if self.transform is not None:
             x = replay(self.transform, x, int(self.view_seeds[i]))
-        if isinstance(self.targets, tuple):
-            return x, int(self.labels[i]), self.targets[0][i], self.targets[1][i]
+        if isinstance(self.targets, tuple):  # classes, weights (and a hybrid's log p)
+            return (x, int(self.labels[i]), *(t[i] for t in self.targets))
         return x, int(self.labels[i]), self.targets[i]
 
 

@@ -112,7 +112,7 @@ def _teacher_at_1(ts: TransferSet) -> tuple[np.ndarray, torch.Tensor]:
         arrays = ts.read_block(block, names, temperature=1.0 if stored else None)
         targets = block_targets(ts, arrays, 1.0)
         index.append(arrays[S.INDEX])
-        probs.append(targets[0] if len(targets) == 1 else ts.densify(*targets))
+        probs.append(targets[0] if len(targets) == 1 else ts.densify(*targets[:2]))
     return np.concatenate(index), torch.from_numpy(np.concatenate(probs))
 
 

@@ -37,6 +37,7 @@ from .format.writer import BlockWriter
 from .options import PrecomputeOptions, check_output_file
 from .precompute import PrecomputeResult, as_options, dataset_probe, versions
 from .progress import Progress
+from .sequence_checks import check_fits_teacher, check_labels, check_something_to_distil
 from .specs import load_data
 from .teacher import Teacher
 from .tempering import combine_logits, ensemble_probs
@@ -99,20 +100,26 @@ def prepare_sequences(data: str | TokenSequences, teachers: Sequence[str | nn.Mo
                               "(a sequence set stores its tokens and one row per position)")
     dataset = load_data(data) if isinstance(data, str) else data
     if not isinstance(dataset, TokenSequences):
-        raise SoftlabelsError(f"{data!r} is not token sequences; use a tokens:PATH DATA spec")
+        raise SoftlabelsError(f"{data!r} is not token sequences; use a tokens:PATH or "
+                              "text:PATH DATA spec")
+    check_something_to_distil(dataset)
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
+    teacher.refuse_untrained(opts.random_teacher)
+    check_fits_teacher(dataset, teacher)  # before the first batch, and before any writing
     num_classes = _num_classes(teacher, dataset)
+    check_labels(dataset, num_classes)
     layout = Layout(
         num_rows=int(dataset.offsets[-1]), num_classes=num_classes,
         temperatures=opts.temperatures, dtype=opts.dtype, probs_dtype=opts.probs_dtype,
-        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows, topk=opts.topk,
-        sample_k=opts.sample_k, num_sequences=len(dataset),
-        topk_dtype=opts.dtype if opts.topk else "float32")
+        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows, **opts.sparse_args(),
+        num_sequences=len(dataset),
+        topk_dtype=opts.dtype if opts.topk and not opts.nucleus else "float32")
     meta = {
         "num_examples": len(dataset), "class_names": [], "teacher": teacher.describe(),
         "dataset": {"spec": data if isinstance(data, str) else "object:TokenSequences",
-                    "length": len(dataset), "probe": dataset_probe(dataset)},
+                    "length": len(dataset), "probe": dataset_probe(dataset),
+                    **getattr(dataset, "provenance", {})},  # a text: source's tokenizer, windows
         "views": None, "augment": None, "view_seed": None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(), "device": str(teacher.device), "precision": opts.precision,
@@ -207,6 +214,8 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
                 S.TOPK_LOGSUMEXP: (lse - shift / temps).cpu().numpy()}
     if layout.sample_k:
         return {S.SAMPLE_INDICES: _sample(logits, lengths, layout, seeds).numpy()}
+    if layout.hybrid:
+        return _hybrid(logits, lengths, layout, seeds)
     probs = ensemble_probs(z, layout.temperatures, teacher.combine)  # (K, B, L, C)
     return {S.LOGITS: logits.cpu().numpy(), S.PROBS: probs.cpu().numpy()}
 
@@ -230,6 +239,20 @@ def _sample(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
         idx = torch.searchsorted(cdf, u[j] * cdf[..., -1:], right=True)
         draws.append(idx.clamp_max(logits.shape[-1] - 1).sort(-1).values.int().cpu())
     return torch.stack(draws)
+
+
+def _hybrid(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
+            seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The hybrid arrays (B, L, ...) of a padded batch; the tail's uniforms of sequence s are
+    `torch.rand(L_s, M)` from a CPU generator seeded by s (any batching draws the same)."""
+    b, n = logits.shape[:2]
+    u = torch.zeros(b, n, layout.hybrid.tail)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        u[i, :lengths[i]] = torch.rand(int(lengths[i]), layout.hybrid.tail, generator=g)
+    out = layout.hybrid.encode(logits.reshape(b * n, -1), layout.temperatures,
+                               u.reshape(b * n, -1))
+    return {name: a.reshape(b, n, *a.shape[1:]) for name, a in out.items()}
 
 
 def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict[str, Any]:

@@ -65,13 +65,18 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
     """[index, labels, *targets] of one checked block's selected rows (`keep`, a mask over all
     rows, or every row), converted with torch: dense (n, C) probabilities at T (stored, or
     re-tempered from the logits in float32) in `dtype`; sparse (classes int64, weights in
-    `dtype`)."""
+    `dtype`), and a hybrid set's log p_T (float32) last."""
     k = ts.temperature_index(temperature)
     t = {name: torch.from_numpy(a) for name, a in arrays.items()}
     if ts.sparse and ts.sparse["kind"] == "topk":
         lse = t[S.TOPK_LOGSUMEXP][:, k:k + 1]
         targets = [t[S.TOPK_INDICES].long(),
                    torch.exp(t[S.TOPK_LOGITS].float() / temperature - lse).to(dtype)]
+    elif ts.layout.hybrid:  # [classes, weights, log p_T] (format/targets.py's decode)
+        classes, weights, log_p = ts.layout.hybrid.decode(arrays, temperature, k,
+                                                          ts.temperatures[0])
+        targets = [torch.from_numpy(classes), torch.from_numpy(weights).to(dtype),
+                   torch.from_numpy(log_p)]
     elif ts.sparse:
         idx = t[S.SAMPLE_INDICES].long()
         targets = [idx, torch.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=dtype)]
@@ -347,6 +352,7 @@ def piece_batches(data: Dataset, ts: TransferSet, batch_size: int, dtype: torch.
     and targets take at most PIECE_BYTES, and at least one batch."""
     x, _ = split_item(data[0]) if len(data) else (torch.zeros(1), 0)
     row_bytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
-    width = ts.sparse["k"] if ts.sparse else ts.num_classes
-    row_bytes += 8 + width * ((8 if ts.sparse else 0) + dtype.itemsize)
+    width = (ts.layout.hybrid.width if ts.layout.hybrid else ts.sparse["k"] if ts.sparse
+             else ts.num_classes)
+    row_bytes += 8 + width * ((12 if ts.sparse else 0) + dtype.itemsize)
     return max(1, min(PIECE_ROWS, PIECE_BYTES // row_bytes) // batch_size)

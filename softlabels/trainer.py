@@ -22,7 +22,7 @@ from .datasets import MAX_IN_MEMORY
 from .errors import DataError, OptionError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
-from .losses import kd_loss_from_probs, sparse_kd_loss
+from .losses import kd_loss_from_probs, sparse_kd_loss, target_convention
 from .options import TrainOptions, check_output_file, check_temperature
 from .ranks import finish_distributed, init_distributed, summed, wrap_ddp
 from .resume import clear_state, load_state, mid_epoch, restore, run_digest, save_state
@@ -184,7 +184,8 @@ def train_student(
         "temperature": temperature,
         "alpha": alpha, "batch_size": batch_size, "lr": opts.lr, "optimizer": opts.optimizer,
         "weight_decay": opts.weight_decay, "select": select, "jitter": opts.jitter_pixels,
-        "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream})
+        "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream,
+        "topk_loss": opts.topk_loss})
     state = load_state(out, digest) if out is not None and resume else None
     start = restore(state, net, opt, gen) if state is not None else 0
     resume_at, (total, seen) = mid_epoch(state) if state is not None else (None, (0.0, 0))
@@ -203,7 +204,7 @@ def train_student(
         for b, batch in enumerate(batches, start=first):
             x, y = jitter(batch[0], opts.jitter_pixels, gen).to(dev), batch[1].to(dev)
             loss = _loss(step_net(x), y, [t.to(dev) for t in batch[2:]], ts, temperature,
-                         alpha)
+                         alpha, opts.topk_loss)
             if world > 1:  # all ranks stop together, or the rest would wait in backward
                 _finite_loss(summed(loss), epoch, b)
             opt.zero_grad(set_to_none=True)
@@ -252,13 +253,14 @@ def train_student(
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],
-          ts: TransferSet | None, temperature: float | None, alpha: float) -> torch.Tensor:
+          ts: TransferSet | None, temperature: float | None, alpha: float,
+          topk_loss: str = "residual") -> torch.Tensor:
     """Hard-label CE without a set; Hinton KD against dense targets; sparse KD otherwise."""
     if ts is None:
         return F.cross_entropy(logits, y, ignore_index=-1)
     if ts.sparse:
         return sparse_kd_loss(logits, *targets, temperature=temperature, labels=y, alpha=alpha,
-                              residual=ts.sparse["kind"] == "topk")
+                              convention=target_convention(ts.sparse["kind"], topk_loss))
     return kd_loss_from_probs(logits, targets[0], temperature=temperature, labels=y,
                               alpha=alpha)
 

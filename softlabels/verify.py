@@ -17,9 +17,11 @@ from .format._store import open_store
 from .format.blockcheck import undone_blocks
 from .format.integrity import VerifyReport, check_arrays, check_meta, check_values
 from .format.reader import TransferSet
+from .preprocessing import Preprocess, describe
 from .progress import Progress
 from .specs import load_data, split_item
 from .teacher import Teacher
+from .teacher_inputs import replay_inputs
 from .views import build_augment, replay
 
 
@@ -59,6 +61,13 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"],
                       trust_code=trust_code)
     report.add("teacher weights", *teacher.weights_match(meta["teacher"]))
+    recorded = meta["teacher"].get("preprocess")
+    if recorded:  # the data was replayed through it (replay_inputs); the live one should agree
+        live = teacher.preprocess()
+        same = live is not None and live == Preprocess.from_meta(recorded)
+        report.add("teacher preprocessing", same, f"replayed from the metadata: "
+                   f"{describe(recorded)}" + ("" if same else
+                   f"; the live teacher's own is {describe(live.to_meta() if live else None)}"))
     rows = np.sort(np.random.default_rng(seed).choice(ts.num_rows, min(sample, ts.num_rows),
                                                       replace=False))
     index = ts.index()
@@ -75,13 +84,18 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     if ts.sparse and ts.sparse["kind"] == "sample":
         report.add("teacher", True, "not recomputed: sampled classes are random draws")
         return
-    if ts.sparse:  # top-k: compare the stored logits with the live ones at those classes
-        classes = ts.read(S.TOPK_INDICES)[rows].astype(np.int64)
-        z_live = np.take_along_axis(z_live, classes, axis=1)
-        z_stored = ts.read(S.TOPK_LOGITS)[rows]
+    if ts.layout.hybrid:  # the stored values and normalisers against the live logits
+        hybrid = ts.layout.hybrid
+        diff = hybrid.live_differences({n: ts.read(n)[rows] for n in hybrid.names()}, z_live,
+                                       ts.temperatures)[:, None]
     else:
-        z_stored = ts.logits()[rows]
-    diff = np.abs(z_live - z_stored) / (1 + np.abs(z_stored))
+        if ts.sparse:  # top-k: compare the stored logits with the live ones at those classes
+            classes = ts.read(S.TOPK_INDICES)[rows].astype(np.int64)
+            z_live = np.take_along_axis(z_live, classes, axis=1)
+            z_stored = ts.read(S.TOPK_LOGITS)[rows]
+        else:
+            z_stored = ts.logits()[rows]
+        diff = np.abs(z_live - z_stored) / (1 + np.abs(z_stored))
     tol = default_tolerance(meta) if tolerance is None else tolerance
     worst = float(diff.max()) if diff.size else 0.0
     report.add("teacher", worst <= tol, f"{len(rows)} sampled rows recomputed: largest "
@@ -144,6 +158,7 @@ def verify(
             return report
         if data is not None:
             dataset = load_data(data) if isinstance(data, str) else data
+            dataset = replay_inputs(dataset, ts.meta["teacher"])  # as the teacher saw it
             _check_data(ts, dataset, report, progress)
             if teachers:
                 _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,

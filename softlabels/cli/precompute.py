@@ -32,6 +32,15 @@ from ._common import TRUST_CODE_HELP, FloatList, progress_bar
               help="Store only the K largest logits and per-T normalisers (sparse).")
 @click.option("--sample-k", type=int, default=0,
               help="Store K classes drawn from each p_T instead (sparse, unbiased).")
+@click.option("--nucleus", type=float, default=0.0,
+              help="Hybrid target (with --topk K): per row the fewest largest classes covering "
+                   "mass P of p at the first stored T, at most K, exact; see docs/SPARSE.md.")
+@click.option("--tail", type=int, default=0,
+              help="Hybrid: M more classes drawn from the rest of each row's mass, weighted so "
+                   "that the loss and its gradient are unbiased.")
+@click.option("--quantize", type=click.Choice(["0", "8"]), default="0", show_default=True,
+              callback=lambda _c, _p, v: int(v),
+              help="Hybrid: store values as 8-bit steps below the row maximum (per-row step).")
 @click.option("--views", type=int, default=0,
               help="Store V augmented views per example (with --augment).")
 @click.option("--augment", default=None,
@@ -52,6 +61,9 @@ from ._common import TRUST_CODE_HELP, FloatList, progress_bar
               help="Spread blocks over a local Dask cluster of N single-threaded processes.")
 @click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+@click.option("--random-teacher", is_flag=True,
+              help="Accept a teacher with no trained weights (an architecture spec without a "
+                   "weights file); otherwise refused, its targets being noise.")
 def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
                workers: int | None, scheduler: str | None, **flags: object) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
