@@ -131,3 +131,23 @@ def test_batches_a_consumer_keeps_are_never_overwritten(numbered: tuple[str, Pat
     stream.set_epoch(0)  # once released, the memory is lent again: the same epoch, the same rows
     _same(_epoch(stream), copies)
     assert stream._pool.kept
+
+
+def test_a_hybrid_set_streams_its_three_target_columns(tmp_path: Path) -> None:
+    x = np.arange(200, dtype=np.float32)[:, None]
+    np.savez(tmp_path / "x.npz", x=x, y=np.random.default_rng(1).integers(0, 6, 200))
+    data, path = f"npz:{tmp_path / 'x.npz'}", tmp_path / "h.zarr"
+    precompute(data, ["mlp:1-6"], path, temperatures=[1, 3], chunk_rows=CHUNK, topk=3,
+               nucleus=0.7, tail=2, random_teacher=True)
+    from softlabels.format.reader import open_transfer_set
+
+    with open_transfer_set(path) as ts:
+        want = ts.sparse_targets(3.0)
+    seen = []
+    for batch in SoftTargetBatches(data, path, temperature=3.0, batch_size=32):
+        rows = _rows(batch)
+        assert len(batch) == 5  # inputs, labels, classes, weights, log p
+        for got, w in zip(batch[2:], want):
+            np.testing.assert_allclose(got.numpy(), w[rows], rtol=1e-6)
+        seen += rows
+    assert sorted(seen) == list(range(200))
