@@ -20,7 +20,8 @@ from softlabels.precompute import precompute
 @pytest.mark.parametrize("topk", [0, 2])
 def test_chunk_files_read_what_zarr_reads(npz_data: str, tmp_path: Path, topk: int) -> None:
     path = tmp_path / "set.zarr"
-    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK, topk=topk)
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK, topk=topk,
+               random_teacher=True)
     with open_transfer_set(path) as ts:
         assert ts.num_rows == N_ROWS and ts.num_rows % CHUNK  # a short last block
         names = ts.row_arrays()
@@ -43,7 +44,8 @@ def test_chunk_files_read_what_zarr_reads(npz_data: str, tmp_path: Path, topk: i
 
 def test_a_truncated_chunk_is_refused_naming_its_block(npz_data: str, tmp_path: Path) -> None:
     path = tmp_path / "set.zarr"
-    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     chunk = path / S.PROBS / "c" / "1" / "2" / "0"
     chunk.write_bytes(chunk.read_bytes()[:-4])
     with open_transfer_set(path) as ts:

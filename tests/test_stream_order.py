@@ -29,7 +29,7 @@ def numbered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     np.savez(folder / "x.npz", x=x, y=y)
     data, path = f"npz:{folder / 'x.npz'}", folder / "set.zarr"
     precompute(data, ["mlp:1-5"], path, temperatures=[1, 4], chunk_rows=CHUNK,
-               topk=2 if request.param == "topk" else 0)
+               topk=2 if request.param == "topk" else 0, random_teacher=True)
     return data, path
 
 

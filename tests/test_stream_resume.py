@@ -33,7 +33,8 @@ def _args(data: str, ts: Path, out: Path, workers: int) -> list[str]:
 def test_a_run_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path, workers: int) -> None:
     data = make_npz(tmp_path / "d.npz", n=150)
     ts = tmp_path / "t.zarr"
-    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu")
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu",
+               random_teacher=True)
     out, ref = tmp_path / "s.pt", tmp_path / "ref.pt"
     # states per epoch: after steps 3, 6, 9 and at its end; the 6th is epoch 2, step 6
     killed = subprocess.run([sys.executable, str(FAULTPOINTS), "softlabels.trainer:save_state",
