@@ -13,7 +13,8 @@ metadata. A local server has no network latency, so the uncached figures here ar
 bound for a real bucket; the cached ones do not depend on the network. `--latency-ms` delays
 every request the server answers by that much (requests still overlap: the server is
 threaded), a stand-in for a bucket's first-byte latency. The last pass streams one epoch the way
-`train` does (`SoftTargetBatches`, batch 256, windows of 4 blocks) from s3:// uncached.
+`train` does (`SoftTargetBatches`, batch 256, its default window, 8 blocks per request batch)
+from s3:// uncached.
 """
 
 from __future__ import annotations

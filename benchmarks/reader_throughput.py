@@ -1,17 +1,21 @@
-"""Does stage two read at storage speed, checked, in bounded memory? (issues 12.1 and 11.3)
+"""Does stage two read at numpy's speed, checked, mixing the set, in bounded memory? (issue 22
+items 2 and 3; earlier 12.1 and 11.3)
 
-1. Throughput, at C = 10, 100, 1000 (dense) and top-10 of C = 1000: rows/s and MB/s of
-   - zarr-python reading whole chunks of the same arrays, one array and block at a time: the
-     served arrays (probs at T, labels, index; top-k: its three arrays, labels, index), and
-     for reference every row array of a block (what a checked read of a version 1 set needs),
-   - zarr-python's reads plus the least a window shuffle adds ("zarr served, shuffled"),
-   - `SoftTargetBatches` iterated plainly (checked, with checksum=False, and checked without
-     the shuffle: blocks in order, rows in order), through
-     `stream.loader(num_workers=W)` (workers hand over whole windows) with 1 and 2 workers, and
-     through a plain `DataLoader(stream, batch_size=None, num_workers=2)` (hands over every
-     batch); blocks in shuffled order everywhere.
-   Goal: plain >= 0.8 and DataLoader >= 0.5 of zarr-python's rows/s on the served arrays.
-2. `--rss`: peak RSS of one streamed epoch over a set of several GB (window of 4 blocks).
+1. Throughput, at C = 10, 100, 1000 (dense) and top-10 of C = 1000, in rows/s (the median of
+   interleaved rounds) and as a ratio to a numpy windowed memmap reader; beside it rows per
+   second of this process's CPU time (all its threads; not the DataLoader's worker processes),
+   which a loaded machine disturbs less than wall time, and the ratio of the best rounds:
+   - "numpy windowed": the served arrays (probs at T, labels, index; top-k: its three arrays)
+     as .npy memmaps, read with the stream's own window semantics (the same windows of blocks,
+     each window's rows permuted, top-k weights made with torch, inputs gathered, batches cut
+     as views): the baseline of the goal (>= 0.8 on dense sets at batches 256 and 4,096),
+   - "zarr served, unshuffled": zarr-python reading the served arrays block by block, in order
+     (the earlier issues' baseline, for reference),
+   - `SoftTargetBatches` iterated plainly: checked, checksum=False, and float16 targets,
+   - `stream.loader(num_workers=2)` (unless --no-workers).
+   Beside them the mix: how many of 64 equal slices of the set the rows of a 256-row batch come
+   from (`epochs.mix`, median over an epoch; goal >= 50).
+2. `--rss`: peak RSS of one streamed epoch over a set of several GB (the default window).
 3. `--epoch-cost`: the cost of the block checks in an epoch of training (784-800-800-10 MLP,
    60,000 MNIST-shaped rows, batch 128): checked against checksum=False, interleaved.
 
@@ -29,13 +33,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
 from softlabels.datasets import SoftTargetBatches
+from softlabels.epochs import mix
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
@@ -55,8 +61,8 @@ def make_set(folder: Path, rows: int, classes: int, *, topk: int = 0, width: int
 
 def zarr_blocks(group: object, names: list[str], order: list[int], block_rows: int,
                 num_rows: int, k: int | None = None) -> tuple[int, int]:
-    """(rows, bytes) read with zarr-python whole-chunk slices, block by block; arrays whose
-    rows lie on axis 1 at leading index `k` only (all when None)."""
+    """(rows, bytes) read with zarr-python whole-chunk slices, block by block, in order (no
+    shuffle); arrays whose rows lie on axis 1 at leading index `k` only (all when None)."""
     arrays = {n: group[n] for n in names}
     nbytes = 0
     for b in order:
@@ -67,32 +73,80 @@ def zarr_blocks(group: object, names: list[str], order: list[int], block_rows: i
     return num_rows, nbytes
 
 
-def zarr_shuffled(group: object, names: list[str], order: list[int], block_rows: int,
-                  num_rows: int, k: int | None, window: int) -> tuple[int, int]:
-    """`zarr_blocks`, plus what any reader that shuffles within a window of `window` blocks
-    must add: a permutation of each window's rows (`torch.randperm`, the fastest found) and
-    every array put in that order, moved as opaque rows (numpy void: the fastest scatter found,
-    about 2x element-wise at 40-byte rows; what the stream does)."""
-    arrays = {n: group[n] for n in names}
-    nbytes = 0
-    for w in range(0, len(order), window):
-        ranges = [slice(b * block_rows, min((b + 1) * block_rows, num_rows))
-                  for b in order[w:w + window]]
-        n = sum(r.stop - r.start for r in ranges)
-        dest = torch.randperm(n).numpy()
-        for name, arr in arrays.items():
-            at, out = 0, None
-            for rows in ranges:
-                sel = (slice(None) if k is None else k, rows) if S.row_axis(name) == 1 else rows
-                part = np.asarray(arr[sel])
-                if out is None:
-                    out = np.empty((n, *part.shape[1:]), part.dtype)
-                    rows_of = out.reshape(n, -1).view(np.dtype((np.void, out[:1].nbytes)))[:, 0]
-                flat = np.ascontiguousarray(part).reshape(len(part), -1)
-                rows_of[dest[at:at + len(part)]] = flat.view(rows_of.dtype)[:, 0]
-                at += len(part)
-                nbytes += part.nbytes
-    return num_rows, nbytes
+def numpy_arrays(path: Path, k: int) -> dict[str, np.ndarray]:
+    """The served arrays of a set (labels, index, probs at T; top-k: its three arrays) as .npy
+    files beside it, opened as memmaps: what a user who keeps numpy arrays would read."""
+    folder = path.with_suffix(".npy")
+    folder.mkdir(exist_ok=True)
+    with open_transfer_set(path) as ts:
+        names = ([S.LABELS, S.INDEX, S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
+                 if ts.sparse else [S.LABELS, S.INDEX, S.PROBS])
+        for name in names:
+            file = folder / (name.replace("/", "_") + ".npy")
+            if not file.exists():
+                a = ts.read(name)
+                np.save(file, a[k] if name == S.PROBS else a)
+    return {n: np.load(folder / (n.replace("/", "_") + ".npy"), mmap_mode="r") for n in names}
+
+
+def numpy_windowed(arrays: dict[str, np.ndarray], x: np.ndarray, windows: list[list[int]],
+                   block_rows: int, num_rows: int, batch: int, seed: int = 0) -> Iterator:
+    """A numpy windowed memmap reader with the stream's window semantics: the same windows of
+    blocks, each window's rows copied out of the memmaps and permuted (`torch.randperm`, rows
+    scattered as opaque rows), top-k weights exp(z / T - lse) made with torch, the inputs
+    gathered in that order (numpy `take`), batches cut as views across windows."""
+    names = list(arrays)
+    for j, blocks in enumerate(windows):
+        ranges = [(b * block_rows, min((b + 1) * block_rows, num_rows)) for b in blocks]
+        n = sum(e - s for s, e in ranges)
+        dest = torch.randperm(n, generator=torch.Generator().manual_seed(seed + j)).numpy()
+        cols = {}
+        for name in names:
+            a = arrays[name]
+            out = np.empty((n, *a.shape[1:]), a.dtype)
+            rows_of = out.reshape(n, -1).view(np.dtype((np.void, out[:1].nbytes)))[:, 0]
+            at = 0
+            for s, e in ranges:
+                part = np.ascontiguousarray(a[s:e]).reshape(e - s, -1)
+                rows_of[dest[at:at + e - s]] = part.view(rows_of.dtype)[:, 0]
+                at += e - s
+            cols[name] = torch.from_numpy(out)
+        if S.TOPK_LOGITS in cols:
+            lse = cols[S.TOPK_LOGSUMEXP][:, -1:]
+            targets = [cols[S.TOPK_INDICES].long(),
+                       torch.exp(cols[S.TOPK_LOGITS].float() / T - lse)]
+        else:
+            targets = [cols[S.PROBS]]
+        inputs = torch.from_numpy(np.take(x, cols[S.INDEX].numpy(), axis=0))
+        yield [inputs, cols[S.LABELS], *targets]
+
+
+def rebatch(windows: Iterable[list[torch.Tensor]], size: int,
+            ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
+    batch that joins a window's leftover rows to the next window's first (pinned when the
+    windows are); then the tail."""
+    carry: list[torch.Tensor] | None = None
+    for cols in windows:
+        n, at = len(cols[0]), 0
+        if carry is not None:
+            need = size - len(carry[0])
+            if n < need:
+                carry = _joined(carry, cols)
+                continue
+            yield tuple(_joined(carry, [c[:need] for c in cols]))
+            carry, at = None, need
+        full = at + (n - at) // size * size
+        if full > at:  # one unbind per column: a third of the cost of slicing batch by batch
+            yield from zip(*[c[at:full].view(-1, size, *c.shape[1:]).unbind(0) for c in cols])
+        carry = [c[full:] for c in cols] if full < n else None
+    if carry is not None:
+        yield tuple(carry)
+
+
+def _joined(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.cat([x, y]).pin_memory() if y.is_pinned() else torch.cat([x, y])
+            for x, y in zip(a, b)]
 
 
 def count_rows(batches: object) -> tuple[int, float]:
@@ -105,65 +159,77 @@ def count_rows(batches: object) -> tuple[int, float]:
     return n, first
 
 
-def measure(data: str, path: Path, rows: int, rounds: int,
-            batch: int) -> dict[str, tuple[float, float, float]]:
-    """name -> (best rows/s, MB/s of the arrays it reads, seconds to the first batch), the
-    variants interleaved; streams built beforehand (what an epoch costs, not start-up)."""
+def batch_mix(stream: SoftTargetBatches, num_rows: int, batch: int) -> float:
+    """The median over an epoch's full batches of `epochs.mix`: how many of 64 equal slices
+    of the set the rows of a batch come from. The stream is read with a dataset whose
+    example i is (i,) (row i of these sets is example i), so a batch's inputs name its rows."""
+    numbered = TensorDataset(torch.arange(num_rows, dtype=torch.float64)[:, None])
+    probe = SoftTargetBatches(numbered, stream.path, temperature=T, batch_size=batch,
+                              check=False, window=stream.window, seed=stream.seed)
+    got = [mix(b[0][:, 0].long().numpy(), num_rows) for b in probe if len(b[1]) == batch]
+    return float(np.median(got))
+
+
+def measure(data: str, path: Path, rows: int, rounds: int, batch: int, *,
+            workers: bool = True) -> dict[str, tuple[float, float, float]]:
+    """name -> (median rows/s, MB/s of the served arrays, seconds to the first batch), the
+    variants interleaved round by round; streams built beforehand (what an epoch costs, not
+    start-up)."""
     import zarr
 
     from softlabels.specs import load_data
 
     with open_transfer_set(path) as ts:
-        every = ts.row_arrays()
         served = ([S.LABELS, S.INDEX, S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
                   if ts.sparse else [S.LABELS, S.INDEX, S.PROBS])
         block_rows, num_blocks, k = ts.block_rows, ts.num_blocks, ts.temperature_index(T)
     order = np.random.default_rng(1).permutation(num_blocks).tolist()
     group = zarr.open_group(str(path), mode="r")
     dataset = load_data(data)
+    arrays = numpy_arrays(path, k)
+    x = dataset.x.numpy()
 
-    def stream(checksum: bool, workers: int = 0, shuffle: bool = True) -> SoftTargetBatches:
+    def stream(checksum: bool = True, **options: object) -> SoftTargetBatches:
         return SoftTargetBatches(dataset, path, temperature=T, batch_size=batch, check=False,
-                                 checksum=checksum, num_workers=workers, shuffle=shuffle)
+                                 checksum=checksum, **options)
 
-    checked, unchecked, in_order = stream(True), stream(False), stream(True, shuffle=False)
+    checked, unchecked = stream(), stream(False)
+    half = stream(dtype=torch.float16)
     # zarrs' Rust thread pool does not survive fork (a forked worker hangs): spawn under zarrs,
     # the pipeline reaching the workers through ZARR_CODEC_PIPELINE__PATH.
     context = "spawn" if os.environ.get("ZARR_CODEC_PIPELINE__PATH") else None
-    loader1 = stream(True).loader(num_workers=1, multiprocessing_context=context)
-    loader2 = stream(True).loader(num_workers=2, multiprocessing_context=context)
-    plain2 = DataLoader(stream(True, 2), batch_size=None, num_workers=2,
-                        multiprocessing_context=context)
-    window = max(4, -(-batch // block_rows))  # the stream's window, in blocks
+    loader2 = stream().loader(num_workers=2, multiprocessing_context=context)
+    windows = checked.windows(0, 0, 1)
     variants = {
-        "zarr, every row array": lambda: zarr_blocks(group, every, order, block_rows, rows),
-        "zarr, served arrays": lambda: zarr_blocks(group, served, order, block_rows, rows, k),
-        "zarr served, shuffled": lambda: zarr_shuffled(group, served, order, block_rows, rows,
-                                                       k, window),
+        "numpy windowed": lambda: count_rows(rebatch(numpy_windowed(
+            arrays, x, windows, block_rows, rows, batch), batch)),
+        "zarr served, unshuffled": lambda: zarr_blocks(group, served, order, block_rows, rows, k),
         "stream, checked": lambda: count_rows(checked),
         "stream, checksum off": lambda: count_rows(unchecked),
-        "stream, unshuffled": lambda: count_rows(in_order),
-        "loader 1 worker, checked": lambda: count_rows(loader1),
-        "loader 2 workers, checked": lambda: count_rows(loader2),
-        "plain DataLoader 2 workers": lambda: count_rows(plain2),
+        "stream, float16": lambda: count_rows(half),
+        "loader 2 workers": lambda: count_rows(loader2),
     }
-    best: dict[str, float] = {}
+    if not workers:
+        variants.pop("loader 2 workers")
+    rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     first: dict[str, float] = {}
-    row_bytes: dict[str, float] = {}
+    nbytes = 0.0
     for _ in range(rounds):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             got, extra = fn()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             assert got == rows, (name, got, rows)
-            best[name] = max(best.get(name, 0.0), rows / dt)
+            rates.setdefault(name, []).append(rows / dt)
+            cpu.setdefault(name, []).append(rows / max(dc, 1e-9))
             if name.startswith("zarr"):
-                row_bytes[name] = extra / rows
+                nbytes = extra / rows
             else:
                 first[name] = min(first.get(name, np.inf), extra)
-    every_b, served_b = row_bytes["zarr, every row array"], row_bytes["zarr, served arrays"]
-    return {name: (r, r * (every_b if "every" in name else served_b) / 1e6,
-                   first.get(name, 0.0)) for name, r in best.items()}
+    return {name: (float(np.median(r)), float(np.median(r)) * nbytes / 1e6,
+                   first.get(name, 0.0), float(np.median(cpu[name])), float(max(r)))
+            for name, r in rates.items()}
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -176,32 +242,39 @@ def throughput(args: argparse.Namespace) -> None:
             folder.mkdir(parents=True, exist_ok=True)  # a made set is reused (--sets)
             data, path = make_set(folder, rows, classes, topk=topk)
             with open_transfer_set(path) as ts:
-                block_rows = ts.block_rows
+                block_rows, num_blocks = ts.block_rows, ts.num_blocks
             kind = f"top-{topk} of C={classes}" if topk else f"C={classes}"
             for batch in args.batch:
-                found = measure(data, path, rows, args.rounds, batch)
-                print(f"\n{kind}: {rows} rows, blocks of {block_rows} rows, T={T} of 2 stored, "
-                      f"batch {batch}")
-                base_all = found["zarr, every row array"][0]
-                base_served = found["zarr, served arrays"][0]
-                base_shuffled = found["zarr served, shuffled"][0]
-                for name, (r, mbs, first) in found.items():
+                load = os.getloadavg()[0]
+                found = measure(data, path, rows, args.rounds, batch,
+                                workers=not args.no_workers)
+                probe = SoftTargetBatches(data, path, temperature=T, batch_size=batch,
+                                          check=False)
+                mixed = batch_mix(probe, rows, 256)
+                print(f"\n{kind}: {rows} rows, {num_blocks} blocks of {block_rows} rows, T={T} "
+                      f"of 2 stored, batch {batch}, window {probe.window} blocks; mix (distinct "
+                      f"64ths of the set in a 256-row batch, median): {mixed:.0f} of 64; "
+                      f"load {load:.1f} -> {os.getloadavg()[0]:.1f}")
+                base, _, _, base_cpu, base_best = found["numpy windowed"]
+                for name, (r, mbs, first, c, best) in found.items():
                     start = f"  first batch {first * 1e3:5.0f} ms" if first else ""
-                    print(f"  {name:28s} {r:11,.0f} rows/s {mbs:8.1f} MB/s   / zarr served: "
-                          f"{r / base_served:5.2f}   / shuffled: {r / base_shuffled:5.2f}   "
-                          f"/ every: {r / base_all:5.2f}{start}")
+                    print(f"  {name:26s} {r:11,.0f} rows/s {mbs:7.1f} MB/s  / numpy windowed: "
+                          f"{r / base:5.2f} (best rounds {best / base_best:5.2f})  per CPU "
+                          f"second {c:11,.0f} ({c / base_cpu:5.2f}){start}")
 
 
 def rss(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         t0 = time.perf_counter()
-        data, path = make_set(Path(tmp), args.rss_rows, 1000)
+        folder = Path(args.sets) / f"rss-{args.rss_rows}" if args.sets else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)  # a made set is reused (--sets)
+        data, path = make_set(folder, args.rss_rows, 1000)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"set: {args.rss_rows} rows x 1000 classes, {size / 2**30:.2f} GiB on disk "
               f"(made in {time.perf_counter() - t0:.0f}s)")
         code = (f"import resource, time\nfrom softlabels.datasets import SoftTargetBatches\n"
                 f"s = SoftTargetBatches({data!r}, {str(path)!r}, temperature={T}, "
-                f"batch_size={BATCH}, check=False, window=4)\n"
+                f"batch_size={BATCH}, check=False)\n"
                 "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
                 "t0 = time.perf_counter(); n = sum(len(b[1]) for b in s)\n"
                 "dt = time.perf_counter() - t0\n"
@@ -272,6 +345,8 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="folder for the temporary sets")
     parser.add_argument("--sets", default=None,
                         help="folder to make the throughput sets in once and reuse")
+    parser.add_argument("--no-workers", action="store_true",
+                        help="leave out the DataLoader variant (2 worker processes)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="throughput cases to run: 10 100 1000 top10")
     args = parser.parse_args()

@@ -4,10 +4,6 @@ and becomes the soft targets at the chosen temperature."""
 
 from __future__ import annotations
 
-import sys
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -105,52 +101,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool) -> torch.
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
-def block_columns(ts: TransferSet, block: int, *, temperature: float, checksum: bool,
-                  keep: np.ndarray | None) -> list[torch.Tensor]:
-    """[index, labels, *targets] of one block's selected rows (`keep`, a mask over all rows,
-    or every row), read through `read_checked`."""
-    arrays = read_checked(ts, block, temperature=temperature, checksum=checksum)
-    cols = [arrays[S.INDEX], arrays[S.LABELS], *block_targets(ts, arrays, temperature)]
-    if keep is not None:
-        start, stop = ts.block_range(block)
-        cols = [c[keep[start:stop]] for c in cols]
-    return [torch.from_numpy(c) for c in cols]
-
-
-def read_ahead(groups: list[list[int]], read: Callable[[int], Any],
-               build: Callable[[list[Any]], Any], *, concurrent: int = 1) -> Iterator[Any]:
-    """`build([read(b) for b in group])` of each group of blocks, in order, run by a background
-    thread one group ahead of the consumer: while one window is served, the next is read,
-    checked, shuffled and gathered (zarr's I/O and codecs, numpy's and torch's copies, xxhash
-    release the GIL), so the consumer only cuts batches and memory holds about two windows.
-    `concurrent` > 1 reads that many blocks of a group at once (for an object store, where
-    each read waits a round trip). A block's `IntegrityError` is raised where its window is
-    due."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
-    reads = (ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="softlabels-get")
-             if concurrent > 1 else None)
-    pending: deque[Future[Any]] = deque()
-
-    def submit(i: int) -> None:
-        if i < len(groups):
-            got = (lambda: list(reads.map(read, groups[i]))) if reads else (
-                lambda: [read(b) for b in groups[i]])
-            pending.append(pool.submit(lambda: build(got())))
-    try:
-        submit(0)
-        for i in range(len(groups)):
-            got = pending.popleft().result()
-            submit(i + 1)
-            yield got
-    finally:
-        if not sys.is_finalizing():  # at exit the pools' modules are torn down: nothing to stop
-            pool.shutdown(wait=True, cancel_futures=True)
-            if reads:
-                reads.shutdown(wait=True, cancel_futures=True)
-
-
 def window_order(seed: list[int]) -> torch.Generator:
-    """The generator of a stream's within-window shuffles, seeded by (seed, epoch, rank, worker)
+    """The generator of a stream's within-window shuffles, seeded by (seed, epoch, rank, window)
     through numpy's SeedSequence: `torch.randperm` draws a window's permutation in less than
     half the time of numpy's `Generator.permutation` (measured: 0.42 against 0.99 ms for
     131,072 rows)."""
@@ -158,59 +110,9 @@ def window_order(seed: list[int]) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def shuffled_window(blocks: list[list[torch.Tensor]], order: torch.Generator | None, *,
-                    shared: list[bool] | None = None) -> list[torch.Tensor] | None:
-    """The columns of several blocks (CPU tensors) as one tensor per column, rows in the order
-    of a permutation drawn from `order` (None: as they come); None without rows. Column j is
-    put in shared memory where `shared[j]`."""
-    n = sum(len(c[0]) for c in blocks)
-    if n == 0:
-        return None
-    dest = torch.randperm(n, generator=order).numpy() if order is not None else None
-    window = []
-    for j, first in enumerate(blocks[0]):
-        out = empty((n, *first.shape[1:]), first.dtype, shared=bool(shared and shared[j]))
-        view, at = _rows(out), 0
-        for c in blocks:
-            rows = len(c[j])
-            if rows:  # a scatter of opaque rows: no concatenation of the blocks first
-                view[slice(at, at + rows) if dest is None else dest[at:at + rows]] = _rows(c[j])
-            at += rows
-        window.append(out)
-    return window
-
-
-def _rows(t: torch.Tensor) -> np.ndarray:
+def opaque_rows(t: torch.Tensor) -> np.ndarray:
     """A (n, ...) tensor's memory as n opaque numpy rows (any dtype, bfloat16 included): numpy
     moves them by row, about twice as fast as element by element for narrow rows (measured)."""
     t = t.contiguous()
     raw = t.reshape(len(t), -1).view(torch.uint8).numpy()
     return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(len(t))
-
-
-def rebatch(windows: Iterable[list[torch.Tensor]], size: int,
-            ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Batches of `size` rows cut from consecutive windows: views of a window, except the one
-    batch that joins a window's leftover rows to the next window's first (pinned when the
-    windows are); then the tail."""
-    carry: list[torch.Tensor] | None = None
-    for cols in windows:
-        n, at = len(cols[0]), 0
-        if carry is not None:
-            need = size - len(carry[0])
-            if n < need:
-                carry = _joined(carry, cols)
-                continue
-            yield tuple(_joined(carry, [c[:need] for c in cols]))
-            carry, at = None, need
-        full = at + (n - at) // size * size
-        if full > at:  # one unbind per column: a third of the cost of slicing batch by batch
-            yield from zip(*[c[at:full].view(-1, size, *c.shape[1:]).unbind(0) for c in cols])
-        carry = [c[full:] for c in cols] if full < n else None
-    if carry is not None:
-        yield tuple(carry)
-
-
-def _joined(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.cat([x, y]).pin_memory() if y.is_pinned() else torch.cat([x, y])
-            for x, y in zip(a, b)]

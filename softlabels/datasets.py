@@ -1,46 +1,51 @@
 """Stage two's input: join a dataset with a transfer set by `index`, check they line up by
 `sample_hash`, and serve (input, label, soft target at T) — in memory, or streamed as whole
-batches from whole blocks with a block-aware shuffle split across DataLoader workers and
-distributed ranks. Every block is read checked (`TransferSet.read_block`)."""
+batches from whole blocks, shuffled across windows of blocks that span the set, split across
+distributed ranks, in an order DataLoader workers do not change, resumable mid-epoch. Every
+block is read checked (`TransferSet.read_block`)."""
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .blocks import (
-    block_columns,
-    check_servable,
-    empty,
-    load_checked,
-    read_ahead,
-    rebatch,
-    window_order,
-)
-from .blocks import shuffled_window as shuffled
-from .epochs import WindowLoader, chunk_plan, rank_and_world, worker_quota
-from .errors import IntegrityError, MismatchError, SoftlabelsError
+from .blocks import check_servable, load_checked
+from .epochs import WindowLoader, block_windows, rank_and_world
+from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format._store import backend_of
 from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
 from .images import model_inputs
-from .specs import NpzDataset, example_hash, load_data, split_item
+from .specs import example_hash, load_data, split_item
+from .stream_pieces import (
+    BlockReaders,
+    Span,
+    WindowPool,
+    background,
+    build_window,
+    cut,
+    gather_inputs,
+    piece_batches,
+    pieces,
+    window_generator,
+)
 from .teacher_inputs import replay_inputs
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
 CHECK_SAMPLE = 10_000
 MAX_IN_MEMORY = 2 << 30  # bytes of targets held in memory before streaming is required
-URL_READS = 8  # blocks a stream reads at once from a URL
+URL_READS = 8  # blocks a stream reads in one call from a URL
+WINDOW_BLOCKS = 64  # blocks a stream shuffles across: a batch then spans most of the set
+SERVED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _open(data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
@@ -158,73 +163,61 @@ class SoftTargetDataset(Dataset):
 
 # --- streaming ----------------------------------------------------------------------------------
 
-def gather_inputs(data: Dataset, index: torch.Tensor, *, shared: bool = False) -> torch.Tensor:
-    """The inputs of dataset examples `index` (int64), stacked (N, ...), in shared memory when
-    `shared`: one gather for datasets holding a tensor (npz, TensorDataset), else
-    `__getitems__` or one item at a time. An index outside the dataset is refused."""
-    at = index.numpy()
-    if len(at) and (int(at.min()) < 0 or int(at.max()) >= len(data)):
-        raise IntegrityError(f"the transfer set indexes examples outside the dataset's "
-                             f"{len(data)} (found {int(at.min())}..{int(at.max())}); "
-                             "run `softlabels verify` on it and pass the DATA it was made from")
-    source = (data.x if isinstance(data, NpzDataset) else
-              data.tensors[0] if isinstance(data, TensorDataset) else None)
-    if source is not None and source.device.type != "cpu":  # kept on an accelerator
-        return source.index_select(0, index.to(source.device))
-    if source is not None:
-        out = empty((len(index), *source.shape[1:]), source.dtype, shared=shared)
-        if source.dtype == torch.bfloat16:
-            return torch.index_select(source, 0, index, out=out)
-        # numpy's take, in range (checked above) so without its bounds-check buffer
-        np.take(source.detach().numpy(), index.numpy(), axis=0, out=out.numpy(), mode="clip")
-        return out
-    many = getattr(data, "__getitems__", None)
-    items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
-    first = split_item(items[0])[0] if items else torch.empty(0)
-    out = empty((len(items), *first.shape), first.dtype, shared=shared)
-    return torch.stack([split_item(item)[0] for item in items], out=out)
-
-
 class SoftTargetBatches(IterableDataset):
     """Whole batches (inputs, labels, *targets) streamed from whole checked blocks of a set.
 
-    Targets are (B, C) float32 probabilities at `temperature`, or (classes, weights) (B, k) of a
-    sparse set. Per epoch (`set_epoch`) the block order is shuffled with (seed, epoch), blocks
-    are dealt round-robin to ranks and then to DataLoader workers, and rows are shuffled within a
-    window of `window` blocks (at least one batch's worth); a thread builds the next window (reads,
-    checks, shuffles, gathers its inputs) while one is served, so memory holds about two
-    windows, never the set, and the consumer only cuts batches. Every block passes
-    `TransferSet.read_block` (checksums, finite targets, labels and indices in range) for the arrays
-    it serves (labels, index, the targets at T) before use; `checksum=False` skips the checksums
-    (the value checks remain) for sets already verified.
+    Targets are (B, C) probabilities at `temperature` in `dtype` (float32, or float16 to halve
+    what crosses to the device; the model converts there), or (classes int64, weights) (B, k) of
+    a sparse set. The order of an epoch is a function of (seed, epoch, rank, world_size) alone:
+    blocks are shuffled and dealt to ranks, and each rank reads windows of `window` blocks that
+    each span its whole share of the set (`epochs.block_windows`), their rows shuffled across
+    the window, so a batch of 256 draws from most of the set (`epochs.mix`: about 60 of 64
+    equal slices once the set has 64 blocks or more). Every block passes
+    `TransferSet.read_blocks` (checksums over its bytes, `block_done`, finite targets, labels
+    and indices in range) for the arrays it serves before use; `checksum=False` skips the
+    checksums (the value checks remain) for sets already verified.
 
-    With DataLoader workers use `loader(num_workers=W, pin_memory=...)`: each worker reads,
-    checks and shuffles whole windows (inputs included) and hands each over once, in shared
-    memory; the main process cuts batches from them as views, so a batch costs no hand-over.
-    A plain `DataLoader(stream, batch_size=None, num_workers=W)` works too (pass the same
-    `num_workers=W` here so `len()` is exact) and hands over every batch. Batches hold
-    `batch_size` rows (per rank) but the last (through a plain DataLoader: the last of each
-    worker). `rank`/`world_size` default to torch.distributed's. Across `world_size` ranks each
-    rank's stream ends after `steps_per_epoch()` batches, the same number on every rank: the tail
-    of a rank with more rows is dropped (at most about one block per rank per epoch; which rows
-    differs every epoch, as the order is reshuffled).
+    Memory: a background thread reads and shuffles one window while the previous one is served,
+    so at most two windows of the served arrays are held (a window is `window` to
+    2 x `window` - 1 blocks of labels, index and targets at T: at C = 1,000 in float32 a block
+    of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and `dtype=torch.float16`
+    lower it), plus up to four pieces (each at most PIECE_BYTES of inputs, labels and targets:
+    queued, being cut, being built); never the set. Window memory no batch holds any more is
+    lent to the next window (`stream_pieces.WindowPool`), so it stays held between epochs.
+
+    Workers: `loader(num_workers=W)` (pieces of whole batches, built by worker i % W and cut
+    into batches in the main process, as views) or a plain `DataLoader(stream,
+    batch_size=None, num_workers=W)` (batch b built by worker b % W) give the same batches in
+    the same order as iterating the stream directly: DataLoader takes its workers' items round
+    robin. Each worker reads and checks every window (and builds only its own pieces' inputs), so
+    workers pay off where inputs cost more than the targets (decoded images), not for arrays.
+
+    Resume: `state_dict()` gives (epoch, batches served, seed); `load_state_dict()` makes the
+    next iteration serve that epoch's remaining batches, the same ones, bit for bit, without
+    reading the windows already served. Across `world_size` ranks each rank serves
+    `steps_per_epoch()` batches, the same number on every rank (the tail of a rank with more
+    rows is dropped: at most about one block per rank per epoch, different rows every epoch).
+    `rank`/`world_size` default to torch.distributed's.
     """
 
     def __init__(self, data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
                  *, temperature: float, batch_size: int, rows: np.ndarray | None = None,
-                 shuffle: bool = True, window: int = 4, seed: int = 0, check: bool = True,
-                 checksum: bool = True, rank: int | None = None, world_size: int | None = None,
-                 num_workers: int = 0) -> None:
+                 shuffle: bool = True, window: int = WINDOW_BLOCKS, seed: int = 0,
+                 check: bool = True, checksum: bool = True, rank: int | None = None,
+                 world_size: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         dataset, ts = _open(data, transfer_set)
         if ts.meta.get("views"):
             raise SoftlabelsError(f"{ts.path} holds augmented views: streaming serves plain "
                                   "examples; use SoftTargetDataset")
         if batch_size <= 0:
             raise SoftlabelsError(f"batch_size must be positive, got {batch_size}")
+        if dtype not in SERVED_DTYPES:
+            raise SoftlabelsError(f"dtype must be one of torch.float32, torch.float16, "
+                                  f"torch.bfloat16; got {dtype}")
         self.temperature = _check_temperature(temperature)
         check_servable(ts, self.temperature)
         self.data, self.path, self.batch_size = dataset, str(ts.path), int(batch_size)
-        self.num_rows, self.block_rows = ts.num_rows, ts.block_rows
+        self.num_rows, self.block_rows, self.dtype = ts.num_rows, ts.block_rows, dtype
         self.keep = None
         if rows is not None:
             self.keep = np.zeros(ts.num_rows, dtype=bool)
@@ -232,34 +225,67 @@ class SoftTargetBatches(IterableDataset):
         if check:
             picked = np.flatnonzero(self.keep) if self.keep is not None else np.arange(ts.num_rows)
             check_alignment(dataset, ts, picked, seed=seed, check_all_up_to=CHECK_SAMPLE)
+        self._num_blocks = ts.num_blocks
+        self.piece_batches = piece_batches(dataset, ts, self.batch_size, dtype)
         if not isinstance(transfer_set, TransferSet):
             ts.close()
-        self.shuffle, self.window, self.seed = shuffle, max(1, window), seed
-        # the epoch in shared memory: persistent DataLoader workers see `set_epoch` too
+        self.shuffle, self.window, self.seed = shuffle, max(1, int(window)), int(seed)
+        # shared memory: persistent DataLoader workers and `loader()`'s copy see them too
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._start = torch.zeros((), dtype=torch.int64).share_memory_()  # resumed at batch
+        self._served = 0  # batches of the epoch handed out in this process (`state_dict`)
         self.checksum, self._rank, self._world = checksum, rank, world_size
-        self.num_workers = num_workers  # the DataLoader's, so len() counts its batches
-        self._windows_out = False  # True in `loader()`'s workers: yield whole windows
+        self._pieces_out = False  # True in `loader()`'s source: yield pieces, not batches
         self._open_set: tuple[int, TransferSet] | None = None  # (pid, set) kept across epochs
+        self._pool = WindowPool()  # window memory lent again (plain iteration in this process)
 
     @property
     def epoch(self) -> int:
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
+        """Serve `epoch` from its first batch on the next iteration."""
         self._epoch.fill_(int(epoch))
+        self._start.fill_(0)
+        self._served = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream stands: its epoch, the batches of it served (counted where the
+        stream, or `loader()`, is iterated in this process; a plain DataLoader's consumer counts
+        its own) and the seed. Small and JSON-able."""
+        return {"epoch": self.epoch, "batches": self._served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`: the next iteration serves the rest of that epoch."""
+        try:
+            epoch, batches, seed = (int(state["epoch"]), int(state["batches"]),
+                                    int(state["seed"]))
+        except (KeyError, TypeError, ValueError):
+            raise SoftlabelsError(f"a stream state holds epoch, batches and seed (integers); "
+                                  f"got {state!r}") from None
+        if seed != self.seed:
+            raise SoftlabelsError(f"the stream state comes from seed {seed}, this stream's is "
+                                  f"{self.seed}; pass the same seed to resume")
+        steps = self.steps_per_epoch(epoch)
+        if not 0 <= batches <= steps:
+            raise SoftlabelsError(f"the stream state says {batches} batches of epoch {epoch} "
+                                  f"were served, but the epoch has {steps}")
+        self.set_epoch(epoch)
+        self._start.fill_(batches)
+        self._served = batches
 
     def loader(self, *, num_workers: int = 0, pin_memory: bool = False,
                **dataloader_options: Any) -> WindowLoader:
-        """Batches of this stream read by `num_workers` DataLoader workers that hand over whole
-        windows (see the class); `pin_memory` pins each window once, and its batches with it.
-        Workers persist across epochs unless `persistent_workers=False`; other options go to
-        the DataLoader too (e.g. `multiprocessing_context`)."""
+        """Batches of this stream built by `num_workers` DataLoader workers that hand over
+        pieces of whole batches (see the class), in the stream's own order; `pin_memory` pins
+        each piece once, and its batches with it. Workers persist across epochs unless
+        `persistent_workers=False`; other options go to the DataLoader too (e.g.
+        `multiprocessing_context`)."""
         options = {"persistent_workers": num_workers > 0, **dataloader_options}
         return WindowLoader(self, num_workers=num_workers, pin_memory=pin_memory, **options)
 
-    def __getstate__(self) -> dict[str, Any]:  # a worker opens its own handle
-        return {**self.__dict__, "_open_set": None}
+    def __getstate__(self) -> dict[str, Any]:  # a worker opens its own handle and pool
+        return {**self.__dict__, "_open_set": None, "_pool": WindowPool()}
 
     @contextmanager
     def _reading(self) -> Iterator[TransferSet]:
@@ -285,72 +311,77 @@ class SoftTargetBatches(IterableDataset):
         return sum(int(self.keep[b * self.block_rows:(b + 1) * self.block_rows].sum())
                    for b in blocks)
 
-    def steps_per_epoch(self, epoch: int | None = None, *, num_workers: int = 0) -> int:
-        """Batches every rank yields in `epoch` (default: the current one) when read through
-        `num_workers` workers of a plain DataLoader (0: iterated directly, or through
-        `loader()` with any number of workers): the fewest any rank has, so all ranks step
-        together."""
+    def windows(self, epoch: int, rank: int, world: int) -> list[list[int]]:
+        """The windows of blocks `rank` reads in `epoch`, in order (`epochs.block_windows`)."""
+        return block_windows(self._num_blocks, window=self.window, epoch=epoch, seed=self.seed,
+                             shuffle=self.shuffle, rank=rank, world_size=world)
+
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches every rank serves in a whole `epoch` (default: the current one), whatever
+        the DataLoader workers: the fewest any rank has, so all ranks step together."""
         epoch, (_, world) = (self.epoch if epoch is None else epoch), self._where()
-        workers = max(1, num_workers)
-        return min(sum(-(-self._rows_in(self._blocks(epoch, r, world, w, workers))
-                         // self.batch_size) for w in range(workers)) for r in range(world))
+        return min(-(-sum(self._rows_in(w) for w in self.windows(epoch, r, world))
+                     // self.batch_size) for r in range(world))
 
     def __len__(self) -> int:
-        return self.steps_per_epoch(num_workers=self.num_workers)
+        """Batches the next iteration serves (the rest of the epoch after `load_state_dict`)."""
+        return self.steps_per_epoch() - int(self._start)
 
-    def _blocks(self, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[int]:
-        return chunk_plan(self.num_rows, self.block_rows, epoch=epoch, seed=self.seed,
-                          shuffle=self.shuffle, rank=rank, world_size=world, worker=worker,
-                          num_workers=workers)
+    def _pieces(self, ts: TransferSet, span_of: Callable[[int], Span],
+                shared: bool) -> Iterator[list[torch.Tensor]]:
+        """This process's pieces of the epoch (`stream_pieces.pieces`), built on a thread."""
+        rank, world = self._where()
+        epoch = self.epoch
+        windows = self.windows(epoch, rank, world)
+        counts = [self._rows_in(w) for w in windows]
+        span = span_of(sum(counts))
 
-    def _windows(self, ts: TransferSet, blocks: list[int], order: torch.Generator,
-                 shared: bool) -> Iterator[list[torch.Tensor]]:
-        """[inputs, labels, *targets] of each window of blocks, selected rows only, shuffled
-        (`blocks.shuffled_window`), the inputs then gathered in that order; batches are views of
-        it. A background thread builds the next window meanwhile (`blocks.read_ahead`), so the
-        consumer only cuts batches. A window holds at least one batch. In a DataLoader worker
-        (`shared`) the window lives in shared memory, so it crosses to the main process as a
-        reference."""
-        def read(block: int) -> list[torch.Tensor]:
-            return block_columns(ts, block, temperature=self.temperature,
-                                 checksum=self.checksum, keep=self.keep)
+        readers = BlockReaders()
 
-        def build(parts: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
-            cols = shuffled(parts, order if self.shuffle else None,
-                            shared=[False] + [shared] * (len(parts[0]) - 1))
-            if cols is None:
-                return None
-            index, *rest = cols
-            return [gather_inputs(self.data, index, shared=shared), *rest]
+        def build(j: int, blocks: list[int]) -> list[torch.Tensor] | None:
+            order = window_generator(self.seed, epoch, rank, j) if self.shuffle else None
+            return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
+                                temperature=self.temperature, checksum=self.checksum,
+                                dtype=self.dtype, keep=self.keep, order=order, shared=shared,
+                                readers=readers, pool=self._pool,
+                                together=URL_READS if is_url(self.path) else 1)
 
-        window = max(self.window, -(-self.batch_size // self.block_rows))
-        groups = [blocks[i:i + window] for i in range(0, len(blocks), window)]
-        # from a URL, read blocks at once to hide the store's latency (threads: at most 8)
-        concurrent = min(window, URL_READS) if is_url(self.path) else 1
-        yield from (cols for cols in read_ahead(groups, read, build, concurrent=concurrent)
-                    if cols is not None)
+        def make() -> Iterator[list[torch.Tensor]]:
+            try:
+                yield from pieces(windows, counts, span, build=build, shared=shared,
+                                  gather=lambda index: gather_inputs(self.data, index,
+                                                                     shared=shared))
+            finally:
+                readers.close()
+
+        return background(make)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        rank, world = self._where()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        blocks = self._blocks(self.epoch, rank, world, worker, workers)
-        rng = window_order([self.seed, self.epoch, rank, worker])
-        if self._windows_out:  # `loader()` cuts the batches and counts the steps
-            with self._reading() as ts:
-                yield from (tuple(w) for w in self._windows(ts, blocks, rng, info is not None))
-            return
-        # Equal steps across ranks: each worker of this rank stops at its share of the budget.
-        budget = self.steps_per_epoch(num_workers=workers if info else 0) if world > 1 else None
-        quota = None if budget is None else worker_quota(self, rank, world, workers, budget)[
-            worker]
+        start, steps, size = int(self._start), self.steps_per_epoch(), self.batch_size
+        if info is None:
+            self._served = start
+        # a plain DataLoader's worker hands over batches; otherwise pieces of whole batches
+        per = self.piece_batches if (info is None or self._pieces_out) else 1
+
+        def span_of(total: int) -> Span:
+            return Span(first=start * size, stop=min(steps * size, total), piece=per * size,
+                        mine=lambda i: i % workers == worker)
+
         with self._reading() as ts:
-            batches = rebatch(self._windows(ts, blocks, rng, shared=info is not None),
-                              self.batch_size)
+            made = self._pieces(ts, span_of, shared=info is not None)
             try:
-                yield from batches if quota is None else itertools.islice(batches, quota)
+                if self._pieces_out:  # `loader()` cuts the batches and counts them
+                    yield from (tuple(p) for p in made)
+                    return
+                for piece in made:
+                    for batch in cut(piece, size):
+                        if info is None:
+                            self._served += 1
+                        yield batch
             finally:  # stop the read-ahead thread before the set is closed
-                batches.close()
+                made.close()
 
 
 class StreamingSoftTargetDataset(IterableDataset):

@@ -219,6 +219,8 @@ class TrainOptions(_Options):
     views_per_epoch: int = 1
     topk_loss: str = "residual"  # how a top-k set's missing mass enters the loss (losses.py)
     trust_code: bool = False  # build python: specs found inside checkpoints and sets
+    loader_workers: int = 0  # DataLoader workers of a streamed set (the batches do not change)
+    state_every: int = 0  # steps between mid-epoch states of a streamed run (0: epoch ends)
 
     def __post_init__(self) -> None:
         check_choice(self.topk_loss, TOPK_CONVENTIONS, "--topk-loss")
@@ -236,6 +238,8 @@ class TrainOptions(_Options):
             _check_number(self.fraction, "--fraction", low=0, high=1, low_open=True)
         _check_int(self.jitter_pixels, "--jitter", minimum=0)
         _check_int(self.views_per_epoch, "--views-per-epoch", minimum=1)
+        _check_int(self.loader_workers, "--loader-workers", minimum=0)
+        _check_int(self.state_every, "--state-every", minimum=0)
         for name in ("classes", "exclude_classes"):
             value = getattr(self, name)
             if value is not None:

@@ -37,14 +37,20 @@ def run_digest(options: dict[str, Any]) -> str:
 
 def save_state(out: str | os.PathLike[str], *, digest: str, epoch: int, history: list[Any],
                model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               generator: torch.Generator) -> None:
-    """Write the state after `epoch` (1-based count of finished epochs) atomically."""
+               generator: torch.Generator, stream: dict[str, int] | None = None,
+               partial: tuple[float, int] | None = None) -> None:
+    """Write the state after `epoch` (count of finished epochs) atomically. Mid-epoch (a
+    streamed run): `stream` is the stream's `state_dict()` (epoch `epoch`, batches served) and
+    `partial` the epoch's (summed loss, rows) so far."""
     path = state_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": STATE_FORMAT, "digest": digest, "epoch": epoch, "history": history,
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                "generator": generator.get_state()}
+    if stream is not None:
+        payload["stream"] = dict(stream)
+        payload["partial"] = [float(partial[0]), int(partial[1])] if partial else [0.0, 0]
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     with open(tmp, "rb") as f:
@@ -71,6 +77,16 @@ def load_state(out: str | os.PathLike[str], digest: str) -> dict[str, Any] | Non
                     path)
         return None
     return payload
+
+
+def mid_epoch(payload: dict[str, Any]) -> tuple[dict[str, int] | None, tuple[float, int]]:
+    """(the stream's state, the epoch's (summed loss, rows) so far) of a state saved mid-epoch;
+    (None, (0.0, 0)) for one saved at an epoch's end."""
+    stream = payload.get("stream")
+    if not isinstance(stream, dict) or int(stream.get("epoch", -1)) != int(payload["epoch"]):
+        return None, (0.0, 0)
+    total, seen = payload.get("partial", (0.0, 0))
+    return {k: int(v) for k, v in stream.items()}, (float(total), int(seen))
 
 
 def restore(payload: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -124,22 +124,37 @@ def in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: tor
             n_rows, -(-(n_rows // world) // batch_size))
 
 
+class StreamedEpochs:
+    """The batches of each epoch of a streamed set (`SoftTargetBatches.loader()`), from its
+    first batch or, resuming, from where a saved `state_dict()` stopped."""
+
+    def __init__(self, stream: SoftTargetBatches, loader: Any) -> None:
+        self.stream, self.loader = stream, loader
+
+    def __call__(self, epoch: int, resume: dict[str, int] | None = None,
+                 ) -> Iterator[list[torch.Tensor]]:
+        self.stream.set_epoch(epoch)
+        if resume is not None:
+            self.stream.load_state_dict(resume)
+        return iter(self.loader)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+
 def streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
                      select: dict[str, Any], temperature: float, batch_size: int, rank: int,
-                     world: int) -> Plan:
-    """Whole batches straight from whole checked blocks, shuffled by block and within a
-    window; every rank takes `steps_per_epoch` steps (the longer ranks' tails dropped)."""
+                     world: int, workers: int = 0) -> Plan:
+    """Whole batches straight from whole checked blocks, shuffled across windows that span the
+    set; every rank takes `steps_per_epoch` steps (the longer ranks' tails dropped), in an
+    order that `workers` (DataLoader workers) does not change."""
     rows = selected_rows(ts, select)
     stream = SoftTargetBatches(dataset, ts, temperature=temperature, batch_size=batch_size,
                                rows=rows, seed=select["seed"], rank=rank, world_size=world)
     x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
     check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
-    loader = stream.loader(pin_memory=dev.type == "cuda")  # each window pinned once
-
-    def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
-        stream.set_epoch(epoch)
-        return iter(loader)
-    return epoch_batches, len(rows), stream.steps_per_epoch(0)
+    loader = stream.loader(num_workers=workers, pin_memory=dev.type == "cuda")
+    return StreamedEpochs(stream, loader), len(rows), stream.steps_per_epoch(0)
 
 
 def check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,

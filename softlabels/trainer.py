@@ -19,19 +19,20 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .datasets import MAX_IN_MEMORY
-from .errors import DataError, TrainingError
+from .errors import DataError, OptionError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
 from .images import model_inputs
 from .losses import kd_loss_from_probs, sparse_kd_loss, target_convention
 from .options import TrainOptions, check_output_file, check_temperature
 from .ranks import finish_distributed, init_distributed, summed, wrap_ddp
-from .resume import clear_state, load_state, restore, run_digest, save_state
+from .resume import clear_state, load_state, mid_epoch, restore, run_digest, save_state
 from .specs import load_data, load_model, save_checkpoint
 from .teacher import resolve_device
 from .tokens import is_sequence_data
 from .train_plans import (
     Cached,  # noqa: F401  (importable from here, as before the split)
+    StreamedEpochs,
     hard_label_epochs,
     in_memory_epochs,
     materialize,
@@ -157,6 +158,9 @@ def train_student(
     gen = torch.Generator().manual_seed(seed)
     if stream is None:
         stream = ts is not None and ts.num_rows * ts.num_classes * 4 > MAX_IN_MEMORY
+    if (opts.loader_workers or opts.state_every) and not (stream and ts is not None):
+        raise OptionError("--loader-workers and --state-every apply to a streamed set; pass "
+                          "--transfer-set with --stream, or leave them out")
     if ts is None:
         plan = hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
     elif not stream:
@@ -165,7 +169,7 @@ def train_student(
                                  trust_code=opts.trust_code)
     else:
         plan = streamed_epochs(dataset, ts, net, dev, select, temperature, batch_size, rank,
-                                world)
+                                world, workers=opts.loader_workers)
     epoch_batches, n_rows, n_batches = plan
     if n_rows == 0:
         raise DataError("the selection leaves no rows to train on; widen --fraction, "
@@ -186,13 +190,20 @@ def train_student(
         "topk_loss": opts.topk_loss})
     state = load_state(out, digest) if out is not None and resume else None
     start = restore(state, net, opt, gen) if state is not None else 0
+    resume_at, (total, seen) = mid_epoch(state) if state is not None else (None, (0.0, 0))
     if state is not None:
         history = list(state["history"])
-        log.info("resuming %s after epoch %d of %d", out, start, epochs)
+        log.info("resuming %s after epoch %d of %d%s", out, start, epochs,
+                 f", step {resume_at['batches']}" if resume_at else "")
+    streamed = isinstance(epoch_batches, StreamedEpochs)
     for epoch in range(start, epochs):
         net.train()
-        total, seen = 0.0, 0
-        for b, batch in enumerate(epoch_batches(epoch)):
+        first = resume_at["batches"] if resume_at and epoch == start else 0
+        if not first:
+            total, seen = 0.0, 0
+        batches = (epoch_batches(epoch, resume_at if first else None) if streamed
+                   else epoch_batches(epoch))
+        for b, batch in enumerate(batches, start=first):
             x, y = jitter(batch[0], opts.jitter_pixels, gen).to(dev), batch[1].to(dev)
             loss = _loss(step_net(x), y, [t.to(dev) for t in batch[2:]], ts, temperature,
                          alpha, opts.topk_loss)
@@ -203,6 +214,11 @@ def train_student(
             opt.step()
             value = _finite_loss(loss.item(), epoch, b)  # the sync this loop always had
             total, seen = total + value * len(x), seen + len(x)
+            if (opts.state_every and (b + 1) % opts.state_every == 0 and b + 1 < n_batches
+                    and out is not None and resume and rank == 0):
+                save_state(out, digest=digest, epoch=epoch, history=history, model=net,
+                           optimizer=opt, generator=gen, stream=epoch_batches.state_dict(),
+                           partial=(total, seen))
             for cb in callbacks:
                 cb("batch", {"epoch": epoch, "batch": b + 1, "batches": n_batches,
                              "loss": total / seen})

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import CHUNK, N_ROWS
-from softlabels.datasets import SoftTargetDataset, StreamingSoftTargetDataset, chunk_plan
+from softlabels.datasets import SoftTargetDataset, StreamingSoftTargetDataset
+from softlabels.epochs import block_windows
 from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.selection import select_rows
@@ -89,14 +90,19 @@ def test_class_lists_and_indices() -> None:
         select_rows(labels, fraction=1.5)
 
 
-@pytest.mark.parametrize("world, workers", [(1, 1), (2, 1), (1, 3), (2, 2), (3, 2)])
-def test_chunk_plan_covers_every_chunk_once(world: int, workers: int) -> None:
+@pytest.mark.parametrize("world, window", [(1, 1), (2, 1), (1, 3), (2, 2), (3, 2), (1, 64)])
+def test_block_windows_cover_every_block_once(world: int, window: int) -> None:
+    blocks = -(-N_ROWS // CHUNK)
     for epoch in range(3):
-        seen = [c for r in range(world) for w in range(workers)
-                for c in chunk_plan(N_ROWS, CHUNK, epoch=epoch, seed=1, rank=r,
-                                    world_size=world, worker=w, num_workers=workers)]
-        assert sorted(seen) == list(range(-(-N_ROWS // CHUNK)))
-    orders = {tuple(chunk_plan(N_ROWS, CHUNK, epoch=e, seed=1)) for e in range(4)}
+        plans = [block_windows(blocks, window=window, epoch=epoch, seed=1, rank=r,
+                               world_size=world) for r in range(world)]
+        seen = [b for plan in plans for w in plan for b in w]
+        assert sorted(seen) == list(range(blocks))
+        for plan in plans:  # from window to 2 x window - 1 blocks; all of a rank's if fewer
+            n = sum(len(w) for w in plan)
+            assert all(min(window, n) <= len(w) < 2 * window for w in plan)
+    orders = {tuple(map(tuple, block_windows(blocks, window=2, epoch=e, seed=1)))
+              for e in range(4)}
     assert len(orders) > 1  # reshuffled per epoch
 
 

@@ -40,8 +40,7 @@ def test_batches_cover_selected_rows_once_with_their_targets(made: tuple[str, Pa
                                                              workers: int) -> None:
     data, path = made
     rows = np.arange(1, N_ROWS, 3)  # 34 rows, not a multiple of the batch
-    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=5, rows=rows, window=2,
-                               num_workers=workers)
+    stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=5, rows=rows, window=2)
     raw = NpzDataset(data[4:])
     with open_transfer_set(path) as ts:
         want = (ts.sparse_targets(4.0) if ts.sparse else (ts.probs(4.0),))
@@ -59,8 +58,8 @@ def test_batches_cover_selected_rows_once_with_their_targets(made: tuple[str, Pa
                 np.testing.assert_allclose(t.numpy(), w[ids], rtol=1e-6)
             got += ids
         assert sorted(got) == rows.tolist()
-        assert sizes.count(5) >= len(sizes) - max(workers, 1)  # whole batches but each tail
-        assert len(sizes) == len(loader) == stream.steps_per_epoch(num_workers=workers)
+        assert sizes == [5] * 6 + [4]  # batch b built by worker b % workers: one tail
+        assert len(sizes) == len(loader) == stream.steps_per_epoch()
         orders.append(got)
     assert orders[0] != orders[1]  # reshuffled per epoch
 
@@ -123,17 +122,17 @@ def test_loader_serves_selected_rows_once_in_full_batches(made: tuple[str, Path]
         [_row_of(raw, b[0]) for b in loader]  # the seed decides the order
 
 
-def test_loader_batches_are_views_of_one_handed_over_window(made: tuple[str, Path]) -> None:
+def test_loader_batches_are_views_of_one_handed_over_piece(made: tuple[str, Path]) -> None:
     data, path = made
     stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=4, window=4,
                                shuffle=False)
-    for column in range(3):
-        storages = [b[column].untyped_storage().data_ptr()
-                    for b in stream.loader(num_workers=1, pin_memory=False)]
-        # blocks 0-3 (64 rows, 16 batches), then blocks 4-6 (39 rows, 10 batches): each
-        # window crossed once, its batches are views of it
-        assert storages == [storages[0]] * 16 + [storages[16]] * 10
-        assert storages[0] != storages[16]
+    stream.piece_batches = 5  # pieces of 20 rows: 103 rows make 26 batches in 6 pieces
+    batches = list(stream.loader(num_workers=1, pin_memory=False))  # all held: no reuse
+    storages = [b[0].untyped_storage().data_ptr() for b in batches]
+    groups = [storages[i:i + 5] for i in range(0, len(storages), 5)]
+    assert [len(g) for g in groups] == [5] * 5 + [1]
+    assert all(len(set(g)) == 1 for g in groups)  # one piece handed over, cut into views
+    assert len({g[0] for g in groups}) == len(groups)
 
 
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*")

@@ -50,6 +50,13 @@ from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
 @click.option("--stream", is_flag=True,
               help="Stream the set's targets from whole blocks instead of loading them (the "
                    "default past 2 GiB of targets, 4 GiB for a sequence set).")
+@click.option("--loader-workers", type=int, default=TrainOptions.loader_workers,
+              show_default=True,
+              help="DataLoader worker processes reading a streamed set; the batches and their "
+                   "order are the same for any number.")
+@click.option("--state-every", type=int, default=TrainOptions.state_every, show_default=True,
+              help="With a streamed set, also write OUT.state every N steps, so a killed run "
+                   "resumes mid-epoch (0: after each epoch only).")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 @click.option("--cache", "cache", default=None, metavar="DIR",
               help="Keep the chunks of a --transfer-set at a URL in DIR, so later epochs (and "

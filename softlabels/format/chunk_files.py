@@ -1,0 +1,122 @@
+"""Whole chunks of a local Zarr v3 set read straight from their files, for stage two's
+checked block reads: zarr-python spends about 0.7 ms of CPU per chunk on its asynchronous
+machinery (measured: 100 ms to read the 147 chunks of a 200,000 x 100 set's served arrays,
+which a numpy memmap copies in 18 ms), while a chunk laid out as this package writes it (a
+regular grid, default keys, no shards, the `bytes` codec, optionally zstd) is one file read and
+at most one decompression.
+
+Only what this package writes takes this path; anything else (shards, other codecs, a selection
+not inside one chunk) returns None and the caller reads through zarr. What is read here passes
+the same checks as any other read (checksums over each block's bytes, finite values), so a
+misread cannot be served silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_CHUNK_BYTES = 1 << 30  # a chunk past this is left to zarr (ours aim near 1 MiB)
+_TYPES = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
+          "uint16", "uint32", "uint64", "bool"}
+
+
+class ChunkFiles:
+    """The chunk files of one array of a local Zarr v3 group: `read(selection)` of a selection
+    inside a single chunk (integers and slices), or None where zarr must read it."""
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], chunks: tuple[int, ...],
+                 dtype: np.dtype, fill: Any, zstd: bool) -> None:
+        self.folder, self.shape, self.chunks = folder, shape, chunks
+        self.dtype, self.fill, self.zstd = dtype, fill, zstd
+
+    @classmethod
+    def of(cls, folder: Path) -> ChunkFiles | None:
+        """The array in `folder` when its layout is one this module reads, else None."""
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+            grid, keys = meta["chunk_grid"], meta["chunk_key_encoding"]
+            codecs = [c["name"] for c in meta["codecs"]]
+            if (meta.get("zarr_format") != 3 or meta.get("node_type") != "array"
+                    or grid["name"] != "regular" or keys["name"] != "default"
+                    or keys.get("configuration", {}).get("separator", "/") != "/"
+                    or meta.get("storage_transformers") or meta["data_type"] not in _TYPES
+                    or codecs not in (["bytes"], ["bytes", "zstd"])
+                    or meta["codecs"][0].get("configuration", {}).get("endian",
+                                                                      "little") != "little"):
+                return None
+            shape = tuple(int(s) for s in meta["shape"])
+            chunks = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
+            dtype = np.dtype(meta["data_type"])
+            fill = meta["fill_value"]
+            fill = float(fill) if isinstance(fill, str) else fill  # "NaN", "Infinity"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if (len(shape) != len(chunks) or min(chunks, default=1) <= 0
+                or any(c > max(n, 1) for c, n in zip(chunks, shape))
+                or int(np.prod(chunks)) * dtype.itemsize > MAX_CHUNK_BYTES):
+            return None  # sizes no writer of ours makes: checked before any allocation
+        return cls(folder, shape, chunks, dtype, fill, zstd=len(codecs) == 2)
+
+    def read(self, selection: Any, scratch: dict[str, np.ndarray] | None = None,
+             ) -> np.ndarray | None:
+        """The selection (a tuple of ints and step-1 slices, or one slice) when it lies inside
+        one chunk; None otherwise. With `scratch` (a dict this call may keep a buffer in), the
+        chunk is read into a buffer reused by later calls given the same dict, and the result
+        may be a view of it, valid until then: fresh memory for every chunk costs more in
+        page faults than the read itself (measured: 88-165 ms against 12-28 ms for 80 MB)."""
+        sel = selection if isinstance(selection, tuple) else (selection,)
+        if len(sel) > len(self.shape):
+            return None
+        sel = sel + (slice(None),) * (len(self.shape) - len(sel))
+        coords, inner = [], []
+        for s, n, c in zip(sel, self.shape, self.chunks):
+            if isinstance(s, (int, np.integer)):
+                if not 0 <= s < n:
+                    return None
+                coords.append(int(s) // c)
+                inner.append(int(s) % c)
+                continue
+            if not isinstance(s, slice) or s.step not in (None, 1):
+                return None
+            start, stop, _ = s.indices(n)
+            if stop <= start or start // c != (stop - 1) // c:
+                return None
+            coords.append(start // c)
+            inner.append(slice(start % c, start % c + stop - start))
+        chunk = self._chunk(coords, scratch)
+        return None if chunk is None else np.ascontiguousarray(chunk[tuple(inner)])
+
+    def _chunk(self, coords: list[int], scratch: dict[str, np.ndarray] | None,
+               ) -> np.ndarray | None:
+        """One chunk, decoded into a writable array (one copy out of the page cache): a fresh
+        one, or the buffer kept in `scratch`."""
+        path = self.folder.joinpath("c", *map(str, coords))
+        count = int(np.prod(self.chunks))
+        out = scratch.get("buffer") if scratch is not None else None
+        if out is None or out.dtype != self.dtype or out.size != count:
+            out = np.empty(count, dtype=self.dtype)
+            if scratch is not None:
+                scratch["buffer"] = out
+        try:
+            if not self.zstd:
+                with open(path, "rb", buffering=0) as f:
+                    got = f.readinto(memoryview(out).cast("B"))
+                    if got != out.nbytes or f.read(1):
+                        return None  # a truncated or overlong chunk: zarr names it
+                return out.reshape(self.chunks)
+            raw = path.read_bytes()
+        except FileNotFoundError:  # an unwritten chunk reads as the fill value, as in zarr
+            return np.full(self.chunks, self.fill, dtype=self.dtype)
+        except OSError:
+            return None
+        from numcodecs import Zstd
+
+        try:
+            Zstd().decode(raw, out=out)
+        except Exception:  # a damaged chunk: zarr reads it again and names the failure
+            return None
+        return out.reshape(self.chunks)
