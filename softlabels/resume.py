@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .safe_write import atomic_write
+
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "softlabels-train-state"
@@ -45,11 +47,8 @@ def save_state(out: str | os.PathLike[str], *, digest: str, epoch: int, history:
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                "generator": generator.get_state()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, what="training state") as f:  # fsynced; never through a link
+        torch.save(payload, f)
 
 
 def load_state(out: str | os.PathLike[str], digest: str) -> dict[str, Any] | None:

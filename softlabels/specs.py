@@ -33,6 +33,7 @@ from .example_data import (  # noqa: F401  (importable from here, as before the 
     to_tensor,
     torchvision_dataset,
 )
+from .safe_write import atomic_write
 
 DATA_FORMS = (
     "npz:PATH",
@@ -215,10 +216,8 @@ def save_checkpoint(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_spec": spec,
                "state_dict": state, "meta": meta or {}}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, what="checkpoint") as f:  # never through a link
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,

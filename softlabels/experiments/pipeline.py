@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SoftlabelsError
+from ..safe_write import write_text
 from ..specs import require_trusted
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,7 @@ class Steps:
         result = fn()
         self.done[name] = {"key": self.key(params), "result": result,
                            "seconds": round(time.perf_counter() - t0, 1)}
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1))
-        os.replace(tmp, self.file)
+        write_text(self.file, json.dumps(self.done, indent=1), what="pipeline progress")
         return result
 
     def seconds(self) -> float:

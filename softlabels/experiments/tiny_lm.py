@@ -32,6 +32,7 @@ from ..format.operations import subset
 from ..format.reader import open_transfer_set
 from ..gpt import TinyGPT
 from ..precompute import precompute
+from ..safe_write import atomic_write, write_text
 from ..sequence_datasets import SequenceBatches
 from ..sequence_trainer import evaluate_sequence_model, train_sequence_model
 from ..specs import load_checkpoint, load_data, load_model, save_checkpoint
@@ -66,7 +67,7 @@ def split_text(data: bytes, validation: dict[str, Any] | None) -> tuple[bytes, b
 
 def write_sequences(data: bytes, out: Path, length: int) -> str:
     """The bytes cut into sequences of `length`, one JSON list a line; a tokens: spec."""
-    with out.open("w") as f:
+    with atomic_write(out, "w", what="sequence file", encoding="utf-8") as f:
         for i in range(0, len(data) - 1, length):
             f.write(json.dumps(list(data[i:i + length])) + "\n")
     return f"tokens:{out}"
@@ -189,8 +190,8 @@ def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) ->
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "config": cfg,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(results_md(results))
+    write_text(out / "results.json", json.dumps(results, indent=1), what="results")
+    write_text(out / "results.md", results_md(results), what="results")
     plot(results, out)
     return results
 

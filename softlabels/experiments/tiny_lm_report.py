@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .stats import INTERVAL, fmt, paired, summarize
+from ..safe_write import save_figure
 
 # Hinton, Vinyals & Dean (2015): Table 1 (frame accuracy, speech) and Table 3 (3% of the data).
 PAPER = {"baseline": 58.9, "ensemble_10": 61.1, "distilled": 60.8,
@@ -150,5 +151,5 @@ def plot(r: dict[str, Any], out: Path) -> None:
     axes[2].set_title("validation perplexity (first seed)")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "tiny_lm.png", dpi=100)
+    save_figure(fig, out / "tiny_lm.png", dpi=100)
     plt.close(fig)
