@@ -126,7 +126,7 @@ def precompute_on_cluster(
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
     check_output_file(out, directory_ok=True)  # before loading data and teacher
     refuse_if_busy(out)
-    target = str(Remote(out)) if is_url(out) else os.path.abspath(out)
+    target = Remote(out).url if is_url(out) else os.path.abspath(out)
     specs = [portable_spec(data, kind="DATA")] + [portable_spec(t, kind="MODEL")
                                                   for t in teachers]
     sequences = is_sequence_data(data)

@@ -33,6 +33,7 @@ from .example_data import (  # noqa: F401  (importable from here, as before the 
     to_tensor,
     torchvision_dataset,
 )
+from .redact import redact_obj
 from .safe_write import atomic_write
 
 DATA_FORMS = (
@@ -215,7 +216,7 @@ def save_checkpoint(
     """Write a self-describing checkpoint: the MODEL spec that rebuilds it plus its weights."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_spec": spec,
-               "state_dict": state, "meta": meta or {}}
+               "state_dict": state, "meta": redact_obj(meta or {})}  # no URL credentials
     with atomic_write(path, what="checkpoint") as f:  # never through a link
         torch.save(payload, f)
 

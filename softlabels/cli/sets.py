@@ -9,7 +9,7 @@ import click
 
 from ..errors import SoftlabelsError
 from ..format.schema import COMBINE_CHOICES
-from ._common import TRUST_CODE_HELP, IntList, echo_json, progress_bar, provenance_lines
+from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, progress_bar, provenance_lines
 
 
 @click.command()
@@ -70,7 +70,7 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
             else:
                 lines.append(f"{'mean token probability' if seq else 'class mass'} at T={t}: "
                              + " ".join(f"{m:.3f}" for m in mass))
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 def _size_line(summary: dict[str, Any]) -> str:
@@ -115,8 +115,8 @@ def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sampl
         echo_json(report.to_dict())
     else:
         for c in report.checks:
-            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
-        click.echo("verified" if report.ok else "verification FAILED")
+            echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        echo("verified" if report.ok else "verification FAILED")
     if not report.ok:
         sys.exit(1)
 
@@ -135,7 +135,7 @@ def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
 
     with progress_bar("merge") as bar:
         meta = run(list(sources), out, combine=combine, progress=bar)
-    click.echo(f"wrote {out}: {meta['num_rows']} rows, ensemble of "
+    echo(f"wrote {out}: {meta['num_rows']} rows, ensemble of "
                f"{len(meta['teacher']['members'])} members ({combine})")
 
 
@@ -155,7 +155,7 @@ def subset(source: str, out: str, fraction: float | None, seed: int, classes: li
     with progress_bar("subset") as bar:
         meta = run(source, out, fraction=fraction, seed=seed, classes=classes,
                    exclude_classes=exclude_classes, indices=indices, progress=bar)
-    click.echo(f"wrote {out}: {meta['num_rows']} rows selected from {source}")
+    echo(f"wrote {out}: {meta['num_rows']} rows selected from {source}")
 
 
 @click.command()
@@ -167,7 +167,7 @@ def convert(source: str, out: str) -> None:
 
     with progress_bar("convert") as bar:
         meta = run(source, out, progress=bar)
-    click.echo(f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
+    echo(f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
 
 
 @click.command()
@@ -178,4 +178,4 @@ def report(transfer_set: str, out: str) -> None:
     from ..report import transfer_set_report
 
     transfer_set_report(transfer_set, out)
-    click.echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")
+    echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")

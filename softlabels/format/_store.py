@@ -380,7 +380,7 @@ def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,
         return HDF5Store(remote, mode)
     if mode != "w" and not remote.is_dir_like():
         raise TransferSetError(f"{remote} is one object, not a Zarr v3 group (no "
-                               f"{remote.url}/zarr.json)")
+                               f"{remote}/zarr.json)")
     try:
         return ZarrStore(remote, mode, meta=meta, cache=cache)
     except FileNotFoundError:

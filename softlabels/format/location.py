@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import SoftlabelsError, TransferSetError
+from ..redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ class Remote:
         self.cache_folder: str | None = None  # the local chunk cache zarr_store reads through
 
     def __str__(self) -> str:
-        return self.url
+        """The URL as shown and recorded: credentials in it redacted (`redact`)."""
+        return redact(self.url)
 
     def __repr__(self) -> str:
-        return f"Remote({self.url!r})"
+        return f"Remote({str(self)!r})"
 
     # --- the filesystem -----------------------------------------------------------------
     def _require(self) -> None:
@@ -81,7 +83,7 @@ class Remote:
             importlib.import_module(self.module)
         except ImportError:
             raise SoftlabelsError(
-                f"{self.url}: {self.scheme}:// needs the optional package {self.module}; "
+                f"{self}: {self.scheme}:// needs the optional package {self.module}; "
                 f"install it with `pip install 'softlabels[{self.extra}]'`") from None
 
     @property
@@ -127,7 +129,7 @@ class Remote:
             socket.create_connection(where, timeout=PROBE_TIMEOUT_S).close()
         except ConnectionRefusedError:
             raise TransferSetError(
-                f"cannot reach {self.url}: nothing answers at {where[0]}:{where[1]} (connection "
+                f"cannot reach {self}: nothing answers at {where[0]}:{where[1]} (connection "
                 f"refused); check the network and the endpoint "
                 f"({_ENDPOINT_HINT.get(self.protocol, 'the URL')})") from None
         except OSError:
@@ -200,7 +202,7 @@ class Remote:
         try:
             return self.fs.open(self.key, "rb")
         except FileNotFoundError:
-            raise TransferSetError(f"no transfer set at {self.url}: there is no such object"
+            raise TransferSetError(f"no transfer set at {self}: there is no such object"
                                    ) from None
 
     # --- whole objects --------------------------------------------------------------------
@@ -216,7 +218,7 @@ class Remote:
         except Exception as exc:  # an endpoint that does not answer (botocore, aiohttp, ...)
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise TransferSetError(
-                f"cannot reach {self.url} ({type(exc).__name__}: {first}); check the network "
+                f"cannot reach {self} ({type(exc).__name__}: {first}); check the network "
                 f"and the endpoint ({_ENDPOINT_HINT.get(self.protocol, 'the URL')})") from None
 
     def is_dir_like(self) -> bool:

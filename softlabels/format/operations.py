@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import MismatchError, SoftlabelsError, TransferSetError
+from ..redact import redact_obj
 from ..progress import Progress
 from ..tempering import combine_logits, ensemble_probs
 from . import schema as S
@@ -41,7 +42,7 @@ def _source(ts: TransferSet) -> dict[str, Any]:
 
 def _output(out: str | os.PathLike[str]) -> Path | str:
     """An output as a local Path, or as its URL (a set in an object store)."""
-    return str(Remote(out)) if is_url(out) else Path(out)
+    return Remote(out).url if is_url(out) else Path(out)
 
 
 def _refuse_existing(out: Path | str, provenance: Any = None) -> None:
@@ -81,7 +82,7 @@ def _refuse_existing_remote(out: str, provenance: Any) -> None:
 
 
 def _normal(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+    return redact_obj(json.loads(json.dumps(value)))  # as the writer stores it
 
 
 def _write(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
