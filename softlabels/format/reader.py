@@ -16,7 +16,12 @@ from ..tempering import tempered_softmax
 from . import schema as S
 from ._store import Store, backend_of, open_store
 from .aside import PARTIAL
-from .blockcheck import checksum_problem, undone_problem, value_problem
+from .blockcheck import (
+    checksum_problem,
+    missing_checksums_problem,
+    undone_problem,
+    value_problem,
+)
 from .layout import Layout, array_problems, check_described, check_digest
 from .location import Remote, cache_dir, is_url
 
@@ -57,6 +62,10 @@ class TransferSet:
         self._marks: np.ndarray | None = None  # all of `block_done`, where read at once
         self._v1_checksums = (store.read(S.BLOCK_CHECKSUM) if self.format_version == 1
                               and S.BLOCK_CHECKSUM in self._names else None)
+        downgraded = self.format_version == 1 and self._v1_checksums is None and \
+            missing_checksums_problem(self.meta)
+        if downgraded:
+            raise IntegrityError(f"{store.path} {downgraded}; get a fresh copy of the set")
 
     # --- generic reads --------------------------------------------------------------------
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -147,7 +156,8 @@ class TransferSet:
             problem = checksum_problem(self._slots, self.temperatures, out, k,
                                        self._recorded[block])
         problem = undone or problem or value_problem(out, self.num_classes,
-                                                         int(self.meta["num_examples"]))
+                                                         int(self.meta["num_examples"]),
+                                                         temperatures=self.temperatures)
         if problem:
             self.store.drop_cache()
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
