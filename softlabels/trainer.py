@@ -24,7 +24,7 @@ from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
 from .losses import kd_loss_from_probs, sparse_kd_loss
 from .options import TrainOptions, check_output_file, check_temperature
-from .ranks import finish_distributed, init_distributed, summed, wrap_ddp
+from .ranks import finish_distributed, init_distributed, refuse_zero_steps, summed, wrap_ddp
 from .resume import clear_state, load_state, restore, run_digest, save_state
 from .specs import load_data, load_model, save_checkpoint
 from .teacher import resolve_device
@@ -169,6 +169,8 @@ def train_student(
     if n_rows == 0:
         raise DataError("the selection leaves no rows to train on; widen --fraction, "
                         "--classes or --indices")
+    refuse_zero_steps(n_batches, n_rows, world, streamed=bool(stream and ts is not None),
+                      blocks=None if ts is None else ts.num_blocks)
     val = materialize(load_data(val_data) if isinstance(val_data, str) else val_data) \
         if val_data is not None else None
     opt = _make_optimizer(opts.optimizer, net.parameters(), opts.lr, opts.weight_decay)
