@@ -22,6 +22,7 @@ from .datasets import MAX_IN_MEMORY
 from .errors import DataError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
+from .input_proof import input_digests
 from .losses import kd_loss_from_probs, sparse_kd_loss
 from .options import TrainOptions, check_output_file, check_temperature
 from .ranks import finish_distributed, init_distributed, refuse_zero_steps, summed, wrap_ddp
@@ -183,7 +184,9 @@ def train_student(
         "alpha": alpha, "batch_size": batch_size, "lr": opts.lr, "optimizer": opts.optimizer,
         "weight_decay": opts.weight_decay, "select": select, "jitter": opts.jitter_pixels,
         "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream})
-    state = load_state(out, digest) if out is not None and resume else None
+    inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
+                           else None) if out is not None and resume else None
+    state = load_state(out, digest, inputs) if out is not None and resume else None
     start = restore(state, net, opt, gen) if state is not None else 0
     if state is not None:
         history = list(state["history"])
@@ -213,7 +216,7 @@ def train_student(
         history.append(record)
         if out is not None and resume and rank == 0:
             save_state(out, digest=digest, epoch=epoch + 1, history=history, model=net,
-                       optimizer=opt, generator=gen)
+                       optimizer=opt, generator=gen, inputs=inputs)
         for cb in callbacks:
             cb("epoch", {**record, "epochs": epochs})
     net = net.cpu().eval()

@@ -124,6 +124,13 @@ def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sampl
 # --- sharing ----------------------------------------------------------------------------------
 
 
+def _done(out: str, meta: dict[str, Any]) -> str | None:
+    """The line for a rerun of a finished command (the output already holds its result)."""
+    if not meta.get("already_complete"):
+        return None
+    return f"{out} is already complete ({meta['num_rows']} rows); nothing to do"
+
+
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, help="The merged set to write.")
@@ -135,8 +142,8 @@ def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
 
     with progress_bar("merge") as bar:
         meta = run(list(sources), out, combine=combine, progress=bar)
-    echo(f"wrote {out}: {meta['num_rows']} rows, ensemble of "
-               f"{len(meta['teacher']['members'])} members ({combine})")
+    echo(_done(out, meta) or f"wrote {out}: {meta['num_rows']} rows, ensemble of "
+         f"{len(meta['teacher']['members'])} members ({combine})")
 
 
 @click.command()
@@ -155,7 +162,7 @@ def subset(source: str, out: str, fraction: float | None, seed: int, classes: li
     with progress_bar("subset") as bar:
         meta = run(source, out, fraction=fraction, seed=seed, classes=classes,
                    exclude_classes=exclude_classes, indices=indices, progress=bar)
-    echo(f"wrote {out}: {meta['num_rows']} rows selected from {source}")
+    echo(_done(out, meta) or f"wrote {out}: {meta['num_rows']} rows selected from {source}")
 
 
 @click.command()
@@ -167,7 +174,7 @@ def convert(source: str, out: str) -> None:
 
     with progress_bar("convert") as bar:
         meta = run(source, out, progress=bar)
-    echo(f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
+    echo(_done(out, meta) or f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
 
 
 @click.command()
