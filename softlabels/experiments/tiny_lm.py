@@ -65,6 +65,17 @@ def split_text(data: bytes, validation: dict[str, Any] | None) -> tuple[bytes, b
             b"".join(c for i, c in enumerate(chunks) if i % every == every - 1))
 
 
+def _check_sparse_sizes(setcfg: dict[str, Any]) -> None:
+    """[transfer_set] topk and sample_k are whole numbers >= 1 (0 would make a dense set,
+    reported as "top-0"), checked before any step runs."""
+    for key in ("topk", "sample_k"):
+        value = setcfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SoftlabelsError(f"[transfer_set] {key} = {value!r}: expected a whole number "
+                                  "of classes of at least 1 (e.g. 16) and at most 255; this "
+                                  "pipeline stores sparse targets")
+
+
 def write_sequences(data: bytes, out: Path, length: int) -> str:
     """The bytes cut into sequences of `length`, one JSON list a line; a tokens: spec."""
     with atomic_write(out, "w", what="sequence file", encoding="utf-8") as f:
@@ -152,6 +163,7 @@ def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) ->
     t0 = time.perf_counter()
     first, n_seeds = int(cfg.get("seed", 0)), int(cfg.get("seeds", 1))
     dcfg, tcfg, setcfg = cfg["data"], cfg["teacher"], cfg["transfer_set"]
+    _check_sparse_sizes(setcfg)
     job = _Job(cfg, out, steps, callbacks)
 
     # 1. The teacher, on hard next bytes of the training text (validation chunks left out).

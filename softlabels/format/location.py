@@ -163,7 +163,15 @@ class Remote:
 
     def sibling(self, suffix: str) -> Remote:
         """The URL `URL{suffix}` beside this one (the lease object `URL.lock`)."""
+        self.require_prefix()
         return Remote(self.url + suffix)
+
+    def require_prefix(self) -> None:
+        """Refuse a URL naming a whole bucket (`s3://bucket`): a set is written under a prefix
+        in it, and its lease object beside that prefix (`s3://bucket.lock` is another bucket)."""
+        if not self.read_only and "/" not in self.key.strip("/"):
+            raise TransferSetError(f"{self} names a whole bucket; name a set inside it, e.g. "
+                                   f"{self}/NAME.zarr")
 
     # --- opening --------------------------------------------------------------------------
     def zarr_store(self, *, read_only: bool, cache: str | None = None) -> Any:
