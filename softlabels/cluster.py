@@ -32,7 +32,7 @@ from .format._store import backend_of, open_store
 from .format.aside import remove_set
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
-from .format.location import Remote, is_url
+from .format.location import Remote, is_url, timeout_s
 from .format.writer import TransferSetWriter
 from .options import PrecomputeOptions, check_output_file
 from .precompute import (
@@ -66,6 +66,24 @@ def _check_workers(client: Any, *args: Any) -> tuple[str, str] | None:
     return bad[0][0], f"{bad[0][1]}{more}"
 
 
+def _probe_scheduler(address: str, seconds: float) -> None:
+    """Connect to the scheduler once, handshake included, within `seconds`: dask's Client
+    waits without end on an address that accepts and never answers."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=seconds), seconds)
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+    except (TimeoutError, asyncio.TimeoutError):
+        raise OSError(f"no answer within {seconds:g} s; allow longer with --timeout SECONDS"
+                      ) from None
+
+
 @contextmanager
 def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     import dask
@@ -75,7 +93,8 @@ def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     dask.config.set({"distributed.worker.daemon": False})
     if scheduler:
         try:
-            client = Client(scheduler)
+            _probe_scheduler(scheduler, timeout_s())
+            client = Client(scheduler, timeout=timeout_s())
         except OSError as exc:
             raise SoftlabelsError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); "
                                   "start one with `dask scheduler` or check the address"

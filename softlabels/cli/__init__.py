@@ -6,6 +6,7 @@ Library errors become one-line messages here, in one place (`_Group.main`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -57,9 +58,14 @@ def _error(message: str) -> None:
 @click.group(cls=_Group)
 @click.version_option(package_name="softlabels")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
-def cli(verbose: bool) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Deadline of each network request (object stores, web "
+              "servers, a Dask scheduler) [default: $SOFTLABELS_TIMEOUT or 60].")
+def cli(verbose: bool, timeout: float | None) -> None:
     """Offline knowledge distillation: run a teacher once, store its soft targets in a
     transfer set, train many students from them."""
+    if timeout is not None:  # through the environment: DataLoader and Dask workers see it too
+        os.environ["SOFTLABELS_TIMEOUT"] = f"{timeout:g}"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # no URL credentials in any log line

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import TransferSetError
-from .location import Remote, is_url
+from .location import Remote, deadline_errors, is_url
 from .schema import ATTR_KEY
 
 Mode = Literal["r", "r+", "w"]
@@ -356,7 +356,9 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
     a new Zarr group ("w") is created with. `cache`: a local directory caching a remote set's
     chunks (mode "r")."""
     if is_url(path):
-        return _open_remote(Remote(path), mode, backend=backend, meta=meta, cache=cache)
+        remote = Remote(path)
+        with deadline_errors(remote):  # a server past its deadline: one line naming it
+            return _open_remote(remote, mode, backend=backend, meta=meta, cache=cache)
     p = Path(path)
     if mode != "w" and not p.exists():
         raise TransferSetError(f"no transfer set at {p}: the path does not exist")

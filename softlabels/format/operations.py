@@ -129,6 +129,9 @@ def _write(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockA
     meta = carried(meta)
     old = _complete_meta(out)
     if old is not None and _normal(old.get("provenance")) == _normal(meta.get("provenance")):
+        if not isinstance(out, str):  # what a run killed after publishing left beside it
+            with WriterLease(out):
+                clear_staging(out)
         return {**old, ALREADY_COMPLETE: True}  # this same command finished earlier
     if isinstance(out, str):
         with WriterLease(out):

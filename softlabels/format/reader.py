@@ -23,7 +23,7 @@ from .blockcheck import (
     value_problem,
 )
 from .layout import Layout, array_problems, check_described, check_digest
-from .location import Remote, cache_dir, is_url
+from .location import Remote, cache_dir, is_timeout, is_url
 
 
 class TransferSet:
@@ -140,6 +140,8 @@ class TransferSet:
                 self._marks = self.store.read(S.BLOCK_DONE)  # HDF5: ~10 us per block, once
             got = self.store.read_many(requests)
         except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
+            if is_url(self.path) and is_timeout(exc):  # not damage: a server past its deadline
+                raise TransferSetError(f"{where}: {Remote(self.path).no_answer(exc)}") from None
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.store.drop_cache()
             raise IntegrityError(f"{where} cannot be read ({type(exc).__name__}: {first}); get "
