@@ -156,3 +156,28 @@ def missing_checksums_problem(meta: dict[str, object]) -> str | None:
     return (f"is labelled format version {meta.get('format_version')} without block "
             f"checksums, but its metadata records {', '.join(found)}, which only versions with "
             "checksums write: its checksums were removed")
+
+
+# A set declaring more than this many bytes of arrays has its stored bytes measured on opening
+# (a listing) before anything reads whole columns; smaller sets cannot exhaust memory.
+MEASURE_ABOVE_BYTES = 256 << 20
+# Bytes per row no set can store less of: its `sample_hash` column holds random 64-bit values,
+# which no codec compresses (half of that, for headroom).
+MIN_STORED_BYTES_PER_ROW = 4
+
+
+def declared_bytes(layout: Layout) -> int:
+    """Bytes the set's arrays take in memory as its metadata declares them."""
+    return sum(int(np.prod(spec.shape, dtype=np.float64)) * np.dtype(spec.dtype).itemsize
+               for spec in layout.specs().values())
+
+
+def size_problem(layout: Layout, stored: int | None) -> str | None:
+    """Why a set cannot hold the rows it declares, or None: it stores fewer bytes than
+    `MIN_STORED_BYTES_PER_ROW` per declared row (a small file claiming 1e8 rows, which would
+    make readers allocate gigabytes of fill values). None when `stored` is unknown (http)."""
+    if stored is None or stored >= MIN_STORED_BYTES_PER_ROW * layout.num_rows:
+        return None
+    return (f"declares {layout.num_rows} rows ({declared_bytes(layout) / 2**30:.1f} GiB of "
+            f"arrays) but stores only {stored} bytes, fewer than the "
+            f"{MIN_STORED_BYTES_PER_ROW} bytes per row its sample hashes alone take")

@@ -17,8 +17,11 @@ from . import schema as S
 from ._store import Store, backend_of, open_store
 from .aside import PARTIAL
 from .blockcheck import (
+    MEASURE_ABOVE_BYTES,
     checksum_problem,
+    declared_bytes,
     missing_checksums_problem,
+    size_problem,
     undone_problem,
     value_problem,
 )
@@ -62,6 +65,10 @@ class TransferSet:
         self._marks: np.ndarray | None = None  # all of `block_done`, where read at once
         self._v1_checksums = (store.read(S.BLOCK_CHECKSUM) if self.format_version == 1
                               and S.BLOCK_CHECKSUM in self._names else None)
+        if declared_bytes(self.layout) > MEASURE_ABOVE_BYTES:  # before any column is read
+            too_few = size_problem(self.layout, self.nbytes_on_disk())
+            if too_few:
+                raise IntegrityError(f"{store.path} {too_few}; get a fresh copy of the set")
         downgraded = self.format_version == 1 and self._v1_checksums is None and \
             missing_checksums_problem(self.meta)
         if downgraded:

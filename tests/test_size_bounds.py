@@ -1,0 +1,63 @@
+"""Bounded reading: a small set whose metadata claims a huge number of rows is refused on
+opening, before any column is read (it made `train` allocate gigabytes of fill values)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_npz
+from softlabels.cli import cli
+from softlabels.errors import IntegrityError
+from softlabels.format import schema as S
+from softlabels.format.layout import DIGEST, Layout, digest
+from softlabels.format.reader import open_transfer_set
+from softlabels.precompute import precompute
+
+CLAIMED = 100_000_000
+
+
+def _claim_rows(path: Path, rows: int) -> None:
+    """Rewrite a Zarr set's metadata (root and every array's shape, digest recomputed) to
+    declare `rows` rows, as a forger would; no chunk is added."""
+    root = json.loads((path / "zarr.json").read_text())
+    meta = root["attributes"][S.ATTR_KEY]
+    meta["num_rows"] = meta["num_examples"] = rows
+    specs = Layout.from_meta(meta).specs()
+    meta[DIGEST] = digest(meta)
+    (path / "zarr.json").write_text(json.dumps(root))
+    for name, spec in specs.items():
+        array = path / name / "zarr.json"
+        doc = json.loads(array.read_text())
+        doc["shape"] = list(spec.shape)
+        array.write_text(json.dumps(doc))
+    checksums = path / S.ARRAY_CHECKSUM / "zarr.json"
+    doc = json.loads(checksums.read_text())
+    doc["shape"][0] = specs[S.BLOCK_DONE].shape[0]
+    checksums.write_text(json.dumps(doc))
+
+
+def test_a_small_set_claiming_1e8_rows_is_refused_before_any_allocation(
+        tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz", n=40)
+    path = tmp_path / "s.zarr"
+    precompute(data, ["mlp:16-3"], path, temperatures=[2.0])
+    _claim_rows(path, CLAIMED)
+    with pytest.raises(IntegrityError, match=f"declares {CLAIMED} rows .* stores only"):
+        open_transfer_set(path)
+    result = CliRunner().invoke(cli, ["train", "--data", data, "--model", "mlp:16-3",
+                                      "--transfer-set", str(path), "--out",
+                                      str(tmp_path / "m.pt")])
+    assert result.exit_code != 0 and "stores only" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_honest_set_is_not_measured_below_the_threshold(tmp_path: Path) -> None:
+    data = make_npz(tmp_path / "d.npz", n=40)
+    path = tmp_path / "s.zarr"
+    precompute(data, ["mlp:16-3"], path, temperatures=[2.0])
+    with open_transfer_set(path) as ts:
+        assert ts.num_rows == 40
