@@ -61,3 +61,25 @@ def test_an_honest_set_is_not_measured_below_the_threshold(tmp_path: Path) -> No
     precompute(data, ["mlp:16-3"], path, temperatures=[2.0])
     with open_transfer_set(path) as ts:
         assert ts.num_rows == 40
+
+
+def test_a_tiny_checkpoint_naming_a_huge_mlp_is_refused_before_allocation(
+        tmp_path: Path) -> None:
+    import torch
+
+    from softlabels.errors import SpecError
+    from softlabels.specs import build_model, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(build_model("mlp:16-3"), path, spec="mlp:16-3")
+    payload = torch.load(path, weights_only=True)
+    payload["model_spec"] = "mlp:16-30000-30000-3"  # 900 M weights: 3.6 GB if built
+    torch.save(payload, path)
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(SpecError, match="has 90.* weights, the file holds 51"):
+        load_checkpoint(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 << 20
