@@ -83,3 +83,29 @@ def test_a_tiny_checkpoint_naming_a_huge_mlp_is_refused_before_allocation(
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 50 << 20
+
+
+@pytest.mark.parametrize("member", ["logits/c/1/0", "zarr.json"])
+def test_a_zip_member_inflating_past_its_array_is_refused_before_decompression(
+        tmp_path: Path, member: str) -> None:
+    import zipfile
+
+    from softlabels.format.operations import convert
+
+    data = make_npz(tmp_path / "d.npz", n=40)
+    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr", temperatures=[2.0], chunk_rows=16)
+    packed = tmp_path / "s.zarr.zip"
+    convert(tmp_path / "s.zarr", packed)
+    bomb = tmp_path / "bomb.zarr.zip"
+    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(bomb, "w") as out:
+        for info in src.infolist():
+            if info.filename == member:  # 8 MiB of zeros, about 8 KB deflated
+                body = b" " * (8 << 20) if member.endswith("json") else bytes(8 << 20)
+                out.writestr(member, body, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                out.writestr(info, src.read(info))
+    assert bomb.stat().st_size < packed.stat().st_size + (64 << 10)
+    with pytest.raises(IntegrityError, match=f"member {member} inflates to {8 << 20} bytes"):
+        open_transfer_set(bomb)
+    with open_transfer_set(packed) as ts:  # the honest one opens
+        assert ts.num_rows == 40

@@ -195,6 +195,9 @@ class ZarrStore(Store):
                     f"{path} is a zip-packed Zarr set, which is read-only; convert it to a "
                     "`.zarr` directory with `softlabels convert` to write to it"
                 )
+            from .zip_bounds import check_zip_members
+
+            check_zip_members(path)  # no member inflates past what its array can hold
             store: Any = zarr.storage.ZipStore(str(path), mode="r")
         else:
             store = str(path)
