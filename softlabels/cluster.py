@@ -79,7 +79,7 @@ def _probe_scheduler(address: str, seconds: float) -> None:
 
     try:
         asyncio.run(probe())
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise OSError(f"no answer within {seconds:g} s; allow longer with --timeout SECONDS"
                       ) from None
 

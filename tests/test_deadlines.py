@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hostile_servers import hostile
 
 from conftest import make_npz
-from hostile_servers import hostile
 from softlabels.cli import cli
 
 

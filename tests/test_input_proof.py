@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_object_store import bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 from conftest import make_npz
-from test_object_store import bucket, s3_endpoint  # noqa: F401  (fixtures)
 from softlabels.cli import cli
 from softlabels.errors import MismatchError
 from softlabels.format.reader import open_transfer_set
@@ -128,7 +128,7 @@ def test_a_subset_records_its_index_file_and_a_rerun_says_already_complete(
 
 @pytest.mark.slow
 def test_a_killed_subset_to_s3_is_not_resumed_onto_a_changed_index_file(
-        tmp_path: Path, source: Path, bucket: str) -> None:
+        tmp_path: Path, source: Path, bucket: str) -> None:  # noqa: F811  (the fixture)
     """At a URL a killed subset is resumed in place, block by block; an --indices file edited
     meanwhile would make a set of rows neither file names. Its digest in the provenance
     refuses that."""

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from checksums import as_version_1, forge_checksums
 from click.testing import CliRunner
 
-from checksums import as_version_1, forge_checksums
 from conftest import make_npz
 from softlabels.cli import cli
 from softlabels.errors import IntegrityError

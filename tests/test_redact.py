@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from hostile_servers import serve_folder
 
 from conftest import make_npz
-from hostile_servers import serve_folder
 from softlabels.cli import cli
 from softlabels.precompute import precompute
 from softlabels.redact import REDACTED, RedactingFilter, redact

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .results_md import results_markdown
 from ..safe_write import save_figure, write_text
+from .results_md import results_markdown
 
 
 def _plt() -> Any:

@@ -182,8 +182,9 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
             if byte_range is not None and self.full:  # nothing more is cached: a range will do
                 return await remote.get(key, prototype, byte_range)
             whole = await remote.get(key, prototype)
-            if whole is not None and _own_path(key) and self._reserve(len(whole)):  # before the await: the
-                try:  # reads of one block run concurrently
+            # reserved before the await: the reads of one block run concurrently
+            if whole is not None and _own_path(key) and self._reserve(len(whole)):
+                try:
                     await local.set(key, whole)
                 except OSError as exc:  # a full or read-only disk, a folder evicted meanwhile:
                     (log.info if self.warned else log.warning)(  # read on, said once
