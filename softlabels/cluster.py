@@ -66,6 +66,15 @@ def _check_workers(client: Any, *args: Any) -> tuple[str, str] | None:
     return bad[0][0], f"{bad[0][1]}{more}"
 
 
+def _connect_seconds(seconds: float) -> float:
+    """The wait for the scheduler: `--timeout`, or dask's own connect timeout if shorter."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    configured = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+    return min(seconds, configured) if configured else seconds
+
+
 def _probe_scheduler(address: str, seconds: float) -> None:
     """Connect to the scheduler once, handshake included, within `seconds`: dask's Client
     waits without end on an address that accepts and never answers."""
@@ -93,8 +102,9 @@ def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     dask.config.set({"distributed.worker.daemon": False})
     if scheduler:
         try:
-            _probe_scheduler(scheduler, timeout_s())
-            client = Client(scheduler, timeout=timeout_s())
+            wait = _connect_seconds(timeout_s())
+            _probe_scheduler(scheduler, wait)
+            client = Client(scheduler, timeout=wait)
         except OSError as exc:
             raise SoftlabelsError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); "
                                   "start one with `dask scheduler` or check the address"
