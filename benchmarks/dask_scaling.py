@@ -57,12 +57,13 @@ def main() -> None:
         results = {}
         torch.set_num_threads(2)
         clock = Clock()
-        precompute(f"npz:{npz}", teacher, Path(tmp) / "single.zarr", progress=clock, **common)
+        precompute(f"npz:{npz}", teacher, Path(tmp) / "single.zarr", progress=clock, **common,
+                   random_teacher=True)
         results["1 process, 2 threads"] = clock.steady()
         for workers in (1, 2):
             clock = Clock()
             precompute_on_cluster(f"npz:{npz}", teacher, Path(tmp) / f"w{workers}.zarr",
-                                  workers=workers, progress=clock, **common)
+                                  workers=workers, progress=clock, **common, random_teacher=True)
             results[f"{workers} dask worker(s), 1 thread each"] = clock.steady()
     print(f"{args.model} {args.size}x{args.size}, {args.n} rows, blocks of {args.chunk_rows}, "
           f"batch {args.batch_size}, on {torch.get_num_threads()}-thread torch")

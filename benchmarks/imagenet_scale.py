@@ -63,7 +63,8 @@ def du(path: Path) -> int:
 
 def stage_one(data: Features, out: Path, **kind: int) -> float:
     t0 = time.perf_counter()
-    precompute(data, [teacher()], out, temperatures=[1.0], batch_size=4096, **kind)
+    precompute(data, [teacher()], out, temperatures=[1.0], batch_size=4096, **kind,
+               random_teacher=True)
     return time.perf_counter() - t0
 
 

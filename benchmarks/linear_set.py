@@ -21,5 +21,6 @@ def linear_set(folder: Path, rows: int, classes: int, **options: Any) -> tuple[s
     np.savez(folder / "x.npz", x=rng.normal(size=(rows, 8)).astype(np.float32),
              y=rng.integers(0, classes, rows))
     torch.manual_seed(0)
-    precompute(f"npz:{folder}/x.npz", [nn.Linear(8, classes)], folder / "s.zarr", **options)
+    precompute(f"npz:{folder}/x.npz", [nn.Linear(8, classes)], folder / "s.zarr", **options,
+               random_teacher=True)
     return f"npz:{folder}/x.npz", folder / "s.zarr"

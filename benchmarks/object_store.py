@@ -118,7 +118,7 @@ def main() -> None:
             local = folder / "set.zarr"
             precompute(f"npz:{folder / 'x.npz'}", [f"mlp:4-{args.classes}"], local,
                        temperatures=[1, 4], batch_size=8192, chunk_rows=args.chunk_rows,
-                       device="cpu")
+                       device="cpu", random_teacher=True)
             url = "s3://bench/set.zarr"
             t0 = time.perf_counter()
             convert(local, url)

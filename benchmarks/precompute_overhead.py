@@ -37,7 +37,7 @@ def bare(teacher: Teacher, data: TensorDataset, batch_size: int) -> float:
 def full(spec: str, data: TensorDataset, args: argparse.Namespace, out: Path) -> float:
     t0 = time.perf_counter()
     precompute(data, [spec], out, temperatures=[1, 4, 20], batch_size=args.batch_size,
-               device=args.device, precision=args.precision, overwrite=True)
+               device=args.device, precision=args.precision, overwrite=True, random_teacher=True)
     return time.perf_counter() - t0
 
 

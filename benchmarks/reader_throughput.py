@@ -49,7 +49,7 @@ def make_set(folder: Path, rows: int, classes: int, *, topk: int = 0, width: int
     np.savez(folder / "x.npz", x=x)
     out = folder / f"c{classes}{'-top' + str(topk) if topk else ''}.zarr"
     precompute(f"npz:{folder / 'x.npz'}", [f"mlp:{width}-{classes}"], out, temperatures=[1, T],
-               batch_size=8192, topk=topk, device="cpu")
+               batch_size=8192, topk=topk, device="cpu", random_teacher=True)
     return f"npz:{folder / 'x.npz'}", out
 
 
@@ -221,7 +221,7 @@ def epoch_cost(args: argparse.Namespace) -> None:
         np.savez(Path(tmp) / "x.npz", x=x)
         data, path = f"npz:{Path(tmp) / 'x.npz'}", Path(tmp) / "mnist.zarr"
         precompute(data, ["mlp:784-10"], path, temperatures=[1, T], batch_size=4096,
-                   device="cpu")
+                   device="cpu", random_teacher=True)
 
         def epoch(checksum: bool) -> tuple[float, float]:
             torch.manual_seed(0)

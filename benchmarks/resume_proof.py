@@ -59,7 +59,7 @@ def main() -> None:
         out = Path(tmp) / "s.zarr"
         for r in range(args.repeats):
             t0 = time.perf_counter()
-            precompute(data, [args.model], out, overwrite=True, **opts)
+            precompute(data, [args.model], out, overwrite=True, **opts, random_teacher=True)
             full = time.perf_counter() - t0
             blocks = interrupt_last_block(out)
             rows = blocks * args.chunk_rows
@@ -69,7 +69,7 @@ def main() -> None:
                 hashes(b * args.chunk_rows, (b + 1) * args.chunk_rows)
             proof = time.perf_counter() - t0
             t0 = time.perf_counter()
-            result = precompute(data, [args.model], out, **opts)
+            result = precompute(data, [args.model], out, **opts, random_teacher=True)
             resume = time.perf_counter() - t0
             assert result.resumed
             print(f"round {r}: full {full:.2f}s  proof {proof:.3f}s over {rows} rows "

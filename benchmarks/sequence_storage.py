@@ -84,7 +84,7 @@ def storage(tmp: Path, data: TokenSequences, vocab: int, ks: list[int]) -> Path:
                              ("sampled", dict(sample_k=k))):
                 out = tmp / f"{kind}_{k}_{name}.zarr"
                 precompute_sequences(data, [teacher], out, temperatures=TEMPS, batch_size=2,
-                                     device="cpu", **kw)
+                                     device="cpu", **kw, random_teacher=True)
                 sizes = size_on_disk(out)
                 row[name] = (sum(sizes.values()) / n, sizes)
             parts = ", ".join(f"{a} {b / n:.1f}" for a, b in sorted(row["f16"][1].items(),

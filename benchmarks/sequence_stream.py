@@ -67,7 +67,7 @@ def main() -> None:
         t0 = time.perf_counter()
         precompute_sequences(data(args.tokens, args.vocab), [SyntheticLM(args.vocab, False)],
                              path, topk=args.topk, temperatures=[1, 2], dtype="float16",
-                             batch_size=8)
+                             batch_size=8, random_teacher=True)
         with open_transfer_set(path) as ts:
             print(f"set: {ts.num_rows} tokens, {ts.layout.num_sequences} sequences, "
                   f"{ts.num_blocks} blocks of {ts.block_rows} rows, top-{args.topk} of "

@@ -39,7 +39,8 @@ def bytes_per_row(tmp: Path) -> None:
     sizes = {}
     for name, kw in variants.items():
         out = tmp / f"{name.replace(' ', '_')}.zarr"
-        precompute(data, ["mlp:64-1000"], out, temperatures=[1.0], device="cpu", **kw)
+        precompute(data, ["mlp:64-1000"], out, temperatures=[1.0], device="cpu", **kw,
+                   random_teacher=True)
         sizes[name] = size_on_disk(out) / n
     print(f"bytes per row on disk, C = 1000, one temperature, {n} rows (all arrays):")
     for name, b in sizes.items():
@@ -64,7 +65,7 @@ def mnist_students(tmp: Path) -> None:
     for name, kw in sets.items():
         out = tmp / f"{name.replace(' ', '_')}.zarr"
         precompute("mnist:data?split=train", [str(teacher)], out, temperatures=[1, 4],
-                   device="cpu", **kw)
+                   device="cpu", **kw, random_teacher=True)
         t0 = time.perf_counter()
         r = train_student(mem, "mlp:784-800-800-10", transfer_set=out, temperature=4.0,
                           epochs=10, device="cpu", seed=1)

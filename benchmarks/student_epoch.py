@@ -54,7 +54,7 @@ def main() -> None:
         path = Path(tmp) / "t.zarr"
         # any 10-class teacher will do: the student's cost is what is measured
         precompute(data, ["mlp:" + str(3 * args.size * args.size) + "-10"], path,
-                   temperatures=[1, 4], device=args.device)
+                   temperatures=[1, 4], device=args.device, random_teacher=True)
         hard: list[float] = []
         soft: list[float] = []
         for order in ("hs", "sh"):

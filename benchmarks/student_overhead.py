@@ -92,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.zarr"
         precompute(data, ["mlp:784-100-10"], path, temperatures=[1, 4], device="cpu",
-                   chunk_rows=args.chunk_rows)
+                   chunk_rows=args.chunk_rows, random_teacher=True)
         hard: list[float] = []
         soft: list[float] = []
         for order in ("hs", "sh", "hs", "sh"):  # interleaved ABBA: drift hits both alike

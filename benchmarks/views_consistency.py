@@ -40,10 +40,10 @@ def main() -> None:
         print(f"teacher {teacher}: test accuracy "
               f"{evaluate(TEST, teacher, device='cpu')['accuracy']:.4f}")
         fixed, views = Path(tmp) / "fixed.zarr", Path(tmp) / "views.zarr"
-        precompute(TRAIN, [teacher], fixed, temperatures=[4], device="cpu")
+        precompute(TRAIN, [teacher], fixed, temperatures=[4], device="cpu", random_teacher=True)
         t0 = time.perf_counter()
         precompute(TRAIN, [teacher], views, temperatures=[4], views=args.views,
-                   augment="random-crop:2", device="cpu")
+                   augment="random-crop:2", device="cpu", random_teacher=True)
         print(f"precompute of {args.views} views per image: {time.perf_counter() - t0:.0f} s")
         common = dict(temperature=4.0, epochs=args.epochs, seed=3, device="cpu")
         runs = {"(a) fixed targets, jitter 2": dict(transfer_set=fixed, jitter_pixels=2),

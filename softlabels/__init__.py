@@ -23,14 +23,14 @@ from .errors import (
     WriterBusyError,
 )
 from .evaluate import evaluate
-from .experiments.pipeline import run_pipeline
 from .format import TransferSet, convert, merge, open_transfer_set, subset
-from .losses import kd_loss, logit_matching_loss, sparse_kd_loss
+from .losses import kd_loss, kd_loss_from_probs, logit_matching_loss, sparse_kd_loss
 from .options import PrecomputeOptions, TrainOptions
 from .precompute import PrecomputeResult, precompute
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
 from .trainer import TrainResult, train_student
 from .verify import VerifyReport, verify
+from .write_set import write_set
 
 __all__ = [
     "DataError",
@@ -59,6 +59,7 @@ __all__ = [
     "convert",
     "evaluate",
     "kd_loss",
+    "kd_loss_from_probs",
     "load_checkpoint",
     "load_data",
     "load_model",
@@ -67,10 +68,10 @@ __all__ = [
     "open_transfer_set",
     "precompute",
     "precompute_on_cluster",
-    "run_pipeline",
     "save_checkpoint",
     "sparse_kd_loss",
     "subset",
     "train_student",
     "verify",
+    "write_set",
 ]

@@ -24,6 +24,7 @@ from .precompute import dataset_probe, run_blocks
 from .sequence_precompute import write_window
 from .specs import load_data
 from .teacher import Teacher
+from .teacher_inputs import teacher_inputs
 from .views import ViewDataset
 
 _CACHE: dict[tuple[Any, ...], tuple[Any, Teacher]] = {}  # per worker process
@@ -47,6 +48,7 @@ def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: 
         dataset = load_data(data)
         teacher = Teacher(list(teachers), device=device, precision=precision, combine=combine,
                           trust_code=trust_code)
+        dataset, _ = teacher_inputs(dataset, teacher.preprocess())  # as on the driver
         if expect is not None:
             probe, weights = expect
             if dataset_probe(dataset) != probe:

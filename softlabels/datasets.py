@@ -33,6 +33,7 @@ from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
 from .specs import NpzDataset, load_data, split_item
+from .teacher_inputs import replay_inputs
 from .views import build_augment, replay
 
 CHECK_ALL_UP_TO = 200_000  # rows; past this a seeded sample of CHECK_SAMPLE rows is checked
@@ -68,6 +69,7 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(rows, CHECK_SAMPLE, replace=False))
     index, hashes = ts.index(), ts.sample_hash()
+    data = replay_inputs(data, ts.meta.get("teacher") or {})  # hashed as the teacher saw it
     outside = rows[(index[rows] < 0) | (index[rows] >= len(data))]
     if len(outside):  # a value no writer stores: read_block names its block
         ts.read_block(int(outside[0]) // ts.layout.block_rows, [S.INDEX])

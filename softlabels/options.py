@@ -105,6 +105,7 @@ class PrecomputeOptions(_Options):
     precision: str = "fp32"
     num_workers: int = 0  # DataLoader worker processes
     trust_code: bool = False  # build python: specs found inside checkpoints
+    random_teacher: bool = False  # accept a teacher with no trained weights (init only)
 
     def __post_init__(self) -> None:
         temps = self.temperatures
@@ -142,7 +143,8 @@ class PrecomputeOptions(_Options):
             raise OptionError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     def layout_args(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("num_workers", "trust_code")}
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("num_workers", "trust_code", "random_teacher")}
 
 
 @dataclass(frozen=True)

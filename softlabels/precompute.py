@@ -33,6 +33,7 @@ from .options import PrecomputeOptions, check_output_file
 from .progress import Progress
 from .specs import check_labels, class_names, load_data, split_item
 from .teacher import Teacher
+from .teacher_inputs import teacher_inputs
 from .tokens import is_sequence_data
 from .views import ViewDataset
 
@@ -70,9 +71,11 @@ def dataset_probe(data: Dataset, n: int = 16) -> str:
 
 def versions() -> dict[str, str]:
     import h5py
+    import torchvision
     import zarr
 
-    return {"softlabels": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
+    return {"softlabels": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "zarr": zarr.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 
@@ -277,6 +280,9 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
         raise DataError("the dataset is empty; check the DATA spec")
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
+    teacher.refuse_untrained(opts.random_teacher)
+    names = class_names(dataset) or teacher.class_names()
+    dataset, applied = teacher_inputs(dataset, teacher.preprocess())
     x0, _ = split_item(dataset[0])
     num_classes = teacher.num_classes(x0)
     _check_known_labels(dataset, num_classes)
@@ -292,8 +298,8 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
                     views=views)
     meta = {
         "num_examples": len(dataset),
-        "class_names": class_names(dataset),
-        "teacher": teacher.describe(),
+        "class_names": names,
+        "teacher": teacher.describe(applied),
         "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
                     "length": len(dataset), "probe": dataset_probe(dataset)},
         "views": views or None, "augment": opts.augment,

@@ -21,14 +21,17 @@ OPTION_NAMES = ("resize", "crop", "mean", "std", "interpolation")
 
 @dataclass(frozen=True)
 class Preprocess:
-    """resize: the shorter side in pixels (None: keep); crop: a centre square (None: none);
-    mean/std: per-channel normalisation after scaling to [0, 1] (None: none)."""
+    """resize: the shorter side in pixels (None: keep), or with keep_aspect=False both sides
+    (a square, as Hugging Face processors' {height, width} and timm's `squash` resize);
+    crop: a centre square (None: none); mean/std: per-channel normalisation after scaling
+    to [0, 1] (None: none)."""
 
     resize: int | None = None
     crop: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     interpolation: str = "bilinear"
+    keep_aspect: bool = True
 
     def __post_init__(self) -> None:
         for name in ("resize", "crop"):
@@ -37,6 +40,8 @@ class Preprocess:
                                       or value < 1):
                 raise SpecError(f"preprocessing {name}={value!r} must be a whole number of "
                                 "pixels >= 1")
+        if not isinstance(self.keep_aspect, bool):
+            raise SpecError(f"keep_aspect={self.keep_aspect!r} must be true or false")
         if self.interpolation not in INTERPOLATIONS:
             raise SpecError(f"interpolation={self.interpolation!r}; use one of "
                             + ", ".join(INTERPOLATIONS))
@@ -82,7 +87,8 @@ class Preprocess:
         mode = InterpolationMode(self.interpolation)
         x = image
         if self.resize is not None:
-            x = F.resize(x, [self.resize], interpolation=mode, antialias=True)
+            size = [self.resize] if self.keep_aspect else [self.resize, self.resize]
+            x = F.resize(x, size, interpolation=mode, antialias=True)
         if self.crop is not None:
             x = F.center_crop(x, [self.crop, self.crop])
         x = F.to_dtype(x, torch.float32, scale=True)
@@ -99,3 +105,20 @@ def _floats(value: Any, key: str) -> tuple[float, ...]:
     except ValueError:
         raise SpecError(f"{key}={value!r} must be numbers separated by commas, "
                         "e.g. 0.485,0.456,0.406") from None
+
+
+def describe(meta: dict[str, Any] | None) -> str:
+    """One line for `info`: what a recorded preprocessing does (or that there was none)."""
+    if not meta:
+        return "none"
+    p = Preprocess.from_meta(meta)
+    parts = []
+    if p.resize is not None:
+        side = "shorter side" if p.keep_aspect else "square"
+        parts.append(f"resize {side} to {p.resize} ({p.interpolation})")
+    if p.crop is not None:
+        parts.append(f"centre crop {p.crop}")
+    parts.append("scale to [0, 1]")
+    if p.mean is not None:
+        parts.append(f"normalise mean {list(p.mean)} std {list(p.std or ())}")
+    return ", ".join(parts)

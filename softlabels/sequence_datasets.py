@@ -66,8 +66,12 @@ def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
     A "hard" batch, or alpha = 0, is the cross-entropy on the hard targets alone.
     """
     m = batch.mask.reshape(-1)
+    if not m.any():  # a batch of masked-out sequences: nothing to distil, no gradient
+        return student_logits.sum() * 0
     z = student_logits.reshape(-1, student_logits.shape[-1])[m]
     labels = batch.labels.reshape(-1)[m]
+    if not len(z):  # nothing distilled in this batch (e.g. one-token sequences): no loss, not NaN
+        return student_logits.sum() * 0
     if batch.kind == "hard" or alpha == 0:
         known = labels >= 0
         if not known.any():

@@ -37,6 +37,7 @@ from .format.writer import BlockWriter
 from .options import PrecomputeOptions, check_output_file
 from .precompute import PrecomputeResult, as_options, dataset_probe, versions
 from .progress import Progress
+from .sequence_checks import check_fits_teacher, check_labels, check_something_to_distil
 from .specs import load_data
 from .teacher import Teacher
 from .tempering import combine_logits, ensemble_probs
@@ -99,10 +100,15 @@ def prepare_sequences(data: str | TokenSequences, teachers: Sequence[str | nn.Mo
                               "(a sequence set stores its tokens and one row per position)")
     dataset = load_data(data) if isinstance(data, str) else data
     if not isinstance(dataset, TokenSequences):
-        raise SoftlabelsError(f"{data!r} is not token sequences; use a tokens:PATH DATA spec")
+        raise SoftlabelsError(f"{data!r} is not token sequences; use a tokens:PATH or "
+                              "text:PATH DATA spec")
+    check_something_to_distil(dataset)
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
+    teacher.refuse_untrained(opts.random_teacher)
+    check_fits_teacher(dataset, teacher)  # before the first batch, and before any writing
     num_classes = _num_classes(teacher, dataset)
+    check_labels(dataset, num_classes)
     layout = Layout(
         num_rows=int(dataset.offsets[-1]), num_classes=num_classes,
         temperatures=opts.temperatures, dtype=opts.dtype, probs_dtype=opts.probs_dtype,
@@ -112,7 +118,8 @@ def prepare_sequences(data: str | TokenSequences, teachers: Sequence[str | nn.Mo
     meta = {
         "num_examples": len(dataset), "class_names": [], "teacher": teacher.describe(),
         "dataset": {"spec": data if isinstance(data, str) else "object:TokenSequences",
-                    "length": len(dataset), "probe": dataset_probe(dataset)},
+                    "length": len(dataset), "probe": dataset_probe(dataset),
+                    **getattr(dataset, "provenance", {})},  # a text: source's tokenizer, windows
         "views": None, "augment": None, "view_seed": None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(), "device": str(teacher.device), "precision": opts.precision,

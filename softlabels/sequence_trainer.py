@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .datasets import check_alignment
-from .errors import MismatchError, OptionError, SoftlabelsError
+from .errors import DataError, MismatchError, OptionError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
@@ -130,6 +130,8 @@ def train_sequence_model(
             for cb in callbacks:
                 cb("batch", {"epoch": epoch, "step": step, "loss": loss.item(),
                              "batches": len(batches)})
+        if not positions:
+            raise DataError(NOTHING_TO_DISTIL)
         info = {"epoch": epoch + 1, "epochs": epochs, "loss": loss_sum / max(positions, 1),
                 "positions": positions, "steps": step}
         if val is not None:
@@ -248,11 +250,13 @@ def _train_on(dataset: TokenSequences, name: str, model: str, opts: TrainOptions
         check_tokens(dataset, ts, offsets)
     torch.manual_seed(opts.seed)  # the student's initial weights, as train_sequence_model's
     net, spec = load_model(model, trust_code=opts.trust_code)
-    classes = ts.num_classes if ts is not None else int(dataset.tokens.max()) + 1
     probe = torch.cat([dataset[int(chosen[0])][:7], torch.tensor([int(dataset.tokens.max())])])
-    check_sequence_student(net, probe, classes, where=(
-        f"{ts.path} has {classes} classes" if ts is not None else
-        f"the tokens reach id {classes - 1}"))
+    if ts is not None:
+        classes = check_sequence_student(net, probe, ts.num_classes,
+                                         where=f"{ts.path} has {ts.num_classes} classes")
+    else:  # hard next tokens: any vocabulary that holds the data's ids
+        classes = check_sequence_student(net, probe, None, where="")
+        check_student_vocabulary(dataset, classes)
     if stream is None:
         stream = ts is not None and target_bytes(ts) > MAX_IN_MEMORY
     common = dict(batch_size=opts.batch_size, sequences=chosen, seed=opts.seed)
@@ -262,6 +266,8 @@ def _train_on(dataset: TokenSequences, name: str, model: str, opts: TrainOptions
         batches = StreamingSequenceBatches(ts, temperature=opts.temperature, **common)
     else:
         batches = SequenceBatches(ts, temperature=opts.temperature, **common)
+    if not stream:  # streamed: refused after a first epoch of no position
+        check_masked_in(batches)
     val = None
     if val_data is not None:
         held = load_data(val_data) if isinstance(val_data, str) else val_data
@@ -335,3 +341,28 @@ def check_sequence_student(net: nn.Module, ids: torch.Tensor, classes: int | Non
         raise MismatchError(f"the student predicts {shape[2]} classes per token but {where}; "
                             f"give the model {classes} outputs")
     return int(shape[2])
+
+
+NOTHING_TO_DISTIL = ("nothing to distil: every position of the chosen sequences is masked out "
+                     "(mask 0 everywhere); choose sequences with positions to distil (mask 1), "
+                     "e.g. conversations with assistant turns for mask=assistant")
+
+
+def check_masked_in(batches: SequenceBatches) -> None:
+    """Refuse a selection of sequences (in memory) whose mask is 0 at every position."""
+    mask = np.concatenate([[0], np.cumsum(batches.columns["mask"], dtype=np.int64)])
+    s = batches.sequences
+    if not (mask[batches.offsets[s + 1]] - mask[batches.offsets[s]]).any():
+        raise DataError(NOTHING_TO_DISTIL)
+
+
+def check_student_vocabulary(data: TokenSequences, classes: int) -> None:
+    """Refuse a student with fewer outputs than the data's next tokens (and labels) need; more
+    (a vocabulary larger than the ids this data holds) is fine."""
+    need = int(data.tokens.max()) + 1
+    if data.labels is not None and not data.next_token_labels:
+        need = max(need, int(data.labels.max()) + 1)
+    if classes < need:
+        raise MismatchError(f"the student predicts {classes} classes per token but the data "
+                            f"reaches id {need - 1}; give the model at least {need} outputs "
+                            "(its vocabulary)")

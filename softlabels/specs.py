@@ -2,9 +2,11 @@
 and the self-describing checkpoints that `softlabels train` writes.
 
 DATA:  npz:PATH | mnist:ROOT?split=train|test | torchvision:NAME?root=ROOT&split=..
-       | imagefolder:DIR?size=N | python:package.module:factory?key=value
-MODEL: CHECKPOINT.pt | mlp:784-1200-1200-10?dropout=0.5 | torchvision:NAME?num_classes=..
+       | imagefolder:DIR?size=N | tokens:PATH | text:PATH?tokenizer=DIR
        | python:package.module:factory?key=value
+MODEL: CHECKPOINT.pt | mlp:784-1200-1200-10?dropout=0.5 | torchvision:NAME?weights=FILE&..
+       | timm:NAME?checkpoint=FILE | hf:DIR | gpt:.. | python:package.module:factory?key=value
+       (docs/TEACHERS.md)
 
 The example datasets themselves (NpzDataset, checked labels, items) are example_data.py's;
 their names stay importable from here.
@@ -35,6 +37,7 @@ from .example_data import (  # noqa: F401  (importable from here, as before the 
 )
 from .redact import redact_obj
 from .safe_write import atomic_write
+from .weights import Built, WeightsFile, file_sha256
 
 DATA_FORMS = (
     "npz:PATH",
@@ -43,16 +46,19 @@ DATA_FORMS = (
     "imagefolder:DIR?size=N",
     "transferset:PATH (a set made with --store-inputs)",
     "tokens:FILE.jsonl|FILE.parquet|DIR?field=..&mask=.. (token sequences)",
+    "text:FILE|DIR?tokenizer=DIR&max_length=..&stride=.. (raw text, the teacher's tokenizer)",
     "python:package.module:factory",
 )
 MODEL_FORMS = (
     "PATH.pt (a checkpoint written by `softlabels train`)",
     "mlp:784-1200-1200-10?dropout=0.5",
-    "torchvision:NAME?num_classes=N",
-    "hf:DIR (a local transformers causal LM)",
+    "torchvision:NAME?weights=FILE.pth&num_classes=N",
+    "timm:NAME?checkpoint=FILE.pth",
+    "hf:DIR (a local transformers causal LM or image classifier)",
     "gpt:256?dim=96&layers=3&heads=4&context=128 (a small causal transformer)",
     "python:package.module:factory",
 )
+MODEL_SCHEMES = ("mlp", "torchvision", "timm", "hf", "gpt", "python")
 CHECKPOINT_FORMAT = "softlabels-checkpoint"
 CODE_SCHEME = "python"  # the one scheme that imports and runs code
 
@@ -138,6 +144,10 @@ def load_data(spec: str) -> Dataset:
         from .tokens import load_tokens
 
         return load_tokens(body, options, spec)
+    if scheme == "text":
+        from .text_source import load_text
+
+        return load_text(body, options, spec)
     if scheme == "python":
         data = import_factory(body, spec)(**options)
         if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
@@ -162,8 +172,10 @@ def mlp(sizes: list[int], dropout: float = 0.0, input_dropout: float = 0.0) -> n
     return nn.Sequential(*layers)
 
 
-def build_model(spec: str) -> nn.Module:
-    """A freshly initialised model from a MODEL spec (checkpoints: see `load_model`)."""
+def build(spec: str) -> Built:
+    """A model from a MODEL spec (checkpoints: see `load_built`), with what its files say:
+    weights files and their SHA-256, its own preprocessing and class names, and whether it is
+    only an initialisation (`untrained`: an architecture spec without weights)."""
     scheme, body, options = parse_spec(spec, MODEL_FORMS, "MODEL")
     if scheme == "mlp":
         try:
@@ -176,38 +188,52 @@ def build_model(spec: str) -> nn.Module:
         if unknown:
             raise SpecError(f"unknown mlp options {sorted(unknown)}; use dropout, input_dropout")
         try:
-            return mlp(sizes, **options)
+            return Built(mlp(sizes, **options), untrained=True)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"bad option value in {spec!r}: {exc}; e.g. dropout=0.5") from None
     if scheme == "torchvision":
-        import torchvision
+        from .torchvision_teacher import build_torchvision
 
-        if body not in torchvision.models.list_models():
-            raise SpecError(
-                f"torchvision has no model {body!r}; see torchvision.models.list_models()"
-            )
-        options.pop("weights", None)  # never downloads: weights come from checkpoints
-        try:
-            return torchvision.models.get_model(body, weights=None, **options)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SpecError(f"bad options in {spec!r}: {msg}; see the model's "
-                            "torchvision documentation") from None
+        return build_torchvision(body, options, spec)
+    if scheme == "timm":
+        from .timm_teacher import build_timm
+
+        return build_timm(body, options, spec)
     if scheme == "gpt":
         from .gpt import build_gpt
 
-        return build_gpt(body, options, spec)
+        return Built(build_gpt(body, options, spec), untrained=True)
     if scheme == "hf":
-        from .hf import load_hf
+        from .hf import build_hf
 
-        return load_hf(body, options, spec)
+        return build_hf(body, options, spec)
     if scheme == "python":
         model = import_factory(body, spec)(**options)
         if not isinstance(model, nn.Module):
             raise SpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return Built(model)  # the user's code may load weights: we cannot tell, so accepted
     raise SpecError(f"unknown MODEL scheme {scheme!r} in {spec!r}; valid forms: "
                     + ", ".join(MODEL_FORMS))
+
+
+def build_model(spec: str) -> nn.Module:
+    """A model from a MODEL spec (checkpoints: see `load_model`); weights where the spec
+    names a file (`weights=`, `checkpoint=`, `hf:DIR`), else freshly initialised."""
+    return build(spec).model
+
+
+WEIGHTS_OPTIONS = ("weights", "checkpoint")  # the options that name a weights file
+
+
+def architecture_spec(spec: str) -> str:
+    """`spec` without the options that name a weights file: what a checkpoint records to
+    rebuild its architecture (its own state dict then replaces the weights)."""
+    scheme, sep, rest = spec.partition(":")
+    body, qmark, query = rest.partition("?")
+    if not qmark or scheme not in ("torchvision", "timm"):
+        return spec
+    kept = [item for item in query.split("&") if item.partition("=")[0] not in WEIGHTS_OPTIONS]
+    return f"{scheme}{sep}{body}" + (f"?{'&'.join(kept)}" if kept else "")
 
 
 def save_checkpoint(
@@ -215,7 +241,7 @@ def save_checkpoint(
 ) -> None:
     """Write a self-describing checkpoint: the MODEL spec that rebuilds it plus its weights."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_spec": spec,
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_spec": architecture_spec(spec),
                "state_dict": state, "meta": redact_obj(meta or {})}  # no URL credentials
     with atomic_write(path, what="checkpoint") as f:  # never through a link
         torch.save(payload, f)
@@ -238,7 +264,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
         raise SpecError(f"{path} is not a softlabels checkpoint; write one with `softlabels train`")
     require_trusted(payload["model_spec"], f"checkpoint {path}", trust_code)
     _refuse_larger_than_weights(payload, path)
-    model = build_model(payload["model_spec"])
+    model = build_model(architecture_spec(payload["model_spec"]))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
@@ -255,7 +281,7 @@ def _refuse_larger_than_weights(payload: dict[str, Any], path: object) -> None:
     """Refuse, before allocating it, a built-in model whose spec names more parameters than
     the checkpoint's tensors hold (a 6 KB file naming a 30000-wide MLP): the model is built
     on the meta device (shapes only, no memory) and its elements counted."""
-    spec = payload["model_spec"]
+    spec = architecture_spec(payload["model_spec"])
     if spec.split(":", 1)[0] not in ("mlp", "gpt", "torchvision", "timm"):
         return
     try:
@@ -271,8 +297,9 @@ def _refuse_larger_than_weights(payload: dict[str, Any], path: object) -> None:
                         "allocated)")
 
 
-def load_model(spec: str, *, trust_code: bool = False) -> tuple[nn.Module, str]:
-    """(model, the spec that rebuilds it) for a checkpoint path or any MODEL spec.
+def load_built(spec: str, *, trust_code: bool = False) -> tuple[Built, str]:
+    """(the model with what its files say, the spec that rebuilds it) for a checkpoint path or
+    any MODEL spec.
 
     A spec the caller names is built as named (`python:` included: the caller chose it); a
     checkpoint's own spec only when built in, unless `trust_code`."""
@@ -281,10 +308,16 @@ def load_model(spec: str, *, trust_code: bool = False) -> tuple[nn.Module, str]:
                         + ", ".join(MODEL_FORMS))
     if Path(spec).is_file():
         model, payload = load_checkpoint(spec, trust_code=trust_code)
-        return model, payload["model_spec"]
-    if spec.endswith((".pt", ".pth")):
+        return Built(model, files=(WeightsFile(spec, file_sha256(spec)),)), payload["model_spec"]
+    if spec.endswith((".pt", ".pth")) and spec.partition(":")[0] not in MODEL_SCHEMES:
         raise SpecError(f"no checkpoint at {spec!r}; check the path or train one first")
-    return build_model(spec), spec
+    return build(spec), spec
+
+
+def load_model(spec: str, *, trust_code: bool = False) -> tuple[nn.Module, str]:
+    """(model, the spec that rebuilds it) for a checkpoint path or any MODEL spec."""
+    built, rebuilt = load_built(spec, trust_code=trust_code)
+    return built.model, rebuilt
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -317,7 +350,8 @@ def portable_spec(spec: str, *, kind: str) -> Portable:
     """`spec` (a DATA or MODEL spec, `kind`) with its path resolved against this process's
     working directory, so that a process started elsewhere (a Dask worker) loads the same
     files. Options and everything else are kept as written; URLs are left alone."""
-    if kind == "MODEL" and (Path(spec).is_file() or spec.endswith((".pt", ".pth"))):
+    if kind == "MODEL" and (Path(spec).is_file() or spec.endswith((".pt", ".pth"))
+                            and spec.partition(":")[0] not in MODEL_SCHEMES):
         path = _absolute(spec)
         return Portable(path, (path,), ())
     scheme, sep, rest = spec.partition(":")
@@ -328,6 +362,22 @@ def portable_spec(spec: str, *, kind: str) -> Portable:
             or kind == "MODEL" and scheme == "hf") and body:
         path = _absolute(body)
         return Portable(f"{scheme}:{path}{qmark}{query}", (path,), ())
+    if kind == "MODEL" and scheme in ("torchvision", "timm") and query:
+        pairs = parse_qsl(query)
+        files = [_absolute(str(v)) for k, v in pairs if k in WEIGHTS_OPTIONS]
+        items = [f"{k}={quote(_absolute(v), safe='/:')}" if k in WEIGHTS_OPTIONS else item
+                 for item in query.split("&") if item
+                 for k, _, v in [item.partition("=")]]
+        return Portable(f"{scheme}:{body}?{'&'.join(items)}", tuple(files), ())
+    if kind == "DATA" and scheme == "text" and body:
+        path, items = _absolute(body), query.split("&") if query else []
+        tokenizer = dict(parse_qsl(query)).get("tokenizer")
+        items = [i for i in items if not i.startswith("tokenizer=")]
+        if tokenizer:
+            tokenizer = _absolute(tokenizer)
+            items.append(f"tokenizer={quote(tokenizer, safe='/:')}")
+        return Portable(f"{scheme}:{path}?{'&'.join(items)}",
+                        (path, tokenizer) if tokenizer else (path,), ())
     if kind == "DATA" and scheme == "torchvision":
         pairs = parse_qsl(query)
         root = _absolute(str(dict(pairs).get("root", ".")))

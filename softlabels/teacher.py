@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import MismatchError, SoftlabelsError
-from .specs import load_model, weights_sha256
+from .errors import MismatchError, OptionError, SoftlabelsError
+from .preprocessing import Preprocess
+from .specs import load_built, weights_sha256
 from .tempering import combine_logits, ensemble_probs
+from .weights import Built
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,18 @@ def resolve_device(device: str) -> torch.device:
 class Member:
     spec: str
     model: nn.Module
-    sha256: str
+    sha256: str  # over the state dict (weights_sha256): what resume and verify compare
     source: str  # what the user named: a checkpoint path, or the spec itself
+    built: Built  # its weights files, own preprocessing, class names, whether untrained
+
+    def to_meta(self) -> dict[str, Any]:
+        """The member as a set's metadata records it (docs/FORMAT.md, teacher members)."""
+        pre = self.built.preprocess
+        return {"spec": self.spec, "sha256": self.sha256, "source": self.source,
+                "weights_sha256": [f.to_meta() for f in self.built.files],
+                "preprocess": pre.to_meta() if pre is not None else None,
+                **({"weights_entry": self.built.entry} if self.built.entry else {}),
+                **({"untrained": True} if self.built.untrained else {})}
 
 
 class Teacher:
@@ -67,13 +79,14 @@ class Teacher:
             self.members = [self._member(m) for m in members]
 
     def _member(self, spec_or_model: str | nn.Module) -> Member:
-        if isinstance(spec_or_model, nn.Module):
-            model, spec = spec_or_model, f"object:{type(spec_or_model).__qualname__}"
+        if isinstance(spec_or_model, nn.Module):  # the caller holds it: accepted as trained
+            built, spec = Built(spec_or_model), f"object:{type(spec_or_model).__qualname__}"
         else:
-            model, spec = load_model(spec_or_model, trust_code=self.trust_code)
-        model = model.eval().to(self.device)
+            built, spec = load_built(spec_or_model, trust_code=self.trust_code)
+        model = built.model.eval().to(self.device)
         return Member(spec=spec, model=model, sha256=weights_sha256(model),
-                      source=spec_or_model if isinstance(spec_or_model, str) else spec)
+                      source=spec_or_model if isinstance(spec_or_model, str) else spec,
+                      built=built)
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         dtype = PRECISIONS[self.precision]
@@ -121,9 +134,37 @@ class Teacher:
         return same, ("weights match the recorded SHA-256" if same else
                       "the live teacher's weights differ from the recorded ones")
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "members": [{"spec": m.spec, "sha256": m.sha256, "source": m.source}
-                        for m in self.members],
-            "combine": self.combine,
-        }
+    def refuse_untrained(self, allowed: bool) -> None:
+        """Refuse members whose weights are only an initialisation (an architecture spec with
+        no weights file), unless `allowed` (--random-teacher): their targets are noise."""
+        bare = [m.source for m in self.members if m.built.untrained]
+        if bare and not allowed:
+            raise OptionError(
+                f"the teacher {', '.join(bare)} has no trained weights (an architecture spec "
+                "without a weights file: its targets would be noise); pass its weights, e.g. "
+                "torchvision:NAME?weights=FILE.pth, timm:NAME?checkpoint=FILE, hf:DIR or a "
+                "checkpoint from `softlabels train`; or pass --random-teacher "
+                "(random_teacher=True) if a randomly initialised teacher is what you want")
+
+    def preprocess(self) -> Preprocess | None:
+        """The one preprocessing every member was trained with (None: none recorded);
+        members that disagree are refused."""
+        own = [m.built.preprocess for m in self.members]
+        if any(p != own[0] for p in own):
+            found = "; ".join(f"{m.source}: {p.to_meta() if p else 'none'}"
+                              for m, p in zip(self.members, own))
+            raise MismatchError(f"ensemble members expect different preprocessing ({found}); "
+                                "run them as separate sets and merge them, or give each the "
+                                "same resize=, crop=, mean=, std=, interpolation= in its spec")
+        return own[0]
+
+    def class_names(self) -> list[str]:
+        """The class names the members' weights files name (the first that names any)."""
+        return next((list(m.built.class_names) for m in self.members if m.built.class_names),
+                    [])
+
+    def describe(self, applied: Preprocess | None = None) -> dict[str, object]:
+        """The teacher as a set's metadata records it; `applied`: the preprocessing the
+        inputs went through on the way to the teacher (what `verify --teacher` replays)."""
+        return {"members": [m.to_meta() for m in self.members], "combine": self.combine,
+                **({"preprocess": applied.to_meta()} if applied is not None else {})}

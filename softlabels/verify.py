@@ -17,9 +17,11 @@ from .format._store import open_store
 from .format.blockcheck import undone_blocks
 from .format.integrity import VerifyReport, check_arrays, check_meta, check_values
 from .format.reader import TransferSet
+from .preprocessing import Preprocess, describe
 from .progress import Progress
 from .specs import load_data, split_item
 from .teacher import Teacher
+from .teacher_inputs import replay_inputs
 from .views import build_augment, replay
 
 
@@ -59,6 +61,13 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"],
                       trust_code=trust_code)
     report.add("teacher weights", *teacher.weights_match(meta["teacher"]))
+    recorded = meta["teacher"].get("preprocess")
+    if recorded:  # the data was replayed through it (replay_inputs); the live one should agree
+        live = teacher.preprocess()
+        same = live is not None and live == Preprocess.from_meta(recorded)
+        report.add("teacher preprocessing", same, f"replayed from the metadata: "
+                   f"{describe(recorded)}" + ("" if same else
+                   f"; the live teacher's own is {describe(live.to_meta() if live else None)}"))
     rows = np.sort(np.random.default_rng(seed).choice(ts.num_rows, min(sample, ts.num_rows),
                                                       replace=False))
     index = ts.index()
@@ -144,6 +153,7 @@ def verify(
             return report
         if data is not None:
             dataset = load_data(data) if isinstance(data, str) else data
+            dataset = replay_inputs(dataset, ts.meta["teacher"])  # as the teacher saw it
             _check_data(ts, dataset, report, progress)
             if teachers:
                 _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,

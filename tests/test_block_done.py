@@ -24,7 +24,8 @@ BLOCK = 3  # rows 48-63 of 103
 
 
 def made_set(data: str, path: Path) -> Path:
-    precompute(data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     return path
 
 
@@ -103,7 +104,7 @@ def test_rerunning_precompute_rewrites_the_block(npz_data: str, made: Path,
     for how in hows(suffix):
         undo_block(made, how)
         result = precompute(npz_data, ["mlp:16-8-3"], made, temperatures=[1, 4],
-                            chunk_rows=CHUNK)
+                            chunk_rows=CHUNK, random_teacher=True)
         assert not result.already_complete and result.rows_computed == 16
         assert verify(made).ok
         with open_transfer_set(made) as ts, open_transfer_set(reference) as ref:

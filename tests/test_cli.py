@@ -21,7 +21,8 @@ def run(*args: str) -> tuple[int, str, str]:
 def test_precompute_info_verify(npz_data: str, out_path: Path) -> None:
     code, out, err = run("precompute", "--data", npz_data, "--teacher", "mlp:16-8-3",
                          "--teacher", "mlp:16-4-3", "--out", str(out_path),
-                         "--temperatures", "1,4,20", "--chunk-rows", str(CHUNK), "--keep-members")
+                         "--temperatures", "1,4,20", "--chunk-rows", str(CHUNK), "--keep-members",
+                         "--random-teacher")
     assert code == 0, err
     assert f"{N_ROWS} rows x 3 classes at T=1,4,20" in out
     code, out, _ = run("info", str(out_path), "--json")
@@ -39,27 +40,31 @@ def test_precompute_info_verify(npz_data: str, out_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["precompute", "--data", "npz:missing.npz", "--teacher", "mlp:16-3", "--out", "o.zarr"],
+    (["precompute", "--data", "npz:missing.npz", "--teacher", "mlp:16-3", "--out", "o.zarr",
+      "--random-teacher"],
      "no such file"),
-    (["precompute", "--data", "weird", "--teacher", "mlp:16-3", "--out", "o.zarr"],
+    (["precompute", "--data", "weird", "--teacher", "mlp:16-3", "--out", "o.zarr",
+      "--random-teacher"],
      "valid forms: npz:PATH"),
-    (["precompute", "--data", "npz:DATA", "--teacher", "nope:x", "--out", "o.zarr"],
+    (["precompute", "--data", "npz:DATA", "--teacher", "nope:x", "--out", "o.zarr",
+      "--random-teacher"],
      "unknown MODEL scheme"),
     (["precompute", "--data", "npz:DATA", "--teacher", "mlp:16-3", "--out", "o.zarr",
-      "--temperatures", "-1"], "temperatures must be positive"),
+      "--temperatures", "-1", "--random-teacher"], "temperatures must be positive"),
     (["precompute", "--data", "npz:DATA", "--teacher", "mlp:16-3", "--out", "o.zarr",
-      "--temperatures", "a,b"], "comma-separated list of numbers"),
+      "--temperatures", "a,b", "--random-teacher"], "comma-separated list of numbers"),
     (["precompute", "--data", "npz:DATA", "--teacher", "mlp:16-3", "--out", "o.zarr",
-      "--batch-size", "0"], "batch size must be positive"),
+      "--batch-size", "0", "--random-teacher"], "batch size must be positive"),
     (["precompute", "--data", "npz:DATA", "--teacher", "mlp:16-3", "--teacher", "mlp:16-4",
-      "--out", "o.zarr"], "disagree on the number of classes"),
+      "--out", "o.zarr", "--random-teacher"], "disagree on the number of classes"),
     (["info", "nowhere.zarr"], "does not exist"),
     (["verify", "SET", "--teacher", "mlp:16-3"], "--teacher needs --data"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, npz_data: str, args: list[str],
                                message: str) -> None:
     set_path = tmp_path / "s.zarr"
-    run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(set_path))
+    run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(set_path),
+        "--random-teacher")
     args = [a.replace("npz:DATA", npz_data).replace("SET", str(set_path))
             .replace("o.zarr", str(tmp_path / "o.zarr")) for a in args]
     code, out, err = run(*args)
@@ -74,7 +79,8 @@ def test_info_refuses_incomplete_and_unknown_version(npz_data: str, tmp_path: Pa
     from softlabels.format._store import open_store
 
     path = tmp_path / "s.zarr"
-    run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(path))
+    run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(path),
+        "--random-teacher")
     with open_store(path, "r+") as store:
         meta = store.get_meta()
         store.set_meta({**meta, "status": "writing"})
@@ -93,7 +99,7 @@ def test_verify_detects_edited_data_and_values(npz_data: str, tmp_path: Path) ->
 
     path = tmp_path / "s.zarr"
     run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(path),
-        "--chunk-rows", str(CHUNK))
+        "--chunk-rows", str(CHUNK), "--random-teacher")
     edited = tmp_path / "edited.npz"
     with np.load(npz_data[4:]) as f:
         x, y = f["x"].copy(), f["y"]
@@ -115,7 +121,7 @@ def test_verify_names_the_block_of_a_flipped_byte(npz_data: str, tmp_path: Path,
     """Flip one byte in the stored file(s) of the data: verify names the block, no traceback."""
     path = tmp_path / f"s.{suffix}"
     run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(path),
-        "--chunk-rows", str(CHUNK), "--dtype", "float32")
+        "--chunk-rows", str(CHUNK), "--dtype", "float32", "--random-teacher")
     if array == "probs":  # uncompressed floats: the value changes
         target = path / "probs" / "c" / "0" / "2" / "0"  # T index 0, block 2
         offset = 100

@@ -30,8 +30,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Everything the bad command lines refer to, made once."""
     d = tmp_path_factory.mktemp("bad")
     data = make_npz(d / "data.npz")
-    precompute(data, ["mlp:16-3"], d / "set.zarr", chunk_rows=CHUNK, temperatures=[1, 4])
-    precompute(make_npz(d / "other.npz", seed=5), ["mlp:16-3"], d / "other.zarr")
+    precompute(data, ["mlp:16-3"], d / "set.zarr", chunk_rows=CHUNK, temperatures=[1, 4],
+               random_teacher=True)
+    precompute(make_npz(d / "other.npz", seed=5), ["mlp:16-3"], d / "other.zarr",
+               random_teacher=True)
     save_checkpoint(build_model("mlp:16-3"), d / "good.pt", spec="mlp:16-3")
     nan = build_model("mlp:16-3")
     with torch.no_grad():
@@ -51,13 +53,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (d / "runs").mkdir()
     tokens = write_tokens(d / "tokens.jsonl")  # a sequence set, sparse and dense
     write_tokens(d / "other_tokens.jsonl", seed=9)  # as many sequences, other tokens
-    precompute(tokens, [LM], d / "seq.zarr", chunk_rows=CHUNK, topk=4, temperatures=[1, 2])
-    precompute(tokens, [LM], d / "seqd.zarr", chunk_rows=CHUNK)
+    precompute(tokens, [LM], d / "seq.zarr", chunk_rows=CHUNK, topk=4, temperatures=[1, 2],
+               random_teacher=True)
+    precompute(tokens, [LM], d / "seqd.zarr", chunk_rows=CHUNK, random_teacher=True)
     save_checkpoint(build_model(GPT), d / "lm.pt", spec=GPT)  # a sequence student
     return {"D": str(d), "DATA": data}
 
 
-P = ["precompute", "--data", "DATA", "--teacher", "mlp:16-3", "--out", "D/new.zarr"]
+P = ["precompute", "--data", "DATA", "--teacher", "mlp:16-3", "--out", "D/new.zarr",
+     "--random-teacher"]
 T = ["train", "--data", "DATA", "--model", "mlp:16-3", "--out", "D/new.pt", "--epochs", "1"]
 TS = [*T, "--transfer-set", "D/set.zarr"]
 E = ["evaluate", "--data", "DATA", "--model", "D/good.pt"]

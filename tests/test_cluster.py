@@ -45,8 +45,9 @@ def test_cluster_run_is_identical_to_single_process(tmp_path: Path, kind: str) -
                     augment="random-crop:1", sample_k=5, device="cpu")
         teachers = ["mlp:16-8-3"]
         names = (S.SAMPLE_INDICES, S.VIEW_SEED, S.LABELS, S.INDEX, S.SAMPLE_HASH)
-    precompute(data, teachers, tmp_path / "single.zarr", **args)
-    result = precompute_on_cluster(data, teachers, tmp_path / "dist.zarr", workers=2, **args)
+    precompute(data, teachers, tmp_path / "single.zarr", **args, random_teacher=True)
+    result = precompute_on_cluster(data, teachers, tmp_path / "dist.zarr", workers=2, **args,
+                                   random_teacher=True)
     assert result.rows_computed == 203 * (2 if kind == "sampled views" else 1)
     assert_same(tmp_path / "dist.zarr", tmp_path / "single.zarr", names)
 
@@ -54,14 +55,17 @@ def test_cluster_run_is_identical_to_single_process(tmp_path: Path, kind: str) -
 def test_cluster_refuses_hdf5_and_objects(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz")
     with pytest.raises(SoftlabelsError, match="write Zarr only"):
-        precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.h5", workers=2)
+        precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.h5", workers=2, random_teacher=True)
     with pytest.raises(SoftlabelsError, match="must be positive"):
-        precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.zarr", workers=0)
+        precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.zarr", workers=0,
+                              random_teacher=True)
     # objects cannot be loaded by each worker: only specs travel to a cluster
     with pytest.raises(SoftlabelsError, match="data and teachers must be specs"):
-        precompute_on_cluster(load_data(data), ["mlp:16-3"], tmp_path / "s.zarr", workers=2)
+        precompute_on_cluster(load_data(data), ["mlp:16-3"], tmp_path / "s.zarr", workers=2,
+                              random_teacher=True)
     with pytest.raises(SoftlabelsError, match="data and teachers must be specs"):
-        precompute_on_cluster(data, [build_model("mlp:16-3")], tmp_path / "s.zarr", workers=2)
+        precompute_on_cluster(data, [build_model("mlp:16-3")], tmp_path / "s.zarr", workers=2,
+                              random_teacher=True)
     assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "s.h5").exists()
 
 
@@ -86,10 +90,11 @@ def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
     monkeypatch.syspath_prepend(str(HERE))
     precompute(data, ["python:helpers:slow"], ref, temperatures=[1, 3], chunk_rows=16,
-               batch_size=8, dtype="float32")
+               batch_size=8, dtype="float32", random_teacher=True)
     env = {**os.environ, "PYTHONPATH": str(HERE), "SOFTLABELS_TEST_DELAY": "0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", data,
-                             "--out", str(out), "--workers", "2", *common], env=env,
+                             "--out", str(out), "--workers", "2", *common,
+                             "--random-teacher"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
     killed = False
@@ -126,7 +131,7 @@ def test_two_rank_training_under_torchrun(tmp_path: Path) -> None:
 
     data = make_npz(tmp_path / "d.npz", n=150)
     ts, out = tmp_path / "t.zarr", tmp_path / "s.pt"
-    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], device="cpu")
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], device="cpu", random_teacher=True)
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
         [str(torchrun), "--nproc-per-node", "2", "-m", "softlabels", "train", "--data", data,

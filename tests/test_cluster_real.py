@@ -58,7 +58,7 @@ def test_specs_are_made_absolute_for_workers(tmp_path: Path,
 def test_worker_check_names_what_it_lacks(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz")
     out = tmp_path / "s.zarr"
-    precompute(data, ["mlp:16-3"], out, chunk_rows=16)
+    precompute(data, ["mlp:16-3"], out, chunk_rows=16, random_teacher=True)
     token, path = set_token(out), str(tmp_path / "d.npz")
     assert check_worker([path], ["json"], __version__, str(out), token) is None
     assert check_worker([path + "x"], [], __version__) == f"cannot see {path}x"
@@ -67,7 +67,7 @@ def test_worker_check_names_what_it_lacks(tmp_path: Path) -> None:
     assert check_worker([], [], __version__, str(tmp_path / "no.zarr"), token) == \
         f"cannot see the set {tmp_path / 'no.zarr'} (No such file or directory)"
     other = tmp_path / "other.zarr"
-    precompute(data, ["mlp:16-3"], other, chunk_rows=32)
+    precompute(data, ["mlp:16-3"], other, chunk_rows=32, random_teacher=True)
     assert check_worker([], [], __version__, str(other), token) == \
         f"sees another set at {other} than the driver created"
 
@@ -75,10 +75,11 @@ def test_worker_check_names_what_it_lacks(tmp_path: Path) -> None:
 def test_a_task_that_sees_another_set_writes_nothing(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz")
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
-    precompute(data, ["mlp:16-3"], a, chunk_rows=16)
-    precompute(data, ["mlp:16-3"], b, chunk_rows=16, temperatures=[2])
+    precompute(data, ["mlp:16-3"], a, chunk_rows=16, random_teacher=True)
+    precompute(data, ["mlp:16-3"], b, chunk_rows=16, temperatures=[2], random_teacher=True)
     _, _, layout_b, _ = prepare(data, ["mlp:16-3"], PrecomputeOptions(chunk_rows=16,
-                                                                        temperatures=(2,)))
+                                                                        temperatures=(2,),
+                                                                      random_teacher=True))
     with open_transfer_set(b) as ts:
         before = ts.read("logits")
     with pytest.raises(TransferSetError, match=rf"^process \d+ \(host .*\) failed on block 0 of "
@@ -91,10 +92,10 @@ def test_a_task_that_sees_another_set_writes_nothing(tmp_path: Path) -> None:
 
 def test_a_complete_set_needs_no_cluster(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz")
-    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr", chunk_rows=16)
+    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr", chunk_rows=16, random_teacher=True)
     # nothing listens at this address: reaching for it would fail
     result = precompute_on_cluster(data, ["mlp:16-3"], tmp_path / "s.zarr", chunk_rows=16,
-                                   scheduler=f"tcp://127.0.0.1:{free_port()}")
+                                   scheduler=f"tcp://127.0.0.1:{free_port()}", random_teacher=True)
     assert result.already_complete and result.rows_computed == 0
 
 
@@ -244,7 +245,7 @@ def test_recipe_with_relative_paths_matches_a_single_process(tmp_path: Path, clu
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote out/s.zarr: 203 rows x 3 classes" in result.stdout
     precompute(f"npz:{driver / 'd.npz'}", [str(driver / "t.pt")], tmp_path / "single.zarr",
-               temperatures=[1, 4], chunk_rows=16, batch_size=10)
+               temperatures=[1, 4], chunk_rows=16, batch_size=10, random_teacher=True)
     assert_same(driver / "out" / "s.zarr", tmp_path / "single.zarr")
     assert not list(elsewhere.iterdir())  # no worker wrote anything where it was started
 
@@ -276,7 +277,7 @@ def test_workers_that_cannot_see_a_path_are_named_before_any_block(tmp_path: Pat
     make_npz(driver / "copy" / "d.npz", n=150)
     make_npz(driver / "other" / "d.npz", n=150, seed=1)  # what the blind worker sees there
     # what the hidden worker sees at driver/stale: another set of the same name
-    precompute(data, ["mlp:16-3"], driver / "decoy" / "s.zarr", chunk_rows=16)
+    precompute(data, ["mlp:16-3"], driver / "decoy" / "s.zarr", chunk_rows=16, random_teacher=True)
     c = cluster()
     c.add_worker(cwd=elsewhere)
     blind = c.add_worker(cwd=elsewhere, hide={driver / "data": driver / "empty",
@@ -328,7 +329,7 @@ def test_workers_that_cannot_see_a_path_are_named_before_any_block(tmp_path: Pat
     # worker and succeed); either way no row of the other data enters the set
     result = run_cli(["--data", "npz:copy/d.npz", "--out", "copy.zarr", *common], cwd=driver)
     precompute(f"npz:{driver / 'copy' / 'd.npz'}", ["mlp:16-3"], tmp_path / "ref.zarr",
-               chunk_rows=16)
+               chunk_rows=16, random_teacher=True)
     if result.returncode == 0:
         assert_same(driver / "copy.zarr", tmp_path / "ref.zarr")
     else:

@@ -54,7 +54,7 @@ def test_evaluate_against_a_damaged_set_names_the_block(tmp_path: Path) -> None:
     model = build_model("mlp:16-3")
     save_checkpoint(model, tmp_path / "m.pt", spec="mlp:16-3")
     ts = tmp_path / "t.zarr"
-    precompute(data, ["mlp:16-3"], ts, chunk_rows=16)
+    precompute(data, ["mlp:16-3"], ts, chunk_rows=16, random_teacher=True)
     good = evaluate_json("--data", data, "--model", tmp_path / "m.pt", "--transfer-set", ts)
     assert 0 <= good["teacher_agreement"] <= 1
     with open_store(ts, "r+") as store:

@@ -70,10 +70,10 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     data = make_npz(root / "d.npz")
     a, b, k = root / "a.zarr", root / "b.zarr", root / "k.zarr"
     precompute(data, ["mlp:16-8-3", "mlp:16-6-3"], a, temperatures=[1, 4], chunk_rows=CHUNK,
-               keep_members=True, store_inputs=True)
-    precompute(data, ["mlp:16-5-3"], b, temperatures=[1, 4], chunk_rows=CHUNK)
+               keep_members=True, store_inputs=True, random_teacher=True)
+    precompute(data, ["mlp:16-5-3"], b, temperatures=[1, 4], chunk_rows=CHUNK, random_teacher=True)
     precompute(data, ["mlp:16-8-3"], k, temperatures=[1, 4], chunk_rows=CHUNK, topk=2,
-               views=2, augment="hflip")
+               views=2, augment="hflip", random_teacher=True)
     convert(a, root / "a.h5")
     return {"data": data, "a": a, "b": b, "k": k, "a.h5": root / "a.h5"}
 
@@ -84,15 +84,15 @@ def _commands(src: dict[str, Path | str]) -> dict[str, list[str]]:
     return {
         "precompute": ["precompute", "--data", src["data"], "--teacher", "mlp:16-8-3",
                        "--teacher", "mlp:16-6-3", "--keep-members", "--temperatures", "1,4",
-                       "--chunk-rows", str(CHUNK)],
+                       "--chunk-rows", str(CHUNK), "--random-teacher"],
         "precompute --overwrite": ["precompute", "--data", src["data"], "--teacher",
                                    "mlp:16-8-3", "--temperatures", "1,4", "--chunk-rows",
-                                   str(CHUNK), "--overwrite"],
+                                   str(CHUNK), "--overwrite", "--random-teacher"],
         # a killed run's forked DataLoader workers must not keep its lease: the rerun right
         # after works
         "precompute --num-workers": ["precompute", "--data", src["data"], "--teacher",
                                      "mlp:16-8-3", "--temperatures", "1,4", "--chunk-rows",
-                                     str(CHUNK), "--num-workers", "2"],
+                                     str(CHUNK), "--num-workers", "2", "--random-teacher"],
         "merge": ["merge", src["a"], src["b"]],
         "convert": ["convert", src["a"]],
         "subset": ["subset", src["a"], "--fraction", "0.5", "--seed", "3"],
@@ -136,7 +136,7 @@ def test_killed_writer_is_never_presented_complete_and_rerun_finishes(
     code, text = cli_run([*args, "--out", ref])
     assert code == 0, text
     if command.endswith("--overwrite"):  # an older set the command replaces
-        precompute(sources["data"], ["mlp:16-5-3"], out, chunk_rows=CHUNK)
+        precompute(sources["data"], ["mlp:16-5-3"], out, chunk_rows=CHUNK, random_teacher=True)
 
     killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"), target, str(n), when,
                              "--", *map(str, args), "--out", str(out)],
@@ -299,7 +299,7 @@ def test_edited_bookkeeping_is_never_presented_valid(sources: dict[str, Path | s
 def _slow_precompute(data: str, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "softlabels", "precompute", "--data", data, "--teacher",
             "python:helpers:slow", "--out", str(out), "--temperatures", "1,3", "--chunk-rows",
-            "16", "--batch-size", "8", "--dtype", "float32", *extra]
+            "16", "--batch-size", "8", "--dtype", "float32", *extra, "--random-teacher"]
 
 
 def _wait_for_lease(out: Path, proc: subprocess.Popen) -> dict:
@@ -337,7 +337,8 @@ def test_second_writer_is_refused_naming_the_first(tmp_path: Path, suffix: str,
                      ["merge", sources["a"], sources["b"], "--out", out],
                      ["subset", sources["b"], "--out", out, "--fraction", "0.5"],
                      *([["precompute", "--data", data, "--teacher", "mlp:16-3", "--out", out,
-                         "--workers", "1"]] if suffix == "zarr" else [])):  # cluster: Zarr
+                         "--workers", "1",
+                         "--random-teacher"]] if suffix == "zarr" else [])):  # cluster: Zarr
             code, text = cli_run(args)
             assert code == 1 and f"pid {first.pid}" in text, (args, text)
         code, text = cli_run(["info", out])  # a reader is told to wait, not to rerun

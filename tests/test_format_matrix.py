@@ -52,8 +52,8 @@ def sources(made: dict[str, Any], kind: str) -> tuple[Path, Path]:
         teachers, opts = KINDS[kind]
         a, b = made["root"] / f"{kind}-a.zarr", made["root"] / f"{kind}-b.zarr"
         common = dict(temperatures=[1, 4], chunk_rows=CHUNK, batch_size=32, **opts)
-        precompute(made["data"], teachers, a, **common)
-        precompute(made["data"], ["mlp:16-5-3"], b, **common)
+        precompute(made["data"], teachers, a, **common, random_teacher=True)
+        precompute(made["data"], ["mlp:16-5-3"], b, **common, random_teacher=True)
         made["sets"][kind] = (a, b)
     return made["sets"][kind]
 
@@ -158,7 +158,7 @@ def test_merge_refuses_views_of_another_augmentation(tmp_path: Path,
     a, _ = sources(made, "views")
     other = tmp_path / "other.zarr"
     precompute(made["data"], ["mlp:16-5-3"], other, temperatures=[1, 4], chunk_rows=CHUNK,
-               views=2, augment="hflip", view_seed=7)
+               views=2, augment="hflip", view_seed=7, random_teacher=True)
     with pytest.raises(SoftlabelsError, match="view_seed") as err:
         merge([a, other], tmp_path / "m.zarr")
     assert "\n" not in str(err.value)

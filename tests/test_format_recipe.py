@@ -54,7 +54,7 @@ def test_checksums_fingerprint_hashes_and_digest_follow_the_document(
     path = tmp_path / f"set.{suffix}"
     opts = {"dense": {"keep_members": True}, "topk": {"topk": 2}, "sample": {"sample_k": 3}}
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4, 20],
-               chunk_rows=CHUNK, **opts[kind])
+               chunk_rows=CHUNK, **opts[kind], random_teacher=True)
     meta, arrays = (read_h5 if suffix == "h5" else read_zarr)(path)
 
     # array_checksum: per block, one XXH3-64 per checksum slot: the row arrays in name order,
@@ -109,7 +109,7 @@ def test_the_documented_checksum_snippet_runs(tmp_path: Path, npz_data: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The Python block of FORMAT.md's `array_checksum` section checks a real set."""
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], tmp_path / "set.zarr",
-               temperatures=[1, 4], chunk_rows=CHUNK, keep_members=True)
+               temperatures=[1, 4], chunk_rows=CHUNK, keep_members=True, random_teacher=True)
     text = FORMAT_MD.read_text()
     section = text[text.index("### `array_checksum`"):]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)

@@ -21,7 +21,8 @@ from softlabels.precompute import precompute
 
 @pytest.fixture
 def made(npz_data: str, out_path: Path) -> Path:
-    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     return out_path
 
 

@@ -56,7 +56,8 @@ def set_combine(meta: dict[str, Any]) -> None:
 def test_an_edited_identity_field_fails_verify_and_train_names_it(
         tmp_path: Path, npz_data: str, out_path: Path,
         change: Callable[[dict[str, Any]], None], key: str) -> None:
-    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     assert verify(out_path).ok
     edit(out_path, change)
     report = checks(out_path)
@@ -75,7 +76,8 @@ def test_an_edited_identity_field_fails_verify_and_train_names_it(
 
 def test_temperatures_edited_and_digest_dropped_fail_the_tempering_check(
         out_path: Path, npz_data: str) -> None:
-    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4, 20], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4, 20], chunk_rows=CHUNK,
+               random_teacher=True)
 
     def swap(meta: dict[str, Any]) -> None:
         meta["temperatures"] = [1.0, 5.0, 20.0]
@@ -93,9 +95,11 @@ def test_tempering_check_passes_untouched_sets_and_says_what_it_cannot_check(
         tmp_path: Path, npz_data: str) -> None:
     common = dict(temperatures=[1, 4], chunk_rows=CHUNK, combine="mean-probs")
     teachers = ["mlp:16-8-3", "mlp:16-5-3"]
-    precompute(npz_data, teachers, tmp_path / "kept.zarr", keep_members=True, **common)
-    precompute(npz_data, teachers, tmp_path / "lost.zarr", **common)
-    precompute(npz_data, teachers[:1], tmp_path / "topk.zarr", temperatures=[1, 4], topk=2)
+    precompute(npz_data, teachers, tmp_path / "kept.zarr", keep_members=True, **common,
+               random_teacher=True)
+    precompute(npz_data, teachers, tmp_path / "lost.zarr", **common, random_teacher=True)
+    precompute(npz_data, teachers[:1], tmp_path / "topk.zarr", temperatures=[1, 4], topk=2,
+               random_teacher=True)
     kept, lost = checks(tmp_path / "kept.zarr"), checks(tmp_path / "lost.zarr")
     assert kept["temperatures"].ok and "T = 1, 4" in kept["temperatures"].detail
     assert lost["temperatures"].ok and "not checkable at T = 4" in lost["temperatures"].detail
@@ -105,7 +109,7 @@ def test_tempering_check_passes_untouched_sets_and_says_what_it_cannot_check(
 def test_edited_logits_fail_the_tempering_check(tmp_path: Path, npz_data: str) -> None:
     path = tmp_path / "s.zarr"
     precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
-               dtype="float32")
+               dtype="float32", random_teacher=True)
     g = zarr.open_group(path, mode="r+")
     g["logits"][20] = g["logits"][20] * 1.25  # checksums still fail too: both say so
     report = checks(path)
@@ -120,7 +124,7 @@ def test_verify_checks_exactly_the_arrays_the_metadata_implies(
         tmp_path: Path, npz_data: str, opts: dict[str, Any], name: str) -> None:
     path = tmp_path / "s.h5"
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4],
-               chunk_rows=CHUNK, **opts)
+               chunk_rows=CHUNK, **opts, random_teacher=True)
     with h5py.File(path, "r+") as f:
         f.create_dataset("extra", data=[1, 2, 3])
     assert "extra: not implied by the metadata" in checks(path)["arrays"].detail
@@ -148,7 +152,7 @@ def test_a_set_without_digest_whose_metadata_disagrees_is_refused_in_one_line(
     """Sets from before digests: the metadata still has to describe the arrays stored."""
     path = tmp_path / "v.zarr"
     precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK, views=2,
-               augment="hflip")
+               augment="hflip", random_teacher=True)
 
     def change(meta: dict[str, Any]) -> None:
         meta[key] = value
@@ -170,7 +174,8 @@ def test_an_array_without_its_metadata_is_one_line_without_zarr_warnings(
     import sys
 
     path = tmp_path / "set.zarr"
-    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     (path / "probs" / "zarr.json").unlink()
     done = subprocess.run([sys.executable, "-m", "softlabels", "info", str(path)],
                           capture_output=True, text=True,

@@ -103,8 +103,8 @@ def test_precompute_to_s3_then_info_verify_and_streamed_training(tmp_path: Path,
                                                                  bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/sets/run.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
-    precompute(data, [TEACHER], tmp_path / "ref.zarr", **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
+    precompute(data, [TEACHER], tmp_path / "ref.zarr", **OPTS, random_teacher=True)
     _same_sets(url, tmp_path / "ref.zarr")
     assert not _fs().exists(f"{bucket}/sets/run.zarr.lock")  # the lease is given back
 
@@ -127,7 +127,7 @@ def test_a_block_read_costs_one_request_per_array(tmp_path: Path, bucket: str) -
     before it (s3fs asks an object's size first unless told not to split objects)."""
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/r.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     seen: list[str] = []
 
     class Requests(logging.Handler):
@@ -159,7 +159,7 @@ def test_sigkill_mid_precompute_on_s3_resumes_to_the_same_set(tmp_path: Path,
     url = f"s3://{bucket}/killed.zarr"
     args = ["precompute", "--data", data, "--teacher", TEACHER, "--out", url,
             "--temperatures", "1,3", "--chunk-rows", "16", "--batch-size", "8",
-            "--dtype", "float32"]
+            "--dtype", "float32", "--random-teacher"]
     killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
                              "softlabels.format.writer:write_block", "3", "after", "--", *args],
                             env=_env(), capture_output=True, text=True)
@@ -170,9 +170,9 @@ def test_sigkill_mid_precompute_on_s3_resumes_to_the_same_set(tmp_path: Path,
     assert lease["pid"] != os.getpid()  # the killed writer's lease is still there
 
     # the same command again (here in-process): the dead holder's lease is taken over
-    rerun = precompute(data, [TEACHER], url, **OPTS)
+    rerun = precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     assert rerun.resumed and rerun.rows_computed == 100 - 3 * 16  # only blocks not done
-    precompute(data, [TEACHER], tmp_path / "ref.zarr", **OPTS)
+    precompute(data, [TEACHER], tmp_path / "ref.zarr", **OPTS, random_teacher=True)
     _same_sets(url, tmp_path / "ref.zarr")
 
 
@@ -180,7 +180,7 @@ def test_kill_while_laying_out_in_place_is_laid_out_again(tmp_path: Path, bucket
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/layout.zarr"
     args = ["precompute", "--data", data, "--teacher", TEACHER, "--out", url,
-            "--temperatures", "1", "--chunk-rows", "16", "--dtype", "float32"]
+            "--temperatures", "1", "--chunk-rows", "16", "--dtype", "float32", "--random-teacher"]
     killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
                              "softlabels.format._store:Store.create", "3", "after", "--", *args],
                             env=_env(), capture_output=True, text=True)
@@ -188,7 +188,7 @@ def test_kill_while_laying_out_in_place_is_laid_out_again(tmp_path: Path, bucket
     assert _fs().exists(f"{bucket}/layout.zarr/zarr.json")  # created in place, then killed
     with pytest.raises(SoftlabelsError):
         open_transfer_set(url)
-    rerun = precompute(data, [TEACHER], url, **{**OPTS, "temperatures": [1]})
+    rerun = precompute(data, [TEACHER], url, **{**OPTS, "temperatures": [1]}, random_teacher=True)
     assert rerun.rows_computed == 40
     assert verify(url).ok
 
@@ -196,7 +196,7 @@ def test_kill_while_laying_out_in_place_is_laid_out_again(tmp_path: Path, bucket
 def test_convert_s3_to_local_and_back_bit_for_bit(tmp_path: Path, bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     local = tmp_path / "made.zarr"
-    precompute(data, [TEACHER], local, **OPTS)
+    precompute(data, [TEACHER], local, **OPTS, random_teacher=True)
     up, down = f"s3://{bucket}/up.zarr", tmp_path / "down.zarr"
     runner = CliRunner()
     for src, out in ((local, up), (up, down), (up, tmp_path / "down.h5")):
@@ -218,7 +218,7 @@ def test_a_killed_convert_to_s3_is_resumed_only_by_the_same_command(tmp_path: Pa
                                                                     bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     local = tmp_path / "made.zarr"
-    precompute(data, [TEACHER], local, **OPTS)
+    precompute(data, [TEACHER], local, **OPTS, random_teacher=True)
     url = f"s3://{bucket}/conv.zarr"
     killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
                              "softlabels.format.writer:write_block", "3", "after", "--",
@@ -241,9 +241,10 @@ def test_a_dask_cluster_writes_an_s3_set_block_by_block(tmp_path: Path, bucket: 
 
     data = make_npz(tmp_path / "d.npz", n=40)
     args = dict(temperatures=[1, 3], chunk_rows=16, batch_size=8, device="cpu")
-    precompute(data, ["mlp:16-8-3"], tmp_path / "single.zarr", **args)
+    precompute(data, ["mlp:16-8-3"], tmp_path / "single.zarr", **args, random_teacher=True)
     url = f"s3://{bucket}/dist.zarr"
-    result = precompute_on_cluster(data, ["mlp:16-8-3"], url, workers=2, **args)
+    result = precompute_on_cluster(data, ["mlp:16-8-3"], url, workers=2, **args,
+                                   random_teacher=True)
     assert result.rows_computed == 40
     _same_sets(url, tmp_path / "single.zarr")
     assert not _fs().exists(f"{bucket}/dist.zarr.lock")
@@ -254,7 +255,7 @@ def test_a_damaged_object_is_caught_by_verify_and_by_training(tmp_path: Path,
                                                               bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/damaged.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     # one flipped bit in block 2's probs at T=3 (a served array: training reads and checks
     # only the arrays it serves, verify reads them all)
     key = f"{bucket}/damaged.zarr/{S.PROBS}/c/1/2/0"
@@ -278,7 +279,7 @@ def test_a_deleted_block_done_object_is_refused_then_rewritten_by_precompute(
     it."""
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/undone.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     before = _fs().cat_file(f"{bucket}/undone.zarr/{S.PROBS}/c/1/1/0")
     _fs().rm(f"{bucket}/undone.zarr/{S.BLOCK_DONE}/c/1")
     for cache in (None, str(tmp_path / "cache")):
@@ -287,7 +288,7 @@ def test_a_deleted_block_done_object_is_refused_then_rewritten_by_precompute(
             ts.read_block(1, [S.LABELS])
         assert "\n" not in str(err.value)
     assert not verify(url).ok
-    result = precompute(data, [TEACHER], url, **OPTS)
+    result = precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     assert result.rows_computed == 16 and verify(url).ok
     assert _fs().cat_file(f"{bucket}/undone.zarr/{S.PROBS}/c/1/1/0") == before
 
@@ -304,7 +305,7 @@ def test_a_second_writer_of_one_s3_set_is_refused(tmp_path: Path, bucket: str) -
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WriterBusyError, match=f"pid {holder.pid} on .* being written|"
                                                   f"being written by pid {holder.pid}"):
-            precompute(data, [TEACHER], url, **OPTS)
+            precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
         result = CliRunner().invoke(cli, ["convert", str(tmp_path), "--out", url])
         assert result.exit_code != 0
         assert not _fs().exists(f"{bucket}/busy.zarr")  # nothing was written
@@ -312,7 +313,7 @@ def test_a_second_writer_of_one_s3_set_is_refused(tmp_path: Path, bucket: str) -
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # its holder is gone (same host, no such pid): the next writer takes the lease over
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     assert verify(url).ok
 
 
@@ -327,9 +328,9 @@ def test_a_lease_from_another_machine_holds_until_it_expires(tmp_path: Path, buc
          "started_at": "2000-01-01T00:00:00+00:00", "token": "x", "expires_at": when}).encode())
     if not expired:
         with pytest.raises(WriterBusyError, match="another-machine.*expires at 2999"):
-            precompute(data, [TEACHER], url, **OPTS)
+            precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
         return
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     assert verify(url).ok
 
 
@@ -362,7 +363,7 @@ def test_an_s3_output_is_checked_before_any_work(tmp_path: Path, bucket: str) ->
     for out, expected in ((f"s3://{bucket}-missing/set.zarr", "does not exist"),
                           (f"s3://{bucket}/set.h5", "only Zarr sets")):
         result = CliRunner().invoke(cli, ["precompute", "--data", data, "--teacher", TEACHER,
-                                          "--out", out])
+                                          "--out", out, "--random-teacher"])
         assert result.exit_code != 0 and expected in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert _fs().ls(bucket) == []
@@ -373,13 +374,13 @@ def test_overwrite_on_s3_removes_only_a_transfer_set(tmp_path: Path, bucket: str
     url = f"s3://{bucket}/other.zarr"
     _fs().pipe_file(f"{bucket}/other.zarr/notes.txt", b"not a set")
     with pytest.raises(SoftlabelsError, match="not a softlabels transfer set"):
-        precompute(data, [TEACHER], url, overwrite=True, **OPTS)
+        precompute(data, [TEACHER], url, overwrite=True, **OPTS, random_teacher=True)
     assert _fs().cat_file(f"{bucket}/other.zarr/notes.txt") == b"not a set"
 
     url = f"s3://{bucket}/set.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     result = precompute(data, [TEACHER], url, overwrite=True,
-                        **{**OPTS, "temperatures": [2]})
+                        **{**OPTS, "temperatures": [2]}, random_teacher=True)
     assert result.rows_computed == 20
     with open_transfer_set(url) as ts:
         assert ts.temperatures == [2.0]
@@ -434,7 +435,7 @@ def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Pat
     pytest.importorskip("aiohttp")
     base, root = web
     data = make_npz(tmp_path / "d.npz", n=40)
-    precompute(data, [TEACHER], root / f"set.{suffix}", **OPTS)
+    precompute(data, [TEACHER], root / f"set.{suffix}", **OPTS, random_teacher=True)
     url = f"{base}/set.{suffix}"
     if suffix == "zarr":
         from softlabels.format._store import open_store
@@ -446,7 +447,8 @@ def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Pat
     info = CliRunner().invoke(cli, ["info", url])
     assert info.exit_code == 0 and url in info.output, info.output
 
-    for args in (["precompute", "--data", data, "--teacher", TEACHER, "--out", f"{base}/n.zarr"],
+    for args in (["precompute", "--data", data, "--teacher", TEACHER, "--out", f"{base}/n.zarr",
+                  "--random-teacher"],
                  ["convert", str(root / f"set.{suffix}"), "--out", f"{base}/copy.zarr"]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code != 0
@@ -475,7 +477,7 @@ def test_a_url_without_its_extra_names_the_extra(tmp_path: Path,
         assert len(result.output.strip().splitlines()) == 1
     data = make_npz(tmp_path / "d.npz", n=20)
     result = CliRunner().invoke(cli, ["precompute", "--data", data, "--teacher", TEACHER,
-                                      "--out", "s3://bucket/set.zarr"])
+                                      "--out", "s3://bucket/set.zarr", "--random-teacher"])
     assert result.exit_code != 0 and "softlabels[s3]" in result.output
 
 
@@ -483,7 +485,7 @@ def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/cached.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     cache = tmp_path / "cache"
     with open_transfer_set(url, cache=str(cache)) as ts:
         first = [ts.read_block(b) for b in range(ts.num_blocks)]
@@ -509,7 +511,8 @@ def test_a_cached_second_epoch_reads_no_object_again(tmp_path: Path, bucket: str
     assert os.environ[CACHE_ENV] == str(cache)
 
     # a set replaced at the same URL never reads the old set's cached chunks
-    precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]})
+    precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]},
+               random_teacher=True)
     with open_transfer_set(url, cache=str(cache)) as ts:
         assert ts.temperatures == [2.0] and ts.read_block(0)
 
@@ -530,8 +533,8 @@ def test_the_cache_stays_within_its_bound(tmp_path: Path, bucket: str,
     opened first, to make room for the set being read."""
     data = make_npz(tmp_path / "d.npz", n=40)
     a, b = f"s3://{bucket}/a.zarr", f"s3://{bucket}/b.zarr"
-    precompute(data, [TEACHER], a, **OPTS)
-    precompute(data, [TEACHER], b, **{**OPTS, "temperatures": [2]})
+    precompute(data, [TEACHER], a, **OPTS, random_teacher=True)
+    precompute(data, [TEACHER], b, **{**OPTS, "temperatures": [2]}, random_teacher=True)
     cache = tmp_path / "cache"
     whole = _read_all(a, cache)  # unbounded (half the free disk): all of it
     full = _cache_bytes(cache)
@@ -560,10 +563,11 @@ def test_the_cache_stays_within_its_bound(tmp_path: Path, bucket: str,
 def test_a_replaced_sets_cache_folder_is_removed(tmp_path: Path, bucket: str) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     url, cache = f"s3://{bucket}/replaced.zarr", tmp_path / "cache"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     _read_all(url, cache)
     old = [p for p in cache.glob("*/*") if p.is_dir()]
-    precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]})
+    precompute(data, [TEACHER], url, overwrite=True, **{**OPTS, "temperatures": [2]},
+               random_teacher=True)
     _read_all(url, cache)
     new = [p for p in cache.glob("*/*") if p.is_dir()]
     assert len(old) == len(new) == 1 and old != new and not old[0].exists()
@@ -573,7 +577,7 @@ def test_train_cache_max_bytes_reaches_the_readers(tmp_path: Path, bucket: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/bounded.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     monkeypatch.setenv(CACHE_ENV, "")
     monkeypatch.setenv("SOFTLABELS_CACHE_MAX_BYTES", "")
     args = ["train", "--data", data, "--model", "mlp:16-8-3", "--out", str(tmp_path / "s.pt"),
@@ -592,7 +596,7 @@ def test_a_chunk_cached_while_damaged_is_read_again_once_the_store_is_repaired(
     after the owner repairs the set (verify passes) the same cache does not keep refusing it."""
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/repaired.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     fs, key = _fs(), f"{bucket}/repaired.zarr/{S.PROBS}/c/0/1/0"
     good = fs.cat_file(key)
     fs.pipe_file(key, good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 0x10])
@@ -618,7 +622,7 @@ def test_gs_urls_write_and_read_through_gcsfs(tmp_path: Path,
                            f"http://127.0.0.1:{server._api._httpd.server_address[1]}")
         data = make_npz(tmp_path / "d.npz", n=40)
         url = f"gs://bkt/sets/{uuid.uuid4().hex[:8]}.zarr"
-        precompute(data, [TEACHER], url, **OPTS)
+        precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
         convert(url, tmp_path / "down.zarr")
         _same_sets(url, tmp_path / "down.zarr")
         assert verify(url, data=data).ok
@@ -657,7 +661,7 @@ def test_an_unreachable_endpoint_is_one_line_for_a_writer(tmp_path: Path, bucket
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
     url = f"s3://{bucket}/w.zarr"
     done = subprocess.run([sys.executable, "-m", "softlabels", "precompute", "--data", data,
-                           "--teacher", "mlp:16-3", "--out", url],
+                           "--teacher", "mlp:16-3", "--out", url, "--random-teacher"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -704,7 +708,7 @@ def test_a_cache_dir_shared_with_other_files_evicts_only_cache_folders(
     cache made (`<url key>/<set key>`), never another program's folders or a user's local set."""
     data = make_npz(tmp_path / "d.npz", n=40)
     url = f"s3://{bucket}/shared.zarr"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     cache = tmp_path / "dot-cache"
     (cache / "pip" / "wheels").mkdir(parents=True)
     (cache / "pip" / "wheels" / "w.whl").write_bytes(b"w" * 5000)
@@ -723,7 +727,7 @@ def test_metadata_damaged_in_the_cache_is_refused_once_then_fetched_again(
     line and dropped from the cache, so the next opening reads the intact set from the store."""
     data = make_npz(tmp_path / "d.npz", n=40)
     url, cache = f"s3://{bucket}/meta.zarr", tmp_path / "cache"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     whole = _read_all(url, cache)
     for damaged in (f"{S.PROBS}/zarr.json", "zarr.json"):
         [folder] = [p for p in cache.glob("*/*") if p.is_dir()]
@@ -740,7 +744,7 @@ def test_a_cache_that_cannot_be_written_only_stops_caching(tmp_path: Path, bucke
     if it were damaged."""
     data = make_npz(tmp_path / "d.npz", n=40)
     url, cache = f"s3://{bucket}/unwritable.zarr", tmp_path / "cache"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     whole = _read_all(url, cache)
     [folder] = [p for p in cache.glob("*/*") if p.is_dir()]
     shutil.rmtree(folder / S.PROBS)
@@ -759,7 +763,7 @@ def test_a_cache_folder_evicted_while_opening_is_read_uncached(
 
     data = make_npz(tmp_path / "d.npz", n=40)
     url, cache = f"s3://{bucket}/evicted.zarr", tmp_path / "cache"
-    precompute(data, [TEACHER], url, **OPTS)
+    precompute(data, [TEACHER], url, **OPTS, random_teacher=True)
     whole = _read_all(url, tmp_path / "other")
     utime, calls = os.utime, [0]
 
@@ -800,7 +804,7 @@ def test_processes_filling_and_evicting_one_cache_at_once_all_read(tmp_path: Pat
     data = make_npz(tmp_path / "d.npz", n=40)
     urls = [f"s3://{bucket}/r{t}.zarr" for t in (1, 2, 3)]
     for t, url in enumerate(urls, 1):
-        precompute(data, [TEACHER], url, **{**OPTS, "temperatures": [t]})
+        precompute(data, [TEACHER], url, **{**OPTS, "temperatures": [t]}, random_teacher=True)
     cache = str(tmp_path / "cache")
     env = {**_env(), "SOFTLABELS_CACHE_MAX_BYTES": "6K"}
     procs = [subprocess.Popen([sys.executable, "-c", _READER, cache, *urls[i:], *urls[:i]],

@@ -19,7 +19,8 @@ from softlabels.precompute import precompute
 
 @pytest.fixture
 def made(npz_data: str, out_path: Path) -> Path:
-    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     return out_path
 
 
@@ -96,7 +97,7 @@ def test_a_flipped_byte_in_any_array_is_caught_where_that_array_is_read(
 
     source = tmp_path / f"source.{suffix}"
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], source, temperatures=[1, 4],
-               chunk_rows=CHUNK, **KINDS[kind])
+               chunk_rows=CHUNK, **KINDS[kind], random_teacher=True)
     slots = _slots(source)
     assert len({n for n, _, _ in slots}) >= 4
     for i, (name, lead, shape) in enumerate(slots):
@@ -129,7 +130,8 @@ def test_stage_two_serves_a_temperature_whose_sibling_is_damaged(tmp_path: Path,
     from softlabels.verify import verify
 
     path = tmp_path / "set.zarr"
-    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     flip_byte(path, S.PROBS, (0, 2, 0))
     assert not verify(path).ok
     rows = sum(len(b[1]) for b in SoftTargetBatches(npz_data, path, temperature=4.0,
@@ -199,15 +201,17 @@ def test_a_version_1_set_is_not_resumed_by_this_writer(tmp_path: Path, npz_data:
     from softlabels.errors import TransferSetError as Refused
 
     path = tmp_path / "set.zarr"
-    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     as_version_1(path)
     with open_store(path, "r+") as store:  # as if an older softlabels had been stopped
         store.set_meta({**store.get_meta(), "status": "writing"})
         store.write(S.BLOCK_DONE, slice(3, 4), np.zeros(1, np.uint8))
     with pytest.raises(Refused, match="format version 1.*--overwrite"):
-        precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+        precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+                   random_teacher=True)
     precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
-               overwrite=True)
+               overwrite=True, random_teacher=True)
     with open_transfer_set(path) as ts:
         assert ts.format_version == 2 and verify_ok(path)
 

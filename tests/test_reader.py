@@ -20,7 +20,8 @@ from softlabels.specs import NpzDataset
 
 @pytest.fixture
 def made(npz_data: str, out_path: Path) -> tuple[str, Path]:
-    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     return npz_data, out_path
 
 

@@ -60,7 +60,7 @@ def made(request: pytest.FixtureRequest, npz_data: str, out_path: Path) -> Path:
     """A set with much a report or evaluate does not use: member logits, stored inputs."""
     extra = {"topk": 2} if request.param == "topk" else {"keep_members": True}
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-6-3"], out_path, temperatures=[1, 4],
-               chunk_rows=CHUNK, store_inputs=True, **extra)
+               chunk_rows=CHUNK, store_inputs=True, **extra, random_teacher=True)
     return out_path
 
 

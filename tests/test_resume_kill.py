@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 def command(data: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "softlabels", "precompute", "--data", data,
             "--teacher", "python:helpers:slow", "--out", str(out), "--temperatures", "1,3",
-            "--chunk-rows", "16", "--batch-size", "8", "--dtype", "float32"]
+            "--chunk-rows", "16", "--batch-size", "8", "--dtype", "float32", "--random-teacher"]
 
 
 def done_blocks(out: Path) -> int:
@@ -48,7 +48,7 @@ def test_sigkill_then_rerun_gives_identical_set(tmp_path: Path, suffix: str,
     out, ref = tmp_path / f"killed.{suffix}", tmp_path / f"ref.{suffix}"
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
     precompute(data, ["python:helpers:slow"], ref, temperatures=[1, 3], chunk_rows=16,
-               batch_size=8, dtype="float32")
+               batch_size=8, dtype="float32", random_teacher=True)
 
     proc = subprocess.Popen(command(data, out), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

@@ -30,7 +30,7 @@ def lm(tmp_path: Path) -> tuple[str, Path]:
     """Token data (61 sequences, 492 positions) and its top-k sequence set."""
     tokens = write_tokens(tmp_path / "t.jsonl", n=61)
     precompute(tokens, [TEACHER], tmp_path / "k.zarr", chunk_rows=16, topk=4,
-               temperatures=[1, 2])
+               temperatures=[1, 2], random_teacher=True)
     return tokens, tmp_path / "k.zarr"
 
 
@@ -103,7 +103,8 @@ def test_hard_next_tokens_without_a_set(tmp_path: Path, lm: tuple[str, Path]) ->
 
 def test_info_speaks_of_positions_and_sequences(tmp_path: Path, lm: tuple[str, Path]) -> None:
     tokens, seq_set = lm
-    precompute(tokens, [TEACHER], tmp_path / "d.h5", temperatures=[1, 2])  # dense
+    precompute(tokens, [TEACHER], tmp_path / "d.h5", temperatures=[1, 2],
+               random_teacher=True)  # dense
     subset(seq_set, tmp_path / "sub.zarr", fraction=0.5)
     for path, stats in ((seq_set, []), (tmp_path / "d.h5", ["--stats"]),
                         (tmp_path / "sub.zarr", [])):
@@ -124,7 +125,7 @@ def test_info_speaks_of_positions_and_sequences(tmp_path: Path, lm: tuple[str, P
 
 
 def test_info_on_an_example_set_keeps_its_wording(tmp_path: Path, npz_data: str) -> None:
-    precompute(npz_data, ["mlp:16-3"], tmp_path / "e.zarr")
+    precompute(npz_data, ["mlp:16-3"], tmp_path / "e.zarr", random_teacher=True)
     result = CliRunner().invoke(cli, ["info", str(tmp_path / "e.zarr"), "--stats"])
     assert "rows 103 of 103 examples, 3 classes" in result.output
     assert "teacher accuracy on 103 labelled rows" in result.output
@@ -132,7 +133,7 @@ def test_info_on_an_example_set_keeps_its_wording(tmp_path: Path, npz_data: str)
 
 
 def test_stream_flag_streams_an_example_set_too(tmp_path: Path, npz_data: str) -> None:
-    precompute(npz_data, ["mlp:16-3"], tmp_path / "e.zarr", chunk_rows=16)
+    precompute(npz_data, ["mlp:16-3"], tmp_path / "e.zarr", chunk_rows=16, random_teacher=True)
     for flag, streamed in (([], False), (["--stream"], True)):
         out = tmp_path / f"s{len(flag)}.pt"
         result = CliRunner().invoke(cli, ["train", "--data", npz_data, "--model", "mlp:16-3",

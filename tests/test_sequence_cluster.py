@@ -58,9 +58,9 @@ def test_cluster_sequence_set_is_the_single_process_set(tmp_path: Path,
     args = {"topk": dict(topk=4, dtype="float16"), "sample": dict(sample_k=3),
             "dense": dict(dtype="float32")}[kind]
     args = dict(temperatures=[1, 2], chunk_rows=16, batch_size=4, device="cpu", **args)
-    precompute(tokens, [TEACHER], tmp_path / "single.zarr", **args)
+    precompute(tokens, [TEACHER], tmp_path / "single.zarr", **args, random_teacher=True)
     result = precompute_on_cluster(tokens, [TEACHER], tmp_path / "dist.zarr", workers=2,
-                                   **args)
+                                   **args, random_teacher=True)
     with open_transfer_set(tmp_path / "dist.zarr") as ts:
         assert ts.num_blocks > 2 * WINDOW_BLOCKS  # several windows, so several tasks
         assert result.rows_computed == ts.num_rows and ts.meta["status"] == S.STATUS_COMPLETE
@@ -80,7 +80,7 @@ def test_cli_workers_on_token_data(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "positions of 40 sequences x 11 classes" in result.output  # not "rows"
     assert " rows" not in result.stdout
     precompute(tokens, [TEACHER], tmp_path / "single.zarr", chunk_rows=16, topk=3,
-               temperatures=[1, 2])
+               temperatures=[1, 2], random_teacher=True)
     assert_identical(tmp_path / "dist.zarr", tmp_path / "single.zarr")
     # options that do not apply to sequences are refused before a cluster starts
     result = CliRunner().invoke(cli, ["precompute", *common, "--out", str(tmp_path / "k.zarr"),
@@ -97,13 +97,13 @@ def test_killed_worker_neither_loses_nor_duplicates_positions(
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
     monkeypatch.syspath_prepend(str(HERE))
     precompute(tokens, [TEACHER], ref, temperatures=[1, 3], chunk_rows=8, batch_size=2,
-               topk=3, dtype="float32")
+               topk=3, dtype="float32", random_teacher=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
            "SOFTLABELS_TEST_DELAY": "0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", tokens,
                              "--teacher", TEACHER, "--out", str(out), "--workers", "2",
                              "--temperatures", "1,3", "--chunk-rows", "8", "--batch-size", "2",
-                             "--topk", "3", "--dtype", "float32"], env=env,
+                             "--topk", "3", "--dtype", "float32", "--random-teacher"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     killed = False
@@ -130,13 +130,14 @@ def test_a_killed_cluster_run_resumes_bit_for_bit(tmp_path: Path,
     args = dict(temperatures=[1, 3], chunk_rows=8, batch_size=2, sample_k=2)
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
     monkeypatch.syspath_prepend(str(HERE))
-    precompute(tokens, [TEACHER], ref, **args)
+    precompute(tokens, [TEACHER], ref, **args, random_teacher=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
            "SOFTLABELS_TEST_DELAY": "0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", tokens,
                              "--teacher", TEACHER, "--out", str(out), "--workers", "2",
                              "--temperatures", "1,3", "--chunk-rows", "8", "--batch-size", "2",
-                             "--sample-k", "2"], env=env, start_new_session=True,
+                             "--sample-k", "2",
+                             "--random-teacher"], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, killed = time.time() + 120, False
     while time.time() < deadline and proc.poll() is None and not killed:
@@ -148,7 +149,7 @@ def test_a_killed_cluster_run_resumes_bit_for_bit(tmp_path: Path,
     proc.communicate(timeout=60)
     assert killed, "the run ended before it could be killed"
     monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
-    result = precompute_on_cluster(tokens, [TEACHER], out, workers=2, **args)
+    result = precompute_on_cluster(tokens, [TEACHER], out, workers=2, **args, random_teacher=True)
     assert result.resumed and 0 < result.rows_computed < result.num_rows
     assert_identical(out, ref)
 
@@ -182,6 +183,6 @@ def test_relative_token_data_on_a_real_scheduler(tmp_path: Path, cluster: Any) -
                       *args, "--scheduler", c.address], cwd=driver)
     assert result.returncode == 0, result.stderr[-2000:]
     precompute(f"tokens:{driver / 't.jsonl'}", [TEACHER], tmp_path / "single.zarr",
-               temperatures=[1, 2], chunk_rows=8, topk=3)
+               temperatures=[1, 2], chunk_rows=8, topk=3, random_teacher=True)
     assert_identical(driver / "s.zarr", tmp_path / "single.zarr", same_spec=False)
     assert not list(elsewhere.iterdir())

@@ -97,7 +97,7 @@ def test_dense_set_agreement_and_kl_at_t_by_hand(lm: dict, suffix: str) -> None:
     out = lm["d"] / f"dense{suffix}"
     if not out.exists():
         precompute(lm["data"], [TEACHER], out, chunk_rows=16, temperatures=[1, 2],
-                   dtype="float32")
+                   dtype="float32", random_teacher=True)
     t, s, m = teacher_and_student(lm)
     t, s = t[m], s[m]
     for temperature in (1.0, 2.0, 3.0):  # 3: re-tempered from the stored logits
@@ -121,7 +121,7 @@ def test_topk_set_kl_over_k_plus_one_buckets_by_hand(lm: dict) -> None:
     one bucket, so it lies below the dense KL."""
     out = lm["d"] / "topk.zarr"
     precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[2, 4],
-               dtype="float32")
+               dtype="float32", random_teacher=True)
     t, s, m = teacher_and_student(lm)
     t, s = t[m], s[m]
     p, log_q = torch.softmax(t / 2, -1), torch.log_softmax(s / 2, -1)
@@ -148,7 +148,7 @@ def test_sampled_set_reports_the_cross_entropy_to_the_stored_draws(lm: dict) -> 
     H(p_T, q_T) without bias (checked loosely against the exact value with 64 draws)."""
     out = lm["d"] / "sample.zarr"
     precompute(lm["data"], [TEACHER], out, chunk_rows=16, sample_k=64, temperatures=[2],
-               dtype="float32")
+               dtype="float32", random_teacher=True)
     t, s, m = teacher_and_student(lm)
     log_q = torch.log_softmax(s / 2, -1)
     with open_transfer_set(out) as ts:
@@ -169,7 +169,7 @@ def test_a_subset_by_sequence_is_compared_on_its_own_positions(lm: dict) -> None
     """A set cut by whole sequences: the teacher measures cover its positions only, and the
     data measures still cover every sequence of the data."""
     full, part = lm["d"] / "full.zarr", lm["d"] / "part.zarr"
-    precompute(lm["data"], [TEACHER], full, chunk_rows=16, dtype="float32")
+    precompute(lm["data"], [TEACHER], full, chunk_rows=16, dtype="float32", random_teacher=True)
     subset(full, part, fraction=0.4, seed=3)
     with open_transfer_set(part) as ts:
         offsets, index = read_offsets(ts), ts.index()
@@ -190,7 +190,7 @@ def test_a_subset_by_sequence_is_compared_on_its_own_positions(lm: dict) -> None
 def test_other_token_data_is_refused_against_the_set(lm: dict, tmp_path: Path) -> None:
     out = lm["d"] / "full.zarr"
     if not out.exists():
-        precompute(lm["data"], [TEACHER], out, chunk_rows=16)
+        precompute(lm["data"], [TEACHER], out, chunk_rows=16, random_teacher=True)
     other = write_tokens(tmp_path / "o.jsonl", seed=9, masks=True) + "?mask=loss_mask"
     result = CliRunner().invoke(cli, ["evaluate", "--data", other, "--model", lm["model"],
                                       "--transfer-set", str(out)])
@@ -204,7 +204,8 @@ def test_streamed_and_in_memory_targets_give_the_same_report(
 
     out = lm["d"] / "topk.zarr"
     if not out.exists():
-        precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[2, 4])
+        precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[2, 4],
+                   random_teacher=True)
     loaded = evaluate(lm["data"], lm["model"], transfer_set=out, temperature=4)
     monkeypatch.setattr(sequence_evaluate, "MAX_IN_MEMORY", 0)
 
@@ -229,7 +230,8 @@ def test_a_damaged_block_of_targets_is_one_line_naming_it(lm: dict, tmp_path: Pa
     from softlabels.format._store import open_store
 
     out = tmp_path / "k.zarr"
-    precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[1])
+    precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[1],
+               random_teacher=True)
     with open_store(out, "r+") as store:
         z = store.read(S.TOPK_LOGITS, slice(40, 41))
         store.write(S.TOPK_LOGITS, slice(40, 41), z[:, ::-1].copy())
@@ -277,7 +279,7 @@ def test_batches_fit_a_logits_budget_and_do_not_change_the_report(
 
     out = lm["d"] / "full.zarr"
     if not out.exists():
-        precompute(lm["data"], [TEACHER], out, chunk_rows=16)
+        precompute(lm["data"], [TEACHER], out, chunk_rows=16, random_teacher=True)
     sizes = []
 
     class Spy(SequenceBatches):
@@ -308,7 +310,7 @@ def test_set_tokens_that_are_not_the_datas_are_refused_in_one_line(lm: dict, tmp
     from softlabels.format.sequence import SEQ_TOKENS
 
     out = tmp_path / "set.zarr"
-    precompute(lm["data"], [TEACHER], out, chunk_rows=16, dtype="float32")
+    precompute(lm["data"], [TEACHER], out, chunk_rows=16, dtype="float32", random_teacher=True)
     with open_store(out, "r+") as store:
         tokens = store.read(SEQ_TOKENS)
         tokens[40] = token if tokens[40] != token else token + 1  # block 2

@@ -83,7 +83,7 @@ def _remove(path: Path, name: str) -> None:
 def test_reader_refuses_missing_and_extra_sequence_arrays(tmp_path: Path, out_path: Path,
                                                           npz_data: str) -> None:
     precompute(write_tokens(tmp_path / "t.jsonl"), [TEACHER], out_path, chunk_rows=CHUNK,
-               topk=3, temperatures=[1, 2])
+               topk=3, temperatures=[1, 2], random_teacher=True)
     for name in (S.SEQ_MASK, S.SEQ_OFFSETS):
         damaged = out_path.with_name(f"{name.replace('/', '_')}{out_path.suffix}")
         (shutil.copytree if out_path.is_dir() else shutil.copy)(out_path, damaged)
@@ -91,7 +91,7 @@ def test_reader_refuses_missing_and_extra_sequence_arrays(tmp_path: Path, out_pa
         with pytest.raises(TransferSetError, match=f"{name}: expected .* found nothing"):
             open_transfer_set(damaged)
     example = tmp_path / f"example{out_path.suffix}"
-    precompute(npz_data, ["mlp:16-3"], example)
+    precompute(npz_data, ["mlp:16-3"], example, random_teacher=True)
     with open_store(example, "r+") as store:
         store.create(S.SEQ_TOKENS, (10,), "int32", chunks=(10,))
     with pytest.raises(TransferSetError, match="seq/tokens: not implied by the metadata"):
@@ -100,7 +100,7 @@ def test_reader_refuses_missing_and_extra_sequence_arrays(tmp_path: Path, out_pa
 
 def test_digest_covers_the_sequence_metadata(tmp_path: Path, out_path: Path) -> None:
     precompute(write_tokens(tmp_path / "t.jsonl"), [TEACHER], out_path, chunk_rows=CHUNK,
-               topk=3)
+               topk=3, random_teacher=True)
     with open_store(out_path, "r+") as store:
         meta = store.get_meta()
         meta["sequence"] = {**meta["sequence"], "labels": "data"}  # a consistent layout
@@ -111,7 +111,7 @@ def test_digest_covers_the_sequence_metadata(tmp_path: Path, out_path: Path) -> 
 
 def test_top_k_logits_are_byte_shuffled_on_both_backends(tmp_path: Path, out_path: Path) -> None:
     precompute(write_tokens(tmp_path / "t.jsonl"), [TEACHER], out_path, chunk_rows=CHUNK,
-               topk=3, dtype="float16")
+               topk=3, dtype="float16", random_teacher=True)
     if out_path.suffix == ".h5":
         with h5py.File(out_path, "r") as f:
             assert f[S.TOPK_LOGITS].shuffle and f[S.TOPK_LOGITS].compression == "gzip"

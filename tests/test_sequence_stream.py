@@ -28,7 +28,7 @@ def seq_set(request: pytest.FixtureRequest, tmp_path: Path, out_path: Path) -> P
         "?field=input_ids&mask=loss_mask"
     out = out_path
     precompute(spec, [TEACHER], out, chunk_rows=16, temperatures=[1, 2],
-               **KINDS[request.param])
+               **KINDS[request.param], random_teacher=True)
     return out
 
 

@@ -44,7 +44,8 @@ def test_hf_causal_lm_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "s.zarr"
     result = CliRunner().invoke(cli, ["precompute", "--data", tokens, "--teacher", model,
                                       "--out", str(out), "--topk", "4", "--temperatures", "1,2",
-                                      "--chunk-rows", "16", "--batch-size", "5"])
+                                      "--chunk-rows", "16", "--batch-size", "5",
+                                      "--random-teacher"])
     assert result.exit_code == 0, result.output
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +73,7 @@ def test_hf_causal_lm_end_to_end(tmp_path: Path) -> None:
 def command(data: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "softlabels", "precompute", "--data", data,
             "--teacher", "python:helpers:tiny_lm", "--out", str(out), "--temperatures", "1,3",
-            "--chunk-rows", "16", "--batch-size", "8", "--topk", "3"]
+            "--chunk-rows", "16", "--batch-size", "8", "--topk", "3", "--random-teacher"]
 
 
 def done_blocks(out: Path) -> int:
@@ -89,7 +90,7 @@ def test_sigkill_then_rerun_gives_identical_sequence_set(
     out, ref = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
     precompute(data, ["python:helpers:tiny_lm"], ref, temperatures=[1, 3], chunk_rows=16,
-               batch_size=8, topk=3)
+               batch_size=8, topk=3, random_teacher=True)
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}",
            "SOFTLABELS_TEST_DELAY": "0.02"}
     proc = subprocess.Popen(command(data, out), env=env, stdout=subprocess.PIPE,

@@ -28,7 +28,7 @@ from softlabels.verify import verify
 def topk_set(tmp_path: Path) -> Path:
     spec = write_tokens(tmp_path / "t.jsonl", masks=True) + "?field=input_ids&mask=loss_mask"
     precompute(spec, [TEACHER], tmp_path / "k.zarr", chunk_rows=16, topk=4,
-               temperatures=[1, 2], dtype="float32")
+               temperatures=[1, 2], dtype="float32", random_teacher=True)
     return tmp_path / "k.zarr"
 
 
@@ -76,7 +76,7 @@ def test_loss_is_the_per_position_kd_loss_over_masked_in_positions(topk_set: Pat
 
 def test_student_learns_the_teacher_from_stored_targets(tmp_path: Path) -> None:
     spec = write_tokens(tmp_path / "t.jsonl", n=120)
-    precompute(spec, [TEACHER], tmp_path / "k.h5", topk=5, temperatures=[1, 2])
+    precompute(spec, [TEACHER], tmp_path / "k.h5", topk=5, temperatures=[1, 2], random_teacher=True)
     data = load_tokens(str(tmp_path / "t.jsonl"), {}, spec)
     teacher = TinyLM(VOCAB)
     held_out = SequenceBatches.from_tokens(data, batch_size=32, shuffle=False)
@@ -115,12 +115,13 @@ def test_damaged_set_and_wrong_temperature_are_refused(topk_set: Path) -> None:
 
 
 def test_wrong_files_are_refused(tmp_path: Path, topk_set: Path, npz_data: str) -> None:
-    precompute(npz_data, ["mlp:16-3"], tmp_path / "examples.zarr")
+    precompute(npz_data, ["mlp:16-3"], tmp_path / "examples.zarr", random_teacher=True)
     with pytest.raises(SoftlabelsError, match="not a sequence set"):
         SequenceBatches(tmp_path / "examples.zarr")
     checks = {c.name: c for c in verify(topk_set, data=npz_data).checks}
     assert not checks["data"].ok and "token sequences" in checks["data"].detail
     tokens = load_tokens(str(tmp_path / "t.jsonl"), {}, "tokens:t.jsonl")
     with pytest.raises(SoftlabelsError, match="sequence teacher maps"):
-        precompute(tokens, ["mlp:16-3"], tmp_path / "x.zarr")  # an example model
+        precompute(tokens, ["mlp:16-3"], tmp_path / "x.zarr",
+                   random_teacher=True)  # an example model
     assert not (tmp_path / "x.zarr").exists()

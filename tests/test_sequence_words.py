@@ -27,7 +27,8 @@ def made(tmp_path: Path, suffix: str) -> tuple[str, Path, str]:
     out = tmp_path / f"s{suffix}"
     result = CliRunner().invoke(cli, ["precompute", "--data", tokens, "--teacher", TEACHER,
                                       "--out", str(out), "--chunk-rows", "16",
-                                      "--temperatures", "1,2", "--dtype", "float32"])
+                                      "--temperatures", "1,2", "--dtype", "float32",
+                                      "--random-teacher"])
     assert result.exit_code == 0, result.output
     return tokens, out, result.stdout
 
@@ -45,7 +46,8 @@ def test_precompute_says_positions_of_sequences(made: tuple[str, Path, str]) -> 
     assert "(195 positions computed in" in said and not ROWS.search(said)
     again = CliRunner().invoke(cli, ["precompute", "--data", tokens, "--teacher", TEACHER,
                                      "--out", str(out), "--chunk-rows", "16",
-                                     "--temperatures", "1,2", "--dtype", "float32"])
+                                     "--temperatures", "1,2", "--dtype", "float32",
+                                     "--random-teacher"])
     assert f"{out} is already complete (195 positions of 23 sequences)" in again.stdout
 
 

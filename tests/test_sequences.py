@@ -56,7 +56,7 @@ def dense_logits(ids: list[int]) -> torch.Tensor:
 def test_rows_are_positions_with_offsets_tokens_and_next_token_labels(
         tmp_path: Path, tokens: str, out_path: Path) -> None:
     precompute(tokens, [TEACHER], out_path, temperatures=[1, 2], chunk_rows=CHUNK, batch_size=4,
-               dtype="float32")
+               dtype="float32", random_teacher=True)
     data = load_tokens(str(tmp_path / "t.jsonl"), {}, tokens)
     with open_transfer_set(out_path) as ts:
         offsets = read_offsets(ts)
@@ -79,9 +79,9 @@ def test_rows_are_positions_with_offsets_tokens_and_next_token_labels(
 def test_topk_probabilities_exact_at_every_t_in_float16(tmp_path: Path, tokens: str,
                                                         suffix: str) -> None:
     precompute(tokens, [TEACHER], tmp_path / "d.zarr", temperatures=[1, 4], chunk_rows=CHUNK,
-               dtype="float32")
+               dtype="float32", random_teacher=True)
     precompute(tokens, [TEACHER], tmp_path / f"k.{suffix}", temperatures=[1, 4],
-               chunk_rows=CHUNK, topk=4, dtype="float16")
+               chunk_rows=CHUNK, topk=4, dtype="float16", random_teacher=True)
     with open_transfer_set(tmp_path / "d.zarr") as d, \
             open_transfer_set(tmp_path / f"k.{suffix}") as k:
         assert k.arrays()[S.TOPK_LOGITS][1] == "float16"
@@ -99,14 +99,14 @@ def test_topk_probabilities_exact_at_every_t_in_float16(tmp_path: Path, tokens: 
 def test_sampled_draws_do_not_depend_on_batching(tmp_path: Path, tokens: str) -> None:
     for name, batch in (("a", 3), ("b", 16)):
         precompute(tokens, [TEACHER], tmp_path / f"{name}.zarr", temperatures=[2],
-                   chunk_rows=CHUNK, sample_k=5, batch_size=batch)
+                   chunk_rows=CHUNK, sample_k=5, batch_size=batch, random_teacher=True)
     with open_transfer_set(tmp_path / "a.zarr") as a, open_transfer_set(tmp_path / "b.zarr") as b:
         np.testing.assert_array_equal(a.read(S.SAMPLE_INDICES), b.read(S.SAMPLE_INDICES))
         assert a.read(S.SAMPLE_INDICES).max() < VOCAB
     precompute(tokens, [TEACHER], tmp_path / "many.zarr", temperatures=[2], chunk_rows=CHUNK,
-               sample_k=4000)
+               sample_k=4000, random_teacher=True)
     precompute(tokens, [TEACHER], tmp_path / "dense.zarr", temperatures=[2], chunk_rows=CHUNK,
-               dtype="float32")
+               dtype="float32", random_teacher=True)
     with open_transfer_set(tmp_path / "many.zarr") as m, \
             open_transfer_set(tmp_path / "dense.zarr") as d:  # frequencies follow p_T
         np.testing.assert_allclose(m.probs(2.0, 0, 60), d.probs(2.0, 0, 60), atol=0.035)
@@ -114,7 +114,7 @@ def test_sampled_draws_do_not_depend_on_batching(tmp_path: Path, tokens: str) ->
 
 def test_masks_and_object_rows_from_jsonl(tmp_path: Path) -> None:
     spec = write_tokens(tmp_path / "m.jsonl", masks=True) + "?field=input_ids&mask=loss_mask"
-    precompute(spec, [TEACHER], tmp_path / "m.zarr", chunk_rows=CHUNK, topk=2)
+    precompute(spec, [TEACHER], tmp_path / "m.zarr", chunk_rows=CHUNK, topk=2, random_teacher=True)
     with open_transfer_set(tmp_path / "m.zarr") as ts:
         np.testing.assert_array_equal(ts.read(SEQ_MASK), ts.read(SEQ_POSITION) >= 2)
 
@@ -147,14 +147,15 @@ def test_saved_datasets_directory(tmp_path: Path) -> None:
     spec = f"tokens:{tmp_path / 'ds'}?mask=loss_mask"
     data = load_tokens(str(tmp_path / "ds"), {"mask": "loss_mask"}, spec)
     np.testing.assert_array_equal(data.tokens, [1, 2, 3, 4, 5, 6])
-    precompute(spec, [TEACHER], tmp_path / "s.zarr", topk=2)
+    precompute(spec, [TEACHER], tmp_path / "s.zarr", topk=2, random_teacher=True)
     with open_transfer_set(tmp_path / "s.zarr") as ts:
         np.testing.assert_array_equal(ts.read(SEQ_MASK), [0, 1, 1, 1, 0, 1])
 
 
 def test_subset_by_sequence_keeps_whole_sequences(tmp_path: Path, tokens: str,
                                                   out_path: Path) -> None:
-    precompute(tokens, [TEACHER], tmp_path / "src.zarr", chunk_rows=CHUNK, topk=3)
+    precompute(tokens, [TEACHER], tmp_path / "src.zarr", chunk_rows=CHUNK, topk=3,
+               random_teacher=True)
     (tmp_path / "keep.txt").write_text("3\n5\n20\n")
     subset(tmp_path / "src.zarr", out_path, indices=tmp_path / "keep.txt")
     with open_transfer_set(tmp_path / "src.zarr") as src, open_transfer_set(out_path) as sub:
@@ -177,7 +178,8 @@ def test_subset_by_sequence_keeps_whole_sequences(tmp_path: Path, tokens: str,
 @pytest.mark.parametrize("target", ["c.h5", "c.zarr.zip", "c.zarr"])
 def test_convert_is_content_identical(tmp_path: Path, tokens: str, target: str) -> None:
     src = tmp_path / ("s.zarr" if target != "c.zarr" else "s.h5")
-    precompute(tokens, [TEACHER], src, chunk_rows=CHUNK, topk=3, temperatures=[1, 3])
+    precompute(tokens, [TEACHER], src, chunk_rows=CHUNK, topk=3, temperatures=[1, 3],
+               random_teacher=True)
     convert(src, tmp_path / target)
     with open_transfer_set(src) as a, open_transfer_set(tmp_path / target) as b:
         assert a.row_arrays() == b.row_arrays()
@@ -189,7 +191,7 @@ def test_convert_is_content_identical(tmp_path: Path, tokens: str, target: str) 
 
 def test_verify_names_damage_and_other_teachers(tmp_path: Path, tokens: str) -> None:
     out = tmp_path / "s.zarr"
-    precompute(tokens, [TEACHER], out, chunk_rows=CHUNK, topk=3)
+    precompute(tokens, [TEACHER], out, chunk_rows=CHUNK, topk=3, random_teacher=True)
     report = verify(out, data=tokens, teachers=[TEACHER])
     assert report.ok, report.to_dict()
     other = verify(out, data=tokens, teachers=[TEACHER + "?seed=4"])
@@ -215,28 +217,30 @@ def test_verify_names_damage_and_other_teachers(tmp_path: Path, tokens: str) -> 
 def test_rerun_resumes_and_refuses_other_sequences(tmp_path: Path, tokens: str) -> None:
     out = tmp_path / "s.zarr"
     args = dict(chunk_rows=CHUNK, topk=3, temperatures=[1, 2])
-    precompute(tokens, [TEACHER], out, **args)
+    precompute(tokens, [TEACHER], out, **args, random_teacher=True)
     with open_transfer_set(out) as ts:
         ref = {n: ts.read(n) for n in ts.row_arrays()}
     with open_store(out, "r+") as store:  # as if killed: two blocks undone, status writing
         meta = store.get_meta()
         store.set_meta({**meta, "status": "writing"})
         store.write(S.BLOCK_DONE, slice(3, 5), np.zeros(2, np.uint8))
-    result = precompute(tokens, [TEACHER], out, **args)
+    result = precompute(tokens, [TEACHER], out, **args, random_teacher=True)
     assert result.resumed and result.rows_computed == 2 * CHUNK
     with open_transfer_set(out) as ts:
         for name, data in ref.items():
             np.testing.assert_array_equal(ts.read(name), data)
     with pytest.raises(SoftlabelsError, match="different run|other sequences"):
-        precompute(write_tokens(tmp_path / "o.jsonl", seed=9), [TEACHER], out, **args)
+        precompute(write_tokens(tmp_path / "o.jsonl", seed=9), [TEACHER], out, **args,
+                   random_teacher=True)
 
 
 def test_cli_precompute_refuses_options_that_do_not_apply(tmp_path: Path, tokens: str) -> None:
     result = CliRunner().invoke(cli, ["precompute", "--data", tokens, "--teacher", TEACHER,
-                                      "--out", str(tmp_path / "s.zarr"), "--keep-members"])
+                                      "--out", str(tmp_path / "s.zarr"), "--keep-members",
+                                      "--random-teacher"])
     assert result.exit_code == 1 and "keep-members does not apply" in result.output
     result = CliRunner().invoke(cli, ["precompute", "--data", tokens, "--teacher",
                                       "python:helpers:four_classes",
-                                      "--out", str(tmp_path / "s.zarr")])
+                                      "--out", str(tmp_path / "s.zarr"), "--random-teacher"])
     assert result.exit_code == 1 and "(B, L, C)" in result.output
     assert not (tmp_path / "s.zarr").exists()

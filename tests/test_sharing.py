@@ -50,9 +50,9 @@ def test_merge_equals_precomputing_all_teachers_at_once(tmp_path: Path, npz_data
                                                         combine: str) -> None:
     t = teachers(tmp_path)
     args = dict(temperatures=[1, 4], chunk_rows=CHUNK, dtype="float32", combine=combine)
-    precompute(npz_data, t[:2], tmp_path / "a.zarr", keep_members=True, **args)
-    precompute(npz_data, t[2:], tmp_path / "b.h5", **args)
-    precompute(npz_data, t, tmp_path / "all.zarr", keep_members=True, **args)
+    precompute(npz_data, t[:2], tmp_path / "a.zarr", keep_members=True, **args, random_teacher=True)
+    precompute(npz_data, t[2:], tmp_path / "b.h5", **args, random_teacher=True)
+    precompute(npz_data, t, tmp_path / "all.zarr", keep_members=True, **args, random_teacher=True)
     code, out, err = run("merge", tmp_path / "a.zarr", tmp_path / "b.h5", "--out",
                          tmp_path / "m.zarr", "--combine", combine)
     assert code == 0, err
@@ -70,16 +70,17 @@ def test_merge_equals_precomputing_all_teachers_at_once(tmp_path: Path, npz_data
 
 def test_merge_refuses_other_data_classes_or_order(tmp_path: Path, npz_data: str) -> None:
     base = tmp_path / "base.zarr"
-    precompute(npz_data, ["mlp:16-3"], base, chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-3"], base, chunk_rows=CHUNK, random_teacher=True)
     other = make_npz(tmp_path / "o.npz", seed=9)
-    precompute(other, ["mlp:16-3"], tmp_path / "other.zarr", chunk_rows=CHUNK)
-    precompute(npz_data, ["mlp:16-4"], tmp_path / "four.zarr", chunk_rows=CHUNK)
+    precompute(other, ["mlp:16-3"], tmp_path / "other.zarr", chunk_rows=CHUNK, random_teacher=True)
+    precompute(npz_data, ["mlp:16-4"], tmp_path / "four.zarr", chunk_rows=CHUNK,
+               random_teacher=True)
     # the same examples in another row order: rows would pair different examples
     with np.load(npz_data[4:]) as f:
         perm = np.random.default_rng(1).permutation(len(f["x"]))
         np.savez(tmp_path / "perm.npz", x=f["x"][perm], y=f["y"][perm])
     precompute(f"npz:{tmp_path}/perm.npz", ["mlp:16-3"], tmp_path / "order.zarr",
-               chunk_rows=CHUNK)
+               chunk_rows=CHUNK, random_teacher=True)
     code, _, err = run("subset", base, "--out", tmp_path / "half.zarr", "--fraction", 0.5)
     assert code == 0, err  # the same data, but only some of its rows
     for second, message in (("other.zarr", "dataset fingerprint differs"),
@@ -95,7 +96,8 @@ def test_merge_refuses_other_data_classes_or_order(tmp_path: Path, npz_data: str
 def test_subset_keeps_index_and_trains_with_the_original_data(tmp_path: Path,
                                                               npz_data: str) -> None:
     src = tmp_path / "s.zarr"
-    precompute(npz_data, ["mlp:16-8-3"], src, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], src, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     code, out, err = run("subset", src, "--out", tmp_path / "no2.h5", "--exclude-classes", "2")
     assert code == 0, err
     with open_transfer_set(src) as a, open_transfer_set(tmp_path / "no2.h5") as b:
@@ -116,7 +118,7 @@ def test_convert_is_identical_and_zip_reads_in_place(tmp_path: Path, npz_data: s
                                                      target: str) -> None:
     src = tmp_path / ("s.zarr" if target != "c.zarr" else "s.h5")
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-4-3"], src, temperatures=[1, 3],
-               chunk_rows=CHUNK, keep_members=True)
+               chunk_rows=CHUNK, keep_members=True, random_teacher=True)
     code, _, err = run("convert", src, "--out", tmp_path / target)
     assert code == 0, err
     same(tmp_path / target, src, ROW_ARRAYS + (S.MEMBER_LOGITS,))
@@ -135,16 +137,17 @@ def test_convert_is_identical_and_zip_reads_in_place(tmp_path: Path, npz_data: s
 
 def test_zip_set_cannot_be_written(tmp_path: Path, npz_data: str) -> None:
     src = tmp_path / "s.zarr"
-    precompute(npz_data, ["mlp:16-3"], src)
+    precompute(npz_data, ["mlp:16-3"], src, random_teacher=True)
     run("convert", src, "--out", tmp_path / "s.zarr.zip")
     code, _, err = run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out",
-                       tmp_path / "s.zarr.zip", "--overwrite")
+                       tmp_path / "s.zarr.zip", "--overwrite", "--random-teacher")
     assert code == 1 and "read-only" in err
 
 
 def test_report_writes_plots_and_provenance(tmp_path: Path, npz_data: str) -> None:
     src = tmp_path / "s.zarr"
-    precompute(npz_data, teachers(tmp_path)[:1], src, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, teachers(tmp_path)[:1], src, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     run("subset", src, "--out", tmp_path / "sub.zarr", "--fraction", "0.5")
     code, out, err = run("report", tmp_path / "sub.zarr", "--out", tmp_path / "rep")
     assert code == 0, err
@@ -160,7 +163,8 @@ def test_report_writes_plots_and_provenance(tmp_path: Path, npz_data: str) -> No
 def test_self_contained_set_trains_a_student_alone(tmp_path: Path, npz_data: str) -> None:
     src = tmp_path / "s.zarr"
     code, _, err = run("precompute", "--data", npz_data, "--teacher", "mlp:16-8-3", "--out", src,
-                       "--temperatures", "1,4", "--chunk-rows", CHUNK, "--store-inputs")
+                       "--temperatures", "1,4", "--chunk-rows", CHUNK, "--store-inputs",
+                       "--random-teacher")
     assert code == 0, err
     from softlabels.specs import load_data
 

@@ -25,8 +25,9 @@ def six_class_data(tmp_path: Path) -> str:
 def test_topk_probabilities_are_exact_at_every_stored_t(tmp_path: Path, six_class_data: str,
                                                         suffix: str) -> None:
     args = dict(temperatures=[1, 2.5, 8], chunk_rows=CHUNK, dtype="float32")
-    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / "dense.zarr", **args)
-    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / f"top.{suffix}", topk=2, **args)
+    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / "dense.zarr", **args, random_teacher=True)
+    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / f"top.{suffix}", topk=2, **args,
+               random_teacher=True)
     with open_transfer_set(tmp_path / "dense.zarr") as d, \
             open_transfer_set(tmp_path / f"top.{suffix}") as s:
         assert not s.has("logits") and not s.has("probs")
@@ -45,10 +46,10 @@ def test_topk_probabilities_are_exact_at_every_stored_t(tmp_path: Path, six_clas
 
 def test_sampled_classes_follow_p_t_and_replay(tmp_path: Path, six_class_data: str) -> None:
     args = dict(temperatures=[2], chunk_rows=CHUNK, sample_k=4000, batch_size=16)
-    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / "a.zarr", **args)
-    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / "b.h5", **args)
+    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / "a.zarr", **args, random_teacher=True)
+    precompute(six_class_data, ["mlp:16-9-6"], tmp_path / "b.h5", **args, random_teacher=True)
     precompute(six_class_data, ["mlp:16-9-6"], tmp_path / "d.zarr", temperatures=[2],
-               chunk_rows=CHUNK)
+               chunk_rows=CHUNK, random_teacher=True)
     with open_transfer_set(tmp_path / "a.zarr") as a, open_transfer_set(tmp_path / "b.h5") as b, \
             open_transfer_set(tmp_path / "d.zarr") as d:
         np.testing.assert_array_equal(a.sparse_targets(2.0)[0], b.sparse_targets(2.0)[0])
@@ -90,7 +91,8 @@ def test_students_train_from_sparse_sets_and_bad_options(tmp_path: Path,
     for flag in ("--topk", "--sample-k"):
         out = tmp_path / f"{flag[2:]}.zarr"
         r = runner.invoke(cli, ["precompute", "--data", six_class_data, "--teacher", "mlp:16-6",
-                                "--out", str(out), flag, "3", "--temperatures", "1,4"])
+                                "--out", str(out), flag, "3", "--temperatures", "1,4",
+                                "--random-teacher"])
         assert r.exit_code == 0, r.stderr
         r = runner.invoke(cli, ["train", "--data", six_class_data, "--model", "mlp:16-8-6",
                                 "--out", str(tmp_path / "s.pt"), "--transfer-set", str(out),
@@ -100,6 +102,6 @@ def test_students_train_from_sparse_sets_and_bad_options(tmp_path: Path,
                            (["--topk", "2", "--combine", "mean-probs"], "exact under"),
                            (["--topk", "2", "--sample-k", "2"], "not both")):
         r = runner.invoke(cli, ["precompute", "--data", six_class_data, "--teacher", "mlp:16-6",
-                                "--out", str(tmp_path / "bad.zarr"), *extra])
+                                "--out", str(tmp_path / "bad.zarr"), *extra, "--random-teacher"])
         assert r.exit_code == 1 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr

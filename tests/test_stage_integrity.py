@@ -47,19 +47,19 @@ def one_line_error(code: int, out: str, err: str, message: str) -> None:
 ])
 def test_precompute_options_are_checked_once_as_value_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(OptionError, match=message) as info:
-        PrecomputeOptions(**kwargs)
+        PrecomputeOptions(**kwargs, random_teacher=True)
     assert isinstance(info.value, ValueError) and isinstance(info.value, SoftlabelsError)
 
 
 def test_options_hold_each_default_once_and_normalise() -> None:
-    opts = PrecomputeOptions(temperatures=[4, 1])
+    opts = PrecomputeOptions(temperatures=[4, 1], random_teacher=True)
     assert opts.temperatures == (4.0, 1.0) and opts.dtype == "float16"
     with pytest.raises(OptionError, match="temperature 1e\\+06 is above 100"):
         TrainOptions(temperature=1e6)
     with pytest.raises(OptionError, match="alpha must be finite"):
         TrainOptions(alpha=float("nan"))
     with pytest.raises(TypeError):  # an unknown option is a programming error
-        PrecomputeOptions(tempratures=(1,))
+        PrecomputeOptions(tempratures=(1,), random_teacher=True)
 
 
 @pytest.mark.parametrize("flag", ["--temperature", "--alpha"])
@@ -94,7 +94,7 @@ def test_bad_labels_are_one_line_naming_the_example(tmp_path: Path, bad: float, 
     data = npz_with_labels(tmp_path / "d.npz", y)
     if command == "precompute":
         code, out, err = run("precompute", "--data", data, "--teacher", "mlp:16-3", "--out",
-                             tmp_path / "s.zarr")
+                             tmp_path / "s.zarr", "--random-teacher")
         assert not (tmp_path / "s.zarr").exists()
     else:
         code, out, err = run("train", "--data", data, "--model", "mlp:16-3", "--out",
@@ -108,7 +108,7 @@ def test_bad_labels_are_one_line_naming_the_example(tmp_path: Path, bad: float, 
 def test_whole_number_float_labels_are_accepted(tmp_path: Path) -> None:
     y = (np.arange(N_ROWS) % 3).astype(np.float32)
     data = npz_with_labels(tmp_path / "d.npz", y)
-    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr")
+    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr", random_teacher=True)
     with open_transfer_set(tmp_path / "s.zarr") as ts:
         assert ts.labels().tolist() == y.astype(int).tolist()
 
@@ -119,13 +119,14 @@ def test_logits_past_float16_are_refused_never_stored_as_inf(tmp_path: Path) -> 
     data = make_npz(tmp_path / "d.npz")
     out = tmp_path / "s.zarr"
     code, stdout, err = run("precompute", "--data", data, "--teacher", "python:helpers:huge_logits",
-                            "--out", out)
+                            "--out", out, "--random-teacher")
     one_line_error(code, stdout, err, "rerun with --dtype float32")
     assert "beyond float16's largest value 65504" in err
     with pytest.raises(SoftlabelsError):  # nothing presented as complete
         open_transfer_set(out)
     code, stdout, err = run("precompute", "--data", data, "--teacher", "python:helpers:huge_logits",
-                            "--out", tmp_path / "f32.zarr", "--dtype", "float32")
+                            "--out", tmp_path / "f32.zarr", "--dtype", "float32",
+                            "--random-teacher")
     assert code == 0, err
     code, stdout, _ = run("verify", tmp_path / "f32.zarr")
     assert code == 0 and stdout.strip().endswith("verified")
@@ -146,7 +147,7 @@ def test_nan_input_stops_hard_label_training_and_saves_nothing(tmp_path: Path) -
 
 def test_divergence_stops_distillation_and_saves_nothing(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz")
-    precompute(data, ["mlp:16-8-3"], tmp_path / "s.zarr", temperatures=[4])
+    precompute(data, ["mlp:16-8-3"], tmp_path / "s.zarr", temperatures=[4], random_teacher=True)
     with pytest.raises(SoftlabelsError, match="training diverged and nothing was saved"):
         train_student(data, "mlp:16-3", out=tmp_path / "o.pt", transfer_set=tmp_path / "s.zarr",
                       lr=1e38, optimizer="sgd", epochs=3, batch_size=16)

@@ -15,7 +15,8 @@ from softlabels.precompute import precompute
 
 
 def test_stats_match_in_memory_reference(npz_data: str, out_path: Path) -> None:
-    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 5], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 5], chunk_rows=CHUNK,
+               random_teacher=True)
     result = CliRunner().invoke(cli, ["info", str(out_path), "--stats", "--json"])
     assert result.exit_code == 0, result.stderr
     stats = json.loads(result.stdout)["stats"]

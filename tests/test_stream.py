@@ -27,7 +27,7 @@ from softlabels.trainer import train_student
 def made(request: pytest.FixtureRequest, npz_data: str, out_path: Path) -> tuple[str, Path]:
     topk = {"topk": 2} if request.param == "topk" else {}
     precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
-               **topk)
+               **topk, random_teacher=True)
     return npz_data, out_path
 
 
@@ -199,7 +199,8 @@ DAMAGE += [("zarr", "delete probs"), ("zarr", "delete labels")]  # HDF5 chunks c
 def _damaged(tmp_path: Path, suffix: str, how: str) -> tuple[str, Path, int]:
     data = make_npz(tmp_path / "data.npz")
     path = tmp_path / f"set.{suffix}"
-    precompute(data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     return data, path, _damage(path, how)
 
 
@@ -229,7 +230,8 @@ def test_streamed_training_refuses_a_damaged_set(tmp_path: Path, suffix: str, ho
 
 @pytest.fixture
 def dense(npz_data: str, out_path: Path) -> tuple[str, Path]:
-    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     return npz_data, out_path
 
 

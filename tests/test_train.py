@@ -39,7 +39,7 @@ def test_teacher_precompute_student_evaluate(tmp_path: Path) -> None:
                          "--epochs", 10, "--batch-size", 32, "--lr", 0.01, "--val-data", test)
     assert code == 0, err
     code, _, err = run("precompute", "--data", train, "--teacher", teacher, "--out", ts,
-                       "--temperatures", "1,4", "--chunk-rows", 64)
+                       "--temperatures", "1,4", "--chunk-rows", 64, "--random-teacher")
     assert code == 0, err
     code, out, err = run("train", "--data", train, "--model", "mlp:16-8-3", "--out", student,
                          "--transfer-set", ts, "--temperature", 4, "--epochs", 10,
@@ -60,7 +60,7 @@ def test_teacher_precompute_student_evaluate(tmp_path: Path) -> None:
     assert payload["meta"]["transfer_set"]["temperature"] == 4.0
     # a student checkpoint is a teacher too
     code, _, err = run("precompute", "--data", train, "--teacher", student, "--out",
-                       tmp_path / "s.h5")
+                       tmp_path / "s.h5", "--random-teacher")
     assert code == 0, err
 
 
@@ -98,7 +98,7 @@ def test_bad_training_input(tmp_path: Path, extra: list[str], message: str) -> N
     data = make_npz(tmp_path / "d.npz")
     shifted = make_npz(tmp_path / "shifted.npz", seed=3)
     ts = tmp_path / "s.zarr"
-    run("precompute", "--data", data, "--teacher", "mlp:16-8-3", "--out", ts)
+    run("precompute", "--data", data, "--teacher", "mlp:16-8-3", "--out", ts, "--random-teacher")
     args = ["train", "--data", data, "--model", "mlp:16-8-3", "--out", tmp_path / "o.pt",
             "--transfer-set", ts, "--epochs", "1"]
     for flag, value in zip(extra[::2], extra[1::2]):
@@ -118,7 +118,7 @@ def test_incomplete_set_is_refused_for_training(tmp_path: Path) -> None:
 
     data = make_npz(tmp_path / "d.npz")
     ts = tmp_path / "s.h5"
-    run("precompute", "--data", data, "--teacher", "mlp:16-8-3", "--out", ts)
+    run("precompute", "--data", data, "--teacher", "mlp:16-8-3", "--out", ts, "--random-teacher")
     with open_store(ts, "r+") as store:
         store.set_meta({**store.get_meta(), "status": "writing"})
     code, _, err = run("train", "--data", data, "--model", "mlp:16-3", "--out",

@@ -39,7 +39,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_a_killed_run_resumes_from_its_last_epoch(tmp_path: Path, stream: bool) -> None:
     data = make_npz(tmp_path / "d.npz", n=150)
     ts = tmp_path / "t.zarr"
-    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu")
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu",
+               random_teacher=True)
     out, ref = tmp_path / "s.pt", tmp_path / "ref.pt"
     script = KILLED_RUN.format(data=data, ts=str(ts), out=str(out), stream=stream)
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -63,7 +64,8 @@ def test_a_killed_run_resumes_from_its_last_epoch(tmp_path: Path, stream: bool) 
 def test_rerunning_the_same_command_resumes_and_other_options_start_over(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz", n=150)
     ts = tmp_path / "t.zarr"
-    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu")
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu",
+               random_teacher=True)
     out = tmp_path / "s.pt"
     script = KILLED_RUN.format(data=data, ts=str(ts), out=str(out), stream=False)
     subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, check=False)
@@ -100,7 +102,8 @@ def test_streamed_distributed_training_steps_together_and_repeats(tmp_path: Path
     # 150 rows in blocks of 16: one rank's five blocks hold 80 rows, the other's 70.
     data = make_npz(tmp_path / "d.npz", n=150)
     ts = tmp_path / "t.zarr"
-    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu")
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu",
+               random_teacher=True)
     torchrun = Path(sys.executable).with_name("torchrun")
     outs = []
     for run in range(2):
@@ -126,7 +129,8 @@ def test_a_damaged_state_file_is_ignored_not_trusted(tmp_path: Path) -> None:
 
     data = make_npz(tmp_path / "d.npz")
     ts = tmp_path / "t.zarr"
-    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu")
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], chunk_rows=16, device="cpu",
+               random_teacher=True)
     out = tmp_path / "s.pt"
     Path(f"{out}.state").write_bytes(b"not a state file")
     Path(f"{out}.state.tmp").write_bytes(b"left by a kill mid-write")

@@ -41,7 +41,7 @@ def test_a_checkpoint_naming_code_is_refused_and_nothing_runs(tmp_path: Path,
     ckpt, marker = hostile_checkpoint(tmp_path)
     args = {"evaluate": ["evaluate", "--data", data, "--model", ckpt],
             "precompute": ["precompute", "--data", data, "--teacher", ckpt,
-                           "--out", tmp_path / "s.zarr"],
+                           "--out", tmp_path / "s.zarr", "--random-teacher"],
             "train": ["train", "--data", data, "--model", ckpt, "--out", tmp_path / "o.pt",
                       "--epochs", 1]}[command]
     code, out, err = run(*args)
@@ -67,7 +67,7 @@ def test_a_user_named_python_spec_still_runs(tmp_path: Path) -> None:
     """Code the user names on the command line is the user's choice: no flag needed."""
     data = make_npz(tmp_path / "d.npz")
     code, out, err = run("precompute", "--data", data, "--teacher", "python:helpers:four_classes",
-                         "--out", tmp_path / "s.zarr")
+                         "--out", tmp_path / "s.zarr", "--random-teacher")
     assert code == 0 and "x 4 classes" in out, err
 
 
@@ -79,7 +79,8 @@ def test_a_view_set_naming_code_is_refused_by_train(tmp_path: Path) -> None:
              y=rng.integers(0, 3, 23))
     images = f"npz:{tmp_path}/img.npz"
     ts = tmp_path / "v.zarr"
-    precompute(images, ["mlp:64-3"], ts, views=2, augment="python:helpers:shift_right")
+    precompute(images, ["mlp:64-3"], ts, views=2, augment="python:helpers:shift_right",
+               random_teacher=True)
     args = ["train", "--data", images, "--model", "mlp:64-3", "--out", tmp_path / "o.pt",
             "--transfer-set", ts, "--epochs", 1]
     code, out, err = run(*args)

@@ -34,9 +34,10 @@ SPEC = "random-crop:2,hflip"
 def test_views_replay_the_same_across_batch_sizes_and_workers(tmp_path: Path,
                                                               images: str) -> None:
     common = dict(temperatures=[1, 4], views=3, augment=SPEC, chunk_rows=8, dtype="float32")
-    precompute(images, ["mlp:64-5-3"], tmp_path / "a.zarr", batch_size=5, **common)
+    precompute(images, ["mlp:64-5-3"], tmp_path / "a.zarr", batch_size=5, **common,
+               random_teacher=True)
     precompute(images, ["mlp:64-5-3"], tmp_path / "b.h5", batch_size=16, num_workers=2,
-               **common)
+               **common, random_teacher=True)
     with open_transfer_set(tmp_path / "a.zarr") as a, open_transfer_set(tmp_path / "b.h5") as b:
         assert a.num_rows == 69 and a.meta["views"] == 3 and a.meta["augment"] == SPEC
         assert a.index().tolist() == [r // 3 for r in range(69)]
@@ -53,7 +54,7 @@ def test_stage_two_sees_exactly_the_view_the_teacher_labelled(tmp_path: Path,
                                                               images: str) -> None:
     path = tmp_path / "v.zarr"
     precompute(images, ["mlp:64-5-3"], path, temperatures=[2], views=4, augment=SPEC,
-               dtype="float32")
+               dtype="float32", random_teacher=True)
     torch.manual_seed(0)
     teacher = load_model("mlp:64-5-3")[0].eval()
     ds = SoftTargetDataset(images, path, temperature=2.0)
@@ -73,7 +74,8 @@ def test_stage_two_sees_exactly_the_view_the_teacher_labelled(tmp_path: Path,
 
 def test_training_from_views(tmp_path: Path, images: str) -> None:
     path = tmp_path / "v.zarr"
-    precompute(images, ["mlp:64-5-3"], path, temperatures=[2], views=3, augment=SPEC)
+    precompute(images, ["mlp:64-5-3"], path, temperatures=[2], views=3, augment=SPEC,
+               random_teacher=True)
     result = CliRunner().invoke(cli, ["train", "--data", images, "--model", "mlp:64-8-3",
                                       "--out", str(tmp_path / "s.pt"), "--transfer-set",
                                       str(path), "--epochs", "2", "--views-per-epoch", "2"])
@@ -91,13 +93,13 @@ def test_training_from_views(tmp_path: Path, images: str) -> None:
 ])
 def test_bad_view_options(tmp_path: Path, images: str, kwargs: dict, message: str) -> None:
     with pytest.raises(SoftlabelsError, match=message):
-        precompute(images, ["mlp:64-3"], tmp_path / "v.zarr", **kwargs)
+        precompute(images, ["mlp:64-3"], tmp_path / "v.zarr", **kwargs, random_teacher=True)
     assert not (tmp_path / "v.zarr").exists()
 
 
 def test_python_factory_augment(tmp_path: Path, images: str) -> None:
     precompute(images, ["mlp:64-3"], tmp_path / "v.zarr", views=2,
-               augment="python:helpers:shift_right", dtype="float32")
+               augment="python:helpers:shift_right", dtype="float32", random_teacher=True)
     with pytest.raises(UntrustedCodeError, match="pass --trust-code"):  # the set names code
         SoftTargetDataset(images, tmp_path / "v.zarr", temperature=1.0)
     sds = SoftTargetDataset(images, tmp_path / "v.zarr", temperature=1.0, trust_code=True)

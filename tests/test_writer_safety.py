@@ -42,7 +42,7 @@ def test_overwrite_never_deletes_an_ordinary_file(npz_data: str, tmp_path: Path,
     target = tmp_path / name
     target.write_text("my notes")
     with pytest.raises(TransferSetError, match="not a softlabels transfer set"):
-        precompute(npz_data, TEACHER, target, overwrite=True)
+        precompute(npz_data, TEACHER, target, overwrite=True, random_teacher=True)
     assert target.read_text() == "my notes"
 
 
@@ -56,24 +56,24 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_set(npz_data: str,
     zarr.open_group(str(group), mode="w").create_array("mine", shape=(3,), dtype="int8")
     for target in (plain, group):  # a Zarr group of someone else's is not a set either
         with pytest.raises(TransferSetError, match="refusing --overwrite"):
-            precompute(npz_data, TEACHER, target, overwrite=True)
+            precompute(npz_data, TEACHER, target, overwrite=True, random_teacher=True)
     assert (plain / "keep.txt").exists() and (group / "mine").is_dir()
     h5 = tmp_path / "other.h5"
     with h5py.File(h5, "w") as f:
         f["data"] = np.arange(3)
     with pytest.raises(TransferSetError, match="not a softlabels transfer set"):
-        precompute(npz_data, TEACHER, h5, overwrite=True)
+        precompute(npz_data, TEACHER, h5, overwrite=True, random_teacher=True)
     with h5py.File(h5, "r") as f:
         assert f["data"][:].tolist() == [0, 1, 2]
 
 
 def test_overwrite_refuses_a_symlink_and_leaves_its_target(npz_data: str, out_path: Path,
                                                            tmp_path: Path) -> None:
-    precompute(npz_data, TEACHER, out_path, chunk_rows=CHUNK)
+    precompute(npz_data, TEACHER, out_path, chunk_rows=CHUNK, random_teacher=True)
     link = tmp_path / f"link{out_path.suffix}"
     link.symlink_to(out_path)
     with pytest.raises(TransferSetError, match="symbolic link"):
-        precompute(npz_data, ["mlp:16-5-3"], link, overwrite=True)
+        precompute(npz_data, ["mlp:16-5-3"], link, overwrite=True, random_teacher=True)
     with open_transfer_set(out_path) as ts:
         assert ts.meta["teacher"]["members"][0]["spec"] == "mlp:16-8-3"
 
@@ -81,14 +81,15 @@ def test_overwrite_refuses_a_symlink_and_leaves_its_target(npz_data: str, out_pa
 def test_overwrite_replaces_a_partial_set_and_an_empty_directory(npz_data: str,
                                                                  out_path: Path,
                                                                  tmp_path: Path) -> None:
-    precompute(npz_data, TEACHER, out_path, chunk_rows=CHUNK)
+    precompute(npz_data, TEACHER, out_path, chunk_rows=CHUNK, random_teacher=True)
     interrupt(out_path, [1, 2])
-    precompute(npz_data, ["mlp:16-5-3"], out_path, chunk_rows=CHUNK, overwrite=True)
+    precompute(npz_data, ["mlp:16-5-3"], out_path, chunk_rows=CHUNK, overwrite=True,
+               random_teacher=True)
     with open_transfer_set(out_path) as ts:
         assert ts.meta["teacher"]["members"][0]["spec"] == "mlp:16-5-3"
     empty = tmp_path / "empty.zarr"
     empty.mkdir()
-    precompute(npz_data, TEACHER, empty, chunk_rows=CHUNK, overwrite=True)
+    precompute(npz_data, TEACHER, empty, chunk_rows=CHUNK, overwrite=True, random_teacher=True)
     open_transfer_set(empty).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["data.npz", "empty.zarr", out_path.name])  # nothing left beside the outputs
@@ -98,7 +99,7 @@ def test_overwrite_replaces_a_partial_set_and_an_empty_directory(npz_data: str,
 def test_a_users_file_at_a_staging_name_is_never_removed(npz_data: str, tmp_path: Path,
                                                          suffix: str) -> None:
     src = tmp_path / "s.zarr"
-    precompute(npz_data, TEACHER, src, chunk_rows=CHUNK)
+    precompute(npz_data, TEACHER, src, chunk_rows=CHUNK, random_teacher=True)
     for out in (tmp_path / "p.zarr", tmp_path / "c.zarr.zip"):
         mine = out.with_name(out.name + suffix)
         mine.write_text("not softlabels'")
@@ -106,7 +107,7 @@ def test_a_users_file_at_a_staging_name_is_never_removed(npz_data: str, tmp_path
             if out.name.endswith(".zip"):
                 convert(src, out)
             else:
-                precompute(npz_data, TEACHER, out, chunk_rows=CHUNK)
+                precompute(npz_data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
         assert mine.read_text() == "not softlabels'" and not out.exists()
 
 
@@ -116,7 +117,7 @@ def test_a_users_file_at_a_staging_name_is_never_removed(npz_data: str, tmp_path
 def test_resume_never_writes_through_a_symlink(npz_data: str, tmp_path: Path,
                                                what: str) -> None:
     out, outside = tmp_path / "s.zarr", tmp_path / "outside"
-    precompute(npz_data, TEACHER, out, chunk_rows=CHUNK)
+    precompute(npz_data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
     interrupt(out, [2])
     if what == "chunk":  # the chunk of a block the resume would rewrite
         outside.mkdir()
@@ -129,20 +130,21 @@ def test_resume_never_writes_through_a_symlink(npz_data: str, tmp_path: Path,
         victim = outside / "c" / "2" / "0"
     before = victim.read_bytes()
     with pytest.raises(TransferSetError, match="link that leads out of the set"):
-        precompute(npz_data, TEACHER, out, chunk_rows=CHUNK)
+        precompute(npz_data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
     assert victim.read_bytes() == before
-    precompute(npz_data, TEACHER, out, chunk_rows=CHUNK, overwrite=True)  # removes the link
+    precompute(npz_data, TEACHER, out, chunk_rows=CHUNK, overwrite=True,
+               random_teacher=True)  # removes the link
     assert victim.read_bytes() == before
     open_transfer_set(out).close()
 
 
 def test_resume_refuses_an_hdf5_file_with_links(npz_data: str, tmp_path: Path) -> None:
     out = tmp_path / "s.h5"
-    precompute(npz_data, TEACHER, out, chunk_rows=CHUNK)
+    precompute(npz_data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
     interrupt(out, [2])
     os.link(out, tmp_path / "hard.h5")  # a write would change the other name's file too
     with pytest.raises(TransferSetError, match="hard links"):
-        precompute(npz_data, TEACHER, out, chunk_rows=CHUNK)
+        precompute(npz_data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
 
 
 # --- resume proves its rows ----------------------------------------------------------------
@@ -152,18 +154,18 @@ def test_resume_after_data_changed_outside_the_probe_is_refused(tmp_path: Path,
     path = tmp_path / "d.npz"
     data = make_npz(path)
     out = tmp_path / f"s.{suffix}"
-    precompute(data, TEACHER, out, chunk_rows=CHUNK)
+    precompute(data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
     interrupt(out, [4])
     original = dict(np.load(path))
     arrays = {k: v.copy() for k, v in original.items()}
     arrays["x"][1] += 1  # example 1: not among the 16 the identity probe looks at
     np.savez(path, **arrays)
     with pytest.raises(MismatchError, match="other data: row 1 "):
-        precompute(data, TEACHER, out, chunk_rows=CHUNK)
+        precompute(data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
     with pytest.raises(SoftlabelsError, match="incomplete"):
         open_transfer_set(out)  # still not presented as complete
     np.savez(path, **original)  # the original data resumes
-    result = precompute(data, TEACHER, out, chunk_rows=CHUNK)
+    result = precompute(data, TEACHER, out, chunk_rows=CHUNK, random_teacher=True)
     assert result.resumed and result.rows_computed == CHUNK
 
 
@@ -172,15 +174,15 @@ def test_resume_of_a_view_set_checks_the_examples(tmp_path: Path) -> None:
     data = make_npz(path, n=40)
     out = tmp_path / "v.zarr"
     args = dict(chunk_rows=CHUNK, views=2, augment="hflip")
-    precompute(data, TEACHER, out, **args)
+    precompute(data, TEACHER, out, **args, random_teacher=True)
     interrupt(out, [4])
-    assert precompute(data, TEACHER, out, **args).resumed  # same data: fine
+    assert precompute(data, TEACHER, out, **args, random_teacher=True).resumed  # same data: fine
     interrupt(out, [4])
     arrays = dict(np.load(path))
     arrays["x"][3] *= 2  # rows 6 and 7 (its two views)
     np.savez(path, **arrays)
     with pytest.raises(MismatchError, match="row 6 "):
-        precompute(data, TEACHER, out, **args)
+        precompute(data, TEACHER, out, **args, random_teacher=True)
 
 
 # --- the lease -----------------------------------------------------------------------------

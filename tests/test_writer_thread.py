@@ -40,7 +40,7 @@ def test_the_writer_thread_writes_what_the_inline_path_writes(
         monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", flag)
         sets[flag] = tmp_path / f"set{flag}.{suffix}"
         precompute(npz_data, ["mlp:16-8-3"], sets[flag], temperatures=[1, 4],
-                   chunk_rows=CHUNK, batch_size=7, **extra)
+                   chunk_rows=CHUNK, batch_size=7, **extra, random_teacher=True)
     inline, threaded = _arrays(sets["0"]), _arrays(sets["1"])
     assert inline.keys() == threaded.keys()
     for name in inline:
@@ -68,7 +68,7 @@ def test_the_teacher_runs_at_most_a_queue_ahead_of_the_writer(
     monkeypatch.setattr(stage.Teacher, "soft_targets", counted_teacher)
     monkeypatch.setattr(stage._BlockAssembler, "add", slow_add)
     precompute(npz_data, ["mlp:16-8-3"], tmp_path / "s.zarr", temperatures=[1, 4],
-               chunk_rows=CHUNK, batch_size=4)
+               chunk_rows=CHUNK, batch_size=4, random_teacher=True)
     assert written[0] == ran[0] == 26  # 103 rows in batches of 4 (blocks end batches)
     # the queue's batches, the one the writer holds, and the one just computed
     assert max(ahead) <= WRITER_QUEUE + 2
@@ -91,17 +91,20 @@ def test_a_failed_write_on_the_thread_stops_the_run_and_leaves_it_resumable(
 
     monkeypatch.setattr(stage.TransferSetWriter, "write_block", failing)
     with pytest.raises(OSError, match="No space left"):
-        precompute(npz_data, ["mlp:16-8-3"], out, temperatures=[1, 4], chunk_rows=CHUNK)
+        precompute(npz_data, ["mlp:16-8-3"], out, temperatures=[1, 4], chunk_rows=CHUNK,
+                   random_teacher=True)
     assert not any(t.name == "softlabels-writer" for t in threading.enumerate())
     with open_store(out, "r") as store:
         assert store.get_meta()["status"] == "writing"
         done = store.read(S.BLOCK_DONE)
         assert int(done.sum()) == 2 and len(done) == 7  # two blocks landed, then the failure
     monkeypatch.setattr(stage.TransferSetWriter, "write_block", write_block)
-    precompute(npz_data, ["mlp:16-8-3"], out, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], out, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", "0")
     fresh = tmp_path / f"fresh.{suffix}"
-    precompute(npz_data, ["mlp:16-8-3"], fresh, temperatures=[1, 4], chunk_rows=CHUNK)
+    precompute(npz_data, ["mlp:16-8-3"], fresh, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
     resumed, want = _arrays(out), _arrays(fresh)
     for name in want:
         np.testing.assert_array_equal(resumed[name], want[name], err_msg=name)
@@ -112,7 +115,7 @@ def test_a_kill_while_the_thread_writes_leaves_a_set_that_resumes(npz_data: str,
     """SIGKILL after the second block written by the writer thread, then the same command."""
     out = tmp_path / "s.zarr"
     args = ["precompute", "--data", npz_data, "--teacher", "mlp:16-8-3", "--out", str(out),
-            "--temperatures", "1,4", "--chunk-rows", str(CHUNK)]
+            "--temperatures", "1,4", "--chunk-rows", str(CHUNK), "--random-teacher"]
     env = {"SOFTLABELS_WRITER_THREAD": "1", "PYTHONPATH": str(HERE.parent)}
     killed = subprocess.run(
         [sys.executable, str(HERE / "faultpoints.py"),

@@ -32,7 +32,7 @@ def test_xarray_opens_a_set_with_named_dimensions_and_zarr_values(
         tmp_path: Path, npz_data: str, zipped: bool) -> None:
     path = tmp_path / "set.zarr"
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4, 20],
-               chunk_rows=CHUNK, keep_members=True, views=2, augment="hflip")
+               chunk_rows=CHUNK, keep_members=True, views=2, augment="hflip", random_teacher=True)
     if zipped:
         convert(path, tmp_path / "set.zarr.zip")
         path = tmp_path / "set.zarr.zip"
@@ -54,7 +54,8 @@ def test_xarray_opens_the_group_of_a_sparse_set(tmp_path: Path, npz_data: str, k
                                                 opts: dict[str, int],
                                                 want: dict[str, tuple[str, ...]]) -> None:
     path = tmp_path / "sparse.zarr"
-    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK, **opts)
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK, **opts,
+               random_teacher=True)
     ds = xr.open_zarr(path, group=kind, consolidated=False)
     assert {n: ds[n].dims for n in ds.data_vars} == want
     group = zarr.open_group(path, mode="r")
@@ -64,8 +65,8 @@ def test_xarray_opens_the_group_of_a_sparse_set(tmp_path: Path, npz_data: str, k
 
 def test_inputs_and_hdf5_arrays_carry_dimension_names(tmp_path: Path, npz_data: str) -> None:
     common = dict(temperatures=[1, 4], chunk_rows=CHUNK, store_inputs=True)
-    precompute(npz_data, ["mlp:16-8-3"], tmp_path / "s.zarr", **common)
-    precompute(npz_data, ["mlp:16-8-3"], tmp_path / "s.h5", **common)
+    precompute(npz_data, ["mlp:16-8-3"], tmp_path / "s.zarr", **common, random_teacher=True)
+    precompute(npz_data, ["mlp:16-8-3"], tmp_path / "s.h5", **common, random_teacher=True)
     ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
     assert ds["inputs"].dims == ("rows", "input_1", "input_2", "input_3")
     with h5py.File(tmp_path / "s.h5", "r") as f:
@@ -80,9 +81,9 @@ def test_tensorstore_reads_every_array_bit_for_bit_with_its_dimension_names(
 
     path = tmp_path / "set.zarr"
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4],
-               chunk_rows=CHUNK, keep_members=True, views=2, augment="hflip")
+               chunk_rows=CHUNK, keep_members=True, views=2, augment="hflip", random_teacher=True)
     precompute(npz_data, ["mlp:16-8-3"], tmp_path / "topk.zarr", temperatures=[1, 4],
-               chunk_rows=CHUNK, topk=2)
+               chunk_rows=CHUNK, topk=2, random_teacher=True)
     for root, names in ((path, DENSE), (tmp_path / "topk.zarr",
                                         {f"topk/{n}": d for n, d in TOPK.items()})):
         group = zarr.open_group(root, mode="r")

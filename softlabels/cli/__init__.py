@@ -79,10 +79,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import precompute, run, sets, train
+    from . import interchange, precompute, run, sets, train
 
     for command in (precompute.precompute, sets.info, sets.verify, sets.merge, sets.subset,
-                    sets.convert, sets.report, train.train, train.evaluate, run.run_cmd):
+                    sets.convert, sets.report, train.train, train.evaluate, run.run_cmd,
+                    interchange.export_cmd, interchange.import_cmd):
         cli.add_command(command)
 
 

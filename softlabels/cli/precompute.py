@@ -52,6 +52,9 @@ from ._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
               help="Spread blocks over a local Dask cluster of N single-threaded processes.")
 @click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+@click.option("--random-teacher", is_flag=True,
+              help="Accept a teacher with no trained weights (an architecture spec without a "
+                   "weights file); otherwise refused, its targets being noise.")
 def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
                workers: int | None, scheduler: str | None, **flags: object) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""

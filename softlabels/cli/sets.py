@@ -9,6 +9,7 @@ import click
 
 from ..errors import SoftlabelsError
 from ..format.schema import COMBINE_CHOICES
+from ..preprocessing import describe
 from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, progress_bar, provenance_lines
 
 
@@ -42,10 +43,12 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
         f"format v{summary['format_version']}, {summary['status']})",
         _size_line(summary),
         f"teacher ({teacher['combine']}):",
-        *[f"  {m.get('source', m['spec'])}  ({m['spec']})  sha256 {m['sha256'][:16]}…"
-          for m in teacher["members"]],
+        *[line for m in teacher["members"] for line in _member_lines(m)],
+        *([f"  preprocessing applied: {describe(teacher['preprocess'])}"]
+          if teacher.get("preprocess") else []),
         f"dataset {summary['dataset']['spec']}  fingerprint "
         f"{summary['dataset']['fingerprint'][:16]}…",
+        *_tokenizer_lines(summary["dataset"]),
         f"made {summary.get('created_at')} on {summary.get('device')} ({summary.get('precision')}),"
         f" " + ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()),
         *provenance_lines(summary.get("provenance") or {}),
@@ -71,6 +74,17 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
                 lines.append(f"{'mean token probability' if seq else 'class mass'} at T={t}: "
                              + " ".join(f"{m:.3f}" for m in mass))
     echo("\n".join(lines))
+
+
+def _member_lines(member: dict[str, Any]) -> list[str]:
+    """A teacher member: what was named, its state-dict hash, its weights files' SHA-256."""
+    return [f"  {member.get('source', member['spec'])}  ({member['spec']})  sha256 "
+            f"{member['sha256'][:16]}…" + ("  (untrained: random initialisation)"
+                                         if member.get("untrained") else ""),
+            *([f"    weights entry {member['weights_entry']}"]
+              if member.get("weights_entry") else []),
+            *[f"    weights file {f.get('file')}  sha256 {f.get('sha256')}"
+              for f in member.get("weights_sha256") or [] if isinstance(f, dict)]]
 
 
 def _size_line(summary: dict[str, Any]) -> str:
@@ -186,3 +200,16 @@ def report(transfer_set: str, out: str) -> None:
 
     transfer_set_report(transfer_set, out)
     echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")
+
+
+def _tokenizer_lines(dataset: dict) -> list[str]:
+    """The tokenizer (text: data) and windows a set's dataset records."""
+    lines = []
+    if isinstance(dataset.get("tokenizer"), dict):
+        tok = dataset["tokenizer"]
+        lines.append(f"  tokenizer {tok.get('path')}  sha256 {str(tok.get('sha256'))[:16]}…")
+    if isinstance(dataset.get("windows"), dict):
+        w = dataset["windows"]
+        lines.append(f"  windows of {w.get('max_length')} tokens sharing {w.get('stride')} "
+                     f"({w.get('sequences_cut')} of {w.get('source_sequences')} sequences cut)")
+    return lines

@@ -323,7 +323,8 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
             return {S.MEMBER_LOGITS: z.numpy(), S.LOGITS: combine_logits(z, combine).numpy(),
                     S.PROBS: ensemble_probs(z, temps, combine).numpy(), **rows}
 
-        meta = {**first.meta, "teacher": {"members": members, "combine": combine},
+        applied = {k: v for k, v in first.meta["teacher"].items() if k == "preprocess"}
+        meta = {**first.meta, "teacher": {"members": members, "combine": combine, **applied},
                 "provenance": {"merged_from": [_source(ts) for ts in sets]}}
         return _write(out, layout, meta, arrays, progress)
     finally:
