@@ -83,7 +83,8 @@ def _probe_scheduler(address: str, seconds: float) -> None:
     from distributed.comm import connect
 
     async def probe() -> None:
-        comm = await asyncio.wait_for(connect(address, timeout=seconds), seconds)
+        # dask's own connect timeout (refused, unreachable) speaks first; ours ends the rest
+        comm = await asyncio.wait_for(connect(address, timeout=seconds), seconds + 1)
         await comm.close()
 
     try:

@@ -74,7 +74,8 @@ def test_an_output_naming_a_whole_bucket_is_one_line_before_any_work(tmp_path: P
     from conftest import make_npz
 
     data = make_npz(tmp_path / "d.npz", n=10)
-    for args in (["precompute", "--data", data, "--teacher", "mlp:16-3", "--out", out],
+    for args in (["precompute", "--random-teacher", "--data", data, "--teacher", "mlp:16-3",
+                  "--out", out],
                  ["train", "--data", data, "--model", "mlp:16-3", "--out", out]):
         code, text = run(*args)
         assert code != 0 and "names a whole bucket" in text and "/NAME.zarr" in text, text

@@ -103,7 +103,7 @@ def test_digests_follow_the_content(tmp_path: Path) -> None:
 def source(tmp_path: Path) -> Path:
     data = make_npz(tmp_path / "d.npz")
     src = tmp_path / "s.zarr"
-    precompute(data, ["mlp:16-8-3"], src, temperatures=[2.0], chunk_rows=16)
+    precompute(data, ["mlp:16-8-3"], src, temperatures=[2.0], chunk_rows=16, random_teacher=True)
     return src
 
 

@@ -30,7 +30,8 @@ def data(tmp_path: Path) -> str:
 
 def _made(tmp_path: Path, data: str, **kwargs: object) -> Path:
     path = tmp_path / "set.zarr"
-    precompute(data, ["mlp:16-9-6"], path, temperatures=[1.0, 4.0], chunk_rows=16, **kwargs)
+    precompute(data, ["mlp:16-9-6"], path, temperatures=[1.0, 4.0], chunk_rows=16,
+               random_teacher=True, **kwargs)
     return path
 
 

@@ -55,7 +55,7 @@ def served_set(tmp_path: Path) -> tuple[str, str]:
     root = tmp_path / "www"
     root.mkdir()
     data = make_npz(tmp_path / "d.npz", n=30)
-    precompute(data, ["mlp:16-3"], root / "set.zarr", temperatures=[2.0])
+    precompute(data, ["mlp:16-3"], root / "set.zarr", temperatures=[2.0], random_teacher=True)
     return str(root), data
 
 

@@ -49,7 +49,7 @@ def _report(tmp: Path, at: str) -> Callable[[], None]:
     from softlabels.report import transfer_set_report
 
     data = make_npz(tmp / "d.npz")
-    precompute(data, ["mlp:16-3"], tmp / "s.zarr", temperatures=[1.0, 4.0])
+    precompute(data, ["mlp:16-3"], tmp / "s.zarr", temperatures=[1.0, 4.0], random_teacher=True)
     plant(tmp / "rep" / at, tmp / "victim")
     return lambda: transfer_set_report(tmp / "s.zarr", tmp / "rep")
 

@@ -44,7 +44,7 @@ def test_a_small_set_claiming_1e8_rows_is_refused_before_any_allocation(
         tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     path = tmp_path / "s.zarr"
-    precompute(data, ["mlp:16-3"], path, temperatures=[2.0])
+    precompute(data, ["mlp:16-3"], path, temperatures=[2.0], random_teacher=True)
     _claim_rows(path, CLAIMED)
     with pytest.raises(IntegrityError, match=f"declares {CLAIMED} rows .* stores only"):
         open_transfer_set(path)
@@ -58,7 +58,7 @@ def test_a_small_set_claiming_1e8_rows_is_refused_before_any_allocation(
 def test_an_honest_set_is_not_measured_below_the_threshold(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz", n=40)
     path = tmp_path / "s.zarr"
-    precompute(data, ["mlp:16-3"], path, temperatures=[2.0])
+    precompute(data, ["mlp:16-3"], path, temperatures=[2.0], random_teacher=True)
     with open_transfer_set(path) as ts:
         assert ts.num_rows == 40
 
@@ -93,7 +93,8 @@ def test_a_zip_member_inflating_past_its_array_is_refused_before_decompression(
     from softlabels.format.operations import convert
 
     data = make_npz(tmp_path / "d.npz", n=40)
-    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr", temperatures=[2.0], chunk_rows=16)
+    precompute(data, ["mlp:16-3"], tmp_path / "s.zarr", temperatures=[2.0], chunk_rows=16,
+               random_teacher=True)
     packed = tmp_path / "s.zarr.zip"
     convert(tmp_path / "s.zarr", packed)
     bomb = tmp_path / "bomb.zarr.zip"

@@ -30,7 +30,8 @@ cli()
 def one_block(tmp_path: Path) -> tuple[str, Path]:
     data = make_npz(tmp_path / "d.npz", n=30)
     ts = tmp_path / "t.zarr"
-    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], device="cpu")  # default chunking
+    precompute(data, ["mlp:16-8-3"], ts, temperatures=[2], device="cpu",
+               random_teacher=True)  # default chunking: one block
     return data, ts
 
 
