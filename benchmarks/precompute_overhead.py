@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from softlabels.precompute import collate, precompute
+from softlabels.fetch import collate
+from softlabels.precompute import precompute
 from softlabels.teacher import Teacher
 
 

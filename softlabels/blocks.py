@@ -39,6 +39,8 @@ def block_targets(ts: TransferSet, arrays: dict[str, np.ndarray],
             z, lse = arrays[S.TOPK_LOGITS], arrays[S.TOPK_LOGSUMEXP][:, k:k + 1]
             return [arrays[S.TOPK_INDICES].astype(np.int64),
                     np.exp(z / temperature - lse).astype(np.float32, copy=False)]
+        if ts.layout.hybrid:  # [classes, weights, log p_T]
+            return ts.layout.hybrid.decode(arrays, temperature, k, ts.temperatures[0])
         idx = arrays[S.SAMPLE_INDICES].astype(np.int64)
         return [idx, np.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=np.float32)]
     if k is not None:
@@ -50,6 +52,8 @@ def needed_arrays(ts: TransferSet, temperature: float) -> list[str]:
     """The arrays stage two serves from: labels, index, the targets (probs when T was stored,
     else logits; a sparse set's top-k or samples) and, in a view set, the view seeds."""
     extra = [S.VIEW_SEED] if ts.has(S.VIEW_SEED) else []
+    if ts.layout.hybrid:
+        return [S.LABELS, S.INDEX, *extra, *ts.layout.hybrid.names()]
     if ts.sparse:
         return [S.LABELS, S.INDEX, *extra, *((S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP)
                                              if ts.sparse["kind"] == "topk"

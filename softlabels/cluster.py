@@ -26,7 +26,7 @@ import numpy as np
 
 from ._version import __version__
 from .cluster_tasks import SHARED, check_worker, compute_blocks, set_token
-from .errors import SoftlabelsError
+from .errors import OptionError, SoftlabelsError
 from .format import schema as S
 from .format._store import backend_of, open_store
 from .format.aside import remove_set
@@ -154,6 +154,9 @@ def precompute_on_cluster(
                               "each worker can load")
     if workers is not None and workers <= 0:
         raise SoftlabelsError(f"--workers must be positive, got {workers}")
+    if opts.skip_bad_images or opts.decode_device != "cpu":
+        raise OptionError("--skip-bad-images and --decode-device run in a single process; "
+                          "drop them, or drop --workers/--scheduler")
     check_output_file(out, directory_ok=True)  # before loading data and teacher
     refuse_if_busy(out)
     target = Remote(out).url if is_url(out) else os.path.abspath(out)

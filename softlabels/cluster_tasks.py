@@ -20,6 +20,7 @@ from .errors import MismatchError, SoftlabelsError, TransferSetError
 from .format.layout import Layout
 from .format.location import Remote, is_url
 from .format.writer import BlockWriter
+from .images import model_inputs
 from .precompute import dataset_probe, run_blocks
 from .sequence_precompute import write_window
 from .specs import load_data
@@ -49,6 +50,7 @@ def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: 
         teacher = Teacher(list(teachers), device=device, precision=precision, combine=combine,
                           trust_code=trust_code)
         dataset, _ = teacher_inputs(dataset, teacher.preprocess())  # as on the driver
+        dataset = model_inputs(dataset)  # raw images no preprocessing took: as on the driver
         if expect is not None:
             probe, weights = expect
             if dataset_probe(dataset) != probe:

@@ -32,7 +32,8 @@ from .format._store import backend_of
 from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows
-from .specs import NpzDataset, load_data, split_item
+from .images import model_inputs
+from .specs import NpzDataset, example_hash, load_data, split_item
 from .teacher_inputs import replay_inputs
 from .views import build_augment, replay
 
@@ -45,7 +46,7 @@ URL_READS = 8  # blocks a stream reads at once from a URL
 def _open(data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSet,
           ) -> tuple[Dataset, TransferSet]:
     ts = transfer_set if isinstance(transfer_set, TransferSet) else open_transfer_set(transfer_set)
-    return (load_data(data) if isinstance(data, str) else data), ts
+    return model_inputs(load_data(data) if isinstance(data, str) else data), ts
 
 
 def check_length(data: Dataset, ts: TransferSet) -> None:
@@ -74,8 +75,7 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
     if len(outside):  # a value no writer stores: read_block names its block
         ts.read_block(int(outside[0]) // ts.layout.block_rows, [S.INDEX])
     for r in rows:
-        x, _ = split_item(data[int(index[r])])
-        if S.sample_hash(x.numpy()) != int(hashes[r]):  # damage in the set is named first
+        if example_hash(data, int(index[r])) != int(hashes[r]):  # damage in the set is named first
             ts.read_block(int(r) // ts.layout.block_rows, [S.INDEX, S.SAMPLE_HASH])
             raise MismatchError(
                 f"row {int(r)} of {ts.path} (dataset index {int(index[r])}) does not match the "
@@ -145,13 +145,14 @@ class SoftTargetDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        """(input, label, target at T); for a sparse set (input, label, classes, weights).
+        """(input, label, target at T); for a sparse set (input, label, classes, weights), and
+        a hybrid set's log p_T last.
         In a view set the input is the row's replayed view."""
         x, _ = split_item(self.data[int(self.data_index[i])])
         if self.transform is not None:
             x = replay(self.transform, x, int(self.view_seeds[i]))
-        if isinstance(self.targets, tuple):
-            return x, int(self.labels[i]), self.targets[0][i], self.targets[1][i]
+        if isinstance(self.targets, tuple):  # classes, weights (and a hybrid's log p)
+            return (x, int(self.labels[i]), *(t[i] for t in self.targets))
         return x, int(self.labels[i]), self.targets[i]
 
 

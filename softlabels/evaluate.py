@@ -18,6 +18,7 @@ from .datasets import check_alignment
 from .errors import OptionError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
+from .images import model_inputs
 from .metrics import (
     accuracy_report,
     expected_calibration_error,
@@ -81,7 +82,7 @@ def evaluate(
             _refuse_sequence_set(ts)
         dev = resolve_device(device)
         net = _finite(model, trust_code)
-        dataset = load_data(data) if isinstance(data, str) else data
+        dataset = model_inputs(load_data(data) if isinstance(data, str) else data)
         x, y = inputs if inputs is not None else materialize(dataset)
         check_outputs(net, x[:1].to(dev), None, y,
                       sequence_hint="is evaluated on token sequences: pass tokens:... DATA")
@@ -112,7 +113,7 @@ def _teacher_at_1(ts: TransferSet) -> tuple[np.ndarray, torch.Tensor]:
         arrays = ts.read_block(block, names, temperature=1.0 if stored else None)
         targets = block_targets(ts, arrays, 1.0)
         index.append(arrays[S.INDEX])
-        probs.append(targets[0] if len(targets) == 1 else ts.densify(*targets))
+        probs.append(targets[0] if len(targets) == 1 else ts.densify(*targets[:2]))
     return np.concatenate(index), torch.from_numpy(np.concatenate(probs))
 
 

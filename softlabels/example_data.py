@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import DataError, SpecError
+from .format.schema import sample_hash
 
 
 class NpzDataset(Dataset):
@@ -48,6 +49,19 @@ class NpzDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.x[i], int(self.y[i])
+
+    def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items `rows` at once: inputs (B, ...) and int64 labels (B,), one indexing operation
+        each (a slice where the rows are consecutive), what `dataset[i]` gives row by row."""
+        return batch_of(self.x, rows), batch_of(self.y, rows)
+
+
+def batch_of(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """t[rows] along the first axis: a view for consecutive rows, else one gather."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows) and (
+            len(rows) < 3 or bool((np.diff(rows) == 1).all())):
+        return t[int(rows[0]):int(rows[-1]) + 1]
+    return t[torch.as_tensor(np.asarray(rows, dtype=np.int64))]
 
 
 def check_labels(y: np.ndarray, *, where: str, num_classes: int | None = None) -> np.ndarray:
@@ -130,3 +144,21 @@ def split_item(item: Any) -> tuple[torch.Tensor, int]:
         raise DataError(f"label {y!r} is not a whole number; labels are class numbers 0..C-1, "
                         "or -1 for unknown")
     return torch.as_tensor(x), label
+
+
+def hashed_item(data: Dataset, i: int) -> tuple[torch.Tensor, int, int]:
+    """(input, label, sample hash) of example i. A dataset may define its own `hashed_item`
+    (image sources hash the encoded file, whatever transform they apply); otherwise the hash
+    covers the input tensor's bytes."""
+    own = getattr(data, "hashed_item", None)
+    if own is not None:
+        return own(i)
+    x, y = split_item(data[i])
+    return x, y, sample_hash(x.numpy())
+
+
+def example_hash(data: Dataset, i: int) -> int:
+    """The sample hash of example i (see `hashed_item`), without decoding where the dataset
+    can hash its stored bytes (`example_hash`)."""
+    own = getattr(data, "example_hash", None)
+    return own(i) if own is not None else hashed_item(data, i)[2]

@@ -156,6 +156,10 @@ def export_batches(ts: TransferSet, temperature: float = 1.0, topk: int | None =
                               "writes sequence sets, whose rows are token positions (read an "
                               "example set with zarr or h5py: docs/FORMAT.md)")
     kind, k = check_temperature_servable(ts, temperature)
+    if kind == "hybrid":  # its tail's importance weights have no column in the export
+        raise OptionError(f"{ts.path} is a hybrid set (nucleus head and sampled tail, "
+                          "docs/SPARSE.md): its tail weights have no column in the export; "
+                          "export a --topk or --sample-k set of the same data")
     if kind == "dense" and not (topk and 0 < topk <= ts.num_classes):
         raise OptionError(f"{ts.path} is dense ({ts.num_classes} classes): pass --topk K "
                           f"(1..{ts.num_classes}) to export its K most probable classes")

@@ -82,43 +82,84 @@ def logit_matching_loss(student_logits: torch.Tensor,
     return 0.5 * ((z - v) ** 2).mean()
 
 
+# How the mass outside a top-k target's k classes enters the loss (`sparse_kd_loss`).
+TOPK_CONVENTIONS = ("residual", "zero")
+TOPK_CONVENTION_HELP = (
+    "residual (default): the teacher's mass outside its k classes is one more bucket, matched "
+    "against the student's mass outside them (KL over k + 1 buckets); zero (DistillKit's "
+    "default): the k probabilities renormalised to 1, the rest taken as 0, against the "
+    "student's full softmax. zero pushes the student's mass outside the k classes to 0, and "
+    "its loss is larger where the k classes hold less of the mass (high T).")
+# Every convention: the two top-k ones, and the unbiased estimate of sampled and hybrid targets.
+CONVENTIONS = (*TOPK_CONVENTIONS, "estimate")
+
+
 def sparse_kd_loss(
     student_logits: torch.Tensor,
     classes: torch.Tensor,
     weights: torch.Tensor,
+    log_p: torch.Tensor | None = None,
     *,
     temperature: float,
     labels: torch.Tensor | None = None,
     alpha: float = 0.9,
-    residual: bool = True,
+    convention: str = "residual",
 ) -> torch.Tensor:
     """Hinton KD against sparse teacher targets: `classes` (B, k) with `weights` (B, k).
 
-    Top-k (`residual=True`): the k teacher probabilities are exact and the remaining mass
-    1 - sum(w) forms one more bucket, matched against the student's mass outside those k
-    classes — KL over k + 1 buckets:
-        T^2 * [ sum_j w_j log(w_j / q_j) + r log(r / (1 - sum_j q_j)) ].
-    Top-k targets are biased: they ignore how the residual mass is spread (Anshumann et al.,
-    "Sparse Logit Sampling", ACL 2025).
-    Sampled (`residual=False`): k classes drawn from p_T, each weighing 1/k; then
-    T^2 * sum_j w_j (log p_hat_j - log q_j) is an unbiased estimate of the dense KL's gradient.
-    The hard term is as in `kd_loss`.
+    With q = softmax(s / T) the student and w the weights, the soft term per row is
+    (T^2 times, averaged over rows):
+
+    * top-k, `convention="residual"` (the default): w are the k exact teacher probabilities
+      and r = 1 - sum(w) the mass outside them, one more bucket matched against the student's
+      mass outside the k classes, a KL over k + 1 buckets:
+          sum_j w_j log(w_j / q_j) + r log(r / (1 - sum_j q_j)).
+      (DistillKit's "symmetric_uniform": the rest spread alike over the other classes in
+      teacher and student, which gives the same value for probabilities stored at T.)
+    * top-k, `convention="zero"` (DistillKit's default, `missing_probability_handling: zero`):
+      the k probabilities renormalised, p~_j = w_j / sum(w), the other classes taken as 0:
+          sum_j p~_j log(p~_j / q_j),
+      with q the student's full softmax (not renormalised over the k classes). Its gradient,
+      T (q - p~), pushes the student's mass outside the k classes to 0.
+    * `convention="estimate"` (sampled and hybrid targets): an unbiased estimate of
+      KL(p_T || q), sum_j w_j (log p_j - log q_j), where w are importance weights whose
+      expectation is p_T (1/k per draw for sampled classes; the head's exact probabilities and
+      the tail draws' weights for a hybrid, format/targets.py) and `log_p` the teacher's
+      log-probabilities of the classes (for sampled classes, None: estimated by each class's
+      frequency among its row's draws). The gradient, T (sum_j w_j q - w), has expectation
+      T (q - p_T): the dense KL's.
+
+    Columns of weight 0 (a hybrid head's padding) add nothing. Top-k targets are biased either
+    way: they ignore how the residual mass is spread (Anshumann et al., "Sparse Logit
+    Sampling", ACL 2025). The hard term is as in `kd_loss`.
     """
     _check(temperature, alpha)
+    if convention not in CONVENTIONS:
+        raise SoftlabelsError(f"the sparse loss convention must be one of {CONVENTIONS}, got "
+                              f"{convention!r}")
     log_q = tempered_log_softmax(student_logits, temperature)
     log_q_sel = log_q.gather(1, classes)
     w = at_least_float32(weights)
-    if residual:
+    if convention == "residual":
         r = (1 - w.sum(-1)).clamp_min(0)
         q_rest = (1 - log_q_sel.exp().sum(-1)).clamp_min(1e-12)
         soft = (torch.xlogy(w, w) - w * log_q_sel).sum(-1) + torch.xlogy(r, r) - r * q_rest.log()
+    elif convention == "zero":
+        p = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+        soft = (torch.xlogy(p, p) - p * log_q_sel).sum(-1)
     else:
-        # p_hat of each drawn class: its frequency among the k draws of its row
-        p_hat = (classes[:, :, None] == classes[:, None, :]).float().mean(-1)
-        soft = (w * (p_hat.log() - log_q_sel)).sum(-1)
+        if log_p is None:  # sampled: p_hat of each drawn class, its frequency among the draws
+            log_p = (classes[:, :, None] == classes[:, None, :]).float().mean(-1).log()
+        soft = (w * (at_least_float32(log_p) - log_q_sel)).sum(-1)
     soft = temperature**2 * soft.mean()
     if labels is None:
         return soft
     hard = F.cross_entropy(at_least_float32(student_logits), labels, ignore_index=-1,
                            reduction="sum") / len(labels)
     return alpha * soft + (1 - alpha) * hard
+
+
+def target_convention(kind: str, topk_loss: str = "residual") -> str:
+    """The `sparse_kd_loss` convention of a set's target kind: top-k sets take the chosen
+    `topk_loss`; sampled and hybrid targets are unbiased estimates."""
+    return topk_loss if kind == "topk" else "estimate"

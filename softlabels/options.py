@@ -18,6 +18,8 @@ import numpy as np
 
 from .errors import OptionError
 from .format.schema import COMBINE_CHOICES, DTYPE_CHOICES
+from .format.targets import QUANTIZE_CHOICES, Hybrid
+from .losses import TOPK_CONVENTIONS
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 OPTIMIZER_CHOICES = ("adam", "sgd")
@@ -83,6 +85,21 @@ class _Options:
         return {f.name for f in fields(cls)}  # type: ignore[arg-type]
 
 
+def check_decode_device(device: str) -> None:
+    """`--decode-device`: cpu (DataLoader workers) or cuda[:N], refused in one line where no
+    CUDA device is visible."""
+    if not isinstance(device, str) or not (device in ("cpu", "cuda")
+                                           or device.startswith("cuda:")):
+        raise OptionError(f"--decode-device must be cpu or cuda[:N], got {device!r}")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OptionError(f"--decode-device {device} needs a CUDA device and none is visible "
+                              "here (torch.cuda.is_available() is False); use --decode-device "
+                              "cpu, which decodes in the DataLoader workers (--num-workers)")
+
+
 @dataclass(frozen=True)
 class PrecomputeOptions(_Options):
     """How `precompute` runs the teacher and lays out the set (see `softlabels precompute`)."""
@@ -96,6 +113,9 @@ class PrecomputeOptions(_Options):
     store_inputs: bool = False
     topk: int = 0
     sample_k: int = 0
+    nucleus: float = 0.0  # > 0: a hybrid set, head covering this mass, capped at topk
+    tail: int = 0  # hybrid: tail classes drawn from the rest of each row's mass
+    quantize: int = 0  # hybrid: 8 stores 8-bit values with a per-row step
     views: int = 0
     augment: str | None = None
     view_seed: int = 0
@@ -106,6 +126,8 @@ class PrecomputeOptions(_Options):
     num_workers: int = 0  # DataLoader worker processes
     trust_code: bool = False  # build python: specs found inside checkpoints
     random_teacher: bool = False  # accept a teacher with no trained weights (init only)
+    decode_device: str = "cpu"  # where image sources' JPEGs are decoded (cpu: in the workers)
+    skip_bad_images: bool = False  # leave undecodable images out, listed in the set's metadata
 
     def __post_init__(self) -> None:
         temps = self.temperatures
@@ -130,6 +152,7 @@ class PrecomputeOptions(_Options):
             _check_int(self.shard_rows, "--shard-rows", minimum=1)
         if self.topk and self.sample_k:
             raise OptionError("--topk and --sample-k are two sparse layouts: choose one, not both")
+        self._check_hybrid()
         if self.topk and self.combine == "mean-probs":
             raise OptionError("--topk stores logits and their normalisers, exact under "
                               "mean-logits only; use --combine mean-logits or --sample-k")
@@ -141,10 +164,37 @@ class PrecomputeOptions(_Options):
                               "drop --store-inputs and keep the DATA")
         if not isinstance(self.device, str) or not self.device:
             raise OptionError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_decode_device(self.decode_device)
+
+    def _check_hybrid(self) -> None:
+        _check_int(self.tail, "--tail", minimum=0)
+        _check_int(self.quantize, "--quantize", minimum=0)
+        if self.nucleus == 0 and not (self.tail or self.quantize):
+            return
+        if not self.nucleus:
+            raise OptionError("--tail and --quantize make a hybrid set: give --nucleus P too "
+                              "(P = 1 keeps a plain top-K head)")
+        _check_number(self.nucleus, "--nucleus", low=0, high=1, low_open=True)
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise OptionError(f"--quantize must be 0 (off) or 8 (bits), got {self.quantize}")
+        if not self.topk or self.sample_k:
+            raise OptionError("--nucleus needs --topk K, the head's cap and width, and no "
+                              "--sample-k (the tail is the hybrid's own sample)")
+        if self.combine == "mean-probs":
+            raise OptionError("--nucleus stores logits and their normalisers, exact under "
+                              "mean-logits only; use --combine mean-logits")
+
+    def sparse_args(self) -> dict[str, Any]:
+        """The Layout fields of the chosen target kind: topk, sample_k and hybrid."""
+        if not self.nucleus:
+            return {"topk": self.topk, "sample_k": self.sample_k, "hybrid": None}
+        return {"topk": 0, "sample_k": 0, "hybrid": Hybrid(
+            k=self.topk, nucleus=float(self.nucleus), tail=self.tail, quantize=self.quantize)}
 
     def layout_args(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()
-                if k not in ("num_workers", "trust_code", "random_teacher")}
+                if k not in ("num_workers", "trust_code", "random_teacher", "decode_device",
+                             "skip_bad_images")}
 
 
 @dataclass(frozen=True)
@@ -167,9 +217,11 @@ class TrainOptions(_Options):
     device: str = "auto"
     distributed: bool = False
     views_per_epoch: int = 1
+    topk_loss: str = "residual"  # how a top-k set's missing mass enters the loss (losses.py)
     trust_code: bool = False  # build python: specs found inside checkpoints and sets
 
     def __post_init__(self) -> None:
+        check_choice(self.topk_loss, TOPK_CONVENTIONS, "--topk-loss")
         if self.temperature is not None:
             object.__setattr__(self, "temperature", check_temperature(self.temperature))
         if self.alpha is not None:

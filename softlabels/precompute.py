@@ -21,17 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ._version import __version__
-from .errors import DataError, OptionError, TeacherOutputError
+from .errors import DataError, OptionError, SoftlabelsError, TeacherOutputError
+from .fetch import RowBatches, as_is
 from .format import schema as S
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
 from .format.writer import BlockWriter, TransferSetWriter
+from .images import decode_batch, keep_decodable, model_inputs
 from .options import PrecomputeOptions, check_output_file
+from .preprocessing import Preprocess
 from .progress import Progress
-from .specs import check_labels, class_names, load_data, split_item
+from .specs import check_labels, class_names, example_hash, load_data, split_item
 from .teacher import Teacher
 from .teacher_inputs import teacher_inputs
 from .tokens import is_sequence_data
@@ -50,22 +53,10 @@ class PrecomputeResult:
     meta: dict[str, Any] = field(repr=False)
 
 
-def collate(items: Sequence[Any]) -> tuple[Any, ...]:
-    """Stack (input, label) items; a dataset without labels gets -1. View rows
-    (input, label, hash, seed) keep their hashes and seeds as uint64 numpy arrays."""
-    if isinstance(items[0], tuple) and len(items[0]) == 4:
-        xs, ys, hashes, seeds = zip(*items)
-        return (torch.stack(xs), torch.tensor(ys), np.array(hashes, dtype=np.uint64),
-                np.array(seeds, dtype=np.uint64))
-    pairs = [split_item(item) for item in items]
-    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
-
-
 def dataset_probe(data: Dataset, n: int = 16) -> str:
     """A cheap identity of a dataset: the hashes of up to n evenly spaced examples."""
     picks = np.unique(np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(int))
-    hashes = np.array([S.sample_hash(split_item(data[int(i)])[0].numpy()) for i in picks],
-                      dtype=np.uint64)
+    hashes = np.array([example_hash(data, int(i)) for i in picks], dtype=np.uint64)
     return S.fingerprint(hashes)[:32]
 
 
@@ -80,11 +71,46 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+PEAK, MEMBER_PEAK = "peak", "member_peak"  # device outputs the writer checks, never stored
+HOST_LOGITS, HOST_PROBS = "host_logits", "host_probs"  # float32, for codecs run on the host
+
+
+@torch.inference_mode()
+def device_outputs(layout: Layout, members: torch.Tensor, logits: torch.Tensor,
+                   probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the writer needs of one batch, computed where the teacher ran, so that only what is
+    stored crosses to the host: the rows' largest |logit| (B,) (NaN, inf and the storage
+    dtype's range are checked from it), dense arrays already in their storage dtype, top-k
+    classes with their per-T normalisers, and the float32 logits (B, C) and probs (K, B, C)
+    only where a host-side codec draws from them (sampled classes)."""
+    arrays = layout.arrays()
+    out = {PEAK: _peak(logits, (1,))}  # NaN and inf show in the row's peak
+    if S.MEMBER_LOGITS in arrays:
+        out[MEMBER_PEAK] = _peak(members, (0, 2))
+    if S.LOGITS in arrays:
+        dense = {S.LOGITS: logits, S.PROBS: probs, S.MEMBER_LOGITS: members}
+        return out | {name: t.to(getattr(torch, arrays[name][1]))
+                      for name, t in dense.items() if name in arrays}
+    if layout.topk:
+        top = torch.topk(logits, layout.topk, dim=-1)
+        lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in layout.temperatures], -1)
+        return out | {S.TOPK_INDICES: top.indices.int(), S.TOPK_LOGITS: top.values,
+                      S.TOPK_LOGSUMEXP: lse}
+    return out | {HOST_LOGITS: logits, HOST_PROBS: probs}
+
+
+def _peak(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """|t|'s largest value over `dims`, as max(max t, -min t): two reading passes, no |t|
+    temporary; NaN propagates through both."""
+    return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
+
+
 class _BlockAssembler:
     """Writer-thread side: gathers batches into whole blocks and writes each once it is full."""
 
-    def __init__(self, writer: TransferSetWriter, rows: np.ndarray) -> None:
-        self.writer, self.rows, self.pos = writer, rows, 0
+    def __init__(self, writer: TransferSetWriter, rows: np.ndarray,
+                 kept: np.ndarray | None = None) -> None:
+        self.writer, self.rows, self.pos, self.kept = writer, rows, 0, kept
         self.lay = writer.layout
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.filled: dict[int, int] = {}
@@ -102,13 +128,9 @@ class _BlockAssembler:
 
     def _sparse(self, rows: np.ndarray, logits: torch.Tensor,
                 probs: torch.Tensor) -> dict[str, np.ndarray]:
-        """Top-k classes with the per-T normalisers, or k classes drawn from each p_T."""
+        """Targets drawn on the host: k classes drawn from each p_T (top-k is computed on the
+        teacher's device, `device_outputs`)."""
         lay = self.lay
-        if lay.topk:
-            top = torch.topk(logits, lay.topk, dim=-1)
-            lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in lay.temperatures], -1)
-            return {S.TOPK_INDICES: top.indices.int().numpy(),
-                    S.TOPK_LOGITS: top.values.numpy(), S.TOPK_LOGSUMEXP: lse.numpy()}
         if lay.sample_k:
             # Seeded by the batch's first row: blocks are cut into the same batches on every
             # run (block_batches), so a resumed or distributed run draws the same classes.
@@ -116,13 +138,17 @@ class _BlockAssembler:
             draws = [torch.multinomial(p, lay.sample_k, replacement=True, generator=g)
                      .sort(dim=-1).values for p in probs]
             return {S.SAMPLE_INDICES: torch.stack(draws).int().numpy()}
+        if lay.hybrid:  # the tail's uniforms seeded as sampled classes are, by the first row
+            g = torch.Generator().manual_seed(int(rows[0]))
+            u = torch.rand(len(rows), lay.hybrid.tail, generator=g)
+            return lay.hybrid.encode(logits, lay.temperatures, u)
         return {}
 
     def _check(self, rows: np.ndarray, index: np.ndarray, y: torch.Tensor,
-               members: torch.Tensor, logits: torch.Tensor) -> None:
+               peak: torch.Tensor, member_peak: torch.Tensor | None) -> None:
         """Refuse rows no reader may be handed: NaN/inf logits, logits past the storage
-        dtype's range (stored they would be inf, a set its own verify fails), bad labels."""
-        peak = logits.abs().amax(dim=1)  # one pass: NaN and inf show in the row's peak
+        dtype's range (stored they would be inf, a set its own verify fails), bad labels.
+        `peak`: each row's largest |logit| (B,); `member_peak`: the same over kept members."""
         bad = ~torch.isfinite(peak)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -130,8 +156,8 @@ class _BlockAssembler:
                                      f" (dataset index {index[i]}); check that model and that "
                                      "input")
         limit = float(np.finfo(self.lay.dtype).max)
-        if members.numel():
-            peak = torch.maximum(peak, members.abs().amax(dim=(0, 2)))
+        if member_peak is not None:
+            peak = torch.maximum(peak, member_peak)
         if (peak > limit).any():
             i = int((peak > limit).nonzero()[0])
             raise TeacherOutputError(
@@ -145,20 +171,48 @@ class _BlockAssembler:
                             f"teacher's {self.lay.num_classes} classes; labels must lie in "
                             f"[0, {self.lay.num_classes}), or be -1 for unknown")
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, members: torch.Tensor, logits: torch.Tensor,
-            probs: torch.Tensor, hashes: np.ndarray | None = None,
-            seeds: np.ndarray | None = None) -> None:
-        """One batch of rows; view rows bring the un-augmented input's hash and their seed."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, outputs: dict[str, torch.Tensor],
+            hashes: np.ndarray | None = None, seeds: np.ndarray | None = None) -> None:
+        """One batch of rows: its inputs, labels and `device_outputs` (on the host); view rows
+        bring the un-augmented input's hash and their seed."""
         rows = self.rows[self.pos:self.pos + len(x)]
         self.pos += len(x)
         index = rows // self.lay.views if self.lay.views else rows
-        self._check(rows, index, y, members, logits)
+        if self.kept is not None:  # bad images left out: row -> the dataset's own index
+            index = self.kept[index]
+        self._check(rows, index, y, outputs[PEAK], outputs.get(MEMBER_PEAK))
         xs = x.numpy()
         if hashes is None:
-            hashes = np.array([S.sample_hash(xi) for xi in xs], dtype=np.uint64)
-        columns = {S.LOGITS: logits.numpy(), S.PROBS: probs.numpy(), S.LABELS: y.numpy(),
-                   S.INDEX: index, S.SAMPLE_HASH: hashes, S.MEMBER_LOGITS: members.numpy(),
-                   S.INPUTS: xs, S.VIEW_SEED: seeds, **self._sparse(rows, logits, probs)}
+            hashes = S.sample_hashes(xs)  # per batch: no per-row numpy view
+        columns = {S.LABELS: y.numpy(), S.INDEX: index, S.SAMPLE_HASH: hashes, S.INPUTS: xs,
+                   S.VIEW_SEED: seeds, **{name: t.numpy() for name, t in outputs.items()}}
+        if HOST_LOGITS in outputs:
+            columns |= self._sparse(rows, outputs[HOST_LOGITS], outputs[HOST_PROBS])
+        self._place(rows, columns)
+
+    def _place(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
+        """Copy a batch's columns into its block's buffers (a batch of a whole block is written
+        as it is), and write each block once full. A batch of consecutive rows in one block
+        (what `block_batches` makes) is copied by slice; other batches row by row."""
+        lay, first = self.lay, int(rows[0])
+        block = first // lay.block_rows
+        start, stop = lay.block_range(block)
+        a, b = first - start, first - start + len(rows)
+        if b > stop - start or int(rows[-1]) - first + 1 != len(rows):
+            return self._scatter(rows, columns)
+        if a == 0 and b == stop - start:
+            self.writer.write_block(block, {name: columns[name] for name in lay.arrays()})
+            return None
+        bufs = self._buffer(block)
+        for name, buf in bufs.items():
+            if S.row_axis(name):
+                buf[:, a:b] = columns[name]
+            else:
+                buf[a:b] = columns[name]
+        self._filled(block, b - a)
+        return None
+
+    def _scatter(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
         for block in np.unique(rows // self.lay.block_rows):
             start, _ = self.lay.block_range(int(block))
             mine = (rows // self.lay.block_rows) == block
@@ -170,9 +224,14 @@ class _BlockAssembler:
                     buf[:, local] = src
                 else:
                     buf[local] = src
-            self.filled[int(block)] += int(mine.sum())
-            if self.filled[int(block)] == self.lay.block_range(int(block))[1] - start:
-                self.writer.write_block(int(block), self.buffers.pop(int(block)))
+            self._filled(int(block), int(mine.sum()))
+
+    def _filled(self, block: int, rows: int) -> None:
+        self.filled[block] += rows
+        start, stop = self.lay.block_range(block)
+        if self.filled[block] == stop - start:
+            self.writer.write_block(block, self.buffers.pop(block))
+            del self.filled[block]
 
 
 def _consume(assembler: _BlockAssembler, item: tuple[Any, ...],
@@ -232,7 +291,8 @@ def precompute(
         if len(rows):
             run_blocks(teacher, dataset, writer, writer.pending, opts.batch_size,
                        opts.num_workers,
-                       lambda n: progress(done + n, layout.num_rows) if progress else None)
+                       lambda n: progress(done + n, layout.num_rows) if progress else None,
+                       decode_device=opts.decode_device)
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
                             resumed=writer.resumed, already_complete=writer.already_complete,
                             seconds=time.perf_counter() - t0, meta=writer.meta)
@@ -254,7 +314,7 @@ def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:
 
     def hashes(start: int, stop: int) -> np.ndarray:
         examples, where = np.unique(np.arange(start, stop) // views, return_inverse=True)
-        return np.array([S.sample_hash(split_item(data[int(i)])[0].numpy()) for i in examples],
+        return np.array([example_hash(data, int(i)) for i in examples],
                         dtype=np.uint64)[where]
 
     return hashes
@@ -278,11 +338,15 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
     dataset = load_data(data) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise DataError("the dataset is empty; check the DATA spec")
+    full = dataset
+    if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
+        dataset = keep_decodable(dataset, opts.num_workers)
     teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
                       combine=opts.combine, trust_code=opts.trust_code)
     teacher.refuse_untrained(opts.random_teacher)
     names = class_names(dataset) or teacher.class_names()
     dataset, applied = teacher_inputs(dataset, teacher.preprocess())
+    dataset = model_inputs(dataset)  # raw images no preprocessing took: scaled to [0, 1]
     x0, _ = split_item(dataset[0])
     num_classes = teacher.num_classes(x0)
     _check_known_labels(dataset, num_classes)
@@ -294,14 +358,15 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
                     num_members=len(teacher.members) if opts.keep_members else 0,
                     chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows,
                     input_shape=tuple(x0.shape) if opts.store_inputs else None,
-                    input_dtype=str(x0.numpy().dtype), topk=opts.topk, sample_k=opts.sample_k,
+                    input_dtype=str(x0.numpy().dtype), **opts.sparse_args(),
                     views=views)
     meta = {
-        "num_examples": len(dataset),
+        "num_examples": len(full),
         "class_names": names,
         "teacher": teacher.describe(applied),
         "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
-                    "length": len(dataset), "probe": dataset_probe(dataset)},
+                    "length": len(full), "probe": dataset_probe(dataset),
+                    **({"skipped": dataset.skipped} if opts.skip_bad_images else {})},
         "views": views or None, "augment": opts.augment,
         "view_seed": opts.view_seed if views else None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -342,17 +407,19 @@ def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> lis
 
 def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | BlockWriter,
                blocks: Sequence[int], batch_size: int, num_workers: int,
-               report: Callable[[int], None]) -> None:
-    """Compute and write whole `blocks`; `report(rows done so far)` after each batch."""
+               report: Callable[[int], None], *, decode_device: str = "cpu") -> None:
+    """Compute and write whole `blocks`; `report(rows done so far)` after each batch.
+    With `decode_device` cuda, image sources hand over encoded bytes, decoded there."""
     cuda = teacher.device.type == "cuda"
-    temps = writer.layout.temperatures
-    rows = rows_of(writer.layout, blocks)
+    layout = writer.layout
+    rows = rows_of(layout, blocks)
     done = 0
-    loader = DataLoader(Subset(dataset, rows.tolist()),
-                        batch_sampler=block_batches(writer.layout, blocks, batch_size),
-                        num_workers=num_workers, collate_fn=collate, pin_memory=cuda)
-    keep = writer.layout.num_members > 0
-    assembler = _BlockAssembler(writer, rows)
+    items, decode_on = _loader_items(dataset, decode_device)
+    loader = DataLoader(RowBatches(items, rows, block_batches(layout, blocks, batch_size),
+                                   encoded=decode_on is not None),
+                        batch_size=None, collate_fn=as_is, num_workers=num_workers,
+                        pin_memory=cuda and decode_on is None)
+    assembler = _BlockAssembler(writer, rows, getattr(_examples(dataset), "kept", None))
     errors: list[BaseException] = []
     # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
     # uses every core, and a thread only preempts its workers (measured: 0.89 of bare speed with
@@ -364,15 +431,18 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
     if threaded:
         thread.start()
     try:
-        for x, y, *view in loader:  # view rows also carry (hashes, seeds)
+        for x, y, *view in _worker_errors(loader):  # hashed rows also carry (hashes, seeds)
             if errors:
                 break
-            members, logits, probs = teacher.soft_targets(x, temps)
-            host = [t.to("cpu", non_blocking=cuda) for t in (members, logits, probs)]
+            if decode_on is not None:  # encoded bytes: decode and preprocess on the device
+                x = decode_batch(x, decode_on, _examples(dataset).preprocess or Preprocess())
+            outputs = device_outputs(layout, *teacher.soft_targets(x, layout.temperatures))
+            x = x.cpu()  # a no-op unless decoded on the device
+            host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
             event = torch.cuda.Event() if cuda else None
             if event is not None:
                 event.record()
-            q.put((event, x, y, host[0] if keep else host[0][:0], host[1], host[2], *view))
+            q.put((event, x, y, host, *view))
             done += len(x)
             report(done)
     finally:
@@ -384,6 +454,54 @@ def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | B
 
 
 WRITER_QUEUE = 4  # batches the teacher may run ahead of the writer thread
+
+
+def _examples(dataset: Dataset) -> Dataset:
+    """The examples behind the rows (a view set's rows are views of them)."""
+    return dataset.data if isinstance(dataset, ViewDataset) else dataset
+
+
+def _loader_items(dataset: Dataset, decode_device: str) -> tuple[Dataset, str | None]:
+    """What the DataLoader reads, and the device that decodes (None: the workers decode).
+    A dataset with its own hashes (an image source) hands them over with each item, so the
+    writer hashes no decoded tensor."""
+    if decode_device != "cpu":
+        if isinstance(dataset, ViewDataset) or not hasattr(dataset, "as_encoded"):
+            raise OptionError("--decode-device cuda decodes image sources (imagefolder:, hfds:, "
+                              "wds:) without --views; use --decode-device cpu here")
+        return _Hashed(dataset.as_encoded()), decode_device
+    return (_Hashed(dataset) if hasattr(dataset, "hashed_item") else dataset), None
+
+
+class _Hashed(Dataset):
+    """Items (input, label, sample hash) of a dataset that hashes its own examples."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.data.hashed_item(i)
+
+
+def _worker_errors(loader: DataLoader) -> Any:
+    """The loader's batches; a library error raised in a worker process is re-raised with its
+    own one-line message (the DataLoader wraps it in the worker's traceback)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except SoftlabelsError as exc:
+            text = str(exc)
+            if "Original Traceback" not in text:
+                raise
+            line = [ln for ln in text.splitlines() if ln.strip()][-1]
+            raise type(exc)(line.split(": ", 1)[-1]) from None
+        yield batch
 
 
 def writer_thread(cuda: bool) -> bool:

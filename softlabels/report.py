@@ -47,7 +47,7 @@ def _set_statistics(ts: Any, bins: int = 40) -> dict[str, Any]:
         for i, t in enumerate(ts.temperatures):
             at_t = {n: a[i] if n in S.TEMPERATURE_AXIS else a for n, a in arrays.items()}
             targets = block_targets(ts, at_t, t)
-            p = targets[0] if len(targets) == 1 else ts.densify(*targets)
+            p = targets[0] if len(targets) == 1 else ts.densify(*targets[:2])
             if i == 0:  # dense or sparse
                 correct += int((p.argmax(1)[known] == labels[known]).sum())
             conf_hist[i] += np.histogram(p.max(1), bins=bins, range=(0, 1))[0]

@@ -29,7 +29,7 @@ from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
 from .format.reader import TransferSet, open_transfer_set
 from .format.sequence import SEQ_MASK, SEQ_TOKENS, is_sequence_set, read_offsets
-from .losses import kd_loss_from_probs, sparse_kd_loss
+from .losses import kd_loss_from_probs, sparse_kd_loss, target_convention
 from .tempering import tempered_softmax
 from .tokens import TokenSequences
 
@@ -43,9 +43,10 @@ class SequenceBatch:
     tokens: torch.Tensor  # (B, L) int64 input ids (0 past a sequence's end)
     labels: torch.Tensor  # (B, L) int64 hard targets, -1 where none
     mask: torch.Tensor  # (B, L) bool, True where a position is trained on
-    kind: str  # "topk" | "sample" | "dense" | "hard" (no soft targets)
+    kind: str  # "topk" | "sample" | "hybrid" | "dense" | "hard" (no soft targets)
     classes: torch.Tensor | None = None  # (B, L, k) int64 (sparse sets)
     weights: torch.Tensor | None = None  # (B, L, k) float32 teacher probabilities (or 1/k)
+    log_p: torch.Tensor | None = None  # (B, L, k) float32 teacher log-probabilities (hybrid)
     probs: torch.Tensor | None = None  # (B, L, C) float32 (dense sets)
     sequences: torch.Tensor | None = None  # (B,) int64 the sequences' numbers in the set
 
@@ -55,15 +56,19 @@ class SequenceBatch:
 
 
 def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
-                     temperature: float = 1.0, alpha: float = 0.9) -> torch.Tensor:
-    """Hinton KD per position, averaged over the masked-in positions of the batch:
+                     temperature: float = 1.0, alpha: float = 0.9,
+                     topk_loss: str = "residual") -> torch.Tensor:
+    """Hinton KD per position:
 
-        alpha * T^2 * KL(p_T || softmax(s / T)) + (1 - alpha) * CE(next token, softmax(s))
+        alpha * T^2 * mean_m KL(p_T || softmax(s / T)) + (1 - alpha) * mean_l CE(y, softmax(s))
 
-    with p_T the stored targets: top-k exact probabilities plus the residual bucket, sampled
-    classes (unbiased), or dense probabilities (see `sparse_kd_loss`, `kd_loss_from_probs`).
-    Only the masked-in rows of the (B, L, V) logits are used; log-softmax runs once over them.
-    A "hard" batch, or alpha = 0, is the cross-entropy on the hard targets alone.
+    m runs over the masked-in positions (each has soft targets), l over the masked-in positions
+    that have a hard target (label >= 0: a sequence's last position has no next token). Each
+    term is its own mean at every alpha, so the loss is continuous as alpha -> 0; alpha = 0, or
+    a "hard" batch, is the hard term alone. p_T are the stored targets: top-k exact
+    probabilities under the `topk_loss` convention (`residual` or `zero`), sampled or hybrid
+    targets (unbiased estimates), or dense probabilities (see `sparse_kd_loss`,
+    `kd_loss_from_probs`). Only the masked-in rows of the (B, L, V) logits are used.
     """
     m = batch.mask.reshape(-1)
     if not m.any():  # a batch of masked-out sequences: nothing to distil, no gradient
@@ -72,18 +77,20 @@ def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
     labels = batch.labels.reshape(-1)[m]
     if not len(z):  # nothing distilled in this batch (e.g. one-token sequences): no loss, not NaN
         return student_logits.sum() * 0
+    known = labels >= 0
+    hard = F.cross_entropy(z[known].float(), labels[known]) if known.any() else z.sum() * 0
     if batch.kind == "hard" or alpha == 0:
-        known = labels >= 0
-        if not known.any():
-            return z.sum() * 0
-        return F.cross_entropy(z[known].float(), labels[known])
+        return hard
     if batch.kind == "dense":
-        return kd_loss_from_probs(z, batch.probs.reshape(-1, batch.probs.shape[-1])[m],
-                                  temperature=temperature, labels=labels, alpha=alpha)
-    k = batch.classes.shape[-1]
-    return sparse_kd_loss(z, batch.classes.reshape(-1, k)[m], batch.weights.reshape(-1, k)[m],
-                          temperature=temperature, labels=labels, alpha=alpha,
-                          residual=batch.kind == "topk")
+        soft = kd_loss_from_probs(z, batch.probs.reshape(-1, batch.probs.shape[-1])[m],
+                                  temperature=temperature)
+    else:
+        k = batch.classes.shape[-1]
+        log_p = None if batch.log_p is None else batch.log_p.reshape(-1, k)[m]
+        soft = sparse_kd_loss(z, batch.classes.reshape(-1, k)[m],
+                              batch.weights.reshape(-1, k)[m], log_p, temperature=temperature,
+                              convention=target_convention(batch.kind, topk_loss))
+    return alpha * soft + (1 - alpha) * hard
 
 
 def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float, int | None]:
@@ -106,7 +113,9 @@ def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float,
 
 def target_bytes(ts: TransferSet) -> int:
     """Bytes the targets of every row take in memory (what decides streaming)."""
-    return ts.num_rows * (ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4)
+    width = ts.layout.hybrid.width * 12 if ts.layout.hybrid else (
+        ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4)
+    return ts.num_rows * width
 
 
 def check_tokens(data: TokenSequences, ts: TransferSet, offsets: np.ndarray) -> None:
@@ -136,20 +145,27 @@ def check_tokens(data: TokenSequences, ts: TransferSet, offsets: np.ndarray) -> 
                 "verify` on the set with --data, and get a fresh copy of the set")
 
 
-def block_arrays(kind: str, k: int | None) -> list[str]:
+def block_arrays(kind: str, k: int | None, ts: TransferSet | None = None) -> list[str]:
     """The row arrays `block_columns` cuts its columns from: a block read reads and checks
-    only these (not the logits of a sparse set, nor the index and sample hashes)."""
+    only these (not the logits of a sparse set, nor the index and sample hashes); `ts`: the
+    set, which names a hybrid target's arrays."""
     targets = {"topk": [S.TOPK_LOGITS, S.TOPK_INDICES, S.TOPK_LOGSUMEXP],
-               "sample": [S.SAMPLE_INDICES]}.get(kind, [S.LOGITS if k is None else S.PROBS])
+               "sample": [S.SAMPLE_INDICES],
+               "hybrid": ts.layout.hybrid.names() if kind == "hybrid" else [],
+               }.get(kind, [S.LOGITS if k is None else S.PROBS])
     return [SEQ_TOKENS, S.LABELS, SEQ_MASK, *targets]
 
 
 def block_columns(arrays: dict[str, np.ndarray], kind: str, t: float,
-                  k: int | None) -> dict[str, np.ndarray]:
-    """The columns batches are cut from, for the rows of one checked block."""
+                  k: int | None, ts: TransferSet | None = None) -> dict[str, np.ndarray]:
+    """The columns batches are cut from, for the rows of one checked block (`ts`: the set,
+    which a hybrid target's decoding needs)."""
     out = {"tokens": arrays[SEQ_TOKENS], "labels": arrays[S.LABELS],
            "mask": arrays[SEQ_MASK].astype(bool)}
-    if kind == "topk":
+    if kind == "hybrid":
+        out["classes"], out["weights"], out["log_p"] = ts.layout.hybrid.decode(
+            arrays, t, k, ts.temperatures[0])
+    elif kind == "topk":
         z = arrays[S.TOPK_LOGITS].astype(np.float32)
         out["classes"] = arrays[S.TOPK_INDICES]
         out["weights"] = np.exp(z / t - arrays[S.TOPK_LOGSUMEXP][:, k:k + 1])
@@ -183,6 +199,8 @@ def pad_batch(kind: str, cols: dict[str, np.ndarray], rows: list[np.ndarray],
     if "classes" in cols:
         out["classes"] = put(cols["classes"], 0, np.int64)
         out["weights"] = put(cols["weights"], 0, np.float32)
+    if "log_p" in cols:
+        out["log_p"] = put(cols["log_p"], 0, np.float32)
     if "probs" in cols:
         out["probs"] = put(cols["probs"], 0, np.float32)
     return SequenceBatch(**out)
@@ -264,8 +282,8 @@ class SequenceBatches:
         self.offsets = read_offsets(ts)
         parts: dict[str, list[np.ndarray]] = {}
         for b in range(ts.num_blocks):
-            arrays = ts.read_block(b, block_arrays(self.kind, k))
-            for name, data in block_columns(arrays, self.kind, t, k).items():
+            arrays = ts.read_block(b, block_arrays(self.kind, k, ts))
+            for name, data in block_columns(arrays, self.kind, t, k, ts).items():
                 parts.setdefault(name, []).append(data)
         self.columns = {n: np.concatenate(p) for n, p in parts.items()}
 
@@ -382,8 +400,8 @@ class StreamingSequenceBatches:
             parts: dict[str, list[np.ndarray]] = {}
             for block in needed:  # checked before any of its rows is served
                 cols = block_columns(
-                    self.ts.read_block(int(block), block_arrays(self.kind, self._k)),
-                    self.kind, self._t, self._k)
+                    self.ts.read_block(int(block), block_arrays(self.kind, self._k, self.ts)),
+                    self.kind, self._t, self._k, self.ts)
                 for name, col in cols.items():
                     parts.setdefault(name, []).append(col)
             # where each needed block's rows start in the window's columns

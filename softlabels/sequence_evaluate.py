@@ -13,7 +13,10 @@ What "close to the teacher" can mean depends on what the set stores (`teacher_me
   the full KL;
 - sampled: neither the teacher's top-1 nor its entropy is stored, so no agreement and no KL:
   `teacher_cross_entropy`, the mean over the stored draws c ~ p_T of -log softmax(s / T)_c,
-  an unbiased estimate of the cross-entropy H(p_T, softmax(s / T)) = KL + H(p_T).
+  an unbiased estimate of the cross-entropy H(p_T, softmax(s / T)) = KL + H(p_T);
+- hybrid: `teacher_agreement` (exact: the teacher's top-1 is in the head) and `kl_to_teacher`,
+  an unbiased estimate of the full KL from the head's exact terms and the tail's weighted
+  draws (format/targets.py).
 
 Every measure is averaged over the positions the set distils (its mask).
 """
@@ -51,7 +54,8 @@ from .tokens import TokenSequences
 LOGITS_BUDGET = 1 << 28  # bytes of float32 (B, L, C) student logits per evaluation batch
 TEACHER_KEYS = {"dense": ("teacher_agreement", "kl_to_teacher"),
                 "topk": ("teacher_agreement", "kl_to_teacher_topk"),
-                "sample": ("teacher_cross_entropy",)}
+                "sample": ("teacher_cross_entropy",),
+                "hybrid": ("teacher_agreement", "kl_to_teacher")}
 
 
 def evaluate_sequence_student(
@@ -171,8 +175,16 @@ def _position_means(z: torch.Tensor, batch: SequenceBatch, m: torch.Tensor, kind
     classes, weights = batch.classes.reshape(-1, k)[m], batch.weights.reshape(-1, k)[m]
     if kind == "topk":
         top1 = classes.gather(1, weights.argmax(-1, keepdim=True))[:, 0]
-        kl = sparse_kd_loss(z, classes, weights, temperature=t, residual=True) / t**2
+        kl = sparse_kd_loss(z, classes, weights, temperature=t, convention="residual") / t**2
         return {"teacher_agreement": float((z.argmax(-1) == top1).float().mean()),
                 "kl_to_teacher_topk": float(kl)}
+    if kind == "hybrid":  # every stored class has its exact log p: the top one is the head's
+        log_p = batch.log_p.reshape(-1, k)[m]
+        top1 = classes.gather(1, log_p.masked_fill(weights <= 0, -torch.inf)
+                              .argmax(-1, keepdim=True))[:, 0]
+        kl = sparse_kd_loss(z, classes, weights, log_p, temperature=t,
+                            convention="estimate") / t**2
+        return {"teacher_agreement": float((z.argmax(-1) == top1).float().mean()),
+                "kl_to_teacher": float(kl)}
     log_q = tempered_log_softmax(z, t).gather(1, classes)
     return {"teacher_cross_entropy": float(-log_q.mean())}

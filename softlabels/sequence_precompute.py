@@ -112,9 +112,9 @@ def prepare_sequences(data: str | TokenSequences, teachers: Sequence[str | nn.Mo
     layout = Layout(
         num_rows=int(dataset.offsets[-1]), num_classes=num_classes,
         temperatures=opts.temperatures, dtype=opts.dtype, probs_dtype=opts.probs_dtype,
-        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows, topk=opts.topk,
-        sample_k=opts.sample_k, num_sequences=len(dataset),
-        topk_dtype=opts.dtype if opts.topk else "float32")
+        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows, **opts.sparse_args(),
+        num_sequences=len(dataset),
+        topk_dtype=opts.dtype if opts.topk and not opts.nucleus else "float32")
     meta = {
         "num_examples": len(dataset), "class_names": [], "teacher": teacher.describe(),
         "dataset": {"spec": data if isinstance(data, str) else "object:TokenSequences",
@@ -196,15 +196,19 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
     logits = combine_logits(z, teacher.combine)  # (B, L, V)
     valid = torch.arange(ids.shape[1], device=z.device)[None] < \
         torch.as_tensor(lengths, device=z.device)[:, None]
-    bad = valid & ~torch.isfinite(logits).all(-1)
+    top = torch.topk(logits, layout.topk, dim=-1) if layout.topk else None
+    # a row is finite iff its largest and smallest logits are (NaN propagates through both):
+    # two reading passes over (B, L, V), no (B, L, V) temporaries; top-k's first is the max
+    high = top.values[..., 0] if top is not None else logits.amax(-1)
+    bad = valid & ~(torch.isfinite(high) & torch.isfinite(logits.amin(-1)))
     if bad.any():
         b, pos = (int(v) for v in bad.nonzero()[0])
         raise TeacherOutputError(f"the teacher's output has NaN or inf at position {pos} of "
                                  f"sequence {seeds[b]}; check that model and that input")
     temps = torch.tensor(layout.temperatures, device=z.device)
-    if layout.topk:
-        top = torch.topk(logits, layout.topk, dim=-1)
-        lse = torch.stack([torch.logsumexp(logits / t, -1) for t in layout.temperatures], -1)
+    if top is not None:
+        lse = torch.stack([torch.logsumexp(logits if t == 1 else logits / t, -1)
+                           for t in layout.temperatures], -1)  # z / 1 == z: one pass less
         shift = top.values[..., :1]  # the row's largest logit: the stored largest is 0
         # classes in ascending id order: sorted ids compress 3-10x better (sequence_storage.py)
         classes, order = top.indices.sort(-1)
@@ -214,6 +218,8 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
                 S.TOPK_LOGSUMEXP: (lse - shift / temps).cpu().numpy()}
     if layout.sample_k:
         return {S.SAMPLE_INDICES: _sample(logits, lengths, layout, seeds).numpy()}
+    if layout.hybrid:
+        return _hybrid(logits, lengths, layout, seeds)
     probs = ensemble_probs(z, layout.temperatures, teacher.combine)  # (K, B, L, C)
     return {S.LOGITS: logits.cpu().numpy(), S.PROBS: probs.cpu().numpy()}
 
@@ -237,6 +243,20 @@ def _sample(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
         idx = torch.searchsorted(cdf, u[j] * cdf[..., -1:], right=True)
         draws.append(idx.clamp_max(logits.shape[-1] - 1).sort(-1).values.int().cpu())
     return torch.stack(draws)
+
+
+def _hybrid(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
+            seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The hybrid arrays (B, L, ...) of a padded batch; the tail's uniforms of sequence s are
+    `torch.rand(L_s, M)` from a CPU generator seeded by s (any batching draws the same)."""
+    b, n = logits.shape[:2]
+    u = torch.zeros(b, n, layout.hybrid.tail)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        u[i, :lengths[i]] = torch.rand(int(lengths[i]), layout.hybrid.tail, generator=g)
+    out = layout.hybrid.encode(logits.reshape(b * n, -1), layout.temperatures,
+                               u.reshape(b * n, -1))
+    return {name: a.reshape(b, n, *a.shape[1:]) for name, a in out.items()}
 
 
 def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict[str, Any]:
@@ -267,22 +287,25 @@ def write_window(teacher: Teacher, dataset: TokenSequences,
         s = list(shape)
         s[S.row_axis(name)] = stop - start
         buffers[name] = np.empty(s, dtype=dtype)
+    for seq in range(first, last + 1):  # the data's columns, sequence by sequence
+        o0, o1 = int(offsets[seq]), int(offsets[seq + 1])
+        dst = slice(max(start, o0) - start, min(stop, o1) - start)
+        for name, col in _sequence_columns(dataset, seq, layout.num_classes).items():
+            buffers[name][dst] = col[max(start, o0) - o0:min(stop, o1) - o0]
     for i in range(0, len(seqs), batch_size):
         batch = [int(s) for s in seqs[i:i + batch_size]]
         lengths = dataset.lengths[batch]
         targets = device_targets(teacher, pad([dataset[s] for s in batch]), lengths, layout,
                                  batch)
-        for b, s in enumerate(batch):
-            o0, o1 = int(offsets[s]), int(offsets[s + 1])
-            p0, p1 = max(start, o0) - o0, min(stop, o1) - o0  # this window's positions
-            dst = slice(o0 + p0 - start, o0 + p1 - start)
-            for name, col in _sequence_columns(dataset, s, layout.num_classes).items():
-                buffers[name][dst] = col[p0:p1]
-            for name, arr in targets.items():
-                if S.row_axis(name):
-                    buffers[name][:, dst] = arr[:, b, p0:p1]
-                else:
-                    buffers[name][dst] = arr[b, p0:p1]
+        # (B, L) positions of the batch that lie in the window, and their rows in it
+        row = offsets[batch][:, None] + np.arange(int(lengths.max()))[None] - start
+        inside = (row >= 0) & (row < stop - start) & (np.arange(row.shape[1]) < lengths[:, None])
+        dst = row[inside]
+        for name, arr in targets.items():
+            if S.row_axis(name):
+                buffers[name][:, dst] = arr[:, inside]
+            else:
+                buffers[name][dst] = arr[inside]
     for b in blocks:
         a, z = layout.block_range(b)
         writer.write_block(b, {name: (buf[:, a - start:z - start] if S.row_axis(name)

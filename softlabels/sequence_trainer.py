@@ -61,6 +61,7 @@ def train_sequence_model(
     weight_decay: float = 0.0,
     temperature: float = 1.0,
     alpha: float = 0.9,
+    topk_loss: str = "residual",
     clip: float = 1.0,
     seed: int = 0,
     device: str = "auto",
@@ -116,7 +117,7 @@ def train_sequence_model(
         for batch in batches:
             batch = batch.to(dev)
             loss = sequence_kd_loss(net(batch.tokens), batch, temperature=temperature,
-                                    alpha=alpha)
+                                    alpha=alpha, topk_loss=topk_loss)
             if not torch.isfinite(loss):
                 raise SoftlabelsError(f"the loss became {loss.item()} at step {step} (epoch "
                                       f"{epoch}); lower --lr, or check the set with verify")
@@ -291,10 +292,11 @@ def _train_on(dataset: TokenSequences, name: str, model: str, opts: TrainOptions
         "temperature": temperature, "alpha": alpha, "sequences": chosen.tolist(),
         "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
         "seed": opts.seed, "stream": bool(stream), "val": val_data is not None,
-        "run": ("sequence", opts.epochs)})
+        "run": ("sequence", opts.epochs), "topk_loss": opts.topk_loss})
     result = train_sequence_model(net, batches, epochs=opts.epochs, lr=opts.lr,
                                   weight_decay=opts.weight_decay, temperature=temperature,
-                                  alpha=alpha, seed=opts.seed, device=opts.device, out=out,
+                                  alpha=alpha, topk_loss=opts.topk_loss, seed=opts.seed,
+                                  device=opts.device, out=out,
                                   callbacks=callbacks, val=val, spec=spec, meta=meta,
                                   state_digest=digest if resume else None)
     return TrainResult(model=result.model.cpu(), spec=spec, history=result.history,

@@ -139,6 +139,11 @@ def _differences(ts: TransferSet, rows: np.ndarray, live: np.ndarray, meta: dict
         stored = np.stack([ts.read(S.LOGITS, int(r), int(r) + 1)[0] for r in rows])
         live = live.astype(meta["dtype"]).astype(np.float32)
         return (np.abs(live - stored) / (1 + np.abs(stored))).max(1)
+    if ts.layout.hybrid:
+        hybrid = ts.layout.hybrid
+        return np.array([hybrid.live_differences(
+            {n: ts.read(n, int(r), int(r) + 1) for n in hybrid.names()}, z[None],
+            ts.temperatures)[0] for r, z in zip(rows, live)])
     out = []
     temps = np.array(ts.temperatures, dtype=np.float32)
     for r, z in zip(rows, live):

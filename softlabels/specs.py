@@ -2,7 +2,8 @@
 and the self-describing checkpoints that `softlabels train` writes.
 
 DATA:  npz:PATH | mnist:ROOT?split=train|test | torchvision:NAME?root=ROOT&split=..
-       | imagefolder:DIR?size=N | tokens:PATH | text:PATH?tokenizer=DIR
+       | imagefolder:DIR?resize=..&crop=.. | hfds:DIR?split=.. | wds:S-{0..9}.tar
+       | tokens:PATH | text:PATH?tokenizer=DIR
        | python:package.module:factory?key=value
 MODEL: CHECKPOINT.pt | mlp:784-1200-1200-10?dropout=0.5 | torchvision:NAME?weights=FILE&..
        | timm:NAME?checkpoint=FILE | hf:DIR | gpt:.. | python:package.module:factory?key=value
@@ -31,6 +32,8 @@ from .example_data import (  # noqa: F401  (importable from here, as before the 
     NpzDataset,
     check_labels,
     class_names,
+    example_hash,
+    hashed_item,
     split_item,
     to_tensor,
     torchvision_dataset,
@@ -43,7 +46,9 @@ DATA_FORMS = (
     "npz:PATH",
     "mnist:ROOT?split=train|test",
     "torchvision:NAME?root=ROOT&split=..",
-    "imagefolder:DIR?size=N",
+    "imagefolder:DIR?resize=256&crop=224&mean=..&std=..&interpolation=..",
+    "hfds:DIR|FILE.parquet?split=..&image=..&label=.. (+ the imagefolder options)",
+    "wds:SHARDS-{000..009}.tar (+ the imagefolder options)",
     "transferset:PATH (a set made with --store-inputs)",
     "tokens:FILE.jsonl|FILE.parquet|DIR?field=..&mask=.. (token sequences)",
     "text:FILE|DIR?tokenizer=DIR&max_length=..&stride=.. (raw text, the teacher's tokenizer)",
@@ -131,11 +136,17 @@ def load_data(spec: str) -> Dataset:
     if scheme == "torchvision":
         return torchvision_dataset(body, str(options.pop("root", ".")), options, spec)
     if scheme == "imagefolder":
-        from torchvision.datasets import ImageFolder
+        from .images import image_folder
 
-        if not Path(body).is_dir():
-            raise DataError(f"no such directory {body!r} (from {spec!r}); check the path")
-        return ImageFolder(body, transform=to_tensor(options.get("size")))
+        return image_folder(body, options, spec)
+    if scheme == "hfds":
+        from .hf_images import hf_images
+
+        return hf_images(body, options, spec)
+    if scheme == "wds":
+        from .shards import tar_shards
+
+        return tar_shards(body, options, spec)
     if scheme == "transferset":
         from .format.reader import TransferSetInputs
 
@@ -358,7 +369,8 @@ def portable_spec(spec: str, *, kind: str) -> Portable:
     body, qmark, query = rest.partition("?")
     if scheme == CODE_SCHEME:
         return Portable(spec, (), (body.partition(":")[0],))
-    if (kind == "DATA" and scheme in ("npz", "mnist", "imagefolder", "transferset", "tokens")
+    if (kind == "DATA" and scheme in ("npz", "mnist", "imagefolder", "transferset", "tokens",
+                                      "hfds", "wds")
             or kind == "MODEL" and scheme == "hf") and body:
         path = _absolute(body)
         return Portable(f"{scheme}:{path}{qmark}{query}", (path,), ())

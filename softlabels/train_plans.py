@@ -19,7 +19,7 @@ from .errors import MismatchError, SoftlabelsError
 from .format.reader import TransferSet
 from .format.selection import select_rows
 from .ranks import rank_share
-from .specs import check_labels, split_item
+from .specs import check_labels, hashed_item, split_item
 from .views import replay
 
 
@@ -32,14 +32,18 @@ def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 class Cached(Dataset):
     """A dataset's examples at chosen indices, read once and held as tensors. It keeps the
     dataset's length and indexing (so it joins a transfer set by `index`) but serves only
-    those indices."""
+    those indices, with their sample hashes (an image's covers its encoded file)."""
 
     def __init__(self, data: Dataset, indices: np.ndarray) -> None:
         self.n = len(data)
         self.pos = {int(i): k for k, i in enumerate(indices)}
-        pairs = [split_item(data[int(i)]) for i in indices]
-        self.x = torch.stack([x for x, _ in pairs])
-        self.y = torch.tensor([y for _, y in pairs])
+        items = [hashed_item(data, int(i)) for i in indices]
+        self.x = torch.stack([x for x, _, _ in items])
+        self.y = torch.tensor([y for _, y, _ in items])
+        self.hashes = [h for _, _, h in items]
+
+    def example_hash(self, i: int) -> int:
+        return self.hashes[self.pos[int(i)]]
 
     def __len__(self) -> int:
         return self.n

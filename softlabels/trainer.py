@@ -22,8 +22,9 @@ from .datasets import MAX_IN_MEMORY
 from .errors import DataError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
+from .images import model_inputs
 from .input_proof import input_digests
-from .losses import kd_loss_from_probs, sparse_kd_loss
+from .losses import kd_loss_from_probs, sparse_kd_loss, target_convention
 from .options import TrainOptions, check_output_file, check_temperature
 from .ranks import finish_distributed, init_distributed, refuse_zero_steps, summed, wrap_ddp
 from .resume import clear_state, load_state, restore, run_digest, save_state
@@ -147,7 +148,7 @@ def train_student(
     net, spec = load_model(model, trust_code=opts.trust_code)
     net = net.to(dev)
     step_net = wrap_ddp(net, dev) if world > 1 else net
-    dataset = load_data(data) if isinstance(data, str) else data
+    dataset = model_inputs(load_data(data) if isinstance(data, str) else data)
     if len(dataset) == 0:
         raise DataError("the dataset is empty: there is nothing to train on; check --data")
     select = dict(fraction=opts.fraction, seed=seed, classes=opts.classes,
@@ -172,7 +173,8 @@ def train_student(
                         "--classes or --indices")
     refuse_zero_steps(n_batches, n_rows, world, streamed=bool(stream and ts is not None),
                       blocks=None if ts is None else ts.num_blocks)
-    val = materialize(load_data(val_data) if isinstance(val_data, str) else val_data) \
+    val = materialize(model_inputs(load_data(val_data) if isinstance(val_data, str)
+                                   else val_data)) \
         if val_data is not None else None
     opt = _make_optimizer(opts.optimizer, net.parameters(), opts.lr, opts.weight_decay)
     history: list[dict[str, Any]] = []
@@ -183,7 +185,8 @@ def train_student(
         "temperature": temperature,
         "alpha": alpha, "batch_size": batch_size, "lr": opts.lr, "optimizer": opts.optimizer,
         "weight_decay": opts.weight_decay, "select": select, "jitter": opts.jitter_pixels,
-        "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream})
+        "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream,
+        "topk_loss": opts.topk_loss})
     inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
                            else None) if out is not None and resume else None
     state = load_state(out, digest, inputs) if out is not None and resume else None
@@ -197,7 +200,7 @@ def train_student(
         for b, batch in enumerate(epoch_batches(epoch)):
             x, y = jitter(batch[0], opts.jitter_pixels, gen).to(dev), batch[1].to(dev)
             loss = _loss(step_net(x), y, [t.to(dev) for t in batch[2:]], ts, temperature,
-                         alpha)
+                         alpha, opts.topk_loss)
             if world > 1:  # all ranks stop together, or the rest would wait in backward
                 _finite_loss(summed(loss), epoch, b)
             opt.zero_grad(set_to_none=True)
@@ -241,13 +244,14 @@ def train_student(
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],
-          ts: TransferSet | None, temperature: float | None, alpha: float) -> torch.Tensor:
+          ts: TransferSet | None, temperature: float | None, alpha: float,
+          topk_loss: str = "residual") -> torch.Tensor:
     """Hard-label CE without a set; Hinton KD against dense targets; sparse KD otherwise."""
     if ts is None:
         return F.cross_entropy(logits, y, ignore_index=-1)
     if ts.sparse:
         return sparse_kd_loss(logits, *targets, temperature=temperature, labels=y, alpha=alpha,
-                              residual=ts.sparse["kind"] == "topk")
+                              convention=target_convention(ts.sparse["kind"], topk_loss))
     return kd_loss_from_probs(logits, targets[0], temperature=temperature, labels=y,
                               alpha=alpha)
 

@@ -17,9 +17,10 @@ from .format._store import open_store
 from .format.blockcheck import undone_blocks
 from .format.integrity import VerifyReport, check_arrays, check_meta, check_values
 from .format.reader import TransferSet
+from .images import model_inputs, stack_images
 from .preprocessing import Preprocess, describe
 from .progress import Progress
-from .specs import load_data, split_item
+from .specs import example_hash, load_data, split_item
 from .teacher import Teacher
 from .teacher_inputs import replay_inputs
 from .views import build_augment, replay
@@ -36,7 +37,7 @@ def _check_data(ts: TransferSet, data: Dataset, report: VerifyReport,
     mismatches = 0
     first = -1
     for row, (i, h) in enumerate(zip(index, hashes)):
-        if S.sample_hash(split_item(data[int(i)])[0].numpy()) != int(h):
+        if example_hash(data, int(i)) != int(h):
             mismatches += 1
             first = row if first < 0 else first
         if progress and (row + 1) % 1024 == 0:
@@ -71,7 +72,7 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     rows = np.sort(np.random.default_rng(seed).choice(ts.num_rows, min(sample, ts.num_rows),
                                                       replace=False))
     index = ts.index()
-    x = torch.stack([split_item(data[int(index[r])])[0] for r in rows])
+    x = stack_images([split_item(data[int(index[r])])[0] for r in rows])
     if meta.get("views"):  # replay each sampled row's view from its seed
         transform = build_augment(meta["augment"], x[0], trust_code=trust_code,
                                   source=f"{ts.path} (its augment)")
@@ -84,13 +85,18 @@ def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.M
     if ts.sparse and ts.sparse["kind"] == "sample":
         report.add("teacher", True, "not recomputed: sampled classes are random draws")
         return
-    if ts.sparse:  # top-k: compare the stored logits with the live ones at those classes
-        classes = ts.read(S.TOPK_INDICES)[rows].astype(np.int64)
-        z_live = np.take_along_axis(z_live, classes, axis=1)
-        z_stored = ts.read(S.TOPK_LOGITS)[rows]
+    if ts.layout.hybrid:  # the stored values and normalisers against the live logits
+        hybrid = ts.layout.hybrid
+        diff = hybrid.live_differences({n: ts.read(n)[rows] for n in hybrid.names()}, z_live,
+                                       ts.temperatures)[:, None]
     else:
-        z_stored = ts.logits()[rows]
-    diff = np.abs(z_live - z_stored) / (1 + np.abs(z_stored))
+        if ts.sparse:  # top-k: compare the stored logits with the live ones at those classes
+            classes = ts.read(S.TOPK_INDICES)[rows].astype(np.int64)
+            z_live = np.take_along_axis(z_live, classes, axis=1)
+            z_stored = ts.read(S.TOPK_LOGITS)[rows]
+        else:
+            z_stored = ts.logits()[rows]
+        diff = np.abs(z_live - z_stored) / (1 + np.abs(z_stored))
     tol = default_tolerance(meta) if tolerance is None else tolerance
     worst = float(diff.max()) if diff.size else 0.0
     report.add("teacher", worst <= tol, f"{len(rows)} sampled rows recomputed: largest "
@@ -153,7 +159,8 @@ def verify(
             return report
         if data is not None:
             dataset = load_data(data) if isinstance(data, str) else data
-            dataset = replay_inputs(dataset, ts.meta["teacher"])  # as the teacher saw it
+            # as the teacher saw it: its recorded preprocessing, else raw images in [0, 1]
+            dataset = model_inputs(replay_inputs(dataset, ts.meta["teacher"]))
             _check_data(ts, dataset, report, progress)
             if teachers:
                 _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,

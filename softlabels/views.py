@@ -22,8 +22,7 @@ import xxhash
 from torch.utils.data import Dataset
 
 from .errors import SoftlabelsError, SpecError
-from .format.schema import sample_hash
-from .specs import import_factory, require_trusted, split_item
+from .specs import hashed_item, import_factory, require_trusted, split_item
 
 AUGMENT_FORMS = ("random-crop:PAD", "hflip", "resized-crop:SCALE_MIN", "color-jitter:S",
                  "python:package.module:factory")
@@ -116,7 +115,7 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, r: int) -> tuple[torch.Tensor, int, int, int]:
         i, v = divmod(r, self.views)
-        x, y = split_item(self.data[i])
+        x, y, h = hashed_item(self.data, i)  # the un-augmented example's hash
         s = view_seed(self.seed, i, v)
-        return replay(self.transform, x, s), y, sample_hash(x.numpy()), s
+        return replay(self.transform, x, s), y, h, s
 

@@ -43,7 +43,7 @@ from .options import check_choice, check_temperature
 from .precompute import dataset_probe, versions
 from .progress import Progress
 from .sequence_import import MASS_TOLERANCE
-from .specs import load_data
+from .specs import example_hash, load_data
 from .tempering import tempered_softmax
 from .tokens import is_sequence_data
 
@@ -83,7 +83,7 @@ def _row_hashes(data: Dataset, index: np.ndarray) -> np.ndarray:
     if x is not None:
         hashes = [S.sample_hash(x[i]) for i in uniq.tolist()]
     else:
-        hashes = [S.sample_hash(split_item(data[i])[0].numpy()) for i in uniq.tolist()]
+        hashes = [example_hash(data, i) for i in uniq.tolist()]  # an image: its file's
     return np.array(hashes, dtype=np.uint64)[where]
 
 

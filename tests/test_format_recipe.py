@@ -48,11 +48,12 @@ def read_h5(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return json.loads(f.attrs["softlabels"]), arrays
 
 
-@pytest.mark.parametrize("kind", ["dense", "topk", "sample"])
+@pytest.mark.parametrize("kind", ["dense", "topk", "sample", "hybrid"])
 def test_checksums_fingerprint_hashes_and_digest_follow_the_document(
         tmp_path: Path, npz_data: str, suffix: str, kind: str) -> None:
     path = tmp_path / f"set.{suffix}"
-    opts = {"dense": {"keep_members": True}, "topk": {"topk": 2}, "sample": {"sample_k": 3}}
+    opts = {"dense": {"keep_members": True}, "topk": {"topk": 2}, "sample": {"sample_k": 3},
+            "hybrid": {"topk": 2, "nucleus": 0.9, "tail": 2, "quantize": 8}}
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], path, temperatures=[1, 4, 20],
                chunk_rows=CHUNK, **opts[kind], random_teacher=True)
     meta, arrays = (read_h5 if suffix == "h5" else read_zarr)(path)
@@ -67,7 +68,8 @@ def test_checksums_fingerprint_hashes_and_digest_follow_the_document(
              for j in (range(arrays[n].shape[0]) if n in AXIS_1 else [None])]
     blocks = -(-rows // meta["block_rows"])
     assert arrays["array_checksum"].shape == (blocks, len(slots)) and blocks > 1
-    assert (len(slots) > len(row_arrays)) == (kind != "topk")  # temperatures, members: own slots
+    # temperatures, members: own slots
+    assert (len(slots) > len(row_arrays)) == (kind not in ("topk", "hybrid"))
     for b in range(blocks):
         start, stop = b * meta["block_rows"], min((b + 1) * meta["block_rows"], rows)
         for s, (name, j) in enumerate(slots):
@@ -118,3 +120,63 @@ def test_the_documented_checksum_snippet_runs(tmp_path: Path, npz_data: str,
     zarr.open_group(tmp_path / "set.zarr", mode="r+")["array_checksum"][3, 0] = 1  # can fail
     with pytest.raises(AssertionError):
         exec(compile(snippet, "FORMAT.md", "exec"), {})
+
+
+@pytest.mark.parametrize("quantize", [0, 8])
+def test_hybrid_arrays_follow_the_documented_recipe(tmp_path: Path, quantize: int) -> None:
+    """FORMAT.md "Hybrid sets": head, tail draws, values (or codes and steps) and shifted
+    log-sum-exps recomputed from the teacher's logits with torch, as the recipe says."""
+    import torch
+    from torch import nn
+
+    from softlabels.sequence_precompute import precompute_sequences
+    from softlabels.tokens import TokenSequences
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Embedding(30, 6), nn.Linear(6, 30))
+    with torch.no_grad():
+        teacher[1].weight.mul_(4)
+    seqs = [list(np.random.default_rng(s).integers(0, 30, n)) for s, n in
+            enumerate((9, 4, 17, 6))]
+    k, p_, m, temps = 6, 0.8, 3, [2.0, 1.0]
+    out = tmp_path / "h.zarr"
+    precompute_sequences(TokenSequences(seqs), [teacher], out, temperatures=temps, topk=k,
+                         nucleus=p_, tail=m, quantize=quantize, dtype="float32",
+                         chunk_rows=CHUNK)
+    meta, arrays = read_zarr(out)
+    assert meta["sparse"] == {"kind": "hybrid", "k": k, "nucleus": p_, "tail": m,
+                              "quantize": quantize or None}
+    t0 = meta["temperatures"][0]
+    offsets = arrays["seq/offsets"]
+    for s, ids in enumerate(seqs):
+        with torch.no_grad():
+            z = teacher(torch.tensor(ids)[None])[0].float()  # (L, C)
+        rows = slice(offsets[s], offsets[s + 1])
+        idx, lse = arrays["hybrid/indices"][rows], arrays["hybrid/logsumexp"][rows]
+        u = torch.rand(len(ids), m, generator=torch.Generator().manual_seed(s))
+        for j in range(len(ids)):
+            p0 = torch.softmax(z[j] / t0, -1)
+            top = torch.topk(z[j], k)
+            h = min(int((p0[top.indices].cumsum(0) < p_).sum()) + 1, k)
+            head = sorted(top.indices[:h].tolist())
+            assert idx[j, :k].tolist() == head + [-1] * (k - h)
+            rest = p0.clone()
+            rest[top.indices[:h]] = 0
+            cdf = rest.cumsum(0)
+            draws = torch.searchsorted(cdf, u[j] * cdf[-1], right=True)
+            last = int(torch.nonzero(rest > 0).max())
+            assert idx[j, k:].tolist() == sorted(draws.clamp_max(last).tolist())
+            used = idx[j] >= 0
+            v = (z[j] - z[j].max())[idx[j].clip(0)].numpy() * used
+            if quantize:
+                step = np.float32(-v.min() / 255)
+                assert arrays["hybrid/scale"][rows][j] == pytest.approx(step, rel=1e-5)
+                codes = arrays["hybrid/values"][rows][j].astype(np.int64)
+                assert np.abs(codes - np.round(-v / step)).max() <= 1
+                v_read = -codes * arrays["hybrid/scale"][rows][j]
+                assert np.abs(v_read - v).max() <= step * 0.51
+            else:
+                np.testing.assert_allclose(arrays["hybrid/values"][rows][j], v, atol=1e-5)
+            for c, t in enumerate(meta["temperatures"]):
+                want = float(torch.logsumexp(z[j] / t, 0) - z[j].max() / t)
+                assert lse[j, c] == pytest.approx(want, abs=1e-5)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_sequences import TEACHER, VOCAB, write_tokens
 
 from helpers import TinyLM
@@ -61,8 +62,11 @@ def test_loss_is_the_per_position_kd_loss_over_masked_in_positions(topk_set: Pat
     logits = torch.randn(*batch.tokens.shape, VOCAB, requires_grad=True)
     loss = sequence_kd_loss(logits, batch, temperature=2.0, alpha=0.7)
     m = batch.mask
-    expected = sparse_kd_loss(logits[m], batch.classes[m], batch.weights[m], temperature=2.0,
-                              labels=batch.labels[m], alpha=0.7)
+    # the hard term is the mean over the masked-in positions that have a next token
+    known = m & (batch.labels >= 0)
+    hard = F.cross_entropy(logits[known], batch.labels[known])
+    expected = 0.7 * sparse_kd_loss(logits[m], batch.classes[m], batch.weights[m],
+                                    temperature=2.0) + 0.3 * hard
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert (logits.grad[~m] == 0).all() and logits.grad[m].abs().sum() > 0
@@ -70,8 +74,7 @@ def test_loss_is_the_per_position_kd_loss_over_masked_in_positions(topk_set: Pat
     batch.kind, batch.probs = "dense", dense
     torch.testing.assert_close(
         sequence_kd_loss(logits, batch, temperature=2.0, alpha=0.7),
-        kd_loss_from_probs(logits[m], dense[m], temperature=2.0, labels=batch.labels[m],
-                           alpha=0.7))
+        0.7 * kd_loss_from_probs(logits[m], dense[m], temperature=2.0) + 0.3 * hard)
 
 
 def test_student_learns_the_teacher_from_stored_targets(tmp_path: Path) -> None:

@@ -32,6 +32,15 @@ from ._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
               help="Store only the K largest logits and per-T normalisers (sparse).")
 @click.option("--sample-k", type=int, default=0,
               help="Store K classes drawn from each p_T instead (sparse, unbiased).")
+@click.option("--nucleus", type=float, default=0.0,
+              help="Hybrid target (with --topk K): per row the fewest largest classes covering "
+                   "mass P of p at the first stored T, at most K, exact; see docs/SPARSE.md.")
+@click.option("--tail", type=int, default=0,
+              help="Hybrid: M more classes drawn from the rest of each row's mass, weighted so "
+                   "that the loss and its gradient are unbiased.")
+@click.option("--quantize", type=click.Choice(["0", "8"]), default="0", show_default=True,
+              callback=lambda _c, _p, v: int(v),
+              help="Hybrid: store values as 8-bit steps below the row maximum (per-row step).")
 @click.option("--views", type=int, default=0,
               help="Store V augmented views per example (with --augment).")
 @click.option("--augment", default=None,
@@ -47,6 +56,11 @@ from ._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
               help="Autocast precision of the teacher.")
 @click.option("--num-workers", type=int, default=0, show_default=True,
               help="DataLoader worker processes.")
+@click.option("--decode-device", default=PrecomputeOptions.decode_device, show_default=True,
+              help="Where image DATA is decoded: cpu (in the --num-workers workers) or cuda.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave out images that cannot be decoded (a decoding pass first); they are "
+                   "listed in the set's metadata (dataset.skipped).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set made by another run.")
 @click.option("--workers", type=int, default=None,
               help="Spread blocks over a local Dask cluster of N single-threaded processes.")

@@ -8,6 +8,7 @@ import os
 import click
 
 from ..format.lease import WriterLease
+from ..losses import TOPK_CONVENTION_HELP, TOPK_CONVENTIONS
 from ..options import OPTIMIZER_CHOICES, TrainOptions, check_output_file
 from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, epoch_bars, parse_bias
 
@@ -22,6 +23,8 @@ from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, epoch_bars, pars
 @click.option("--alpha", type=float, default=None,
               help="Weight of the soft term (default 0.9); 1 - alpha weighs the hard labels; "
                    "needs --transfer-set.")
+@click.option("--topk-loss", type=click.Choice(TOPK_CONVENTIONS), default=TrainOptions.topk_loss,
+              show_default=True, help="From a top-k set: " + TOPK_CONVENTION_HELP)
 @click.option("--epochs", type=int, default=TrainOptions.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=TrainOptions.batch_size, show_default=True,
               help="Rows per step on each rank: under --distributed with N ranks a step sees "

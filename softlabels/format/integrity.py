@@ -198,6 +198,8 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
     not_probabilities: list[str] = []
     unreadable = False
     tempering = TemperingCheck(ts)
+    lay = ts.layout
+    hybrid, target_problems = lay.hybrid, []  # a hybrid target's recipe, checked block by block
     for b in range(ts.num_blocks):
         start, stop = ts.block_range(b)
         got = _read_block(ts, ts.row_arrays(), b)
@@ -225,6 +227,10 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
                 worst_sum = max(worst_sum, float(np.abs(block.sum(-1) - 1).max(initial=0)))
         if not first_bad:
             tempering.add(start, arrays)
+        if hybrid is not None and not target_problems:
+            problem = hybrid.problems(arrays, lay.num_classes, lay.temperatures, lay.dtype)
+            if problem:
+                target_problems.append(f"block {b} (rows {start}-{stop - 1}): {problem}")
         if progress:
             progress(stop, ts.num_rows)
     if not checked:
@@ -246,6 +252,11 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
                f"(tolerance {tol:.0e})")
     if not first_bad:
         tempering.report(report)
+    if hybrid is not None:
+        report.add("hybrid", not target_problems, "; ".join(target_problems) or
+                   f"heads cover the nucleus {hybrid.nucleus} minimally (at most {hybrid.k} "
+                   "classes), ascending; tails outside the heads; log-sum-exps >= the row "
+                   "maxima")
     if unreadable:
         report.add("columns", False, "index, labels and fingerprint not checked: some blocks "
                    "cannot be read; get a fresh copy of the set")

@@ -22,6 +22,7 @@ import xxhash
 
 from ..errors import IntegrityError, TransferSetError
 from . import schema as S
+from .targets import Hybrid
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Layout:
     views: int = 0  # > 0: each row is one augmented view; store its seed
     topk: int = 0  # > 0: store the k largest logits instead of dense arrays
     sample_k: int = 0  # > 0: store k classes drawn from each p_T instead of dense arrays
+    hybrid: Hybrid | None = None  # set: a nucleus head plus sampled tail (format/targets.py)
     # Sequence sets (one row per position of token sequences; format/sequence.py)
     num_sequences: int = 0  # > 0: a sequence set of that many sequences
     topk_dtype: str = "float32"  # storage dtype of topk/logits (float16: sequence sets only)
@@ -63,7 +65,13 @@ class Layout:
     def __post_init__(self) -> None:
         if self.topk and self.sample_k:
             raise TransferSetError("choose --topk or --sample-k, not both")
-        k = self.topk or self.sample_k
+        if self.hybrid and (self.topk or self.sample_k):
+            raise TransferSetError("a hybrid set takes its head cap from Hybrid.k; drop topk "
+                                   "and sample_k")
+        if self.hybrid and self.hybrid.k >= self.num_classes:
+            raise TransferSetError(f"--topk (the hybrid head's cap) must lie in [1, "
+                                   f"{self.num_classes - 1}] for {self.num_classes} classes")
+        k = self.topk or self.sample_k or (self.hybrid.width if self.hybrid else 0)
         if self.topk < 0 or self.sample_k < 0 or self.topk >= self.num_classes:
             raise TransferSetError(f"--topk must lie in [1, {self.num_classes - 1}] and "
                                    f"--sample-k be positive, for {self.num_classes} classes")
@@ -123,6 +131,8 @@ class Layout:
                     S.TOPK_LOGSUMEXP: ((r, k), "float32")}
         elif self.sample_k:
             out[S.SAMPLE_INDICES] = ((k, r, self.sample_k), "int32")
+        elif self.hybrid:
+            out |= self.hybrid.arrays(r, k, self.dtype)
         else:
             out |= {S.LOGITS: ((r, c), self.dtype), S.PROBS: ((k, r, c), self.probs_dtype)}
             if self.num_members:
@@ -143,11 +153,12 @@ class Layout:
             rows = self.input_chunk_rows if name == S.INPUTS else self.chunk_rows
             shards = self.grid(name, shape, self.shard_rows) if self.shard_rows else None
             # sorted, shifted top-k logits of sequence sets halve once byte-shuffled
-            # (measured in benchmarks/sequence_storage.py)
+            # (measured in benchmarks/sequence_storage.py); so do a hybrid's sorted int32 ids
+            # (benchmarks/sparse_fidelity.py)
             out[name] = ArraySpec(name, shape, dtype, self.grid(name, shape, rows), shards,
                                   dims_of(name, len(shape)),
-                                  shuffle_compress=bool(self.num_sequences)
-                                  and name == S.TOPK_LOGITS)
+                                  shuffle_compress=name in S.SHUFFLED
+                                  or (bool(self.num_sequences) and name == S.TOPK_LOGITS))
         out[S.BLOCK_DONE] = ArraySpec(S.BLOCK_DONE, (self.num_blocks,), "uint8", (1,), None,
                                       dims_of(S.BLOCK_DONE, 1))
         slots = len(self.checksum_slots())  # one chunk per block: one writer per chunk
@@ -197,6 +208,8 @@ class Layout:
     def sparse(self) -> dict[str, Any] | None:
         if self.topk:
             return {"kind": "topk", "k": self.topk}
+        if self.hybrid:
+            return self.hybrid.to_meta()
         return {"kind": "sample", "k": self.sample_k} if self.sample_k else None
 
     def to_meta(self) -> dict[str, Any]:
@@ -228,7 +241,7 @@ class Layout:
             if seq and (seq.get("topk_shifted"), seq.get("topk_order")) != (True, "class"):
                 raise ValueError("a sequence set's top-k logits are shifted and in class order "
                                  f"(topk_shifted true, topk_order 'class'), found {seq!r}")
-            if sparse and sparse.get("kind") not in ("topk", "sample"):
+            if sparse and sparse.get("kind") not in SPARSE_KINDS:
                 raise ValueError(f"unknown sparse kind {sparse.get('kind')!r}")
             layout = cls(
                 num_rows=_count(meta["num_rows"], 1), num_classes=_count(meta["num_classes"], 1),
@@ -244,6 +257,7 @@ class Layout:
                 views=_count(meta.get("views") or 0),
                 topk=_count(sparse["k"], 1) if sparse.get("kind") == "topk" else 0,
                 sample_k=_count(sparse["k"], 1) if sparse.get("kind") == "sample" else 0,
+                hybrid=Hybrid.from_meta(sparse) if sparse.get("kind") == "hybrid" else None,
                 num_sequences=_count(seq["num_sequences"], 1) if seq else 0,
                 topk_dtype=str(seq.get("topk_dtype", "float32")),
                 sequence_labels=str(seq.get("labels", "next-token")),
@@ -333,6 +347,7 @@ def dims_of(name: str, ndim: int) -> tuple[str, ...]:
 
 
 SEQUENCE_LABELS = ("next-token", "data")
+SPARSE_KINDS = ("topk", "sample", "hybrid")
 
 # --- metadata keys --------------------------------------------------------------------------
 LAYOUT_KEYS = tuple(Layout(num_rows=1, num_classes=2, temperatures=(1.0,)).to_meta())

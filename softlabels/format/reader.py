@@ -197,6 +197,8 @@ class TransferSet:
 
         topk: the k most likely classes and their exact probabilities (the rest of the mass is
         1 - sum). sample: k classes drawn from p_T, each weighing 1/k (an unbiased estimate).
+        hybrid: the head's exact probabilities and the tail draws' importance weights (an
+        unbiased estimate; `Hybrid.decode`), and a third array, log p_T of every column.
         """
         k = self.temperature_index(temperature)
         if not self.sparse or k is None:
@@ -209,6 +211,10 @@ class TransferSet:
             z = self.read(S.TOPK_LOGITS, start, stop).astype(np.float32)  # float16 in sequences
             lse = self.read(S.TOPK_LOGSUMEXP, start, stop)[:, k:k + 1]
             return idx, np.exp(z / temperature - lse).astype(np.float32)
+        if self.layout.hybrid:
+            arrays = {n: self.read(n, start, stop) for n in self.layout.hybrid.names()}
+            return tuple(self.layout.hybrid.decode(arrays, temperature, k,
+                                                   self.temperatures[0]))
         idx = self.store.read(S.SAMPLE_INDICES, (k, slice(start, stop))).astype(np.int64)
         return idx, np.full(idx.shape, 1 / idx.shape[1], dtype=np.float32)
 
@@ -228,12 +234,12 @@ class TransferSet:
 
     def _dense_from_sparse(self, temperature: float, start: int, stop: int | None,
                            ) -> np.ndarray:
-        return self.densify(*self.sparse_targets(temperature, start, stop))
+        return self.densify(*self.sparse_targets(temperature, start, stop)[:2])
 
     def densify(self, classes: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Dense (rows, C) float32 probabilities from sparse targets (classes, weights) of this
         set: top-k exact, the residual mass spread evenly over the other classes; or the
-        sampled frequencies."""
+        sampled frequencies (a hybrid set: the head exact, the tail's importance weights)."""
         rows, k = classes.shape
         dense = np.zeros((rows, self.num_classes), np.float32)
         if self.sparse and self.sparse["kind"] == "topk":

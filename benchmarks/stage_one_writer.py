@@ -1,0 +1,239 @@
+"""Stage one's own cost: `precompute` against the same teacher alone (issue 22, item 1).
+
+A trivial teacher makes the pipeline's own cost show: a one-layer (or two-layer) MLP over an
+.npz of random inputs. Each round runs, interleaved in one process,
+  teacher  the same batches (contiguous slices of the inputs already in memory) through the
+           teacher's forward passes alone (`Teacher.member_logits`);
+  precompute  `precompute("npz:FILE", ...)` end to end, into a fresh set;
+and prints rows/s of both, their ratio per round and the medians. Goal: >= 0.9.
+
+Sequence sets (`--case seq`): an embedding-to-logits teacher over token ids, top-16 over a
+32k vocabulary; "teacher" is the teacher's forward passes plus top-k and log-sum-exp on the
+batches precompute forms (`sequence_precompute.device_targets`, what runs on the teacher's device),
+"precompute" writes the set; both in positions/s, and the host side's own rate
+positions / (precompute time - device time).
+
+    python benchmarks/stage_one_writer.py --case dense100 --case dense1000 --case seq
+    python benchmarks/stage_one_writer.py --case dense100 --profile prof.txt   # cProfile
+    python benchmarks/stage_one_writer.py --device cuda --case resnet50   # GPU: images/s
+
+`--case resnet50` (GPU): a torchvision resnet50 (1000 classes) in bf16 over 224x224 inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from softlabels.precompute import precompute
+from softlabels.sequence_precompute import device_targets, windows
+from softlabels.teacher import Teacher
+from softlabels.tokens import TokenSequences
+
+CASES = {  # name: (classes, input dims, hidden width (0: one Linear), rows, batch)
+    "dense100": (100, 64, 256, 200_000, 1024),
+    "dense1000": (1000, 64, 256, 50_000, 1024),
+    "resnet50": (1000, 0, 0, 4096, 256),
+}
+
+
+def mlp(inputs: int, hidden: int, classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    if not hidden:
+        return nn.Linear(inputs, classes)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+class EmbedLogits(nn.Module):
+    """(B, L) token ids -> (B, L, V) logits: an embedding and a linear head."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+def teacher_alone(teacher: Teacher, x: torch.Tensor, batch: int) -> float:
+    """Seconds for the teacher's forward passes over `x` in batches (inputs already in memory,
+    on the host like precompute's; pinned on a GPU)."""
+    cuda = teacher.device.type == "cuda"
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        teacher.member_logits(xb.pin_memory() if cuda else xb)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def dense_case(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    classes, dims, hidden, rows, batch = CASES[name]
+    rows = args.rows or rows
+    gen = np.random.default_rng(0)
+    if name == "resnet50":
+        import torchvision
+
+        torch.manual_seed(0)
+        model: nn.Module = torchvision.models.resnet50(num_classes=1000)
+        x = gen.integers(0, 256, (rows, 3, 224, 224), dtype=np.uint8)
+        precision = "bf16"
+    else:
+        model = mlp(dims, args.hidden if args.hidden is not None else hidden, classes)
+        x = gen.standard_normal((rows, dims), dtype=np.float32)
+        precision = "fp32"
+    data = tmp / f"{name}.npz"
+    np.savez(data, x=x, y=gen.integers(0, classes, rows))
+    xt = torch.from_numpy(x).float() / (255 if x.dtype == np.uint8 else 1)
+    teacher = Teacher([model], device=args.device, precision=precision)
+    teacher_alone(teacher, xt[:batch * 4], batch)  # warm-up
+    small = rows // 4
+    np.savez(tmp / f"{name}_small.npz", x=x[:small], y=np.zeros(small, np.int64))
+    run = {n: (lambda d=d: _precompute(f"npz:{d}", model, tmp / f"{name}.zarr", args, batch,
+                                       precision=precision, temperatures=[1, 4]))
+           for n, d in ((rows, data), (small, tmp / f"{name}_small.npz"))}
+    run[small]()  # warm-up: first imports, first set
+    out: dict[str, list[float]] = {"teacher": [], "precompute": [], "marginal": []}
+    for r in range(args.rounds):
+        order = ("teacher", "precompute") if r % 2 == 0 else ("precompute", "teacher")
+        for kind in order:
+            if kind == "teacher":
+                out[kind].append(rows / teacher_alone(teacher, xt, batch))
+            else:
+                t_small, t = run[small](), run[rows]()
+                out[kind].append(rows / t)
+                out["marginal"].append((rows - small) / (t - t_small))
+    return out
+
+
+def _precompute(data: object, model: nn.Module, path: Path, args: argparse.Namespace,
+                batch: int, **options: object) -> float:
+    prof = cProfile.Profile() if args.profile else None
+    shutil.rmtree(path, ignore_errors=True)  # removing the last run's set is not timed
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    precompute(data, [model], path, batch_size=batch, device=args.device, overwrite=True,
+               **options)
+    if prof:
+        prof.disable()
+        args.profiles.append(prof)
+    return time.perf_counter() - t0
+
+
+def seq_case(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    vocab, length, batch = args.vocab, 512, args.seq_batch
+    n = (args.rows or 65_536) // length
+    gen = np.random.default_rng(0)
+    data = TokenSequences([list(gen.integers(0, vocab, length - int(gen.integers(0, 64))))
+                           for _ in range(n)])
+    positions = int(data.offsets[-1])
+    model = EmbedLogits(vocab, 16)
+    teacher = Teacher([model], device=args.device)
+    probe = precompute(data, [model], tmp / "seq_probe.zarr", topk=16, batch_size=batch,
+                       device=args.device, overwrite=True, temperatures=[1])
+    from softlabels.format.reader import open_transfer_set
+
+    layout = open_transfer_set(probe.path).layout
+    out = {"teacher": [], "precompute": []}
+    for r in range(args.rounds):
+        order = ("teacher", "precompute") if r % 2 == 0 else ("precompute", "teacher")
+        for kind in order:
+            if kind == "teacher":
+                t = _device_only(teacher, data, layout, batch)
+            else:
+                t = _precompute(data, model, tmp / "seq.zarr", args, batch, topk=16,
+                                temperatures=[1])
+            out[kind].append(positions / t)
+    return out
+
+
+def _device_only(teacher: Teacher, data: TokenSequences, layout: object, batch: int) -> float:
+    """Seconds for the teacher and its top-k on the batches precompute forms, nothing else."""
+    from softlabels.sequence_precompute import pad
+
+    t0 = time.perf_counter()
+    for window, _ in windows(layout, list(range(layout.num_blocks)), 1 << 16):
+        start, stop = layout.block_range(window[0])[0], layout.block_range(window[-1])[1]
+        first = int(np.searchsorted(data.offsets, start, "right")) - 1
+        last = int(np.searchsorted(data.offsets, stop - 1, "right")) - 1
+        seqs = np.arange(first, last + 1)
+        seqs = seqs[np.argsort(-data.lengths[seqs], kind="stable")]
+        for i in range(0, len(seqs), batch):
+            b = [int(s) for s in seqs[i:i + batch]]
+            device_targets(teacher, pad([data[s] for s in b]), data.lengths[b], layout, b)
+    return time.perf_counter() - t0
+
+
+def report(name: str, res: dict[str, list[float]], unit: str) -> None:
+    ratios = [p / t for p, t in zip(res["precompute"], res["teacher"])]
+    print(f"{name}: teacher {' '.join(f'{v:,.0f}' for v in res['teacher'])} {unit}/s "
+          f"(median {statistics.median(res['teacher']):,.0f})")
+    print(f"{name}: precompute {' '.join(f'{v:,.0f}' for v in res['precompute'])} {unit}/s "
+          f"(median {statistics.median(res['precompute']):,.0f})")
+    print(f"{name}: ratio per round {' '.join(f'{r:.3f}' for r in ratios)}; median "
+          f"{statistics.median(ratios):.3f}")
+    if res.get("marginal"):
+        marginal = [m / t for m, t in zip(res["marginal"], res["teacher"])]
+        print(f"{name}: marginal precompute (N - N/4 rows over the time difference: start-up "
+              f"cancels) {' '.join(f'{v:,.0f}' for v in res['marginal'])} {unit}/s; ratio per "
+              f"round {' '.join(f'{r:.3f}' for r in marginal)}; median "
+              f"{statistics.median(marginal):.3f}")
+    if name == "seq":
+        host = [1 / (1 / p - 1 / t) for p, t in zip(res["precompute"], res["teacher"]) if p < t]
+        if host:
+            print(f"{name}: host side alone (1/(1/precompute - 1/teacher)) median "
+                  f"{statistics.median(host):,.0f} {unit}/s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", action="append", choices=[*CASES, "seq"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rows", type=int, default=0, help="rows (positions for seq); 0: default")
+    p.add_argument("--hidden", type=int, default=None, help="hidden width; 0: one Linear")
+    p.add_argument("--vocab", type=int, default=32_000)
+    p.add_argument("--seq-batch", type=int, default=4, help="sequences per batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--profile", help="write cProfile's top entries of the precompute runs here")
+    args = p.parse_args()
+    args.profiles = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, load "
+          f"{os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, writer thread "
+          f"{os.environ.get('SOFTLABELS_WRITER_THREAD', 'default')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.case or ["dense100", "dense1000", "seq"]:
+            if case == "seq":
+                report(case, seq_case(args, Path(tmp)), "positions")
+            else:
+                report(case, dense_case(case, args, Path(tmp)),
+                       "images" if case == "resnet50" else "rows")
+    print(f"load after {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    if args.profiles:
+        stats = io.StringIO()
+        st = pstats.Stats(args.profiles[0], stream=stats)
+        for prof in args.profiles[1:]:
+            st.add(prof)
+        st.sort_stats("tottime").print_stats(25)
+        Path(args.profile).write_text(stats.getvalue())
+
+
+if __name__ == "__main__":
+    main()
