@@ -32,7 +32,7 @@ from .format._store import backend_of, open_store
 from .format.aside import remove_set
 from .format.layout import Layout
 from .format.lease import refuse_if_busy
-from .format.location import Remote, is_url
+from .format.location import Remote, is_url, timeout_s
 from .format.writer import TransferSetWriter
 from .options import PrecomputeOptions, check_output_file
 from .precompute import prepare, row_hashes, rows_of
@@ -61,6 +61,34 @@ def _check_workers(client: Any, *args: Any) -> tuple[str, str] | None:
     return bad[0][0], f"{bad[0][1]}{more}"
 
 
+def _connect_seconds(seconds: float) -> float:
+    """The wait for the scheduler: `--timeout`, or dask's own connect timeout if shorter."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    configured = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+    return min(seconds, configured) if configured else seconds
+
+
+def _probe_scheduler(address: str, seconds: float) -> None:
+    """Connect to the scheduler once, handshake included, within `seconds`: dask's Client
+    waits without end on an address that accepts and never answers."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        # dask's own connect timeout (refused, unreachable) speaks first; ours ends the rest
+        comm = await asyncio.wait_for(connect(address, timeout=seconds), seconds + 1)
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+    except TimeoutError:
+        raise OSError(f"no answer within {seconds:g} s; allow longer with --timeout SECONDS"
+                      ) from None
+
+
 @contextmanager
 def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     import dask
@@ -70,7 +98,9 @@ def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     dask.config.set({"distributed.worker.daemon": False})
     if scheduler:
         try:
-            client = Client(scheduler)
+            wait = _connect_seconds(timeout_s())
+            _probe_scheduler(scheduler, wait)
+            client = Client(scheduler, timeout=wait)
         except OSError as exc:
             raise SoftlabelsError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); "
                                   "start one with `dask scheduler` or check the address"
@@ -124,7 +154,7 @@ def precompute_on_cluster(
                           "drop them, or drop --workers/--scheduler")
     check_output_file(out, directory_ok=True)  # before loading data and teacher
     refuse_if_busy(out)
-    target = str(Remote(out)) if is_url(out) else os.path.abspath(out)
+    target = Remote(out).url if is_url(out) else os.path.abspath(out)
     specs = [portable_spec(data, kind="DATA")] + [portable_spec(t, kind="MODEL")
                                                   for t in teachers]
     sequences = is_sequence_data(data)

@@ -15,6 +15,7 @@ __all__ = [
     "UntrustedCodeError",
     "TrainingError",
     "WriterBusyError",
+    "UnsafePathError",
 ]
 
 
@@ -64,3 +65,8 @@ class TrainingError(SoftlabelsError):
     """Training diverged (a non-finite loss or weights); nothing was saved."""
 class WriterBusyError(SoftlabelsError):
     """Another process holds the writer lease on an output: one writer at a time."""
+
+
+class UnsafePathError(SoftlabelsError):
+    """An output path softlabels will not write: a symbolic link (at the file, its temporary
+    or a folder the cache writes), something not a regular file, or a folder not its own."""

@@ -270,6 +270,7 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
 
     if is_url(path):
         remote = Remote(path)
+        remote.require_prefix()
         if remote.read_only:
             raise OptionError(f"{what} {remote}: {remote.scheme}:// is read-only; write to a "
                               "local path, s3:// or gs://")

@@ -18,6 +18,25 @@ def rank_share(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return order[rank::world][:per] if world > 1 else order
 
 
+def refuse_zero_steps(steps: int, rows: int, world: int, *, streamed: bool,
+                      blocks: int | None = None) -> None:
+    """Refuse, before training, a run in which some rank would take no step per epoch (all
+    ranks take the fewest any has): it would save the initialisation as a trained model. A
+    streamed run deals whole blocks to ranks, so a set of fewer blocks than ranks is one."""
+    if steps > 0:
+        return
+    if streamed and blocks is not None and blocks < world:
+        raise SoftlabelsError(
+            f"the transfer set has {blocks} block(s) for {world} ranks: a streamed run gives "
+            "each rank whole blocks, so some rank would take zero steps and nothing would be "
+            f"trained; run on at most {blocks} rank(s), leave out --stream (ranks then share "
+            "rows), or make the set with smaller --chunk-rows")
+    raise SoftlabelsError(
+        f"{rows} selected row(s) give some of the {world} rank(s) zero steps per epoch, so "
+        "nothing would be trained; select more rows (--fraction, --classes, --indices) or run "
+        "on fewer ranks")
+
+
 def summed(loss: torch.Tensor) -> float:
     """The loss summed over ranks: NaN/inf when any rank's is."""
     import torch.distributed as dist

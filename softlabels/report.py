@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SoftlabelsError
+from .safe_write import save_figure, write_text
 
 
 def _plt() -> Any:
@@ -75,7 +76,7 @@ def _histograms(ts: Any, st: dict[str, Any], path: Path) -> None:
                 title="Entropy per temperature")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -90,7 +91,7 @@ def _heatmaps(ts: Any, st: dict[str, Any], path: Path) -> None:
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle("Mean teacher probability by true label")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -111,7 +112,7 @@ def transfer_set_report(path: str | Path, out: str | Path) -> dict[str, Any]:
         _histograms(ts, st, out / "confidence_entropy.png")
         _heatmaps(ts, st, out / "class_mass.png")
         summary = ts.summary()
-    (out / "summary.md").write_text(_summary_markdown(summary, st))
+    write_text(out / "summary.md", _summary_markdown(summary, st), what="report")
     return {"accuracy": st["accuracy"], "labelled_rows": st["labelled"], "out": str(out)}
 
 

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from .errors import MismatchError
+from .safe_write import atomic_write
+
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "softlabels-train-state"
@@ -38,8 +41,10 @@ def run_digest(options: dict[str, Any]) -> str:
 def save_state(out: str | os.PathLike[str], *, digest: str, epoch: int, history: list[Any],
                model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                generator: torch.Generator, stream: dict[str, int] | None = None,
-               partial: tuple[float, int] | None = None) -> None:
-    """Write the state after `epoch` (count of finished epochs) atomically. Mid-epoch (a
+               partial: tuple[float, int] | None = None,
+               inputs: dict[str, Any] | None = None) -> None:
+    """Write the state after `epoch` (count of finished epochs) atomically, with the digests of
+    the run's `inputs` (`input_proof.input_digests`) that a resume must match. Mid-epoch (a
     streamed run): `stream` is the stream's `state_dict()` (epoch `epoch`, batches served) and
     `partial` the epoch's (summed loss, rows) so far."""
     path = state_path(out)
@@ -47,19 +52,19 @@ def save_state(out: str | os.PathLike[str], *, digest: str, epoch: int, history:
     payload = {"format": STATE_FORMAT, "digest": digest, "epoch": epoch, "history": history,
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-               "generator": generator.get_state()}
+               "generator": generator.get_state(), "inputs": inputs}
     if stream is not None:
         payload["stream"] = dict(stream)
         payload["partial"] = [float(partial[0]), int(partial[1])] if partial else [0.0, 0]
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, what="training state") as f:  # fsynced; never through a link
+        torch.save(payload, f)
 
 
-def load_state(out: str | os.PathLike[str], digest: str) -> dict[str, Any] | None:
-    """The saved state of this run (same digest), or None to start from epoch 0."""
+def load_state(out: str | os.PathLike[str], digest: str,
+               inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The saved state of this run (same digest), or None to start from epoch 0. A state
+    whose recorded `inputs` digests differ from `inputs` (a file replaced at the same path
+    since) is refused: resuming would train one model on two inputs."""
     path = state_path(out)
     if not path.is_file():
         return None
@@ -72,6 +77,12 @@ def load_state(out: str | os.PathLike[str], digest: str) -> dict[str, Any] | Non
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         log.warning("ignoring %s: not a softlabels training state; starting from epoch 0", path)
         return None
+    changed = _changed_inputs(payload.get("inputs"), inputs)
+    if changed:
+        raise MismatchError(
+            f"{changed} changed since {path} was saved after epoch {payload.get('epoch')}: "
+            "resuming would train one model on two inputs; restore the original, or remove "
+            f"{path} to start over")
     if payload.get("digest") != digest:
         log.warning("ignoring %s: it comes from a run with other options; starting from epoch 0",
                     path)
@@ -87,6 +98,16 @@ def mid_epoch(payload: dict[str, Any]) -> tuple[dict[str, int] | None, tuple[flo
         return None, (0.0, 0)
     total, seen = payload.get("partial", (0.0, 0))
     return {k: int(v) for k, v in stream.items()}, (float(total), int(seen))
+
+
+def _changed_inputs(recorded: Any, now: dict[str, Any] | None) -> str | None:
+    """The first input (by name: 'data', 'indices', ...) whose digest differs, or None."""
+    if not isinstance(recorded, dict) or now is None:
+        return None  # a state from before input digests, or a caller that proves none
+    for name, value in now.items():
+        if name in recorded and recorded[name] != value:
+            return "--data" if name == "data" else f"--{name}"
+    return None
 
 
 def restore(payload: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -38,6 +38,8 @@ from .example_data import (  # noqa: F401  (importable from here, as before the 
     to_tensor,
     torchvision_dataset,
 )
+from .redact import redact_obj
+from .safe_write import atomic_write
 from .weights import Built, WeightsFile, file_sha256
 
 DATA_FORMS = (
@@ -251,11 +253,9 @@ def save_checkpoint(
     """Write a self-describing checkpoint: the MODEL spec that rebuilds it plus its weights."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_spec": architecture_spec(spec),
-               "state_dict": state, "meta": meta or {}}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+               "state_dict": state, "meta": redact_obj(meta or {})}  # no URL credentials
+    with atomic_write(path, what="checkpoint") as f:  # never through a link
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
@@ -274,6 +274,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
             or not isinstance(payload.get("state_dict"), dict)):
         raise SpecError(f"{path} is not a softlabels checkpoint; write one with `softlabels train`")
     require_trusted(payload["model_spec"], f"checkpoint {path}", trust_code)
+    _refuse_larger_than_weights(payload, path)
     model = build_model(architecture_spec(payload["model_spec"]))
     try:
         model.load_state_dict(payload["state_dict"])
@@ -285,6 +286,26 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
             raise SpecError(f"checkpoint {path} has NaN or inf in {name!r}: it was saved from a "
                             "diverged run or damaged; retrain it (e.g. a lower --lr)")
     return model, payload
+
+
+def _refuse_larger_than_weights(payload: dict[str, Any], path: object) -> None:
+    """Refuse, before allocating it, a built-in model whose spec names more parameters than
+    the checkpoint's tensors hold (a 6 KB file naming a 30000-wide MLP): the model is built
+    on the meta device (shapes only, no memory) and its elements counted."""
+    spec = architecture_spec(payload["model_spec"])
+    if spec.split(":", 1)[0] not in ("mlp", "gpt", "torchvision", "timm"):
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(spec)
+    except Exception:  # noqa: BLE001  (not buildable on meta: the real build says why)
+        return
+    want = sum(t.numel() for t in skeleton.state_dict().values())
+    have = sum(t.numel() for t in payload["state_dict"].values() if isinstance(t, torch.Tensor))
+    if want > have:
+        raise SpecError(f"checkpoint {path}: its model spec {spec!r} has {want} weights, the "
+                        f"file holds {have}; the file was edited or damaged (nothing was "
+                        "allocated)")
 
 
 def load_built(spec: str, *, trust_code: bool = False) -> tuple[Built, str]:

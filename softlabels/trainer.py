@@ -23,9 +23,10 @@ from .errors import DataError, OptionError, TrainingError
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import read_indices
 from .images import model_inputs
+from .input_proof import input_digests
 from .losses import kd_loss_from_probs, sparse_kd_loss, target_convention
 from .options import TrainOptions, check_output_file, check_temperature
-from .ranks import finish_distributed, init_distributed, summed, wrap_ddp
+from .ranks import finish_distributed, init_distributed, refuse_zero_steps, summed, wrap_ddp
 from .resume import clear_state, load_state, mid_epoch, restore, run_digest, save_state
 from .specs import load_data, load_model, save_checkpoint
 from .teacher import resolve_device
@@ -174,6 +175,8 @@ def train_student(
     if n_rows == 0:
         raise DataError("the selection leaves no rows to train on; widen --fraction, "
                         "--classes or --indices")
+    refuse_zero_steps(n_batches, n_rows, world, streamed=bool(stream and ts is not None),
+                      blocks=None if ts is None else ts.num_blocks)
     val = materialize(model_inputs(load_data(val_data) if isinstance(val_data, str)
                                    else val_data)) \
         if val_data is not None else None
@@ -188,7 +191,9 @@ def train_student(
         "weight_decay": opts.weight_decay, "select": select, "jitter": opts.jitter_pixels,
         "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream,
         "topk_loss": opts.topk_loss})
-    state = load_state(out, digest) if out is not None and resume else None
+    inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
+                           else None) if out is not None and resume else None
+    state = load_state(out, digest, inputs) if out is not None and resume else None
     start = restore(state, net, opt, gen) if state is not None else 0
     resume_at, (total, seen) = mid_epoch(state) if state is not None else (None, (0.0, 0))
     if state is not None:
@@ -218,7 +223,7 @@ def train_student(
                     and out is not None and resume and rank == 0):
                 save_state(out, digest=digest, epoch=epoch, history=history, model=net,
                            optimizer=opt, generator=gen, stream=epoch_batches.state_dict(),
-                           partial=(total, seen))
+                           partial=(total, seen), inputs=inputs)
             for cb in callbacks:
                 cb("batch", {"epoch": epoch, "batch": b + 1, "batches": n_batches,
                              "loss": total / seen})
@@ -230,7 +235,7 @@ def train_student(
         history.append(record)
         if out is not None and resume and rank == 0:
             save_state(out, digest=digest, epoch=epoch + 1, history=history, model=net,
-                       optimizer=opt, generator=gen)
+                       optimizer=opt, generator=gen, inputs=inputs)
         for cb in callbacks:
             cb("epoch", {**record, "epochs": epochs})
     net = net.cpu().eval()

@@ -32,15 +32,20 @@ def forge_checksums(path: Path, block: int) -> None:
                         layout.block_checksums(arrays)[None])
 
 
-def as_version_1(path: Path, *, checksums: bool = True) -> None:
+def as_version_1(path: Path, *, checksums: bool = True, downgrade: bool = False) -> None:
     """Rewrite a complete set as format version 1 wrote it: `block_checksum` (B,) instead of
-    `array_checksum`, or no checksums at all (a set from before block checksums)."""
+    `array_checksum`, or no checksums at all (a set from before block checksums, which also
+    predates the metadata `digest` and the `sparse` key). `downgrade`: without checksums but
+    keeping that metadata (the downgrade attack: readers must refuse it)."""
     with open_store(path, "r+") as store:
         meta = store.get_meta()
         layout = Layout.from_meta(meta)
         sums = np.array([S.block_checksum_v1(_block(store, layout, b))
                          for b in range(layout.num_blocks)], dtype=np.uint64)
-        store.set_meta({**meta, "format_version": 1})
+        old = {k: v for k, v in meta.items()
+               if checksums or downgrade or k not in ("digest", "sparse")}
+        store.set_meta({**old, "format_version": 1})
+        checksums = checksums and not downgrade
     if path.suffix == ".h5":
         import h5py
 

@@ -207,7 +207,9 @@ def test_convert_s3_to_local_and_back_bit_for_bit(tmp_path: Path, bucket: str) -
     _same_sets(up, tmp_path / "down.h5")
     with open_transfer_set(up) as ts:
         assert ts.meta["provenance"]["converted_from"]["path"] == str(local)
-    again = runner.invoke(cli, ["convert", str(local), "--out", up])
+    again = runner.invoke(cli, ["convert", str(local), "--out", up])  # the same command
+    assert again.exit_code == 0 and "already complete" in again.output, again.output
+    again = runner.invoke(cli, ["convert", str(tmp_path / "down.h5"), "--out", up])
     assert again.exit_code != 0 and "already exists" in again.output
 
 

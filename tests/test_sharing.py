@@ -127,7 +127,12 @@ def test_convert_is_identical_and_zip_reads_in_place(tmp_path: Path, npz_data: s
         assert c.meta["dataset"] == s.meta["dataset"]
     report = verify(tmp_path / target, data=npz_data)
     assert report.ok, report.to_dict()
-    code, _, err = run("convert", src, "--out", tmp_path / target)
+    code, out, err = run("convert", src, "--out", tmp_path / target)  # the same command again
+    assert code == 0 and "already complete" in out and "nothing to do" in out, err
+    other = tmp_path / "other.zarr"
+    precompute(npz_data, ["mlp:16-4-3"], other, temperatures=[1, 3], chunk_rows=CHUNK,
+               random_teacher=True)
+    code, _, err = run("convert", other, "--out", tmp_path / target)  # another source
     assert code == 1 and "already exists" in err
 
 

@@ -6,12 +6,14 @@ Library errors become one-line messages here, in one place (`_Group.main`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
 import click
 
 from ..errors import SoftlabelsError
+from ..redact import RedactingFilter, redact
 
 
 class _Group(click.Group):
@@ -24,38 +26,51 @@ class _Group(click.Group):
         try:
             code = super().main(args, prog_name or "softlabels", complete_var, False, **extra)
         except click.exceptions.Abort:
-            click.echo("Error: aborted", err=True)
+            _error("aborted")
             sys.exit(1)
         except click.UsageError as exc:
             hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            _error(f"{exc.format_message()}{hint}")
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
+            _error(exc.format_message())
             sys.exit(exc.exit_code)
         except SoftlabelsError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            _error(str(exc))
             sys.exit(1)
         except FileExistsError as exc:  # e.g. --out names an ordinary file
-            click.echo(f"Error: {exc.filename} already exists and is not what this command "
-                       "writes; choose another path", err=True)
+            _error(f"{exc.filename} already exists and is not what this command writes; "
+                   "choose another path")
             sys.exit(1)
         except OSError as exc:  # the filesystem refused: a path under a file, read-only, ...
             where = f" {exc.filename}" if exc.filename else ""
-            click.echo(f"Error: cannot use{where}: {exc.strerror or exc}; check the path and "
-                       "its permissions", err=True)
+            _error(f"cannot use{where}: {exc.strerror or exc}; check the path and its "
+                   "permissions")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> None:
+    """The one line every failure ends in, URL credentials redacted."""
+    click.echo(f"Error: {redact(message)}", err=True)
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="softlabels")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
-def cli(verbose: bool) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Deadline of each network request (object stores, web "
+              "servers, a Dask scheduler) [default: $SOFTLABELS_TIMEOUT or 60].")
+def cli(verbose: bool, timeout: float | None) -> None:
     """Offline knowledge distillation: run a teacher once, store its soft targets in a
     transfer set, train many students from them."""
+    if timeout is not None:  # through the environment: DataLoader and Dask workers see it too
+        os.environ["SOFTLABELS_TIMEOUT"] = f"{timeout:g}"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # no URL credentials in any log line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from ..redact import redact
+
 TRUST_CODE_HELP = ("Let python: specs found inside files (checkpoints' model specs, a set's "
                    "augment, a pipeline file) import and run code. Only for files you trust.")
 
@@ -66,7 +68,12 @@ def progress_bar(desc: str, unit: str = "row") -> Iterator[Callable[[int, int], 
 def echo_json(obj: Any) -> None:
     """`obj` as strict JSON: a non-finite float (an infinite perplexity) is written as null,
     since JSON has no Infinity or NaN and strict parsers refuse them."""
-    click.echo(json.dumps(_finite_or_null(obj), indent=None, default=str, allow_nan=False))
+    echo(json.dumps(_finite_or_null(obj), indent=None, default=str, allow_nan=False))
+
+
+def echo(message: str, *, err: bool = False) -> None:
+    """`click.echo` with URL credentials redacted: every summary line goes through here."""
+    click.echo(redact(str(message)), err=err)
 
 
 def _finite_or_null(obj: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ..format.schema import DTYPE_CHOICES
-from ._common import FloatList, echo_json, progress_bar
+from ._common import FloatList, echo, echo_json, progress_bar
 
 
 @click.command("export")
@@ -33,9 +33,9 @@ def export_cmd(transfer_set: str, to: str, out: str, temperature: float, topk: i
     if as_json:
         echo_json(summary)
         return
-    click.echo(f"exported {summary['sequences']} sequences ({summary['positions']} positions, "
-               f"{summary['kind']}, K = {summary['k']}, T = {summary['temperature']:g}) to "
-               f"{summary['path']} ({to})")
+    echo(f"exported {summary['sequences']} sequences ({summary['positions']} positions, "
+         f"{summary['kind']}, K = {summary['k']}, T = {summary['temperature']:g}) to "
+         f"{summary['path']} ({to})")
 
 
 @click.command("import")
@@ -132,5 +132,5 @@ def _report(out: str, meta: dict[str, Any], as_json: bool) -> None:
     what = (f"{summary['sequences']} sequences ({meta['num_rows']} positions)"
             if summary["sequences"] else f"{meta['num_rows']} rows")
     kind = f"top-{meta['sparse']['k']}" if meta["sparse"] else "dense"
-    click.echo(f"wrote {out}: {what}, {kind} over {meta['num_classes']} classes at "
-               f"T = {meta['temperatures']}; check it with `softlabels verify {out}`")
+    echo(f"wrote {out}: {what}, {kind} over {meta['num_classes']} classes at "
+         f"T = {meta['temperatures']}; check it with `softlabels verify {out}`")

@@ -6,7 +6,7 @@ import click
 
 from ..format.schema import COMBINE_CHOICES, DTYPE_CHOICES
 from ..options import PRECISION_CHOICES, PrecomputeOptions
-from ._common import TRUST_CODE_HELP, FloatList, progress_bar
+from ._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
 
 
 @click.command()
@@ -91,10 +91,10 @@ def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
     rows = (f"{result.num_rows} positions of {seq['num_sequences']} sequences" if seq
             else f"{result.num_rows} rows")
     if result.already_complete:
-        click.echo(f"{out} is already complete ({rows}); nothing to do")
+        echo(f"{out} is already complete ({rows}); nothing to do")
     else:
         how = "resumed, " if result.resumed else ""
         done = f"{result.rows_computed}{' positions' if seq else ''}"
-        click.echo(f"wrote {out}: {rows} x {result.meta['num_classes']} classes "
+        echo(f"wrote {out}: {rows} x {result.meta['num_classes']} classes "
                    f"at T={','.join(f'{t:g}' for t in result.meta['temperatures'])} "
                    f"({how}{done} computed in {result.seconds:.1f}s)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import TRUST_CODE_HELP, epoch_bars
+from ._common import TRUST_CODE_HELP, echo, epoch_bars
 
 
 @click.command(name="run")
@@ -24,8 +24,8 @@ def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, .
     if seeds is not None:
         overrides = (*overrides, f"seeds={seeds}")
     results = run_pipeline(pipeline, out=out, quick=quick, overrides=overrides,
-                           say=lambda m: click.echo(m, err=True), callbacks=[epoch_bars()],
+                           say=lambda m: echo(m, err=True), callbacks=[epoch_bars()],
                            trust_code=trust_code)
     where = results.get("out_dir", "")
-    click.echo(f"results: {where}results.json, results.md and PNG plots "
+    echo(f"results: {where}results.json, results.md and PNG plots "
                f"({results['seconds_this_run']} s this run)")

@@ -10,7 +10,7 @@ import click
 from ..errors import SoftlabelsError
 from ..format.schema import COMBINE_CHOICES
 from ..preprocessing import describe
-from ._common import TRUST_CODE_HELP, IntList, echo_json, progress_bar, provenance_lines
+from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, progress_bar, provenance_lines
 
 
 @click.command()
@@ -73,7 +73,7 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
             else:
                 lines.append(f"{'mean token probability' if seq else 'class mass'} at T={t}: "
                              + " ".join(f"{m:.3f}" for m in mass))
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 def _member_lines(member: dict[str, Any]) -> list[str]:
@@ -129,13 +129,20 @@ def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sampl
         echo_json(report.to_dict())
     else:
         for c in report.checks:
-            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
-        click.echo("verified" if report.ok else "verification FAILED")
+            echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        echo("verified" if report.ok else "verification FAILED")
     if not report.ok:
         sys.exit(1)
 
 
 # --- sharing ----------------------------------------------------------------------------------
+
+
+def _done(out: str, meta: dict[str, Any]) -> str | None:
+    """The line for a rerun of a finished command (the output already holds its result)."""
+    if not meta.get("already_complete"):
+        return None
+    return f"{out} is already complete ({meta['num_rows']} rows); nothing to do"
 
 
 @click.command()
@@ -149,8 +156,8 @@ def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
 
     with progress_bar("merge") as bar:
         meta = run(list(sources), out, combine=combine, progress=bar)
-    click.echo(f"wrote {out}: {meta['num_rows']} rows, ensemble of "
-               f"{len(meta['teacher']['members'])} members ({combine})")
+    echo(_done(out, meta) or f"wrote {out}: {meta['num_rows']} rows, ensemble of "
+         f"{len(meta['teacher']['members'])} members ({combine})")
 
 
 @click.command()
@@ -169,7 +176,7 @@ def subset(source: str, out: str, fraction: float | None, seed: int, classes: li
     with progress_bar("subset") as bar:
         meta = run(source, out, fraction=fraction, seed=seed, classes=classes,
                    exclude_classes=exclude_classes, indices=indices, progress=bar)
-    click.echo(f"wrote {out}: {meta['num_rows']} rows selected from {source}")
+    echo(_done(out, meta) or f"wrote {out}: {meta['num_rows']} rows selected from {source}")
 
 
 @click.command()
@@ -181,7 +188,7 @@ def convert(source: str, out: str) -> None:
 
     with progress_bar("convert") as bar:
         meta = run(source, out, progress=bar)
-    click.echo(f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
+    echo(_done(out, meta) or f"wrote {out}: {meta['num_rows']} rows, same content as {source}")
 
 
 @click.command()
@@ -192,7 +199,7 @@ def report(transfer_set: str, out: str) -> None:
     from ..report import transfer_set_report
 
     transfer_set_report(transfer_set, out)
-    click.echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")
+    echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")
 
 
 def _tokenizer_lines(dataset: dict) -> list[str]:

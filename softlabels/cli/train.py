@@ -10,7 +10,7 @@ import click
 from ..format.lease import WriterLease
 from ..losses import TOPK_CONVENTION_HELP, TOPK_CONVENTIONS
 from ..options import OPTIMIZER_CHOICES, TrainOptions, check_output_file
-from ._common import TRUST_CODE_HELP, IntList, echo_json, epoch_bars, parse_bias
+from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, epoch_bars, parse_bias
 
 
 @click.command()
@@ -94,7 +94,7 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
                f"{last['val_token_accuracy']:.4f}")
     rows = "positions" if "positions" in last else "rows"
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"
-    click.echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
+    echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
                f"{rows} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
 
 
@@ -135,17 +135,17 @@ def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: 
     elif "perplexity" in report:
         _echo_sequence_report(report)
     else:
-        click.echo(f"accuracy {report['accuracy']:.4f}  errors {report['errors']} of "
+        echo(f"accuracy {report['accuracy']:.4f}  errors {report['errors']} of "
                    f"{report['n']}  ECE {report['ece']:.4f}")
-        click.echo("errors per class: " + " ".join(f"{k}:{v}" for k, v in
+        echo("errors per class: " + " ".join(f"{k}:{v}" for k, v in
                                                    enumerate(report["per_class_errors"])))
         if "teacher_agreement" in report:
-            click.echo(f"agreement with teacher {report['teacher_agreement']:.4f}  "
+            echo(f"agreement with teacher {report['teacher_agreement']:.4f}  "
                        f"KL(teacher||student) {report['kl_to_teacher']:.4f}")
 
 
 def _echo_sequence_report(report: dict[str, object]) -> None:
-    click.echo(f"perplexity {report['perplexity']:.4f}  cross-entropy "
+    echo(f"perplexity {report['perplexity']:.4f}  cross-entropy "
                f"{report['cross_entropy']:.4f} nats/token  token accuracy "
                f"{report['token_accuracy']:.4f}  over {report['positions']} positions of "
                f"{report['sequences']} sequences")
@@ -158,9 +158,9 @@ def _echo_sequence_report(report: dict[str, object]) -> None:
               if "kl_to_teacher" in report else
               "KL over the top-k and the rest {:.4f} (a lower bound on the full KL)".format(
                   report["kl_to_teacher_topk"]))
-        click.echo(f"agreement with teacher {report['teacher_agreement']:.4f}  {kl}  {where}")
+        echo(f"agreement with teacher {report['teacher_agreement']:.4f}  {kl}  {where}")
     else:
-        click.echo(f"cross-entropy to the teacher's samples {report['teacher_cross_entropy']:.4f}"
+        echo(f"cross-entropy to the teacher's samples {report['teacher_cross_entropy']:.4f}"
                    f" nats/token (KL and agreement need more than samples)  {where}")
 
 

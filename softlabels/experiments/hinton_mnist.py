@@ -27,6 +27,7 @@ from ..evaluate import adjust_bias, evaluate
 from ..format.selection import stratified_mask
 from ..metrics import accuracy_report
 from ..precompute import precompute
+from ..safe_write import write_text
 from ..specs import load_checkpoint, load_data
 from ..teacher import resolve_device
 from ..trainer import materialize, predict, train_student
@@ -168,7 +169,7 @@ def hinton_mnist(cfg: dict[str, Any], out: Path, steps: Any,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "config": cfg,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_text(out / "results.json", json.dumps(results, indent=1), what="results")
     hinton_report(results, out, out / f"seed{first}" / "transfer.zarr")
     return results
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SoftlabelsError
+from ..safe_write import write_text
 from ..specs import require_trusted
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,27 @@ def _refuse_code(cfg: Any, where: str, trust_code: bool) -> None:
         require_trusted(cfg, where, trust_code)
 
 
+MAX_PIPELINE_BYTES = 1 << 20  # a pipeline file is a page of TOML
+
+
+def _read_pipeline_text(p: Path) -> str:
+    """The file's text: a regular file of at most `MAX_PIPELINE_BYTES` (not /dev/zero, not a
+    folder), in UTF-8, each refused in one line."""
+    if p.exists() and not p.is_file():
+        raise SoftlabelsError(f"{p} is not a regular file; a pipeline is a TOML file such as "
+                              "pipelines/hinton_mnist.toml")
+    with open(p, "rb") as f:
+        raw = f.read(MAX_PIPELINE_BYTES + 1)
+    if len(raw) > MAX_PIPELINE_BYTES:
+        raise SoftlabelsError(f"{p} is larger than {MAX_PIPELINE_BYTES} bytes; a pipeline file "
+                              "is a page of TOML: check the path")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SoftlabelsError(f"{p} is not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})"
+                              "; a pipeline file is TOML: save it as UTF-8") from None
+
+
 def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False,
                   overrides: Sequence[str] = (), trust_code: bool = False) -> dict[str, Any]:
     """The pipeline's configuration; with `quick`, its [quick] table merged over the rest;
@@ -69,7 +91,7 @@ def load_pipeline(path: str | os.PathLike[str], *, quick: bool = False,
     refused unless `trust_code` (one given in `overrides` the user named)."""
     p = Path(path)
     try:
-        cfg = tomllib.loads(p.read_text())
+        cfg = tomllib.loads(_read_pipeline_text(p))
     except FileNotFoundError:
         raise SoftlabelsError(f"no pipeline file at {p}; check the path") from None
     except tomllib.TOMLDecodeError as exc:
@@ -107,9 +129,7 @@ class Steps:
         result = fn()
         self.done[name] = {"key": self.key(params), "result": result,
                            "seconds": round(time.perf_counter() - t0, 1)}
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1))
-        os.replace(tmp, self.file)
+        write_text(self.file, json.dumps(self.done, indent=1), what="pipeline progress")
         return result
 
     def seconds(self) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..safe_write import save_figure, write_text
 from .results_md import results_markdown
 
 
@@ -53,7 +54,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -74,7 +75,7 @@ def plot_errors(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"test errors (of {results['test_examples']})")
     ax.set_title(f"Test errors: mean over {len(vals[0]['seeds'])} seeds, 95% interval")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -95,7 +96,7 @@ def plot_subset_curve(results: dict[str, Any], path: Path) -> None:
     ax.set_title("784-800-800-10 from a fraction of the data (mean, 95% interval)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -113,7 +114,7 @@ def plot_soft_targets(examples: dict[str, Any], path: Path) -> None:
     axes[1][0].set_ylabel("teacher probability")
     fig.suptitle("Soft targets: the teacher at T=1 against T=20")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -134,4 +135,4 @@ def hinton_report(results: dict[str, Any], out: Path, ts_path: Path) -> None:
     plot_errors(results, out / "errors.png")
     plot_subset_curve(results, out / "subset_curve.png")
     plot_soft_targets(soft_target_examples(ts_path), out / "soft_targets.png")
-    (out / "results.md").write_text(results_markdown(results))
+    write_text(out / "results.md", results_markdown(results), what="results")

@@ -32,6 +32,7 @@ from ..format.operations import subset
 from ..format.reader import open_transfer_set
 from ..gpt import TinyGPT
 from ..precompute import precompute
+from ..safe_write import atomic_write, write_text
 from ..sequence_datasets import SequenceBatches
 from ..sequence_trainer import evaluate_sequence_model, train_sequence_model
 from ..specs import load_checkpoint, load_data, load_model, save_checkpoint
@@ -64,9 +65,20 @@ def split_text(data: bytes, validation: dict[str, Any] | None) -> tuple[bytes, b
             b"".join(c for i, c in enumerate(chunks) if i % every == every - 1))
 
 
+def _check_sparse_sizes(setcfg: dict[str, Any]) -> None:
+    """[transfer_set] topk and sample_k are whole numbers >= 1 (0 would make a dense set,
+    reported as "top-0"), checked before any step runs."""
+    for key in ("topk", "sample_k"):
+        value = setcfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SoftlabelsError(f"[transfer_set] {key} = {value!r}: expected a whole number "
+                                  "of classes of at least 1 (e.g. 16) and at most 255; this "
+                                  "pipeline stores sparse targets")
+
+
 def write_sequences(data: bytes, out: Path, length: int) -> str:
     """The bytes cut into sequences of `length`, one JSON list a line; a tokens: spec."""
-    with out.open("w") as f:
+    with atomic_write(out, "w", what="sequence file", encoding="utf-8") as f:
         for i in range(0, len(data) - 1, length):
             f.write(json.dumps(list(data[i:i + length])) + "\n")
     return f"tokens:{out}"
@@ -151,6 +163,7 @@ def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) ->
     t0 = time.perf_counter()
     first, n_seeds = int(cfg.get("seed", 0)), int(cfg.get("seeds", 1))
     dcfg, tcfg, setcfg = cfg["data"], cfg["teacher"], cfg["transfer_set"]
+    _check_sparse_sizes(setcfg)
     job = _Job(cfg, out, steps, callbacks)
 
     # 1. The teacher, on hard next bytes of the training text (validation chunks left out).
@@ -189,8 +202,8 @@ def tiny_lm(cfg: dict[str, Any], out: Path, steps: Any, callbacks: list[Any]) ->
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "config": cfg,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(results_md(results))
+    write_text(out / "results.json", json.dumps(results, indent=1), what="results")
+    write_text(out / "results.md", results_md(results), what="results")
     plot(results, out)
     return results
 

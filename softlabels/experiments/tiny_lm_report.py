@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..safe_write import save_figure
 from .stats import INTERVAL, fmt, paired, summarize
 
 # Hinton, Vinyals & Dean (2015): Table 1 (frame accuracy, speech) and Table 3 (3% of the data).
@@ -150,5 +151,5 @@ def plot(r: dict[str, Any], out: Path) -> None:
     axes[2].set_title("validation perplexity (first seed)")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "tiny_lm.png", dpi=100)
+    save_figure(fig, out / "tiny_lm.png", dpi=100)
     plt.close(fig)

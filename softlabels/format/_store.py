@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import TransferSetError
-from .location import Remote, is_url
+from .location import Remote, deadline_errors, is_url
 from .schema import ATTR_KEY
 
 Mode = Literal["r", "r+", "w"]
@@ -196,6 +196,9 @@ class ZarrStore(Store):
                     f"{path} is a zip-packed Zarr set, which is read-only; convert it to a "
                     "`.zarr` directory with `softlabels convert` to write to it"
                 )
+            from .zip_bounds import check_zip_members
+
+            check_zip_members(path)  # no member inflates past what its array can hold
             store: Any = zarr.storage.ZipStore(str(path), mode="r")
         else:
             store = str(path)
@@ -357,7 +360,9 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
     a new Zarr group ("w") is created with. `cache`: a local directory caching a remote set's
     chunks (mode "r")."""
     if is_url(path):
-        return _open_remote(Remote(path), mode, backend=backend, meta=meta, cache=cache)
+        remote = Remote(path)
+        with deadline_errors(remote):  # a server past its deadline: one line naming it
+            return _open_remote(remote, mode, backend=backend, meta=meta, cache=cache)
     p = Path(path)
     if mode != "w" and not p.exists():
         raise TransferSetError(f"no transfer set at {p}: the path does not exist")
@@ -381,7 +386,7 @@ def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,
         return HDF5Store(remote, mode)
     if mode != "w" and not remote.is_dir_like():
         raise TransferSetError(f"{remote} is one object, not a Zarr v3 group (no "
-                               f"{remote.url}/zarr.json)")
+                               f"{remote}/zarr.json)")
     try:
         return ZarrStore(remote, mode, meta=meta, cache=cache)
     except FileNotFoundError:

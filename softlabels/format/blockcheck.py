@@ -66,10 +66,10 @@ def checksum_problem(slots: dict[tuple[str, int | None], int], temperatures: lis
     return None
 
 
-def value_problem(arrays: dict[str, np.ndarray], num_classes: int,
-                  num_examples: int) -> str | None:
+def value_problem(arrays: dict[str, np.ndarray], num_classes: int, num_examples: int, *,
+                  temperatures: list[float] | None = None) -> str | None:
     """Why a block's values cannot be trusted (non-finite targets, dataset indices or labels
-    out of range), or None."""
+    out of range, targets that are not probabilities: `target_problem`), or None."""
     for name in S.TARGET_ARRAYS:
         if name in arrays and not all_finite(arrays[name]):
             return f"holds NaN or inf in {name!r}"
@@ -81,4 +81,103 @@ def value_problem(arrays: dict[str, np.ndarray], num_classes: int,
     if labels is not None and len(labels) and (labels.min() < -1 or labels.max() >= num_classes):
         return (f"holds labels outside [-1, {num_classes}) "
                 f"(found {int(labels.min())}..{int(labels.max())})")
+    return target_problem(arrays, num_classes, temperatures)
+
+
+# A row's probabilities sum to 1 within this, by the dtype they are stored in (C roundings of
+# at most u each, plus float16's underflow of tiny probabilities).
+PROBS_SUM_TOLERANCE = {"float16": 1e-2, "float32": 1e-4}
+_UNIT = {np.dtype("float16"): 2.0 ** -11, np.dtype("float32"): 2.0 ** -24,
+         np.dtype("float64"): 2.0 ** -53}
+
+
+def target_problem(arrays: dict[str, np.ndarray], num_classes: int,
+                   temperatures: list[float] | None = None) -> str | None:
+    """Why a block's targets are not probabilities, whatever their checksums say, or None:
+    dense `probs` outside [0, 1] or whose rows do not sum to 1; class ids in `topk/indices`
+    or `sample/indices` outside [0, C); top-k logits whose per-T probabilities
+    exp(z_i / T - logsumexp_T) exceed 1 (a log-sum-exp below the row's top logit / T) or
+    whose top-k mass exceeds 1 + eps (`temperatures` needed for these two)."""
+    probs = arrays.get(S.PROBS)
+    if probs is not None and probs.size:
+        tol = PROBS_SUM_TOLERANCE.get(str(probs.dtype), 1e-4)
+        p = probs.astype(np.float32)
+        if p.min() < 0 or p.max() > 1 + tol:
+            return (f"holds probabilities outside [0, 1] in {S.PROBS!r} (found "
+                    f"{float(p.min()):.3g}..{float(p.max()):.3g})")
+        worst = float(np.abs(p.sum(-1, dtype=np.float64) - 1).max())
+        if worst > tol:
+            return (f"holds rows of {S.PROBS!r} that do not sum to 1 (off by {worst:.3g}, "
+                    f"tolerance {tol:g} for {probs.dtype})")
+    for name in (S.TOPK_INDICES, S.SAMPLE_INDICES):
+        ids = arrays.get(name)
+        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            return (f"holds class ids outside [0, {num_classes}) in {name!r} "
+                    f"(found {int(ids.min())}..{int(ids.max())})")
+    z, lse = arrays.get(S.TOPK_LOGITS), arrays.get(S.TOPK_LOGSUMEXP)
+    if z is None or lse is None or not z.size or temperatures is None:
+        return None
+    return _topk_problem(z, lse, temperatures)
+
+
+def _topk_problem(z: np.ndarray, lse: np.ndarray, temperatures: list[float]) -> str | None:
+    """Top-k logits z (rows, k) and normalisers lse (rows, K): at each T_k the largest
+    log-probability max(z) / T - lse must be <= 0 and the top-k mass sum exp(z / T - lse)
+    <= 1, within the rounding of the stored dtypes."""
+    u = max(_UNIT.get(z.dtype, 2.0 ** -24), _UNIT.get(lse.dtype, 2.0 ** -24))
+    z64, top = z.astype(np.float64), z.astype(np.float64).max(-1)
+    for j, t in enumerate(temperatures):
+        norm = lse[:, j].astype(np.float64)
+        slack = 8 * u * (1 + np.abs(top) / t + np.abs(norm))  # rounding of z / T and of lse
+        over = top / t - norm - slack
+        if over.max() > 0:
+            row = int(over.argmax())
+            return (f"holds a top-k log-sum-exp below its row's top logit / T at T={t:g} (row "
+                    f"{row} of the block: max z / T = {top[row] / t:.6g} > logsumexp "
+                    f"{norm[row]:.6g}, a probability above 1)")
+        mass = np.exp(z64 / t - norm[:, None]).sum(-1)
+        bound = 1 + 1e-3 + z.shape[1] * 8 * u
+        if mass.max() > bound:
+            row = int(mass.argmax())
+            return (f"holds top-k probabilities summing to {mass[row]:.4g} > 1 at T={t:g} "
+                    f"(row {row} of the block)")
     return None
+
+
+def missing_checksums_problem(meta: dict[str, object]) -> str | None:
+    """Why a set labelled version 1 without block checksums cannot be one, or None: its
+    metadata records what only writers with checksums wrote (a `digest`, the `sparse` key, a
+    `sequence`), so its checksums were removed and its version lowered (a downgrade that would
+    switch the checks off)."""
+    found = [key for key in ("digest", "sparse") if key in meta] + (
+        ["sequence"] if meta.get("sequence") else [])
+    if not found:
+        return None
+    return (f"is labelled format version {meta.get('format_version')} without block "
+            f"checksums, but its metadata records {', '.join(found)}, which only versions with "
+            "checksums write: its checksums were removed")
+
+
+# A set declaring more than this many bytes of arrays has its stored bytes measured on opening
+# (a listing) before anything reads whole columns; smaller sets cannot exhaust memory.
+MEASURE_ABOVE_BYTES = 256 << 20
+# Bytes per row no set can store less of: its `sample_hash` column holds random 64-bit values,
+# which no codec compresses (half of that, for headroom).
+MIN_STORED_BYTES_PER_ROW = 4
+
+
+def declared_bytes(layout: Layout) -> int:
+    """Bytes the set's arrays take in memory as its metadata declares them."""
+    return sum(int(np.prod(spec.shape, dtype=np.float64)) * np.dtype(spec.dtype).itemsize
+               for spec in layout.specs().values())
+
+
+def size_problem(layout: Layout, stored: int | None) -> str | None:
+    """Why a set cannot hold the rows it declares, or None: it stores fewer bytes than
+    `MIN_STORED_BYTES_PER_ROW` per declared row (a small file claiming 1e8 rows, which would
+    make readers allocate gigabytes of fill values). None when `stored` is unknown (http)."""
+    if stored is None or stored >= MIN_STORED_BYTES_PER_ROW * layout.num_rows:
+        return None
+    return (f"declares {layout.num_rows} rows ({declared_bytes(layout) / 2**30:.1f} GiB of "
+            f"arrays) but stores only {stored} bytes, fewer than the "
+            f"{MIN_STORED_BYTES_PER_ROW} bytes per row its sample hashes alone take")

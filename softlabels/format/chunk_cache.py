@@ -27,7 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftlabelsError
+from ..errors import SoftlabelsError, UnsafePathError
+from ..safe_write import own_folder
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def prepare(cache: str, url: str, root: bytes) -> tuple[str, int]:
     os.makedirs(cache, exist_ok=True)
     url_folder = Path(cache) / hashlib.sha256(url.encode()).hexdigest()[:16]
     folder = url_folder / hashlib.sha256(root).hexdigest()[:16]
+    own_folder(url_folder)  # names are predictable from the URL: never a planted link
+    own_folder(folder)
     if url_folder.is_dir():
         for old in url_folder.iterdir():  # the set at this URL was replaced: never read again
             if old != folder:
@@ -179,8 +182,9 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
             if byte_range is not None and self.full:  # nothing more is cached: a range will do
                 return await remote.get(key, prototype, byte_range)
             whole = await remote.get(key, prototype)
-            if whole is not None and self._reserve(len(whole)):  # before the await: the
-                try:  # reads of one block run concurrently
+            # reserved before the await: the reads of one block run concurrently
+            if whole is not None and _own_path(key) and self._reserve(len(whole)):
+                try:
                     await local.set(key, whole)
                 except OSError as exc:  # a full or read-only disk, a folder evicted meanwhile:
                     (log.info if self.warned else log.warning)(  # read on, said once
@@ -202,6 +206,19 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
                 self.room += freed
             self.added += size
             return True
+
+    def _own_path(key: str) -> bool:
+        """Whether every folder from `folder` down to `key`'s is a real directory of ours (a
+        link planted inside the set's folder would send the object elsewhere); said once."""
+        here = Path(folder)
+        try:
+            for part in [""] + key.split("/")[:-1]:
+                here = here / part if part else here
+                own_folder(here)
+        except UnsafePathError as exc:
+            log.warning("not caching %s: %s", key, exc)
+            return False
+        return True
 
     def _cut(whole: Any, byte_range: Any) -> Any:
         n = len(whole)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..progress import Progress
 from . import schema as S
+from .blockcheck import target_problem
 from .layout import IDENTITY_KEYS, array_problems, edited_keys
 from .reader import TransferSet
 
@@ -194,6 +195,7 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
           else None)
     checked = ts.format_version >= 2 or v1 is not None
     corrupt: list[str] = []
+    not_probabilities: list[str] = []
     unreadable = False
     tempering = TemperingCheck(ts)
     lay = ts.layout
@@ -209,6 +211,9 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
         problem = _checksum_problem(ts, b, arrays, recorded, v1)
         if problem:
             corrupt.append(problem)
+        invalid = target_problem(arrays, ts.num_classes, ts.temperatures)
+        if invalid:
+            not_probabilities.append(f"block {b} (rows {start}-{stop - 1}) {invalid}")
         for name in S.TARGET_ARRAYS:
             if name in first_bad or name not in arrays:
                 continue
@@ -236,6 +241,10 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
         report.add("checksums", not corrupt, "; ".join(corrupt[:5])
                    + (f"; and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
                    or f"all {ts.num_blocks} blocks match their checksums ({per})")
+    report.add("targets", not not_probabilities, "; ".join(not_probabilities[:3])
+               + (f"; and {len(not_probabilities) - 3} more" if len(not_probabilities) > 3
+                  else "") or "every stored target is a probability (top-k normalisers at or "
+               "above the top logit / T, top-k mass at most 1, class ids in range)")
     report.add("finite", not first_bad, "; ".join(f"{n} has NaN/inf at row {r}" for n, r in
                                                   first_bad.items()) or "no NaN or inf")
     tol = 1e-2 if ts.layout.probs_dtype == "float16" else 1e-4

@@ -21,10 +21,13 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import SoftlabelsError, TransferSetError
+from ..redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,61 @@ _SCHEMES = {"s3": ("s3", "s3fs", "s3"), "s3a": ("s3", "s3fs", "s3"),
             "http": ("http", "aiohttp", "http"), "https": ("https", "aiohttp", "http")}
 READ_ONLY_SCHEMES = ("http", "https")
 CACHE_ENV = "SOFTLABELS_CACHE"  # a local directory: chunk cache for remote reads (train --cache)
-HTTP_TIMEOUT_S = 60  # seconds an http(s) server may take to accept a connection or send bytes
+TIMEOUT_ENV = "SOFTLABELS_TIMEOUT"  # seconds: the deadline of one request (`--timeout`)
+DEFAULT_TIMEOUT_S = 60.0  # a server that has not answered a request in full by then has failed
 PROBE_TIMEOUT_S = 5  # the connect probe's wait; past it, the store library decides
 # where each library takes its endpoint from, for the "cannot reach" messages
 _ENDPOINT_HINT = {"s3": "AWS_ENDPOINT_URL, ~/.aws", "gcs": "STORAGE_EMULATOR_HOST, gcloud"}
+
+
+def timeout_s() -> float:
+    """The deadline of one network request, in seconds: connecting, the first byte and the
+    whole object together (`--timeout`, `SOFTLABELS_TIMEOUT`, default 60)."""
+    given = os.environ.get(TIMEOUT_ENV)
+    try:
+        value = float(given) if given else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise SoftlabelsError(f"{TIMEOUT_ENV}={given!r} is not a number of seconds; set it to "
+                              "e.g. 60") from None
+    if not value > 0:
+        raise SoftlabelsError(f"{TIMEOUT_ENV}={given!r}: the network deadline must be a "
+                              "positive number of seconds, e.g. 60")
+    return value
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is a network wait that ran past its deadline."""
+    seen = 0
+    while exc is not None and seen < 8:
+        name = type(exc).__name__
+        if isinstance(exc, TimeoutError) or "Timeout" in name:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+@contextmanager
+def deadline_errors(remote: Remote) -> Iterator[None]:
+    """Turn a request that ran past its deadline, wherever it surfaces (aiohttp, botocore,
+    fsspec, zarr), into one line naming the server and the wait."""
+    try:
+        yield
+    except SoftlabelsError:
+        raise
+    except Exception as exc:
+        if is_timeout(exc):
+            raise TransferSetError(remote.no_answer(exc)) from None
+        raise
+
+
+S3FS_RETRIES = 2  # s3fs's own retry loop around botocore's (its default: 5)
+
+
+def bound_retries(fs: Any) -> Any:
+    """`fs` with s3fs's retry loop bounded (a class attribute, not an option it takes)."""
+    if type(fs).__module__.startswith("s3fs") and getattr(fs, "retries", 0) > S3FS_RETRIES:
+        fs.retries = S3FS_RETRIES
+    return fs
 
 
 def scheme_of(path: object) -> str | None:
@@ -70,10 +124,11 @@ class Remote:
         self.cache_folder: str | None = None  # the local chunk cache zarr_store reads through
 
     def __str__(self) -> str:
-        return self.url
+        """The URL as shown and recorded: credentials in it redacted (`redact`)."""
+        return redact(self.url)
 
     def __repr__(self) -> str:
-        return f"Remote({self.url!r})"
+        return f"Remote({str(self)!r})"
 
     # --- the filesystem -----------------------------------------------------------------
     def _require(self) -> None:
@@ -81,7 +136,7 @@ class Remote:
             importlib.import_module(self.module)
         except ImportError:
             raise SoftlabelsError(
-                f"{self.url}: {self.scheme}:// needs the optional package {self.module}; "
+                f"{self}: {self.scheme}:// needs the optional package {self.module}; "
                 f"install it with `pip install 'softlabels[{self.extra}]'`") from None
 
     @property
@@ -92,7 +147,7 @@ class Remote:
             self.probe()
             import fsspec
 
-            self._fs = fsspec.filesystem(self.protocol, **self._options())
+            self._fs = bound_retries(fsspec.filesystem(self.protocol, **self._options()))
         return self._fs
 
     def endpoint(self) -> tuple[str, int] | None:
@@ -127,7 +182,7 @@ class Remote:
             socket.create_connection(where, timeout=PROBE_TIMEOUT_S).close()
         except ConnectionRefusedError:
             raise TransferSetError(
-                f"cannot reach {self.url}: nothing answers at {where[0]}:{where[1]} (connection "
+                f"cannot reach {self}: nothing answers at {where[0]}:{where[1]} (connection "
                 f"refused); check the network and the endpoint "
                 f"({_ENDPOINT_HINT.get(self.protocol, 'the URL')})") from None
         except OSError:
@@ -137,19 +192,32 @@ class Remote:
         """fsspec storage options. For s3, `max_concurrency=1`: s3fs asks an object's size (a
         HEAD) before each whole-object GET, to split objects past its 50 MiB block size into
         concurrent ranges; chunks are about 1 MiB, so a chunk then costs one round trip, not two
-        (measured: 8 requests a block instead of 4, at 20 ms each). Otherwise none for object
-        stores (their own config decides, credentials and endpoint included); for http(s), a
-        session of our own (not a cached one shared across servers) with timeouts, so a server
-        that stops answering fails rather than hangs."""
+        (measured: 8 requests a block instead of 4, at 20 ms each). Every store gets the
+        deadline `timeout_s()` (T): http(s) a session of our own (not a cached one shared
+        across servers) whose every request, body included, ends within T, so a server sending
+        a byte now and then fails too; s3 connects within min(T, 10) s, waits at most T / 2 for
+        each read, and tries a request twice (botocore) twice (s3fs, `bound_retries`), about
+        T in all (2T at most when connecting stalls too) where it retried for minutes; gcs
+        ends each request within T."""
+        t = timeout_s()
         if self.protocol == "s3":
-            return {"max_concurrency": 1}
+            return {"max_concurrency": 1,
+                    "config_kwargs": {"connect_timeout": min(t / 4, 10.0), "read_timeout": t / 4,
+                                      "retries": {"total_max_attempts": 2}}}
         if not self.read_only:
-            return {}
+            return {"requests_timeout": t}
         import aiohttp
 
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT_S,
-                                        sock_read=HTTP_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t)
         return {"skip_instance_cache": True, "client_kwargs": {"timeout": timeout}}
+
+    def no_answer(self, exc: BaseException) -> str:
+        """The one line for a request that ran past its deadline, naming the server."""
+        where = self.endpoint()
+        server = f"{where[0]}:{where[1]}" if where else f"the {self.scheme}:// endpoint"
+        return (f"no answer from {server} for {self} within {timeout_s():g} s "
+                f"({type(exc).__name__}); check the network and the endpoint, or allow "
+                f"longer with --timeout SECONDS")
 
     @property
     def key(self) -> str:
@@ -161,7 +229,15 @@ class Remote:
 
     def sibling(self, suffix: str) -> Remote:
         """The URL `URL{suffix}` beside this one (the lease object `URL.lock`)."""
+        self.require_prefix()
         return Remote(self.url + suffix)
+
+    def require_prefix(self) -> None:
+        """Refuse a URL naming a whole bucket (`s3://bucket`): a set is written under a prefix
+        in it, and its lease object beside that prefix (`s3://bucket.lock` is another bucket)."""
+        if not self.read_only and "/" not in self.key.strip("/"):
+            raise TransferSetError(f"{self} names a whole bucket; name a set inside it, e.g. "
+                                   f"{self}/NAME.zarr")
 
     # --- opening --------------------------------------------------------------------------
     def zarr_store(self, *, read_only: bool, cache: str | None = None) -> Any:
@@ -175,6 +251,7 @@ class Remote:
 
         remote = FsspecStore.from_url(self.url, storage_options=self._options() or None,
                                       read_only=read_only)
+        bound_retries(remote.fs)
         if cache is None or not read_only:
             return remote
         from .chunk_cache import bounded_cache_store, prepare
@@ -200,7 +277,7 @@ class Remote:
         try:
             return self.fs.open(self.key, "rb")
         except FileNotFoundError:
-            raise TransferSetError(f"no transfer set at {self.url}: there is no such object"
+            raise TransferSetError(f"no transfer set at {self}: there is no such object"
                                    ) from None
 
     # --- whole objects --------------------------------------------------------------------
@@ -214,9 +291,11 @@ class Remote:
             fs.invalidate_cache(self.key)
             return bool(fs.exists(self.key))
         except Exception as exc:  # an endpoint that does not answer (botocore, aiohttp, ...)
+            if is_timeout(exc):
+                raise TransferSetError(self.no_answer(exc)) from None
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise TransferSetError(
-                f"cannot reach {self.url} ({type(exc).__name__}: {first}); check the network "
+                f"cannot reach {self} ({type(exc).__name__}: {first}); check the network "
                 f"and the endpoint ({_ENDPOINT_HINT.get(self.protocol, 'the URL')})") from None
 
     def is_dir_like(self) -> bool:

@@ -13,14 +13,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from ..errors import MismatchError, SoftlabelsError, TransferSetError
+from ..input_proof import file_digest
 from ..progress import Progress
+from ..redact import redact_obj
 from ..tempering import combine_logits, ensemble_probs
 from . import schema as S
 from ._store import backend_of, open_store
 from .aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
-from .layout import ROW_KEYS, Layout, carried
+from .layout import DIGEST, ROW_KEYS, Layout, carried
 from .lease import WriterLease
 from .location import Remote, is_url
 from .reader import TransferSet, open_transfer_set
@@ -34,22 +37,37 @@ def _layout(ts: TransferSet, **changes: Any) -> Layout:
     return dataclasses.replace(ts.layout, **changes)
 
 
+ALREADY_COMPLETE = "already_complete"  # in what an operation returns when it did nothing
+
+
 def _source(ts: TransferSet) -> dict[str, Any]:
+    """A source set as provenance records it; `identity` (the XXH3 of its metadata digest)
+    changes when a different set is put at the same path, so a resume onto it is refused."""
     return {"path": str(ts.path), "fingerprint": ts.meta["dataset"]["fingerprint"],
-            "teacher": [m["sha256"] for m in ts.meta["teacher"]["members"]]}
+            "teacher": [m["sha256"] for m in ts.meta["teacher"]["members"]],
+            "identity": xxhash.xxh3_64_hexdigest(
+                json.dumps(ts.meta.get(DIGEST), sort_keys=True).encode())}
+
+
+def indices_digest(indices: str | os.PathLike[str] | None) -> str | None:
+    """The digest of an --indices file, recorded in a subset's provenance."""
+    return file_digest(indices) if indices is not None and os.path.isfile(indices) else None
 
 
 def _output(out: str | os.PathLike[str]) -> Path | str:
     """An output as a local Path, or as its URL (a set in an object store)."""
-    return str(Remote(out)) if is_url(out) else Path(out)
+    return Remote(out).url if is_url(out) else Path(out)
 
 
-def _refuse_existing(out: Path | str, provenance: Any = None) -> None:
+def _refuse_existing(out: Path | str, provenance: Any = None, *, early: bool = False) -> None:
     """Refuse an existing output, after clearing what a killed earlier run left beside it
     (its lease file, staging paths): taken and released under the lease, never raced.
 
     At a URL, where a set is written in place: an unfinished set whose provenance is
-    `provenance` (this very command, killed) is let through, to be resumed."""
+    `provenance` (this very command, killed) is let through, to be resumed. `early` (before
+    the provenance is known): a complete set is let through, for `_write` to compare."""
+    if early and _complete_meta(out) is not None:
+        return
     if isinstance(out, str):
         _refuse_existing_remote(out, provenance)
         return
@@ -80,8 +98,21 @@ def _refuse_existing_remote(out: str, provenance: Any) -> None:
     raise SoftlabelsError(f"{out} already exists; choose a new --out (nothing was written)")
 
 
+def _complete_meta(out: Path | str) -> dict[str, Any] | None:
+    """The metadata of a complete set at `out`, or None (nothing there, or not a set)."""
+    if isinstance(out, str) and not Remote(out).exists() or \
+            not isinstance(out, str) and (not out.exists() or out.is_symlink()):
+        return None
+    try:
+        with open_store(out, "r") as store:
+            meta = store.get_meta()
+    except (SoftlabelsError, OSError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("status") == S.STATUS_COMPLETE else None
+
+
 def _normal(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+    return redact_obj(json.loads(json.dumps(value)))  # as the writer stores it
 
 
 def _write(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
@@ -96,6 +127,12 @@ def _write(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockA
     last; a rerun after a kill resumes it (its provenance names the same sources and
     selection)."""
     meta = carried(meta)
+    old = _complete_meta(out)
+    if old is not None and _normal(old.get("provenance")) == _normal(meta.get("provenance")):
+        if not isinstance(out, str):  # what a run killed after publishing left beside it
+            with WriterLease(out):
+                clear_staging(out)
+        return {**old, ALREADY_COMPLETE: True}  # this same command finished earlier
     if isinstance(out, str):
         with WriterLease(out):
             _refuse_existing(out, meta.get("provenance"))
@@ -193,7 +230,7 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
            progress: Progress | None = None) -> dict[str, Any]:
     """A new set holding the selected rows; `index` still points into the source dataset."""
     out = _output(out)
-    _refuse_existing(out)
+    _refuse_existing(out, early=True)
     with open_transfer_set(src) as ts:
         if ts.layout.num_sequences:  # cut by whole sequences
             from .sequence_ops import subset_sequences
@@ -212,7 +249,8 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
         names = list(layout.arrays())
         selection = {"fraction": fraction, "seed": seed, "classes": classes,
                      "exclude_classes": exclude_classes,
-                     "indices": str(indices) if indices is not None else None}
+                     "indices": str(indices) if indices is not None else None,
+                     "indices_digest": indices_digest(indices)}
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
                                           "subset_of": {**_source(ts), **selection}}}
         return _write(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress)
@@ -262,7 +300,7 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
     if combine not in S.COMBINE_CHOICES:
         raise SoftlabelsError(f"combine must be one of {S.COMBINE_CHOICES}, got {combine!r}")
     out = _output(out)
-    _refuse_existing(out)
+    _refuse_existing(out, early=True)
     sets = [open_transfer_set(s) for s in sources]
     try:
         _check_mergeable(sets)

@@ -17,10 +17,18 @@ from ..tempering import tempered_softmax
 from . import schema as S
 from ._store import Store, backend_of, open_store
 from .aside import PARTIAL
-from .blockcheck import checksum_problem, undone_problem, value_problem
+from .blockcheck import (
+    MEASURE_ABOVE_BYTES,
+    checksum_problem,
+    declared_bytes,
+    missing_checksums_problem,
+    size_problem,
+    undone_problem,
+    value_problem,
+)
 from .chunk_files import ChunkFiles
 from .layout import Layout, array_problems, check_described, check_digest
-from .location import Remote, cache_dir, is_url
+from .location import Remote, cache_dir, is_timeout, is_url
 
 
 class TransferSet:
@@ -64,6 +72,14 @@ class TransferSet:
                  and Path(self.path).is_dir())
         self._files: dict[str, ChunkFiles | None] | None = {} if local else None
         self._buffers = threading.local()  # each thread's reused read buffers
+        if declared_bytes(self.layout) > MEASURE_ABOVE_BYTES:  # before any column is read
+            too_few = size_problem(self.layout, self.nbytes_on_disk())
+            if too_few:
+                raise IntegrityError(f"{store.path} {too_few}; get a fresh copy of the set")
+        downgraded = self.format_version == 1 and self._v1_checksums is None and \
+            missing_checksums_problem(self.meta)
+        if downgraded:
+            raise IntegrityError(f"{store.path} {downgraded}; get a fresh copy of the set")
 
     # --- generic reads --------------------------------------------------------------------
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -155,6 +171,11 @@ class TransferSet:
                 self._marks = self.store.read(S.BLOCK_DONE)  # HDF5: ~10 us per block, once
             got = self._read_many(requests, reuse)
         except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
+            if is_url(self.path) and is_timeout(exc):  # not damage: a server past its deadline
+                start, stop = self.block_range(blocks[0])
+                raise TransferSetError(f"block {blocks[0]} (rows {start}-{stop - 1}) of "
+                                       f"{self.path}: {Remote(self.path).no_answer(exc)}"
+                                       ) from None
             if len(blocks) > 1:  # name the block: one at a time
                 for block in blocks:
                     self.read_block(block, names, temperature=temperature, checksum=checksum)
@@ -207,7 +228,8 @@ class TransferSet:
             problem = checksum_problem(self._slots, self.temperatures, out, k,
                                        self._recorded[block])
         problem = undone or problem or value_problem(out, self.num_classes,
-                                                         int(self.meta["num_examples"]))
+                                                         int(self.meta["num_examples"]),
+                                                         temperatures=self.temperatures)
         if problem:
             self.store.drop_cache()
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "

@@ -61,17 +61,21 @@ def _describe(h: dict[str, Any]) -> str:
 
 def _why_stale(h: dict[str, Any]) -> str | None:
     """Why the lease `h` may be taken over, or None while it is held."""
-    if h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int):
+    pid = h.get("pid")
+    if h.get("host") == socket.gethostname() and isinstance(pid, int) \
+            and not isinstance(pid, bool):
         try:
-            os.kill(h["pid"], 0)
-        except ProcessLookupError:
-            return f"pid {h['pid']} on this host is gone"
+            os.kill(pid, 0)
+        except (ProcessLookupError, OverflowError, ValueError):  # no such pid (or none can be)
+            return f"pid {pid} on this host is gone"
         except PermissionError:
             pass  # another user's live process
     try:
         expires = datetime.fromisoformat(h["expires_at"])
     except (KeyError, TypeError, ValueError):
         return None
+    if expires.tzinfo is None:  # written without a zone: read as UTC, as this writer writes
+        expires = expires.replace(tzinfo=timezone.utc)
     return f"it expired at {h['expires_at']}" if _now() > expires else None
 
 
@@ -155,7 +159,7 @@ class RemoteLease:
             except Exception as exc:  # a transient store error: try again next time
                 log.warning("could not read the lease %s: %s", self.lock, exc)
                 continue
-            if found.get("token") != self._token:
+            if not isinstance(found, dict) or found.get("token") != self._token:
                 self._lost = True
                 log.error("the lease %s was taken over by %s; this writer stops", self.lock,
                           _describe(found))
@@ -180,7 +184,7 @@ class RemoteLease:
             owner._thread.join()
         try:
             found = json.loads(self.out.get(self.lock.key))
-            if found.get("token") == owner._token:
+            if isinstance(found, dict) and found.get("token") == owner._token:
                 self.out.remove([self.lock.key])
         except (FileNotFoundError, ValueError):
             pass

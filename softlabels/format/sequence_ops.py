@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import SoftlabelsError
 from ..progress import Progress
 from . import schema as S
-from .operations import _Source, _source, _write
+from .operations import _Source, _source, _write, indices_digest
 from .reader import TransferSet
 from .selection import read_indices
 from .sequence import SEQ_OFFSETS, read_offsets, with_offsets
@@ -70,7 +70,8 @@ def subset_sequences(ts: TransferSet, out: Path | str, *, fraction: float | None
                                               num_sequences=len(chosen)),
                           new_offsets, where=out)
     selection = {"fraction": fraction, "seed": seed, "sequences": int(len(chosen)),
-                 "indices": str(indices) if indices is not None else None}
+                 "indices": str(indices) if indices is not None else None,
+                 "indices_digest": indices_digest(indices)}
     meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
                                       "subset_of": {**_source(ts), **selection}}}
     names = list(layout.arrays())

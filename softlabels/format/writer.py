@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MismatchError, TransferSetError, WriterBusyError
+from ..redact import redact_obj
 from . import schema as S
 from ._store import Store, backend_of, open_store
 from .aside import CREATING, beside, clear_staging, remove_set
@@ -119,9 +120,9 @@ class TransferSetWriter:
         if self._remote is not None and self._remote.read_only:
             raise TransferSetError(f"cannot write {self.path}: {self._remote.scheme}:// is "
                                    "read-only; write to a local path, s3:// or gs://")
-        self.meta = {**{k: v for k, v in meta.items() if k not in FILE_KEYS},
-                     **layout.to_meta(), "format_version": S.FORMAT_VERSION,
-                     "status": S.STATUS_WRITING}
+        self.meta = redact_obj({**{k: v for k, v in meta.items() if k not in FILE_KEYS},
+                                **layout.to_meta(), "format_version": S.FORMAT_VERSION,
+                                "status": S.STATUS_WRITING})  # no URL credentials stored
         self._lease = WriterLease(self.path).acquire()
         try:
             if self._remote is None and self.path.is_symlink():
