@@ -113,8 +113,8 @@ def test_cli_refuses_hdf5_on_a_cluster_in_one_line(tmp_path: Path) -> None:
 def test_cli_names_a_scheduler_it_cannot_reach(tmp_path: Path) -> None:
     data = make_npz(tmp_path / "d.npz")
     port = free_port()  # nothing listens there
-    result = run_cli(["--data", data, "--teacher", "mlp:16-3", "--out", "s.zarr", "--scheduler",
-                      f"tcp://127.0.0.1:{port}"], cwd=tmp_path,
+    result = run_cli(["--data", data, "--teacher", "mlp:16-3", "--random-teacher", "--out",
+                      "s.zarr", "--scheduler", f"tcp://127.0.0.1:{port}"], cwd=tmp_path,
                      DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
     assert result.returncode == 1
     assert result.stderr == (f"Error: cannot reach the Dask scheduler at tcp://127.0.0.1:{port} "
@@ -285,7 +285,8 @@ def test_workers_that_cannot_see_a_path_are_named_before_any_block(tmp_path: Pat
                                               driver / "stale": driver / "decoy",
                                               driver / "copy": driver / "other"})
     c.wait_for_workers()
-    common = ["--teacher", "mlp:16-3", "--chunk-rows", "16", "--scheduler", c.address]
+    common = ["--teacher", "mlp:16-3", "--random-teacher", "--chunk-rows", "16", "--scheduler",
+              c.address]
 
     result = run_cli(["--data", "npz:data/d.npz", "--out", "s.zarr", *common], cwd=driver)
     assert result.returncode == 1
