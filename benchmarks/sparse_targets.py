@@ -22,7 +22,8 @@ from torch.utils.data import TensorDataset
 from softlabels.evaluate import evaluate
 from softlabels.precompute import precompute
 from softlabels.specs import load_data
-from softlabels.trainer import materialize, train_student
+from softlabels.train_plans import materialize
+from softlabels.trainer import train_student
 
 
 def size_on_disk(path: Path) -> int:

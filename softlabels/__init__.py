@@ -29,7 +29,8 @@ from .options import PrecomputeOptions, TrainOptions
 from .precompute import precompute
 from .run_record import PrecomputeResult
 from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
-from .trainer import TrainResult, train_student
+from .train_record import TrainResult
+from .trainer import train_student
 from .verify import VerifyReport, verify
 from .write_set import write_set
 

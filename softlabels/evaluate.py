@@ -28,8 +28,8 @@ from .metrics import (
 from .specs import load_data, load_model
 from .teacher import resolve_device
 from .tokens import is_sequence_data
-from .train_plans import check_outputs
-from .trainer import materialize, predict
+from .train_plans import check_outputs, materialize
+from .trainer import predict
 
 
 def adjust_bias(logits: torch.Tensor, bias_adjust: Mapping[int, float]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SoftlabelsError
+from .options import TOPK_CONVENTIONS
 from .tempering import at_least_float32, tempered_log_softmax, tempered_softmax
 
 
@@ -82,14 +83,6 @@ def logit_matching_loss(student_logits: torch.Tensor,
     return 0.5 * ((z - v) ** 2).mean()
 
 
-# How the mass outside a top-k target's k classes enters the loss (`sparse_kd_loss`).
-TOPK_CONVENTIONS = ("residual", "zero")
-TOPK_CONVENTION_HELP = (
-    "residual (default): the teacher's mass outside its k classes is one more bucket, matched "
-    "against the student's mass outside them (KL over k + 1 buckets); zero (DistillKit's "
-    "default): the k probabilities renormalised to 1, the rest taken as 0, against the "
-    "student's full softmax. zero pushes the student's mass outside the k classes to 0, and "
-    "its loss is larger where the k classes hold less of the mass (high T).")
 # Every convention: the two top-k ones, and the unbiased estimate of sampled and hybrid targets.
 CONVENTIONS = (*TOPK_CONVENTIONS, "estimate")
 

@@ -19,7 +19,16 @@ import numpy as np
 from .errors import OptionError
 from .format.schema import COMBINE_CHOICES, DTYPE_CHOICES
 from .format.targets import QUANTIZE_CHOICES, Hybrid
-from .losses import TOPK_CONVENTIONS
+
+# How the mass outside a top-k target's k classes enters the loss (`sparse_kd_loss`).
+TOPK_CONVENTIONS = ("residual", "zero")
+TOPK_CONVENTION_HELP = (
+    "residual (default): the teacher's mass outside its k classes is one more bucket, matched "
+    "against the student's mass outside them (KL over k + 1 buckets); zero (DistillKit's "
+    "default): the k probabilities renormalised to 1, the rest taken as 0, against the "
+    "student's full softmax. zero pushes the student's mass outside the k classes to 0, and "
+    "its loss is larger where the k classes hold less of the mass (high T).")
+
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 OPTIMIZER_CHOICES = ("adam", "sgd")

@@ -38,7 +38,7 @@ from .sequence_datasets import (
 from .specs import load_data, load_model, save_checkpoint
 from .teacher import resolve_device
 from .tokens import TokenSequences
-from .trainer import Callback, TrainResult
+from .train_record import Callback, TrainResult
 
 log = logging.getLogger(__name__)
 Batches = SequenceBatches | StreamingSequenceBatches

@@ -8,8 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,27 +31,18 @@ from .specs import load_data, load_model, save_checkpoint
 from .teacher import resolve_device
 from .tokens import is_sequence_data
 from .train_plans import (
-    Cached,  # noqa: F401  (importable from here, as before the split)
     StreamedEpochs,
     hard_label_epochs,
     in_memory_epochs,
     materialize,
     streamed_epochs,
 )
+from .train_record import Callback, TrainResult
 
 log = logging.getLogger(__name__)
 
-Callback = Callable[[str, dict[str, Any]], None]  # (event: "batch" | "epoch", info)
 
 
-@dataclass
-class TrainResult:
-    model: nn.Module
-    spec: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    rows: int = 0
-    seconds: float = 0.0
-    rank: int = 0
 
 
 def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:

@@ -113,14 +113,14 @@ KILLS = [  # (command, output name, kill target, nth call, before/after)
     ("precompute --overwrite", "p.h5", "os:rename", 1, "after"),
     ("convert", "c.h5", "softlabels.format.writer:write_block", 3, "before"),
     ("convert", "c.zarr", "softlabels.format.writer:TransferSetWriter.finish", 1, "after"),
-    ("convert", "c.h5", "softlabels.format.operations:publish", 1, "before"),
+    ("convert", "c.h5", "softlabels.format.copying:publish", 1, "before"),
     ("convert", "c.zarr.zip", "zipfile:ZipFile.write", 5, "before"),  # packing the zip
-    ("convert", "c.zarr.zip", "softlabels.format.operations:remove_set", 1, "after"),
-    ("convert", "c.zarr.zip", "softlabels.format.operations:publish", 1, "after"),
+    ("convert", "c.zarr.zip", "softlabels.format.copying:remove_set", 1, "after"),
+    ("convert", "c.zarr.zip", "softlabels.format.copying:publish", 1, "after"),
     ("merge", "m.zarr", "softlabels.format.writer:write_block", 2, "before"),
-    ("merge", "m.h5", "softlabels.format.operations:publish", 1, "before"),
+    ("merge", "m.h5", "softlabels.format.copying:publish", 1, "before"),
     ("subset", "s.zarr", "softlabels.format.writer:write_block", 1, "before"),
-    ("subset", "s.h5", "softlabels.format.operations:publish", 1, "after"),
+    ("subset", "s.h5", "softlabels.format.copying:publish", 1, "after"),
 ]
 
 

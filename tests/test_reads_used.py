@@ -14,12 +14,14 @@ from softlabels.evaluate import evaluate
 from softlabels.format import schema as S
 from softlabels.format._hdf5 import HDF5Store
 from softlabels.format._store import ZarrStore
+from softlabels.format.chunk_files import ChunkFiles
 from softlabels.format.reader import open_transfer_set
 from softlabels.metrics import kl_to_teacher, teacher_agreement
 from softlabels.precompute import precompute
 from softlabels.report import transfer_set_report
 from softlabels.specs import build_model, load_data
-from softlabels.trainer import materialize, predict
+from softlabels.train_plans import materialize
+from softlabels.trainer import predict
 
 BOOKKEEPING = {S.ARRAY_CHECKSUM, S.BLOCK_DONE}
 
@@ -27,7 +29,7 @@ BOOKKEEPING = {S.ARRAY_CHECKSUM, S.BLOCK_DONE}
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     """Array name -> the number of rows of each read of it, from either backend (HDF5's
-    read_many is the base class's, one read each)."""
+    read_many is the base class's, one read each) or straight from a local set's chunk files."""
     seen: dict[str, list[int]] = {}
 
     def note(name: str, got: np.ndarray) -> None:
@@ -47,8 +49,17 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
             note(name, a)
         return got
 
-    real_many = ZarrStore.read_many
+    def chunk_read(self, selection, scratch=None):  # noqa: ANN001, ANN202
+        got = real_chunk(self, selection, scratch)
+        if got is not None:  # None: the caller reads through zarr, recorded there
+            group = self.folder.parent.name
+            note(f"{group}/{self.folder.name}" if group in ("topk", "sample", "seq", "hybrid")
+                 else self.folder.name, got)
+        return got
+
+    real_many, real_chunk = ZarrStore.read_many, ChunkFiles.read
     assert "read_many" not in HDF5Store.__dict__  # one read each, recorded by `read`
+    monkeypatch.setattr(ChunkFiles, "read", chunk_read)  # a local set's chunks, read directly
     monkeypatch.setattr(ZarrStore, "read", recording(ZarrStore.read))
     monkeypatch.setattr(HDF5Store, "read", recording(HDF5Store.read))
     monkeypatch.setattr(ZarrStore, "read_many", read_many)

@@ -8,8 +8,13 @@ import os
 import click
 
 from ..format.lease import WriterLease
-from ..losses import TOPK_CONVENTION_HELP, TOPK_CONVENTIONS
-from ..options import OPTIMIZER_CHOICES, TrainOptions, check_output_file
+from ..options import (
+    OPTIMIZER_CHOICES,
+    TOPK_CONVENTION_HELP,
+    TOPK_CONVENTIONS,
+    TrainOptions,
+    check_output_file,
+)
 from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, epoch_bars, parse_bias
 
 

@@ -4,212 +4,61 @@ records where it came from (its `provenance`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import zipfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
-from ..errors import MismatchError, SoftlabelsError, TransferSetError
-from ..input_proof import file_digest
+from ..errors import MismatchError, SoftlabelsError
 from ..progress import Progress
-from ..redact import redact_obj
 from ..tempering import combine_logits, ensemble_probs
 from . import schema as S
-from ._store import backend_of, open_store
-from .aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
-from .layout import DIGEST, ROW_KEYS, Layout, carried
-from .lease import WriterLease
-from .location import Remote, is_url
+from .copying import (
+    Source,
+    indices_digest,
+    output_path,
+    refuse_existing,
+    source_record,
+    write_output,
+)
+from .layout import ROW_KEYS, Layout
 from .reader import TransferSet, open_transfer_set
 from .selection import read_indices, select_rows
-from .writer import TransferSetWriter
 
-BlockArrays = Callable[[int, int], dict[str, np.ndarray]]
 
 def _layout(ts: TransferSet, **changes: Any) -> Layout:
     """The source's layout (from its metadata), with `changes` (a row count, members)."""
     return dataclasses.replace(ts.layout, **changes)
 
 
-ALREADY_COMPLETE = "already_complete"  # in what an operation returns when it did nothing
 
 
-def _source(ts: TransferSet) -> dict[str, Any]:
-    """A source set as provenance records it; `identity` (the XXH3 of its metadata digest)
-    changes when a different set is put at the same path, so a resume onto it is refused."""
-    return {"path": str(ts.path), "fingerprint": ts.meta["dataset"]["fingerprint"],
-            "teacher": [m["sha256"] for m in ts.meta["teacher"]["members"]],
-            "identity": xxhash.xxh3_64_hexdigest(
-                json.dumps(ts.meta.get(DIGEST), sort_keys=True).encode())}
 
 
-def indices_digest(indices: str | os.PathLike[str] | None) -> str | None:
-    """The digest of an --indices file, recorded in a subset's provenance."""
-    return file_digest(indices) if indices is not None and os.path.isfile(indices) else None
 
 
-def _output(out: str | os.PathLike[str]) -> Path | str:
-    """An output as a local Path, or as its URL (a set in an object store)."""
-    return Remote(out).url if is_url(out) else Path(out)
 
 
-def _refuse_existing(out: Path | str, provenance: Any = None, *, early: bool = False) -> None:
-    """Refuse an existing output, after clearing what a killed earlier run left beside it
-    (its lease file, staging paths): taken and released under the lease, never raced.
-
-    At a URL, where a set is written in place: an unfinished set whose provenance is
-    `provenance` (this very command, killed) is let through, to be resumed. `early` (before
-    the provenance is known): a complete set is let through, for `_write` to compare."""
-    if early and _complete_meta(out) is not None:
-        return
-    if isinstance(out, str):
-        _refuse_existing_remote(out, provenance)
-        return
-    if out.exists() or out.is_symlink():
-        with WriterLease(out):
-            clear_staging(out)
-        raise SoftlabelsError(f"{out} already exists; choose a new --out (nothing was written)")
 
 
-def _refuse_existing_remote(out: str, provenance: Any) -> None:
-    remote = Remote(out)
-    if not remote.exists():
-        return
-    try:
-        with open_store(out, "r") as store:
-            old = store.get_meta()
-    except SoftlabelsError:
-        old = None
-    unfinished = isinstance(old, dict) and old.get("status") == S.STATUS_WRITING
-    if unfinished and provenance is not None:
-        if _normal(old.get("provenance")) == _normal(provenance):
-            return  # this same command, stopped earlier: resumed block by block
-        raise SoftlabelsError(f"{out} holds an unfinished set written by another command "
-                              "(its provenance differs); nothing was written: choose a new "
-                              "--out, or finish or remove that set")
-    if unfinished:
-        return  # checked again, under the lease, once the provenance is known
-    raise SoftlabelsError(f"{out} already exists; choose a new --out (nothing was written)")
 
 
-def _complete_meta(out: Path | str) -> dict[str, Any] | None:
-    """The metadata of a complete set at `out`, or None (nothing there, or not a set)."""
-    if isinstance(out, str) and not Remote(out).exists() or \
-            not isinstance(out, str) and (not out.exists() or out.is_symlink()):
-        return None
-    try:
-        with open_store(out, "r") as store:
-            meta = store.get_meta()
-    except (SoftlabelsError, OSError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("status") == S.STATUS_COMPLETE else None
 
 
-def _normal(value: Any) -> Any:
-    return redact_obj(json.loads(json.dumps(value)))  # as the writer stores it
 
 
-def _write(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
-           progress: Progress | None, *, whole: dict[str, np.ndarray] | None = None,
-           ) -> dict[str, Any]:
-    """Write a new set aside (`OUT.partial`) and rename it to `OUT` once complete, holding the
-    output's lease throughout; a zip target is packed from the staged directory. A rerun after a
-    kill clears what the killed run left and starts again. `whole`: arrays not written by block
-    (a sequence set's offsets).
-
-    At a URL (no rename in an object store) the set is written in place, marked complete
-    last; a rerun after a kill resumes it (its provenance names the same sources and
-    selection)."""
-    meta = carried(meta)
-    old = _complete_meta(out)
-    if old is not None and _normal(old.get("provenance")) == _normal(meta.get("provenance")):
-        if not isinstance(out, str):  # what a run killed after publishing left beside it
-            with WriterLease(out):
-                clear_staging(out)
-        return {**old, ALREADY_COMPLETE: True}  # this same command finished earlier
-    if isinstance(out, str):
-        with WriterLease(out):
-            _refuse_existing(out, meta.get("provenance"))
-            return _write_blocks(out, layout, meta, arrays, progress, backend_of(out), whole)
-    zipped = backend_of(out) == "zarr-zip"
-    with WriterLease(out):
-        clear_staging(out)
-        _refuse_existing(out)
-        staged = beside(out, PARTIAL)
-        try:
-            written = _write_blocks(staged, layout, meta, arrays, progress,
-                                    "zarr" if zipped else backend_of(out), whole)
-            if zipped:
-                packing = beside(out, PACKING)
-                with zipfile.ZipFile(packing, "w", zipfile.ZIP_STORED) as z:
-                    for f in sorted(staged.rglob("*")):
-                        if f.is_file():
-                            z.write(f, f.relative_to(staged).as_posix())
-                remove_set(staged, backend="zarr", what="clean-up")
-                staged = packing
-            publish(staged, out)
-        except BaseException:
-            clear_staging(out)  # a refused or failed operation leaves nothing behind
-            raise
-    return written
 
 
-def _write_blocks(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
-                  progress: Progress | None, backend: str,
-                  whole: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    with TransferSetWriter(out, layout, meta, backend=backend, whole=whole) as writer:
-        for b in writer.pending:
-            start, stop = layout.block_range(b)
-            writer.write_block(b, arrays(start, stop))
-            if progress:
-                progress(stop, layout.num_rows)
-    return writer.meta
 
 
-class _Source:
-    """A source set's rows, read through `TransferSet.read_block`: every block a set operation
-    copies from is checked (readable, checksum, finite, labels) before it is used, so damage is
-    refused, naming its block, and never copied under fresh checksums."""
-
-    def __init__(self, ts: TransferSet) -> None:
-        self.ts = ts
-        self._cache: dict[int, dict[str, np.ndarray]] = {}
-
-    def _block(self, b: int) -> dict[str, np.ndarray]:
-        if b not in self._cache:
-            if len(self._cache) >= 2:  # rows come in order: two blocks cover any window
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[b] = self.ts.read_block(b)
-        return self._cache[b]
-
-    def rows(self, names: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Arrays at sorted source rows `rows`."""
-        blocks = rows // self.ts.block_rows
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for b in np.unique(blocks):
-            data = self._block(int(b))
-            local = rows[blocks == b] - self.ts.block_range(int(b))[0]
-            for n in names:
-                if n not in data:
-                    raise TransferSetError(f"{self.ts.path} has no array {n!r}, which this "
-                                           "set's metadata implies; get a fresh copy")
-                parts[n].append(np.take(data[n], local, axis=S.row_axis(n)))
-        return {n: np.concatenate(p, axis=S.row_axis(n)) for n, p in parts.items()}
-
-    def range(self, names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
-        return self.rows(names, np.arange(start, stop))
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
             progress: Progress | None = None) -> dict[str, Any]:
     """Copy a set into another container (`.zarr`, `.h5`, `.zarr.zip`), content identical."""
-    out = _output(out)
+    out = output_path(out)
     with open_transfer_set(src) as ts:
         if ts.layout.num_sequences:
             from .sequence_ops import convert_sequences
@@ -218,9 +67,9 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
         layout = _layout(ts)
         names = list(layout.arrays())
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
-                                          "converted_from": _source(ts)}}
-        source = _Source(ts)
-        return _write(out, layout, meta, lambda a, b: source.range(names, a, b), progress)
+                                          "converted_from": source_record(ts)}}
+        source = Source(ts)
+        return write_output(out, layout, meta, lambda a, b: source.range(names, a, b), progress)
 
 
 def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -229,8 +78,8 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
            indices: str | os.PathLike[str] | None = None,
            progress: Progress | None = None) -> dict[str, Any]:
     """A new set holding the selected rows; `index` still points into the source dataset."""
-    out = _output(out)
-    _refuse_existing(out, early=True)
+    out = output_path(out)
+    refuse_existing(out, early=True)
     with open_transfer_set(src) as ts:
         if ts.layout.num_sequences:  # cut by whole sequences
             from .sequence_ops import subset_sequences
@@ -238,7 +87,7 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
             return subset_sequences(ts, out, fraction=fraction, seed=seed, classes=classes,
                                     exclude_classes=exclude_classes, indices=indices,
                                     progress=progress)
-        source = _Source(ts)
+        source = Source(ts)
         # every block is checked before its labels and index choose rows
         columns = source.range([S.LABELS, S.INDEX], 0, ts.num_rows)
         rows = select_rows(columns[S.LABELS], index=columns[S.INDEX], fraction=fraction, seed=seed,
@@ -252,11 +101,11 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                      "indices": str(indices) if indices is not None else None,
                      "indices_digest": indices_digest(indices)}
         meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
-                                          "subset_of": {**_source(ts), **selection}}}
-        return _write(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress)
+                                          "subset_of": {**source_record(ts), **selection}}}
+        return write_output(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress)
 
 
-def _members(source: _Source, start: int, stop: int) -> np.ndarray:
+def _members(source: Source, start: int, stop: int) -> np.ndarray:
     """(M, rows, C) member logits of one set: stored members, or its logits if it has one."""
     if source.ts.has(S.MEMBER_LOGITS):
         return source.range([S.MEMBER_LOGITS], start, stop)[S.MEMBER_LOGITS].astype(np.float32)
@@ -299,8 +148,8 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
         raise SoftlabelsError("merge needs at least two transfer sets")
     if combine not in S.COMBINE_CHOICES:
         raise SoftlabelsError(f"combine must be one of {S.COMBINE_CHOICES}, got {combine!r}")
-    out = _output(out)
-    _refuse_existing(out, early=True)
+    out = output_path(out)
+    refuse_existing(out, early=True)
     sets = [open_transfer_set(s) for s in sources]
     try:
         _check_mergeable(sets)
@@ -308,7 +157,7 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
         members = [m for ts in sets for m in ts.meta["teacher"]["members"]]
         layout = _layout(first, num_members=len(members))
         temps = first.temperatures
-        sources = [_Source(ts) for ts in sets]
+        sources = [Source(ts) for ts in sets]
         computed = (S.MEMBER_LOGITS, S.LOGITS, S.PROBS)
         columns = [n for n in layout.arrays() if n not in computed]  # labels, index, view_seed...
 
@@ -325,8 +174,8 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
 
         applied = {k: v for k, v in first.meta["teacher"].items() if k == "preprocess"}
         meta = {**first.meta, "teacher": {"members": members, "combine": combine, **applied},
-                "provenance": {"merged_from": [_source(ts) for ts in sets]}}
-        return _write(out, layout, meta, arrays, progress)
+                "provenance": {"merged_from": [source_record(ts) for ts in sets]}}
+        return write_output(out, layout, meta, arrays, progress)
     finally:
         for ts in sets:
             ts.close()

@@ -1,5 +1,5 @@
 """Set operations on sequence sets: convert (any container), subset by whole sequences; merge is
-refused. They write like every set operation (`operations._write`: the output's lease, written
+refused. They write like every set operation (`operations.write_output`: the output's lease, written
 aside and renamed once complete) and read their source through `TransferSet.read_block`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import SoftlabelsError
 from ..progress import Progress
 from . import schema as S
-from .operations import _Source, _source, _write, indices_digest
+from .copying import Source, indices_digest, source_record, write_output
 from .reader import TransferSet
 from .selection import read_indices
 from .sequence import SEQ_OFFSETS, read_offsets, with_offsets
@@ -25,14 +25,14 @@ def convert_sequences(ts: TransferSet, out: Path | str, *,
     """Copy a sequence set into another container, content identical."""
     offsets = read_offsets(ts)
     meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
-                                      "converted_from": _source(ts)}}
-    layout, source = ts.layout, _Source(ts)
+                                      "converted_from": source_record(ts)}}
+    layout, source = ts.layout, Source(ts)
     names = list(layout.arrays())
-    return _write(out, layout, meta, lambda a, b: source.range(names, a, b), progress,
+    return write_output(out, layout, meta, lambda a, b: source.range(names, a, b), progress,
                   whole={SEQ_OFFSETS: offsets})
 
 
-def select_sequences(index: _Source, offsets: np.ndarray, *, fraction: float | None,
+def select_sequences(index: Source, offsets: np.ndarray, *, fraction: float | None,
                      seed: int, indices: np.ndarray | None) -> np.ndarray:
     """Sorted sequence numbers kept: those whose dataset index is in `indices`, then a seeded
     `fraction` of them (at least one). `index`: the source, read checked."""
@@ -60,7 +60,7 @@ def subset_sequences(ts: TransferSet, out: Path | str, *, fraction: float | None
                               "use --fraction or --indices (dataset indices of sequences), "
                               "not --classes or --exclude-classes")
     offsets = read_offsets(ts)
-    source = _Source(ts)
+    source = Source(ts)
     chosen = select_sequences(source, offsets, fraction=fraction, seed=seed,
                               indices=read_indices(indices) if indices is not None else None)
     lengths = np.diff(offsets)[chosen]
@@ -73,7 +73,7 @@ def subset_sequences(ts: TransferSet, out: Path | str, *, fraction: float | None
                  "indices": str(indices) if indices is not None else None,
                  "indices_digest": indices_digest(indices)}
     meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
-                                      "subset_of": {**_source(ts), **selection}}}
+                                      "subset_of": {**source_record(ts), **selection}}}
     names = list(layout.arrays())
-    return _write(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress,
+    return write_output(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress,
                   whole={SEQ_OFFSETS: new_offsets})

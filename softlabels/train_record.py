@@ -1,0 +1,22 @@
+"""What a training run returns (`TrainResult`) and reports as it goes (`Callback`), whatever its
+kind of rows: example students (trainer.py) and sequence models (sequence_trainer.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+Callback = Callable[[str, dict[str, Any]], None]  # (event: "batch" | "epoch", info)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    spec: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    seconds: float = 0.0
+    rank: int = 0
