@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from softlabels.format.backends import backend_of, open_store
+
 from ._version import __version__
 from .cluster_tasks import SHARED, check_worker, compute_blocks, set_token
 from .errors import OptionError, SoftlabelsError
 from .format import schema as S
-from .format._store import backend_of, open_store
 from .format.aside import remove_set
 from .format.layout import Layout
 from .format.lease import refuse_if_busy

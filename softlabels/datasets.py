@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from softlabels.format.backends import backend_of
+
 from .blocks import check_servable, load_checked
 from .epochs import WindowLoader, block_windows, rank_and_world
 from .errors import MismatchError, SoftlabelsError
 from .format import schema as S
-from .format._store import backend_of
 from .format.location import is_url
 from .format.reader import TransferSet, open_transfer_set
 from .format.selection import select_rows

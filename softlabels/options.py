@@ -283,7 +283,7 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
         if remote.read_only:
             raise OptionError(f"{what} {remote}: {remote.scheme}:// is read-only; write to a "
                               "local path, s3:// or gs://")
-        from .format._store import backend_of
+        from softlabels.format.backends import backend_of
 
         if backend_of(remote.url) != "zarr":
             raise OptionError(f"{what} {remote}: only Zarr sets are written to a URL (an object "

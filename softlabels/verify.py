@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from softlabels.format.backends import open_store
+
 from .errors import IntegrityError, SoftlabelsError, TransferSetError
 from .format import schema as S
-from .format._store import open_store
 from .format.blockcheck import undone_blocks
 from .format.integrity import VerifyReport, check_arrays, check_meta, check_values
 from .format.reader import TransferSet

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.layout import Layout
 
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import logging
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +37,32 @@ def suffix(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def out_path(tmp_path: Path, suffix: str) -> Path:
     return tmp_path / f"set.{suffix}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """One local S3 server for the session: s3fs caches its filesystem objects, so a server
+    per module would leave a later module talking to a stopped one."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the local S3 server; credentials and endpoint through the standard
+    AWS variables, as any s3fs user sets them."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import fsspec
+
+    name = f"b{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return name

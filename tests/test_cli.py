@@ -76,7 +76,7 @@ def test_bad_input_is_one_line(tmp_path: Path, npz_data: str, args: list[str],
 
 
 def test_info_refuses_incomplete_and_unknown_version(npz_data: str, tmp_path: Path) -> None:
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     path = tmp_path / "s.zarr"
     run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(path),
@@ -95,7 +95,7 @@ def test_info_refuses_incomplete_and_unknown_version(npz_data: str, tmp_path: Pa
 
 
 def test_verify_detects_edited_data_and_values(npz_data: str, tmp_path: Path) -> None:
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     path = tmp_path / "s.zarr"
     run("precompute", "--data", npz_data, "--teacher", "mlp:16-3", "--out", str(path),

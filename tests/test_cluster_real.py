@@ -23,7 +23,7 @@ from softlabels._version import __version__
 from softlabels.cluster import check_worker, compute_blocks, precompute_on_cluster, set_token
 from softlabels.errors import TransferSetError
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.options import PrecomputeOptions
 from softlabels.precompute import precompute, prepare

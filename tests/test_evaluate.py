@@ -47,7 +47,7 @@ def test_evaluate_against_a_damaged_set_names_the_block(tmp_path: Path) -> None:
     """`evaluate --transfer-set` reads the teacher's targets only through checked blocks: a
     flipped value in the set is one line naming its block, not a silently wrong agreement."""
     from softlabels.format import schema as S
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
     from softlabels.precompute import precompute
 
     data = make_npz(tmp_path / "d.npz")

@@ -26,7 +26,7 @@ from softlabels.cli import cli
 from softlabels.errors import IntegrityError, SoftlabelsError
 from softlabels.format import convert, merge, subset
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 from softlabels.verify import verify
@@ -99,14 +99,14 @@ def _commands(src: dict[str, Path | str]) -> dict[str, list[str]]:
     }
 
 
-STORE = "softlabels.format._store"
+STORE = "softlabels.format.store"
 KILLS = [  # (command, output name, kill target, nth call, before/after)
     ("precompute", "p.zarr", f"{STORE}:Store.create", 3, "before"),  # laying out
     ("precompute", "p.h5", f"{STORE}:Store.create", 3, "before"),
     ("precompute", "p.zarr", "softlabels.format.writer:write_block", 3, "before"),
     ("precompute", "p.h5", "softlabels.format.writer:write_block", 3, "before"),
     ("precompute", "p.zarr", f"{STORE}:Store.flush", 4, "before"),  # data in, not marked done
-    ("precompute", "p.h5", f"{STORE}:HDF5Store.flush", 4, "before"),
+    ("precompute", "p.h5", "softlabels.format._hdf5:HDF5Store.flush", 4, "before"),
     ("precompute", "p.zarr", "softlabels.format.writer:TransferSetWriter.finish", 1, "after"),
     ("precompute --num-workers", "p.zarr", "softlabels.format.writer:write_block", 2, "before"),
     ("precompute --overwrite", "p.zarr", "softlabels.format.aside:_delete", 2, "before"),

@@ -14,7 +14,7 @@ from conftest import CHUNK
 from softlabels.cli import cli
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_object_store import bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 from conftest import make_npz
 from softlabels.cli import cli

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -47,31 +47,6 @@ from softlabels.verify import verify  # noqa: E402
 HERE = Path(__file__).parent
 TEACHER = "python:helpers:slow"
 OPTS = dict(temperatures=[1, 3], chunk_rows=16, batch_size=8, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket on the local S3 server; credentials and endpoint through the standard
-    AWS variables, as any s3fs user sets them."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    import fsspec
-
-    name = f"b{uuid.uuid4().hex[:12]}"
-    fsspec.filesystem("s3").mkdir(name)
-    return name
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +157,7 @@ def test_kill_while_laying_out_in_place_is_laid_out_again(tmp_path: Path, bucket
     args = ["precompute", "--data", data, "--teacher", TEACHER, "--out", url,
             "--temperatures", "1", "--chunk-rows", "16", "--dtype", "float32", "--random-teacher"]
     killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
-                             "softlabels.format._store:Store.create", "3", "after", "--", *args],
+                             "softlabels.format.store:Store.create", "3", "after", "--", *args],
                             env=_env(), capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _fs().exists(f"{bucket}/layout.zarr/zarr.json")  # created in place, then killed
@@ -438,7 +413,7 @@ def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Pat
     precompute(data, [TEACHER], root / f"set.{suffix}", **OPTS, random_teacher=True)
     url = f"{base}/set.{suffix}"
     if suffix == "zarr":
-        from softlabels.format._store import open_store
+        from softlabels.format.backends import open_store
 
         with open_store(url) as store:
             assert store.names() == []  # the server lists nothing: arrays are probed by name

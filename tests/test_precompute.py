@@ -87,7 +87,7 @@ def test_rerun_resumes_only_missing_blocks(npz_data: str, out_path: Path,
     precompute(npz_data, ["mlp:16-8-3"], full, **args, random_teacher=True)
     precompute(npz_data, ["mlp:16-8-3"], out_path, **args, random_teacher=True)
     # Simulate an interruption: un-mark two blocks and set the status back to writing.
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     with open_store(out_path, "r+") as store:
         done = store.read(S.BLOCK_DONE)
@@ -189,7 +189,7 @@ def test_sharded_zarr_blocks_are_shards(npz_data: str, tmp_path: Path) -> None:
         for name in (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH):
             np.testing.assert_array_equal(a.read(name), b.read(name))
     assert len(list((sharded / "logits" / "c").rglob("*"))) == 4 + 4  # 4 dirs, 4 shard files
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     with open_store(sharded, "r+") as store:  # interrupt: block 2 undone, its shard removed
         done = store.read(S.BLOCK_DONE)

@@ -12,7 +12,7 @@ from checksums import as_version_1, block_chunk, flip_byte, forge_checksums
 from conftest import CHUNK
 from softlabels.errors import IntegrityError, TransferSetError
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 

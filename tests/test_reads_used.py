@@ -12,10 +12,10 @@ import torch
 from conftest import CHUNK
 from softlabels.evaluate import evaluate
 from softlabels.format import schema as S
-from softlabels.format._hdf5 import HDF5Store
-from softlabels.format._store import ZarrStore
+from softlabels.format.backends import open_store  # noqa: F401  (loads every backend)
 from softlabels.format.chunk_files import ChunkFiles
 from softlabels.format.reader import open_transfer_set
+from softlabels.format.store import Store
 from softlabels.metrics import kl_to_teacher, teacher_agreement
 from softlabels.precompute import precompute
 from softlabels.report import transfer_set_report
@@ -24,6 +24,9 @@ from softlabels.train_plans import materialize
 from softlabels.trainer import predict
 
 BOOKKEEPING = {S.ARRAY_CHECKSUM, S.BLOCK_DONE}
+# the backends, by the public interface they implement (their modules are private)
+BACKENDS = {cls.__name__: cls for cls in Store.__subclasses__()}
+ZarrStore, HDF5Store = BACKENDS["ZarrStore"], BACKENDS["HDF5Store"]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import make_npz
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute
 

@@ -16,7 +16,7 @@ from test_sequences import TEACHER, write_tokens
 from softlabels import sequence_trainer
 from softlabels.cli import cli
 from softlabels.errors import IntegrityError
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.operations import subset
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_TOKENS

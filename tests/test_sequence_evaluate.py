@@ -227,7 +227,7 @@ def test_streamed_and_in_memory_targets_give_the_same_report(
 def test_a_damaged_block_of_targets_is_one_line_naming_it(lm: dict, tmp_path: Path) -> None:
     """The teacher's targets are read only through checked blocks: flipped stored logits are
     refused, naming their block, not turned into a silently wrong KL."""
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     out = tmp_path / "k.zarr"
     precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[1],
@@ -306,7 +306,7 @@ def test_set_tokens_that_are_not_the_datas_are_refused_in_one_line(lm: dict, tmp
     or scored on: one line naming the block, not silence, and not an embedding's IndexError."""
     from checksums import forge_checksums
 
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
     from softlabels.format.sequence import SEQ_TOKENS
 
     out = tmp_path / "set.zarr"

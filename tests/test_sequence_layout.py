@@ -17,7 +17,7 @@ from test_sequences import CHUNK, TEACHER, write_tokens
 
 from softlabels.errors import SoftlabelsError, SpecError, TransferSetError
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.layout import IDENTITY_KEYS, LAYOUT_KEYS, Layout
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute

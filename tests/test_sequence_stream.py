@@ -11,7 +11,7 @@ import pytest
 from test_sequences import TEACHER, write_tokens
 
 from softlabels.errors import IntegrityError
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import SEQ_TOKENS, read_offsets
 from softlabels.precompute import precompute

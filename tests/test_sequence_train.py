@@ -13,7 +13,7 @@ from test_sequences import TEACHER, VOCAB, write_tokens
 
 from helpers import TinyLM
 from softlabels.errors import IntegrityError, SoftlabelsError
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_TOKENS, read_offsets
 from softlabels.losses import kd_loss_from_probs, sparse_kd_loss

@@ -13,7 +13,7 @@ from test_sequences import TEACHER, write_tokens
 
 from softlabels.cli import cli
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import read_offsets
 

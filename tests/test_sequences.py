@@ -15,7 +15,7 @@ from helpers import TinyLM
 from softlabels.cli import cli
 from softlabels.errors import DataError, IntegrityError, SoftlabelsError
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.operations import convert, merge, subset
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import (

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from softlabels.errors import TransferSetError
-from softlabels.format._store import backend_of, open_store
+from softlabels.format.backends import backend_of, open_store
 
 
 def test_round_trip_and_fill(out_path: Path) -> None:

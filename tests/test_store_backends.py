@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_object_store import _RangeHandler, bucket, s3_endpoint  # noqa: F401  (fixtures)
+from test_object_store import _RangeHandler
 
 from softlabels.errors import TransferSetError
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 
 WRITABLE = ["zarr", "h5", "s3", "gs"]
 READ_ONLY = ["zip", "http-zarr", "http-h5"]

@@ -237,7 +237,7 @@ def dense(npz_data: str, out_path: Path) -> tuple[str, Path]:
 def test_non_finite_targets_are_refused_even_with_a_matching_checksum(
         dense: tuple[str, Path]) -> None:
     data, path = dense
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     with open_store(path, "r+") as store:
         probs = store.read(S.PROBS)
@@ -272,7 +272,7 @@ def test_an_index_outside_the_dataset_is_refused_not_served(dense: tuple[str, Pa
     """A set whose `index` points past the dataset (checksums forged to match) must not serve
     another example's input, nor fail with a bare IndexError."""
     data, path = dense
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     with open_store(path, "r+") as store:
         index = store.read(S.INDEX)

@@ -114,7 +114,7 @@ def test_bad_training_input(tmp_path: Path, extra: list[str], message: str) -> N
 
 
 def test_incomplete_set_is_refused_for_training(tmp_path: Path) -> None:
-    from softlabels.format._store import open_store
+    from softlabels.format.backends import open_store
 
     data = make_npz(tmp_path / "d.npz")
     ts = tmp_path / "s.h5"

@@ -17,7 +17,7 @@ from conftest import CHUNK, make_npz
 from softlabels.errors import MismatchError, SoftlabelsError, TransferSetError, WriterBusyError
 from softlabels.format import convert
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.lease import WriterLease, holder, lock_path
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import precompute

@@ -17,7 +17,7 @@ import pytest
 from conftest import CHUNK
 from softlabels.errors import OptionError
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.precompute import WRITER_QUEUE, precompute, writer_thread
 

@@ -1,5 +1,5 @@
-"""The HDF5 backend of `_store`: one file (`*.h5`, `*.hdf5`), read locally or from a URL
-through an fsspec file object."""
+"""The HDF5 backend of the store interface (store.py): one file (`*.h5`, `*.hdf5`), read
+locally or from a URL through an fsspec file object."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import TransferSetError, WriterBusyError
-from ._store import Mode, Store, _block_selection, _fill_value
 from .location import Remote
 from .schema import ATTR_KEY
+from .store import Mode, Store, block_selection, fill_value
 
 
 class HDF5Store(Store):
@@ -62,7 +62,7 @@ class HDF5Store(Store):
         chunks = tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape))
         extra = {"shuffle": True, "compression": "gzip"} if shuffle_compress else {}
         ds = self._file.create_dataset(
-            name, shape=shape, dtype=dt, chunks=chunks, fillvalue=_fill_value(dt), **extra
+            name, shape=shape, dtype=dt, chunks=chunks, fillvalue=fill_value(dt), **extra
         )
         for axis, label in enumerate(dims or ()):
             ds.dims[axis].label = label  # HDF5 dimension labels (h5dump: DIMENSION_LABELS)
@@ -102,8 +102,8 @@ class HDF5Store(Store):
         # HDF5 rewrites a chunk in place, so nothing can be torn; erasing writes the fill value,
         # which makes the block read exactly as one never written.
         ds = self._file[name]
-        sel = _block_selection(ds.shape, block, block_rows, axis)
-        ds[sel] = _fill_value(ds.dtype)
+        sel = block_selection(ds.shape, block, block_rows, axis)
+        ds[sel] = fill_value(ds.dtype)
 
     def discard_partial_files(self) -> int:
         self._writable("clean up")

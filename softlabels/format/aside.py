@@ -23,9 +23,10 @@ import logging
 import os
 from pathlib import Path
 
+from softlabels.format.backends import backend_of, open_store
+
 from ..errors import TransferSetError, WriterBusyError
 from . import schema as S
-from ._store import backend_of, open_store
 from .location import Remote, is_url
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from softlabels.format.backends import backend_of, open_store
+
 from ..errors import SoftlabelsError, TransferSetError
 from ..input_proof import file_digest
 from ..progress import Progress
 from ..redact import redact_obj
 from . import schema as S
-from ._store import backend_of, open_store
 from .aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
 from .layout import DIGEST, Layout, carried
 from .lease import WriterLease

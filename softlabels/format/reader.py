@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from softlabels.format.backends import backend_of, open_store
+from softlabels.format.store import Store
+
 from ..errors import DataError, IncompleteTransferSetError, IntegrityError, TransferSetError
 from ..tempering import tempered_softmax
 from . import schema as S
-from ._store import Store, backend_of, open_store
 from .aside import PARTIAL
 from .blockcheck import (
     MEASURE_ABOVE_BYTES,

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from softlabels.format.backends import backend_of, open_store
+from softlabels.format.store import Store
+
 from ..errors import MismatchError, TransferSetError, WriterBusyError
 from ..redact import redact_obj
 from . import schema as S
-from ._store import Store, backend_of, open_store
 from .aside import CREATING, beside, clear_staging, remove_set
 from .layout import DIGEST, FILE_KEYS, Layout, digest, resume_identity
 from .lease import WriterLease

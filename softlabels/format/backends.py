@@ -1,0 +1,74 @@
+"""Which backend holds a set, and opening it: `open_store(path or URL)` returns the `Store`
+(store.py) of a local Zarr directory, a zip-packed Zarr, an HDF5 file, or a set at a URL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import TransferSetError
+from ._hdf5 import HDF5Store
+from ._zarr import ZarrStore
+from .location import Remote, deadline_errors, is_url
+from .store import Mode, Store
+
+
+def backend_of(path: str | os.PathLike[str]) -> str:
+    """'hdf5' for *.h5/*.hdf5, 'zarr-zip' for *.zarr.zip, else 'zarr'. A writer's path beside
+    an output (`OUT.partial`, `OUT.creating`, ...; see `aside`) has its output's backend."""
+    name = str(path).rstrip("/").lower()
+    for staging in (".creating", ".partial", ".packing", ".removing"):
+        name = name.removesuffix(staging)
+    if name.endswith((".h5", ".hdf5")):
+        return "hdf5"
+    return "zarr-zip" if name.endswith(".zip") else "zarr"
+
+
+def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
+               backend: str | None = None, meta: dict[str, Any] | None = None,
+               cache: str | None = None) -> Store:
+    """Open or create a store; the backend follows the path's suffix unless `backend` names
+    it (a staging path such as `OUT.h5.partial` is written as its final name's backend).
+
+    `path` may be a URL (`s3://`, `gs://`, `https://`; see `location`). `meta`: the metadata
+    a new Zarr group ("w") is created with. `cache`: a local directory caching a remote set's
+    chunks (mode "r")."""
+    if is_url(path):
+        remote = Remote(path)
+        with deadline_errors(remote):  # a server past its deadline: one line naming it
+            return _open_remote(remote, mode, backend=backend, meta=meta, cache=cache)
+    p = Path(path)
+    if mode != "w" and not p.exists():
+        raise TransferSetError(f"no transfer set at {p}: the path does not exist")
+    if (backend or backend_of(p)) == "hdf5":
+        return HDF5Store(p, mode)
+    if mode != "w" and p.is_dir() and not (p / "zarr.json").exists():
+        raise TransferSetError(f"{p} is a directory but not a Zarr v3 group (no zarr.json)")
+    try:
+        return ZarrStore(p, mode, meta=meta)
+    except ValueError as exc:  # a garbled zarr.json (json.JSONDecodeError) or metadata
+        raise TransferSetError(f"{p} is not a readable Zarr group: its metadata is damaged "
+                               f"({str(exc).splitlines()[0]}); restore the set from its "
+                               "source, or make it again with `softlabels precompute`") from None
+
+
+def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,
+                 meta: dict[str, Any] | None, cache: str | None) -> Store:
+    if mode != "w" and not remote.exists():
+        raise TransferSetError(f"no transfer set at {remote}: nothing is stored at that URL")
+    if (backend or backend_of(remote.url)) == "hdf5":
+        return HDF5Store(remote, mode)
+    if mode != "w" and not remote.is_dir_like():
+        raise TransferSetError(f"{remote} is one object, not a Zarr v3 group (no "
+                               f"{remote}/zarr.json)")
+    try:
+        return ZarrStore(remote, mode, meta=meta, cache=cache)
+    except FileNotFoundError:
+        raise TransferSetError(f"{remote} is not a Zarr v3 group (no zarr.json at that URL)"
+                               ) from None
+    except ValueError as exc:
+        remote.drop_cache()  # damaged in the local cache: fetched again next time
+        raise TransferSetError(f"{remote} is not a readable Zarr group: its metadata is "
+                               f"damaged ({str(exc).splitlines()[0]}); restore the set from its "
+                               "source, or make it again with `softlabels precompute`") from None
