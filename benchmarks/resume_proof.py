@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from softlabels.format import schema as S
-from softlabels.format._store import open_store
+from softlabels.format.backends import open_store
 from softlabels.precompute import precompute, row_hashes
 
 
