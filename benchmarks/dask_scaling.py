@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.cluster import precompute_on_cluster
-from softlabels.precompute import precompute
+from softlabels.compute.cluster import precompute_on_cluster
+from softlabels.compute.examples import precompute
 
 
 class Clock:

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softlabels.datasets import StreamingSoftTargetDataset
+from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.writer import TransferSetWriter
-from softlabels.precompute import precompute
+from softlabels.train.datasets import StreamingSoftTargetDataset
 
 CLASSES, FEATURES = 1000, 8
 

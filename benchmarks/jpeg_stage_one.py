@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 from make_images import photo_crops  # noqa: E402
 
-from softlabels.fetch import collate  # noqa: E402
-from softlabels.images import ImageFolderSource, decode_batch  # noqa: E402
-from softlabels.precompute import precompute  # noqa: E402
-from softlabels.specs import load_data  # noqa: E402
+from softlabels.compute.examples import precompute  # noqa: E402
+from softlabels.compute.fetch import collate  # noqa: E402
+from softlabels.sources.images import ImageFolderSource, decode_batch  # noqa: E402
+from softlabels.sources.load import load_data
 
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 

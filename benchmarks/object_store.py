@@ -31,9 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from softlabels.compute.examples import precompute  # noqa: E402
 from softlabels.format.operations import convert  # noqa: E402
 from softlabels.format.reader import open_transfer_set  # noqa: E402
-from softlabels.precompute import precompute  # noqa: E402
 
 
 class _Requests(logging.Handler):
@@ -75,7 +75,7 @@ class _Delayed:
 
 def stream_pass(data: str, url: str, counter: _Requests) -> tuple[float, int, int]:
     """(seconds, rows, GET/HEAD requests) of one epoch streamed as `train` streams it."""
-    from softlabels.datasets import SoftTargetBatches
+    from softlabels.train.datasets import SoftTargetBatches
 
     stream = SoftTargetBatches(data, url, temperature=4.0, batch_size=256, check=False)
     before = counter.gets

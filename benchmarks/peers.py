@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.datasets import SoftTargetBatches
+from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
+from softlabels.train.datasets import SoftTargetBatches
 
 T, BATCH, WINDOW = 4.0, 256, 4
 Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> batches

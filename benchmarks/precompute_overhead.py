@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from softlabels.fetch import collate
-from softlabels.precompute import precompute
-from softlabels.teacher import Teacher
+from softlabels.compute.examples import precompute
+from softlabels.compute.fetch import collate
+from softlabels.teachers.ensemble import Teacher
 
 
 def bare(teacher: Teacher, data: TensorDataset, batch_size: int) -> float:

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.datasets import SoftTargetBatches
-from softlabels.epochs import mix
+from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
+from softlabels.train.datasets import SoftTargetBatches
+from softlabels.train.epochs import mix
 
 BATCH = 256
 T = 4.0
@@ -177,7 +177,7 @@ def measure(data: str, path: Path, rows: int, rounds: int, batch: int, *,
     start-up)."""
     import zarr
 
-    from softlabels.specs import load_data
+    from softlabels.sources.load import load_data
 
     with open_transfer_set(path) as ts:
         served = ([S.LABELS, S.INDEX, S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
@@ -272,7 +272,7 @@ def rss(args: argparse.Namespace) -> None:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"set: {args.rss_rows} rows x 1000 classes, {size / 2**30:.2f} GiB on disk "
               f"(made in {time.perf_counter() - t0:.0f}s)")
-        code = (f"import resource, time\nfrom softlabels.datasets import SoftTargetBatches\n"
+        code = (f"import resource, time\nfrom softlabels.train.datasets import SoftTargetBatches\n"
                 f"s = SoftTargetBatches({data!r}, {str(path)!r}, temperature={T}, "
                 f"batch_size={BATCH}, check=False)\n"
                 "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -285,8 +285,8 @@ def rss(args: argparse.Namespace) -> None:
 
 
 def epoch_cost(args: argparse.Namespace) -> None:
-    from softlabels.losses import kd_loss_from_probs
-    from softlabels.specs import build_model
+    from softlabels.teachers.models import build_model
+    from softlabels.train.losses import kd_loss_from_probs
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         rows = 60_000

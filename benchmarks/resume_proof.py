@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from softlabels.compute.examples import precompute, row_hashes
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
-from softlabels.precompute import precompute, row_hashes
 
 
 def interrupt_last_block(path: Path) -> int:

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from softlabels.compute.sequences import precompute_sequences
 from softlabels.format.reader import open_transfer_set
-from softlabels.sequence_datasets import SequenceBatches, sequence_kd_loss
-from softlabels.sequence_precompute import precompute_sequences
-from softlabels.tokens import TokenSequences
+from softlabels.sources.tokens import TokenSequences
+from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
 
 TEMPS = (1.0, 2.0, 4.0)
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from sequence_storage import SyntheticLM
 
+from softlabels.compute.sequences import precompute_sequences
 from softlabels.format.reader import open_transfer_set
-from softlabels.sequence_datasets import SequenceBatches, StreamingSequenceBatches
-from softlabels.sequence_precompute import precompute_sequences
-from softlabels.tokens import TokenSequences
+from softlabels.sources.tokens import TokenSequences
+from softlabels.train.sequence_batches import SequenceBatches, StreamingSequenceBatches
 
 
 def data(tokens: int, vocab: int) -> TokenSequences:

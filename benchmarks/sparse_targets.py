@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.evaluate import evaluate
-from softlabels.precompute import precompute
-from softlabels.specs import load_data
-from softlabels.train_plans import materialize
-from softlabels.trainer import train_student
+from softlabels.compute.examples import precompute
+from softlabels.sets.evaluate import evaluate
+from softlabels.sources.load import load_data
+from softlabels.train.plans import materialize
+from softlabels.train.trainer import train_student
 
 
 def size_on_disk(path: Path) -> int:

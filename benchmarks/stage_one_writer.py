@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.precompute import precompute
-from softlabels.sequence_precompute import device_targets, windows
-from softlabels.teacher import Teacher
-from softlabels.tokens import TokenSequences
+from softlabels.compute.examples import precompute
+from softlabels.compute.sequences import device_targets, windows
+from softlabels.sources.tokens import TokenSequences
+from softlabels.teachers.ensemble import Teacher
 
 CASES = {  # name: (classes, input dims, hidden width (0: one Linear), rows, batch)
     "dense100": (100, 64, 256, 200_000, 1024),
@@ -164,7 +164,7 @@ def seq_case(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
 
 def _device_only(teacher: Teacher, data: TokenSequences, layout: object, batch: int) -> float:
     """Seconds for the teacher and its top-k on the batches precompute forms, nothing else."""
-    from softlabels.sequence_precompute import pad
+    from softlabels.compute.sequences import pad
 
     t0 = time.perf_counter()
     for window, _ in windows(layout, list(range(layout.num_blocks)), 1 << 16):

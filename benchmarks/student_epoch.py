@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.precompute import precompute
-from softlabels.trainer import train_student
+from softlabels.compute.examples import precompute
+from softlabels.train.trainer import train_student
 
 
 def epoch_seconds(data: TensorDataset, args: argparse.Namespace, **soft: object) -> list[float]:

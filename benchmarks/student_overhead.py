@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.datasets import StreamingSoftTargetDataset
+from softlabels.compute.examples import precompute
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.trainer import train_student
+from softlabels.train.datasets import StreamingSoftTargetDataset
+from softlabels.train.trainer import train_student
 
 
 def epoch_seconds(data: TensorDataset, epochs: int, **kwargs: object) -> list[float]:
@@ -44,8 +44,8 @@ def loop_seconds(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, soft: bool) 
     """One epoch of the bare training loop over in-memory tensors."""
     import torch.nn.functional as F
 
-    from softlabels.losses import kd_loss_from_probs
-    from softlabels.specs import build_model
+    from softlabels.teachers.models import build_model
+    from softlabels.train.losses import kd_loss_from_probs
 
     torch.manual_seed(0)
     net = build_model("mlp:784-800-800-10")

@@ -19,7 +19,7 @@ from pathlib import Path
 from linear_set import linear_set
 
 from softlabels.format import integrity
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from softlabels.evaluate import evaluate
-from softlabels.precompute import precompute
-from softlabels.trainer import train_student
+from softlabels.compute.examples import precompute
+from softlabels.sets.evaluate import evaluate
+from softlabels.train.trainer import train_student
 
 TRAIN, TEST = "mnist:data?split=train", "mnist:data?split=test"
 

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunk-rows", type=int, default=0, help="0: the default (~1 MiB)")
     args = ap.parse_args()
-    from softlabels.write_set import write_set
+    from softlabels.sets.write_set import write_set
 
     rng = np.random.default_rng(0)
     r, k = args.rows, args.k

@@ -5,10 +5,11 @@ Run a teacher once, store its soft targets in a transfer set, train many student
 
 from __future__ import annotations
 
-from ._version import __version__
-from .cluster import precompute_on_cluster
-from .datasets import SoftTargetBatches, SoftTargetDataset, StreamingSoftTargetDataset
-from .errors import (
+from softlabels._version import __version__
+from softlabels.compute.cluster import precompute_on_cluster
+from softlabels.compute.examples import precompute
+from softlabels.compute.record import PrecomputeResult
+from softlabels.errors import (
     DataError,
     IncompleteTransferSetError,
     IntegrityError,
@@ -22,17 +23,21 @@ from .errors import (
     UntrustedCodeError,
     WriterBusyError,
 )
-from .evaluate import evaluate
-from .format import TransferSet, convert, merge, open_transfer_set, subset
-from .losses import kd_loss, kd_loss_from_probs, logit_matching_loss, sparse_kd_loss
-from .options import PrecomputeOptions, TrainOptions
-from .precompute import precompute
-from .run_record import PrecomputeResult
-from .specs import build_model, load_checkpoint, load_data, load_model, save_checkpoint
-from .train_record import TrainResult
-from .trainer import train_student
-from .verify import VerifyReport, verify
-from .write_set import write_set
+from softlabels.format import TransferSet, convert, merge, open_transfer_set, subset
+from softlabels.options import PrecomputeOptions, TrainOptions
+from softlabels.sets.evaluate import evaluate
+from softlabels.sets.verify import VerifyReport, verify
+from softlabels.sets.write_set import write_set
+from softlabels.sources.load import load_data
+from softlabels.teachers.models import build_model, load_checkpoint, load_model, save_checkpoint
+from softlabels.train.datasets import (
+    SoftTargetBatches,
+    SoftTargetDataset,
+    StreamingSoftTargetDataset,
+)
+from softlabels.train.losses import kd_loss, kd_loss_from_probs, logit_matching_loss, sparse_kd_loss
+from softlabels.train.record import TrainResult
+from softlabels.train.trainer import train_student
 
 __all__ = [
     "DataError",

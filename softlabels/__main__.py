@@ -1,3 +1,3 @@
-from .cli import main
+from softlabels.cli import main
 
 main()

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OptionError
-from .format.schema import COMBINE_CHOICES, DTYPE_CHOICES
-from .format.targets import QUANTIZE_CHOICES, Hybrid
+from softlabels.errors import OptionError
+from softlabels.format.schema import COMBINE_CHOICES, DTYPE_CHOICES
+from softlabels.format.targets import QUANTIZE_CHOICES, Hybrid
 
 # How the mass outside a top-k target's k classes enters the loss (`sparse_kd_loss`).
 TOPK_CONVENTIONS = ("residual", "zero")
@@ -275,7 +275,7 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out", *,
     installed and its scheme writable (not http)."""
     from pathlib import Path
 
-    from .format.location import Remote, is_url
+    from softlabels.format.location import Remote, is_url
 
     if is_url(path):
         remote = Remote(path)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import SpecError
+from softlabels.errors import SpecError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 OPTION_NAMES = ("resize", "crop", "mean", "std", "interpolation")

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import SoftlabelsError, UnsafePathError
+from softlabels.errors import SoftlabelsError, UnsafePathError
 
 __all__ = ["OutputWriteError", "atomic_write", "write_bytes", "write_text", "refuse_link",
            "own_folder", "save_figure"]

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from conftest import CHUNK
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
 
 BLOCK = 3  # rows 48-63 of 103
 

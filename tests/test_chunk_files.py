@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, N_ROWS
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.chunk_files import ChunkFiles
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
 
 
 @pytest.mark.parametrize("topk", [0, 2])

@@ -16,8 +16,8 @@ from test_sequences import write_tokens
 
 from conftest import CHUNK, make_npz
 from softlabels.cli import cli
-from softlabels.precompute import precompute
-from softlabels.specs import build_model, save_checkpoint
+from softlabels.compute.examples import precompute
+from softlabels.teachers.models import build_model, save_checkpoint
 
 # Words of advice: every message says what to do (or lists the valid choices).
 ADVICE = ("use ", "pass ", "check", "give ", "choose", "rerun", "name ", "see ", "must ",

@@ -14,12 +14,13 @@ import psutil
 import pytest
 
 from conftest import make_npz
-from softlabels.cluster import precompute_on_cluster
+from softlabels.compute.cluster import precompute_on_cluster
+from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.specs import build_model, load_data
+from softlabels.sources.load import load_data
+from softlabels.teachers.models import build_model
 
 HERE = Path(__file__).parent
 ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)
@@ -116,7 +117,7 @@ def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
 def test_rank_shares_are_disjoint_and_equal(n: int, world: int) -> None:
     import torch
 
-    from softlabels.ranks import rank_share
+    from softlabels.train.ranks import rank_share
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
     shares = [rank_share(order, r, world).tolist() for r in range(world)]
@@ -127,7 +128,7 @@ def test_rank_shares_are_disjoint_and_equal(n: int, world: int) -> None:
 
 @pytest.mark.slow
 def test_two_rank_training_under_torchrun(tmp_path: Path) -> None:
-    from softlabels.specs import load_checkpoint
+    from softlabels.teachers.models import load_checkpoint
 
     data = make_npz(tmp_path / "d.npz", n=150)
     ts, out = tmp_path / "t.zarr", tmp_path / "s.pt"

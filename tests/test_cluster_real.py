@@ -20,14 +20,20 @@ from test_cluster import assert_same
 
 from conftest import make_npz
 from softlabels._version import __version__
-from softlabels.cluster import check_worker, compute_blocks, precompute_on_cluster, set_token
+from softlabels.compute.cluster import (
+    check_worker,
+    compute_blocks,
+    precompute_on_cluster,
+    set_token,
+)
+from softlabels.compute.examples import precompute, prepare
 from softlabels.errors import TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.options import PrecomputeOptions
-from softlabels.precompute import precompute, prepare
-from softlabels.specs import build_model, portable_spec, save_checkpoint
+from softlabels.specs import portable_spec
+from softlabels.teachers.models import build_model, save_checkpoint
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
-from softlabels.specs import build_model, save_checkpoint
+from softlabels.teachers.models import build_model, save_checkpoint
 
 
 def evaluate_json(*args: object) -> dict:
@@ -46,9 +46,9 @@ def test_bias_adjust_recovers_a_class_the_model_never_predicts(tmp_path: Path) -
 def test_evaluate_against_a_damaged_set_names_the_block(tmp_path: Path) -> None:
     """`evaluate --transfer-set` reads the teacher's targets only through checked blocks: a
     flipped value in the set is one line naming its block, not a silently wrong agreement."""
+    from softlabels.compute.examples import precompute
     from softlabels.format import schema as S
     from softlabels.format.backends import open_store
-    from softlabels.precompute import precompute
 
     data = make_npz(tmp_path / "d.npz")
     model = build_model("mlp:16-3")

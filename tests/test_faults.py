@@ -23,13 +23,13 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError, SoftlabelsError
 from softlabels.format import convert, merge, subset
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}

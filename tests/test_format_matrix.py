@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, make_npz
+from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.operations import convert, merge, subset
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.selection import select_rows
-from softlabels.precompute import precompute
-from softlabels.trainer import train_student
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
+from softlabels.train.trainer import train_student
 
 # kind -> (teachers, precompute options)
 KINDS: dict[str, tuple[list[str], dict[str, Any]]] = {

@@ -17,8 +17,8 @@ import xxhash
 import zarr
 
 from conftest import CHUNK
+from softlabels.compute.examples import precompute
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
 
 FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 AXIS_1 = ("probs", "member_logits", "sample/indices")  # FORMAT.md: "Rows are sliced along ..."
@@ -129,8 +129,8 @@ def test_hybrid_arrays_follow_the_documented_recipe(tmp_path: Path, quantize: in
     import torch
     from torch import nn
 
-    from softlabels.sequence_precompute import precompute_sequences
-    from softlabels.tokens import TokenSequences
+    from softlabels.compute.sequences import precompute_sequences
+    from softlabels.sources.tokens import TokenSequences
 
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Embedding(30, 6), nn.Linear(6, 30))

@@ -11,25 +11,25 @@ import torch
 from torch import nn
 
 from conftest import CHUNK
+from softlabels.compute.examples import precompute
+from softlabels.compute.sequences import precompute_sequences
 from softlabels.errors import OptionError
-from softlabels.evaluate import evaluate
-from softlabels.export import export_set
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.targets import Hybrid
-from softlabels.losses import kd_loss_from_probs, sparse_kd_loss
 from softlabels.options import PrecomputeOptions
-from softlabels.precompute import precompute
-from softlabels.sequence_datasets import (
+from softlabels.sets.evaluate import evaluate
+from softlabels.sets.export import export_set
+from softlabels.sets.sequence_evaluate import evaluate_sequence_student
+from softlabels.sets.verify import verify
+from softlabels.sources.tokens import TokenSequences
+from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss
+from softlabels.train.sequence_batches import (
     SequenceBatches,
     StreamingSequenceBatches,
     sequence_kd_loss,
 )
-from softlabels.sequence_evaluate import evaluate_sequence_student
-from softlabels.sequence_precompute import precompute_sequences
-from softlabels.tokens import TokenSequences
-from softlabels.trainer import train_student
-from softlabels.verify import verify
+from softlabels.train.trainer import train_student
 
 TEMPS = (1.0, 2.5)
 

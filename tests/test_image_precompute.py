@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from softlabels.cli import cli
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.schema import sample_hash
-from softlabels.images import ImageFolderSource
-from softlabels.specs import load_data, load_model, mlp, save_checkpoint
+from softlabels.sources.images import ImageFolderSource
+from softlabels.sources.load import load_data
+from softlabels.teachers.models import load_model, mlp, save_checkpoint
 
 IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
 SIZE = "resize=20&crop=16"  # the teacher's inputs: 3 x 16 x 16 = 768 values
@@ -78,7 +79,7 @@ def test_imagefolder_set_and_a_student_at_another_resolution(tmp_path: Path,
 
 @pytest.mark.slow  # builds a mobilenet
 def test_raw_images_of_different_sizes_need_a_size(tmp_path: Path) -> None:
-    from softlabels.specs import build_model
+    from softlabels.teachers.models import build_model
 
     spec = "torchvision:mobilenet_v3_small?num_classes=3"  # takes any image size
     teacher = tmp_path / "any_size.pt"
@@ -142,9 +143,9 @@ def test_decoding_on_the_device_makes_the_same_set(tmp_path: Path, teacher: str,
     preprocessing after it), run here with the CPU standing in for the GPU."""
     import importlib
 
-    from softlabels.images import decode_batch
+    from softlabels.compute.examples import precompute
     from softlabels.options import PrecomputeOptions
-    from softlabels.precompute import precompute
+    from softlabels.sources.images import decode_batch
 
     data = f"imagefolder:{IMAGES}?{SIZE}"
     plain = precompute(data, [teacher], tmp_path / "cpu.zarr", batch_size=4, dtype="float32")
@@ -158,7 +159,8 @@ def test_decoding_on_the_device_makes_the_same_set(tmp_path: Path, teacher: str,
         assert all(e.ndim == 1 and e.dtype == torch.uint8 for e in encoded)
         return decode_batch(encoded, torch.device("cpu"), preprocess)
 
-    monkeypatch.setattr(importlib.import_module("softlabels.precompute"), "decode_batch", on_cpu)
+    monkeypatch.setattr(importlib.import_module("softlabels.compute.examples"), "decode_batch",
+                        on_cpu)
     device = precompute(data, [teacher], tmp_path / "dev.zarr", opts)
     assert calls == [4, 2] and device.num_rows == plain.num_rows == 6
     with (open_transfer_set(tmp_path / "cpu.zarr") as a,
@@ -169,7 +171,7 @@ def test_decoding_on_the_device_makes_the_same_set(tmp_path: Path, teacher: str,
 
 
 def test_a_cluster_run_refuses_skipping_and_device_decoding(tmp_path: Path, teacher: str) -> None:
-    from softlabels.cluster import precompute_on_cluster
+    from softlabels.compute.cluster import precompute_on_cluster
     from softlabels.errors import OptionError
     from softlabels.options import PrecomputeOptions
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 from softlabels.errors import DataError, OptionError, SpecError
 from softlabels.format.schema import sample_hash
-from softlabels.images import ImageFolderSource, keep_decodable, model_inputs
 from softlabels.options import PrecomputeOptions
-from softlabels.shards import expand_braces
-from softlabels.specs import load_data
+from softlabels.sources.images import ImageFolderSource, keep_decodable, model_inputs
+from softlabels.sources.load import load_data
+from softlabels.sources.shards import expand_braces
 
 IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

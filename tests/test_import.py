@@ -14,15 +14,15 @@ from test_sequences import TEACHER, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import DataError, MismatchError, OptionError, SoftlabelsError
-from softlabels.export import export_set
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.parquet_import import import_parquet
-from softlabels.precompute import precompute
-from softlabels.sequence_datasets import SequenceBatches, sequence_kd_loss
-from softlabels.verify import verify
-from softlabels.vllm_logprobs import import_vllm
+from softlabels.sets.export import export_set
+from softlabels.sets.parquet_import import import_parquet
+from softlabels.sets.verify import verify
+from softlabels.sets.vllm import import_vllm
+from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("pyarrow")

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import MismatchError
 from softlabels.format.reader import open_transfer_set
 from softlabels.input_proof import file_digest, folder_digest, input_digests
-from softlabels.precompute import precompute
-from softlabels.resume import load_state, save_state, state_path
-from softlabels.specs import build_model
+from softlabels.teachers.models import build_model
+from softlabels.train.resume import load_state, save_state, state_path
 
 
 class Killed(Exception):
@@ -31,7 +31,7 @@ def _kill_after_first_epoch(event: str, info: dict) -> None:
 
 
 def _train(data: str, out: Path, **kwargs: object) -> object:
-    from softlabels.trainer import train_student
+    from softlabels.train.trainer import train_student
 
     return train_student(data, "mlp:16-8-3", epochs=2, batch_size=16, device="cpu", out=out,
                          **kwargs)
@@ -67,7 +67,7 @@ def test_a_resume_onto_the_same_inputs_continues(tmp_path: Path) -> None:
         _train(data, out, callbacks=[_kill_after_first_epoch])
     result = _train(data, out)
     assert [h["epoch"] for h in result.history] == [1, 2]
-    from softlabels.specs import load_checkpoint
+    from softlabels.teachers.models import load_checkpoint
 
     assert load_checkpoint(out)[1]["meta"]["resumed_after_epoch"] == 1
 

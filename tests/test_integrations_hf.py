@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_sequences import TEACHER, VOCAB, write_tokens
 
-from softlabels.export import export_set
-from softlabels.precompute import precompute
-from softlabels.sequence_datasets import SequenceBatches, sequence_kd_loss
+from softlabels.compute.examples import precompute
+from softlabels.sets.export import export_set
+from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from softlabels.cli import cli
 from softlabels.errors import OptionError
-from softlabels.losses import sparse_kd_loss
 from softlabels.options import TrainOptions
-from softlabels.sequence_datasets import SequenceBatch, sequence_kd_loss
+from softlabels.train.losses import sparse_kd_loss
+from softlabels.train.sequence_batches import SequenceBatch, sequence_kd_loss
 
 B, C, K = 5, 12, 4
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softlabels.errors import SoftlabelsError
-from softlabels.losses import kd_loss, logit_matching_loss
+from softlabels.train.losses import kd_loss, logit_matching_loss
 
 
 def reference_kd(s: np.ndarray, t: np.ndarray, T: float, y: np.ndarray | None,

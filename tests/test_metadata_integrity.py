@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 from conftest import CHUNK
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError, TransferSetError
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
 
 
 def edit(path: Path, change: Callable[[dict[str, Any]], None]) -> None:

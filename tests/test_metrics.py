@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from softlabels.metrics import expected_calibration_error
+from softlabels.train.metrics import expected_calibration_error
 
 
 def logits_with_confidence(p: float, n: int, predicted: int = 0) -> torch.Tensor:

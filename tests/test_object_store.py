@@ -30,6 +30,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from conftest import make_npz  # noqa: E402
 from softlabels.cli import cli  # noqa: E402
+from softlabels.compute.examples import precompute  # noqa: E402
 from softlabels.errors import (  # noqa: E402
     IntegrityError,
     SoftlabelsError,
@@ -40,9 +41,8 @@ from softlabels.format import schema as S  # noqa: E402
 from softlabels.format.location import CACHE_ENV  # noqa: E402
 from softlabels.format.operations import convert  # noqa: E402
 from softlabels.format.reader import open_transfer_set  # noqa: E402
-from softlabels.precompute import precompute  # noqa: E402
-from softlabels.trainer import train_student  # noqa: E402
-from softlabels.verify import verify  # noqa: E402
+from softlabels.sets.verify import verify  # noqa: E402
+from softlabels.train.trainer import train_student  # noqa: E402
 
 HERE = Path(__file__).parent
 TEACHER = "python:helpers:slow"
@@ -212,7 +212,7 @@ def test_a_killed_convert_to_s3_is_resumed_only_by_the_same_command(tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_dask_cluster_writes_an_s3_set_block_by_block(tmp_path: Path, bucket: str) -> None:
-    from softlabels.cluster import precompute_on_cluster
+    from softlabels.compute.cluster import precompute_on_cluster
 
     data = make_npz(tmp_path / "d.npz", n=40)
     args = dict(temperatures=[1, 3], chunk_rows=16, batch_size=8, device="cpu")

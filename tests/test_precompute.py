@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHUNK, N_ROWS, make_npz
+from softlabels.compute.examples import precompute
 from softlabels.errors import MismatchError, SoftlabelsError, SpecError, TeacherOutputError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.specs import load_data, load_model
+from softlabels.sources.load import load_data
+from softlabels.teachers.models import load_model
 
 TEACHERS = ["mlp:16-8-3", "mlp:16-6-3", "mlp:16-5-3"]
 

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from raw_image_data import RawImages
 
 from softlabels.cli import cli
-from softlabels.datasets import check_alignment
 from softlabels.format.reader import open_transfer_set
-from softlabels.weights import check_hash_prefix, file_sha256, hash_prefix
+from softlabels.teachers.weights import check_hash_prefix, file_sha256, hash_prefix
+from softlabels.train.datasets import check_alignment
 
 # Shorter sides equal timm test_resnet's resize (floor(160 / 0.95) = 168), so a PIL resize in
 # timm's own transform is the identity and the comparison is exact; others really resize.
@@ -100,7 +100,7 @@ def fake_entry(monkeypatch: pytest.MonkeyPatch, path: Path) -> Path:
     hash prefix (the real file's hash cannot be matched by a seeded test file)."""
     from torchvision.models import ResNet18_Weights
 
-    from softlabels import torchvision_teacher
+    from softlabels.teachers import torchvision as torchvision_teacher
 
     real = ResNet18_Weights.IMAGENET1K_V1
     named = path.parent / f"resnet18-{file_sha256(path)[:8]}.pth"
@@ -221,9 +221,9 @@ def test_a_file_that_does_not_fit_is_refused_before_the_model_is_allocated(
         resnet18: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """The architecture is first built on the meta device (shapes only) and checked against
     the file: a small file naming a large model costs no memory for that model."""
-    from softlabels import torchvision_teacher
     from softlabels.errors import SpecError
-    from softlabels.specs import build_model
+    from softlabels.teachers import torchvision as torchvision_teacher
+    from softlabels.teachers.models import build_model
 
     _, path = resnet18
     devices: list[str] = []
@@ -259,7 +259,7 @@ def test_preprocessing_is_not_applied_to_arrays_and_says_so(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import torchvision
 
-    from softlabels.precompute import precompute as run_precompute
+    from softlabels.compute.examples import precompute as run_precompute
 
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((5, 3, 8, 8), np.float32))
     npz_data = f"npz:{tmp_path / 'd.npz'}"
@@ -287,8 +287,8 @@ def test_ensemble_members_with_other_preprocessing_are_refused(
 def test_a_source_with_its_own_preprocessing_hook_is_used(images: Path) -> None:
     """An image source that can preprocess itself (and keep its own sample hash) is asked to,
     rather than wrapped."""
+    from softlabels.compute.teacher_inputs import Preprocessed, teacher_inputs
     from softlabels.preprocessing import Preprocess
-    from softlabels.teacher_inputs import Preprocessed, teacher_inputs
 
     class Hooked(RawImages):
         def with_preprocess(self, preprocess: Preprocess) -> Preprocessed:
@@ -417,7 +417,7 @@ def test_hf_causal_lm_missing_tensor_is_refused(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from softlabels.errors import SpecError
-    from softlabels.specs import build_model
+    from softlabels.teachers.models import build_model
 
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50,
                                      n_positions=32)
@@ -438,7 +438,7 @@ def test_a_checkpoint_records_the_architecture_not_the_weights_file(resnet18: tu
                                                                      tmp_path: Path) -> None:
     """A student started from a weights file is saved with the spec of its architecture: its
     own state dict holds the weights, and the file need not exist where it is loaded."""
-    from softlabels.specs import load_checkpoint, save_checkpoint
+    from softlabels.teachers.models import load_checkpoint, save_checkpoint
 
     model, path = resnet18
     spec = f"torchvision:resnet18?weights={path}&num_classes=1000"

@@ -10,11 +10,11 @@ import pytest
 from checksums import as_version_1, block_chunk, flip_byte, forge_checksums
 
 from conftest import CHUNK
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def _slots(path: Path) -> list[tuple[str, int | None, tuple[int, ...]]]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_flipped_byte_in_any_array_is_caught_where_that_array_is_read(
         tmp_path: Path, npz_data: str, suffix: str, kind: str) -> None:
-    from softlabels.verify import verify
+    from softlabels.sets.verify import verify
 
     source = tmp_path / f"source.{suffix}"
     precompute(npz_data, ["mlp:16-8-3", "mlp:16-5-3"], source, temperatures=[1, 4],
@@ -126,8 +126,8 @@ def test_stage_two_serves_a_temperature_whose_sibling_is_damaged(tmp_path: Path,
                                                                   npz_data: str) -> None:
     """Probs at T=1 damaged: verify fails, a student at T=4 trains (it reads only T=4's probs,
     checked), a student at T=1 is refused naming the block."""
-    from softlabels.datasets import SoftTargetBatches
-    from softlabels.verify import verify
+    from softlabels.sets.verify import verify
+    from softlabels.train.datasets import SoftTargetBatches
 
     path = tmp_path / "set.zarr"
     precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
@@ -158,8 +158,8 @@ def test_read_block_reads_what_it_is_asked_for(made: Path) -> None:
 
 @pytest.mark.parametrize("checksums", [True, False], ids=["block_checksum", "none"])
 def test_a_version_1_set_reads_and_verifies(made: Path, checksums: bool) -> None:
-    from softlabels.datasets import SoftTargetBatches
-    from softlabels.verify import verify
+    from softlabels.sets.verify import verify
+    from softlabels.train.datasets import SoftTargetBatches
 
     with open_transfer_set(made) as ts:
         want = {b: ts.read_block(b) for b in range(ts.num_blocks)}
@@ -186,7 +186,7 @@ def test_a_version_1_set_reads_and_verifies(made: Path, checksums: bool) -> None
 def test_a_version_1_set_checks_every_array_on_a_checked_read(made: Path) -> None:
     """Its one checksum covers every row array: reading labels alone still reads and checks
     the logits, so damage there is refused (the set cannot tell which array changed)."""
-    from softlabels.verify import verify
+    from softlabels.sets.verify import verify
 
     as_version_1(made)
     _edit(made, S.LOGITS, (slice(40, 41), slice(0, 1)), np.float16(0.125))
@@ -217,7 +217,7 @@ def test_a_version_1_set_is_not_resumed_by_this_writer(tmp_path: Path, npz_data:
 
 
 def verify_ok(path: Path) -> bool:
-    from softlabels.verify import verify
+    from softlabels.sets.verify import verify
 
     return verify(path).ok
 
@@ -242,8 +242,8 @@ def test_a_damaged_index_or_sample_hash_is_named_as_damage_not_as_other_data(
     """The alignment check reads `index` and `sample_hash` whole; when a damaged block of either
     makes a row disagree with the data, the user is told the set is damaged (and which block),
     not to pass other DATA."""
-    from softlabels.datasets import SoftTargetBatches, check_alignment
-    from softlabels.specs import load_data
+    from softlabels.sources.load import load_data
+    from softlabels.train.datasets import SoftTargetBatches, check_alignment
 
     _edit(made, name, slice(40, 41), np.array([7], dtype=np.int64 if name == S.INDEX
                                                  else np.uint64))

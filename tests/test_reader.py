@@ -10,13 +10,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import CHUNK, N_ROWS
-from softlabels.datasets import SoftTargetDataset, StreamingSoftTargetDataset
-from softlabels.epochs import block_windows
+from softlabels.compute.examples import precompute
 from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.selection import select_rows
-from softlabels.precompute import precompute
-from softlabels.specs import NpzDataset
+from softlabels.sources.arrays import NpzDataset
+from softlabels.train.datasets import SoftTargetDataset, StreamingSoftTargetDataset
+from softlabels.train.epochs import block_windows
 
 
 @pytest.fixture

@@ -10,18 +10,19 @@ import pytest
 import torch
 
 from conftest import CHUNK
-from softlabels.evaluate import evaluate
+from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store  # noqa: F401  (loads every backend)
 from softlabels.format.chunk_files import ChunkFiles
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.store import Store
-from softlabels.metrics import kl_to_teacher, teacher_agreement
-from softlabels.precompute import precompute
-from softlabels.report import transfer_set_report
-from softlabels.specs import build_model, load_data
-from softlabels.train_plans import materialize
-from softlabels.trainer import predict
+from softlabels.sets.evaluate import evaluate
+from softlabels.sets.report import transfer_set_report
+from softlabels.sources.load import load_data
+from softlabels.teachers.models import build_model
+from softlabels.train.metrics import kl_to_teacher, teacher_agreement
+from softlabels.train.plans import materialize
+from softlabels.train.trainer import predict
 
 BOOKKEEPING = {S.ARRAY_CHECKSUM, S.BLOCK_DONE}
 # the backends, by the public interface they implement (their modules are private)

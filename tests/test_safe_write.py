@@ -17,7 +17,7 @@ from conftest import make_npz
 from softlabels.cli import cli
 from softlabels.errors import UnsafePathError
 from softlabels.safe_write import OutputWriteError, atomic_write, write_text
-from softlabels.specs import build_model, save_checkpoint
+from softlabels.teachers.models import build_model, save_checkpoint
 
 VICTIM = b"not yours to overwrite\n"
 
@@ -34,7 +34,7 @@ def _checkpoint(tmp: Path, at: str) -> Callable[[], None]:
 
 
 def _state(tmp: Path, at: str) -> Callable[[], None]:
-    from softlabels.resume import save_state
+    from softlabels.train.resume import save_state
 
     out = tmp / "out" / "model.pt"
     plant(out.parent / at, tmp / "victim")
@@ -45,8 +45,8 @@ def _state(tmp: Path, at: str) -> Callable[[], None]:
 
 
 def _report(tmp: Path, at: str) -> Callable[[], None]:
-    from softlabels.precompute import precompute
-    from softlabels.report import transfer_set_report
+    from softlabels.compute.examples import precompute
+    from softlabels.sets.report import transfer_set_report
 
     data = make_npz(tmp / "d.npz")
     precompute(data, ["mlp:16-3"], tmp / "s.zarr", temperatures=[1.0, 4.0], random_teacher=True)

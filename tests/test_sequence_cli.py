@@ -13,16 +13,16 @@ import torch
 from click.testing import CliRunner
 from test_sequences import TEACHER, write_tokens
 
-from softlabels import sequence_trainer
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format.backends import open_store
 from softlabels.format.operations import subset
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_TOKENS
-from softlabels.precompute import precompute
-from softlabels.specs import load_checkpoint
-from softlabels.trainer import train_student
+from softlabels.teachers.models import load_checkpoint
+from softlabels.train import sequence_trainer
+from softlabels.train.trainer import train_student
 
 
 @pytest.fixture

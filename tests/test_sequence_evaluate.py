@@ -18,14 +18,14 @@ from test_sequences import VOCAB, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli
-from softlabels.evaluate import evaluate
+from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.operations import subset
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, read_offsets
-from softlabels.precompute import precompute
-from softlabels.specs import build_model, load_model, save_checkpoint
-from softlabels.token_files import load_tokens
+from softlabels.sets.evaluate import evaluate
+from softlabels.sources.token_files import load_tokens
+from softlabels.teachers.models import build_model, load_model, save_checkpoint
 
 TEACHER = "python:helpers:tiny_lm"
 STUDENT = "gpt:11?dim=8&layers=1&heads=2&context=16"
@@ -200,7 +200,7 @@ def test_other_token_data_is_refused_against_the_set(lm: dict, tmp_path: Path) -
 def test_streamed_and_in_memory_targets_give_the_same_report(
         lm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A set whose targets do not fit is read a window of checked blocks at a time."""
-    from softlabels import sequence_evaluate
+    from softlabels.sets import sequence_evaluate
 
     out = lm["d"] / "topk.zarr"
     if not out.exists():
@@ -274,8 +274,8 @@ def test_batches_fit_a_logits_budget_and_do_not_change_the_report(
     """By default as many sequences share a batch as keep the (B, L, C) logits within
     LOGITS_BUDGET (a 128k vocabulary must not take (64, L, 128k) at once); padding and batch
     size leave every figure as it was."""
-    from softlabels import sequence_evaluate
-    from softlabels.sequence_datasets import SequenceBatches
+    from softlabels.sets import sequence_evaluate
+    from softlabels.train.sequence_batches import SequenceBatches
 
     out = lm["d"] / "full.zarr"
     if not out.exists():

@@ -15,13 +15,13 @@ import torch
 import zarr
 from test_sequences import CHUNK, TEACHER, write_tokens
 
+from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError, SpecError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.layout import IDENTITY_KEYS, LAYOUT_KEYS, Layout
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.specs import build_model, load_checkpoint, save_checkpoint
+from softlabels.teachers.models import build_model, load_checkpoint, save_checkpoint
 
 SEQ_ROW_ARRAYS = (S.SEQ_POSITION, S.SEQ_TOKENS, S.SEQ_MASK)
 

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from test_sequences import write_tokens
 
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import read_offsets
-from softlabels.precompute import precompute
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
 
 HERE = Path(__file__).parent
 

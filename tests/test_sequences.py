@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from helpers import TinyLM
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import DataError, IntegrityError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
@@ -24,9 +25,8 @@ from softlabels.format.sequence import (
     SEQ_TOKENS,
     read_offsets,
 )
-from softlabels.precompute import precompute
-from softlabels.token_files import load_tokens
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
+from softlabels.sources.token_files import load_tokens
 
 VOCAB, CHUNK = 11, 16
 TEACHER = "python:helpers:tiny_lm"

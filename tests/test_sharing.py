@@ -10,12 +10,12 @@ from click.testing import CliRunner
 
 from conftest import CHUNK, N_ROWS, make_npz
 from softlabels.cli import cli
-from softlabels.datasets import SoftTargetDataset
+from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.specs import build_model, save_checkpoint
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
+from softlabels.teachers.models import build_model, save_checkpoint
+from softlabels.train.datasets import SoftTargetDataset
 
 ROW_ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)
 
@@ -167,7 +167,7 @@ def test_self_contained_set_trains_a_student_alone(tmp_path: Path, npz_data: str
                        "--temperatures", "1,4", "--chunk-rows", CHUNK, "--store-inputs",
                        "--random-teacher")
     assert code == 0, err
-    from softlabels.specs import load_data
+    from softlabels.sources.load import load_data
 
     inputs, original = load_data(f"transferset:{src}"), load_data(npz_data)
     assert len(inputs) == len(original)

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.layout import DIGEST, Layout, digest
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
 
 CLAIMED = 100_000_000
 
@@ -68,7 +68,7 @@ def test_a_tiny_checkpoint_naming_a_huge_mlp_is_refused_before_allocation(
     import torch
 
     from softlabels.errors import SpecError
-    from softlabels.specs import build_model, load_checkpoint, save_checkpoint
+    from softlabels.teachers.models import build_model, load_checkpoint, save_checkpoint
 
     path = tmp_path / "m.pt"
     save_checkpoint(build_model("mlp:16-3"), path, spec="mlp:16-3")

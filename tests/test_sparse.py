@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from conftest import CHUNK, make_npz
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.format.reader import open_transfer_set
-from softlabels.losses import kd_loss, sparse_kd_loss
-from softlabels.precompute import precompute
+from softlabels.train.losses import kd_loss, sparse_kd_loss
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from conftest import N_ROWS, make_npz
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import OptionError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.options import PrecomputeOptions, TrainOptions
-from softlabels.precompute import precompute
-from softlabels.specs import build_model, save_checkpoint
-from softlabels.trainer import train_student
+from softlabels.teachers.models import build_model, save_checkpoint
+from softlabels.train.trainer import train_student
 
 
 def run(*args: object) -> tuple[int, str, str]:

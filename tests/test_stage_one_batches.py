@@ -13,11 +13,11 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from conftest import CHUNK, make_npz
+from softlabels.compute.examples import block_batches, device_outputs, precompute
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import block_batches, device_outputs, precompute
-from softlabels.specs import load_data
+from softlabels.sources.load import load_data
 
 TEMPS = [1.0, 4.0]
 BATCH = 7  # not a divisor of CHUNK (16) nor of the 103 rows

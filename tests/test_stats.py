@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from conftest import CHUNK
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
 
 
 def test_stats_match_in_memory_reference(npz_data: str, out_path: Path) -> None:

@@ -14,13 +14,13 @@ from torch.utils.data import DataLoader
 
 from conftest import CHUNK, N_ROWS, make_npz
 from softlabels.cli import cli
-from softlabels.datasets import SoftTargetBatches
+from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.specs import NpzDataset
-from softlabels.trainer import train_student
+from softlabels.sources.arrays import NpzDataset
+from softlabels.train.datasets import SoftTargetBatches
+from softlabels.train.trainer import train_student
 
 
 @pytest.fixture(params=["dense", "topk"])
@@ -303,7 +303,7 @@ def test_a_stream_left_open_at_exit_ends_quietly(dense: tuple[str, Path]) -> Non
     import sys
 
     data, path = dense
-    script = ("import sys\nfrom softlabels.datasets import SoftTargetBatches\n"
+    script = ("import sys\nfrom softlabels.train.datasets import SoftTargetBatches\n"
               f"stream = SoftTargetBatches({data!r}, {str(path)!r}, temperature=4.0, "
               "batch_size=8, window=1)\nit = iter(stream)\nnext(it)\nprint('read one')\n")
     env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"}

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from softlabels.datasets import SoftTargetBatches
-from softlabels.epochs import mix
+from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError
-from softlabels.precompute import precompute
+from softlabels.train.datasets import SoftTargetBatches
+from softlabels.train.epochs import mix
 
 ROWS, CHUNK = 1_100, 16  # 69 blocks, the last one short
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
-from softlabels.precompute import precompute
-from softlabels.specs import load_checkpoint
+from softlabels.compute.examples import precompute
+from softlabels.teachers.models import load_checkpoint
 
 FAULTPOINTS = Path(__file__).with_name("faultpoints.py")
 
@@ -37,7 +37,8 @@ def test_a_run_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path, workers: int
                random_teacher=True)
     out, ref = tmp_path / "s.pt", tmp_path / "ref.pt"
     # states per epoch: after steps 3, 6, 9 and at its end; the 6th is epoch 2, step 6
-    killed = subprocess.run([sys.executable, str(FAULTPOINTS), "softlabels.trainer:save_state",
+    killed = subprocess.run([sys.executable, str(FAULTPOINTS),
+                             "softlabels.train.trainer:save_state",
                              "6", "after", "--", *_args(data, ts, out, workers)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]

@@ -23,10 +23,11 @@ from softlabels.cli import cli
 from softlabels.errors import DataError, SpecError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
-from softlabels.sequence_datasets import SequenceBatch, sequence_kd_loss
-from softlabels.specs import load_data, portable_spec
-from softlabels.token_windows import window_starts, windowed
-from softlabels.tokens import TokenSequences
+from softlabels.sources.load import load_data
+from softlabels.sources.tokens import TokenSequences
+from softlabels.sources.windows import window_starts, windowed
+from softlabels.specs import portable_spec
+from softlabels.train.sequence_batches import SequenceBatch, sequence_kd_loss
 
 transformers = pytest.importorskip("transformers", reason="text: needs the hf extra")
 tokenizers = pytest.importorskip("tokenizers", reason="text: needs the hf extra")
@@ -423,8 +424,8 @@ def test_your_own_causal_lm_over_your_own_text(tmp_path: Path, teacher_dir: Path
 
 def test_gpt_and_declared_limits_are_checked(tmp_path: Path) -> None:
     from helpers import TinyLM
-    from softlabels.sequence_checks import check_fits_teacher
-    from softlabels.teacher import Teacher
+    from softlabels.compute.sequence_checks import check_fits_teacher
+    from softlabels.teachers.ensemble import Teacher
 
     data = load_data(write_rows(tmp_path / "t.jsonl", [[1, 2, 3], [4, 5, 6, 7, 8, 9]]))
     with pytest.raises(DataError, match=r"sequence 1 .* has 6 tokens, more than the teacher's "

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from softlabels.cli import cli
 from softlabels.errors import SoftlabelsError
 from softlabels.experiments.tiny_lm import split_text
-from softlabels.verify import verify
+from softlabels.sets.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
-from softlabels.specs import load_checkpoint
-from softlabels.trainer import jitter, train_student
+from softlabels.teachers.models import load_checkpoint
+from softlabels.train.trainer import jitter, train_student
 
 
 def run(*args: str) -> tuple[int, str, str]:

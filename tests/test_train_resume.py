@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
-from softlabels.precompute import precompute
-from softlabels.specs import load_checkpoint
+from softlabels.compute.examples import precompute
+from softlabels.teachers.models import load_checkpoint
 
 KILLED_RUN = """
 import os, signal, sys
-from softlabels.trainer import train_student
+from softlabels.train.trainer import train_student
 
 def kill_after_second_epoch(event, info):
     if event == "epoch" and info["epoch"] == 2:
@@ -47,7 +47,7 @@ def test_a_killed_run_resumes_from_its_last_epoch(tmp_path: Path, stream: bool) 
                             timeout=120, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists() and Path(f"{out}.state").is_file()
-    from softlabels.trainer import train_student
+    from softlabels.train.trainer import train_student
 
     common = dict(transfer_set=ts, temperature=2.0, epochs=4, batch_size=16, device="cpu",
                   stream=stream)
@@ -83,7 +83,7 @@ def test_rerunning_the_same_command_resumes_and_other_options_start_over(tmp_pat
 
 DDP_RUN = """
 import json, sys
-from softlabels.trainer import train_student
+from softlabels.train.trainer import train_student
 
 steps = {{}}
 def count(event, info):
@@ -125,7 +125,7 @@ def test_streamed_distributed_training_steps_together_and_repeats(tmp_path: Path
 
 
 def test_a_damaged_state_file_is_ignored_not_trusted(tmp_path: Path) -> None:
-    from softlabels.trainer import train_student
+    from softlabels.train.trainer import train_student
 
     data = make_npz(tmp_path / "d.npz")
     ts = tmp_path / "t.zarr"

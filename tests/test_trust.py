@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
+from softlabels.compute.examples import precompute
 from softlabels.errors import UntrustedCodeError
-from softlabels.precompute import precompute
-from softlabels.specs import build_model, load_checkpoint, save_checkpoint
+from softlabels.teachers.models import build_model, load_checkpoint, save_checkpoint
 
 
 def run(*args: object) -> tuple[int, str, str]:

@@ -10,14 +10,15 @@ import torch
 from click.testing import CliRunner
 
 from softlabels.cli import cli
-from softlabels.datasets import SoftTargetDataset
+from softlabels.compute.examples import precompute
+from softlabels.compute.views import view_seed
 from softlabels.errors import SoftlabelsError, UntrustedCodeError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
-from softlabels.specs import load_data, load_model
-from softlabels.verify import verify
-from softlabels.views import view_seed
+from softlabels.sets.verify import verify
+from softlabels.sources.load import load_data
+from softlabels.teachers.models import load_model
+from softlabels.train.datasets import SoftTargetDataset
 
 
 @pytest.fixture

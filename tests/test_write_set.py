@@ -1,4 +1,4 @@
-"""`softlabels.write_set` and `softlabels import --logits/--topk-*`: a verifiable example set
+"""`softlabels.sets.write_set` and `softlabels import --logits/--topk-*`: a verifiable example set
 from arrays you already have."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from conftest import CHUNK, N_CLASSES, N_ROWS
-from softlabels import write_set
 from softlabels.cli import cli
-from softlabels.datasets import SoftTargetDataset
 from softlabels.errors import DataError, MismatchError, OptionError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.specs import load_data
-from softlabels.verify import verify
+from softlabels.sets import write_set
+from softlabels.sets.verify import verify
+from softlabels.sources.load import load_data
+from softlabels.train.datasets import SoftTargetDataset
 
 C = 7
 

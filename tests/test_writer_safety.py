@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, make_npz
+from softlabels.compute.examples import precompute
 from softlabels.errors import MismatchError, SoftlabelsError, TransferSetError, WriterBusyError
 from softlabels.format import convert
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.lease import WriterLease, holder, lock_path
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import precompute
 
 TEACHER = ["mlp:16-8-3"]
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK
+from softlabels.compute.examples import WRITER_QUEUE, precompute, writer_thread
 from softlabels.errors import OptionError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
-from softlabels.precompute import WRITER_QUEUE, precompute, writer_thread
 
 HERE = Path(__file__).parent
 
@@ -50,7 +50,7 @@ def test_the_writer_thread_writes_what_the_inline_path_writes(
 def test_the_teacher_runs_at_most_a_queue_ahead_of_the_writer(
         npz_data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Memory is bounded: a slow store holds the teacher back instead of piling up batches."""
-    stage = sys.modules["softlabels.precompute"]
+    stage = sys.modules["softlabels.compute.examples"]
     monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", "1")
     ran, written, ahead = [0], [0], []
     soft_targets, add = stage.Teacher.soft_targets, stage._BlockAssembler.add
@@ -77,7 +77,7 @@ def test_the_teacher_runs_at_most_a_queue_ahead_of_the_writer(
 
 def test_a_failed_write_on_the_thread_stops_the_run_and_leaves_it_resumable(
         npz_data: str, tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    stage = sys.modules["softlabels.precompute"]
+    stage = sys.modules["softlabels.compute.examples"]
     monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", "1")
     out = tmp_path / f"s.{suffix}"
     calls, write_block = [0], stage.TransferSetWriter.write_block

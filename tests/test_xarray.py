@@ -11,8 +11,8 @@ import xarray as xr
 import zarr
 
 from conftest import CHUNK
+from softlabels.compute.examples import precompute
 from softlabels.format.operations import convert
-from softlabels.precompute import precompute
 
 # Every array of these sets, with the dimension names docs/FORMAT.md gives.
 DENSE = {"logits": ("rows", "classes"), "probs": ("temperature", "rows", "classes"),

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import make_npz
-from softlabels.datasets import SoftTargetBatches
+from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError
-from softlabels.precompute import precompute
-from softlabels.ranks import refuse_zero_steps
+from softlabels.train.datasets import SoftTargetBatches
+from softlabels.train.ranks import refuse_zero_steps
 
 RUN = """
 import sys

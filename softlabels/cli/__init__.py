@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from ..errors import SoftlabelsError
-from ..redact import RedactingFilter, redact
+from softlabels.errors import SoftlabelsError
+from softlabels.redact import RedactingFilter, redact
 
 
 class _Group(click.Group):
@@ -79,7 +79,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import interchange, precompute, run, sets, train
+    from softlabels.cli import interchange, precompute, run, sets, train
 
     for command in (precompute.precompute, sets.info, sets.verify, sets.merge, sets.subset,
                     sets.convert, sets.report, train.train, train.evaluate, run.run_cmd,

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..redact import redact
+from softlabels.redact import redact
 
 TRUST_CODE_HELP = ("Let python: specs found inside files (checkpoints' model specs, a set's "
                    "augment, a pipeline file) import and run code. Only for files you trust.")

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from ..format.schema import DTYPE_CHOICES
-from ._common import FloatList, echo, echo_json, progress_bar
+from softlabels.cli._common import FloatList, echo, echo_json, progress_bar
+from softlabels.format.schema import DTYPE_CHOICES
 
 
 @click.command("export")
@@ -24,8 +24,8 @@ def export_cmd(transfer_set: str, to: str, out: str, temperature: float, topk: i
                as_json: bool) -> None:
     """Export a sequence set to the columns Axolotl's KD plugin reads (input_ids, labels,
     target_token_ids, target_logprobs, target_mask) in a new directory OUT."""
-    from ..export import export_set
-    from ..options import check_temperature
+    from softlabels.options import check_temperature
+    from softlabels.sets.export import export_set
 
     t = check_temperature(temperature, "--temperature")
     with progress_bar("export", unit="position") as bar:
@@ -78,7 +78,7 @@ def import_cmd(out: str, vllm: str | None, parquet: str | None, logits: str | No
     """Make a verified transfer set from vLLM prompt log-probs (--vllm), Parquet in the
     export's columns (--parquet), or arrays you already have (--logits, or --topk-indices
     with --topk-values)."""
-    from ..options import check_output_file
+    from softlabels.options import check_output_file
 
     arrays = logits or topk_indices or topk_values
     sources = [name for name, given in (("--vllm", vllm), ("--parquet", parquet),
@@ -91,13 +91,13 @@ def import_cmd(out: str, vllm: str | None, parquet: str | None, logits: str | No
         if vllm:
             meta = _vllm(vllm, out, topk, vocab_size, teacher_name, dtype, overwrite, bar)
         elif parquet:
-            from ..parquet_import import import_parquet
+            from softlabels.sets.parquet_import import import_parquet
 
             meta = import_parquet(parquet, out, teacher_name=teacher_name,
                                   vocab_size=vocab_size, temperature=temperature, dtype=dtype,
                                   overwrite=overwrite, progress=bar)
         else:
-            from ..write_set import write_set
+            from softlabels.sets.write_set import write_set
 
             if data is None or teacher_name is None:
                 raise click.UsageError("arrays need --data (for the sample hashes) and "
@@ -112,7 +112,7 @@ def import_cmd(out: str, vllm: str | None, parquet: str | None, logits: str | No
 
 def _vllm(path: str, out: str, topk: int | None, vocab_size: int | None,
           teacher_name: str | None, dtype: str, overwrite: bool, bar: Any) -> dict[str, Any]:
-    from ..vllm_logprobs import import_vllm
+    from softlabels.sets.vllm import import_vllm
 
     if topk is None or vocab_size is None or teacher_name is None:
         raise click.UsageError("--vllm needs --topk (the prompt_logprobs asked of vLLM), "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..format.schema import COMBINE_CHOICES, DTYPE_CHOICES
-from ..options import PRECISION_CHOICES, PrecomputeOptions
-from ._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
+from softlabels.cli._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
+from softlabels.format.schema import COMBINE_CHOICES, DTYPE_CHOICES
+from softlabels.options import PRECISION_CHOICES, PrecomputeOptions
 
 
 @click.command()
@@ -72,19 +72,19 @@ from ._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
 def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
                workers: int | None, scheduler: str | None, **flags: object) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
-    from ..tokens import is_sequence_data
+    from softlabels.sources.tokens import is_sequence_data
 
     options = PrecomputeOptions(**flags)  # type: ignore[arg-type]  # checked once, here
     unit = "token" if is_sequence_data(data) else "row"
     with progress_bar("precompute", unit=unit) as bar:
         if workers is not None or scheduler is not None:
-            from ..cluster import precompute_on_cluster
+            from softlabels.compute.cluster import precompute_on_cluster
 
             result = precompute_on_cluster(data, list(teachers), out, options, workers=workers,
                                            scheduler=scheduler, overwrite=overwrite,
                                            progress=bar)
         else:
-            from ..precompute import precompute as run
+            from softlabels.compute.examples import precompute as run
 
             result = run(data, list(teachers), out, options, overwrite=overwrite, progress=bar)
     seq = result.meta.get("sequence")  # a sequence set: one row per token position

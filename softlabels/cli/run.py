@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import TRUST_CODE_HELP, echo, epoch_bars
+from softlabels.cli._common import TRUST_CODE_HELP, echo, epoch_bars
 
 
 @click.command(name="run")
@@ -19,7 +19,7 @@ from ._common import TRUST_CODE_HELP, echo, epoch_bars
 def run_cmd(pipeline: str, out: str | None, quick: bool, overrides: tuple[str, ...],
             seeds: int | None, trust_code: bool) -> None:
     """Run a pipeline file (e.g. pipelines/mnist_hinton.toml); a rerun skips finished steps."""
-    from ..experiments.pipeline import run_pipeline
+    from softlabels.experiments.pipeline import run_pipeline
 
     if seeds is not None:
         overrides = (*overrides, f"seeds={seeds}")

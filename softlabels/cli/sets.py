@@ -7,10 +7,17 @@ from typing import Any
 
 import click
 
-from ..errors import SoftlabelsError
-from ..format.schema import COMBINE_CHOICES
-from ..preprocessing import describe
-from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, progress_bar, provenance_lines
+from softlabels.cli._common import (
+    TRUST_CODE_HELP,
+    IntList,
+    echo,
+    echo_json,
+    progress_bar,
+    provenance_lines,
+)
+from softlabels.errors import SoftlabelsError
+from softlabels.format.schema import COMBINE_CHOICES
+from softlabels.preprocessing import describe
 
 
 @click.command()
@@ -20,7 +27,7 @@ from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, progress_bar, pr
               help="Also compute per-class mass, entropy per T and teacher accuracy (dask).")
 def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     """Describe a transfer set: provenance, arrays, size."""
-    from ..format.reader import open_transfer_set
+    from softlabels.format.reader import open_transfer_set
 
     with open_transfer_set(transfer_set) as ts:
         summary = ts.summary()
@@ -120,7 +127,7 @@ def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sampl
            seed: int, tolerance: float | None, device: str, as_json: bool,
            trust_code: bool) -> None:
     """Check a transfer set: status, shapes, values, fingerprint, and optionally data/teacher."""
-    from ..verify import verify as run
+    from softlabels.sets.verify import verify as run
 
     with progress_bar("verify") as bar:
         report = run(transfer_set, data=data, teachers=list(teachers), sample=sample, seed=seed,
@@ -152,7 +159,7 @@ def _done(out: str, meta: dict[str, Any]) -> str | None:
               default="mean-logits", show_default=True)
 def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
     """Merge sets of the same data made by different teachers into one ensemble set."""
-    from ..format.operations import merge as run
+    from softlabels.format.operations import merge as run
 
     with progress_bar("merge") as bar:
         meta = run(list(sources), out, combine=combine, progress=bar)
@@ -171,7 +178,7 @@ def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
 def subset(source: str, out: str, fraction: float | None, seed: int, classes: list[int] | None,
            exclude_classes: list[int] | None, indices: str | None) -> None:
     """Cut a set down to selected rows; its provenance names the source."""
-    from ..format.operations import subset as run
+    from softlabels.format.operations import subset as run
 
     with progress_bar("subset") as bar:
         meta = run(source, out, fraction=fraction, seed=seed, classes=classes,
@@ -184,7 +191,7 @@ def subset(source: str, out: str, fraction: float | None, seed: int, classes: li
 @click.option("--out", required=True, help="Target: DIR.zarr, FILE.h5 or FILE.zarr.zip.")
 def convert(source: str, out: str) -> None:
     """Copy a set between Zarr, HDF5 and zip-packed Zarr, content identical."""
-    from ..format.operations import convert as run
+    from softlabels.format.operations import convert as run
 
     with progress_bar("convert") as bar:
         meta = run(source, out, progress=bar)
@@ -196,7 +203,7 @@ def convert(source: str, out: str) -> None:
 @click.option("--out", required=True, help="Directory for the PNG plots and summary.md.")
 def report(transfer_set: str, out: str) -> None:
     """Plots and a provenance summary to read before using someone else's set."""
-    from ..report import transfer_set_report
+    from softlabels.sets.report import transfer_set_report
 
     transfer_set_report(transfer_set, out)
     echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")

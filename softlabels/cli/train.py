@@ -7,15 +7,15 @@ import os
 
 import click
 
-from ..format.lease import WriterLease
-from ..options import (
+from softlabels.cli._common import TRUST_CODE_HELP, IntList, echo, echo_json, epoch_bars, parse_bias
+from softlabels.format.lease import WriterLease
+from softlabels.options import (
     OPTIMIZER_CHOICES,
     TOPK_CONVENTION_HELP,
     TOPK_CONVENTIONS,
     TrainOptions,
     check_output_file,
 )
-from ._common import TRUST_CODE_HELP, IntList, echo, echo_json, epoch_bars, parse_bias
 
 
 @click.command()
@@ -76,9 +76,9 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
 
     Rerunning the same command after a kill resumes after the last finished epoch (state in
     OUT.state)."""
-    from ..format.chunk_cache import MAX_BYTES_ENV, parse_bytes
-    from ..format.location import CACHE_ENV
-    from ..trainer import train_student
+    from softlabels.format.chunk_cache import MAX_BYTES_ENV, parse_bytes
+    from softlabels.format.location import CACHE_ENV
+    from softlabels.train.trainer import train_student
 
     if cache:  # through the environment, so DataLoader workers and ranks read through it too
         os.environ[CACHE_ENV] = os.path.abspath(cache)
@@ -131,7 +131,7 @@ def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: 
              temperature: float | None, device: str, as_json: bool, trust_code: bool) -> None:
     """Accuracy, errors per class, calibration, and agreement with a teacher; for a sequence
     model on tokens:... DATA, per-token cross-entropy, perplexity and next-token accuracy."""
-    from ..evaluate import evaluate as run
+    from softlabels.sets.evaluate import evaluate as run
 
     report = run(data, model, bias_adjust=parse_bias(bias_adjust), transfer_set=transfer_set,
                  device=device, trust_code=trust_code, temperature=temperature)

@@ -22,17 +22,18 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ..errors import SoftlabelsError
-from ..evaluate import adjust_bias, evaluate
-from ..format.selection import stratified_mask
-from ..metrics import accuracy_report
-from ..precompute import precompute
-from ..safe_write import write_text
-from ..specs import load_checkpoint, load_data
-from ..teacher import resolve_device
-from ..trainer import materialize, predict, train_student
-from .hinton_summary import summarize_seeds
-from .plots import hinton_report
+from softlabels.compute.examples import precompute
+from softlabels.errors import SoftlabelsError
+from softlabels.experiments.hinton_summary import summarize_seeds
+from softlabels.experiments.plots import hinton_report
+from softlabels.format.selection import stratified_mask
+from softlabels.safe_write import write_text
+from softlabels.sets.evaluate import adjust_bias, evaluate
+from softlabels.sources.load import load_data
+from softlabels.teachers.ensemble import resolve_device
+from softlabels.teachers.models import load_checkpoint
+from softlabels.train.metrics import accuracy_report
+from softlabels.train.trainer import materialize, predict, train_student
 
 log = logging.getLogger(__name__)
 

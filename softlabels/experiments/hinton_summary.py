@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats import INTERVAL, fmt, overlap, paired, summarize
+from softlabels.experiments.stats import INTERVAL, fmt, overlap, paired, summarize
 
 _SAME = {"temperature", "fraction", "rows", "members", "seed"}  # equal for every seed
 _KEEP_OUT = {"val_curve", "validation_errors_by_bias", "per_class_errors_adjusted"}

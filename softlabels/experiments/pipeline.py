@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftlabelsError
-from ..safe_write import write_text
-from ..specs import require_trusted
+from softlabels.errors import SoftlabelsError
+from softlabels.safe_write import write_text
+from softlabels.specs import require_trusted
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,13 @@ def run_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | 
 
 
 def _hinton(cfg: dict[str, Any], out: Path, say: Say, callbacks: list[Any]) -> dict[str, Any]:
-    from .hinton_mnist import hinton_mnist
+    from softlabels.experiments.hinton_mnist import hinton_mnist
 
     return hinton_mnist(cfg, out, Steps(out, say), callbacks)
 
 
 def _tiny_lm(cfg: dict[str, Any], out: Path, say: Say, callbacks: list[Any]) -> dict[str, Any]:
-    from .tiny_lm import tiny_lm
+    from softlabels.experiments.tiny_lm import tiny_lm
 
     return tiny_lm(cfg, out, Steps(out, say), callbacks)
 

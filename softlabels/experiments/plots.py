@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..safe_write import save_figure, write_text
-from .results_md import results_markdown
+from softlabels.experiments.results_md import results_markdown
+from softlabels.safe_write import save_figure, write_text
 
 
 def _plt() -> Any:
@@ -122,7 +122,7 @@ def soft_target_examples(ts_path: Path, n: int = 4) -> dict[str, Any]:
     """A few rows' teacher probabilities at T = 1 and T = 20."""
     import numpy as np
 
-    from ..format.reader import open_transfer_set
+    from softlabels.format.reader import open_transfer_set
 
     with open_transfer_set(ts_path) as ts:
         rows = np.linspace(0, ts.num_rows - 1, n).astype(int)

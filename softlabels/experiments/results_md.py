@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats import fmt
+from softlabels.experiments.stats import fmt
 
 
 def _seeds(s: dict[str, Any], digits: int = 0, scale: float = 1.0) -> str:

@@ -27,16 +27,17 @@ from typing import Any
 
 import torch
 
-from ..errors import SoftlabelsError
-from ..format.operations import subset
-from ..format.reader import open_transfer_set
-from ..gpt import TinyGPT
-from ..precompute import precompute
-from ..safe_write import atomic_write, write_text
-from ..sequence_datasets import SequenceBatches
-from ..sequence_trainer import evaluate_sequence_model, train_sequence_model
-from ..specs import load_checkpoint, load_data, load_model, save_checkpoint
-from .tiny_lm_report import PAPER, plot, results_md, summarize_lm_seeds
+from softlabels.compute.examples import precompute
+from softlabels.errors import SoftlabelsError
+from softlabels.experiments.tiny_lm_report import PAPER, plot, results_md, summarize_lm_seeds
+from softlabels.format.operations import subset
+from softlabels.format.reader import open_transfer_set
+from softlabels.safe_write import atomic_write, write_text
+from softlabels.sources.load import load_data
+from softlabels.teachers.gpt import TinyGPT
+from softlabels.teachers.models import load_checkpoint, load_model, save_checkpoint
+from softlabels.train.sequence_batches import SequenceBatches
+from softlabels.train.sequence_trainer import evaluate_sequence_model, train_sequence_model
 
 
 def gpt(vocab: int = 256, dim: int = 128, layers: int = 4, heads: int = 4,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..safe_write import save_figure
-from .stats import INTERVAL, fmt, paired, summarize
+from softlabels.experiments.stats import INTERVAL, fmt, paired, summarize
+from softlabels.safe_write import save_figure
 
 # Hinton, Vinyals & Dean (2015): Table 1 (frame accuracy, speech) and Table 3 (3% of the data).
 PAPER = {"baseline": 58.9, "ensemble_10": 61.1, "distilled": 60.8,

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TransferSetError, WriterBusyError
-from .location import Remote
-from .schema import ATTR_KEY
-from .store import Mode, Store, block_selection, fill_value
+from softlabels.errors import TransferSetError, WriterBusyError
+from softlabels.format.location import Remote
+from softlabels.format.schema import ATTR_KEY
+from softlabels.format.store import Mode, Store, block_selection, fill_value
 
 
 class HDF5Store(Store):
@@ -40,7 +40,7 @@ class HDF5Store(Store):
         except OSError as exc:
             if self._handle is not None:
                 self._handle.close()
-            from .lease import holder
+            from softlabels.format.lease import holder
 
             who = holder(self.path)  # the URL of a remote set, not its Remote
             if who is not None and who != "this process":

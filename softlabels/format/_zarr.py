@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TransferSetError
-from .location import Remote
-from .schema import ATTR_KEY
-from .store import Mode, Store, fill_value
+from softlabels.errors import TransferSetError
+from softlabels.format.location import Remote
+from softlabels.format.schema import ATTR_KEY
+from softlabels.format.store import Mode, Store, fill_value
 
 
 class ZarrStore(Store):
@@ -56,7 +56,7 @@ class ZarrStore(Store):
                     f"{path} is a zip-packed Zarr set, which is read-only; convert it to a "
                     "`.zarr` directory with `softlabels convert` to write to it"
                 )
-            from .zip_bounds import check_zip_members
+            from softlabels.format.zip_bounds import check_zip_members
 
             check_zip_members(path)  # no member inflates past what its array can hold
             store: Any = zarr.storage.ZipStore(str(path), mode="r")

@@ -23,11 +23,10 @@ import logging
 import os
 from pathlib import Path
 
+from softlabels.errors import TransferSetError, WriterBusyError
+from softlabels.format import schema as S
 from softlabels.format.backends import backend_of, open_store
-
-from ..errors import TransferSetError, WriterBusyError
-from . import schema as S
-from .location import Remote, is_url
+from softlabels.format.location import Remote, is_url
 
 log = logging.getLogger(__name__)
 

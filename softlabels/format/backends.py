@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import TransferSetError
-from ._hdf5 import HDF5Store
-from ._zarr import ZarrStore
-from .location import Remote, deadline_errors, is_url
-from .store import Mode, Store
+from softlabels.errors import TransferSetError
+from softlabels.format._hdf5 import HDF5Store
+from softlabels.format._zarr import ZarrStore
+from softlabels.format.location import Remote, deadline_errors, is_url
+from softlabels.format.store import Mode, Store
 
 
 def backend_of(path: str | os.PathLike[str]) -> str:

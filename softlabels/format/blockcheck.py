@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import schema as S
-from .layout import Layout
+from softlabels.format import schema as S
+from softlabels.format.layout import Layout
 
 
 def all_finite(a: np.ndarray) -> bool:

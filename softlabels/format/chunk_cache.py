@@ -27,8 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftlabelsError, UnsafePathError
-from ..safe_write import own_folder
+from softlabels.errors import SoftlabelsError, UnsafePathError
+from softlabels.safe_write import own_folder
 
 log = logging.getLogger(__name__)
 

@@ -14,19 +14,18 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from softlabels.errors import SoftlabelsError, TransferSetError
+from softlabels.format import schema as S
+from softlabels.format.aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
 from softlabels.format.backends import backend_of, open_store
-
-from ..errors import SoftlabelsError, TransferSetError
-from ..input_proof import file_digest
-from ..progress import Progress
-from ..redact import redact_obj
-from . import schema as S
-from .aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
-from .layout import DIGEST, Layout, carried
-from .lease import WriterLease
-from .location import Remote, is_url
-from .reader import TransferSet
-from .writer import TransferSetWriter
+from softlabels.format.layout import DIGEST, Layout, carried
+from softlabels.format.lease import WriterLease
+from softlabels.format.location import Remote, is_url
+from softlabels.format.reader import TransferSet
+from softlabels.format.writer import TransferSetWriter
+from softlabels.input_proof import file_digest
+from softlabels.progress import Progress
+from softlabels.redact import redact_obj
 
 BlockArrays = Callable[[int, int], dict[str, np.ndarray]]
 

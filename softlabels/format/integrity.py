@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from ..progress import Progress
-from . import schema as S
-from .blockcheck import target_problem
-from .layout import IDENTITY_KEYS, array_problems, edited_keys
-from .reader import TransferSet
+from softlabels.format import schema as S
+from softlabels.format.blockcheck import target_problem
+from softlabels.format.layout import IDENTITY_KEYS, array_problems, edited_keys
+from softlabels.format.reader import TransferSet
+from softlabels.progress import Progress
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..errors import IntegrityError, TransferSetError
-from . import schema as S
-from .targets import Hybrid
+from softlabels.errors import IntegrityError, TransferSetError
+from softlabels.format import schema as S
+from softlabels.format.targets import Hybrid
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import TransferSetError, WriterBusyError
-from .location import is_url
+from softlabels.errors import TransferSetError, WriterBusyError
+from softlabels.format.location import is_url
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _describe(raw: str) -> str:
 def holder(out: str | os.PathLike[str]) -> str | None:
     """Who holds the lease on `out` now, in words, or None when nobody does."""
     if is_url(out):
-        from .remote_lease import remote_holder
+        from softlabels.format.remote_lease import remote_holder
 
         return remote_holder(out)
     path = lock_path(out)
@@ -107,7 +107,7 @@ class WriterLease:
     def __init__(self, out: str | os.PathLike[str]) -> None:
         self._remote: Any = None
         if is_url(out):  # an object store: a lease object (see `remote_lease`)
-            from .remote_lease import RemoteLease
+            from softlabels.format.remote_lease import RemoteLease
 
             self._remote = RemoteLease(out)
         self.out = Path(out) if self._remote is None else out

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import SoftlabelsError, TransferSetError
-from ..redact import redact
+from softlabels.errors import SoftlabelsError, TransferSetError
+from softlabels.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class Remote:
         bound_retries(remote.fs)
         if cache is None or not read_only:
             return remote
-        from .chunk_cache import bounded_cache_store, prepare
+        from softlabels.format.chunk_cache import bounded_cache_store, prepare
 
         cache = os.path.abspath(cache)
         root = self.fs.cat_file(self.child("zarr.json"))

@@ -11,11 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import MismatchError, SoftlabelsError
-from ..progress import Progress
-from ..tempering import combine_logits, ensemble_probs
-from . import schema as S
-from .copying import (
+from softlabels.errors import MismatchError, SoftlabelsError
+from softlabels.format import schema as S
+from softlabels.format.copying import (
     Source,
     indices_digest,
     output_path,
@@ -23,9 +21,11 @@ from .copying import (
     source_record,
     write_output,
 )
-from .layout import ROW_KEYS, Layout
-from .reader import TransferSet, open_transfer_set
-from .selection import read_indices, select_rows
+from softlabels.format.layout import ROW_KEYS, Layout
+from softlabels.format.reader import TransferSet, open_transfer_set
+from softlabels.format.selection import read_indices, select_rows
+from softlabels.progress import Progress
+from softlabels.tempering import combine_logits, ensemble_probs
 
 
 def _layout(ts: TransferSet, **changes: Any) -> Layout:
@@ -61,7 +61,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     out = output_path(out)
     with open_transfer_set(src) as ts:
         if ts.layout.num_sequences:
-            from .sequence_ops import convert_sequences
+            from softlabels.format.sequence_ops import convert_sequences
 
             return convert_sequences(ts, out, progress=progress)
         layout = _layout(ts)
@@ -82,7 +82,7 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     refuse_existing(out, early=True)
     with open_transfer_set(src) as ts:
         if ts.layout.num_sequences:  # cut by whole sequences
-            from .sequence_ops import subset_sequences
+            from softlabels.format.sequence_ops import subset_sequences
 
             return subset_sequences(ts, out, fraction=fraction, seed=seed, classes=classes,
                                     exclude_classes=exclude_classes, indices=indices,

@@ -12,14 +12,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from softlabels.errors import (
+    DataError,
+    IncompleteTransferSetError,
+    IntegrityError,
+    TransferSetError,
+)
+from softlabels.format import schema as S
+from softlabels.format.aside import PARTIAL
 from softlabels.format.backends import backend_of, open_store
-from softlabels.format.store import Store
-
-from ..errors import DataError, IncompleteTransferSetError, IntegrityError, TransferSetError
-from ..tempering import tempered_softmax
-from . import schema as S
-from .aside import PARTIAL
-from .blockcheck import (
+from softlabels.format.blockcheck import (
     MEASURE_ABOVE_BYTES,
     checksum_problem,
     declared_bytes,
@@ -28,9 +30,11 @@ from .blockcheck import (
     undone_problem,
     value_problem,
 )
-from .chunk_files import ChunkFiles
-from .layout import Layout, array_problems, check_described, check_digest
-from .location import Remote, cache_dir, is_timeout, is_url
+from softlabels.format.chunk_files import ChunkFiles
+from softlabels.format.layout import Layout, array_problems, check_described, check_digest
+from softlabels.format.location import Remote, cache_dir, is_timeout, is_url
+from softlabels.format.store import Store
+from softlabels.tempering import tempered_softmax
 
 
 class TransferSet:
@@ -333,7 +337,7 @@ class TransferSet:
         """Per-class mean probability and mean entropy (nats) at each T, and the teacher's
         top-1 accuracy on labelled rows, from whole checked blocks, one at a time
         (`statistics.set_statistics`)."""
-        from .statistics import set_statistics
+        from softlabels.format.statistics import set_statistics
 
         return set_statistics(self)
 
@@ -431,7 +435,7 @@ def open_transfer_set(path: str | os.PathLike[str], *, cache: str | None = None,
         return TransferSet(store)
     except IncompleteTransferSetError:
         store.close()
-        from .lease import holder
+        from softlabels.format.lease import holder
 
         who, p = holder(path), Path(path)
         if who is None and p.name.endswith(PARTIAL):

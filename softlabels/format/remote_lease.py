@@ -30,8 +30,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..errors import TransferSetError, WriterBusyError
-from .location import Remote
+from softlabels.errors import TransferSetError, WriterBusyError
+from softlabels.format.location import Remote
 
 log = logging.getLogger(__name__)
 

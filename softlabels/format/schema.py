@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..errors import IncompleteTransferSetError, TransferSetError
+from softlabels.errors import IncompleteTransferSetError, TransferSetError
 
 FORMAT_VERSION = 2  # what the writer writes
 READABLE_VERSIONS = (1, 2)  # 1: one `block_checksum` per block over every row array

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SoftlabelsError
+from softlabels.errors import SoftlabelsError
 
 
 def read_indices(path: str | os.PathLike[str]) -> np.ndarray:

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..errors import IntegrityError, TransferSetError
-from . import schema as S
-from .integrity import VerifyReport
-from .layout import SEQUENCE_LABELS, Layout
-from .reader import TransferSet
-from .writer import RowHashes, TransferSetWriter
+from softlabels.errors import IntegrityError, TransferSetError
+from softlabels.format import schema as S
+from softlabels.format.integrity import VerifyReport
+from softlabels.format.layout import SEQUENCE_LABELS, Layout
+from softlabels.format.reader import TransferSet
+from softlabels.format.writer import RowHashes, TransferSetWriter
 
 SEQ_OFFSETS, SEQ_POSITION, SEQ_TOKENS, SEQ_MASK = (S.SEQ_OFFSETS, S.SEQ_POSITION, S.SEQ_TOKENS,
                                                    S.SEQ_MASK)

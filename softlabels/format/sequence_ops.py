@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SoftlabelsError
-from ..progress import Progress
-from . import schema as S
-from .copying import Source, indices_digest, source_record, write_output
-from .reader import TransferSet
-from .selection import read_indices
-from .sequence import SEQ_OFFSETS, read_offsets, with_offsets
+from softlabels.errors import SoftlabelsError
+from softlabels.format import schema as S
+from softlabels.format.copying import Source, indices_digest, source_record, write_output
+from softlabels.format.reader import TransferSet
+from softlabels.format.selection import read_indices
+from softlabels.format.sequence import SEQ_OFFSETS, read_offsets, with_offsets
+from softlabels.progress import Progress
 
 
 def convert_sequences(ts: TransferSet, out: Path | str, *,

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import TransferSetError
-from . import schema as S
+from softlabels.errors import TransferSetError
+from softlabels.format import schema as S
 
 if TYPE_CHECKING:
-    from .reader import TransferSet
+    from softlabels.format.reader import TransferSet
 
 
 def set_statistics(ts: TransferSet) -> dict[str, Any]:

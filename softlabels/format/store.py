@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import TransferSetError
+from softlabels.errors import TransferSetError
 
 Mode = Literal["r", "r+", "w"]
 

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import TransferSetError
-from . import schema as S
+from softlabels.errors import TransferSetError
+from softlabels.format import schema as S
 
 QUANTIZE_CHOICES = (0, 8)  # 0: values in the logits dtype; 8: uint8 codes and a per-row step
 PAD = -1  # the index of an unused head column (or of every tail column of a row whose

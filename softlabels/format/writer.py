@@ -16,16 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from softlabels.errors import MismatchError, TransferSetError, WriterBusyError
+from softlabels.format import schema as S
+from softlabels.format.aside import CREATING, beside, clear_staging, remove_set
 from softlabels.format.backends import backend_of, open_store
+from softlabels.format.layout import DIGEST, FILE_KEYS, Layout, digest, resume_identity
+from softlabels.format.lease import WriterLease
+from softlabels.format.location import Remote, is_url
 from softlabels.format.store import Store
-
-from ..errors import MismatchError, TransferSetError, WriterBusyError
-from ..redact import redact_obj
-from . import schema as S
-from .aside import CREATING, beside, clear_staging, remove_set
-from .layout import DIGEST, FILE_KEYS, Layout, digest, resume_identity
-from .lease import WriterLease
-from .location import Remote, is_url
+from softlabels.redact import redact_obj
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import IntegrityError
+from softlabels.errors import IntegrityError
 
 MAX_METADATA_BYTES = 1 << 20
 SLACK_BYTES = 64 << 10

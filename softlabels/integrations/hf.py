@@ -8,7 +8,7 @@
                                   temperature=1.0, alpha=0.9)
     trainer.train()
 
-Records carry the export's columns (softlabels/export.py): `input_ids`, `labels` (Hugging
+Records carry the export's columns (softlabels/sets/export.py): `input_ids`, `labels` (Hugging
 Face causal-LM labels), `target_token_ids`, `target_logprobs`, `target_mask` ([L, K]). The loss
 is softlabels' sparse KD per distilled position (`losses.sparse_kd_loss`, as
 `sequence_kd_loss` applies it to a set): with w = exp(target_logprobs) on the valid entries and
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..format.reader import open_transfer_set
-from ..losses import sparse_kd_loss
-from ..tempering import tempered_log_softmax
+from softlabels.format.reader import open_transfer_set
+from softlabels.tempering import tempered_log_softmax
+from softlabels.train.losses import sparse_kd_loss
 
 TARGETS = ("target_token_ids", "target_logprobs", "target_mask")
 
@@ -46,7 +46,7 @@ class SetRecords(Dataset):
 
     def __init__(self, path: str | os.PathLike[str], *, temperature: float = 1.0,
                  topk: int | None = None) -> None:
-        from ..export import export_batches
+        from softlabels.sets.export import export_batches
 
         self.items: list[dict[str, np.ndarray]] = []
         with open_transfer_set(path) as ts:

@@ -1,0 +1,494 @@
+"""Stage one: run the teacher once over a dataset and write its soft targets (docs/FORMAT.md).
+
+The main thread feeds batches through the teacher; a writer thread hashes inputs, checks the
+outputs, assembles whole blocks and writes them, so storage overlaps compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from softlabels.compute.fetch import RowBatches, as_is
+from softlabels.compute.record import PrecomputeResult, as_options, dataset_probe, versions
+from softlabels.compute.teacher_inputs import teacher_inputs
+from softlabels.compute.views import ViewDataset
+from softlabels.errors import DataError, OptionError, SoftlabelsError, TeacherOutputError
+from softlabels.format import schema as S
+from softlabels.format.layout import Layout
+from softlabels.format.lease import refuse_if_busy
+from softlabels.format.writer import BlockWriter, TransferSetWriter
+from softlabels.options import PrecomputeOptions, check_output_file
+from softlabels.preprocessing import Preprocess
+from softlabels.progress import Progress
+from softlabels.sources.arrays import check_labels, class_names, example_hash, split_item
+from softlabels.sources.images import decode_batch, keep_decodable, model_inputs
+from softlabels.sources.load import load_data
+from softlabels.sources.tokens import is_sequence_data
+from softlabels.teachers.ensemble import Teacher
+
+log = logging.getLogger(__name__)
+
+
+
+
+
+
+
+PEAK, MEMBER_PEAK = "peak", "member_peak"  # device outputs the writer checks, never stored
+HOST_LOGITS, HOST_PROBS = "host_logits", "host_probs"  # float32, for codecs run on the host
+
+
+@torch.inference_mode()
+def device_outputs(layout: Layout, members: torch.Tensor, logits: torch.Tensor,
+                   probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the writer needs of one batch, computed where the teacher ran, so that only what is
+    stored crosses to the host: the rows' largest |logit| (B,) (NaN, inf and the storage
+    dtype's range are checked from it), dense arrays already in their storage dtype, top-k
+    classes with their per-T normalisers, and the float32 logits (B, C) and probs (K, B, C)
+    only where a host-side codec draws from them (sampled classes)."""
+    arrays = layout.arrays()
+    out = {PEAK: _peak(logits, (1,))}  # NaN and inf show in the row's peak
+    if S.MEMBER_LOGITS in arrays:
+        out[MEMBER_PEAK] = _peak(members, (0, 2))
+    if S.LOGITS in arrays:
+        dense = {S.LOGITS: logits, S.PROBS: probs, S.MEMBER_LOGITS: members}
+        return out | {name: t.to(getattr(torch, arrays[name][1]))
+                      for name, t in dense.items() if name in arrays}
+    if layout.topk:
+        top = torch.topk(logits, layout.topk, dim=-1)
+        lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in layout.temperatures], -1)
+        return out | {S.TOPK_INDICES: top.indices.int(), S.TOPK_LOGITS: top.values,
+                      S.TOPK_LOGSUMEXP: lse}
+    return out | {HOST_LOGITS: logits, HOST_PROBS: probs}
+
+
+def _peak(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """|t|'s largest value over `dims`, as max(max t, -min t): two reading passes, no |t|
+    temporary; NaN propagates through both."""
+    return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
+
+
+class _BlockAssembler:
+    """Writer-thread side: gathers batches into whole blocks and writes each once it is full."""
+
+    def __init__(self, writer: TransferSetWriter, rows: np.ndarray,
+                 kept: np.ndarray | None = None) -> None:
+        self.writer, self.rows, self.pos, self.kept = writer, rows, 0, kept
+        self.lay = writer.layout
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+        self.filled: dict[int, int] = {}
+
+    def _buffer(self, block: int) -> dict[str, np.ndarray]:
+        if block not in self.buffers:
+            start, stop = self.lay.block_range(block)
+            bufs = {}
+            for name, (shape, dtype) in self.lay.arrays().items():
+                s = list(shape)
+                s[S.row_axis(name)] = stop - start
+                bufs[name] = np.empty(s, dtype=dtype)
+            self.buffers[block], self.filled[block] = bufs, 0
+        return self.buffers[block]
+
+    def _sparse(self, rows: np.ndarray, logits: torch.Tensor,
+                probs: torch.Tensor) -> dict[str, np.ndarray]:
+        """Targets drawn on the host: k classes drawn from each p_T (top-k is computed on the
+        teacher's device, `device_outputs`)."""
+        lay = self.lay
+        if lay.sample_k:
+            # Seeded by the batch's first row: blocks are cut into the same batches on every
+            # run (block_batches), so a resumed or distributed run draws the same classes.
+            g = torch.Generator().manual_seed(int(rows[0]))
+            draws = [torch.multinomial(p, lay.sample_k, replacement=True, generator=g)
+                     .sort(dim=-1).values for p in probs]
+            return {S.SAMPLE_INDICES: torch.stack(draws).int().numpy()}
+        if lay.hybrid:  # the tail's uniforms seeded as sampled classes are, by the first row
+            g = torch.Generator().manual_seed(int(rows[0]))
+            u = torch.rand(len(rows), lay.hybrid.tail, generator=g)
+            return lay.hybrid.encode(logits, lay.temperatures, u)
+        return {}
+
+    def _check(self, rows: np.ndarray, index: np.ndarray, y: torch.Tensor,
+               peak: torch.Tensor, member_peak: torch.Tensor | None) -> None:
+        """Refuse rows no reader may be handed: NaN/inf logits, logits past the storage
+        dtype's range (stored they would be inf, a set its own verify fails), bad labels.
+        `peak`: each row's largest |logit| (B,); `member_peak`: the same over kept members."""
+        bad = ~torch.isfinite(peak)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise TeacherOutputError(f"the teacher's output has NaN or inf at row {int(rows[i])}"
+                                     f" (dataset index {index[i]}); check that model and that "
+                                     "input")
+        limit = float(np.finfo(self.lay.dtype).max)
+        if member_peak is not None:
+            peak = torch.maximum(peak, member_peak)
+        if (peak > limit).any():
+            i = int((peak > limit).nonzero()[0])
+            raise TeacherOutputError(
+                f"the teacher's logits reach {float(peak[i]):.6g} at row {int(rows[i])} (dataset"
+                f" index {index[i]}), beyond {self.lay.dtype}'s largest value {limit:g}: stored "
+                "they would be inf; rerun with --dtype float32")
+        bad = (y < -1) | (y >= self.lay.num_classes)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise DataError(f"label {int(y[i])} of dataset example {index[i]} is outside the "
+                            f"teacher's {self.lay.num_classes} classes; labels must lie in "
+                            f"[0, {self.lay.num_classes}), or be -1 for unknown")
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, outputs: dict[str, torch.Tensor],
+            hashes: np.ndarray | None = None, seeds: np.ndarray | None = None) -> None:
+        """One batch of rows: its inputs, labels and `device_outputs` (on the host); view rows
+        bring the un-augmented input's hash and their seed."""
+        rows = self.rows[self.pos:self.pos + len(x)]
+        self.pos += len(x)
+        index = rows // self.lay.views if self.lay.views else rows
+        if self.kept is not None:  # bad images left out: row -> the dataset's own index
+            index = self.kept[index]
+        self._check(rows, index, y, outputs[PEAK], outputs.get(MEMBER_PEAK))
+        xs = x.numpy()
+        if hashes is None:
+            hashes = S.sample_hashes(xs)  # per batch: no per-row numpy view
+        columns = {S.LABELS: y.numpy(), S.INDEX: index, S.SAMPLE_HASH: hashes, S.INPUTS: xs,
+                   S.VIEW_SEED: seeds, **{name: t.numpy() for name, t in outputs.items()}}
+        if HOST_LOGITS in outputs:
+            columns |= self._sparse(rows, outputs[HOST_LOGITS], outputs[HOST_PROBS])
+        self._place(rows, columns)
+
+    def _place(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
+        """Copy a batch's columns into its block's buffers (a batch of a whole block is written
+        as it is), and write each block once full. A batch of consecutive rows in one block
+        (what `block_batches` makes) is copied by slice; other batches row by row."""
+        lay, first = self.lay, int(rows[0])
+        block = first // lay.block_rows
+        start, stop = lay.block_range(block)
+        a, b = first - start, first - start + len(rows)
+        if b > stop - start or int(rows[-1]) - first + 1 != len(rows):
+            return self._scatter(rows, columns)
+        if a == 0 and b == stop - start:
+            self.writer.write_block(block, {name: columns[name] for name in lay.arrays()})
+            return None
+        bufs = self._buffer(block)
+        for name, buf in bufs.items():
+            if S.row_axis(name):
+                buf[:, a:b] = columns[name]
+            else:
+                buf[a:b] = columns[name]
+        self._filled(block, b - a)
+        return None
+
+    def _scatter(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
+        for block in np.unique(rows // self.lay.block_rows):
+            start, _ = self.lay.block_range(int(block))
+            mine = (rows // self.lay.block_rows) == block
+            local = rows[mine] - start
+            bufs = self._buffer(int(block))
+            for name, buf in bufs.items():
+                src = np.compress(mine, columns[name], axis=S.row_axis(name))
+                if S.row_axis(name):
+                    buf[:, local] = src
+                else:
+                    buf[local] = src
+            self._filled(int(block), int(mine.sum()))
+
+    def _filled(self, block: int, rows: int) -> None:
+        self.filled[block] += rows
+        start, stop = self.lay.block_range(block)
+        if self.filled[block] == stop - start:
+            self.writer.write_block(block, self.buffers.pop(block))
+            del self.filled[block]
+
+
+def _consume(assembler: _BlockAssembler, item: tuple[Any, ...],
+             errors: list[BaseException]) -> None:
+    """Write one batch, once its device-to-host copy is done; keep the first failure, which
+    the producer re-raises after its loop."""
+    if errors:
+        return  # after a failure, drain without writing so the producer never blocks
+    event, *tensors = item
+    try:
+        if event is not None:
+            event.synchronize()
+        assembler.add(*tensors)
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def _writer_loop(assembler: _BlockAssembler, q: queue.Queue, errors: list[BaseException]) -> None:
+    while (item := q.get()) is not None:
+        _consume(assembler, item, errors)
+
+
+def precompute(
+    data: str | Dataset,
+    teachers: Sequence[str | nn.Module],
+    out: str | Path,
+    options: PrecomputeOptions | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    **kwargs: Any,
+) -> PrecomputeResult:
+    """Run `teachers` (one, or an ensemble) over `data` once and write a transfer set to `out`.
+
+    Options come as a `PrecomputeOptions`, or as its fields by keyword (temperatures,
+    batch_size, dtype, probs_dtype, combine, keep_members, store_inputs, topk, sample_k, views,
+    augment, view_seed, chunk_rows, shard_rows, device, precision, num_workers, trust_code).
+    Rerunning the same call after an interruption resumes: only blocks not marked done are
+    recomputed. A set made from another teacher or dataset is refused unless `overwrite`.
+    """
+    t0 = time.perf_counter()
+    opts = as_options(options, kwargs)
+    check_output_file(out, directory_ok=True)  # before loading data and teacher
+    refuse_if_busy(out)  # before loading anything; the writer takes the lease itself
+    if is_sequence_data(data):  # one row per position: a sequence set
+        from softlabels.compute.sequences import precompute_sequences
+
+        return precompute_sequences(data, teachers, out, opts, overwrite=overwrite,
+                                    progress=progress)
+    dataset, teacher, layout, meta = prepare(data, teachers, opts)
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                           row_hashes=row_hashes(dataset)) as writer:
+        rows = rows_of(layout, writer.pending)
+        done = layout.num_rows - len(rows)
+        if progress:
+            progress(done, layout.num_rows)
+        if len(rows):
+            run_blocks(teacher, dataset, writer, writer.pending, opts.batch_size,
+                       opts.num_workers,
+                       lambda n: progress(done + n, layout.num_rows) if progress else None,
+                       decode_device=opts.decode_device)
+    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
+                            resumed=writer.resumed, already_complete=writer.already_complete,
+                            seconds=time.perf_counter() - t0, meta=writer.meta)
+
+
+
+
+def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:
+    """The current data's sample hashes of rows [start, stop) (of the un-augmented example for
+    view rows): what a resume checks the earlier run's rows against."""
+    data, views = ((rows_data.data, rows_data.views) if isinstance(rows_data, ViewDataset)
+                   else (rows_data, 1))
+
+    def hashes(start: int, stop: int) -> np.ndarray:
+        examples, where = np.unique(np.arange(start, stop) // views, return_inverse=True)
+        return np.array([example_hash(data, int(i)) for i in examples],
+                        dtype=np.uint64)[where]
+
+    return hashes
+
+
+def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
+    """The row numbers of `blocks`, concatenated in order."""
+    return np.concatenate([np.arange(*layout.block_range(b)) for b in blocks]
+                          or [np.empty(0, np.int64)]).astype(np.int64)
+
+
+def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: PrecomputeOptions,
+            ) -> tuple[Dataset, Teacher, Layout, dict[str, Any]]:
+    """Load data and teacher, check they fit each other, and lay out the set: all but the
+    writing. `opts` were checked when made.
+
+    With `views`, the returned dataset yields view rows (see `views.ViewDataset`)."""
+    if is_sequence_data(data):  # one row per position: laid out by their own prepare
+        raise OptionError("token sequences make a sequence set: use "
+                          "sequence_precompute.prepare_sequences for them")
+    dataset = load_data(data) if isinstance(data, str) else data
+    if len(dataset) == 0:
+        raise DataError("the dataset is empty; check the DATA spec")
+    full = dataset
+    if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
+        dataset = keep_decodable(dataset, opts.num_workers)
+    teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
+                      combine=opts.combine, trust_code=opts.trust_code)
+    teacher.refuse_untrained(opts.random_teacher)
+    names = class_names(dataset) or teacher.class_names()
+    dataset, applied = teacher_inputs(dataset, teacher.preprocess())
+    dataset = model_inputs(dataset)  # raw images no preprocessing took: scaled to [0, 1]
+    x0, _ = split_item(dataset[0])
+    num_classes = teacher.num_classes(x0)
+    _check_known_labels(dataset, num_classes)
+    views = opts.views
+    rows_data = ViewDataset(dataset, views, opts.augment, opts.view_seed) if views else dataset
+    layout = Layout(num_rows=len(rows_data), num_classes=num_classes,
+                    temperatures=opts.temperatures, dtype=opts.dtype,
+                    probs_dtype=opts.probs_dtype,
+                    num_members=len(teacher.members) if opts.keep_members else 0,
+                    chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows,
+                    input_shape=tuple(x0.shape) if opts.store_inputs else None,
+                    input_dtype=str(x0.numpy().dtype), **opts.sparse_args(),
+                    views=views)
+    meta = {
+        "num_examples": len(full),
+        "class_names": names,
+        "teacher": teacher.describe(applied),
+        "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
+                    "length": len(full), "probe": dataset_probe(dataset),
+                    **({"skipped": dataset.skipped} if opts.skip_bad_images else {})},
+        "views": views or None, "augment": opts.augment,
+        "view_seed": opts.view_seed if views else None,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "device": str(teacher.device) + (f" ({torch.cuda.get_device_name(teacher.device)})"
+                                         if teacher.device.type == "cuda" else ""),
+        "precision": opts.precision,
+    }
+    return rows_data, teacher, layout, meta
+
+
+def _check_known_labels(dataset: Dataset, num_classes: int) -> None:
+    """Check all labels up front where the dataset holds them as one array (npz `y`,
+    torchvision `targets`); other datasets are checked batch by batch as rows are written."""
+    for name in ("y", "targets"):
+        labels = getattr(dataset, name, None)
+        if labels is not None and not isinstance(labels, str) and len(labels) == len(dataset):
+            check_labels(np.asarray(labels), where="the dataset", num_classes=num_classes)
+            return
+
+
+def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches (positions in the concatenated rows of `blocks`) that never cross a block.
+
+    Every block is cut into batches from its own first row, so a row always shares its batch
+    with the same rows: resumed, single-process and distributed runs compute identical logits
+    even where a kernel's result depends on the batch.
+    """
+    batches, offset = [], 0
+    for b in blocks:
+        start, stop = layout.block_range(b)
+        n = stop - start
+        batches += [list(range(offset + i, offset + min(i + batch_size, n)))
+                    for i in range(0, n, batch_size)]
+        offset += n
+    return batches
+
+
+def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | BlockWriter,
+               blocks: Sequence[int], batch_size: int, num_workers: int,
+               report: Callable[[int], None], *, decode_device: str = "cpu") -> None:
+    """Compute and write whole `blocks`; `report(rows done so far)` after each batch.
+    With `decode_device` cuda, image sources hand over encoded bytes, decoded there."""
+    cuda = teacher.device.type == "cuda"
+    layout = writer.layout
+    rows = rows_of(layout, blocks)
+    done = 0
+    items, decode_on = _loader_items(dataset, decode_device)
+    loader = DataLoader(RowBatches(items, rows, block_batches(layout, blocks, batch_size),
+                                   encoded=decode_on is not None),
+                        batch_size=None, collate_fn=as_is, num_workers=num_workers,
+                        pin_memory=cuda and decode_on is None)
+    assembler = _BlockAssembler(writer, rows, getattr(_examples(dataset), "kept", None))
+    errors: list[BaseException] = []
+    # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
+    # uses every core, and a thread only preempts its workers (measured: 0.89 of bare speed with
+    # a thread, see benchmarks/README.md), so there the same work runs inline between batches.
+    threaded = writer_thread(cuda)
+    q: Any = queue.Queue(maxsize=WRITER_QUEUE) if threaded else _Inline(assembler, errors)
+    thread = threading.Thread(target=_writer_loop, args=(assembler, q, errors),
+                              name="softlabels-writer", daemon=True)
+    if threaded:
+        thread.start()
+    try:
+        for x, y, *view in _worker_errors(loader):  # hashed rows also carry (hashes, seeds)
+            if errors:
+                break
+            if decode_on is not None:  # encoded bytes: decode and preprocess on the device
+                x = decode_batch(x, decode_on, _examples(dataset).preprocess or Preprocess())
+            outputs = device_outputs(layout, *teacher.soft_targets(x, layout.temperatures))
+            x = x.cpu()  # a no-op unless decoded on the device
+            host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record()
+            q.put((event, x, y, host, *view))
+            done += len(x)
+            report(done)
+    finally:
+        q.put(None)
+        if threaded:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
+WRITER_QUEUE = 4  # batches the teacher may run ahead of the writer thread
+
+
+def _examples(dataset: Dataset) -> Dataset:
+    """The examples behind the rows (a view set's rows are views of them)."""
+    return dataset.data if isinstance(dataset, ViewDataset) else dataset
+
+
+def _loader_items(dataset: Dataset, decode_device: str) -> tuple[Dataset, str | None]:
+    """What the DataLoader reads, and the device that decodes (None: the workers decode).
+    A dataset with its own hashes (an image source) hands them over with each item, so the
+    writer hashes no decoded tensor."""
+    if decode_device != "cpu":
+        if isinstance(dataset, ViewDataset) or not hasattr(dataset, "as_encoded"):
+            raise OptionError("--decode-device cuda decodes image sources (imagefolder:, hfds:, "
+                              "wds:) without --views; use --decode-device cpu here")
+        return _Hashed(dataset.as_encoded()), decode_device
+    return (_Hashed(dataset) if hasattr(dataset, "hashed_item") else dataset), None
+
+
+class _Hashed(Dataset):
+    """Items (input, label, sample hash) of a dataset that hashes its own examples."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.data.hashed_item(i)
+
+
+def _worker_errors(loader: DataLoader) -> Any:
+    """The loader's batches; a library error raised in a worker process is re-raised with its
+    own one-line message (the DataLoader wraps it in the worker's traceback)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except SoftlabelsError as exc:
+            text = str(exc)
+            if "Original Traceback" not in text:
+                raise
+            line = [ln for ln in text.splitlines() if ln.strip()][-1]
+            raise type(exc)(line.split(": ", 1)[-1]) from None
+        yield batch
+
+
+def writer_thread(cuda: bool) -> bool:
+    """Whether block writes run on a writer thread: on a GPU by default, or as the environment
+    variable SOFTLABELS_WRITER_THREAD says (1 or 0), e.g. on a many-core CPU host."""
+    value = os.environ.get("SOFTLABELS_WRITER_THREAD", "").strip()
+    if value not in ("", "0", "1"):
+        raise OptionError(f"SOFTLABELS_WRITER_THREAD must be 1 or 0, found {value!r}")
+    return cuda if not value else value == "1"
+
+
+class _Inline:
+    """The writer queue's stand-in on the CPU: each batch is written as it is put."""
+
+    def __init__(self, assembler: _BlockAssembler, errors: list[BaseException]) -> None:
+        self.assembler, self.errors = assembler, errors
+
+    def put(self, item: Any) -> None:
+        if item is not None:
+            _consume(self.assembler, item, self.errors)

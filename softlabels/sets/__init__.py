@@ -1,0 +1,1 @@
+"""Tools on a finished transfer set: verify, evaluate, report, export and import."""

@@ -1,0 +1,231 @@
+"""A transfer set from arrays you already have: your own inference, another tool's output.
+
+    write_set("set.zarr", logits=z, data="npz:data.npz", teacher_name="my-model",
+              temperatures=[1, 4])                                     # dense
+    write_set("set.zarr", topk_indices=i, topk_values=v, logsumexp=lse, num_classes=32000,
+              data="npz:data.npz", teacher_name="my-model", temperatures=[1, 2])   # top-k
+
+The set is an example set like `precompute`'s, written through the same writer (leased, laid
+out aside, checksummed per block, resumable, complete last), with the same provenance fields:
+the teacher as the user names it (`teacher.members[0].spec = "imported:NAME"`, no weights to
+hash), the data's spec, probe and per-row sample hashes (`--data`: `sample_hash[r]` hashes
+example `index[r]` of the data, so `verify --data` checks the rows against it).
+
+Top-k rows: `topk_values` are logits with `logsumexp` (R, len(temperatures)) =
+logsumexp(z / T_k) over all C classes, exact at each T; without `logsumexp` they are
+log-probabilities at T = 1 (as vLLM returns them), stored with logsumexp 0 and exact at T = 1
+only (`temperatures` must be [1]). Rows are stored largest first, as `precompute --topk` does.
+Arrays may be numpy arrays or `.npy` paths, opened with `np.load(allow_pickle=False,
+mmap_mode="r")`; every shape is checked before anything is allocated, and rows are read one
+block at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from torch.utils.data import Dataset
+
+from softlabels.compute.record import dataset_probe, versions
+from softlabels.errors import DataError, OptionError
+from softlabels.format import schema as S
+from softlabels.format.layout import Layout
+from softlabels.format.writer import TransferSetWriter
+from softlabels.options import check_choice, check_temperature
+from softlabels.progress import Progress
+from softlabels.sets.sequence_import import MASS_TOLERANCE
+from softlabels.sources.arrays import (
+    NpzDataset,
+    check_labels,
+    class_names,
+    example_hash,
+    split_item,
+)
+from softlabels.sources.load import load_data
+from softlabels.sources.tokens import is_sequence_data
+from softlabels.tempering import tempered_softmax
+
+ArrayLike = np.ndarray | str | os.PathLike
+
+
+def _array(value: ArrayLike | None, what: str) -> np.ndarray | None:
+    """An array, or a `.npy` file memory-mapped (never unpickled)."""
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.load(value, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {what} from {value} ({str(exc).splitlines()[0]}); save it "
+                        "with numpy.save") from None
+
+
+def _shape(a: np.ndarray, shape: tuple[int | None, ...], what: str, kind: str) -> None:
+    ok = a.ndim == len(shape) and all(n is None or n == m for n, m in zip(shape, a.shape))
+    if not ok or np.dtype(a.dtype).kind not in kind:
+        want = "x".join("?" if n is None else str(n) for n in shape)
+        words = {"iu": "integer", "f": "float"}.get(kind, "numeric")
+        raise DataError(f"{what} must be a ({want}) {words} array, found {a.shape} {a.dtype}")
+
+
+def _row_hashes(data: Dataset, index: np.ndarray) -> np.ndarray:
+    """(n,) uint64: the sample hash of example index[i] of `data` (array data hashed in place)."""
+    x = data.x.numpy() if isinstance(data, NpzDataset) else None
+    if x is not None and len(index) and x.flags.c_contiguous \
+            and (np.diff(index) == 1).all():  # a run of examples: hash slices of one buffer
+        size = x[0].nbytes
+        mv = memoryview(x[int(index[0]):int(index[-1]) + 1]).cast("B")
+        xx = xxhash.xxh3_64_intdigest
+        return np.fromiter((xx(mv[i:i + size]) for i in range(0, len(mv), size)),
+                           dtype=np.uint64, count=len(index))
+    uniq, where = np.unique(index, return_inverse=True)
+    if x is not None:
+        hashes = [S.sample_hash(x[i]) for i in uniq.tolist()]
+    else:
+        hashes = [example_hash(data, i) for i in uniq.tolist()]  # an image: its file's
+    return np.array(hashes, dtype=np.uint64)[where]
+
+
+def _data_labels(data: Dataset, index: np.ndarray) -> np.ndarray:
+    if isinstance(data, NpzDataset):
+        return data.y.numpy()[index]
+    return np.array([split_item(data[int(i)])[1] for i in index], dtype=np.int64)
+
+
+def _dense_block(z: np.ndarray, temps: Sequence[float]) -> dict[str, np.ndarray]:
+    if not np.isfinite(z).all():
+        raise DataError("logits hold NaN or inf")
+    zt = torch.from_numpy(np.array(z, dtype=np.float32))  # a copy: a memory map is read-only
+    return {S.LOGITS: z, S.PROBS: np.stack([tempered_softmax(zt, t).numpy() for t in temps])}
+
+
+def _topk_block(idx: np.ndarray, val: np.ndarray, lse: np.ndarray | None,
+                temps: Sequence[float], num_classes: int, where: str) -> dict[str, np.ndarray]:
+    """Checked top-k arrays of one block, largest first."""
+    val = np.asarray(val, dtype=np.float32)
+    idx = np.asarray(idx)
+    if (idx < 0).any() or (idx >= num_classes).any():
+        raise DataError(f"{where}: topk indices outside [0, {num_classes})")
+    if not np.isfinite(val).all():
+        raise DataError(f"{where}: topk values hold NaN or inf")
+    if (np.diff(val, axis=1) > 0).any():  # not largest first already (torch.topk's order)
+        order = np.argsort(-val, axis=1, kind="stable")
+        idx, val = np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
+    s = np.sort(idx, 1)
+    if (s[:, 1:] == s[:, :-1]).any():
+        raise DataError(f"{where}: a row lists a class twice")
+    if lse is None:  # log-probabilities at T = 1
+        if (val > 0).any():
+            raise DataError(f"{where}: log-probabilities must be <= 0 (or pass --logsumexp)")
+        lse = np.zeros((len(val), 1), np.float32)
+    lse = np.asarray(lse, dtype=np.float32)
+    if not np.isfinite(lse).all():
+        raise DataError(f"{where}: logsumexp holds NaN or inf")
+    for j, t in enumerate(temps):
+        mass = np.exp(val / np.float32(t) - lse[:, j:j + 1]).sum(1)
+        if (mass > 1 + MASS_TOLERANCE).any():
+            r = int(np.argmax(mass))
+            raise DataError(f"{where}: row {r}'s top-k probabilities at T = {t:g} sum to "
+                            f"{mass[r]:.6f} > 1; logsumexp must be over all classes")
+    return {S.TOPK_INDICES: idx.astype(np.int32), S.TOPK_LOGITS: val, S.TOPK_LOGSUMEXP: lse}
+
+
+def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name: str,
+              logits: ArrayLike | None = None, labels: ArrayLike | None = None,
+              index: ArrayLike | None = None, topk_indices: ArrayLike | None = None,
+              topk_values: ArrayLike | None = None, logsumexp: ArrayLike | None = None,
+              num_classes: int | None = None, temperatures: Sequence[float] = (1.0,),
+              dtype: str = "float32", chunk_rows: int = 0, overwrite: bool = False,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Write a complete, checksummed example set from arrays (module docstring): `logits`
+    (R, C), or `topk_indices`/`topk_values` (R, k) with optional `logsumexp` (R, K) and
+    `num_classes`. `labels` (R,) default to the data's, `index` (R,) to 0..R-1. Returns the
+    set's metadata."""
+    temps = tuple(check_temperature(t) for t in temperatures)
+    check_choice(dtype, S.DTYPE_CHOICES, "dtype")
+    z, idx, val = _array(logits, "logits"), _array(topk_indices, "--topk-indices"), \
+        _array(topk_values, "--topk-values")
+    lse = _array(logsumexp, "--logsumexp")
+    if (z is None) == (idx is None or val is None) or (z is not None and idx is not None):
+        raise OptionError("pass either logits, or topk indices and values")
+    if is_sequence_data(data):
+        raise OptionError("write_set makes example sets (one row per example); bring token "
+                          "sequences in with `softlabels import --vllm` or `--parquet`")
+    dataset = load_data(data) if isinstance(data, str) else data
+    if z is not None:
+        _shape(z, (None, None), "logits", "f")
+        rows, c, k = z.shape[0], z.shape[1], 0
+    else:
+        _shape(idx, (None, None), "topk indices", "iu")
+        rows, k = idx.shape
+        _shape(val, (rows, k), "topk values", "f")
+        if lse is not None:
+            _shape(lse, (rows, len(temps)), "logsumexp (one column per temperature)", "f")
+        elif temps != (1.0,):
+            raise OptionError("top-k values without --logsumexp are log-probabilities at T = 1: "
+                              "they are exact at T = 1 only; pass --temperatures 1, or the "
+                              "logsumexp of every temperature")
+        if num_classes is None:
+            raise OptionError("top-k arrays need --num-classes (the teacher's C)")
+        c = num_classes
+    index = (np.arange(rows, dtype=np.int64) if index is None else
+             np.asarray(_array(index, "index")))
+    _shape(index, (rows,), "index", "iu")
+    if rows == 0 or index.min() < 0 or index.max() >= len(dataset):
+        raise DataError(f"index must lie in [0, {len(dataset)}) (the data's examples), and "
+                        "there must be rows")
+    if labels is None:
+        labels = _data_labels(dataset, index)
+    else:
+        labels = _array(labels, "labels")
+        _shape(labels, (rows,), "labels", "iuf")  # before any copy
+        labels = check_labels(np.asarray(labels), where="labels", num_classes=c)
+    layout = Layout(num_rows=rows, num_classes=c, temperatures=temps, dtype=dtype, topk=k,
+                    chunk_rows=chunk_rows)
+    source = "logprobs" if k and lse is None else "logits"
+    meta = {"num_examples": len(dataset), "class_names": class_names(dataset),
+            "teacher": {"members": [{"spec": f"imported:{teacher_name}", "sha256": "",
+                                     "source": teacher_name}], "combine": "mean-logits",
+                        "targets": {"source": source,
+                                    "exact_temperatures": [1.0] if source == "logprobs"
+                                    else list(temps) if k else None}},
+            "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
+                        "length": len(dataset), "probe": dataset_probe(dataset)},
+            "views": None, "augment": None, "view_seed": None,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), "device": "imported", "precision": "unknown",
+            "provenance": {"imported_from": {"format": "arrays"}}}
+    if not k:  # dense: every T is exact (re-tempered from the logits)
+        meta["teacher"]["targets"].pop("exact_temperatures")
+    def block_arrays(block: int) -> dict[str, np.ndarray]:
+        a, b = layout.block_range(block)
+        targets = (_dense_block(z[a:b], temps) if not k else
+                   _topk_block(idx[a:b], val[a:b], None if lse is None else lse[a:b], temps, c,
+                               f"rows {a}-{b - 1}"))
+        return {S.LABELS: labels[a:b], S.INDEX: index[a:b],
+                S.SAMPLE_HASH: _row_hashes(dataset, index[a:b]), **targets}
+
+    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                           row_hashes=lambda a, b: _row_hashes(dataset, index[a:b])) as writer, \
+            ThreadPoolExecutor(1) as pool:  # the next block is checked while one is written
+        pending = list(writer.pending)
+        ahead = pool.submit(block_arrays, pending[0]) if pending else None
+        for n, block in enumerate(pending):
+            arrays = ahead.result()
+            if n + 1 < len(pending):
+                ahead = pool.submit(block_arrays, pending[n + 1])
+            writer.write_block(block, arrays)
+            if progress:
+                progress(n + 1, len(pending))
+    return writer.meta
+
+def load_arrays(paths: dict[str, str | Path | None]) -> dict[str, np.ndarray | None]:
+    """name -> the array at each path (memory-mapped), for the command line."""
+    return {name: _array(p, name) for name, p in paths.items()}

@@ -1,0 +1,194 @@
+"""What an example student trains on, epoch by epoch (trainer.py runs the steps): a `Plan`
+per source of targets (hard labels; soft targets held in memory, or replayed views of a view
+set; soft targets streamed from whole checked blocks), each giving the epoch's batches, the
+rows trained on and the batches per epoch, shared across `torch.distributed` ranks; and the
+probe that refuses a student whose outputs do not fit the set (`check_outputs`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from softlabels.compute.views import replay
+from softlabels.errors import MismatchError, SoftlabelsError
+from softlabels.format.reader import TransferSet
+from softlabels.format.selection import select_rows
+from softlabels.sources.arrays import check_labels, hashed_item, split_item
+from softlabels.train.datasets import (
+    SoftTargetBatches,
+    SoftTargetDataset,
+    check_length,
+    selected_rows,
+)
+from softlabels.train.ranks import rank_share
+
+
+def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (inputs, labels) of a dataset as two tensors: one pass, then training is indexing."""
+    pairs = [split_item(data[i]) for i in range(len(data))]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+
+
+class Cached(Dataset):
+    """A dataset's examples at chosen indices, read once and held as tensors. It keeps the
+    dataset's length and indexing (so it joins a transfer set by `index`) but serves only
+    those indices, with their sample hashes (an image's covers its encoded file)."""
+
+    def __init__(self, data: Dataset, indices: np.ndarray) -> None:
+        self.n = len(data)
+        self.pos = {int(i): k for k, i in enumerate(indices)}
+        items = [hashed_item(data, int(i)) for i in indices]
+        self.x = torch.stack([x for x, _, _ in items])
+        self.y = torch.tensor([y for _, y, _ in items])
+        self.hashes = [h for _, _, h in items]
+
+    def example_hash(self, i: int) -> int:
+        return self.hashes[self.pos[int(i)]]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        k = self.pos[int(i)]
+        return self.x[k], int(self.y[k])
+
+
+def _batches(tensors: Sequence[torch.Tensor], batch_size: int, generator: torch.Generator,
+             rank: int = 0, world: int = 1) -> Iterator[list[torch.Tensor]]:
+    # Every rank draws the same permutation (same seed) and takes its own share of it.
+    order = rank_share(torch.randperm(len(tensors[0]), generator=generator), rank, world)
+    for i in range(0, len(order), batch_size):
+        b = order[i:i + batch_size]
+        yield [t[b] for t in tensors]
+
+
+def _view_batches(sds: SoftTargetDataset, x_examples: torch.Tensor,
+                  tensors: list[torch.Tensor], examples: np.ndarray, per_epoch: int,
+                  batch_size: int, rng: np.random.Generator, rank: int, world: int,
+                  ) -> Iterator[list[torch.Tensor]]:
+    """An epoch over a view set: `per_epoch` stored views of each example, drawn afresh each
+    epoch, each replayed from its seed. tensors = [example position, labels, targets...]."""
+    draw = np.lexsort((rng.random(len(examples)), examples))  # views of an example together
+    ex = examples[draw]
+    nth = np.arange(len(draw)) - np.searchsorted(ex, ex, side="left")
+    keep = draw[nth < per_epoch]
+    order = rank_share(torch.from_numpy(rng.permutation(keep)), rank, world)
+    for i in range(0, len(order), batch_size):
+        b = order[i:i + batch_size]
+        x = torch.stack([replay(sds.transform, x_examples[int(tensors[0][j])],
+                                int(sds.view_seeds[j])) for j in b.tolist()])
+        yield [x, *[t[b] for t in tensors[1:]]]
+
+
+Plan = tuple[Callable[[int], Iterator[list[torch.Tensor]]], int, int]  # batches(epoch), rows, n
+
+
+def hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
+                       select: dict[str, Any], batch_size: int, gen: torch.Generator,
+                       rank: int, world: int) -> Plan:
+    x_all, y_all = materialize(dataset)
+    check_labels(y_all.numpy(), where="the data")
+    rows = select_rows(y_all.numpy(), **select)
+    check_outputs(net, x_all[:1].to(dev), None, y_all)
+    if (y_all[rows] < 0).all():
+        raise SoftlabelsError("the data has no labels; train from a transfer set")
+    tensors = [x_all[rows], y_all[rows]]
+    return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
+            -(-(len(rows) // world) // batch_size))
+
+
+def in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
+                      select: dict[str, Any], temperature: float, views_per_epoch: int,
+                      batch_size: int, gen: torch.Generator, rank: int, world: int,
+                      trust_code: bool = False) -> Plan:
+    rows = selected_rows(ts, select)
+    check_length(dataset, ts)
+    examples = ts.index()[rows]
+    cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
+    check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
+    sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=select["seed"],
+                            trust_code=trust_code)
+    targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
+    pos = torch.tensor([cached.pos[int(i)] for i in examples], dtype=torch.long)
+    if sds.transform is None:
+        tensors = [cached.x[pos], sds.labels, *targets]  # all in the order of `rows`
+        return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
+                -(-(len(rows) // world) // batch_size))
+    # a view set: each epoch replays stored views of the examples, not the examples
+    per_epoch = min(views_per_epoch, int(ts.meta["views"]))
+    n_rows = len(np.unique(examples)) * per_epoch
+    return (lambda epoch: _view_batches(sds, cached.x, [pos, sds.labels, *targets], examples,
+                                        per_epoch, batch_size,
+                                        np.random.default_rng([select["seed"], epoch]),
+                                        rank, world),
+            n_rows, -(-(n_rows // world) // batch_size))
+
+
+class StreamedEpochs:
+    """The batches of each epoch of a streamed set (`SoftTargetBatches.loader()`), from its
+    first batch or, resuming, from where a saved `state_dict()` stopped."""
+
+    def __init__(self, stream: SoftTargetBatches, loader: Any) -> None:
+        self.stream, self.loader = stream, loader
+
+    def __call__(self, epoch: int, resume: dict[str, int] | None = None,
+                 ) -> Iterator[list[torch.Tensor]]:
+        self.stream.set_epoch(epoch)
+        if resume is not None:
+            self.stream.load_state_dict(resume)
+        return iter(self.loader)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+
+def streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
+                     select: dict[str, Any], temperature: float, batch_size: int, rank: int,
+                     world: int, workers: int = 0) -> Plan:
+    """Whole batches straight from whole checked blocks, shuffled across windows that span the
+    set; every rank takes `steps_per_epoch` steps (the longer ranks' tails dropped), in an
+    order that `workers` (DataLoader workers) does not change."""
+    rows = selected_rows(ts, select)
+    stream = SoftTargetBatches(dataset, ts, temperature=temperature, batch_size=batch_size,
+                               rows=rows, seed=select["seed"], rank=rank, world_size=world)
+    x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
+    check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
+    loader = stream.loader(num_workers=workers, pin_memory=dev.type == "cuda")
+    return StreamedEpochs(stream, loader), len(rows), stream.steps_per_epoch(0)
+
+
+def check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
+                   y_all: torch.Tensor, *,
+                   sequence_hint: str = "trains from a sequence set: precompute one from "
+                                        "tokens:... DATA") -> None:
+    """Refuse a student whose output size differs from the set's (or the labels') classes;
+    `sequence_hint` ends the message when the student looks like a sequence model."""
+    with torch.no_grad():
+        was = net.training
+        net.eval()
+        sequence_model = any(isinstance(m, nn.Embedding) for m in net.modules())
+        hint = (f"; a sequence model (token ids in, (B, L, C) logits out) {sequence_hint}"
+                if sequence_model else "")
+        try:
+            z = net(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MismatchError(f"the student cannot take the data's inputs shaped "
+                                f"{tuple(x.shape[1:])} ({first}); give it a matching input "
+                                f"size{hint}") from None
+        net.train(was)
+        if z.dim() != 2:
+            raise MismatchError(f"the student maps inputs shaped {tuple(x.shape[1:])} to "
+                                f"{tuple(z.shape[1:])} per example, expected (C,) logits; give "
+                                f"--model an example model{hint}")
+        c = int(z.shape[-1])
+    want = ts.num_classes if ts is not None else int(y_all.max()) + 1
+    if (ts is not None and c != want) or c < want:
+        source = f"{ts.path} has {want} classes" if ts is not None else f"labels reach {want - 1}"
+        raise MismatchError(f"the student predicts {c} classes but {source}; give the model "
+                            f"{want} outputs")

@@ -1,0 +1,421 @@
+"""Stage two for sequences: batches of whole sequences (input tokens, target classes, weights,
+mask) from a sequence set, and the KD loss over (B, L, V) student logits.
+
+The teacher is never loaded: the set holds the input tokens, the hard next tokens and the soft
+targets. Every block is read through `TransferSet.read_block` (checked): `SequenceBatches` reads
+each once, into memory; `StreamingSequenceBatches` reads a window of blocks at a time, for sets
+larger than memory.
+
+    batches = SequenceBatches("set.zarr", temperature=2.0, batch_size=16)
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        for batch in batches:
+            logits = student(batch.tokens)                       # (B, L, V)
+            loss = sequence_kd_loss(logits, batch, temperature=2.0, alpha=0.9)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from softlabels.errors import MismatchError, SoftlabelsError
+from softlabels.format import schema as S
+from softlabels.format.reader import TransferSet, open_transfer_set
+from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, is_sequence_set, read_offsets
+from softlabels.sources.tokens import TokenSequences
+from softlabels.tempering import tempered_softmax
+from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss, target_convention
+
+MAX_IN_MEMORY = 4 << 30  # bytes of targets held in memory
+
+
+@dataclass
+class SequenceBatch:
+    """B sequences right-padded to the longest, L."""
+
+    tokens: torch.Tensor  # (B, L) int64 input ids (0 past a sequence's end)
+    labels: torch.Tensor  # (B, L) int64 hard targets, -1 where none
+    mask: torch.Tensor  # (B, L) bool, True where a position is trained on
+    kind: str  # "topk" | "sample" | "hybrid" | "dense" | "hard" (no soft targets)
+    classes: torch.Tensor | None = None  # (B, L, k) int64 (sparse sets)
+    weights: torch.Tensor | None = None  # (B, L, k) float32 teacher probabilities (or 1/k)
+    log_p: torch.Tensor | None = None  # (B, L, k) float32 teacher log-probabilities (hybrid)
+    probs: torch.Tensor | None = None  # (B, L, C) float32 (dense sets)
+    sequences: torch.Tensor | None = None  # (B,) int64 the sequences' numbers in the set
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                for f in fields(self) for v in [getattr(self, f.name)]})
+
+
+def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
+                     temperature: float = 1.0, alpha: float = 0.9,
+                     topk_loss: str = "residual") -> torch.Tensor:
+    """Hinton KD per position:
+
+        alpha * T^2 * mean_m KL(p_T || softmax(s / T)) + (1 - alpha) * mean_l CE(y, softmax(s))
+
+    m runs over the masked-in positions (each has soft targets), l over the masked-in positions
+    that have a hard target (label >= 0: a sequence's last position has no next token). Each
+    term is its own mean at every alpha, so the loss is continuous as alpha -> 0; alpha = 0, or
+    a "hard" batch, is the hard term alone. p_T are the stored targets: top-k exact
+    probabilities under the `topk_loss` convention (`residual` or `zero`), sampled or hybrid
+    targets (unbiased estimates), or dense probabilities (see `sparse_kd_loss`,
+    `kd_loss_from_probs`). Only the masked-in rows of the (B, L, V) logits are used.
+    """
+    m = batch.mask.reshape(-1)
+    if not m.any():  # a batch of masked-out sequences: nothing to distil, no gradient
+        return student_logits.sum() * 0
+    z = student_logits.reshape(-1, student_logits.shape[-1])[m]
+    labels = batch.labels.reshape(-1)[m]
+    if not len(z):  # nothing distilled in this batch (e.g. one-token sequences): no loss, not NaN
+        return student_logits.sum() * 0
+    known = labels >= 0
+    hard = F.cross_entropy(z[known].float(), labels[known]) if known.any() else z.sum() * 0
+    if batch.kind == "hard" or alpha == 0:
+        return hard
+    if batch.kind == "dense":
+        soft = kd_loss_from_probs(z, batch.probs.reshape(-1, batch.probs.shape[-1])[m],
+                                  temperature=temperature)
+    else:
+        k = batch.classes.shape[-1]
+        log_p = None if batch.log_p is None else batch.log_p.reshape(-1, k)[m]
+        soft = sparse_kd_loss(z, batch.classes.reshape(-1, k)[m],
+                              batch.weights.reshape(-1, k)[m], log_p, temperature=temperature,
+                              convention=target_convention(batch.kind, topk_loss))
+    return alpha * soft + (1 - alpha) * hard
+
+
+def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float, int | None]:
+    """(kind, T, index of T among the stored temperatures or None) of a sequence set's soft
+    targets at `temperature` (default: the first stored T); refuses what cannot serve them."""
+    if not is_sequence_set(ts):
+        raise SoftlabelsError(f"{ts.path} is not a sequence set; train it with "
+                              "`softlabels train` (SoftTargetDataset)")
+    t = ts.temperatures[0] if temperature is None else float(temperature)
+    if not (np.isfinite(t) and t > 0):
+        raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
+    k = ts.temperature_index(t)
+    kind = ts.sparse["kind"] if ts.sparse else "dense"
+    if kind != "dense" and k is None:
+        raise SoftlabelsError(f"{ts.path} is sparse: it has targets at the stored "
+                              f"temperatures {ts.temperatures} only, not {t}; pass one of "
+                              "them as the temperature")
+    return kind, t, k
+
+
+def target_bytes(ts: TransferSet) -> int:
+    """Bytes the targets of every row take in memory (what decides streaming)."""
+    width = ts.layout.hybrid.width * 12 if ts.layout.hybrid else (
+        ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4)
+    return ts.num_rows * width
+
+
+def check_tokens(data: TokenSequences, ts: TransferSet, offsets: np.ndarray) -> None:
+    """Refuse a set whose stored tokens, the student's inputs, are not `data`'s: sample hashes
+    match the data, but the tokens themselves are read from the set (checked block by block),
+    so a set edited with forged checksums could feed the student other tokens, or ids past its
+    vocabulary. Compares every position, one checked block of tokens and indices at a time."""
+    lengths = np.diff(offsets)
+    for b in range(ts.num_blocks):
+        start, stop = ts.block_range(b)
+        got = ts.read_block(b, [SEQ_TOKENS, S.INDEX])  # indices within the data: checked
+        stored, index = got[SEQ_TOKENS], got[S.INDEX]
+        pos = np.arange(start, stop)
+        seq = np.searchsorted(offsets, pos, side="right") - 1
+        if np.any(lengths[seq] != data.lengths[index]):
+            raise MismatchError(f"{ts.path}'s sequences are not the data's (their lengths "
+                                f"differ in block {b}); pass the tokens:... DATA it was made "
+                                "from, or run `softlabels verify` on the set with --data")
+        want = data.tokens[data.offsets[index] + pos - offsets[seq]]
+        if not np.array_equal(stored, want):
+            p = start + int(np.argmax(stored != want))
+            s = int(seq[p - start])
+            raise MismatchError(
+                f"block {b} of {ts.path} holds token {int(stored[p - start])} at position {p} "
+                f"(sequence {s}, token {p - int(offsets[s])}) where the data has "
+                f"{int(want[p - start])}: the set's tokens are not its data's; run `softlabels "
+                "verify` on the set with --data, and get a fresh copy of the set")
+
+
+def block_arrays(kind: str, k: int | None, ts: TransferSet | None = None) -> list[str]:
+    """The row arrays `block_columns` cuts its columns from: a block read reads and checks
+    only these (not the logits of a sparse set, nor the index and sample hashes); `ts`: the
+    set, which names a hybrid target's arrays."""
+    targets = {"topk": [S.TOPK_LOGITS, S.TOPK_INDICES, S.TOPK_LOGSUMEXP],
+               "sample": [S.SAMPLE_INDICES],
+               "hybrid": ts.layout.hybrid.names() if kind == "hybrid" else [],
+               }.get(kind, [S.LOGITS if k is None else S.PROBS])
+    return [SEQ_TOKENS, S.LABELS, SEQ_MASK, *targets]
+
+
+def block_columns(arrays: dict[str, np.ndarray], kind: str, t: float,
+                  k: int | None, ts: TransferSet | None = None) -> dict[str, np.ndarray]:
+    """The columns batches are cut from, for the rows of one checked block (`ts`: the set,
+    which a hybrid target's decoding needs)."""
+    out = {"tokens": arrays[SEQ_TOKENS], "labels": arrays[S.LABELS],
+           "mask": arrays[SEQ_MASK].astype(bool)}
+    if kind == "hybrid":
+        out["classes"], out["weights"], out["log_p"] = ts.layout.hybrid.decode(
+            arrays, t, k, ts.temperatures[0])
+    elif kind == "topk":
+        z = arrays[S.TOPK_LOGITS].astype(np.float32)
+        out["classes"] = arrays[S.TOPK_INDICES]
+        out["weights"] = np.exp(z / t - arrays[S.TOPK_LOGSUMEXP][:, k:k + 1])
+    elif kind == "sample":
+        out["classes"] = arrays[S.SAMPLE_INDICES][k]
+        out["weights"] = np.full(out["classes"].shape, 1 / out["classes"].shape[1], np.float32)
+    elif k is not None:
+        out["probs"] = arrays[S.PROBS][k].astype(np.float32)
+    else:  # dense, T not stored: re-tempered from the logits in float32
+        out["probs"] = tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), t).numpy()
+    return out
+
+
+def pad_batch(kind: str, cols: dict[str, np.ndarray], rows: list[np.ndarray],
+              seqs: np.ndarray) -> SequenceBatch:
+    """One batch, right-padded: sequence i of `seqs` is rows[i] of the columns `cols`."""
+    lengths = np.array([len(r) for r in rows])
+    b, width = len(rows), int(lengths.max())
+    src = np.concatenate(rows)
+    dest = np.concatenate([i * width + np.arange(n) for i, n in enumerate(lengths)])
+
+    def put(col: np.ndarray, fill: Any, dtype: Any) -> torch.Tensor:
+        out = np.full((b * width, *col.shape[1:]), fill, dtype=dtype)
+        out[dest] = col[src]
+        return torch.from_numpy(out.reshape(b, width, *col.shape[1:]))
+
+    out: dict[str, Any] = {"tokens": put(cols["tokens"], 0, np.int64),
+                           "labels": put(cols["labels"], -1, np.int64),
+                           "mask": put(cols["mask"], False, bool), "kind": kind,
+                           "sequences": torch.as_tensor(np.asarray(seqs, dtype=np.int64))}
+    if "classes" in cols:
+        out["classes"] = put(cols["classes"], 0, np.int64)
+        out["weights"] = put(cols["weights"], 0, np.float32)
+    if "log_p" in cols:
+        out["log_p"] = put(cols["log_p"], 0, np.float32)
+    if "probs" in cols:
+        out["probs"] = put(cols["probs"], 0, np.float32)
+    return SequenceBatch(**out)
+
+
+def _selection(offsets: np.ndarray, sequences: np.ndarray | None) -> np.ndarray:
+    n = len(offsets) - 1
+    chosen = np.arange(n) if sequences is None else np.asarray(sequences, dtype=np.int64)
+    if len(chosen) == 0 or chosen.min() < 0 or chosen.max() >= n:
+        raise SoftlabelsError(f"sequences must be a non-empty selection of 0..{n - 1}")
+    return chosen
+
+
+def _batches_by_length(seqs: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, *,
+                       batch_size: int, bucket: int, shuffle: bool) -> list[np.ndarray]:
+    """Shuffle `seqs`, sort each run of `bucket` batches' worth by length, cut into batches,
+    shuffle the batches."""
+    seqs = rng.permutation(seqs) if shuffle else seqs
+    group = bucket * batch_size
+    batches = []
+    for g in range(0, len(seqs), group):
+        part = seqs[g:g + group]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+class SequenceBatches:
+    """Batches of whole sequences, from a sequence set (`temperature` picks the stored soft
+    targets) or from token data (hard next tokens only: `SequenceBatches.from_tokens`).
+
+    Each epoch (`set_epoch`) shuffles the sequences with (seed, epoch), sorts each run of
+    `bucket` batches' worth by length so padding stays small, then shuffles the batches.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | TransferSet, *,
+                 temperature: float | None = None, batch_size: int = 16,
+                 sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
+                 bucket: int = 50, max_memory: int = MAX_IN_MEMORY) -> None:
+        if batch_size <= 0:
+            raise SoftlabelsError(f"batch size must be positive, got {batch_size}")
+        self.batch_size, self.shuffle, self.seed, self.bucket = batch_size, shuffle, seed, bucket
+        self.epoch = 0
+        if source is None:  # from_tokens fills the columns itself
+            return
+        ts = source if isinstance(source, TransferSet) else open_transfer_set(source)
+        try:
+            self._load(ts, temperature, max_memory)
+        finally:
+            if not isinstance(source, TransferSet):
+                ts.close()
+        self._select(sequences)
+
+    @classmethod
+    def from_tokens(cls, data: TokenSequences, *, batch_size: int = 16,
+                    sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
+                    num_classes: int | None = None, bucket: int = 50) -> SequenceBatches:
+        """Hard next-token batches straight from token data (no transfer set)."""
+        self = cls(None, batch_size=batch_size, shuffle=shuffle, seed=seed, bucket=bucket)
+        c = int(data.tokens.max()) + 1 if num_classes is None else num_classes
+        self.offsets = data.offsets
+        self.kind = "hard"
+        self.columns = {
+            "tokens": data.tokens,
+            "labels": np.concatenate([data.sequence_labels(s, c) for s in range(len(data))]),
+            "mask": (np.ones(len(data.tokens), bool) if data.mask is None
+                     else data.mask.astype(bool))}
+        self._select(sequences)
+        return self
+
+    def _load(self, ts: TransferSet, temperature: float | None, max_memory: int) -> None:
+        self.kind, t, k = target_kind(ts, temperature)
+        if target_bytes(ts) > max_memory:
+            raise SoftlabelsError(f"the targets need {target_bytes(ts) / 2**30:.1f} GiB, over "
+                                  "max_memory; stream them (StreamingSequenceBatches, `train "
+                                  "--stream`) or cut the set with `softlabels subset`")
+        self.offsets = read_offsets(ts)
+        parts: dict[str, list[np.ndarray]] = {}
+        for b in range(ts.num_blocks):
+            arrays = ts.read_block(b, block_arrays(self.kind, k, ts))
+            for name, data in block_columns(arrays, self.kind, t, k, ts).items():
+                parts.setdefault(name, []).append(data)
+        self.columns = {n: np.concatenate(p) for n, p in parts.items()}
+
+    def _select(self, sequences: np.ndarray | None) -> None:
+        self.sequences = _selection(self.offsets, sequences)
+        self.lengths = np.diff(self.offsets)
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.lengths[self.sequences].sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.sequences) // self.batch_size)
+
+    def plan(self) -> list[np.ndarray]:
+        """This epoch's batches of sequence numbers."""
+        return _batches_by_length(self.sequences, self.lengths,
+                                  np.random.default_rng([self.seed, self.epoch]),
+                                  batch_size=self.batch_size, bucket=self.bucket,
+                                  shuffle=self.shuffle)
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        for seqs in self.plan():
+            yield self.batch(seqs)
+
+    def batch(self, seqs: np.ndarray) -> SequenceBatch:
+        """One padded batch of the given sequence numbers."""
+        rows = [np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs]
+        return pad_batch(self.kind, self.columns, rows, seqs)
+
+
+class StreamingSequenceBatches:
+    """`SequenceBatches` for sets larger than memory: whole checked blocks, a window at a time.
+
+    A sequence belongs to the block it starts in. Each epoch (`set_epoch`) cuts the blocks into
+    windows of `window_blocks` consecutive blocks, at an offset drawn with (seed, epoch), and
+    takes the windows in a shuffled order; a window's sequences are shuffled, bucketed by length
+    and batched as `SequenceBatches` does, so every batch holds whole sequences. A window reads
+    its blocks and, for sequences that run past its last block's end, the blocks they continue
+    into (each read through `TransferSet.read_block`: damage raises
+    `IntegrityError` naming the block before any of its rows is served). Memory holds one
+    window's blocks plus those continuations, whatever the set's size. Every selected sequence
+    is served once per epoch; which sequences share a batch depends on the windows.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | TransferSet, *,
+                 temperature: float | None = None, batch_size: int = 16,
+                 sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
+                 bucket: int = 50, window_blocks: int = 16) -> None:
+        if batch_size <= 0 or window_blocks <= 0:
+            raise SoftlabelsError(f"batch size and window must be positive, got {batch_size} "
+                                  f"and {window_blocks}")
+        self.batch_size, self.shuffle, self.seed, self.bucket = batch_size, shuffle, seed, bucket
+        self.window_blocks, self.epoch = window_blocks, 0
+        self._plan: tuple[int, list[tuple[np.ndarray, list[np.ndarray]]]] | None = None
+        self._own = not isinstance(source, TransferSet)
+        self.ts = open_transfer_set(source) if self._own else source
+        try:
+            self.kind, self._t, self._k = target_kind(self.ts, temperature)
+            self.offsets = read_offsets(self.ts)
+        except BaseException:
+            self.close()
+            raise
+        self.sequences = _selection(self.offsets, sequences)
+        self.lengths = np.diff(self.offsets)
+        rows = self.ts.block_rows
+        self._first = self.offsets[:-1] // rows  # the block each sequence starts in
+        self._last = (self.offsets[1:] - 1) // rows  # ... and ends in
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.lengths[self.sequences].sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """This epoch's windows: (the blocks whose sequences it serves, its batches of sequence
+        numbers). Made from the offsets alone; nothing is read."""
+        if self._plan is not None and self._plan[0] == self.epoch:
+            return self._plan[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        owners = self._first[self.sequences]
+        # windows of consecutive blocks (a sequence continues into the next block, so only a
+        # window's last block adds a read), cut at an offset drawn per epoch, in shuffled order
+        w = self.window_blocks
+        shift = int(rng.integers(w)) if self.shuffle else 0
+        group = (owners + shift) // w
+        order = np.unique(group)
+        if self.shuffle:
+            order = rng.permutation(order)
+        plan = []
+        for g in order:
+            seqs = self.sequences[group == g]
+            window = np.unique(owners[group == g])
+            plan.append((window, _batches_by_length(seqs, self.lengths, rng,
+                                                    batch_size=self.batch_size,
+                                                    bucket=self.bucket, shuffle=self.shuffle)))
+        self._plan = (self.epoch, plan)
+        return plan
+
+    def __len__(self) -> int:
+        return sum(len(batches) for _, batches in self.plan())
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        rows = self.ts.block_rows
+        for _, batches in self.plan():
+            seqs = np.concatenate(batches)
+            needed = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in
+                                               zip(self._first[seqs], self._last[seqs])]))
+            parts: dict[str, list[np.ndarray]] = {}
+            for block in needed:  # checked before any of its rows is served
+                cols = block_columns(
+                    self.ts.read_block(int(block), block_arrays(self.kind, self._k, self.ts)),
+                    self.kind, self._t, self._k, self.ts)
+                for name, col in cols.items():
+                    parts.setdefault(name, []).append(col)
+            # where each needed block's rows start in the window's columns
+            base = np.cumsum([0] + [len(c) for c in parts["tokens"][:-1]])
+            columns = {name: np.concatenate(p) for name, p in parts.items()}
+            del parts
+            for batch in batches:
+                local = []
+                for s in batch:
+                    r = np.arange(self.offsets[s], self.offsets[s + 1])
+                    blocks = r // rows
+                    local.append(base[np.searchsorted(needed, blocks)] + r - blocks * rows)
+                yield pad_batch(self.kind, columns, local, batch)
+
+    def close(self) -> None:
+        if self._own:
+            self.ts.close()

@@ -1,0 +1,358 @@
+"""One rank's epoch of a streamed set as a sequence of rows, cut into pieces of whole batches.
+
+The rows are the rank's windows of blocks (`epochs.block_windows`) one after another, each
+window's rows permuted by a generator of its own (seed, epoch, rank, window number), so any
+stretch of the sequence can be rebuilt without the ones before it: a resumed epoch starts at
+its first unserved batch, and a DataLoader worker builds only its own pieces (piece i goes to
+worker i % workers, the order in which a DataLoader takes them). A window's blocks are read in
+one call and checked block by block (`TransferSet.read_blocks`: checksums over each block's
+bytes, `block_done`, finite targets, labels and indices in range); targets are converted with
+torch. A background thread builds the next pieces while the consumer cuts batches.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from softlabels.errors import IntegrityError
+from softlabels.format import schema as S
+from softlabels.format.reader import TransferSet
+from softlabels.sources.arrays import NpzDataset, split_item
+from softlabels.tempering import tempered_softmax
+from softlabels.train.blocks import empty, needed_arrays, opaque_rows, window_order
+
+Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
+PIECE_ROWS = 65_536  # rows of a piece a stream builds at once, at most
+PIECE_BYTES = 32 << 20  # bytes of a piece (inputs, labels, targets) a stream builds at once
+
+
+@dataclass(frozen=True)
+class Span:
+    """The rows one iteration serves: [first, stop) of the rank's row sequence, in pieces of
+    `piece` rows (a multiple of the batch), piece i built where `mine(i)`."""
+
+    first: int
+    stop: int
+    piece: int
+    mine: Callable[[int], bool]
+
+    def pieces_in(self, lo: int, hi: int) -> range:
+        """The pieces that rows [lo, hi) of the sequence overlap."""
+        lo, hi = max(lo, self.first), min(hi, self.stop)
+        if lo >= hi:
+            return range(0)
+        return range((lo - self.first) // self.piece, (hi - 1 - self.first) // self.piece + 1)
+
+    def rows_of(self, i: int) -> tuple[int, int]:
+        start = self.first + i * self.piece
+        return start, min(start + self.piece, self.stop)
+
+
+def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature: float,
+                  dtype: torch.dtype, keep: np.ndarray | None, block: int) -> Columns:
+    """[index, labels, *targets] of one checked block's selected rows (`keep`, a mask over all
+    rows, or every row), converted with torch: dense (n, C) probabilities at T (stored, or
+    re-tempered from the logits in float32) in `dtype`; sparse (classes int64, weights in
+    `dtype`), and a hybrid set's log p_T (float32) last."""
+    k = ts.temperature_index(temperature)
+    t = {name: torch.from_numpy(a) for name, a in arrays.items()}
+    if ts.sparse and ts.sparse["kind"] == "topk":
+        lse = t[S.TOPK_LOGSUMEXP][:, k:k + 1]
+        targets = [t[S.TOPK_INDICES].long(),
+                   torch.exp(t[S.TOPK_LOGITS].float() / temperature - lse).to(dtype)]
+    elif ts.layout.hybrid:  # [classes, weights, log p_T] (format/targets.py's decode)
+        classes, weights, log_p = ts.layout.hybrid.decode(arrays, temperature, k,
+                                                          ts.temperatures[0])
+        targets = [torch.from_numpy(classes), torch.from_numpy(weights).to(dtype),
+                   torch.from_numpy(log_p)]
+    elif ts.sparse:
+        idx = t[S.SAMPLE_INDICES].long()
+        targets = [idx, torch.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=dtype)]
+    elif k is not None:
+        targets = [t[S.PROBS].to(dtype)]
+    else:
+        targets = [tempered_softmax(t[S.LOGITS], temperature).to(dtype)]
+    cols = [t[S.INDEX], t[S.LABELS], *targets]
+    if keep is not None:
+        start, stop = ts.block_range(block)
+        mask = torch.from_numpy(keep[start:stop])
+        cols = [c[mask] for c in cols]
+    return cols
+
+
+def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
+                 checksum: bool, dtype: torch.dtype, keep: np.ndarray | None,
+                 order: torch.Generator | None, shared: bool, readers: BlockReaders,
+                 together: int = 1, pool: WindowPool | None = None) -> Columns | None:
+    """[index, labels, *targets] of a window's selected rows (`sizes[i]` of block i), in the
+    order of a permutation drawn from `order` (None: as they come); None without rows.
+
+    Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
+    into reused buffers, the next one while this one is scattered into the window's columns
+    (targets in shared memory where `shared`): no fresh memory per block, one copy per row.
+    One block per call is also the fastest through zarr on local disk (a gather of a whole
+    49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
+    per call (a URL). `pool` lends the columns not in shared memory (`WindowPool`).
+    """
+    n = sum(sizes)
+    if n == 0:
+        return None
+    stored = ts.temperature_index(temperature) is not None
+    names = needed_arrays(ts, temperature)
+    dest = torch.randperm(n, generator=order).numpy() if order is not None else None
+    window: Columns | None = None
+    at = 0
+    read = readers.read(ts, blocks, names, together, checksum, temperature if stored else None)
+    for block, rows, arrays in zip(blocks, sizes, read):
+        cols = block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
+                             block=block)
+        if window is None:
+            window = [empty((n, *c.shape[1:]), c.dtype, shared=True) if shared and j > 0
+                      else pool.take((n, *c.shape[1:]), c.dtype) if pool is not None
+                      else empty((n, *c.shape[1:]), c.dtype, shared=False)
+                      for j, c in enumerate(cols)]
+        if rows:  # a scatter of opaque rows, straight out of the read buffers
+            where = slice(at, at + rows) if dest is None else dest[at:at + rows]
+            for out, c in zip(window, cols):
+                opaque_rows(out)[where] = opaque_rows(c)
+        at += rows
+    return window
+
+
+class WindowPool:
+    """Memory for windows, lent again once nothing holds it: a fresh window costs more in page
+    faults than the scatter that fills it (measured: 56-167 ms against 22-26 ms for 120 MB).
+    A buffer is lent only when no tensor but the pool's own refers to its storage (torch's
+    storage use count), so a batch a consumer keeps is never overwritten; without that count
+    (another torch) nothing is reused. Holds at most `limit` buffers (two windows' columns),
+    each lent to a column of at least half its size."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit, self.kept = limit, []  # type: ignore[var-annotated]
+        self.lock = threading.Lock()  # two streams' producers may share a pool
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised (shape) tensor of `dtype`, in a buffer nothing else holds."""
+        with self.lock:  # the view made before another thread may look at the buffer
+            return self._take(shape, dtype)
+
+    def _take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        fits = [b for b in self.kept if nbytes <= len(b) <= 2 * nbytes + 4096 and _unshared(b)]
+        if fits:  # the smallest that fits, so a narrow column never holds a wide one's buffer
+            return min(fits, key=len)[:nbytes].view(dtype).reshape(shape)
+        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)  # a base tensor, no view
+        if _unshared(buffer):  # the count works here: keep it for later windows
+            free = [b for b in self.kept if _unshared(b)]
+            if len(self.kept) >= self.limit and free:
+                smallest = min(free, key=len)  # by identity: == on tensors compares values
+                self.kept = [b for b in self.kept if b is not smallest]
+            if len(self.kept) < self.limit:
+                self.kept.append(buffer)
+        return buffer[:nbytes].view(dtype).reshape(shape)
+
+
+def _unshared(buffer: torch.Tensor) -> bool:
+    """Nothing but `buffer` itself refers to its storage (2: it and the storage object made
+    to ask)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count is not None and count(buffer.untyped_storage()._cdata) == 2
+
+
+class BlockReaders:
+    """Two reading threads, taking blocks in turn, so block i + 1 is read and checked while
+    block i is scattered (file reads, zstd, xxhash and numpy's checks release the GIL). Each
+    thread reads into its own reused buffers (`read_blocks(reuse=True)`), and a thread is given
+    its next block only once the block it read last has been scattered: double buffering."""
+
+    def __init__(self) -> None:
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix="softlabels-block")
+                      for _ in range(2)]
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=not sys.is_finalizing(), cancel_futures=True)
+
+    def read(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
+             checksum: bool, temperature: float | None) -> Iterator[dict[str, np.ndarray]]:
+        """Each block's checked arrays, valid until the next is asked for; `together` blocks
+        per call (from a URL, where each call waits a round trip)."""
+        groups = [blocks[i:i + together] for i in range(0, len(blocks), together)]
+
+        def job(group: list[int]) -> list[dict[str, np.ndarray]]:
+            return ts.read_blocks(group, names, temperature=temperature, checksum=checksum,
+                                  reuse=together == 1)
+
+        due = deque(self.pools[i % 2].submit(job, groups[i]) for i in range(min(2, len(groups))))
+        try:
+            for i in range(len(groups)):
+                yield from due.popleft().result()
+                if i + 2 < len(groups):  # that thread's buffers are free again
+                    due.append(self.pools[i % 2].submit(job, groups[i + 2]))
+        finally:
+            for future in due:  # a window left early: nothing may still write the buffers
+                future.cancel()
+                if not future.cancelled():
+                    future.exception()
+
+
+def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
+           build: Callable[[int, list[int]], Columns | None],
+           gather: Callable[[torch.Tensor], Any], shared: bool) -> Iterator[Columns]:
+    """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
+
+    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, its rows
+    permuted) only when one of this worker's pieces overlaps it. A piece is a view of its
+    window where it lies in one, else the rows of several joined (in shared memory where
+    `shared`); `gather` turns its `index` column into the inputs.
+    """
+    parts: dict[int, list[Columns]] = {}
+    at = 0
+    for j, (blocks, n) in enumerate(zip(windows, counts)):
+        lo, hi, at = at, at + n, at + n
+        own = [i for i in span.pieces_in(lo, hi) if span.mine(i)]
+        if not own:
+            continue
+        cols = build(j, blocks)
+        for i in own:
+            start, stop = span.rows_of(i)
+            cut = slice(max(start, lo) - lo, min(stop, hi) - lo)
+            parts.setdefault(i, []).append([c[cut] for c in cols])
+            if stop <= hi:
+                index, *rest = _joined(parts.pop(i), shared)
+                yield [gather(index), *rest]
+    if span.stop > at:  # a window shorter than planned cannot happen: the counts are the plan's
+        raise RuntimeError(f"the plan has {at} rows, fewer than the {span.stop} served")
+
+
+def _joined(parts: list[Columns], shared: bool) -> Columns:
+    if len(parts) == 1:
+        return parts[0]
+    out = []
+    for j in range(len(parts[0])):
+        pieces_j = [p[j] for p in parts]
+        n = sum(len(p) for p in pieces_j)
+        dest = empty((n, *pieces_j[0].shape[1:]), pieces_j[0].dtype, shared=shared and j > 0)
+        out.append(torch.cat(pieces_j, out=dest))
+    return out
+
+
+def cut(piece: Columns, size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of `size` rows of a piece (views: one unbind per column), then its tail."""
+    n = len(piece[0])
+    full = n // size * size
+    if full:
+        yield from zip(*[c[:full].view(-1, size, *c.shape[1:]).unbind(0) for c in piece])
+    if full < n:
+        yield tuple(c[full:] for c in piece)
+
+
+_RUNNING: dict[threading.Thread, threading.Event] = {}  # producers alive, stopped at exit
+
+
+@atexit.register
+def _stop_producers() -> None:
+    """A stream left open at exit: stop its producer before the interpreter tears down what
+    the thread runs in (an HDF5 read cut short at exit aborts the process)."""
+    for thread, stop in list(_RUNNING.items()):
+        stop.set()
+        thread.join(timeout=10)
+
+
+def background(make: Callable[[], Iterator[Any]], depth: int = 2) -> Iterator[Any]:
+    """The items of `make()`, produced by a thread at most `depth` items ahead of the consumer
+    (zarr's I/O and codecs, numpy's and torch's copies and xxhash release the GIL). An error
+    of the producer is raised where its item is due; closing the iterator stops the thread."""
+    items: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in make():
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc))
+
+    thread = threading.Thread(target=run, name="softlabels-read", daemon=True)
+    _RUNNING[thread] = stop
+    thread.start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if not sys.is_finalizing():
+            thread.join()
+        _RUNNING.pop(thread, None)
+
+
+def window_generator(seed: int, epoch: int, rank: int, window: int) -> torch.Generator:
+    """The permutation of one window's rows: a function of (seed, epoch, rank, window number)
+    alone, so no window's order depends on which windows were read before it."""
+    return window_order([seed, epoch, rank, window])
+
+
+def gather_inputs(data: Dataset, index: torch.Tensor, *, shared: bool = False) -> torch.Tensor:
+    """The inputs of dataset examples `index` (int64), stacked (N, ...), in shared memory when
+    `shared`: one gather for datasets holding a tensor (npz, TensorDataset), else
+    `__getitems__` or one item at a time. An index outside the dataset is refused."""
+    at = index.numpy()
+    if len(at) and (int(at.min()) < 0 or int(at.max()) >= len(data)):
+        raise IntegrityError(f"the transfer set indexes examples outside the dataset's "
+                             f"{len(data)} (found {int(at.min())}..{int(at.max())}); "
+                             "run `softlabels verify` on it and pass the DATA it was made from")
+    source = (data.x if isinstance(data, NpzDataset) else
+              data.tensors[0] if isinstance(data, TensorDataset) else None)
+    if source is not None and source.device.type != "cpu":  # kept on an accelerator
+        return source.index_select(0, index.to(source.device))
+    if source is not None:
+        out = empty((len(index), *source.shape[1:]), source.dtype, shared=shared)
+        if source.dtype == torch.bfloat16:
+            return torch.index_select(source, 0, index, out=out)
+        # numpy's take, in range (checked above) so without its bounds-check buffer
+        np.take(source.detach().numpy(), index.numpy(), axis=0, out=out.numpy(), mode="clip")
+        return out
+    many = getattr(data, "__getitems__", None)
+    items = many(index.tolist()) if many else [data[i] for i in index.tolist()]
+    first = split_item(items[0])[0] if items else torch.empty(0)
+    out = empty((len(items), *first.shape), first.dtype, shared=shared)
+    return torch.stack([split_item(item)[0] for item in items], out=out)
+
+
+def piece_batches(data: Dataset, ts: TransferSet, batch_size: int, dtype: torch.dtype) -> int:
+    """Batches per piece: up to PIECE_ROWS rows whose inputs (the first example's size), labels
+    and targets take at most PIECE_BYTES, and at least one batch."""
+    x, _ = split_item(data[0]) if len(data) else (torch.zeros(1), 0)
+    row_bytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+    width = (ts.layout.hybrid.width if ts.layout.hybrid else ts.sparse["k"] if ts.sparse
+             else ts.num_classes)
+    row_bytes += 8 + width * ((12 if ts.sparse else 0) + dtype.itemsize)
+    return max(1, min(PIECE_ROWS, PIECE_BYTES // row_bytes) // batch_size)
