@@ -35,6 +35,7 @@ from .sequence_import import (
     check_logprobs,
     imported_meta,
     logprob_targets,
+    next_token_labels,
     placeholder_targets,
     sequence_columns,
     sequence_hash,
@@ -73,12 +74,18 @@ def _batches(path: Path, columns: list[str]) -> Iterator[Any]:
         _require(ds.column_names, columns, path)
         yield from ds.data.table.select(columns).to_batches(max_chunksize=1024)
         return
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for f in _files(path):
-        pf = pq.ParquetFile(f)
-        _require(pf.schema_arrow.names, columns, f)
-        yield from pf.iter_batches(batch_size=1024, columns=columns)
+        try:
+            pf = pq.ParquetFile(f)
+            _require(pf.schema_arrow.names, columns, f)
+            yield from pf.iter_batches(batch_size=1024, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            raise DataError(f"{f} is not a readable Parquet file ({first}); it is damaged "
+                            "or another kind of file: write or copy it again") from None
 
 
 def _require(have: list[str], columns: list[str], where: Path) -> None:
@@ -189,8 +196,12 @@ def _checked_exact(where: str, seq: dict[str, np.ndarray], layout: Layout,
     if z.dtype != np.dtype(layout.topk_dtype):
         raise DataError(f"{where}: softlabels_topk_logits is {z.dtype}, the metadata says "
                         f"{layout.topk_dtype}")
-    t = float(info["temperature"])
-    ti = [abs(x - t) <= 1e-6 * t for x in layout.temperatures].index(True)
+    t = info.get("temperature")
+    near = [isinstance(t, (int, float)) and abs(x - t) <= 1e-6 * t for x in layout.temperatures]
+    if not any(near):
+        raise MismatchError(f"{where}: the export's temperature {t!r} is not one the set "
+                            f"stores ({list(layout.temperatures)}); the export was edited")
+    t, ti = float(t), near.index(True)
     implied = z.astype(np.float32) / np.float32(t) - lse[:, ti:ti + 1]
     lp = seq["target_logprobs"]
     if not np.array_equal(implied.astype(np.float32), lp.astype(np.float32)):
@@ -202,6 +213,20 @@ def _checked_exact(where: str, seq: dict[str, np.ndarray], layout: Layout,
     mask = seq["target_mask"]
     if not ((mask == mask[:, :1]).all() and np.isin(mask, (0, 1)).all()):
         raise DataError(f"{where}: target_mask differs within a position")
+    own = seq["softlabels_labels"].astype(np.int64)
+    if ((own < -1) | (own >= layout.num_classes)).any() or (
+            layout.sequence_labels == "next-token"
+            and not np.array_equal(own, next_token_labels(tokens, layout.num_classes))):
+        raise MismatchError(f"{where}: softlabels_labels are not "
+                            + ("the next tokens" if layout.sequence_labels == "next-token" else
+                               f"classes in [-1, {layout.num_classes})")
+                            + "; the export was edited")
+    hf = np.full(n, -100, np.int64)
+    lab = own[:-1]
+    hf[1:] = np.where((mask[:-1, 0] == 1) & (lab >= 0), lab, -100)
+    if not np.array_equal(seq["labels"].astype(np.int64), hf):
+        raise MismatchError(f"{where}: labels differ from what softlabels_labels and "
+                            "target_mask imply; the export was edited")
     if int(seq["softlabels_sample_hash"]) != sequence_hash(tokens):
         raise MismatchError(f"{where}: softlabels_sample_hash is not the hash of input_ids")
     order = np.argsort(ids, axis=1, kind="stable")

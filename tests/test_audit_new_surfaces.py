@@ -74,3 +74,110 @@ def test_vllm_huge_declared_sizes_allocate_nothing(tmp_path: Path) -> None:
     for vocab in (10**12, -3):
         with pytest.raises(OptionError, match=r"--vocab-size must lie in \[2, 2147483648\]"):
             import_vllm_text(tmp_path, GOOD, vocab_size=vocab)
+
+
+# --- Parquet import of a damaged export -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_sequences import TEACHER, write_tokens
+
+    from softlabels.export import export_set
+    from softlabels.precompute import precompute
+
+    root = tmp_path_factory.mktemp("export")
+    precompute(write_tokens(root / "t.jsonl"), [TEACHER], root / "k.zarr", chunk_rows=16,
+               topk=4)
+    export_set(root / "k.zarr", root / "x", to="parquet")
+    return root / "x"
+
+
+def damaged_copy(export_dir: Path, tmp_path: Path, column: str, edit) -> Path:
+    """A copy of the export with `edit` applied to one column's Python values."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(export_dir, tmp_path / "x")
+    (f,) = (tmp_path / "x").glob("*.parquet")
+    table = pq.read_table(f)
+    values = table.column(column).to_pylist()
+    edit(values)
+    i = table.schema.get_field_index(column)
+    table = table.set_column(i, column, pa.array(values, table.schema.field(column).type))
+    f.unlink()
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(export_dir / f.name).metadata),
+                   f)
+    return tmp_path / "x"
+
+
+def _longest(values: list) -> list:
+    return max(values, key=len)  # every position distilled, each label known but the last
+
+
+def _unmask_first_distilled(values: list) -> None:
+    row = _longest(values)
+    row[0] = [0] * len(row[0])
+
+
+def _drop_a_label(values: list) -> None:
+    _longest(values)[1] = -100
+
+
+@pytest.mark.parametrize("column, edit", [("target_mask", _unmask_first_distilled),
+                                          ("labels", _drop_a_label)])
+def test_an_export_with_an_edited_mask_or_label_is_refused(export_dir: Path, tmp_path: Path,
+                                                           column: str, edit) -> None:
+    from softlabels.errors import MismatchError
+    from softlabels.parquet_import import import_parquet
+
+    with pytest.raises(MismatchError, match=r"row \d+: labels differ from what softlabels_labels "
+                                            r"and target_mask imply; the export was edited"):
+        import_parquet(damaged_copy(export_dir, tmp_path, column, edit), tmp_path / "b.zarr")
+    assert not (tmp_path / "b.zarr").exists()
+
+
+def test_damaged_export_files_end_in_one_line(export_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from softlabels.errors import MismatchError, SoftlabelsError
+    from softlabels.parquet_import import import_parquet
+
+    cases = {}
+    for name, text in (("garbage", "garbage"), ("list", "[1, 2]")):
+        shutil.copytree(export_dir, tmp_path / name)
+        (tmp_path / name / "_softlabels.json").write_text(text)
+        cases[name] = tmp_path / name
+    shutil.copytree(export_dir, tmp_path / "hot")
+    info = json.loads((tmp_path / "hot" / "_softlabels.json").read_text())
+    (tmp_path / "hot" / "_softlabels.json").write_text(json.dumps(info | {"temperature": 5.0}))
+    shutil.copytree(export_dir, tmp_path / "flip")
+    (f,) = (tmp_path / "flip").glob("*.parquet")
+    f.write_bytes(f.read_bytes()[:-100])  # a copy cut short
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    for name, where in cases.items():
+        with pytest.raises(SoftlabelsError, match="is not a JSON object as an export writes it"):
+            import_parquet(where, tmp_path / f"{name}.zarr")
+    with pytest.raises(MismatchError, match=r"temperature 5.0 is not one the set stores"):
+        import_parquet(tmp_path / "hot", tmp_path / "hot.zarr")
+    for where in (tmp_path / "flip", tmp_path / "empty.parquet"):
+        with pytest.raises(SoftlabelsError, match="is not a readable Parquet file"):
+            import_parquet(where, tmp_path / "o.zarr")
+    assert not list(tmp_path.glob("*.zarr"))
+
+
+def test_an_export_with_an_edited_last_label_is_refused(export_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """The last position's label is in no Hugging Face column; one flipped bit there used to
+    import as a different set (verify flagged it afterwards)."""
+    from softlabels.errors import MismatchError
+    from softlabels.parquet_import import import_parquet
+
+    def edit(values: list) -> None:
+        values[1][-1] = -17
+
+    with pytest.raises(MismatchError, match=r"row 1: softlabels_labels are not the next tokens"):
+        import_parquet(damaged_copy(export_dir, tmp_path, "softlabels_labels", edit),
+                       tmp_path / "b.zarr")
