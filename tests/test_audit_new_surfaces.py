@@ -181,3 +181,31 @@ def test_an_export_with_an_edited_last_label_is_refused(export_dir: Path,
     with pytest.raises(MismatchError, match=r"row 1: softlabels_labels are not the next tokens"):
         import_parquet(damaged_copy(export_dir, tmp_path, "softlabels_labels", edit),
                        tmp_path / "b.zarr")
+
+
+# --- tokenizers -------------------------------------------------------------------------------
+
+
+def test_a_tokenizer_asking_for_its_own_code_or_without_vocabulary_is_refused(
+        tmp_path: Path) -> None:
+    """transformers ignores auto_map without trust_remote_code and, with no vocabulary file,
+    builds the model type's tokenizer with an empty vocabulary: every document tokenised to
+    nothing ("corpus holds no text")."""
+    pytest.importorskip("transformers")
+    from test_text_source import save_tokenizer
+
+    from softlabels.tokenizer_files import load_tokenizer
+
+    save_tokenizer(tmp_path / "tok")
+    load_tokenizer(str(tmp_path / "tok"), "text:x")
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text())
+                                 | {"auto_map": {"AutoTokenizer": ["tok_evil.Tok", None]}}))
+    (tmp_path / "tok" / "tok_evil.py").write_text("raise SystemExit('ran code from a file')\n")
+    with pytest.raises(SpecError, match=r"asks for its own code \(auto_map in tokenizer_config"):
+        load_tokenizer(str(tmp_path / "tok"), "text:x")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "bare" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(SpecError, match=r"'.*bare' \(from 'text:x'\) holds no vocabulary"):
+        load_tokenizer(str(tmp_path / "bare"), "text:x")
