@@ -209,3 +209,24 @@ def test_a_tokenizer_asking_for_its_own_code_or_without_vocabulary_is_refused(
     (tmp_path / "bare" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(SpecError, match=r"'.*bare' \(from 'text:x'\) holds no vocabulary"):
         load_tokenizer(str(tmp_path / "bare"), "text:x")
+
+
+# --- weights files ----------------------------------------------------------------------------
+
+
+class _Payload:
+    def __reduce__(self):  # unpickling would call print: weights_only refuses it
+        return (print, ("ran code from a weights file",))
+
+
+def test_weights_holding_pickled_objects_get_the_right_advice(tmp_path: Path) -> None:
+    """torch's own message ("you have two options ...") was cut at its first line."""
+    from softlabels.weights import read_state_dict
+
+    torch.save({"w": torch.zeros(2), "extra": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(SpecError, match=r"evil.pth .* holds pickled Python objects besides "
+                                        r"tensors.*torch.save\(model.state_dict\(\), PATH\)"):
+        read_state_dict(tmp_path / "evil.pth", "torchvision:resnet18")
+    (tmp_path / "garbage.pth").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(SpecError, match=r"garbage.pth .*: not a file torch.save wrote"):
+        read_state_dict(tmp_path / "garbage.pth", "torchvision:resnet18")
