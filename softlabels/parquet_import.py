@@ -34,6 +34,7 @@ from .progress import Progress
 from .sequence_import import (
     check_logprobs,
     imported_meta,
+    input_sha256,
     logprob_targets,
     next_token_labels,
     placeholder_targets,
@@ -58,6 +59,13 @@ def _files(path: Path) -> list[Path]:
         raise DataError(f"{path} is neither a Parquet file, a directory of them, nor a "
                         "`datasets` directory")
     return files
+
+
+def _input_files(path: Path) -> list[Path]:
+    """The files `_batches` reads: a `datasets` directory's Arrow files, or the Parquet ones."""
+    if (path / "state.json").is_file():
+        return sorted(path.glob("*.arrow"))
+    return _files(path)
 
 
 def _batches(path: Path, columns: list[str]) -> Iterator[Any]:
@@ -272,7 +280,8 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
         teacher_name=teacher_name, data_spec=f"tokens:{path}?field=input_ids",
         hashes=np.array(hashes, np.uint64),
         targets={"source": "logprobs", "exact_temperatures": [float(temperature)]},
-        provenance={"format": "parquet", "path": str(path), "temperature": temperature})
+        provenance={"format": "parquet", "path": str(path), "temperature": temperature},
+        sha256=input_sha256(_input_files(path)))
 
     def rows() -> Iterator[dict[str, np.ndarray]]:
         for s, (where, seq) in enumerate(_sequences(path, columns, k)):

@@ -34,6 +34,7 @@ from .progress import Progress
 from .sequence_import import (
     check_logprobs,
     imported_meta,
+    input_sha256,
     logprob_targets,
     next_token_labels,
     placeholder_targets,
@@ -199,7 +200,8 @@ def import_vllm(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to
         teacher_name=teacher_name, data_spec=f"tokens:{path}?field=prompt_token_ids",
         hashes=np.array(hashes, np.uint64),
         targets={"source": "logprobs", "exact_temperatures": [1.0]},
-        provenance={"format": "vllm-prompt-logprobs", "path": str(path), "topk": topk})
+        provenance={"format": "vllm-prompt-logprobs", "path": str(path), "topk": topk},
+        sha256=input_sha256([path]))
 
     def rows() -> Iterator[dict[str, np.ndarray]]:  # pass 2
         for s, (n, obj) in enumerate(_lines(path)):

@@ -230,3 +230,32 @@ def test_weights_holding_pickled_objects_get_the_right_advice(tmp_path: Path) ->
     (tmp_path / "garbage.pth").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(SpecError, match=r"garbage.pth .*: not a file torch.save wrote"):
         read_state_dict(tmp_path / "garbage.pth", "torchvision:resnet18")
+
+
+def test_a_killed_import_does_not_resume_onto_changed_log_probs(tmp_path: Path) -> None:
+    """import --vllm SIGKILLed after two blocks, its input's log-probs edited (same tokens, so
+    the same sample hashes), rerun: it resumed and mixed blocks of both files (verified)."""
+    import subprocess
+    import sys
+
+    from softlabels.errors import MismatchError
+    from softlabels.format.reader import open_transfer_set
+    from softlabels.vllm_logprobs import import_vllm
+
+    path, out = tmp_path / "v.jsonl", tmp_path / "out.zarr"
+    path.write_text(GOOD * 12)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import faultpoints; "
+              "faultpoints.arm('softlabels.format.writer:write_block', 2, 'after'); "
+              "from softlabels.vllm_logprobs import import_vllm; "
+              "import_vllm(sys.argv[2], sys.argv[3], topk=2, vocab_size=40, teacher_name='T', "
+              "chunk_rows=4)")
+    killed = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent),
+                             str(path), str(out)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    path.write_text(GOOD.replace("-3.0", "-2.5") * 12)
+    with pytest.raises(MismatchError, match="made from a different run"):
+        import_vllm(path, out, topk=2, vocab_size=40, teacher_name="T", chunk_rows=4)
+    path.write_text(GOOD * 12)
+    import_vllm(path, out, topk=2, vocab_size=40, teacher_name="T", chunk_rows=4)
+    with open_transfer_set(out) as ts:
+        assert ts.num_rows == 24
