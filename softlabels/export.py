@@ -159,6 +159,9 @@ def export_batches(ts: TransferSet, temperature: float = 1.0, topk: int | None =
     if kind == "dense" and not (topk and 0 < topk <= ts.num_classes):
         raise OptionError(f"{ts.path} is dense ({ts.num_classes} classes): pass --topk K "
                           f"(1..{ts.num_classes}) to export its K most probable classes")
+    if kind != "dense" and topk is not None:
+        raise OptionError(f"--topk {topk} applies to a dense set; {ts.path} is {kind} and is "
+                          "exported with the classes it stores: leave --topk out")
     offsets = read_offsets(ts)
     names = _block_names(kind, k)
     temp = k if kind in ("sample", "dense") and k is not None else None

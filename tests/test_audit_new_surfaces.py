@@ -259,3 +259,13 @@ def test_a_killed_import_does_not_resume_onto_changed_log_probs(tmp_path: Path) 
     import_vllm(path, out, topk=2, vocab_size=40, teacher_name="T", chunk_rows=4)
     with open_transfer_set(out) as ts:
         assert ts.num_rows == 24
+
+
+def test_export_topk_of_a_sparse_set_is_refused_not_ignored(export_dir: Path,
+                                                            tmp_path: Path) -> None:
+    from softlabels.errors import OptionError
+    from softlabels.export import export_set
+
+    with pytest.raises(OptionError, match=r"--topk 2 applies to a dense set; .*k.zarr is topk"):
+        export_set(export_dir.parent / "k.zarr", tmp_path / "x", to="parquet", topk=2)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.exporting").exists()
