@@ -269,3 +269,38 @@ def test_export_topk_of_a_sparse_set_is_refused_not_ignored(export_dir: Path,
     with pytest.raises(OptionError, match=r"--topk 2 applies to a dense set; .*k.zarr is topk"):
         export_set(export_dir.parent / "k.zarr", tmp_path / "x", to="parquet", topk=2)
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.exporting").exists()
+
+
+# --- the Hugging Face Trainer -----------------------------------------------------------------
+
+
+def test_trainer_refuses_records_taken_at_another_temperature(export_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """records(set) are the teacher's log-probs at T = 1; a DistillationTrainer at T = 2
+    compared them with the student's softmax at T = 2 and trained (a set imported from vLLM,
+    exact at T = 1 only, included)."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    from softlabels.errors import OptionError
+    from softlabels.export import export_set
+    from softlabels.integrations.hf import (
+        DistillationCollator,
+        DistillationTrainer,
+        records,
+        records_temperature,
+    )
+
+    export_set(export_dir.parent / "k.zarr", tmp_path / "hf", to="hf")
+    loaded = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert records_temperature(loaded) == 1.0
+    student = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=11, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=1,
+                                          report_to=[], use_cpu=True, save_strategy="no")
+    for dataset in (records(export_dir.parent / "k.zarr"), loaded):
+        with pytest.raises(OptionError, match=r"log-probs at T = 1 but the trainer's "
+                                              r"temperature is 2"):
+            DistillationTrainer(model=student, args=args, train_dataset=dataset,
+                                data_collator=DistillationCollator(), temperature=2.0)
+    DistillationTrainer(model=student, args=args, train_dataset=loaded,
+                        data_collator=DistillationCollator(), temperature=1.0)

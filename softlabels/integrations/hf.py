@@ -25,6 +25,7 @@ KL; a sampled set's export has r = 0 and gives softlabels' unbiased sampled loss
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import OptionError
 from ..format.reader import open_transfer_set
 from ..losses import sparse_kd_loss
 from ..tempering import tempered_log_softmax
@@ -48,6 +50,7 @@ class SetRecords(Dataset):
                  topk: int | None = None) -> None:
         from ..export import export_batches
 
+        self.temperature = float(temperature)  # the T of target_logprobs
         self.items: list[dict[str, np.ndarray]] = []
         with open_transfer_set(path) as ts:
             for rec in export_batches(ts, temperature, topk):
@@ -129,6 +132,38 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
     return alpha * soft + (1 - alpha) * hard
 
 
+def records_temperature(dataset: Any) -> float | None:
+    """The T at which `dataset`'s target_logprobs were taken: `records(..., temperature=T)`'s,
+    or that in an export's `datasets` description; None when it does not say."""
+    if isinstance(dataset, SetRecords):
+        return dataset.temperature
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    try:
+        info = json.loads(description) if isinstance(description, str) else None
+    except ValueError:
+        return None
+    if isinstance(info, dict) and info.get("format") == "softlabels-export":
+        t = info.get("temperature")
+        return float(t) if isinstance(t, (int, float)) else None
+    return None
+
+
+def check_temperature_matches(datasets: Any, temperature: float) -> None:
+    """Refuse records taken at another T than the loss's: the loss compares the student's
+    softmax at `temperature` with the teacher's at the records' T."""
+    for dataset in datasets:
+        if isinstance(dataset, dict):  # the Trainer's named eval datasets
+            check_temperature_matches(dataset.values(), temperature)
+            continue
+        t = records_temperature(dataset)
+        if t is not None and abs(t - temperature) > 1e-6 * max(t, temperature):
+            raise OptionError(f"the records hold the teacher's log-probs at T = {t:g} but the "
+                              f"trainer's temperature is {temperature:g}; read them at that T "
+                              f"(records(path, temperature={temperature:g}) or export "
+                              f"--temperature {temperature:g}, a T the set stores), or pass "
+                              f"temperature={t:g}")
+
+
 def _trainer_class() -> type:
     from transformers import Trainer
 
@@ -139,6 +174,7 @@ def _trainer_class() -> type:
         def __init__(self, *args: Any, temperature: float = 1.0, alpha: float = 0.9,
                      **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            check_temperature_matches((self.train_dataset, self.eval_dataset), temperature)
             self.kd_temperature, self.kd_alpha = temperature, alpha
             # the loss is a mean per batch: let the Trainer average it over accumulation steps
             self.model_accepts_loss_kwargs = False
