@@ -304,3 +304,15 @@ def test_trainer_refuses_records_taken_at_another_temperature(export_dir: Path,
                                 data_collator=DistillationCollator(), temperature=2.0)
     DistillationTrainer(model=student, args=args, train_dataset=loaded,
                         data_collator=DistillationCollator(), temperature=1.0)
+
+
+def test_a_student_smaller_than_the_vocabulary_is_refused_in_one_line() -> None:
+    from softlabels.errors import OptionError
+    from softlabels.integrations.hf import distillation_loss
+
+    batch = {"target_token_ids": torch.tensor([[[1, 7]]]), "target_mask": torch.ones(1, 1, 2),
+             "target_logprobs": torch.log(torch.tensor([[[0.5, 0.3]]])),
+             "labels": torch.tensor([[-100]])}
+    distillation_loss(torch.zeros(1, 1, 8), batch)
+    with pytest.raises(OptionError, match=r"token id 7 but the student has 5 outputs"):
+        distillation_loss(torch.zeros(1, 1, 5), batch)  # was an IndexError inside torch

@@ -118,6 +118,10 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
     nxt = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)[m]  # hard target of position p
     labels = torch.where(nxt >= 0, nxt, -1)
     ids, lp, ok = batch["target_token_ids"][m], batch["target_logprobs"][m], valid[m]
+    if ok.any() and int(ids[ok].max()) >= z.shape[-1]:
+        raise OptionError(f"the targets name token id {int(ids[ok].max())} but the student "
+                          f"has {z.shape[-1]} outputs; distil a student over the teacher's "
+                          "vocabulary (at least as many outputs as the teacher's)")
     w = torch.where(ok, lp.float().exp(), 0.0)
     if bool(ok.all()):  # every entry a class: softlabels' own sparse loss
         return sparse_kd_loss(z, ids, w, temperature=temperature, labels=labels, alpha=alpha)
