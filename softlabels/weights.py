@@ -168,7 +168,7 @@ def check_tensors(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Ten
         n_file, n_spec = int(state[shaped[0]].shape[0]), int(own[shaped[0]].shape[0])
         raise SpecError(f"{where} holds a {n_file}-class head ({shaped[0]} "
                         f"{tuple(state[shaped[0]].shape)}) but {spec!r} builds {n_spec} classes;"
-                        f" set num_classes={n_file} (or leave it out), or train a "
+                        f" set num_classes={n_file}, or train a "
                         f"{n_spec}-class student from this teacher's soft targets")
     problems = ([f"{len(missing)} missing ({_named(missing)})"] if missing else []) + (
         [f"{len(unexpected)} unexpected ({_named(unexpected)})"] if unexpected else []) + (

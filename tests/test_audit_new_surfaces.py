@@ -316,3 +316,15 @@ def test_a_student_smaller_than_the_vocabulary_is_refused_in_one_line() -> None:
     distillation_loss(torch.zeros(1, 1, 8), batch)
     with pytest.raises(OptionError, match=r"token id 7 but the student has 5 outputs"):
         distillation_loss(torch.zeros(1, 1, 5), batch)  # was an IndexError inside torch
+
+
+def test_a_head_of_another_class_count_gets_advice_that_works() -> None:
+    """A 10-class file under a spec without num_classes (1000 by default) was told "set
+    num_classes=10 (or leave it out)": leaving it out is what failed."""
+    from softlabels.weights import check_tensors
+
+    own = {"fc.weight": torch.zeros(1000, 4), "fc.bias": torch.zeros(1000)}
+    state = {"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}
+    with pytest.raises(SpecError, match=r"set num_classes=10, or train") as err:
+        check_tensors(own, state, "weights file r18.pth", "torchvision:resnet18?weights=r18.pth")
+    assert "leave it out" not in str(err.value)
