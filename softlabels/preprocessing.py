@@ -8,6 +8,7 @@ maps one to a float32 tensor: resize the shorter side, centre crop, scale to [0,
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -57,6 +58,8 @@ class Preprocess:
         if self.mean is not None and len(self.mean) not in (1, CHANNELS):
             raise SpecError(f"mean={self.mean} has {len(self.mean)} values; images are RGB: "
                             "give 3 (one per channel) or 1 (for all)")
+        if any(not math.isfinite(v) for v in (*(self.mean or ()), *(self.std or ()))):
+            raise SpecError(f"mean={self.mean} and std={self.std} must be finite numbers")
         if self.std is not None and (len(self.std) != len(self.mean or ())
                                      or min(self.std) <= 0):
             raise SpecError(f"std={self.std} must be positive, one value per channel of "

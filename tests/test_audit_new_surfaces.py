@@ -20,6 +20,8 @@ from softlabels.preprocessing import Preprocess
     ({"resize": 32, "crop": 64}, r"crop=64 is larger than resize=32"),
     ({"mean": (0.5, 0.5), "std": (0.2, 0.2)}, r"mean=\(0.5, 0.5\) has 2 values; images are RGB"),
     ({"resize": 100_000}, r"resize=100000 must be a whole number of pixels in \[1, 4096\]"),
+    ({"mean": (0.5, float("nan"), 0.5), "std": (1.0, 1.0, 1.0)}, r"must be finite numbers"),
+    ({"mean": (0.5,), "std": (float("inf"),)}, r"must be finite numbers"),
 ])
 def test_preprocessing_overrides_that_make_no_sense_are_refused(options: dict,
                                                                  match: str) -> None:
