@@ -330,3 +330,23 @@ def test_a_head_of_another_class_count_gets_advice_that_works() -> None:
     with pytest.raises(SpecError, match=r"set num_classes=10, or train") as err:
         check_tensors(own, state, "weights file r18.pth", "torchvision:resnet18?weights=r18.pth")
     assert "leave it out" not in str(err.value)
+
+
+# --- text: corpora ----------------------------------------------------------------------------
+
+
+def test_a_corpus_file_that_is_a_device_or_pipe_is_refused(tmp_path: Path) -> None:
+    """A z.txt linking to /dev/zero was read until memory ran out; a pipe would hang."""
+    import os
+
+    from softlabels.text_source import text_files
+
+    (tmp_path / "a.txt").write_text("the cat")
+    assert text_files(tmp_path) == [tmp_path / "a.txt"]
+    (tmp_path / "z.txt").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"z.txt is not a regular file"):
+        text_files(tmp_path)
+    (tmp_path / "z.txt").unlink()
+    os.mkfifo(tmp_path / "p.txt")
+    with pytest.raises(DataError, match=r"p.txt is not a regular file"):
+        text_files(tmp_path)
