@@ -350,3 +350,19 @@ def test_a_corpus_file_that_is_a_device_or_pipe_is_refused(tmp_path: Path) -> No
     os.mkfifo(tmp_path / "p.txt")
     with pytest.raises(DataError, match=r"p.txt is not a regular file"):
         text_files(tmp_path)
+
+
+def test_an_hf_directory_with_a_safetensors_link_to_a_device_is_refused(tmp_path: Path) -> None:
+    """Every *.safetensors is hashed for the provenance: a link to /dev/zero hung there."""
+    transformers = pytest.importorskip("transformers")
+    from softlabels.specs import build_model
+
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    (tmp_path / "extra.safetensors").symlink_to(tmp_path / "gone")  # dangling: read first
+    with pytest.raises(SpecError, match=r"extra.safetensors .* is not a regular file"):
+        build_model(f"hf:{tmp_path}")
+    (tmp_path / "extra.safetensors").unlink()
+    (tmp_path / "extra.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(SpecError, match=r"extra.safetensors .* is not a regular file"):
+        build_model(f"hf:{tmp_path}")
