@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, MismatchError, OptionError
-from .export import META_KEY, read_export_info
+from .export import META_KEY, SIDECAR, read_export_info
 from .format import schema as S
 from .format.layout import Layout, check_described, digest
 from .format.sequence import with_offsets
+from .options import check_temperature
 from .progress import Progress
+from .tokens import MAX_TOKEN_ID
 from .sequence_import import (
     check_logprobs,
     imported_meta,
@@ -256,7 +258,8 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Import Parquet (a file, a directory of files, or a `datasets` directory) in the
     export's columns into a sequence set (module docstring). Returns the set's metadata."""
     path = Path(path)
-    info = read_export_info(path if path.is_dir() else _files(path)[0])
+    described = path.is_dir() and any((path / n).is_file() for n in (SIDECAR, "dataset_info.json"))
+    info = read_export_info(path if described else _files(path)[0])
     exact = (info is not None and info.get("kind") == "topk"
              and isinstance(info.get("set"), dict))
     if exact:
@@ -264,6 +267,10 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if teacher_name is None or vocab_size is None:
         raise OptionError("importing Parquet that is not a softlabels export of a top-k set "
                           "needs --teacher-name and --vocab-size")
+    temperature = check_temperature(temperature, "--temperature")
+    if not 2 <= vocab_size <= MAX_TOKEN_ID + 1:
+        raise OptionError(f"--vocab-size must lie in [2, {MAX_TOKEN_ID + 1}] (token ids are "
+                          f"int32), got {vocab_size}; pass the teacher's vocabulary size")
     columns, k = list(COLUMNS), _first_k(path)
     lengths, hashes = [], []
     for where, seq in _sequences(path, columns, k):  # pass 1: check all

@@ -366,3 +366,29 @@ def test_an_hf_directory_with_a_safetensors_link_to_a_device_is_refused(tmp_path
     (tmp_path / "extra.safetensors").symlink_to("/dev/zero")
     with pytest.raises(SpecError, match=r"extra.safetensors .* is not a regular file"):
         build_model(f"hf:{tmp_path}")
+
+
+def test_a_directory_of_axolotl_parquet_imports_and_bad_options_are_refused(
+        export_dir: Path, tmp_path: Path) -> None:
+    """A directory of plain Parquet (no sidecar) was refused as "not an export", though
+    documented; --temperature 0 or nan and a --vocab-size of 1e12 wrote sets."""
+    import pyarrow.parquet as pq
+
+    from softlabels.errors import OptionError
+    from softlabels.format.reader import open_transfer_set
+    from softlabels.parquet_import import COLUMNS, import_parquet
+
+    (f,) = export_dir.glob("*.parquet")
+    (tmp_path / "axo").mkdir()
+    pq.write_table(pq.read_table(f, columns=list(COLUMNS)).replace_schema_metadata({}),
+                   tmp_path / "axo" / "data-00000.parquet")
+    for options, match in (({"temperature": 0.0}, "--temperature must be positive"),
+                           ({"temperature": float("nan")}, "--temperature must be positive"),
+                           ({"vocab_size": 10**12}, r"--vocab-size must lie in \[2, ")):
+        with pytest.raises(OptionError, match=match):
+            import_parquet(tmp_path / "axo", tmp_path / "bad.zarr",
+                           **({"teacher_name": "T", "vocab_size": 11} | options))
+    assert not (tmp_path / "bad.zarr").exists()
+    import_parquet(tmp_path / "axo", tmp_path / "ok.zarr", teacher_name="T", vocab_size=11)
+    with open_transfer_set(tmp_path / "ok.zarr") as ts:
+        assert ts.temperatures == [1.0] or list(ts.temperatures) == [1.0]
