@@ -8,15 +8,18 @@ maps one to a float32 tensor: resize the shorter side, centre crop, scale to [0,
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from softlabels.errors import SpecError
+from softlabels.errors import DataError, SpecError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 OPTION_NAMES = ("resize", "crop", "mean", "std", "interpolation")
+MAX_SIDE = 4096  # pixels: a larger resize or crop is a typo, not a teacher's input
+CHANNELS = 3  # image sources decode to RGB
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,13 @@ class Preprocess:
         for name in ("resize", "crop"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 1):
+                                      or not 1 <= value <= MAX_SIDE):
                 raise SpecError(f"preprocessing {name}={value!r} must be a whole number of "
-                                "pixels >= 1")
+                                f"pixels in [1, {MAX_SIDE}]")
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise SpecError(f"preprocessing crop={self.crop} is larger than resize="
+                            f"{self.resize}: the crop would be padded with black; give a crop "
+                            "<= resize (e.g. resize=256&crop=224)")
         if not isinstance(self.keep_aspect, bool):
             raise SpecError(f"keep_aspect={self.keep_aspect!r} must be true or false")
         if self.interpolation not in INTERPOLATIONS:
@@ -48,6 +55,11 @@ class Preprocess:
         if (self.mean is None) != (self.std is None):
             raise SpecError("give mean and std together (e.g. mean=0.485,0.456,0.406&"
                             "std=0.229,0.224,0.225), or neither")
+        if self.mean is not None and len(self.mean) not in (1, CHANNELS):
+            raise SpecError(f"mean={self.mean} has {len(self.mean)} values; images are RGB: "
+                            "give 3 (one per channel) or 1 (for all)")
+        if any(not math.isfinite(v) for v in (*(self.mean or ()), *(self.std or ()))):
+            raise SpecError(f"mean={self.mean} and std={self.std} must be finite numbers")
         if self.std is not None and (len(self.std) != len(self.mean or ())
                                      or min(self.std) <= 0):
             raise SpecError(f"std={self.std} must be positive, one value per channel of "
@@ -90,6 +102,10 @@ class Preprocess:
             size = [self.resize] if self.keep_aspect else [self.resize, self.resize]
             x = F.resize(x, size, interpolation=mode, antialias=True)
         if self.crop is not None:
+            if self.crop > min(x.shape[-2:]):
+                raise DataError(f"an image of {x.shape[-2]}x{x.shape[-1]} pixels is smaller "
+                                f"than crop={self.crop} (it would be padded with black); give "
+                                f"resize={self.crop} or more in the teacher's spec")
             x = F.center_crop(x, [self.crop, self.crop])
         x = F.to_dtype(x, torch.float32, scale=True)
         if self.mean is not None:

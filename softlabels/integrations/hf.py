@@ -15,16 +15,18 @@ is softlabels' sparse KD per distilled position (`losses.sparse_kd_loss`, as
 the residual r = 1 - sum w as one more bucket,
 
     alpha * T^2 * mean_p [ sum_j w_j log(w_j / q_j) + r log(r / (1 - sum_j q_j)) ]
-      + (1 - alpha) * sum_p CE(labels[p + 1], softmax(s_p)) / (distilled positions)
+      + (1 - alpha) * mean_l CE(labels[l + 1], softmax(s_l))
 
-over the positions whose target_mask is set, q = softmax(s / T) of the student's logits s at
-that position. Without the residual bucket (and T^2), the soft term is Axolotl's top-k forward
-KL; a sampled set's export has r = 0 and gives softlabels' unbiased sampled loss.
+p over the positions whose target_mask is set, l over those of them that have a next token,
+q = softmax(s / T) of the student's logits s at that position. Without the residual bucket
+(and T^2), the soft term is Axolotl's top-k forward KL; a sampled set's export has r = 0 and
+gives softlabels' unbiased sampled loss.
 `transformers` is imported only when `DistillationTrainer` is first used.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from softlabels.errors import OptionError
 from softlabels.format.reader import open_transfer_set
 from softlabels.tempering import tempered_log_softmax
 from softlabels.train.losses import sparse_kd_loss
@@ -48,6 +51,7 @@ class SetRecords(Dataset):
                  topk: int | None = None) -> None:
         from softlabels.sets.export import export_batches
 
+        self.temperature = float(temperature)  # the T of target_logprobs
         self.items: list[dict[str, np.ndarray]] = []
         with open_transfer_set(path) as ts:
             for rec in export_batches(ts, temperature, topk):
@@ -115,9 +119,16 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
     nxt = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)[m]  # hard target of position p
     labels = torch.where(nxt >= 0, nxt, -1)
     ids, lp, ok = batch["target_token_ids"][m], batch["target_logprobs"][m], valid[m]
+    if ok.any() and int(ids[ok].max()) >= z.shape[-1]:
+        raise OptionError(f"the targets name token id {int(ids[ok].max())} but the student "
+                          f"has {z.shape[-1]} outputs; distil a student over the teacher's "
+                          "vocabulary (at least as many outputs as the teacher's)")
     w = torch.where(ok, lp.float().exp(), 0.0)
+    if alpha == 0:
+        return _hard(z, labels)
     if bool(ok.all()):  # every entry a class: softlabels' own sparse loss
-        return sparse_kd_loss(z, ids, w, temperature=temperature, labels=labels, alpha=alpha)
+        soft = sparse_kd_loss(z, ids, w, temperature=temperature, alpha=1.0)
+        return alpha * soft + (1 - alpha) * _hard(z, labels)
     # padded entries (a sampled set's export): the same formula over the valid entries
     log_q = tempered_log_softmax(z, temperature).gather(1, ids)
     r = (1 - w.sum(-1)).clamp_min(0)
@@ -125,8 +136,46 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
     soft = (torch.xlogy(w, w) - torch.where(ok, w * log_q, 0.0)).sum(-1) \
         + torch.xlogy(r, r) - r * q_rest.log()
     soft = temperature**2 * soft.mean()
-    hard = F.cross_entropy(z.float(), labels, ignore_index=-1, reduction="sum") / len(labels)
-    return alpha * soft + (1 - alpha) * hard
+    return alpha * soft + (1 - alpha) * _hard(z, labels)
+
+
+def _hard(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The hard term as `sequence_kd_loss` takes it: the mean cross-entropy over the distilled
+    positions that have a next token (label >= 0), at every alpha."""
+    known = labels >= 0
+    return F.cross_entropy(z[known].float(), labels[known]) if known.any() else z.sum() * 0
+
+
+def records_temperature(dataset: Any) -> float | None:
+    """The T at which `dataset`'s target_logprobs were taken: `records(..., temperature=T)`'s,
+    or that in an export's `datasets` description; None when it does not say."""
+    if isinstance(dataset, SetRecords):
+        return dataset.temperature
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    try:
+        info = json.loads(description) if isinstance(description, str) else None
+    except ValueError:
+        return None
+    if isinstance(info, dict) and info.get("format") == "softlabels-export":
+        t = info.get("temperature")
+        return float(t) if isinstance(t, (int, float)) else None
+    return None
+
+
+def check_temperature_matches(datasets: Any, temperature: float) -> None:
+    """Refuse records taken at another T than the loss's: the loss compares the student's
+    softmax at `temperature` with the teacher's at the records' T."""
+    for dataset in datasets:
+        if isinstance(dataset, dict):  # the Trainer's named eval datasets
+            check_temperature_matches(dataset.values(), temperature)
+            continue
+        t = records_temperature(dataset)
+        if t is not None and abs(t - temperature) > 1e-6 * max(t, temperature):
+            raise OptionError(f"the records hold the teacher's log-probs at T = {t:g} but the "
+                              f"trainer's temperature is {temperature:g}; read them at that T "
+                              f"(records(path, temperature={temperature:g}) or export "
+                              f"--temperature {temperature:g}, a T the set stores), or pass "
+                              f"temperature={t:g}")
 
 
 def _trainer_class() -> type:
@@ -139,6 +188,7 @@ def _trainer_class() -> type:
         def __init__(self, *args: Any, temperature: float = 1.0, alpha: float = 0.9,
                      **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            check_temperature_matches((self.train_dataset, self.eval_dataset), temperature)
             self.kd_temperature, self.kd_alpha = temperature, alpha
             # the loss is a mean per batch: let the Trainer average it over accumulation steps
             self.model_accepts_loss_kwargs = False

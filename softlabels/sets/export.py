@@ -163,6 +163,9 @@ def export_batches(ts: TransferSet, temperature: float = 1.0, topk: int | None =
     if kind == "dense" and not (topk and 0 < topk <= ts.num_classes):
         raise OptionError(f"{ts.path} is dense ({ts.num_classes} classes): pass --topk K "
                           f"(1..{ts.num_classes}) to export its K most probable classes")
+    if kind != "dense" and topk is not None:
+        raise OptionError(f"--topk {topk} applies to a dense set; {ts.path} is {kind} and is "
+                          "exported with the classes it stores: leave --topk out")
     offsets = read_offsets(ts)
     names = _block_names(kind, k)
     temp = k if kind in ("sample", "dense") and k is not None else None
@@ -331,22 +334,42 @@ def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[di
 
 def read_export_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The `softlabels` description of an export (a Parquet file, a directory of them or a
-    `datasets` directory), or None when it has none."""
+    `datasets` directory), or None when it has none. A description that is not a JSON object,
+    or a file that is not Parquet, is refused in one line."""
     path = Path(path)
     if (path / SIDECAR).is_file():
-        return json.loads((path / SIDECAR).read_text())
+        return _description((path / SIDECAR).read_bytes(), path / SIDECAR, strict=True)
     if (path / "dataset_info.json").is_file():
-        desc = json.loads((path / "dataset_info.json").read_text()).get("description") or ""
-        try:
-            info = json.loads(desc)
-        except json.JSONDecodeError:
-            return None
-        return info if isinstance(info, dict) and info.get("format") == "softlabels-export" \
-            else None
+        info = _description((path / "dataset_info.json").read_bytes(),
+                            path / "dataset_info.json", strict=True)
+        found = _description(str((info or {}).get("description") or "").encode(), path,
+                             strict=False)
+        return found if found and found.get("format") == "softlabels-export" else None
     if path.is_file():
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[META_KEY.encode()]) if META_KEY.encode() in meta else None
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, pa.ArrowException) as exc:
+            raise TransferSetError(f"{path} is not a readable Parquet file "
+                                   f"({str(exc).splitlines()[0][:120]}); it is damaged or "
+                                   "another kind of file") from None
+        key = META_KEY.encode()
+        return _description(meta[key], path, strict=True) if key in meta else None
     raise TransferSetError(f"{path} is not an export (no {SIDECAR}, dataset_info.json or "
                            "Parquet file)")
+
+
+def _description(raw: bytes, where: Path, *, strict: bool) -> dict[str, Any] | None:
+    """A JSON object read from `raw`; anything else is refused (strict) or None."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if isinstance(value, dict):
+        return value
+    if strict:
+        raise TransferSetError(f"{where} is not a JSON object as an export writes it; it is "
+                               "damaged: export the set again")
+    return None

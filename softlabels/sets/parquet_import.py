@@ -29,17 +29,21 @@ from softlabels.errors import DataError, MismatchError, OptionError
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout, check_described, digest
 from softlabels.format.sequence import with_offsets
+from softlabels.options import check_temperature
 from softlabels.progress import Progress
-from softlabels.sets.export import META_KEY, read_export_info
+from softlabels.sets.export import META_KEY, SIDECAR, read_export_info
 from softlabels.sets.sequence_import import (
     check_logprobs,
     imported_meta,
+    input_sha256,
     logprob_targets,
+    next_token_labels,
     placeholder_targets,
     sequence_columns,
     sequence_hash,
     write_sequence_set,
 )
+from softlabels.sources.tokens import MAX_TOKEN_ID
 
 COLUMNS = ("input_ids", "labels", "target_token_ids", "target_logprobs", "target_mask")
 EXACT = ("softlabels_topk_logits", "softlabels_topk_logsumexp", "softlabels_labels",
@@ -59,6 +63,13 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def _input_files(path: Path) -> list[Path]:
+    """The files `_batches` reads: a `datasets` directory's Arrow files, or the Parquet ones."""
+    if (path / "state.json").is_file():
+        return sorted(path.glob("*.arrow"))
+    return _files(path)
+
+
 def _batches(path: Path, columns: list[str]) -> Iterator[Any]:
     """Record batches of `columns`, in order, from Parquet or a `datasets` directory."""
     if (path / "state.json").is_file():
@@ -73,12 +84,18 @@ def _batches(path: Path, columns: list[str]) -> Iterator[Any]:
         _require(ds.column_names, columns, path)
         yield from ds.data.table.select(columns).to_batches(max_chunksize=1024)
         return
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for f in _files(path):
-        pf = pq.ParquetFile(f)
-        _require(pf.schema_arrow.names, columns, f)
-        yield from pf.iter_batches(batch_size=1024, columns=columns)
+        try:
+            pf = pq.ParquetFile(f)
+            _require(pf.schema_arrow.names, columns, f)
+            yield from pf.iter_batches(batch_size=1024, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            raise DataError(f"{f} is not a readable Parquet file ({first}); it is damaged "
+                            "or another kind of file: write or copy it again") from None
 
 
 def _require(have: list[str], columns: list[str], where: Path) -> None:
@@ -189,8 +206,12 @@ def _checked_exact(where: str, seq: dict[str, np.ndarray], layout: Layout,
     if z.dtype != np.dtype(layout.topk_dtype):
         raise DataError(f"{where}: softlabels_topk_logits is {z.dtype}, the metadata says "
                         f"{layout.topk_dtype}")
-    t = float(info["temperature"])
-    ti = [abs(x - t) <= 1e-6 * t for x in layout.temperatures].index(True)
+    t = info.get("temperature")
+    near = [isinstance(t, (int, float)) and abs(x - t) <= 1e-6 * t for x in layout.temperatures]
+    if not any(near):
+        raise MismatchError(f"{where}: the export's temperature {t!r} is not one the set "
+                            f"stores ({list(layout.temperatures)}); the export was edited")
+    t, ti = float(t), near.index(True)
     implied = z.astype(np.float32) / np.float32(t) - lse[:, ti:ti + 1]
     lp = seq["target_logprobs"]
     if not np.array_equal(implied.astype(np.float32), lp.astype(np.float32)):
@@ -202,6 +223,20 @@ def _checked_exact(where: str, seq: dict[str, np.ndarray], layout: Layout,
     mask = seq["target_mask"]
     if not ((mask == mask[:, :1]).all() and np.isin(mask, (0, 1)).all()):
         raise DataError(f"{where}: target_mask differs within a position")
+    own = seq["softlabels_labels"].astype(np.int64)
+    if ((own < -1) | (own >= layout.num_classes)).any() or (
+            layout.sequence_labels == "next-token"
+            and not np.array_equal(own, next_token_labels(tokens, layout.num_classes))):
+        raise MismatchError(f"{where}: softlabels_labels are not "
+                            + ("the next tokens" if layout.sequence_labels == "next-token" else
+                               f"classes in [-1, {layout.num_classes})")
+                            + "; the export was edited")
+    hf = np.full(n, -100, np.int64)
+    lab = own[:-1]
+    hf[1:] = np.where((mask[:-1, 0] == 1) & (lab >= 0), lab, -100)
+    if not np.array_equal(seq["labels"].astype(np.int64), hf):
+        raise MismatchError(f"{where}: labels differ from what softlabels_labels and "
+                            "target_mask imply; the export was edited")
     if int(seq["softlabels_sample_hash"]) != sequence_hash(tokens):
         raise MismatchError(f"{where}: softlabels_sample_hash is not the hash of input_ids")
     order = np.argsort(ids, axis=1, kind="stable")
@@ -223,7 +258,8 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Import Parquet (a file, a directory of files, or a `datasets` directory) in the
     export's columns into a sequence set (module docstring). Returns the set's metadata."""
     path = Path(path)
-    info = read_export_info(path if path.is_dir() else _files(path)[0])
+    described = path.is_dir() and any((path / n).is_file() for n in (SIDECAR, "dataset_info.json"))
+    info = read_export_info(path if described else _files(path)[0])
     exact = (info is not None and info.get("kind") == "topk"
              and isinstance(info.get("set"), dict))
     if exact:
@@ -231,6 +267,10 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if teacher_name is None or vocab_size is None:
         raise OptionError("importing Parquet that is not a softlabels export of a top-k set "
                           "needs --teacher-name and --vocab-size")
+    temperature = check_temperature(temperature, "--temperature")
+    if not 2 <= vocab_size <= MAX_TOKEN_ID + 1:
+        raise OptionError(f"--vocab-size must lie in [2, {MAX_TOKEN_ID + 1}] (token ids are "
+                          f"int32), got {vocab_size}; pass the teacher's vocabulary size")
     columns, k = list(COLUMNS), _first_k(path)
     lengths, hashes = [], []
     for where, seq in _sequences(path, columns, k):  # pass 1: check all
@@ -247,7 +287,8 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
         teacher_name=teacher_name, data_spec=f"tokens:{path}?field=input_ids",
         hashes=np.array(hashes, np.uint64),
         targets={"source": "logprobs", "exact_temperatures": [float(temperature)]},
-        provenance={"format": "parquet", "path": str(path), "temperature": temperature})
+        provenance={"format": "parquet", "path": str(path), "temperature": temperature},
+        sha256=input_sha256(_input_files(path)))
 
     def rows() -> Iterator[dict[str, np.ndarray]]:
         for s, (where, seq) in enumerate(_sequences(path, columns, k)):

@@ -16,6 +16,7 @@ unknown), so such a set stores T = 1 alone and every other T is refused.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -47,14 +48,31 @@ def probe(hashes: np.ndarray) -> str:
     return S.fingerprint(np.asarray(hashes, dtype=np.uint64)[picks])[:32]
 
 
+def input_sha256(files: Iterable[Path]) -> str:
+    """The SHA-256 of the files an import reads: of one file's bytes; of several, of the lines
+    `sha256sum` prints for them in the order read."""
+    sums = []
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as stream:
+            while block := stream.read(1 << 20):
+                h.update(block)
+        sums.append((h.hexdigest(), Path(f).name))
+    if len(sums) == 1:
+        return sums[0][0]
+    return hashlib.sha256("".join(f"{sha}  {name}\n" for sha, name in sums).encode()).hexdigest()
+
+
 def imported_meta(*, teacher_name: str, data_spec: str, hashes: np.ndarray,
-                  targets: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+                  targets: dict[str, Any], provenance: dict[str, Any],
+                  sha256: str = "") -> dict[str, Any]:
     """The descriptive metadata of an imported sequence set: the teacher as the user named it
-    (no weights to hash: `sha256` is empty), how its targets were made (`teacher.targets`),
-    the token data that `verify --data` checks it against."""
+    (no weights to hash: `sha256` is that of the input files the targets were read from, so
+    that a rerun resumes only onto the same input), how its targets were made
+    (`teacher.targets`), the token data that `verify --data` checks it against."""
     return {
         "num_examples": len(hashes), "class_names": [],
-        "teacher": {"members": [{"spec": f"imported:{teacher_name}", "sha256": "",
+        "teacher": {"members": [{"spec": f"imported:{teacher_name}", "sha256": sha256,
                                  "source": teacher_name}],
                     "combine": "mean-logits", "targets": targets},
         "dataset": {"spec": data_spec, "length": len(hashes), "probe": probe(hashes)},

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from softlabels.progress import Progress
 from softlabels.sets.sequence_import import (
     check_logprobs,
     imported_meta,
+    input_sha256,
     logprob_targets,
     next_token_labels,
     placeholder_targets,
@@ -42,16 +44,36 @@ from softlabels.sets.sequence_import import (
 )
 from softlabels.sources.tokens import MAX_TOKEN_ID
 
+_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only ('٣' and '²' are digits to str.isdigit)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json keeps the last one silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} appears twice in one object")
+    return obj
+
 
 def _lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:  # read only; a link to a readable file is fine
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # read only; a link to a readable file is fine
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} line {n} is not UTF-8 (byte {exc.start}); JSON lines "
+                                "are UTF-8 text") from None
             if line.strip():
                 try:
-                    yield n, json.loads(line)
+                    yield n, json.loads(line, object_pairs_hook=_no_duplicates)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path} line {n} is not JSON ({exc.msg}); write one "
                                     "object a line (docs/INTERCHANGE.md)") from None
+                except ValueError as exc:  # a key twice
+                    raise DataError(f"{path} line {n}: {exc}; which one is meant cannot be "
+                                    "told") from None
 
 
 def _int(value: Any, where: str, what: str) -> int:
@@ -84,8 +106,9 @@ def _position(entries: Any, token: int, k: int, where: str) -> tuple[list[int], 
                         "vLLM for as --topk")
     items = []
     for key, value in entries.items():
-        if not (isinstance(key, str) and key.isdigit()) and not isinstance(key, int):
-            raise DataError(f"{where}: token id {key!r} is not a non-negative integer")
+        if not (isinstance(key, str) and _ID.fullmatch(key)) or int(key) > MAX_TOKEN_ID:
+            raise DataError(f"{where}: token id {key!r} is not an integer in "
+                            f"[0, {MAX_TOKEN_ID}]")
         items.append((int(key), *_entry(value, where)))
     if token not in {i for i, _, _ in items}:
         raise DataError(f"{where}: the prompt token {token} is missing; vLLM lists it at every "
@@ -122,13 +145,14 @@ def parse_line(obj: Any, *, k: int, num_classes: int, dtype: str, where: str,
         raise DataError(f"{where}: prompt_logprobs must have one entry per prompt token "
                         f"({len(tokens)}), the first null; found {len(lps)} entries")
     n = len(tokens)
-    classes, values = np.zeros((n - 1, k), np.int64), np.zeros((n - 1, k), np.float64)
+    rows = []  # the K entries are counted before an array of K columns is allocated
     for j in range(1, n):
         if lps[j] is None:
             raise DataError(f"{where}: position {j} has no log-probs (only position 0 may be "
                             "null)")
-        c, v = _position(lps[j], int(tokens[j]), k, f"{where}, position {j}")
-        classes[j - 1], values[j - 1] = c, v
+        rows.append(_position(lps[j], int(tokens[j]), k, f"{where}, position {j}"))
+    classes = np.array([c for c, _ in rows], np.int64).reshape(n - 1, k)
+    values = np.array([v for _, v in rows], np.float64).reshape(n - 1, k)
     check_logprobs(values, classes, num_classes, where)
     mask = np.ones(n, np.uint8)
     if obj.get("mask") is not None:
@@ -151,6 +175,9 @@ def import_vllm(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to
     T = 1 (`--topk K` as asked of vLLM, `--vocab-size V` of the teacher). Two passes: every
     line is checked before anything is written. Returns the set's metadata."""
     path = Path(path)
+    if not 2 <= vocab_size <= MAX_TOKEN_ID + 1:
+        raise OptionError(f"--vocab-size must lie in [2, {MAX_TOKEN_ID + 1}] (token ids are "
+                          f"int32), got {vocab_size}; pass the teacher's vocabulary size")
     if not 0 < topk < vocab_size:
         raise OptionError(f"--topk must lie in [1, {vocab_size - 1}] for a vocabulary of "
                           f"{vocab_size}, got {topk}")
@@ -173,7 +200,8 @@ def import_vllm(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to
         teacher_name=teacher_name, data_spec=f"tokens:{path}?field=prompt_token_ids",
         hashes=np.array(hashes, np.uint64),
         targets={"source": "logprobs", "exact_temperatures": [1.0]},
-        provenance={"format": "vllm-prompt-logprobs", "path": str(path), "topk": topk})
+        provenance={"format": "vllm-prompt-logprobs", "path": str(path), "topk": topk},
+        sha256=input_sha256([path]))
 
     def rows() -> Iterator[dict[str, np.ndarray]]:  # pass 2
         for s, (n, obj) in enumerate(_lines(path)):

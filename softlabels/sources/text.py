@@ -42,11 +42,15 @@ BATCH = 256  # documents tokenised at a time
 
 def text_files(directory: Path) -> list[Path]:
     """Every *.txt file under `directory`, in sorted relative-path order; links to folders are
-    not followed (a link to a file is read)."""
+    not followed (a link to a file is read); anything else than a regular file is refused."""
     found = []
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         found += [Path(root) / f for f in files if f.endswith(".txt")]
+    for path in found:  # a device or a pipe (or a link to one) would be read without end
+        if not path.is_file():
+            raise DataError(f"{path} is not a regular file (a device, a pipe, or a link to "
+                            "one or to nothing); remove it from the corpus folder")
     return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
 
 

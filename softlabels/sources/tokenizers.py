@@ -14,6 +14,7 @@ at the top, and every file under additional_chat_templates/) in sorted path orde
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.js
                    "spiece.model", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "vocab.json", "vocab.txt")
 TEMPLATES_DIR = "additional_chat_templates"
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
 
 
 def _file_sha256(path: Path) -> str:
@@ -75,6 +78,8 @@ def load_tokenizer(path: str, spec: str) -> tuple[Any, dict[str, Any]]:
     if not where.exists():
         raise SpecError(f"no tokenizer at {path!r} (from {spec!r}); give tokenizer= a local "
                         "tokenizer.json or save_pretrained directory (nothing is downloaded)")
+    if where.is_dir():
+        _check_directory(where, path, spec)
     record = tokenizer_record(where)  # before loading: what is recorded is what was read
     hf_logging.disable_progress_bar()
     try:
@@ -90,3 +95,25 @@ def load_tokenizer(path: str, spec: str) -> tuple[Any, dict[str, Any]]:
                         "remote code") from None
     log.info("tokenizer %s: %d tokens, sha256 %s", path, len(tokenizer), record["sha256"])
     return tokenizer, record
+
+
+def _check_directory(where: Path, path: str, spec: str) -> None:
+    """Refuse a directory whose tokenizer needs its own code (transformers would ignore its
+    auto_map and quietly build another tokenizer), or that holds no vocabulary (transformers
+    would build an empty one from the model's config)."""
+    config = where / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            auto_map = json.loads(config.read_bytes()).get("auto_map")
+        except (ValueError, AttributeError):
+            raise SpecError(f"{config} (from {spec!r}) is not a JSON object; save the "
+                            "tokenizer again with save_pretrained") from None
+        if auto_map:
+            raise SpecError(f"the tokenizer {path!r} (from {spec!r}) asks for its own code "
+                            f"(auto_map in tokenizer_config.json); softlabels runs no code from "
+                            "files: save it with a tokenizer class transformers has, e.g. "
+                            "tokenizer.backend_tokenizer.save('tokenizer.json'), and pass that")
+    if not any((where / name).is_file() for name in VOCABULARY_FILES):
+        raise SpecError(f"tokenizer directory {path!r} (from {spec!r}) holds no vocabulary "
+                        f"({', '.join(VOCABULARY_FILES)}); save the teacher's tokenizer there "
+                        "with save_pretrained (nothing is downloaded)")

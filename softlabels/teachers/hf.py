@@ -75,8 +75,13 @@ def build_hf(directory: str, options: dict[str, Any], spec: str) -> Built:
     if overrides and not image:
         raise SpecError(f"{spec!r}: preprocessing options apply to image classifiers only, "
                         f"and {directory} holds a {architecture or 'causal LM'}")
+    weights = sorted(path.glob("*.safetensors"))
+    for f in weights:  # hashing a link to a device or a pipe would read without end
+        if not f.is_file():
+            raise SpecError(f"{f} (from {spec!r}) is not a regular file (a device, a pipe, or "
+                            "a link to one or to nothing); remove it from the directory")
     model = _from_pretrained(path, spec, image, architecture)
-    files = tuple(WeightsFile(str(f), file_sha256(f)) for f in sorted(path.glob("*.safetensors")))
+    files = tuple(WeightsFile(str(f), file_sha256(f)) for f in weights)
     if not image:
         return Built(CausalLM(model), files=files)
     labels = getattr(model.config, "id2label", None) or {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -96,6 +97,15 @@ def read_state_dict(path: str | os.PathLike[str], spec: str) -> dict[str, torch.
             state = torch.load(path, map_location="cpu", weights_only=True)
     except ImportError:
         raise SpecError(f"{path} is a safetensors file: pip install safetensors") from None
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a state dict at all: damaged
+            raise SpecError(f"cannot read weights file {path} (from {spec!r}): not a file "
+                            "torch.save wrote (damaged, or another kind of file); it must be a "
+                            "state dict (.pth/.pt from torch.save, or .safetensors)") from None
+        raise SpecError(f"{path} (from {spec!r}) holds pickled Python objects besides "
+                        "tensors, which softlabels does not unpickle (they could run code); "
+                        "save the model's state dict alone: torch.save(model.state_dict(), "
+                        "PATH), or as .safetensors") from None
     except Exception as exc:  # torch and safetensors raise many types for a bad file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SpecError(f"cannot read weights file {path} (from {spec!r}): {first[:200]}; it "
@@ -158,7 +168,7 @@ def check_tensors(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Ten
         n_file, n_spec = int(state[shaped[0]].shape[0]), int(own[shaped[0]].shape[0])
         raise SpecError(f"{where} holds a {n_file}-class head ({shaped[0]} "
                         f"{tuple(state[shaped[0]].shape)}) but {spec!r} builds {n_spec} classes;"
-                        f" set num_classes={n_file} (or leave it out), or train a "
+                        f" set num_classes={n_file}, or train a "
                         f"{n_spec}-class student from this teacher's soft targets")
     problems = ([f"{len(missing)} missing ({_named(missing)})"] if missing else []) + (
         [f"{len(unexpected)} unexpected ({_named(unexpected)})"] if unexpected else []) + (
