@@ -1,5 +1,4 @@
-"""DATA and MODEL specs (listed in the README): short strings that name a dataset or a model,
-and the self-describing checkpoints that `softlabels train` writes.
+"""DATA and MODEL specs (listed in the README): short strings that name a dataset or a model.
 
 DATA:  npz:PATH | mnist:ROOT?split=train|test | torchvision:NAME?root=ROOT&split=..
        | imagefolder:DIR?resize=..&crop=.. | hfds:DIR?split=.. | wds:S-{0..9}.tar
