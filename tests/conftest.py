@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,20 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"b{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3").mkdir(name)
     return name
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(base URL, folder) of a local web server with byte ranges and no directory listings
+    (a bucket's web endpoint), serving the folder."""
+    from hostile_servers import RangeHandler
+
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(RangeHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()

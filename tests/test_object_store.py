@@ -4,7 +4,6 @@ http.server. Nothing leaves 127.0.0.1."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -13,11 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -362,48 +358,6 @@ def test_overwrite_on_s3_removes_only_a_transfer_set(tmp_path: Path, bucket: str
 
 
 # --- http, missing extras, cache, gcs ---------------------------------------------------------
-class _RangeHandler(SimpleHTTPRequestHandler):
-    """http.server with byte ranges (as every real web server and object store has) and no
-    directory listings (as a bucket's web endpoint or a CDN)."""
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def list_directory(self, path):  # type: ignore[no-untyped-def]
-        self.send_error(404, "no listings here")
-        return None
-
-    def send_head(self):  # type: ignore[no-untyped-def]
-        rng = self.headers.get("Range")
-        path = Path(self.translate_path(self.path))
-        if not rng or not path.is_file():
-            return super().send_head()
-        start, _, stop = rng.removeprefix("bytes=").partition("-")
-        body = path.read_bytes()
-        begin = int(start) if start else max(len(body) - int(stop), 0)
-        end = min(int(stop) + 1, len(body)) if start and stop else len(body)
-        self.send_response(206)
-        self.send_header("Content-Range", f"bytes {begin}-{end - 1}/{len(body)}")
-        self.send_header("Content-Length", str(end - begin))
-        self.end_headers()
-        import io
-
-        return io.BytesIO(body[begin:end])
-
-
-@pytest.fixture
-def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    root = tmp_path / "www"
-    root.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(_RangeHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("suffix", ["zarr", "h5"])
 def test_http_reads_a_set_and_refuses_writes(tmp_path: Path, web: tuple[str, Path],
                                              suffix: str) -> None:

@@ -5,18 +5,14 @@ refuse every write in one TransferSetError."""
 
 from __future__ import annotations
 
-import functools
 import logging
-import threading
 import uuid
 import zipfile
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_object_store import _RangeHandler
 
 from softlabels.errors import TransferSetError
 from softlabels.format.backends import open_store
@@ -48,18 +44,6 @@ def location(request: pytest.FixtureRequest, tmp_path: Path,
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", request.getfixturevalue("gcs_emulator"))
         return f"gs://bkt/stores/{uuid.uuid4().hex[:8]}.zarr"
     return str(tmp_path / f"s.{kind}")
-
-
-@pytest.fixture
-def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    root = tmp_path / "www"
-    root.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(_RangeHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
-    server.server_close()
 
 
 def write_example(location: str) -> None:
