@@ -392,3 +392,17 @@ def test_a_directory_of_axolotl_parquet_imports_and_bad_options_are_refused(
     import_parquet(tmp_path / "axo", tmp_path / "ok.zarr", teacher_name="T", vocab_size=11)
     with open_transfer_set(tmp_path / "ok.zarr") as ts:
         assert ts.temperatures == [1.0] or list(ts.temperatures) == [1.0]
+
+
+def test_a_truncated_safetensors_in_an_hf_dir_is_one_line(tmp_path: Path) -> None:
+    """A garbage `model.safetensors` ended in a SafetensorError traceback (issue 23)."""
+    transformers = pytest.importorskip("transformers")
+    from softlabels.teachers.models import load_model
+
+    config = transformers.GPT2Config(vocab_size=11, n_positions=16, n_embd=8, n_layer=1,
+                                     n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt")
+    weights = tmp_path / "gpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SpecError, match="cannot load .*save_pretrained"):
+        load_model(f"hf:{tmp_path / 'gpt'}")

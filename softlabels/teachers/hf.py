@@ -116,12 +116,15 @@ def _from_pretrained(path: Path, spec: str, image: bool, architecture: str | Non
     one config.json names."""
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
+    from safetensors import SafetensorError
+
     auto = AutoModelForImageClassification if image else AutoModelForCausalLM
     try:
         model, info = auto.from_pretrained(
             path, local_files_only=True, use_safetensors=True, trust_remote_code=False,
             output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as exc:
+        # SafetensorError: a truncated or garbage *.safetensors (the safetensors library's own)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"cannot load {spec!r}: {first[:300]}; it needs config.json and "
                         "model.safetensors from save_pretrained") from None
