@@ -114,9 +114,8 @@ def _is_image_classifier(architecture: str | None) -> bool:
 def _from_pretrained(path: Path, spec: str, image: bool, architecture: str | None) -> nn.Module:
     """Load strictly: transformers' loading report must be empty and the class it built the
     one config.json names."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
     auto = AutoModelForImageClassification if image else AutoModelForCausalLM
     try:
