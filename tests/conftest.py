@@ -65,7 +65,11 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     import fsspec
+    import s3fs
 
+    # fsspec caches filesystems by their arguments, not by the environment: one made while
+    # AWS_ENDPOINT_URL named another server (a test's hostile one) would be handed out again
+    s3fs.S3FileSystem.clear_instance_cache()
     name = f"b{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3").mkdir(name)
     return name
