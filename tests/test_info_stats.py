@@ -17,6 +17,7 @@ from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
+from softlabels.format.statistics import set_statistics
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def made(npz_data: str, out_path: Path) -> Path:
 
 def test_stats_are_the_means_over_every_row(made: Path) -> None:
     with open_transfer_set(made) as ts:
-        st = ts.stats()
+        st = set_statistics(ts)
         probs, logits, labels = (ts.read(S.PROBS).astype(np.float64), ts.read(S.LOGITS),
                                  ts.read(S.LABELS))
     for k, t in enumerate([1, 4]):
@@ -58,7 +59,7 @@ def test_stats_read_one_block_at_a_time(made: Path) -> None:
             return got
 
         ts.store.read, ts.store.read_many = one, many
-        ts.stats()
+        set_statistics(ts)
     assert spans and max(spans) == CHUNK
 
 
@@ -77,7 +78,7 @@ def test_a_damaged_block_is_refused_naming_it(made: Path, damage: str) -> None:
         flip_byte(made, S.PROBS, block_chunk(S.PROBS, (2, 103, 3), 2, lead=1))
     with open_transfer_set(made) as ts, pytest.raises(IntegrityError,
                                                        match=r"block 2 \(rows 32-47\)"):
-        ts.stats()
+        set_statistics(ts)
     result = CliRunner().invoke(cli, ["info", str(made), "--stats"])
     text = result.stdout + result.stderr
     assert result.exit_code == 1 and text.count("\n") == 1, text

@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import CHUNK, N_CLASSES, N_ROWS
+from softlabels import write_set
 from softlabels.cli import cli
 from softlabels.errors import DataError, MismatchError, OptionError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels import write_set
 from softlabels.sets.verify import verify
 from softlabels.sources.load import load_data
 from softlabels.train.datasets import SoftTargetDataset

@@ -17,6 +17,7 @@ from softlabels.cli._common import (
 )
 from softlabels.errors import SoftlabelsError
 from softlabels.format.schema import COMBINE_CHOICES
+from softlabels.format.statistics import set_statistics
 from softlabels.preprocessing import describe
 
 
@@ -38,7 +39,7 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
                                   f"--stats, and check the set with `softlabels verify "
                                   f"{ts.path}`")
         if stats:
-            summary["stats"] = ts.stats()
+            summary["stats"] = set_statistics(ts)
     if as_json:
         echo_json(summary)
         return

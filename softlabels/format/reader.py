@@ -333,14 +333,6 @@ class TransferSet:
     def sample_hash(self) -> np.ndarray:
         return self.read(S.SAMPLE_HASH)
 
-    def stats(self) -> dict[str, Any]:
-        """Per-class mean probability and mean entropy (nats) at each T, and the teacher's
-        top-1 accuracy on labelled rows, from whole checked blocks, one at a time
-        (`statistics.set_statistics`)."""
-        from softlabels.format.statistics import set_statistics
-
-        return set_statistics(self)
-
     def nbytes_on_disk(self) -> int | None:
         """Bytes stored; None for a set at a URL that cannot be listed (http)."""
         if is_url(self.path):

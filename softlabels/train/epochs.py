@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from softlabels.train.stream_pieces import cut
-
-if TYPE_CHECKING:
-    from softlabels.train.datasets import SoftTargetBatches
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -72,7 +69,7 @@ class WindowLoader:
     Memory holds the stream's two windows per worker and about workers x (prefetch_factor + 2)
     pieces."""
 
-    def __init__(self, stream: SoftTargetBatches, *, num_workers: int, pin_memory: bool,
+    def __init__(self, stream: IterableDataset, *, num_workers: int, pin_memory: bool,
                  **dataloader_options: Any) -> None:
         self.stream = stream
         source = copy.copy(stream)  # shares the stream's epoch and start; yields pieces
