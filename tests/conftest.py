@@ -11,6 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
+@pytest.fixture(autouse=True)
+def _no_leftover_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`softlabels --timeout S` sets SOFTLABELS_TIMEOUT for the process (its workers inherit
+    it); a test invoking the CLI in-process must not leave it to the tests after it."""
+    monkeypatch.delenv("SOFTLABELS_TIMEOUT", raising=False)
+
+
 # Sizes chosen so the row count is not a multiple of the chunk size.
 N_ROWS, N_CLASSES, CHUNK = 103, 3, 16
 
