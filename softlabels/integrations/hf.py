@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from softlabels.errors import OptionError
 from softlabels.format.reader import open_transfer_set
 from softlabels.tempering import tempered_log_softmax
-from softlabels.train.losses import sparse_kd_loss
+from softlabels.train.losses import labelled_cross_entropy, sparse_kd_loss
 
 TARGETS = ("target_token_ids", "target_logprobs", "target_mask")
 
@@ -125,10 +125,10 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
                           "vocabulary (at least as many outputs as the teacher's)")
     w = torch.where(ok, lp.float().exp(), 0.0)
     if alpha == 0:
-        return _hard(z, labels)
+        return labelled_cross_entropy(z, labels)
     if bool(ok.all()):  # every entry a class: softlabels' own sparse loss
         soft = sparse_kd_loss(z, ids, w, temperature=temperature, alpha=1.0)
-        return alpha * soft + (1 - alpha) * _hard(z, labels)
+        return alpha * soft + (1 - alpha) * labelled_cross_entropy(z, labels)
     # padded entries (a sampled set's export): the same formula over the valid entries
     log_q = tempered_log_softmax(z, temperature).gather(1, ids)
     r = (1 - w.sum(-1)).clamp_min(0)
@@ -136,14 +136,7 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
     soft = (torch.xlogy(w, w) - torch.where(ok, w * log_q, 0.0)).sum(-1) \
         + torch.xlogy(r, r) - r * q_rest.log()
     soft = temperature**2 * soft.mean()
-    return alpha * soft + (1 - alpha) * _hard(z, labels)
-
-
-def _hard(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The hard term as `sequence_kd_loss` takes it: the mean cross-entropy over the distilled
-    positions that have a next token (label >= 0), at every alpha."""
-    known = labels >= 0
-    return F.cross_entropy(z[known].float(), labels[known]) if known.any() else z.sum() * 0
+    return alpha * soft + (1 - alpha) * labelled_cross_entropy(z, labels)
 
 
 def records_temperature(dataset: Any) -> float | None:

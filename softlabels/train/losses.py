@@ -18,6 +18,15 @@ def _check(temperature: float, alpha: float) -> None:
         raise SoftlabelsError(f"alpha must lie in [0, 1], got {alpha}")
 
 
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows that have a hard target (label >= 0; -1 = none, e.g. a
+    sequence's last position); 0 with a gradient path when no row has one."""
+    known = labels >= 0
+    if not known.any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits[known].float(), labels[known])
+
+
 def kd_loss_from_probs(
     student_logits: torch.Tensor,
     teacher_probs: torch.Tensor,

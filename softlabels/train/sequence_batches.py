@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.format import schema as S
@@ -31,7 +30,12 @@ from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, is_sequence_set, read_offsets
 from softlabels.sources.tokens import TokenSequences
 from softlabels.tempering import tempered_softmax
-from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss, target_convention
+from softlabels.train.losses import (
+    kd_loss_from_probs,
+    labelled_cross_entropy,
+    sparse_kd_loss,
+    target_convention,
+)
 
 MAX_IN_MEMORY = 4 << 30  # bytes of targets held in memory
 
@@ -77,8 +81,7 @@ def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
     labels = batch.labels.reshape(-1)[m]
     if not len(z):  # nothing distilled in this batch (e.g. one-token sequences): no loss, not NaN
         return student_logits.sum() * 0
-    known = labels >= 0
-    hard = F.cross_entropy(z[known].float(), labels[known]) if known.any() else z.sum() * 0
+    hard = labelled_cross_entropy(z, labels)
     if batch.kind == "hard" or alpha == 0:
         return hard
     if batch.kind == "dense":
