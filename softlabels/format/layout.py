@@ -95,6 +95,12 @@ class Layout:
             raise TransferSetError(f"shard rows {self.shard_rows} must be a multiple of chunk "
                                    f"rows {self.chunk_rows}")
 
+    @property
+    def kind(self) -> str:
+        """The set's kind of row, from ROW_KINDS: "sequences" (one row per position of token
+        sequences) or "examples" (one row per example). Every stage picks its strategy by it."""
+        return "sequences" if self.num_sequences else "examples"
+
     def _check_sequences(self) -> None:
         if not 0 < self.num_sequences <= self.num_rows:
             raise TransferSetError(f"a sequence set needs 1..{self.num_rows} sequences of at "
@@ -348,6 +354,7 @@ def dims_of(name: str, ndim: int) -> tuple[str, ...]:
 
 SEQUENCE_LABELS = ("next-token", "data")
 SPARSE_KINDS = ("topk", "sample", "hybrid")
+ROW_KINDS = ("examples", "sequences")  # Layout.kind; each stage keeps one strategy per kind
 
 # --- metadata keys --------------------------------------------------------------------------
 LAYOUT_KEYS = tuple(Layout(num_rows=1, num_classes=2, temperatures=(1.0,)).to_meta())

@@ -223,6 +223,12 @@ def _strict(values: Any, what: str) -> tuple[np.ndarray | None, str]:
 
 
 
+def data_kind(data: Any) -> str:
+    """The kind of row a DATA spec or dataset makes (format.layout.ROW_KINDS): "sequences" for
+    token sequences (one row per position), "examples" otherwise."""
+    return "sequences" if is_sequence_data(data) else "examples"
+
+
 def is_sequence_data(data: Any) -> bool:
     """A DATA spec or dataset of token sequences (made into a sequence set)."""
     if isinstance(data, str):
