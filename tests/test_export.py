@@ -18,7 +18,8 @@ from softlabels.errors import OptionError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, read_offsets
 from softlabels.sets.export import export_set, read_export_info
-from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.padded import SequenceBatches
 
 datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -20,15 +20,10 @@ from softlabels.format.targets import Hybrid
 from softlabels.options import PrecomputeOptions
 from softlabels.sets.evaluate import evaluate
 from softlabels.sets.export import export_set
-from softlabels.sets.sequence_evaluate import evaluate_sequence_student
 from softlabels.sets.verify import verify
 from softlabels.sources.tokens import TokenSequences
-from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss
-from softlabels.train.sequence_batches import (
-    SequenceBatches,
-    StreamingSequenceBatches,
-    sequence_kd_loss,
-)
+from softlabels.train.losses import kd_loss_from_probs, sequence_kd_loss, sparse_kd_loss
+from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 from softlabels.train.trainer import train_student
 
 TEMPS = (1.0, 2.5)
@@ -208,6 +203,5 @@ def test_sequence_set_batches_stream_and_evaluate(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="hybrid set"):
         export_set(out, tmp_path / "export")
     student = nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 30))
-    scores = evaluate_sequence_student(data, student, transfer_set=out, temperature=2.0,
-                                       device="cpu")
+    scores = evaluate(data, student, transfer_set=out, temperature=2.0, device="cpu")
     assert scores["teacher_targets"] == "hybrid" and scores["kl_to_teacher"] > 0

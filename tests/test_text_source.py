@@ -27,7 +27,8 @@ from softlabels.sources.load import load_data
 from softlabels.sources.tokens import TokenSequences
 from softlabels.sources.windows import window_starts, windowed
 from softlabels.specs import portable_spec
-from softlabels.train.sequence_batches import SequenceBatch, sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.padded import SequenceBatch
 
 transformers = pytest.importorskip("transformers", reason="text: needs the hf extra")
 tokenizers = pytest.importorskip("tokenizers", reason="text: needs the hf extra")

@@ -33,7 +33,8 @@ from softlabels.sources.load import load_data
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_checkpoint
 from softlabels.train.metrics import accuracy_report
-from softlabels.train.trainer import materialize, predict, train_student
+from softlabels.train.plans import materialize, predict
+from softlabels.train.trainer import train_student
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""What an example student trains on, epoch by epoch (trainer.py runs the steps): a `Plan`
+"""What an example student trains on, epoch by epoch (batches.ExampleRows; trainer.py runs
+the steps): a `Plan`
 per source of targets (hard labels; soft targets held in memory, or replayed views of a view
 set; soft targets streamed from whole checked blocks), each giving the epoch's batches, the
 rows trained on and the batches per epoch, shared across `torch.distributed` ranks; and the
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -26,6 +28,28 @@ from softlabels.train.datasets import (
     selected_rows,
 )
 from softlabels.train.ranks import rank_share
+
+
+def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image (N, C, H, W) by up to `pixels` in x and y, filling with zeros."""
+    if pixels <= 0 or x.dim() != 4:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pixels,) * 4)
+    dy, dx = (torch.randint(0, 2 * pixels + 1, (2, n), generator=generator))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows, cols]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device,
+            batch_size: int = 1024) -> torch.Tensor:
+    """Logits (N, C) of `model` in eval mode, on the CPU."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """What a training run returns (`TrainResult`) and reports as it goes (`Callback`), whatever its
-kind of rows: example students (trainer.py) and sequence models (sequence_trainer.py)."""
+kind of rows (trainer.py runs both)."""
 
 from __future__ import annotations
 
