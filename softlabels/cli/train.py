@@ -93,14 +93,10 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
     if result.rank != 0:
         return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]
-    acc = f", val_accuracy {last['val_accuracy']:.4f}" if "val_accuracy" in last else ""
-    if "val_perplexity" in last:  # a sequence student
-        acc = (f", val_perplexity {last['val_perplexity']:.3f}, val_token_accuracy "
-               f"{last['val_token_accuracy']:.4f}")
-    rows = "positions" if "positions" in last else "rows"
+    held = "".join(f", {k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"
     echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
-               f"{rows} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
+         f"{result.unit} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{held})")
 
 
 def _one_trainer(out: str, *, distributed: bool) -> WriterLease | contextlib.nullcontext:

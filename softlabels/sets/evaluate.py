@@ -45,11 +45,11 @@ from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import read_offsets
 from softlabels.sources.images import model_inputs
 from softlabels.sources.load import load_data
-from softlabels.sources.tokens import TokenSequences, data_kind
+from softlabels.sources.tokens import TokenSequences
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_model
 from softlabels.tempering import tempered_log_softmax
-from softlabels.train.batches import check_kinds, check_sequence_student
+from softlabels.train.batches import check_sequence_student, row_kind
 from softlabels.train.blocks import block_targets, check_servable, needed_arrays
 from softlabels.train.datasets import check_alignment
 from softlabels.train.losses import sparse_kd_loss
@@ -108,8 +108,7 @@ def evaluate(
     own = transfer_set is not None and not isinstance(transfer_set, TransferSet)
     with (open_transfer_set(transfer_set) if own else contextlib.nullcontext(transfer_set)) as ts:
         name = data if isinstance(data, str) else type(data).__name__
-        check_kinds(name, data_kind(data), ts)
-        kind = KINDS[ts.layout.kind if ts is not None else data_kind(data)]
+        kind = KINDS[row_kind(name, data, ts)]
         kind.check_options(bias_adjust=bias_adjust, temperature=temperature)
         net = _finite(model, trust_code)
         return kind.report(data, name, net, ts, dev=resolve_device(device),

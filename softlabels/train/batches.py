@@ -37,7 +37,7 @@ from softlabels.format.sequence_ops import select_sequences
 from softlabels.options import TrainOptions
 from softlabels.sources.images import model_inputs
 from softlabels.sources.load import load_data
-from softlabels.sources.tokens import TokenSequences
+from softlabels.sources.tokens import TokenSequences, data_kind
 from softlabels.train.datasets import MAX_IN_MEMORY as EXAMPLE_MAX_IN_MEMORY
 from softlabels.train.datasets import check_alignment
 from softlabels.train.losses import (
@@ -480,11 +480,15 @@ def check_student_vocabulary(data: TokenSequences, classes: int) -> None:
                             "(its vocabulary)")
 
 
-def check_kinds(name: str, data_kind: str, ts: TransferSet | None) -> None:
-    """Refuse token-sequence DATA with an example set (the reverse is the sequence kind's to
-    refuse: it loads the data to know)."""
-    if ts is not None and data_kind == "sequences" and ts.layout.kind == "examples":
+def row_kind(name: str, data: str | Dataset, ts: TransferSet | None) -> str:
+    """The kind of row (format.layout.ROW_KINDS) a run on `data` (named `name`) and `ts` is
+    of: the set's, else the data's. Token-sequence DATA with an example set is refused here
+    (the reverse is the sequence kind's to refuse: it loads the data to know)."""
+    if ts is None:
+        return data_kind(data)
+    if data_kind(data) == "sequences" and ts.layout.kind == "examples":
         raise MismatchError(f"--data {name} is token sequences but {ts.path} is an example "
                             "set (one row per example); pass the DATA it was made from, or "
                             "a sequence set made from this data (precompute --data "
                             "tokens:...)")
+    return ts.layout.kind

@@ -18,5 +18,6 @@ class TrainResult:
     spec: str
     history: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
+    unit: str = "rows"  # what a row is: "rows" (examples) or "positions" (token positions)
     seconds: float = 0.0
     rank: int = 0

@@ -26,10 +26,9 @@ from softlabels.errors import DataError, SoftlabelsError, TrainingError
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.input_proof import input_digests
 from softlabels.options import TrainOptions, check_output_file, check_temperature
-from softlabels.sources.tokens import data_kind
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_model, save_checkpoint
-from softlabels.train.batches import KINDS, Rows, Run, SequenceRows, check_kinds
+from softlabels.train.batches import KINDS, Rows, Run, SequenceRows, row_kind
 from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 from softlabels.train.ranks import finish_distributed, init_distributed, summed, wrap_ddp
 from softlabels.train.record import Callback, TrainResult
@@ -102,8 +101,7 @@ def train_student(
             temperature = check_temperature(ts.temperatures[0] if temperature is None
                                             else temperature)
         name = data if isinstance(data, str) else type(data).__name__
-        check_kinds(name, data_kind(data), ts)
-        kind = KINDS[ts.layout.kind if ts is not None else data_kind(data)]
+        kind = KINDS[row_kind(name, data, ts)]
         kind.check_options(opts)
         dev = resolve_device(opts.device)
         rank, world = init_distributed(dev) if opts.distributed else (0, 1)
@@ -253,7 +251,7 @@ def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device
         save_checkpoint(net, out, spec=spec, meta={**(meta or {}), "history": history,
                                                    "resumed_after_epoch": start})
         clear_state(out)
-    return TrainResult(model=net, spec=spec, history=history, rows=rows.rows,
+    return TrainResult(model=net, spec=spec, history=history, rows=rows.rows, unit=rows.unit,
                        seconds=time.perf_counter() - t0, rank=rank)
 
 
