@@ -30,7 +30,8 @@ from torch import nn
 from softlabels.compute.sequences import precompute_sequences
 from softlabels.format.reader import open_transfer_set
 from softlabels.sources.tokens import TokenSequences
-from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.padded import SequenceBatches
 
 TEMPS = (1.0, 2.0, 4.0)
 

@@ -24,7 +24,7 @@ from sequence_storage import SyntheticLM
 from softlabels.compute.sequences import precompute_sequences
 from softlabels.format.reader import open_transfer_set
 from softlabels.sources.tokens import TokenSequences
-from softlabels.train.sequence_batches import SequenceBatches, StreamingSequenceBatches
+from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 
 
 def data(tokens: int, vocab: int) -> TokenSequences:

@@ -44,8 +44,8 @@ from softlabels.format.reader import open_transfer_set
 from softlabels.sources.load import load_data
 from softlabels.teachers.models import load_model, save_checkpoint
 from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss, target_convention
-from softlabels.train.sequence_batches import SequenceBatches
-from softlabels.train.sequence_trainer import train_sequence_model
+from softlabels.train.padded import SequenceBatches
+from softlabels.train.trainer import train_sequence_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "gpt:256?dim=96&layers=3&heads=4&context=128"
