@@ -49,7 +49,7 @@ from softlabels.sources.tokens import TokenSequences
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_model
 from softlabels.tempering import tempered_log_softmax
-from softlabels.train.batches import check_sequence_student, row_kind
+from softlabels.train.batches import row_kind
 from softlabels.train.blocks import block_targets, check_servable, needed_arrays
 from softlabels.train.datasets import check_alignment
 from softlabels.train.losses import sparse_kd_loss
@@ -68,7 +68,8 @@ from softlabels.train.padded import (
     check_tokens,
     target_bytes,
 )
-from softlabels.train.plans import check_outputs, materialize, predict
+from softlabels.train.plans import materialize, predict
+from softlabels.train.students import check_outputs, check_sequence_student
 
 LOGITS_BUDGET = 1 << 28  # bytes of float32 (B, L, C) student logits per evaluation batch
 TEACHER_KEYS = {"dense": ("teacher_agreement", "kl_to_teacher"),

@@ -64,6 +64,12 @@ from softlabels.train.plans import (
     streamed_epochs,
 )
 from softlabels.train.ranks import refuse_zero_steps
+from softlabels.train.students import (
+    NOTHING_TO_DISTIL,
+    check_masked_in,
+    check_sequence_student,
+    check_student_vocabulary,
+)
 
 
 @dataclass
@@ -154,19 +160,22 @@ class ExampleRows:
 
     unit: ClassVar[str] = "rows"
     nothing: ClassVar[str] = "no row was trained on in an epoch; select more rows"
+    run: Run
     batches: Any  # plans.Plan's batches(epoch[, resume])
     rows: int
     steps: int
     streamed: bool
-    opts: TrainOptions
-    dev: torch.device
-    gen: torch.Generator
-    ts: TransferSet | None = None
-    temperature: float | None = None
-    alpha: float = 0.9
-    val: tuple[torch.Tensor, torch.Tensor] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    digest: dict[str, Any] = field(default_factory=dict)
+    val: tuple[torch.Tensor, torch.Tensor] | None
+    meta: dict[str, Any]
+    digest: dict[str, Any]
+
+    @property
+    def temperature(self) -> float | None:
+        return self.run.temperature
+
+    @property
+    def alpha(self) -> float:
+        return 0.9 if self.run.opts.alpha is None else self.run.opts.alpha
 
     @classmethod
     def check_options(cls, opts: TrainOptions) -> None:
@@ -174,7 +183,7 @@ class ExampleRows:
 
     @classmethod
     def open(cls, run: Run, net: nn.Module) -> ExampleRows:
-        opts, ts, data = run.opts, run.ts, run.data
+        opts, ts, data, world = run.opts, run.ts, run.data, run.world
         dataset = model_inputs(load_data(data) if isinstance(data, str) else data)
         if len(dataset) == 0:
             raise DataError("the dataset is empty: there is nothing to train on; check --data")
@@ -191,28 +200,25 @@ class ExampleRows:
                               "--transfer-set with --stream, or leave them out")
         where = (net, run.dev, select)
         if ts is None:
-            plan = hard_label_epochs(dataset, *where, opts.batch_size, run.gen, run.rank,
-                                     run.world)
+            plan = hard_label_epochs(dataset, *where, opts.batch_size, run.gen, run.rank, world)
         elif not stream:
             plan = in_memory_epochs(dataset, ts, *where, run.temperature, opts.views_per_epoch,
-                                    opts.batch_size, run.gen, run.rank, run.world,
+                                    opts.batch_size, run.gen, run.rank, world,
                                     trust_code=opts.trust_code)
         else:
             plan = streamed_epochs(dataset, ts, *where, run.temperature, opts.batch_size,
-                                   run.rank, run.world, workers=opts.loader_workers)
+                                   run.rank, world, workers=opts.loader_workers)
         batches, n_rows, n_batches = plan
         if n_rows == 0:
             raise DataError("the selection leaves no rows to train on; widen --fraction, "
                             "--classes or --indices")
-        refuse_zero_steps(n_batches, n_rows, run.world, streamed=bool(stream and ts is not None),
+        refuse_zero_steps(n_batches, n_rows, world, streamed=bool(stream and ts is not None),
                           blocks=None if ts is None else ts.num_blocks)
         val = (materialize(model_inputs(load_data(run.val_data) if isinstance(run.val_data, str)
                                         else run.val_data))
                if run.val_data is not None else None)
-        world = run.world
-        return cls(batches=batches, rows=n_rows, steps=n_batches, streamed=bool(stream),
-                   opts=opts, dev=run.dev, gen=run.gen, ts=ts, temperature=run.temperature,
-                   alpha=0.9 if opts.alpha is None else opts.alpha, val=val,
+        return cls(run=run, batches=batches, rows=n_rows, steps=n_batches,
+                   streamed=bool(stream), val=val,
                    meta={"world_size": world, "batch_size_is": "per rank",
                          "global_batch_size": opts.batch_size * world},
                    digest={"select": select, "jitter": opts.jitter_pixels,
@@ -228,13 +234,14 @@ class ExampleRows:
 
     def loss(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         """Hard-label CE without a set; Hinton KD against dense targets; sparse KD otherwise."""
-        x = jitter(batch[0], self.opts.jitter_pixels, self.gen).to(self.dev)
-        y, targets = batch[1].to(self.dev), [t.to(self.dev) for t in batch[2:]]
-        z, ts = net(x), self.ts
+        run = self.run
+        x = jitter(batch[0], run.opts.jitter_pixels, run.gen).to(run.dev)
+        y, targets = batch[1].to(run.dev), [t.to(run.dev) for t in batch[2:]]
+        z, ts = net(x), run.ts
         if ts is None:
             return F.cross_entropy(z, y, ignore_index=-1), len(x)
         if ts.sparse:
-            convention = target_convention(ts.sparse["kind"], self.opts.topk_loss)
+            convention = target_convention(ts.sparse["kind"], run.opts.topk_loss)
             return sparse_kd_loss(z, *targets, temperature=self.temperature, labels=y,
                                   alpha=self.alpha, convention=convention), len(x)
         return kd_loss_from_probs(z, targets[0], temperature=self.temperature, labels=y,
@@ -243,12 +250,12 @@ class ExampleRows:
     def score(self, net: nn.Module) -> dict[str, float]:
         if self.val is None:
             return {}
-        pred = predict(net, self.val[0], self.dev).argmax(-1)
+        pred = predict(net, self.val[0], self.run.dev).argmax(-1)
         known = self.val[1] >= 0
         return {"val_accuracy": float((pred[known] == self.val[1][known]).float().mean())}
 
     def optimizer(self, net: nn.Module, epochs: int) -> Stepper:
-        o = self.opts
+        o = self.run.opts
         if o.optimizer == "sgd":
             return Stepper(torch.optim.SGD(net.parameters(), lr=o.lr, momentum=0.9,
                                            weight_decay=o.weight_decay))
@@ -269,10 +276,6 @@ _NOT_FOR_SEQUENCES = (  # option, its default, flag, what to do instead
     ("loader_workers", 0, "--loader-workers", "drop it: sequence batches are cut in the main "
                                               "process"),
 )
-
-NOTHING_TO_DISTIL = ("nothing to distil: every position of the chosen sequences is masked out "
-                     "(mask 0 everywhere); choose sequences with positions to distil (mask 1), "
-                     "e.g. conversations with assistant turns for mask=assistant")
 
 SequenceBatchesType = SequenceBatches | StreamingSequenceBatches
 
@@ -427,57 +430,6 @@ class _Index:
 
     def rows(self, names: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         return {S.INDEX: self.index[np.searchsorted(self._starts, rows)]}
-
-
-def check_sequence_student(net: nn.Module, ids: torch.Tensor, classes: int | None, *,
-                           where: str, device: torch.device | str = "cpu") -> int:
-    """Refuse a student that does not map (B, L) token ids to (B, L, `classes`) logits (any C
-    when `classes` is None); `ids` (L,): a probe holding the data's largest token id. Returns
-    the student's C."""
-    x = ids[None].long()
-    was = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            z = net(x.to(device))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MismatchError(f"the student cannot take (B, L) token ids (ids up to "
-                            f"{int(ids.max())} here; {type(exc).__name__}: {first}); a sequence "
-                            "set trains a model mapping (B, L) token ids "
-                            f"to (B, L, C) logits: give --model such a model, or train an "
-                            "example model from an example set") from None
-    finally:
-        net.train(was)
-    shape = tuple(getattr(z, "shape", ()))
-    if len(shape) != 3 or shape[:2] != tuple(x.shape):
-        raise MismatchError(f"the student maps {tuple(x.shape)} token ids to {shape}, expected "
-                            f"(B, L, C) logits, one row per token; give --model a sequence "
-                            "model, or train this one from an example set")
-    if classes is not None and shape[2] != classes:
-        raise MismatchError(f"the student predicts {shape[2]} classes per token but {where}; "
-                            f"give the model {classes} outputs")
-    return int(shape[2])
-
-
-def check_masked_in(batches: SequenceBatches) -> None:
-    """Refuse a selection of sequences (in memory) whose mask is 0 at every position."""
-    mask = np.concatenate([[0], np.cumsum(batches.columns["mask"], dtype=np.int64)])
-    s = batches.sequences
-    if not (mask[batches.offsets[s + 1]] - mask[batches.offsets[s]]).any():
-        raise DataError(NOTHING_TO_DISTIL)
-
-
-def check_student_vocabulary(data: TokenSequences, classes: int) -> None:
-    """Refuse a student with fewer outputs than the data's next tokens (and labels) need; more
-    (a vocabulary larger than the ids this data holds) is fine."""
-    need = int(data.tokens.max()) + 1
-    if data.labels is not None and not data.next_token_labels:
-        need = max(need, int(data.labels.max()) + 1)
-    if classes < need:
-        raise MismatchError(f"the student predicts {classes} classes per token but the data "
-                            f"reaches id {need - 1}; give the model at least {need} outputs "
-                            "(its vocabulary)")
 
 
 def row_kind(name: str, data: str | Dataset, ts: TransferSet | None) -> str:

@@ -1,9 +1,9 @@
 """What an example student trains on, epoch by epoch (batches.ExampleRows; trainer.py runs
-the steps): a `Plan`
-per source of targets (hard labels; soft targets held in memory, or replayed views of a view
-set; soft targets streamed from whole checked blocks), each giving the epoch's batches, the
-rows trained on and the batches per epoch, shared across `torch.distributed` ranks; and the
-probe that refuses a student whose outputs do not fit the set (`check_outputs`)."""
+the steps): a `Plan` per source of targets (hard labels; soft targets held in memory, or
+replayed views of a view set; soft targets streamed from whole checked blocks), each giving
+the epoch's batches, the rows trained on and the batches per epoch, shared across
+`torch.distributed` ranks; the examples' inputs (`materialize`, `jitter`) and logits
+(`predict`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from softlabels.compute.views import replay
-from softlabels.errors import MismatchError, SoftlabelsError
+from softlabels.errors import SoftlabelsError
 from softlabels.format.reader import TransferSet
 from softlabels.format.selection import select_rows
 from softlabels.sources.arrays import check_labels, hashed_item, split_item
@@ -28,6 +28,7 @@ from softlabels.train.datasets import (
     selected_rows,
 )
 from softlabels.train.ranks import rank_share
+from softlabels.train.students import check_outputs
 
 
 def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
@@ -186,33 +187,3 @@ def streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torc
     return StreamedEpochs(stream, loader), len(rows), stream.steps_per_epoch(0)
 
 
-def check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
-                   y_all: torch.Tensor, *,
-                   sequence_hint: str = "trains from a sequence set: precompute one from "
-                                        "tokens:... DATA") -> None:
-    """Refuse a student whose output size differs from the set's (or the labels') classes;
-    `sequence_hint` ends the message when the student looks like a sequence model."""
-    with torch.no_grad():
-        was = net.training
-        net.eval()
-        sequence_model = any(isinstance(m, nn.Embedding) for m in net.modules())
-        hint = (f"; a sequence model (token ids in, (B, L, C) logits out) {sequence_hint}"
-                if sequence_model else "")
-        try:
-            z = net(x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MismatchError(f"the student cannot take the data's inputs shaped "
-                                f"{tuple(x.shape[1:])} ({first}); give it a matching input "
-                                f"size{hint}") from None
-        net.train(was)
-        if z.dim() != 2:
-            raise MismatchError(f"the student maps inputs shaped {tuple(x.shape[1:])} to "
-                                f"{tuple(z.shape[1:])} per example, expected (C,) logits; give "
-                                f"--model an example model{hint}")
-        c = int(z.shape[-1])
-    want = ts.num_classes if ts is not None else int(y_all.max()) + 1
-    if (ts is not None and c != want) or c < want:
-        source = f"{ts.path} has {want} classes" if ts is not None else f"labels reach {want - 1}"
-        raise MismatchError(f"the student predicts {c} classes but {source}; give the model "
-                            f"{want} outputs")
