@@ -60,8 +60,8 @@ from softlabels.options import (
               help="DataLoader worker processes reading a streamed set; the batches and their "
                    "order are the same for any number.")
 @click.option("--state-every", type=int, default=TrainOptions.state_every, show_default=True,
-              help="With a streamed set, also write OUT.state every N steps, so a killed run "
-                   "resumes mid-epoch (0: after each epoch only).")
+              help="With a streamed set (or any sequence set), also write OUT.state every N "
+                   "steps, so a killed run resumes mid-epoch (0: after each epoch only).")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 @click.option("--cache", "cache", default=None, metavar="DIR",
               help="Keep the chunks of a --transfer-set at a URL in DIR, so later epochs (and "
@@ -75,7 +75,8 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
     """Train a student from a transfer set's soft targets, or from hard labels without one.
 
     Rerunning the same command after a kill resumes after the last finished epoch (state in
-    OUT.state)."""
+    OUT.state, with the digests of --data and --indices: a rerun onto changed ones is
+    refused)."""
     from softlabels.format.chunk_cache import MAX_BYTES_ENV, parse_bytes
     from softlabels.format.location import CACHE_ENV
     from softlabels.train.trainer import train_student
