@@ -16,12 +16,17 @@ from conftest import CHUNK
 from softlabels.compute.examples import precompute
 from softlabels.errors import TransferSetError
 from softlabels.format.info import Member, SetInfo, SourceRecord
-from softlabels.format.layout import carried
+from softlabels.format.layout import FILE_KEYS, LAYOUT_KEYS, ROW_KINDS
 from softlabels.format.operations import convert, merge, subset
 from softlabels.format.reader import open_transfer_set
 from softlabels.sets.vllm import import_vllm
 from softlabels.sets.write_set import write_set
 from softlabels.teachers.models import build_model, save_checkpoint
+
+
+def carried(meta: dict[str, Any]) -> dict[str, Any]:
+    """The descriptive part of a set's metadata: all but the layout's keys and the file's."""
+    return {k: v for k, v in meta.items() if k not in (*LAYOUT_KEYS, *FILE_KEYS)}
 
 
 def canonical(value: Any) -> str:
@@ -156,3 +161,9 @@ def test_a_complete_set_records_its_fingerprint_and_a_view_set_its_augmentation(
     SetInfo.from_meta({**meta, "dataset": {"spec": "npz:x"}, "status": "writing"})
     with pytest.raises(TransferSetError, match="augment: a view set names"):
         SetInfo.from_meta({**meta, "augment": None})
+
+
+def test_one_row_strategy_per_kind() -> None:
+    from softlabels.format.rows import KINDS
+
+    assert tuple(KINDS) == ROW_KINDS
