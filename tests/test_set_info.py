@@ -167,3 +167,14 @@ def test_one_row_strategy_per_kind() -> None:
     from softlabels.format.rows import KINDS
 
     assert tuple(KINDS) == ROW_KINDS
+
+
+def test_report_names_where_a_set_came_from(sets: dict[str, Path], tmp_path: Path) -> None:
+    from softlabels.sets.report import transfer_set_report
+
+    transfer_set_report(sets["arrays"], tmp_path / "imported")
+    md = (tmp_path / "imported" / "summary.md").read_text()
+    assert "- imported (arrays)" in md and "`elsewhere` (`imported:elsewhere`)" in md
+    transfer_set_report(sets["merge"], tmp_path / "merged")
+    md = (tmp_path / "merged" / "summary.md").read_text()
+    assert md.count("- merged from") == 2 and "## Teacher (mean-logits)" in md

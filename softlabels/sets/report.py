@@ -156,5 +156,6 @@ def _provenance_lines(prov: Provenance | None) -> list[str]:
                          f"`{(src.fingerprint or '')[:16]}…`)")
     if prov.imported_from is not None:
         imported = prov.imported_from
-        lines.append(f"- imported from `{imported.path or imported.format}` ({imported.format})")
+        lines.append(f"- imported ({imported.format})"
+                     + (f" from `{imported.path}`" if imported.path else ""))
     return lines
