@@ -147,8 +147,7 @@ class _Record:
             where = f"{key}.{name}" if key else name
             if meta.get(name) is None:
                 if name in cls.REQUIRED:
-                    raise _Malformed(where, _REQUIRED_FORMS.get((cls.__name__, name), "a value"),
-                                     meta.get(name))
+                    parse(None, where)  # every parser refuses null, saying what is expected
                 if name in meta:
                     nulls.add(name)
                 continue
@@ -177,6 +176,7 @@ class WeightsFile(_Record):
 
     file: str | None = None
     sha256: str | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {"file": _str, "sha256": _str}
     EXPECTED: ClassVar[str] = '{"file", "sha256"}'
 
@@ -194,6 +194,7 @@ class Member(_Record):
     preprocess: dict[str, Any] | None = None
     weights_entry: str | None = None
     untrained: bool | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {
         "spec": _str, "sha256": _str, "source": _str, "weights_sha256": _records(WeightsFile),
         "preprocess": _object, "weights_entry": _str, "untrained": _bool}
@@ -213,6 +214,7 @@ class Targets(_Record):
 
     source: str | None = None
     exact_temperatures: tuple[float, ...] | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {"source": _str, "exact_temperatures": _numbers}
     EXPECTED: ClassVar[str] = '{"source", "exact_temperatures"?}'
 
@@ -227,6 +229,7 @@ class TeacherInfo(_Record):
     combine: str
     preprocess: dict[str, Any] | None = None
     targets: Targets | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {
         "members": _records(Member, least=1), "combine": _choice(S.COMBINE_CHOICES),
         "preprocess": _object, "targets": _record(Targets)}
@@ -246,6 +249,7 @@ class Skipped(_Record):
     index: int | None = None
     name: str | None = None
     reason: str | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {"index": _int, "name": _str, "reason": _str}
     EXPECTED: ClassVar[str] = '{"index", "name", "reason"}'
 
@@ -267,6 +271,7 @@ class DatasetInfo(_Record):
     chat: dict[str, Any] | None = None
     empty_documents: int | None = None
     windows: dict[str, Any] | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {
         "spec": _str, "length": _int, "probe": _str, "fingerprint": _str,
         "skipped": _records(Skipped), "tokenizer": _object, "documents": _int, "chat": _object,
@@ -284,6 +289,7 @@ class SourceRecord(_Record):
     fingerprint: str | None = None
     teacher: tuple[str, ...] | None = None
     identity: str | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {"path": _str, "fingerprint": _str,
                                           "teacher": _strings, "identity": _str}
     REQUIRED: ClassVar[tuple[str, ...]] = ("path",)
@@ -296,6 +302,7 @@ class ImportRecord(_Record):
 
     format: str | None = None
     path: str | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {"format": _str, "path": _str}
     REQUIRED: ClassVar[tuple[str, ...]] = ("format",)
     EXPECTED: ClassVar[str] = '{"format", "path"?, ...}'
@@ -310,6 +317,7 @@ class Provenance(_Record):
     merged_from: tuple[SourceRecord, ...] | None = None
     converted_from: SourceRecord | None = None
     imported_from: ImportRecord | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {
         "subset_of": _record(SourceRecord), "merged_from": _records(SourceRecord),
         "converted_from": _record(SourceRecord), "imported_from": _record(ImportRecord)}
@@ -334,6 +342,7 @@ class SetInfo(_Record):
     versions: dict[str, str] | None = None
     device: str | None = None
     precision: str | None = None
+
     PARSE: ClassVar[dict[str, Parser]] = {
         "teacher": _record(TeacherInfo), "dataset": _record(DatasetInfo),
         "num_examples": _positive, "class_names": _strings, "augment": _str,
@@ -369,12 +378,3 @@ class SetInfo(_Record):
         return self.replace(provenance=dataclasses.replace(earlier, **provenance),
                             nulls=self.nulls - {"provenance"})
 
-
-_REQUIRED_FORMS = {
-    ("SetInfo", "teacher"): TeacherInfo.EXPECTED, ("SetInfo", "dataset"): DatasetInfo.EXPECTED,
-    ("SetInfo", "num_examples"): "a positive integer",
-    ("Member", "spec"): "a string", ("Member", "sha256"): "a string",
-    ("TeacherInfo", "members"): "a list of " + Member.EXPECTED,
-    ("TeacherInfo", "combine"): f"one of {S.COMBINE_CHOICES}",
-    ("SourceRecord", "path"): "a string", ("ImportRecord", "format"): "a string",
-}

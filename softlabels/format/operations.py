@@ -23,7 +23,7 @@ from softlabels.format.copying import (
 )
 from softlabels.format.info import Provenance, TeacherInfo
 from softlabels.format.reader import TransferSet, open_transfer_set
-from softlabels.format.rows import KINDS, RowChoice
+from softlabels.format.rows import KINDS, RowChoice, RowKind
 from softlabels.progress import Progress
 from softlabels.tempering import combine_logits, ensemble_probs
 
@@ -74,9 +74,9 @@ def _rows_are(ts: TransferSet) -> dict[str, Any]:
             "view_seed": ts.info.view_seed}
 
 
-def _check_mergeable(sets: list[TransferSet]) -> None:
-    for ts in sets:
-        refusal = KINDS[ts.layout.kind].merge_refusal(ts)
+def _check_mergeable(sets: list[TransferSet], kinds: list[RowKind]) -> None:
+    for ts, kind in zip(sets, kinds):
+        refusal = kind.merge_refusal(ts)
         if refusal:
             raise SoftlabelsError(f"{ts.path} {refusal}")
     first = sets[0]
@@ -113,7 +113,8 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
     refuse_existing(out, early=True)
     sets = [open_transfer_set(s) for s in sources]
     try:
-        _check_mergeable(sets)
+        kinds = [KINDS[ts.layout.kind] for ts in sets]
+        _check_mergeable(sets, kinds)
         first = sets[0]
         members = tuple(m for ts in sets for m in ts.info.teacher.members)
         layout = dataclasses.replace(first.layout, num_members=len(members))
@@ -140,7 +141,7 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
             teacher=teacher, provenance=Provenance(merged_from=tuple(map(source_record, sets))),
             nulls=first.info.nulls - {"provenance"})
         return write_output(out, layout, info, arrays, progress,
-                            whole=KINDS[first.layout.kind].whole(first))
+                            whole=kinds[0].whole(first))
     finally:
         for ts in sets:
             ts.close()
