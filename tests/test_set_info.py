@@ -178,3 +178,14 @@ def test_report_names_where_a_set_came_from(sets: dict[str, Path], tmp_path: Pat
     transfer_set_report(sets["merge"], tmp_path / "merged")
     md = (tmp_path / "merged" / "summary.md").read_text()
     assert md.count("- merged from") == 2 and "## Teacher (mean-logits)" in md
+
+
+def test_keys_a_newer_writer_adds_are_kept(sets: dict[str, Path]) -> None:
+    with open_transfer_set(sets["single"]) as ts:
+        meta = dict(ts.meta)
+    meta["future"] = {"a": [1, 2]}
+    meta["teacher"] = {**meta["teacher"], "future": 1.5}
+    meta["dataset"] = {**meta["dataset"], "skipped": None}  # null, not absent
+    info = SetInfo.from_meta(meta)
+    assert info.extra == {"future": {"a": [1, 2]}} and info.teacher.extra == {"future": 1.5}
+    assert canonical(info.to_meta()) == canonical(carried(meta))
