@@ -33,9 +33,8 @@ Parser = Callable[[Any, str], Any]
 class _Malformed(ValueError):
     """A metadata value of the wrong form: `key` (a dotted path) and what was expected."""
 
-    def __init__(self, key: str, expected: str, found: Any = ...) -> None:
-        shown = "" if found is ... else f", found {_short(found)}"
-        super().__init__(f"{key}: expected {expected}{shown}")
+    def __init__(self, key: str, expected: str, found: Any) -> None:
+        super().__init__(f"{key}: expected {expected}, found {_short(found)}")
 
 
 def _short(value: Any) -> str:
