@@ -31,9 +31,8 @@ from torch.utils.data import Dataset
 from softlabels.errors import DataError, MismatchError, OptionError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet
-from softlabels.format.selection import read_indices
+from softlabels.format.selection import read_indices, select_sequences
 from softlabels.format.sequence import read_offsets
-from softlabels.format.sequence_ops import select_sequences
 from softlabels.options import TrainOptions
 from softlabels.sources.images import model_inputs
 from softlabels.sources.load import load_data
