@@ -145,7 +145,7 @@ def in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: tor
         return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
                 -(-(len(rows) // world) // batch_size))
     # a view set: each epoch replays stored views of the examples, not the examples
-    per_epoch = min(views_per_epoch, int(ts.meta["views"]))
+    per_epoch = min(views_per_epoch, ts.layout.views)
     n_rows = len(np.unique(examples)) * per_epoch
     return (lambda epoch: _view_batches(sds, cached.x, [pos, sds.labels, *targets], examples,
                                         per_epoch, batch_size,

@@ -115,7 +115,7 @@ def train_student(
         digest = run_digest({
             "data": name, "model": model,
             "transfer_set": None if ts is None else [
-                str(ts.path), ts.meta.get("created_at"), ts.meta["dataset"]["fingerprint"]],
+                str(ts.path), ts.info.created_at, ts.info.dataset.fingerprint],
             "temperature": rows.temperature, "alpha": rows.alpha, "batch_size": opts.batch_size,
             "lr": opts.lr, "optimizer": opts.optimizer, "weight_decay": opts.weight_decay,
             "seed": opts.seed, "stream": rows.streamed, "topk_loss": opts.topk_loss,
@@ -126,7 +126,7 @@ def train_student(
         if ts is not None:
             meta["transfer_set"] = {"path": str(ts.path), "temperature": rows.temperature,
                                     "alpha": rows.alpha,
-                                    "fingerprint": ts.meta["dataset"]["fingerprint"]}
+                                    "fingerprint": ts.info.dataset.fingerprint}
         keep = out is not None and resume
         inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
                                else None) if keep else None
