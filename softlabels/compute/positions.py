@@ -276,9 +276,11 @@ def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict
 
 
 class _WindowAssembler:
-    """Writer-thread side of one window: the rows' own columns, filled when it is made, and
-    each batch's targets scattered into the window's buffers; the pending blocks are written
-    once every batch is in."""
+    """The host side of one window: the rows' own columns, filled when it is made (before the
+    window's first batch, so a bad label stops the run before the teacher runs), and each
+    batch's targets scattered into the window's buffers on the writer thread; the pending
+    blocks are written once every batch is in. While one window is written the next is filled:
+    at most two windows' buffers are held."""
 
     def __init__(self, writer: TransferSetWriter | BlockWriter, dataset: TokenSequences,
                  unit: Unit) -> None:
