@@ -63,7 +63,7 @@ def test_misaligned_data_is_refused(made: tuple[str, Path], tmp_path: Path, edit
 
 
 def test_bad_temperature(made: tuple[str, Path]) -> None:
-    with pytest.raises(SoftlabelsError, match="temperature must be a positive"):
+    with pytest.raises(SoftlabelsError, match="temperature must be positive"):
         SoftTargetDataset(made[0], made[1], temperature=0)
 
 

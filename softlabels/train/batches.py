@@ -345,9 +345,9 @@ class SequenceRows:
         if ts is None:
             batches: SequenceBatchesType = SequenceBatches.from_tokens(dataset, **common)
         elif stream:
-            batches = StreamingSequenceBatches(ts, temperature=opts.temperature, **common)
+            batches = StreamingSequenceBatches(ts, temperature=run.temperature, **common)
         else:
-            batches = SequenceBatches(ts, temperature=opts.temperature, **common)
+            batches = SequenceBatches(ts, temperature=run.temperature, **common)
         if not stream:  # streamed: refused after a first epoch of no position
             check_masked_in(batches)
         val = None
@@ -358,8 +358,7 @@ class SequenceRows:
                                     "tokens:... held-out text for a sequence student")
             val = SequenceBatches.from_tokens(held, batch_size=opts.batch_size, shuffle=False,
                                               num_classes=classes)
-        temperature = (1.0 if ts is None else
-                       ts.temperatures[0] if opts.temperature is None else opts.temperature)
+        temperature = 1.0 if ts is None else run.temperature
         alpha = 0.0 if ts is None else 0.9 if opts.alpha is None else opts.alpha
         torch.manual_seed(opts.seed)  # the steps' random state starts at the seed
         return cls(batches=batches, dev=run.dev, temperature=temperature, alpha=alpha,

@@ -6,6 +6,7 @@ block is read checked (`TransferSet.read_block`)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,9 +24,11 @@ from softlabels.format.backends import backend_of
 from softlabels.format.location import is_url
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.selection import select_rows
+from softlabels.options import check_batch_size
 from softlabels.sources.arrays import example_hash, split_item
 from softlabels.sources.images import model_inputs
 from softlabels.sources.load import load_data
+from softlabels.tempering import check_temperature
 from softlabels.train.blocks import check_servable, load_checked
 from softlabels.train.epochs import WindowLoader, block_windows, rank_and_world
 from softlabels.train.stream_pieces import (
@@ -105,13 +108,6 @@ def selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
     return select_rows(labels, index=index, **select)
 
 
-def _check_temperature(temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature)
-            and temperature > 0):
-        raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
-    return float(temperature)
-
-
 class SoftTargetDataset(Dataset):
     """Items (input, label, soft target at `temperature`) for the selected `rows` of a set.
 
@@ -125,7 +121,7 @@ class SoftTargetDataset(Dataset):
                  seed: int = 0, max_memory: int = MAX_IN_MEMORY,
                  trust_code: bool = False) -> None:
         self.data, self.ts = _open(data, transfer_set)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature, at_most=math.inf)
         self.rows = np.arange(self.ts.num_rows) if rows is None else np.asarray(rows)
         need = self.ts.num_rows * self.ts.num_classes * 4
         if need > max_memory:
@@ -210,12 +206,11 @@ class SoftTargetBatches(IterableDataset):
         if ts.layout.views:
             raise SoftlabelsError(f"{ts.path} holds augmented views: streaming serves plain "
                                   "examples; use SoftTargetDataset")
-        if batch_size <= 0:
-            raise SoftlabelsError(f"batch_size must be positive, got {batch_size}")
+        check_batch_size(batch_size)
         if dtype not in SERVED_DTYPES:
             raise SoftlabelsError(f"dtype must be one of torch.float32, torch.float16, "
                                   f"torch.bfloat16; got {dtype}")
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature, at_most=math.inf)
         check_servable(ts, self.temperature)
         self.data, self.path, self.batch_size = dataset, str(ts.path), int(batch_size)
         self.num_rows, self.block_rows, self.dtype = ts.num_rows, ts.block_rows, dtype

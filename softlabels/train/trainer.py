@@ -25,9 +25,10 @@ from torch.utils.data import Dataset
 from softlabels.errors import DataError, SoftlabelsError, TrainingError
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.input_proof import input_digests
-from softlabels.options import TrainOptions, check_output_file, check_temperature
+from softlabels.options import TrainOptions, check_output_file
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_model, save_checkpoint
+from softlabels.tempering import check_temperature
 from softlabels.train.batches import KINDS, Rows, Run, SequenceRows, row_kind
 from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 from softlabels.train.ranks import finish_distributed, init_distributed, summed, wrap_ddp
@@ -96,10 +97,9 @@ def train_student(
         check_output_file(out, checkpoint=True)  # before any work, not after epochs
     own = transfer_set is not None and not isinstance(transfer_set, TransferSet)
     with (open_transfer_set(transfer_set) if own else contextlib.nullcontext(transfer_set)) as ts:
-        temperature = opts.temperature
-        if ts is not None:
-            temperature = check_temperature(ts.temperatures[0] if temperature is None
-                                            else temperature)
+        temperature = opts.temperature  # checked by TrainOptions
+        if ts is not None and temperature is None:  # the set's first, under the options' cap
+            temperature = check_temperature(ts.temperatures[0], "the set's first temperature")
         name = data if isinstance(data, str) else type(data).__name__
         kind = KINDS[row_kind(name, data, ts)]
         kind.check_options(opts)
