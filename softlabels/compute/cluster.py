@@ -26,7 +26,13 @@ import numpy as np
 
 from softlabels._version import __version__
 from softlabels.compute.blocks import KINDS
-from softlabels.compute.cluster_tasks import SHARED, check_worker, compute_blocks, set_token
+from softlabels.compute.cluster_tasks import (
+    SHARED,
+    Work,
+    check_worker,
+    compute_blocks,
+    set_token,
+)
 from softlabels.compute.record import PrecomputeResult, as_options
 from softlabels.compute.rows import RowKind, rows_of
 from softlabels.errors import OptionError, SoftlabelsError
@@ -39,7 +45,7 @@ from softlabels.format.location import Remote, is_url, timeout_s
 from softlabels.options import PrecomputeOptions, check_output_file
 from softlabels.progress import Progress
 from softlabels.sources.tokens import data_kind
-from softlabels.specs import Portable, portable_spec
+from softlabels.specs import portable_spec
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +148,7 @@ def precompute_on_cluster(
         raise SoftlabelsError("on a cluster, data and teachers must be specs (strings) that "
                               "each worker can load")
     if workers is not None and workers <= 0:
-        raise SoftlabelsError(f"--workers must be positive, got {workers}")
+        raise OptionError(f"--workers must be positive, got {workers}")
     if opts.skip_bad_images or opts.decode_device != "cpu":
         raise OptionError("--skip-bad-images and --decode-device run in a single process; "
                           "drop them, or drop --workers/--scheduler")
@@ -179,8 +185,10 @@ def precompute_on_cluster(
                     if refused:
                         raise _Unseen(refused)
                     submitted = True
-                    _submit(client, kind, layout, pending, target, specs, opts, token, expect,
-                            retries, progress, done)
+                    work = Work(data=specs[0].spec, teachers=tuple(s.spec for s in specs[1:]),
+                                opts=opts, token=token, expect=expect)
+                    _submit(client, kind, layout, pending, target, work, retries, progress,
+                            done)
         except _Unseen as unseen:
             raise SoftlabelsError(f"worker {unseen.worker} {unseen.lack}: {SHARED}; nothing "
                                   f"was computed, {_left_behind(target, fresh)}") from None
@@ -243,17 +251,11 @@ def _with_state(exc: SoftlabelsError, target: str, layout: Layout) -> Softlabels
 
 
 def _submit(client: Any, kind: RowKind, layout: Layout, pending: list[int], out: str,
-            specs: list[Portable], opts: PrecomputeOptions, token: str,
-            expect: tuple[str, tuple[str, ...]], retries: int, progress: Progress | None,
-            done: int) -> int:
+            work: Work, retries: int, progress: Progress | None, done: int) -> int:
     from dask.distributed import as_completed
 
-    views = (opts.views, opts.augment, opts.view_seed)
-    data, teachers = specs[0].spec, tuple(s.spec for s in specs[1:])
     # one task per unit: a block, or a window of blocks computed whole (a sequence set)
-    futures = {client.submit(compute_blocks, out, layout, unit.blocks, data, teachers,
-                             opts.device, opts.precision, opts.combine, opts.batch_size, views,
-                             opts.trust_code, token, expect, unit.window,
+    futures = {client.submit(compute_blocks, out, layout, unit, work,
                              key=f"softlabels-block-{unit.blocks[0]}", retries=retries,
                              pure=False): unit.blocks[0]
                for unit in kind.units(layout, pending, split=True)}
