@@ -63,31 +63,13 @@ from softlabels.train.plans import (
     streamed_epochs,
 )
 from softlabels.train.ranks import refuse_zero_steps
+from softlabels.train.run import Run
 from softlabels.train.students import (
     NOTHING_TO_DISTIL,
     check_masked_in,
     check_sequence_student,
     check_student_vocabulary,
 )
-
-
-@dataclass
-class Run:
-    """One training run's inputs, resolved once at the entry (`train_student`) and read by the
-    kind that cuts its rows."""
-
-    data: str | Dataset
-    name: str  # the DATA spec, or the dataset's type
-    opts: TrainOptions
-    ts: TransferSet | None
-    temperature: float | None  # checked; None without a set
-    indices: str | os.PathLike[str] | np.ndarray | None
-    val_data: str | Dataset | None
-    stream: bool | None
-    dev: torch.device
-    gen: torch.Generator
-    rank: int = 0
-    world: int = 1
 
 
 @dataclass
@@ -197,16 +179,12 @@ class ExampleRows:
         if (opts.loader_workers or opts.state_every) and not (stream and ts is not None):
             raise OptionError("--loader-workers and --state-every apply to a streamed set; pass "
                               "--transfer-set with --stream, or leave them out")
-        where = (net, run.dev, select)
         if ts is None:
-            plan = hard_label_epochs(dataset, *where, opts.batch_size, run.gen, run.rank, world)
+            plan = hard_label_epochs(run, dataset, net, select)
         elif not stream:
-            plan = in_memory_epochs(dataset, ts, *where, run.temperature, opts.views_per_epoch,
-                                    opts.batch_size, run.gen, run.rank, world,
-                                    trust_code=opts.trust_code)
+            plan = in_memory_epochs(run, dataset, net, select)
         else:
-            plan = streamed_epochs(dataset, ts, *where, run.temperature, opts.batch_size,
-                                   run.rank, world, workers=opts.loader_workers)
+            plan = streamed_epochs(run, dataset, net, select)
         batches, n_rows, n_batches = plan
         if n_rows == 0:
             raise DataError("the selection leaves no rows to train on; widen --fraction, "

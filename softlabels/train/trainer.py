@@ -29,7 +29,7 @@ from softlabels.options import TrainOptions, check_output_file
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_model, save_checkpoint
 from softlabels.tempering import check_temperature
-from softlabels.train.batches import KINDS, Rows, Run, SequenceRows, row_kind
+from softlabels.train.batches import KINDS, Rows, SequenceRows, row_kind
 from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 from softlabels.train.ranks import finish_distributed, init_distributed, summed, wrap_ddp
 from softlabels.train.record import Callback, TrainResult
@@ -42,6 +42,7 @@ from softlabels.train.resume import (
     save_state,
     steps_taken,
 )
+from softlabels.train.run import Run
 
 log = logging.getLogger(__name__)
 
