@@ -45,6 +45,8 @@ from softlabels.train.resume import (
 from softlabels.train.run import Run
 
 log = logging.getLogger(__name__)
+# train_sequence_model's defaults where they differ from TrainOptions'
+SEQUENCE_DEFAULTS: dict[str, Any] = {"epochs": 1, "lr": 3e-3, "temperature": 1.0, "alpha": 0.9}
 
 
 def train_student(
@@ -143,46 +145,47 @@ def train_student(
 def train_sequence_model(
     model: str | nn.Module,
     batches: SequenceBatches | StreamingSequenceBatches,
+    options: TrainOptions | None = None,
     *,
-    epochs: int = 1,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    temperature: float = 1.0,
-    alpha: float = 0.9,
-    topk_loss: str = "residual",
     clip: float = 1.0,
-    seed: int = 0,
-    device: str = "auto",
     out: str | os.PathLike[str] | None = None,
     callbacks: Sequence[Callback] = (),
     val: SequenceBatches | None = None,
     spec: str | None = None,
     meta: dict[str, Any] | None = None,
     state_digest: str | None = None,
+    **kwargs: Any,
 ) -> TrainResult:
     """`fit` a sequence model (a MODEL spec, or a module) on ready `batches` (`SequenceBatches`
     or `StreamingSequenceBatches`) with `sequence_kd_loss`: AdamW, cosine learning-rate decay,
-    gradients clipped to `clip` (`batches.SequenceRows`). With `val`, each epoch records the
-    held-out perplexity and token accuracy. A module saved to `out` needs the MODEL `spec` it
-    was built from; `meta` goes into the checkpoint. With `out` and `state_digest` (what
-    identifies the run, `resume.run_digest`), a rerun continues where a killed one stopped."""
-    if epochs <= 0 or lr <= 0:
-        raise SoftlabelsError(f"epochs and lr must be positive, got {epochs} and {lr}")
+    gradients clipped to `clip` (`batches.SequenceRows`). Options come as a `TrainOptions`, or
+    as its fields by keyword (epochs, lr, weight_decay, temperature, alpha, topk_loss, seed,
+    device; here epochs defaults to 1, lr to 3e-3, temperature to 1 and alpha to 0.9), checked
+    as `train_student` checks them. With `val`, each epoch records the held-out perplexity and
+    token accuracy. A module saved to `out` needs the MODEL `spec` it was built from; `meta`
+    goes into the checkpoint. With `out` and `state_digest` (what identifies the run,
+    `resume.run_digest`), a rerun continues where a killed one stopped."""
+    if options is not None and kwargs:
+        raise TypeError(f"pass a TrainOptions or keyword options, not both (got {sorted(kwargs)})")
+    opts = options if options is not None else TrainOptions(**{**SEQUENCE_DEFAULTS, **kwargs})
+    SequenceRows.check_options(opts)
+    temperature = 1.0 if opts.temperature is None else opts.temperature
+    alpha = 0.9 if opts.alpha is None else opts.alpha
     if out is not None and not isinstance(model, str) and spec is None:
         raise SoftlabelsError("a checkpoint rebuilds its model from a MODEL spec: pass the "
                               "model as a spec (e.g. python:package.module:factory) to save it")
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
+    dev = resolve_device(opts.device)
+    torch.manual_seed(opts.seed)
     if isinstance(model, str):
         net, spec = load_model(model)
     else:
         net, spec = model, spec or f"object:{type(model).__qualname__}"
     rows = SequenceRows(batches=batches, dev=dev, temperature=temperature, alpha=alpha,
-                        topk_loss=topk_loss, lr=lr, weight_decay=weight_decay, clip=clip,
-                        val=val)
-    return fit(net.to(dev), spec, rows, epochs=epochs, out=out, digest=state_digest, dev=dev,
-               gen=torch.Generator(), callbacks=callbacks, t0=t0,
+                        topk_loss=opts.topk_loss, lr=opts.lr, weight_decay=opts.weight_decay,
+                        clip=clip, val=val)
+    return fit(net.to(dev), spec, rows, epochs=opts.epochs, out=out, digest=state_digest,
+               dev=dev, gen=torch.Generator(), callbacks=callbacks, t0=t0,
                meta={**(meta or {}), "alpha": alpha, "temperature": temperature})
 
 
