@@ -79,6 +79,7 @@ def kd_loss(
     KL summed over classes, averaged over the batch; with `labels=None`, T^2 * KL alone.
     The paper found a considerably lower weight on the hard term best (alpha near 0.9).
     """
+    _check(temperature, alpha)
     teacher_probs = tempered_softmax(teacher_logits.detach(), temperature)
     return kd_loss_from_probs(student_logits, teacher_probs, temperature=temperature,
                               labels=labels, alpha=alpha)
