@@ -34,6 +34,7 @@ from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 from softlabels.train.ranks import finish_distributed, init_distributed, summed, wrap_ddp
 from softlabels.train.record import Callback, TrainResult
 from softlabels.train.resume import (
+    Keep,
     clear_state,
     load_state,
     mid_epoch,
@@ -130,13 +131,13 @@ def train_student(
             meta["transfer_set"] = {"path": str(ts.path), "temperature": rows.temperature,
                                     "alpha": rows.alpha,
                                     "fingerprint": ts.info.dataset.fingerprint}
-        keep = out is not None and resume
+        resumable = out is not None and resume
         inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
-                               else None) if keep else None
-        result = fit(net, spec, rows, epochs=opts.epochs, out=out,
-                     digest=digest if keep else None, inputs=inputs,
-                     state_every=opts.state_every, dev=dev, gen=run.gen, rank=rank,
-                     world=world, callbacks=callbacks, meta=meta, t0=t0)
+                               else None) if resumable else None
+        result = fit(net, spec, rows, epochs=opts.epochs, dev=dev, gen=run.gen,
+                     keep=Keep(out, digest if resumable else None, inputs, opts.state_every,
+                               meta),
+                     rank=rank, world=world, callbacks=callbacks, t0=t0)
     if opts.distributed:
         finish_distributed()
     return result
@@ -184,29 +185,28 @@ def train_sequence_model(
     rows = SequenceRows(batches=batches, dev=dev, temperature=temperature, alpha=alpha,
                         topk_loss=opts.topk_loss, lr=opts.lr, weight_decay=opts.weight_decay,
                         clip=clip, val=val)
-    return fit(net.to(dev), spec, rows, epochs=opts.epochs, out=out, digest=state_digest,
-               dev=dev, gen=torch.Generator(), callbacks=callbacks, t0=t0,
-               meta={**(meta or {}), "alpha": alpha, "temperature": temperature})
+    return fit(net.to(dev), spec, rows, epochs=opts.epochs, dev=dev, gen=torch.Generator(),
+               keep=Keep(out, state_digest, meta={**(meta or {}), "alpha": alpha,
+                                                  "temperature": temperature}),
+               callbacks=callbacks, t0=t0)
 
 
 def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device,
-        gen: torch.Generator, out: str | os.PathLike[str] | None = None,
-        digest: str | None = None, inputs: dict[str, Any] | None = None,
-        state_every: int = 0, rank: int = 0, world: int = 1,
-        callbacks: Sequence[Callback] = (), meta: dict[str, Any] | None = None,
-        t0: float | None = None) -> TrainResult:
+        gen: torch.Generator, keep: Keep, rank: int = 0, world: int = 1,
+        callbacks: Sequence[Callback] = (), t0: float | None = None) -> TrainResult:
     """The one training loop: `epochs` of `rows`' batches, one optimizer step each.
 
     Each epoch's record is {epoch, loss (the mean over its rows or positions), rows|positions,
-    steps (optimizer steps so far), held-out metrics}. With `out` and `digest`, the state goes
-    to `<out>.state` after each epoch and every `state_every` steps (rank 0), and a state of
-    the same run (digest; `inputs` digests unchanged, else refused) is resumed, mid-epoch where
-    it was saved so; the checkpoint at `out` carries `meta` and the history."""
+    steps (optimizer steps so far), held-out metrics}. With `keep.out` and `keep.digest`, the
+    state goes to `<out>.state` after each epoch and every `keep.state_every` steps (rank 0),
+    and a state of the same run (digest; `inputs` digests unchanged, else refused) is resumed,
+    mid-epoch where it was saved so; the checkpoint at `out` carries `keep.meta` and the
+    history."""
     t0 = time.perf_counter() if t0 is None else t0
     step_net = wrap_ddp(net, dev) if world > 1 else net
     stepper = rows.optimizer(net, epochs)
-    keep = out is not None and digest is not None
-    state = load_state(out, digest, inputs) if keep else None
+    out, digest, inputs, state_every = keep.out, keep.digest, keep.inputs, keep.state_every
+    state = load_state(out, digest, inputs) if keep.states else None
     history: list[dict[str, Any]] = []
     start = step = 0
     resume_at, (total, seen) = None, (0.0, 0)
@@ -231,8 +231,8 @@ def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device
             loss.backward()
             stepper.step(net)
             total, seen, step = total + value * n, seen + n, step + 1
-            if (state_every and (b + 1) % state_every == 0 and b + 1 < rows.steps and keep
-                    and rank == 0):
+            if (state_every and (b + 1) % state_every == 0 and b + 1 < rows.steps
+                    and keep.states and rank == 0):
                 save_state(out, digest=digest, epoch=epoch, history=history, model=net,
                            optimizer=stepper.opt, generator=gen, stream=rows.state_dict(),
                            partial=(total, seen), inputs=inputs, step=step)
@@ -244,7 +244,7 @@ def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device
         record = {"epoch": epoch + 1, "loss": total / seen, rows.unit: seen, "steps": step,
                   **rows.score(net)}
         history.append(record)
-        if keep and rank == 0:
+        if keep.states and rank == 0:
             save_state(out, digest=digest, epoch=epoch + 1, history=history, model=net,
                        optimizer=stepper.opt, generator=gen, inputs=inputs, step=step)
         for cb in callbacks:
@@ -252,7 +252,7 @@ def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device
     net = net.cpu().eval()
     _check_weights(net, epochs)
     if out is not None and rank == 0:
-        save_checkpoint(net, out, spec=spec, meta={**(meta or {}), "history": history,
+        save_checkpoint(net, out, spec=spec, meta={**keep.meta, "history": history,
                                                    "resumed_after_epoch": start})
         clear_state(out)
     return TrainResult(model=net, spec=spec, history=history, rows=rows.rows, unit=rows.unit,
