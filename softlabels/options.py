@@ -29,6 +29,10 @@ TOPK_CONVENTION_HELP = (
     "student's full softmax. zero pushes the student's mass outside the k classes to 0, and "
     "its loss is larger where the k classes hold less of the mass (high T).")
 
+MAX_TEACHER_BYTES_HELP = (
+    "Refuse a teacher whose parameters and buffers (all members together) take more than "
+    "SIZE, e.g. 8GB; measured on the meta device before anything is allocated "
+    "[default: the memory available].")
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 OPTIMIZER_CHOICES = ("adam", "sgd")
@@ -84,6 +88,27 @@ def _check_number(value: Any, what: str, *, low: float, high: float = math.inf,
     return v
 
 
+_BYTE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1024**2, "MB": 1000**2,
+               "MIB": 1024**2, "G": 1024**3, "GB": 1000**3, "GIB": 1024**3, "T": 1024**4,
+               "TB": 1000**4, "TIB": 1024**4}
+
+
+def parse_bytes(value: Any, what: str) -> int:
+    """A size in bytes: an integer, or a number with a unit (500MB, 8GiB, 8G = 8 GiB)."""
+    if isinstance(value, bool):
+        raise OptionError(f"{what} must be a size in bytes (e.g. 8GB), got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        number, unit = (_check_number(digits, what, low=0) if digits else -1.0), text[len(digits):]
+    if unit not in _BYTE_UNITS or number <= 0:
+        raise OptionError(f"{what} must be a positive size in bytes, e.g. 500MB, 8GB or "
+                          f"8000000000, got {value!r}")
+    return int(number * _BYTE_UNITS[unit])
+
+
 class _Options:
     def replace(self, **changes: Any) -> Any:
         """A copy with `changes`, checked again."""
@@ -137,6 +162,7 @@ class PrecomputeOptions(_Options):
     random_teacher: bool = False  # accept a teacher with no trained weights (init only)
     decode_device: str = "cpu"  # where image sources' JPEGs are decoded (cpu: in the workers)
     skip_bad_images: bool = False  # leave undecodable images out, listed in the set's metadata
+    max_teacher_bytes: int | str | None = None  # None: the memory available (teachers/size.py)
 
     def __post_init__(self) -> None:
         temps = self.temperatures
@@ -174,6 +200,9 @@ class PrecomputeOptions(_Options):
         if not isinstance(self.device, str) or not self.device:
             raise OptionError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         check_decode_device(self.decode_device)
+        if self.max_teacher_bytes is not None:
+            object.__setattr__(self, "max_teacher_bytes",
+                               parse_bytes(self.max_teacher_bytes, "--max-teacher-bytes"))
 
     def _check_hybrid(self) -> None:
         _check_int(self.tail, "--tail", minimum=0)
