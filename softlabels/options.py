@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from softlabels.errors import OptionError
+from softlabels.errors import OptionError, SoftlabelsError
+from softlabels.format.chunk_cache import parse_bytes as parse_size
 from softlabels.format.schema import COMBINE_CHOICES, DTYPE_CHOICES
 from softlabels.format.targets import QUANTIZE_CHOICES, Hybrid
 
@@ -31,7 +32,7 @@ TOPK_CONVENTION_HELP = (
 
 MAX_TEACHER_BYTES_HELP = (
     "Refuse a teacher whose parameters and buffers (all members together) take more than "
-    "SIZE, e.g. 8GB; measured on the meta device before anything is allocated "
+    "SIZE, e.g. 8G (binary units); measured on the meta device before anything is allocated "
     "[default: the memory available].")
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
@@ -88,25 +89,18 @@ def _check_number(value: Any, what: str, *, low: float, high: float = math.inf,
     return v
 
 
-_BYTE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1024**2, "MB": 1000**2,
-               "MIB": 1024**2, "G": 1024**3, "GB": 1000**3, "GIB": 1024**3, "T": 1024**4,
-               "TB": 1000**4, "TIB": 1024**4}
-
-
 def parse_bytes(value: Any, what: str) -> int:
-    """A size in bytes: an integer, or a number with a unit (500MB, 8GiB, 8G = 8 GiB)."""
-    if isinstance(value, bool):
-        raise OptionError(f"{what} must be a size in bytes (e.g. 8GB), got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        number, unit = float(value), ""
-    else:
-        text = str(value).strip().upper().replace(" ", "")
-        digits = text.rstrip("KMGTIB")
-        number, unit = (_check_number(digits, what, low=0) if digits else -1.0), text[len(digits):]
-    if unit not in _BYTE_UNITS or number <= 0:
-        raise OptionError(f"{what} must be a positive size in bytes, e.g. 500MB, 8GB or "
+    """A positive size in bytes: 8000000000, 512M, 8G, 1.5TiB (binary units, as the chunk
+    cache's `--cache-max-bytes`: one parser for every size)."""
+    text = "" if isinstance(value, bool) else str(value)
+    try:
+        size = parse_size(text)
+    except SoftlabelsError:
+        size = 0
+    if size <= 0:
+        raise OptionError(f"{what} must be a positive size in bytes, e.g. 500M, 8G or "
                           f"8000000000, got {value!r}")
-    return int(number * _BYTE_UNITS[unit])
+    return size
 
 
 class _Options:

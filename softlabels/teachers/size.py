@@ -68,8 +68,8 @@ def skeleton_bytes(build: Callable[[], nn.Module]) -> int | None:
 
 
 def human(n: int) -> str:
-    """Bytes for a message: 3.6 GB, 512 MB, 12 KB."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    """Bytes for a message, in the binary units `--max-teacher-bytes` takes: 3.6 TiB, 12.0 KiB."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
