@@ -103,6 +103,24 @@ def parse_bytes(value: Any, what: str) -> int:
     return size
 
 
+# Class ids are stored as int32 (`topk/indices`, token ids), so no set has more classes.
+MAX_CLASSES = 2**31 - 1
+# Rows of one chunk or shard: a chunk is about 1 MiB by design, and at this many rows even the
+# 8-byte columns (labels, index, sample hashes) take 128 MiB a chunk; past it, a typo such as
+# --chunk-rows 1000000000000 allocated terabytes before any check.
+MAX_CHUNK_ROWS = 2**24
+
+
+def check_num_classes(value: Any, what: str, *, above: int = 1) -> int:
+    """A class count: a whole number in (above, MAX_CLASSES], checked before any layout."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
+            above < value <= MAX_CLASSES):
+        raise OptionError(f"{what} must be a whole number in [{above + 1}, {MAX_CLASSES}] "
+                          f"(class ids are stored as int32), got {value!r}; pass the "
+                          "teacher's number of classes")
+    return int(value)
+
+
 class _Options:
     def replace(self, **changes: Any) -> Any:
         """A copy with `changes`, checked again."""
@@ -179,6 +197,12 @@ class PrecomputeOptions(_Options):
             _check_int(getattr(self, name), f"--{name.replace('_', '-')}", minimum=0)
         if self.shard_rows is not None:
             _check_int(self.shard_rows, "--shard-rows", minimum=1)
+        for name in ("chunk_rows", "shard_rows"):
+            if (getattr(self, name) or 0) > MAX_CHUNK_ROWS:
+                raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)} is past "
+                                  f"{MAX_CHUNK_ROWS} rows, where one chunk of each column "
+                                  "would be allocated whole; leave it out (about 1 MiB a "
+                                  "chunk) or give a smaller number")
         if self.topk and self.sample_k:
             raise OptionError("--topk and --sample-k are two sparse layouts: choose one, not both")
         self._check_hybrid()

@@ -39,7 +39,7 @@ from softlabels.errors import DataError, OptionError
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
 from softlabels.format.writer import TransferSetWriter
-from softlabels.options import check_choice, check_temperature
+from softlabels.options import check_choice, check_num_classes, check_temperature
 from softlabels.progress import Progress
 from softlabels.sets.sequence_import import MASS_TOLERANCE
 from softlabels.sources.arrays import (
@@ -162,6 +162,9 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
     if z is not None:
         _shape(z, (None, None), "logits", "f")
         rows, c, k = z.shape[0], z.shape[1], 0
+        if num_classes is not None and num_classes != c:
+            raise OptionError(f"--num-classes {num_classes} but the logits have {c} columns; "
+                              "drop --num-classes (dense logits give the classes)")
     else:
         _shape(idx, (None, None), "topk indices", "iu")
         rows, k = idx.shape
@@ -174,7 +177,7 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
                               "logsumexp of every temperature")
         if num_classes is None:
             raise OptionError("top-k arrays need --num-classes (the teacher's C)")
-        c = num_classes
+        c = check_num_classes(num_classes, "--num-classes", above=k)
     index = (np.arange(rows, dtype=np.int64) if index is None else
              np.asarray(_array(index, "index")))
     _shape(index, (rows,), "index", "iu")
