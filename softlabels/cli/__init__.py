@@ -5,6 +5,7 @@ Library errors become one-line messages here, in one place (`_Group.main`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -62,8 +63,12 @@ class _Group(click.Group):
             sys.exit(1)
         except OSError as exc:  # the filesystem refused: a path under a file, read-only, ...
             where = f" {exc.filename}" if exc.filename else ""
-            _error(f"cannot use{where}: {exc.strerror or exc}; check the path and its "
-                   "permissions")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                _error(f"cannot write{where}: {exc.strerror or exc}; free space on that disk "
+                       "(or raise the quota), or write elsewhere")
+            else:
+                _error(f"cannot use{where}: {exc.strerror or exc}; check the path and its "
+                       "permissions")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
