@@ -42,7 +42,49 @@ _EXPORTS: dict[str, str] = {
     "train_student": "softlabels.train.trainer",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "DataError",
+    "IncompleteTransferSetError",
+    "IntegrityError",
+    "MismatchError",
+    "OptionError",
+    "PrecomputeOptions",
+    "PrecomputeResult",
+    "SoftTargetBatches",
+    "SoftTargetDataset",
+    "SoftlabelsError",
+    "SpecError",
+    "StreamingSoftTargetDataset",
+    "TeacherOutputError",
+    "TrainOptions",
+    "TrainResult",
+    "TrainingError",
+    "TransferSet",
+    "TransferSetError",
+    "UntrustedCodeError",
+    "WriterBusyError",
+    "VerifyReport",
+    "__version__",
+    "build_model",
+    "convert",
+    "evaluate",
+    "kd_loss",
+    "kd_loss_from_probs",
+    "load_checkpoint",
+    "load_data",
+    "load_model",
+    "logit_matching_loss",
+    "merge",
+    "open_transfer_set",
+    "precompute",
+    "precompute_on_cluster",
+    "save_checkpoint",
+    "sparse_kd_loss",
+    "subset",
+    "train_student",
+    "verify",
+    "write_set",
+]  # each name but __version__ is imported from _EXPORTS[name] on first use
 
 
 def __getattr__(name: str) -> Any:
@@ -89,6 +131,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         SoftTargetDataset,
         StreamingSoftTargetDataset,
     )
-    from softlabels.train.losses import kd_loss, kd_loss_from_probs, logit_matching_loss, sparse_kd_loss
+    from softlabels.train.losses import (
+        kd_loss,
+        kd_loss_from_probs,
+        logit_matching_loss,
+        sparse_kd_loss,
+    )
     from softlabels.train.record import TrainResult
     from softlabels.train.trainer import train_student

@@ -65,10 +65,11 @@ def test_the_package_root_does_not_import_torch() -> None:
                          text=True, timeout=120, check=True).stdout.split()
     assert out[0] == "False"
     # the public names still resolve, on first use
-    code = "import softlabels; print(softlabels.precompute.__module__, 'kd_loss' in dir(softlabels))"
+    code = ("import softlabels; print(softlabels.precompute.__module__, 'kd_loss' in "
+            "dir(softlabels), set(softlabels.__all__) == {*softlabels._EXPORTS, '__version__'})")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
                          text=True, timeout=120, check=True).stdout.split()
-    assert out == ["softlabels.compute.examples", "True"]
+    assert out == ["softlabels.compute.examples", "True", "True"]
 
 
 def test_ctrl_c_inside_a_command_is_one_line_and_130() -> None:

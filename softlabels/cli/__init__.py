@@ -16,7 +16,6 @@ import click
 from softlabels.errors import SoftlabelsError
 from softlabels.redact import RedactingFilter, redact
 
-
 INTERRUPTED = 130  # the shells' status for a process ended by SIGINT (128 + 2)
 
 

@@ -36,8 +36,8 @@ from torch.utils.data import Dataset
 
 from softlabels.compute.record import dataset_probe, versions
 from softlabels.errors import DataError, MismatchError, OptionError, SoftlabelsError
-from softlabels.format.backends import open_store
 from softlabels.format import schema as S
+from softlabels.format.backends import open_store
 from softlabels.format.layout import Layout
 from softlabels.format.writer import TransferSetWriter
 from softlabels.options import check_choice, check_num_classes, check_temperature
