@@ -70,3 +70,26 @@ def test_class_counts() -> None:
     with pytest.raises(OptionError):
         check_num_classes(5, "C", above=5)  # top-k of 5 needs more than 5 classes
     assert PrecomputeOptions(chunk_rows=1 << 24).chunk_rows == 1 << 24
+
+
+def test_an_npz_whose_header_claims_more_than_it_stores_is_refused(tmp_path: Path) -> None:
+    # before: numpy allocated the claim first: "Unable to allocate 58.2 TiB" (a traceback)
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                        "shape": (10**12, 16)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:
+        z.writestr("x.npy", header.getvalue() + b"\0" * 1024)
+    result = CliRunner().invoke(cli, ["precompute", "--data", f"npz:{tmp_path / 'bomb.npz'}",
+                                      "--teacher", "mlp:16-3", "--random-teacher", "--out",
+                                      str(tmp_path / "p.zarr")])
+    _one_line(result, "claims shape (1000000000000, 16)", "stores 1024 bytes",
+              "nothing was allocated")
+    np.savez_compressed(tmp_path / "ok.npz", x=np.zeros((40, 16), np.float32))  # compressed
+    from softlabels.sources.arrays import NpzDataset
+
+    assert len(NpzDataset(tmp_path / "ok.npz")) == 40
