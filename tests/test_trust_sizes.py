@@ -93,3 +93,21 @@ def test_an_npz_whose_header_claims_more_than_it_stores_is_refused(tmp_path: Pat
     from softlabels.sources.arrays import NpzDataset
 
     assert len(NpzDataset(tmp_path / "ok.npz")) == 40
+
+
+def test_an_index_file_claiming_terabytes_is_one_line(tmp_path: Path) -> None:
+    # before: "numpy._core._exceptions._ArrayMemoryError: Unable to allocate 7.28 TiB" (traceback)
+    from numpy.lib import format as npy
+
+    data = make_npz(tmp_path / "d.npz", n=30)
+    assert CliRunner().invoke(cli, ["precompute", "--data", data, "--teacher", "mlp:16-3",
+                                    "--random-teacher", "--out", str(tmp_path / "a.zarr")]
+                              ).exit_code == 0
+    with open(tmp_path / "forged.npy", "wb") as f:
+        npy.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False,
+                                       "shape": (10**15,)})
+        f.write(b"\0" * 80)
+    result = CliRunner().invoke(cli, ["subset", str(tmp_path / "a.zarr"), "--out",
+                                      str(tmp_path / "s.zarr"), "--indices",
+                                      str(tmp_path / "forged.npy")])
+    _one_line(result, "cannot read indices from", "forged.npy")
