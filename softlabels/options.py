@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from softlabels.errors import OptionError
+from softlabels.errors import OptionError, SoftlabelsError
+from softlabels.format.chunk_cache import parse_bytes as parse_size
 from softlabels.format.schema import COMBINE_CHOICES, DTYPE_CHOICES
 from softlabels.format.targets import QUANTIZE_CHOICES, Hybrid
 from softlabels.tempering import check_temperature
@@ -30,6 +31,10 @@ TOPK_CONVENTION_HELP = (
     "student's full softmax. zero pushes the student's mass outside the k classes to 0, and "
     "its loss is larger where the k classes hold less of the mass (high T).")
 
+MAX_TEACHER_BYTES_HELP = (
+    "Refuse a teacher whose parameters and buffers (all members together) take more than "
+    "SIZE, e.g. 8G (binary units); measured on the meta device before anything is allocated "
+    "[default: the memory available].")
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 OPTIMIZER_CHOICES = ("adam", "sgd")
@@ -74,6 +79,38 @@ def check_alpha(value: Any) -> float:
 def check_batch_size(value: Any) -> int:
     """The one batch-size check: a positive integer."""
     return _check_int(value, "batch size", minimum=1)
+
+
+def parse_bytes(value: Any, what: str) -> int:
+    """A positive size in bytes: 8000000000, 512M, 8G, 1.5TiB (binary units, as the chunk
+    cache's `--cache-max-bytes`: one parser for every size)."""
+    text = "" if isinstance(value, bool) else str(value)
+    try:
+        size = parse_size(text)
+    except SoftlabelsError:
+        size = 0
+    if size <= 0:
+        raise OptionError(f"{what} must be a positive size in bytes, e.g. 500M, 8G or "
+                          f"8000000000, got {value!r}")
+    return size
+
+
+# Class ids are stored as int32 (`topk/indices`, token ids), so no set has more classes.
+MAX_CLASSES = 2**31 - 1
+# Rows of one chunk or shard: a chunk is about 1 MiB by design, and at this many rows even the
+# 8-byte columns (labels, index, sample hashes) take 128 MiB a chunk; past it, a typo such as
+# --chunk-rows 1000000000000 allocated terabytes before any check.
+MAX_CHUNK_ROWS = 2**24
+
+
+def check_num_classes(value: Any, what: str, *, above: int = 1) -> int:
+    """A class count: a whole number in (above, MAX_CLASSES], checked before any layout."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
+            above < value <= MAX_CLASSES):
+        raise OptionError(f"{what} must be a whole number in [{above + 1}, {MAX_CLASSES}] "
+                          f"(class ids are stored as int32), got {value!r}; pass the "
+                          "teacher's number of classes")
+    return int(value)
 
 
 class _Options:
@@ -129,6 +166,7 @@ class PrecomputeOptions(_Options):
     random_teacher: bool = False  # accept a teacher with no trained weights (init only)
     decode_device: str = "cpu"  # where image sources' JPEGs are decoded (cpu: in the workers)
     skip_bad_images: bool = False  # leave undecodable images out, listed in the set's metadata
+    max_teacher_bytes: int | str | None = None  # None: the memory available (teachers/size.py)
 
     def __post_init__(self) -> None:
         temps = self.temperatures
@@ -151,6 +189,12 @@ class PrecomputeOptions(_Options):
             _check_int(getattr(self, name), f"--{name.replace('_', '-')}", minimum=0)
         if self.shard_rows is not None:
             _check_int(self.shard_rows, "--shard-rows", minimum=1)
+        for name in ("chunk_rows", "shard_rows"):
+            if (getattr(self, name) or 0) > MAX_CHUNK_ROWS:
+                raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)} is past "
+                                  f"{MAX_CHUNK_ROWS} rows, where one chunk of each column "
+                                  "would be allocated whole; leave it out (about 1 MiB a "
+                                  "chunk) or give a smaller number")
         if self.topk and self.sample_k:
             raise OptionError("--topk and --sample-k are two sparse layouts: choose one, not both")
         self._check_hybrid()
@@ -166,6 +210,9 @@ class PrecomputeOptions(_Options):
         if not isinstance(self.device, str) or not self.device:
             raise OptionError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         check_decode_device(self.decode_device)
+        if self.max_teacher_bytes is not None:
+            object.__setattr__(self, "max_teacher_bytes",
+                               parse_bytes(self.max_teacher_bytes, "--max-teacher-bytes"))
 
     def _check_hybrid(self) -> None:
         _check_int(self.tail, "--tail", minimum=0)

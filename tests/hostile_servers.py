@@ -56,8 +56,12 @@ def serve_folder(root: Path) -> Iterator[str]:
 
 @contextmanager
 def hostile(kind: str, every: float = 0.5) -> Iterator[str]:
-    """127.0.0.1:PORT where `kind` is 'silent' (accepts, reads, never answers) or 'trickle'
-    (a valid 200 header promising 10 MB, then one byte every `every` seconds)."""
+    """127.0.0.1:PORT where `kind` is 'silent' (accepts, reads, never answers), 'trickle'
+    (a valid 200 header promising 100 KB, under any size bound, then one byte every `every`
+    seconds), 'flood' (a 200 header promising 100 GB, then bytes as fast as it can),
+    'endless' (the same without a length: a chunked body that never ends) or 'slow-body'
+    (HEAD: 404; GET: a 'trickle', so that an object store's client gets past its existence
+    checks to a body)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -66,9 +70,22 @@ def hostile(kind: str, every: float = 0.5) -> Iterator[str]:
 
     def talk(conn: socket.socket) -> None:
         try:
-            conn.recv(65536)
-            if kind == "trickle":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n")
+            request = conn.recv(65536)
+            if kind == "slow-body" and request.startswith(b"HEAD"):
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+                conn.close()
+                return
+            if kind in ("flood", "endless"):
+                length = (b"Content-Length: 100000000000" if kind == "flood"
+                          else b"Transfer-Encoding: chunked")
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + length + b"\r\n\r\n")
+                block = b"{" * 65536
+                piece = block if kind == "flood" else b"10000\r\n" + block + b"\r\n"
+                while not stop.is_set():
+                    conn.sendall(piece)
+            elif kind in ("trickle", "slow-body"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
                 while not stop.is_set():
                     conn.sendall(b"{")
                     time.sleep(every)

@@ -5,6 +5,7 @@ Library errors become one-line messages here, in one place (`_Group.main`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -15,9 +16,22 @@ import click
 from softlabels.errors import SoftlabelsError
 from softlabels.redact import RedactingFilter, redact
 
+INTERRUPTED = 130  # the shells' status for a process ended by SIGINT (128 + 2)
+
+
+class _Interrupted(Exception):
+    """Ctrl-C inside a command (click would otherwise call it "Aborted!")."""
+
 
 class _Group(click.Group):
-    """A group whose every error, click's or the library's, ends in one line and exit 1/2."""
+    """A group whose every error, click's or the library's, ends in one line and exit 1/2;
+    Ctrl-C ends in the line "interrupted" and status 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted() from exc
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: Any = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -25,7 +39,11 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             code = super().main(args, prog_name or "softlabels", complete_var, False, **extra)
-        except click.exceptions.Abort:
+        except _Interrupted:
+            _interrupted()
+        except click.exceptions.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):  # while click parsed the options
+                _interrupted()
             _error("aborted")
             sys.exit(1)
         except click.UsageError as exc:
@@ -44,10 +62,19 @@ class _Group(click.Group):
             sys.exit(1)
         except OSError as exc:  # the filesystem refused: a path under a file, read-only, ...
             where = f" {exc.filename}" if exc.filename else ""
-            _error(f"cannot use{where}: {exc.strerror or exc}; check the path and its "
-                   "permissions")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                _error(f"cannot write{where}: {exc.strerror or exc}; free space on that disk "
+                       "(or raise the quota), or write elsewhere")
+            else:
+                _error(f"cannot use{where}: {exc.strerror or exc}; check the path and its "
+                       "permissions")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted() -> None:
+    click.echo("interrupted", err=True)
+    sys.exit(INTERRUPTED)
 
 
 def _error(message: str) -> None:
@@ -74,7 +101,12 @@ def cli(verbose: bool, timeout: float | None) -> None:
 
 
 def main() -> None:
-    cli()
+    """The console entry point (see softlabels/__main__.py for the one that also covers
+    Ctrl-C while the commands are being imported)."""
+    try:
+        cli()
+    except KeyboardInterrupt:  # outside click's own handling, e.g. while it exits
+        _interrupted()
 
 
 

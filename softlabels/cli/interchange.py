@@ -35,6 +35,8 @@ def export_cmd(transfer_set: str, to: str, out: str, temperature: float, topk: i
     if as_json:
         echo_json(summary)
         return
+    if summary.get("already_complete"):
+        return echo(f"{out} is already complete ({summary['positions']} positions); nothing to do")
     echo(f"exported {summary['sequences']} sequences ({summary['positions']} positions, "
          f"{summary['kind']}, K = {summary['k']}, T = {summary['temperature']:g}) to "
          f"{summary['path']} ({to})")

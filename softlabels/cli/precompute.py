@@ -6,7 +6,7 @@ import click
 
 from softlabels.cli._common import TRUST_CODE_HELP, FloatList, echo, progress_bar
 from softlabels.format.schema import COMBINE_CHOICES, DTYPE_CHOICES
-from softlabels.options import PRECISION_CHOICES, PrecomputeOptions
+from softlabels.options import MAX_TEACHER_BYTES_HELP, PRECISION_CHOICES, PrecomputeOptions
 
 
 @click.command()
@@ -66,6 +66,7 @@ from softlabels.options import PRECISION_CHOICES, PrecomputeOptions
               help="Spread blocks over a local Dask cluster of N single-threaded processes.")
 @click.option("--scheduler", default=None, help="Use the running Dask cluster at ADDRESS.")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+@click.option("--max-teacher-bytes", default=None, metavar="SIZE", help=MAX_TEACHER_BYTES_HELP)
 @click.option("--random-teacher", is_flag=True,
               help="Accept a teacher with no trained weights (an architecture spec without a "
                    "weights file); otherwise refused, its targets being noise.")

@@ -20,6 +20,7 @@ from softlabels.format.info import DatasetInfo, Member, SetInfo
 from softlabels.format.layout import Layout
 from softlabels.format.schema import COMBINE_CHOICES
 from softlabels.format.statistics import set_statistics
+from softlabels.options import MAX_TEACHER_BYTES_HELP, parse_bytes
 from softlabels.preprocessing import describe
 
 
@@ -122,15 +123,18 @@ def _size_line(layout: Layout, num_examples: int) -> str:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
+@click.option("--max-teacher-bytes", default=None, metavar="SIZE", help=MAX_TEACHER_BYTES_HELP)
 def verify(transfer_set: str, data: str | None, teachers: tuple[str, ...], sample: int,
            seed: int, tolerance: float | None, device: str, as_json: bool,
-           trust_code: bool) -> None:
+           trust_code: bool, max_teacher_bytes: str | None) -> None:
     """Check a transfer set: status, shapes, values, fingerprint, and optionally data/teacher."""
     from softlabels.sets.verify import verify as run
 
+    bound = parse_bytes(max_teacher_bytes, "--max-teacher-bytes") if max_teacher_bytes else None
     with progress_bar("verify") as bar:
         report = run(transfer_set, data=data, teachers=list(teachers), sample=sample, seed=seed,
-                     tolerance=tolerance, device=device, progress=bar, trust_code=trust_code)
+                     tolerance=tolerance, device=device, progress=bar, trust_code=trust_code,
+                     max_teacher_bytes=bound)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -58,7 +58,8 @@ class ExampleRows:
         if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
             dataset = keep_decodable(dataset, opts.num_workers)
         teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
-                          combine=opts.combine, trust_code=opts.trust_code)
+                          combine=opts.combine, trust_code=opts.trust_code,
+                          max_bytes=opts.max_teacher_bytes)
         teacher.refuse_untrained(opts.random_teacher)
         names = class_names(dataset) or teacher.class_names()
         dataset, applied = teacher_inputs(dataset, teacher.preprocess())

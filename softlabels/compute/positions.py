@@ -74,7 +74,8 @@ class PositionRows:
                                   "text:PATH DATA spec")
         check_something_to_distil(dataset)
         teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
-                          combine=opts.combine, trust_code=opts.trust_code)
+                          combine=opts.combine, trust_code=opts.trust_code,
+                          max_bytes=opts.max_teacher_bytes)
         teacher.refuse_untrained(opts.random_teacher)
         check_fits_teacher(dataset, teacher)  # before the first batch, and before any writing
         num_classes = _num_classes(teacher, dataset)

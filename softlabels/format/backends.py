@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
     p = Path(path)
     if mode != "w" and not p.exists():
         raise TransferSetError(f"no transfer set at {p}: the path does not exist")
+    if mode == "r":  # a reader: say what the path is (writers have their own refusals)
+        refuse_what_is_not_a_set(p, backend or backend_of(p))
     if (backend or backend_of(p)) == "hdf5":
         return HDF5Store(p, mode)
     if mode != "w" and p.is_dir() and not (p / "zarr.json").exists():
@@ -51,6 +54,50 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
         raise TransferSetError(f"{p} is not a readable Zarr group: its metadata is damaged "
                                f"({str(exc).splitlines()[0]}); restore the set from its "
                                "source, or make it again with `softlabels precompute`") from None
+
+
+_WHAT_A_SET_IS = ("a transfer set is a DIR.zarr folder, a FILE.zarr.zip or a FILE.h5; give the "
+                  "path of one, or make one with `softlabels precompute`")
+
+
+def refuse_what_is_not_a_set(p: Path, backend: str) -> None:
+    """Say what `p` is when it cannot be a transfer set of `backend` (a random file, an empty
+    folder, a zip or HDF5 file of something else), rather than "its metadata is damaged"."""
+    if backend == "hdf5":
+        if p.is_file() and not _is_hdf5(p):
+            raise TransferSetError(f"{p} is not an HDF5 file (no HDF5 signature), so not a "
+                                   f"transfer set (or one damaged from its first byte); "
+                                   f"{_WHAT_A_SET_IS}")
+        return
+    if p.is_dir():
+        if not (p / "zarr.json").exists():
+            what = "an empty folder" if not any(p.iterdir()) else "a folder without zarr.json"
+            raise TransferSetError(f"{p} is {what}, not a transfer set; {_WHAT_A_SET_IS}")
+        return
+    if backend == "zarr-zip":
+        if not zipfile.is_zipfile(p):
+            raise TransferSetError(f"{p} is not a zip file, so not a zip-packed transfer set; "
+                                   f"{_WHAT_A_SET_IS}")
+        with zipfile.ZipFile(p) as z:
+            if "zarr.json" not in z.namelist():
+                raise TransferSetError(f"{p} is a zip file without zarr.json at its root, not "
+                                       f"a transfer set; {_WHAT_A_SET_IS}")
+        return
+    kind = "a zip file" if zipfile.is_zipfile(p) else "an HDF5 file" if _is_hdf5(p) else "a file"
+    raise TransferSetError(f"{p} is {kind}, not a transfer set; {_WHAT_A_SET_IS}")
+
+
+def _is_hdf5(p: Path) -> bool:
+    """Whether `p` starts with the HDF5 signature at one of the offsets HDF5 allows."""
+    try:
+        with open(p, "rb") as f:
+            for offset in (0, 512, 1024, 2048, 4096):
+                f.seek(offset)
+                if f.read(8) == b"\x89HDF\r\n\x1a\n":
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 def _open_remote(remote: Remote, mode: Mode, *, backend: str | None,

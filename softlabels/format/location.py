@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from softlabels.errors import SoftlabelsError, TransferSetError
+from softlabels.format.remote_reads import bound_reads
 from softlabels.redact import redact
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ class Remote:
             self.probe()
             import fsspec
 
-            self._fs = bound_retries(fsspec.filesystem(self.protocol, **self._options()))
+            self._fs = bound_reads(bound_retries(fsspec.filesystem(self.protocol,
+                                                                   **self._options())),
+                                   timeout_s)
         return self._fs
 
     def endpoint(self) -> tuple[str, int] | None:
@@ -251,7 +254,7 @@ class Remote:
 
         remote = FsspecStore.from_url(self.url, storage_options=self._options() or None,
                                       read_only=read_only)
-        bound_retries(remote.fs)
+        bound_reads(bound_retries(remote.fs), timeout_s)  # sizes and whole-request deadlines
         if cache is None or not read_only:
             return remote
         from softlabels.format.chunk_cache import bounded_cache_store, prepare

@@ -21,7 +21,7 @@ def read_indices(path: str | os.PathLike[str]) -> np.ndarray:
         raise SoftlabelsError(f"no index file at {p}; check the path")
     try:
         values = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, ndmin=1)
-    except ValueError as exc:
+    except (ValueError, MemoryError) as exc:  # MemoryError: a header claiming terabytes
         raise SoftlabelsError(f"cannot read indices from {p}: {exc}; write one integer per "
                               "line, or a .npy array") from None
     if values.size and not np.array_equal(values, np.round(values)):

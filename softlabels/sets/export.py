@@ -227,6 +227,9 @@ def _fresh_dir(out: Path) -> Path:
         raise OptionError(f"{out} is a symbolic link; name a new directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OptionError(f"{out} exists and is not an empty directory; name a new directory")
+    if not out.parent.is_dir():
+        raise OptionError(f"cannot export to {out}: the folder {out.parent} does not exist; "
+                          "create it first, or name a directory in an existing folder")
     staging = out.with_name(out.name + STAGING)
     try:
         os.mkdir(staging)
@@ -304,6 +307,10 @@ def export_set(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to:
                 "k": int(first["columns"]["target_token_ids"].shape[1]),
                 "alignment": ALIGNMENT, "softlabels": __version__}
         text = json.dumps(info, sort_keys=True)
+        if _exported_before(out, text):  # a rerun of a finished export: nothing to do
+            return {"path": str(out), "to": to, "already_complete": True,
+                    "positions": ts.num_rows, "temperature": temperature, "kind": kind,
+                    "k": info["k"]}
         staging = _fresh_dir(out)
         try:
             where = staging if to == "parquet" else staging / "_parquet"
@@ -325,6 +332,16 @@ def export_set(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to:
                 shutil.rmtree(staging)
     return {"path": str(out), "to": to, "sequences": seqs, "positions": positions,
             "files": len(files), "temperature": temperature, "kind": kind, "k": info["k"]}
+
+
+def _exported_before(out: Path, text: str) -> bool:
+    """Whether `out` holds a finished export with exactly this description (same set, T, k)."""
+    if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
+        return False
+    try:
+        return read_export_info(out) == json.loads(text)
+    except (SoftlabelsError, OSError):
+        return False
 
 
 def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -26,7 +26,8 @@ from softlabels.tempering import combine_logits
 def verify_sequences(ts: TransferSet, report: VerifyReport, *,
                      data: str | TokenSequences | None, teachers: Sequence[str | nn.Module],
                      sample: int, seed: int, tolerance: float, device: str,
-                     progress: Progress | None = None, trust_code: bool = False) -> None:
+                     progress: Progress | None = None, trust_code: bool = False,
+                     max_teacher_bytes: int | None = None) -> None:
     """Sequence checks of `verify`: offsets and positions, then against the token DATA and
     the live teacher when given (`trust_code` as for `verify`). The report's words are then
     those of a sequence set (`speak_of_positions`)."""
@@ -42,7 +43,7 @@ def verify_sequences(ts: TransferSet, report: VerifyReport, *,
         if not _check_data(ts, dataset, report, progress) or not teachers:
             return
         _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,
-                       trust_code)
+                       trust_code, max_teacher_bytes)
     finally:
         speak_of_positions(ts, report)
 
@@ -105,10 +106,11 @@ def _check_data(ts: TransferSet, dataset: TokenSequences, report: VerifyReport,
 
 def _check_teacher(ts: TransferSet, dataset: TokenSequences,
                    teachers: Sequence[str | nn.Module], report: VerifyReport, sample: int,
-                   seed: int, tolerance: float, device: str, trust_code: bool) -> None:
+                   seed: int, tolerance: float, device: str, trust_code: bool,
+                   max_teacher_bytes: int | None = None) -> None:
     meta = ts.meta
     teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"],
-                      trust_code=trust_code)
+                      trust_code=trust_code, max_bytes=max_teacher_bytes)
     report.add("teacher weights", *teacher.weights_match(meta["teacher"]))
     if ts.sparse and ts.sparse["kind"] == "sample":
         report.add("teacher", True, "not recomputed: sampled classes are random draws")

@@ -58,10 +58,10 @@ def default_tolerance(meta: dict[str, Any]) -> float:
 
 def _check_teacher(ts: TransferSet, data: Dataset, teachers: Sequence[str | nn.Module],
                    report: VerifyReport, sample: int, seed: int, tolerance: float | None,
-                   device: str, trust_code: bool) -> None:
+                   device: str, trust_code: bool, max_teacher_bytes: int | None = None) -> None:
     meta = ts.meta
     teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"],
-                      trust_code=trust_code)
+                      trust_code=trust_code, max_bytes=max_teacher_bytes)
     report.add("teacher weights", *teacher.weights_match(meta["teacher"]))
     recorded = meta["teacher"].get("preprocess")
     if recorded:  # the data was replayed through it (replay_inputs); the live one should agree
@@ -116,10 +116,12 @@ def verify(
     device: str = "auto",
     progress: Progress | None = None,
     trust_code: bool = False,
+    max_teacher_bytes: int | None = None,
 ) -> VerifyReport:
     """Check status, arrays, values and fingerprint; with `data`, every sample hash; with
     `teachers` (and `data`), a seeded sample of `sample` rows recomputed by the live teacher.
-    `trust_code` lets python: specs inside teacher checkpoints and the set's augment run."""
+    `trust_code` lets python: specs inside teacher checkpoints and the set's augment run;
+    `max_teacher_bytes` bounds the teacher (default: the memory available)."""
     if teachers and data is None:
         raise SoftlabelsError("--teacher needs --data: the teacher is run on the dataset's inputs")
     if sample <= 0:
@@ -156,7 +158,7 @@ def verify(
             verify_sequences(ts, report, data=data, teachers=teachers, sample=sample, seed=seed,
                              tolerance=(default_tolerance(ts.meta) if tolerance is None
                                         else tolerance), device=device, progress=progress,
-                             trust_code=trust_code)
+                             trust_code=trust_code, max_teacher_bytes=max_teacher_bytes)
             return report
         if data is not None:
             dataset = load_data(data) if isinstance(data, str) else data
@@ -165,5 +167,5 @@ def verify(
             _check_data(ts, dataset, report, progress)
             if teachers:
                 _check_teacher(ts, dataset, teachers, report, sample, seed, tolerance, device,
-                               trust_code)
+                               trust_code, max_teacher_bytes)
     return report

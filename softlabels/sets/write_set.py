@@ -35,11 +35,12 @@ import xxhash
 from torch.utils.data import Dataset
 
 from softlabels.compute.record import dataset_probe, versions
-from softlabels.errors import DataError, OptionError
+from softlabels.errors import DataError, MismatchError, OptionError, SoftlabelsError
 from softlabels.format import schema as S
+from softlabels.format.backends import open_store
 from softlabels.format.layout import Layout
 from softlabels.format.writer import TransferSetWriter
-from softlabels.options import check_choice, check_temperature
+from softlabels.options import check_choice, check_num_classes, check_temperature
 from softlabels.progress import Progress
 from softlabels.sets.sequence_import import MASS_TOLERANCE
 from softlabels.sources.arrays import (
@@ -162,6 +163,9 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
     if z is not None:
         _shape(z, (None, None), "logits", "f")
         rows, c, k = z.shape[0], z.shape[1], 0
+        if num_classes is not None and num_classes != c:
+            raise OptionError(f"--num-classes {num_classes} but the logits have {c} columns; "
+                              "drop --num-classes (dense logits give the classes)")
     else:
         _shape(idx, (None, None), "topk indices", "iu")
         rows, k = idx.shape
@@ -174,7 +178,7 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
                               "logsumexp of every temperature")
         if num_classes is None:
             raise OptionError("top-k arrays need --num-classes (the teacher's C)")
-        c = num_classes
+        c = check_num_classes(num_classes, "--num-classes", above=k)
     index = (np.arange(rows, dtype=np.int64) if index is None else
              np.asarray(_array(index, "index")))
     _shape(index, (rows,), "index", "iu")
@@ -189,6 +193,10 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
         labels = check_labels(np.asarray(labels), where="labels", num_classes=c)
     layout = Layout(num_rows=rows, num_classes=c, temperatures=temps, dtype=dtype, topk=k,
                     chunk_rows=chunk_rows)
+    proof = arrays_digest({"logits": z, "topk_indices": idx, "topk_values": val,
+                           "logsumexp": lse, "labels": labels, "index": index})
+    if not overwrite:
+        refuse_other_arrays(out, proof)
     source = "logprobs" if k and lse is None else "logits"
     meta = {"num_examples": len(dataset), "class_names": class_names(dataset),
             "teacher": {"members": [{"spec": f"imported:{teacher_name}", "sha256": "",
@@ -201,7 +209,7 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
             "views": None, "augment": None, "view_seed": None,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(), "device": "imported", "precision": "unknown",
-            "provenance": {"imported_from": {"format": "arrays"}}}
+            "provenance": {"imported_from": {"format": "arrays", "digest": proof}}}
     if not k:  # dense: every T is exact (re-tempered from the logits)
         meta["teacher"]["targets"].pop("exact_temperatures")
     def block_arrays(block: int) -> dict[str, np.ndarray]:
@@ -225,6 +233,37 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
             if progress:
                 progress(n + 1, len(pending))
     return writer.meta
+
+def arrays_digest(arrays: dict[str, np.ndarray | None]) -> str:
+    """xxh3-128 over each given array's name, dtype, shape and bytes (in 64 MiB slices)."""
+    h = xxhash.xxh3_128()
+    for name, a in sorted((n, a) for n, a in arrays.items() if a is not None):
+        a = np.asarray(a)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        flat = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+        step = max(1, (64 << 20) // max(a.itemsize, 1))
+        for start in range(0, flat.size, step):
+            h.update(flat[start:start + step].tobytes())
+    return h.hexdigest()
+
+
+def refuse_other_arrays(out: str | os.PathLike[str], proof: str) -> None:
+    """Refuse to resume (or call complete) a set at `out` begun from other arrays: the writer
+    compares the teacher's weights and the data, and an imported teacher has no weights."""
+    try:
+        store = open_store(out, "r")
+    except (SoftlabelsError, OSError):
+        return  # nothing there, or not a set: the writer says so
+    try:
+        old = store.get_meta() or {}
+    finally:
+        store.close()
+    recorded = ((old.get("provenance") or {}).get("imported_from") or {}).get("digest")
+    if recorded is not None and recorded != proof:
+        raise MismatchError(f"{out} was begun from other arrays (digest {recorded}, these are "
+                            f"{proof}); it was left untouched: use another --out, or "
+                            "--overwrite")
+
 
 def load_arrays(paths: dict[str, str | Path | None]) -> dict[str, np.ndarray | None]:
     """name -> the array at each path (memory-mapped), for the command line."""

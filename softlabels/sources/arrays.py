@@ -6,7 +6,9 @@ tokens.py's."""
 from __future__ import annotations
 
 import inspect
+import math
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ class NpzDataset(Dataset):
     """Arrays `x` (N, ...) and optional `y` (N,) from an .npz; uint8 inputs are scaled to [0, 1]."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        check_npz_members(path)  # before numpy allocates what a member's header claims
         try:
             with np.load(path, allow_pickle=False) as f:
                 if "x" not in f.files:
@@ -54,6 +57,38 @@ class NpzDataset(Dataset):
         """Items `rows` at once: inputs (B, ...) and int64 labels (B,), one indexing operation
         each (a slice where the rows are consecutive), what `dataset[i]` gives row by row."""
         return batch_of(self.x, rows), batch_of(self.y, rows)
+
+
+def check_npz_members(path: str | os.PathLike[str]) -> None:
+    """Refuse an .npz whose member's header claims more bytes (shape times item size) than the
+    member stores: numpy allocates the claim before reading (a 1 KB file claiming (10^12, 16)
+    float32 asked for 58 TiB, a traceback). Anything else unreadable is left to numpy's own
+    error."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile):
+        return
+    with z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            try:
+                with z.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                            np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(member)
+                    header = member.tell()
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+                continue  # numpy's own reading says what is wrong
+            claimed = math.prod(shape) * dtype.itemsize
+            stored = info.file_size - header
+            if claimed > stored:
+                name = info.filename.removesuffix(".npy")
+                raise DataError(f"{path}: the array {name!r} claims shape {tuple(shape)} "
+                                f"{dtype} ({claimed} bytes) but stores {stored} bytes; the "
+                                "file was cut short or edited (nothing was allocated): write "
+                                "it again with numpy.savez(path, x=inputs, y=labels)")
 
 
 def batch_of(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:

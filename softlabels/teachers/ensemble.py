@@ -14,6 +14,7 @@ from torch import nn
 from softlabels.errors import MismatchError, OptionError, SoftlabelsError
 from softlabels.preprocessing import Preprocess
 from softlabels.teachers.models import load_built, weights_sha256
+from softlabels.teachers.size import module_bytes, resolve_bound
 from softlabels.teachers.weights import Built
 from softlabels.tempering import combine_logits, ensemble_probs
 
@@ -65,13 +66,18 @@ class Teacher:
         combine: str = "mean-logits",
         seed: int = 0,
         trust_code: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
+        """`max_bytes`: the most the members' parameters and buffers may take together
+        (default: the memory available now); each spec is measured on the meta device and
+        refused before it is allocated."""
         if not members:
             raise SoftlabelsError("no teacher given; pass at least one --teacher MODEL")
         if precision not in PRECISIONS:
             raise SoftlabelsError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
         self.precision, self.combine, self.trust_code = precision, combine, trust_code
+        self._bytes_left = resolve_bound(max_bytes)  # what the next member may take
         # Specs without weights (mlp:, torchvision:) initialise from `seed`, so a rerun of the
         # same command builds the same teacher and can resume.
         with torch.random.fork_rng(devices=[]):
@@ -82,7 +88,10 @@ class Teacher:
         if isinstance(spec_or_model, nn.Module):  # the caller holds it: accepted as trained
             built, spec = Built(spec_or_model), f"object:{type(spec_or_model).__qualname__}"
         else:
-            built, spec = load_built(spec_or_model, trust_code=self.trust_code)
+            built, spec = load_built(spec_or_model, trust_code=self.trust_code,
+                                     max_bytes=self._bytes_left)
+        if self._bytes_left is not None:
+            self._bytes_left -= module_bytes(built.model)
         model = built.model.eval().to(self.device)
         return Member(spec=spec, model=model, sha256=weights_sha256(model),
                       source=spec_or_model if isinstance(spec_or_model, str) else spec,

@@ -21,6 +21,7 @@ from torch import nn
 
 from softlabels.errors import SpecError
 from softlabels.preprocessing import OPTION_NAMES, Preprocess
+from softlabels.teachers.size import skeleton_bytes
 from softlabels.teachers.weights import Built, WeightsFile, file_sha256, take_preprocess
 
 # PIL's resampling filters, as image processors record them
@@ -208,3 +209,21 @@ def _unsupported(proc: Any) -> str:
     if _resample(proc) not in _RESAMPLE:
         return f"resamples with filter {proc.resample}"
     return ""
+
+
+def hf_skeleton_bytes(spec: str) -> int | None:
+    """Bytes of the model an `hf:DIR` spec's config.json describes, built on the meta device
+    from the config alone (no weights read, nothing allocated); None where the config cannot
+    be read (the real load then says why)."""
+    path = Path(spec.partition(":")[2].partition("?")[0])
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        image = _is_image_classifier(_architecture(path, spec))
+    except Exception:  # noqa: BLE001  (missing package, bad config: the real load says why)
+        return None
+    auto = AutoModelForImageClassification if image else AutoModelForCausalLM
+    return skeleton_bytes(lambda: auto.from_config(config))

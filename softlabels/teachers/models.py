@@ -23,6 +23,7 @@ from softlabels.specs import (
     parse_spec,
     require_trusted,
 )
+from softlabels.teachers.size import module_bytes, refuse_past_bound, skeleton_bytes
 from softlabels.teachers.weights import Built, WeightsFile, file_sha256
 
 CHECKPOINT_FORMAT = "softlabels-checkpoint"
@@ -113,11 +114,15 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
-                    ) -> tuple[nn.Module, dict[str, Any]]:
+                    max_bytes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(model, payload) from a checkpoint written by `save_checkpoint`; loads no pickled code.
 
     Its `model_spec` is data: only a built-in architecture is built from it unless
-    `trust_code`. Weights with NaN or inf (a diverged run) are refused."""
+    `trust_code`. Weights with NaN or inf (a diverged run) are refused. With `max_bytes`, a
+    file, or a built-in model spec measured on the meta device, past it is refused before
+    being allocated."""
+    if max_bytes is not None:
+        refuse_past_bound(os.path.getsize(path), max_bytes, f"checkpoint {path} (its file)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
@@ -128,7 +133,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
             or not isinstance(payload.get("state_dict"), dict)):
         raise SpecError(f"{path} is not a softlabels checkpoint; write one with `softlabels train`")
     require_trusted(payload["model_spec"], f"checkpoint {path}", trust_code)
-    _refuse_larger_than_weights(payload, path)
+    _refuse_larger_than_weights(payload, path, max_bytes)
     model = build_model(architecture_spec(payload["model_spec"]))
     try:
         model.load_state_dict(payload["state_dict"])
@@ -142,12 +147,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
     return model, payload
 
 
-def _refuse_larger_than_weights(payload: dict[str, Any], path: object) -> None:
+def _refuse_larger_than_weights(payload: dict[str, Any], path: object,
+                                max_bytes: int | None) -> None:
     """Refuse, before allocating it, a built-in model whose spec names more parameters than
-    the checkpoint's tensors hold (a 6 KB file naming a 30000-wide MLP): the model is built
-    on the meta device (shapes only, no memory) and its elements counted."""
+    the checkpoint's tensors hold (a 6 KB file naming a 30000-wide MLP), or more bytes than
+    `max_bytes`: the model is built on the meta device (shapes only, no memory) and its
+    elements counted."""
     spec = architecture_spec(payload["model_spec"])
-    if spec.split(":", 1)[0] not in ("mlp", "gpt", "torchvision", "timm"):
+    if spec.split(":", 1)[0] not in BUILT_IN:
         return
     try:
         with torch.device("meta"):
@@ -160,22 +167,46 @@ def _refuse_larger_than_weights(payload: dict[str, Any], path: object) -> None:
         raise SpecError(f"checkpoint {path}: its model spec {spec!r} has {want} weights, the "
                         f"file holds {have}; the file was edited or damaged (nothing was "
                         "allocated)")
+    refuse_past_bound(module_bytes(skeleton), max_bytes, f"checkpoint {path} ({spec})")
 
 
-def load_built(spec: str, *, trust_code: bool = False) -> tuple[Built, str]:
+BUILT_IN = ("mlp", "gpt", "torchvision", "timm")  # measured on the meta device from the spec
+
+
+def spec_bytes(spec: str) -> int | None:
+    """Bytes of parameters and buffers of the model `spec` names, measured on the meta device
+    before anything is allocated; None where it cannot be measured (`python:` factories run
+    the user's code, which is run once, as asked)."""
+    scheme = spec.partition(":")[0]
+    if scheme in BUILT_IN:
+        return skeleton_bytes(lambda: build_model(architecture_spec(spec)))
+    if scheme == "hf":
+        from softlabels.teachers.hf import hf_skeleton_bytes
+
+        return hf_skeleton_bytes(spec)
+    return None
+
+
+def load_built(spec: str, *, trust_code: bool = False,
+               max_bytes: int | None = None) -> tuple[Built, str]:
     """(the model with what its files say, the spec that rebuilds it) for a checkpoint path or
     any MODEL spec.
 
     A spec the caller names is built as named (`python:` included: the caller chose it); a
-    checkpoint's own spec only when built in, unless `trust_code`."""
+    checkpoint's own spec only when built in, unless `trust_code`. A model measured past
+    `max_bytes` on the meta device is refused before it is allocated."""
     if not isinstance(spec, str):
         raise SpecError(f"a MODEL spec is a string, got {spec!r}; valid forms: "
                         + ", ".join(MODEL_FORMS))
     if Path(spec).is_file():
-        model, payload = load_checkpoint(spec, trust_code=trust_code)
+        model, payload = load_checkpoint(spec, trust_code=trust_code, max_bytes=max_bytes)
         return Built(model, files=(WeightsFile(spec, file_sha256(spec)),)), payload["model_spec"]
     if spec.endswith((".pt", ".pth")) and spec.partition(":")[0] not in MODEL_SCHEMES:
         raise SpecError(f"no checkpoint at {spec!r}; check the path or train one first")
+    if max_bytes is not None:
+        need = spec_bytes(spec)
+        if need is not None:
+            refuse_past_bound(need, max_bytes, f"teacher {spec!r}")
     return build(spec), spec
 
 
