@@ -31,7 +31,8 @@ import numpy as np
 from softlabels.errors import DataError, OptionError
 from softlabels.format.layout import Layout
 from softlabels.progress import Progress
-from softlabels.sets.sequence_import import (
+from softlabels.sets.imports import (
+    SequenceRows,
     check_logprobs,
     imported_meta,
     input_sha256,
@@ -40,7 +41,8 @@ from softlabels.sets.sequence_import import (
     placeholder_targets,
     sequence_columns,
     sequence_hash,
-    write_sequence_set,
+    token_dataset,
+    write_rows,
 )
 from softlabels.sources.tokens import MAX_TOKEN_ID
 
@@ -197,8 +199,8 @@ def import_vllm(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to
                     topk=topk, num_sequences=len(lengths), topk_dtype=dtype,
                     chunk_rows=chunk_rows)
     meta = imported_meta(
-        teacher_name=teacher_name, data_spec=f"tokens:{path}?field=prompt_token_ids",
-        hashes=np.array(hashes, np.uint64),
+        teacher_name=teacher_name,
+        dataset=token_dataset(f"tokens:{path}?field=prompt_token_ids", hashes),
         targets={"source": "logprobs", "exact_temperatures": [1.0]},
         provenance={"format": "vllm-prompt-logprobs", "path": str(path), "topk": topk},
         sha256=input_sha256([path]))
@@ -213,6 +215,6 @@ def import_vllm(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to
             yield sequence_columns(tokens, s, mask, next_token_labels(tokens, vocab_size),
                                    targets)
 
-    return write_sequence_set(out, layout, meta, offsets, rows(), labels="next-token",
-                              overwrite=overwrite, progress=progress)
+    return write_rows(out, layout, meta, SequenceRows(offsets, rows()), overwrite=overwrite,
+                      progress=progress)
 
