@@ -39,12 +39,13 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from softlabels.compute.record import versions
-from softlabels.errors import DataError, TransferSetError
+from softlabels.errors import DataError, OptionError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
 from softlabels.format.sequence import SEQ_MASK, SEQ_POSITION, SEQ_TOKENS, SequenceSetWriter
 from softlabels.format.writer import TransferSetWriter
 from softlabels.progress import Progress
+from softlabels.sources.tokens import MAX_TOKEN_ID
 
 # exp(log p) summed over a row's k classes may exceed 1 by rounding only
 MASS_TOLERANCE = 1e-4
@@ -211,7 +212,26 @@ def input_sha256(files: Iterable[Path]) -> str:
     return hashlib.sha256("".join(f"{sha}  {name}\n" for sha, name in sums).encode()).hexdigest()
 
 
-# --- rows of a sequence ------------------------------------------------------------------------
+# --- sequences ------------------------------------------------------------------------
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary that token ids (int32) cannot index."""
+    if not 2 <= vocab_size <= MAX_TOKEN_ID + 1:
+        raise OptionError(f"--vocab-size must lie in [2, {MAX_TOKEN_ID + 1}] (token ids are "
+                          f"int32), got {vocab_size}; pass the teacher's vocabulary size")
+
+
+def first_pass(sequences: Iterable[np.ndarray], empty: str) -> tuple[np.ndarray, list[int]]:
+    """An import's first pass over its checked token sequences: their offsets (S + 1,) and
+    sample hashes, which the set is laid out with; `empty` refuses an input of none."""
+    lengths, hashes = [], []
+    for tokens in sequences:
+        lengths.append(len(tokens))
+        hashes.append(sequence_hash(tokens))
+    if not lengths:
+        raise DataError(empty)
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), hashes
 
 
 def logprob_targets(lp: np.ndarray, classes: np.ndarray, dtype: str,

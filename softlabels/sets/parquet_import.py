@@ -35,6 +35,8 @@ from softlabels.sets.export import META_KEY, SIDECAR, read_export_info
 from softlabels.sets.imports import (
     SequenceRows,
     check_logprobs,
+    check_vocab_size,
+    first_pass,
     imported_meta,
     input_sha256,
     logprob_targets,
@@ -45,7 +47,6 @@ from softlabels.sets.imports import (
     token_dataset,
     write_rows,
 )
-from softlabels.sources.tokens import MAX_TOKEN_ID
 
 COLUMNS = ("input_ids", "labels", "target_token_ids", "target_logprobs", "target_mask")
 EXACT = ("softlabels_topk_logits", "softlabels_topk_logsumexp", "softlabels_labels",
@@ -270,20 +271,13 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise OptionError("importing Parquet that is not a softlabels export of a top-k set "
                           "needs --teacher-name and --vocab-size")
     temperature = check_temperature(temperature, "--temperature")
-    if not 2 <= vocab_size <= MAX_TOKEN_ID + 1:
-        raise OptionError(f"--vocab-size must lie in [2, {MAX_TOKEN_ID + 1}] (token ids are "
-                          f"int32), got {vocab_size}; pass the teacher's vocabulary size")
+    check_vocab_size(vocab_size)
     columns, k = list(COLUMNS), _first_k(path)
-    lengths, hashes = [], []
-    for where, seq in _sequences(path, columns, k):  # pass 1: check all
-        tokens, _, _, _ = _checked_generic(where, seq, vocab_size, dtype)
-        lengths.append(len(tokens))
-        hashes.append(sequence_hash(tokens))
-    if not lengths:
-        raise DataError(f"{path} holds no rows")
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets, hashes = first_pass((_checked_generic(where, seq, vocab_size, dtype)[0]
+                                  for where, seq in _sequences(path, columns, k)),
+                                 f"{path} holds no rows")
     layout = Layout(num_rows=int(offsets[-1]), num_classes=vocab_size,
-                    temperatures=(float(temperature),), topk=k, num_sequences=len(lengths),
+                    temperatures=(float(temperature),), topk=k, num_sequences=len(hashes),
                     topk_dtype=dtype, chunk_rows=chunk_rows, sequence_labels="data")
     meta = imported_meta(
         teacher_name=teacher_name,
