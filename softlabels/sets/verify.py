@@ -125,8 +125,8 @@ def verify(
         store.close()
         report.add("status", False, str(exc))
         return report
-    kind = KINDS[ts.layout.kind]
     with ts:
+        kind = KINDS[ts.layout.kind]  # the one choice between kinds of row
         try:
             if not _check_set(ts, kind, report, progress) or data is None:
                 return report
