@@ -38,14 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.compute.sequences import precompute_sequences
+from softlabels.compute.blocks import precompute
 from softlabels.experiments.tiny_lm import write_sequences
 from softlabels.format.reader import open_transfer_set
 from softlabels.sources.load import load_data
 from softlabels.teachers.models import load_model, save_checkpoint
 from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss, target_convention
-from softlabels.train.sequence_batches import SequenceBatches
-from softlabels.train.sequence_trainer import train_sequence_model
+from softlabels.train.padded import SequenceBatches
+from softlabels.train.trainer import train_sequence_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "gpt:256?dim=96&layers=3&heads=4&context=128"
@@ -201,8 +201,8 @@ def main() -> None:
         names = args.only.split(",") if args.only else list(VARIANTS)
         for name in names:
             out = tmp / f"{len(results)}.zarr"
-            precompute_sequences(spec, [teacher], out, temperatures=TEMPS, batch_size=8,
-                                 device="cpu", **VARIANTS[name])
+            precompute(spec, [teacher], out, temperatures=TEMPS, batch_size=8,
+                       device="cpu", **VARIANTS[name])
             row = {"variant": name, "bytes_per_token": size_on_disk(out) / n,
                    "breakdown": breakdown(out, n)}
             with open_transfer_set(out) as ts:

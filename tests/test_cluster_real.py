@@ -20,13 +20,13 @@ from test_cluster import assert_same
 
 from conftest import make_npz
 from softlabels._version import __version__
+from softlabels.compute.blocks import precompute, prepare
 from softlabels.compute.cluster import (
     check_worker,
     compute_blocks,
     precompute_on_cluster,
     set_token,
 )
-from softlabels.compute.examples import precompute, prepare
 from softlabels.errors import TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store

@@ -13,12 +13,13 @@ from click.testing import CliRunner
 from test_sequences import TEACHER, VOCAB, write_tokens
 
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import OptionError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, read_offsets
 from softlabels.sets.export import export_set, read_export_info
-from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.padded import SequenceBatches
 
 datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")

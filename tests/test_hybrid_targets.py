@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
-from softlabels.compute.sequences import precompute_sequences
+from softlabels.compute.blocks import precompute
 from softlabels.errors import OptionError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
@@ -20,15 +19,10 @@ from softlabels.format.targets import Hybrid
 from softlabels.options import PrecomputeOptions
 from softlabels.sets.evaluate import evaluate
 from softlabels.sets.export import export_set
-from softlabels.sets.sequence_evaluate import evaluate_sequence_student
 from softlabels.sets.verify import verify
 from softlabels.sources.tokens import TokenSequences
-from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss
-from softlabels.train.sequence_batches import (
-    SequenceBatches,
-    StreamingSequenceBatches,
-    sequence_kd_loss,
-)
+from softlabels.train.losses import kd_loss_from_probs, sequence_kd_loss, sparse_kd_loss
+from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 from softlabels.train.trainer import train_student
 
 TEMPS = (1.0, 2.5)
@@ -183,8 +177,8 @@ def test_sequence_set_batches_stream_and_evaluate(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     data = TokenSequences([rng.integers(0, 30, n).tolist() for n in (9, 4, 17, 6, 11)])
     out = tmp_path / "h.h5"
-    precompute_sequences(data, [teacher], out, temperatures=[1, 2], topk=5, nucleus=0.9,
-                         tail=3, chunk_rows=CHUNK)
+    precompute(data, [teacher], out, temperatures=[1, 2], topk=5, nucleus=0.9,
+               tail=3, chunk_rows=CHUNK)
     assert verify(out, data=data, teachers=[teacher], device="cpu").ok
     whole = SequenceBatches(out, temperature=2.0, batch_size=2, shuffle=False)
     streamed = StreamingSequenceBatches(out, temperature=2.0, batch_size=2, shuffle=False,
@@ -208,6 +202,5 @@ def test_sequence_set_batches_stream_and_evaluate(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="hybrid set"):
         export_set(out, tmp_path / "export")
     student = nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 30))
-    scores = evaluate_sequence_student(data, student, transfer_set=out, temperature=2.0,
-                                       device="cpu")
+    scores = evaluate(data, student, transfer_set=out, temperature=2.0, device="cpu")
     assert scores["teacher_targets"] == "hybrid" and scores["kl_to_teacher"] > 0

@@ -14,7 +14,7 @@ from test_sequences import TEACHER, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import DataError, MismatchError, OptionError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
@@ -22,7 +22,8 @@ from softlabels.sets.export import export_set
 from softlabels.sets.parquet_import import import_parquet
 from softlabels.sets.verify import verify
 from softlabels.sets.vllm import import_vllm
-from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.padded import SequenceBatches
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("pyarrow")

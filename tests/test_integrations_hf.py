@@ -10,9 +10,10 @@ import pytest
 import torch
 from test_sequences import TEACHER, VOCAB, write_tokens
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.sets.export import export_set
-from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.padded import SequenceBatches
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import CHUNK, N_ROWS
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.selection import select_rows

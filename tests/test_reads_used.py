@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store  # noqa: F401  (loads every backend)
 from softlabels.format.chunk_files import ChunkFiles
@@ -21,8 +21,7 @@ from softlabels.sets.report import transfer_set_report
 from softlabels.sources.load import load_data
 from softlabels.teachers.models import build_model
 from softlabels.train.metrics import kl_to_teacher, teacher_agreement
-from softlabels.train.plans import materialize
-from softlabels.train.trainer import predict
+from softlabels.train.plans import materialize, predict
 
 BOOKKEEPING = {S.ARRAY_CHECKSUM, S.BLOCK_DONE}
 # the backends, by the public interface they implement (their modules are private)

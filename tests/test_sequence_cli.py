@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from test_sequences import TEACHER, write_tokens
 
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format.backends import open_store
 from softlabels.format.operations import subset
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_TOKENS
 from softlabels.teachers.models import load_checkpoint
-from softlabels.train import sequence_trainer
+from softlabels.train import batches
 from softlabels.train.trainer import train_student
 
 
@@ -62,7 +62,7 @@ def test_cli_trains_a_sequence_student_streamed_on_request(tmp_path: Path,
 def test_train_streams_a_set_over_the_memory_threshold(tmp_path: Path, lm: tuple[str, Path],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     tokens, seq_set = lm
-    monkeypatch.setattr(sequence_trainer, "MAX_IN_MEMORY", 1000)  # targets: 492 x 4 x 8 bytes
+    monkeypatch.setattr(batches, "MAX_IN_MEMORY", 1000)  # targets: 492 x 4 x 8 bytes
     result = train_student(tokens, TEACHER, transfer_set=seq_set, out=tmp_path / "s.pt",
                            epochs=1, batch_size=8)
     assert meta(tmp_path / "s.pt")["streamed"] is True and result.rows == 492

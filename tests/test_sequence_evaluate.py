@@ -18,7 +18,7 @@ from test_sequences import VOCAB, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.operations import subset
 from softlabels.format.reader import open_transfer_set
@@ -200,23 +200,23 @@ def test_other_token_data_is_refused_against_the_set(lm: dict, tmp_path: Path) -
 def test_streamed_and_in_memory_targets_give_the_same_report(
         lm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A set whose targets do not fit is read a window of checked blocks at a time."""
-    from softlabels.sets import sequence_evaluate
+    from softlabels.sets import evaluate as evaluation
 
     out = lm["d"] / "topk.zarr"
     if not out.exists():
         precompute(lm["data"], [TEACHER], out, chunk_rows=16, topk=3, temperatures=[2, 4],
                    random_teacher=True)
     loaded = evaluate(lm["data"], lm["model"], transfer_set=out, temperature=4)
-    monkeypatch.setattr(sequence_evaluate, "MAX_IN_MEMORY", 0)
+    monkeypatch.setattr(evaluation, "MAX_IN_MEMORY", 0)
 
     made = []
 
-    class Spy(sequence_evaluate.StreamingSequenceBatches):
+    class Spy(evaluation.StreamingSequenceBatches):
         def __init__(self, *args: object, **kwargs: object) -> None:
             made.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(sequence_evaluate, "StreamingSequenceBatches", Spy)
+    monkeypatch.setattr(evaluation, "StreamingSequenceBatches", Spy)
     streamed = evaluate(lm["data"], lm["model"], transfer_set=out, temperature=4)
     assert len(made) == 1  # streamed
     assert streamed.keys() == loaded.keys() and streamed["teacher_targets"] == "topk"
@@ -274,8 +274,8 @@ def test_batches_fit_a_logits_budget_and_do_not_change_the_report(
     """By default as many sequences share a batch as keep the (B, L, C) logits within
     LOGITS_BUDGET (a 128k vocabulary must not take (64, L, 128k) at once); padding and batch
     size leave every figure as it was."""
-    from softlabels.sets import sequence_evaluate
-    from softlabels.train.sequence_batches import SequenceBatches
+    from softlabels.sets import evaluate as evaluation
+    from softlabels.train.padded import SequenceBatches
 
     out = lm["d"] / "full.zarr"
     if not out.exists():
@@ -288,10 +288,10 @@ def test_batches_fit_a_logits_budget_and_do_not_change_the_report(
             sizes.append(kwargs["batch_size"])
             return SequenceBatches.from_tokens(data, **kwargs)
 
-    monkeypatch.setattr(sequence_evaluate, "SequenceBatches", Spy)
+    monkeypatch.setattr(evaluation, "SequenceBatches", Spy)
     wide = evaluate(lm["data"], lm["model"], transfer_set=out)
     longest = max(len(x) for x in lm["seqs"])
-    monkeypatch.setattr(sequence_evaluate, "LOGITS_BUDGET", 4 * VOCAB * longest * 3)
+    monkeypatch.setattr(evaluation, "LOGITS_BUDGET", 4 * VOCAB * longest * 3)
     narrow = evaluate(lm["data"], lm["model"], transfer_set=out)
     assert sizes == [64, 3]
     for key in ("cross_entropy", "token_accuracy", "kl_to_teacher", "teacher_agreement"):

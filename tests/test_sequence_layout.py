@@ -15,7 +15,7 @@ import torch
 import zarr
 from test_sequences import CHUNK, TEACHER, write_tokens
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError, SpecError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store

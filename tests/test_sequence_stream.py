@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from test_sequences import TEACHER, write_tokens
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format.backends import open_store
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import SEQ_TOKENS, read_offsets
-from softlabels.train.sequence_batches import SequenceBatches, StreamingSequenceBatches
+from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 
 KINDS = {"topk": dict(topk=4, dtype="float16"), "sample": dict(sample_k=3),
          "dense": dict(dtype="float32")}

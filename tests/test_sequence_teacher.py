@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from test_sequences import write_tokens
 
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from test_sequences import TEACHER, VOCAB, write_tokens
 
 from helpers import TinyLM
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError, SoftlabelsError
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
@@ -20,9 +20,10 @@ from softlabels.format.sequence import SEQ_TOKENS, read_offsets
 from softlabels.sets.verify import verify
 from softlabels.sources.token_files import load_tokens
 from softlabels.teachers.models import load_checkpoint
-from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss
-from softlabels.train.sequence_batches import SequenceBatches, sequence_kd_loss
-from softlabels.train.sequence_trainer import evaluate_sequence_model, train_sequence_model
+from softlabels.train.losses import kd_loss_from_probs, sequence_kd_loss, sparse_kd_loss
+from softlabels.train.metrics import evaluate_sequence_model
+from softlabels.train.padded import SequenceBatches
+from softlabels.train.trainer import train_sequence_model
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from test_sequences import TEACHER, write_tokens
 
 from conftest import CHUNK, make_npz
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError, TransferSetError
 from softlabels.format.layout import ROW_KINDS, Layout
 from softlabels.sets import alignment, export, imports

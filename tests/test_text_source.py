@@ -27,7 +27,8 @@ from softlabels.sources.load import load_data
 from softlabels.sources.tokens import TokenSequences
 from softlabels.sources.windows import window_starts, windowed
 from softlabels.specs import portable_spec
-from softlabels.train.sequence_batches import SequenceBatch, sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.padded import SequenceBatch
 
 transformers = pytest.importorskip("transformers", reason="text: needs the hf extra")
 tokenizers = pytest.importorskip("tokenizers", reason="text: needs the hf extra")
@@ -424,7 +425,7 @@ def test_your_own_causal_lm_over_your_own_text(tmp_path: Path, teacher_dir: Path
 
 def test_gpt_and_declared_limits_are_checked(tmp_path: Path) -> None:
     from helpers import TinyLM
-    from softlabels.compute.sequence_checks import check_fits_teacher
+    from softlabels.compute.token_checks import check_fits_teacher
     from softlabels.teachers.ensemble import Teacher
 
     data = load_data(write_rows(tmp_path / "t.jsonl", [[1, 2, 3], [4, 5, 6, 7, 8, 9]]))

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from conftest import make_npz
 from softlabels.cli import cli
 from softlabels.teachers.models import load_checkpoint
-from softlabels.train.trainer import jitter, train_student
+from softlabels.train.plans import jitter
+from softlabels.train.trainer import train_student
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from softlabels.format.info import Provenance
 from softlabels.redact import redact
 
 TRUST_CODE_HELP = ("Let python: specs found inside files (checkpoints' model specs, a set's "
@@ -86,16 +87,17 @@ def _finite_or_null(obj: Any) -> Any:
     return obj
 
 
-def provenance_lines(prov: dict[str, Any]) -> list[str]:
+def provenance_lines(prov: Provenance | None) -> list[str]:
     """Where a set came from, if it was cut, merged or converted from others."""
+    if prov is None:
+        return []
     lines = []
-    for what, src in (("subset of", prov.get("subset_of")),
-                      ("converted from", prov.get("converted_from"))):
+    for what, src in (("subset of", prov.subset_of), ("converted from", prov.converted_from)):
         if src:
-            lines.append(f"{what} {src['path']} (fingerprint {src['fingerprint'][:16]}…)")
-    for src in prov.get("merged_from") or []:
-        lines.append(f"merged from {src['path']} (teacher sha256 "
-                     + ", ".join(h[:12] for h in src["teacher"]) + ")")
+            lines.append(f"{what} {src.path} (fingerprint {(src.fingerprint or '')[:16]}…)")
+    for src in prov.merged_from or ():
+        lines.append(f"merged from {src.path} (teacher sha256 "
+                     + ", ".join(h[:12] for h in src.teacher or ()) + ")")
     return lines
 
 

@@ -7,6 +7,8 @@ from typing import Any
 import click
 
 from softlabels.cli._common import FloatList, echo, echo_json, progress_bar
+from softlabels.format.info import SetInfo
+from softlabels.format.layout import Layout
 from softlabels.format.schema import DTYPE_CHOICES
 
 
@@ -122,15 +124,16 @@ def _vllm(path: str, out: str, topk: int | None, vocab_size: int | None,
 
 
 def _report(out: str, meta: dict[str, Any], as_json: bool) -> None:
-    summary = {"path": out, "num_rows": meta["num_rows"], "num_classes": meta["num_classes"],
-               "temperatures": meta["temperatures"], "sparse": meta["sparse"],
-               "sequences": (meta.get("sequence") or {}).get("num_sequences"),
-               "teacher": meta["teacher"], "fingerprint": meta["dataset"]["fingerprint"]}
+    layout, info = Layout.from_meta(meta, where=out), SetInfo.from_meta(meta, where=out)
+    summary = {"path": out, "num_rows": layout.num_rows, "num_classes": layout.num_classes,
+               "temperatures": list(layout.temperatures), "sparse": layout.sparse,
+               "sequences": layout.num_sequences or None,
+               "teacher": info.teacher.to_meta(), "fingerprint": info.dataset.fingerprint}
     if as_json:
         echo_json(summary)
         return
-    what = (f"{summary['sequences']} sequences ({meta['num_rows']} positions)"
-            if summary["sequences"] else f"{meta['num_rows']} rows")
-    kind = f"top-{meta['sparse']['k']}" if meta["sparse"] else "dense"
-    echo(f"wrote {out}: {what}, {kind} over {meta['num_classes']} classes at "
-         f"T = {meta['temperatures']}; check it with `softlabels verify {out}`")
+    what = (f"{layout.num_sequences} sequences ({layout.num_rows} positions)"
+            if layout.kind == "sequences" else f"{layout.num_rows} rows")
+    kind = f"top-{layout.sparse['k']}" if layout.sparse else "dense"
+    echo(f"wrote {out}: {what}, {kind} over {layout.num_classes} classes at "
+         f"T = {list(layout.temperatures)}; check it with `softlabels verify {out}`")

@@ -16,6 +16,8 @@ from softlabels.cli._common import (
     provenance_lines,
 )
 from softlabels.errors import SoftlabelsError
+from softlabels.format.info import DatasetInfo, Member, SetInfo
+from softlabels.format.layout import Layout
 from softlabels.format.schema import COMBINE_CHOICES
 from softlabels.format.statistics import set_statistics
 from softlabels.preprocessing import describe
@@ -31,8 +33,8 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     from softlabels.format.reader import open_transfer_set
 
     with open_transfer_set(transfer_set) as ts:
-        summary = ts.summary()
-        seq = summary.get("sequence") or None  # a sequence set: rows are token positions
+        summary, set_info, layout = ts.summary(), ts.info, ts.layout
+        seq = layout.kind == "sequences"  # rows are token positions
         if stats and seq and ts.sparse:
             raise SoftlabelsError(f"{ts.path} is a sparse sequence set ({ts.sparse['kind']}, "
                                   f"k = {ts.sparse['k']}): --stats reads dense arrays; drop "
@@ -43,23 +45,22 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     if as_json:
         echo_json(summary)
         return
-    teacher = summary["teacher"]
+    teacher, dataset = set_info.teacher, set_info.dataset
     lines = [
         f"{summary['path']}  ({summary['backend']}, "
         + ("size unknown" if summary["bytes"] is None else f"{summary['bytes'] / 2**20:.2f} MiB")
         + f", "
         f"format v{summary['format_version']}, {summary['status']})",
-        _size_line(summary),
-        f"teacher ({teacher['combine']}):",
-        *[line for m in teacher["members"] for line in _member_lines(m)],
-        *([f"  preprocessing applied: {describe(teacher['preprocess'])}"]
-          if teacher.get("preprocess") else []),
-        f"dataset {summary['dataset']['spec']}  fingerprint "
-        f"{summary['dataset']['fingerprint'][:16]}…",
-        *_tokenizer_lines(summary["dataset"]),
-        f"made {summary.get('created_at')} on {summary.get('device')} ({summary.get('precision')}),"
-        f" " + ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()),
-        *provenance_lines(summary.get("provenance") or {}),
+        _size_line(layout, set_info.num_examples),
+        f"teacher ({teacher.combine}):",
+        *[line for m in teacher.members for line in _member_lines(m)],
+        *([f"  preprocessing applied: {describe(teacher.preprocess)}"]
+          if teacher.preprocess else []),
+        f"dataset {dataset.spec}  fingerprint {(dataset.fingerprint or '')[:16]}…",
+        *_tokenizer_lines(dataset),
+        f"made {set_info.created_at} on {set_info.device} ({set_info.precision}),"
+        f" " + ", ".join(f"{k} {v}" for k, v in (set_info.versions or {}).items()),
+        *provenance_lines(set_info.provenance),
         "arrays:",
         *[f"  {n:14s} {str(tuple(a['shape'])):22s} {a['dtype']:8s} chunks {tuple(a['chunks'])}"
           for n, a in summary["arrays"].items()],
@@ -84,30 +85,27 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     echo("\n".join(lines))
 
 
-def _member_lines(member: dict[str, Any]) -> list[str]:
+def _member_lines(member: Member) -> list[str]:
     """A teacher member: what was named, its state-dict hash, its weights files' SHA-256."""
-    return [f"  {member.get('source', member['spec'])}  ({member['spec']})  sha256 "
-            f"{member['sha256'][:16]}…" + ("  (untrained: random initialisation)"
-                                         if member.get("untrained") else ""),
-            *([f"    weights entry {member['weights_entry']}"]
-              if member.get("weights_entry") else []),
-            *[f"    weights file {f.get('file')}  sha256 {f.get('sha256')}"
-              for f in member.get("weights_sha256") or [] if isinstance(f, dict)]]
+    return [f"  {member.name}  ({member.spec})  sha256 {member.sha256[:16]}…"
+            + ("  (untrained: random initialisation)" if member.untrained else ""),
+            *([f"    weights entry {member.weights_entry}"] if member.weights_entry else []),
+            *[f"    weights file {f.file}  sha256 {f.sha256}"
+              for f in member.weights_sha256 or ()]]
 
 
-def _size_line(summary: dict[str, Any]) -> str:
+def _size_line(layout: Layout, num_examples: int) -> str:
     """What the rows are: examples, or the positions of sequences."""
-    temps = f"T = {summary['temperatures']}"
-    seq = summary.get("sequence")
-    if not seq:
-        return (f"rows {summary['num_rows']} of {summary['num_examples']} examples, "
-                f"{summary['num_classes']} classes, {temps}")
-    n, rows = seq["num_sequences"], summary["num_rows"]
-    source = (f" (cut from data of {summary['num_examples']} sequences)"
-              if summary["num_examples"] != n else "")
-    labels = ("the next token" if seq.get("labels") == "next-token" else "the data's labels")
+    temps = f"T = {list(layout.temperatures)}"
+    if layout.kind != "sequences":
+        return (f"rows {layout.num_rows} of {num_examples} examples, "
+                f"{layout.num_classes} classes, {temps}")
+    n, rows = layout.num_sequences, layout.num_rows
+    source = f" (cut from data of {num_examples} sequences)" if num_examples != n else ""
+    labels = ("the next token" if layout.sequence_labels == "next-token"
+              else "the data's labels")
     return (f"{rows} positions (one row per token) of {n} sequences{source}, mean length "
-            f"{rows / n:.1f} tokens; {summary['num_classes']} classes (token ids); hard "
+            f"{rows / n:.1f} tokens; {layout.num_classes} classes (token ids); hard "
             f"targets: {labels}; {temps}")
 
 
@@ -164,8 +162,9 @@ def merge(sources: tuple[str, ...], out: str, combine: str) -> None:
 
     with progress_bar("merge") as bar:
         meta = run(list(sources), out, combine=combine, progress=bar)
+    members = SetInfo.from_meta(meta, where=out).teacher.members
     echo(_done(out, meta) or f"wrote {out}: {meta['num_rows']} rows, ensemble of "
-         f"{len(meta['teacher']['members'])} members ({combine})")
+         f"{len(members)} members ({combine})")
 
 
 @click.command()
@@ -210,14 +209,14 @@ def report(transfer_set: str, out: str) -> None:
     echo(f"wrote {out}/summary.md, confidence_entropy.png, class_mass.png")
 
 
-def _tokenizer_lines(dataset: dict) -> list[str]:
+def _tokenizer_lines(dataset: DatasetInfo) -> list[str]:
     """The tokenizer (text: data) and windows a set's dataset records."""
     lines = []
-    if isinstance(dataset.get("tokenizer"), dict):
-        tok = dataset["tokenizer"]
+    if dataset.tokenizer is not None:
+        tok = dataset.tokenizer
         lines.append(f"  tokenizer {tok.get('path')}  sha256 {str(tok.get('sha256'))[:16]}…")
-    if isinstance(dataset.get("windows"), dict):
-        w = dataset["windows"]
+    if dataset.windows is not None:
+        w = dataset.windows
         lines.append(f"  windows of {w.get('max_length')} tokens sharing {w.get('stride')} "
                      f"({w.get('sequences_cut')} of {w.get('source_sequences')} sequences cut)")
     return lines

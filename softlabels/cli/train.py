@@ -60,8 +60,8 @@ from softlabels.options import (
               help="DataLoader worker processes reading a streamed set; the batches and their "
                    "order are the same for any number.")
 @click.option("--state-every", type=int, default=TrainOptions.state_every, show_default=True,
-              help="With a streamed set, also write OUT.state every N steps, so a killed run "
-                   "resumes mid-epoch (0: after each epoch only).")
+              help="With a streamed set (or any sequence set), also write OUT.state every N "
+                   "steps, so a killed run resumes mid-epoch (0: after each epoch only).")
 @click.option("--trust-code", is_flag=True, help=TRUST_CODE_HELP)
 @click.option("--cache", "cache", default=None, metavar="DIR",
               help="Keep the chunks of a --transfer-set at a URL in DIR, so later epochs (and "
@@ -75,7 +75,8 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
     """Train a student from a transfer set's soft targets, or from hard labels without one.
 
     Rerunning the same command after a kill resumes after the last finished epoch (state in
-    OUT.state)."""
+    OUT.state, with the digests of --data and --indices: a rerun onto changed ones is
+    refused)."""
     from softlabels.format.chunk_cache import MAX_BYTES_ENV, parse_bytes
     from softlabels.format.location import CACHE_ENV
     from softlabels.train.trainer import train_student
@@ -93,14 +94,10 @@ def train(data: str, model: str, out: str, transfer_set: str | None, indices: st
     if result.rank != 0:
         return  # rank 0 wrote the checkpoint and reports
     last = result.history[-1]
-    acc = f", val_accuracy {last['val_accuracy']:.4f}" if "val_accuracy" in last else ""
-    if "val_perplexity" in last:  # a sequence student
-        acc = (f", val_perplexity {last['val_perplexity']:.3f}, val_token_accuracy "
-               f"{last['val_token_accuracy']:.4f}")
-    rows = "positions" if "positions" in last else "rows"
+    held = "".join(f", {k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
     how = f"soft targets of {transfer_set}" if transfer_set else "hard labels"
     echo(f"wrote {out}: {result.spec} trained {options.epochs} epochs on {result.rows} "
-               f"{rows} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{acc})")
+         f"{result.unit} from {how} in {result.seconds:.1f}s (loss {last['loss']:.4f}{held})")
 
 
 def _one_trainer(out: str, *, distributed: bool) -> WriterLease | contextlib.nullcontext:

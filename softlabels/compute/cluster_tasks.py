@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from softlabels._version import __version__
-from softlabels.compute.examples import run_blocks
+from softlabels.compute.blocks import KINDS, run_blocks
 from softlabels.compute.record import dataset_probe
-from softlabels.compute.sequences import write_window
+from softlabels.compute.rows import Feed, Unit
 from softlabels.compute.teacher_inputs import teacher_inputs
 from softlabels.compute.views import ViewDataset
 from softlabels.errors import MismatchError, SoftlabelsError, TransferSetError
@@ -110,8 +110,8 @@ def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
                    window: list[int] | None = None) -> list[int]:
     """A task: compute and write `blocks` of the set at `path`; returns them. With `token`
     (`set_token` on the driver), a worker that does not see that very set writes nothing.
-    A sequence set's task names its `window` (sequence_precompute.windows): the fixed run of
-    blocks whose sequences are batched together, computed whole, so the pending `blocks` come
+    A task may name its `window` (`rows.Unit`; a sequence set's `positions.windows`): the fixed
+    run of blocks whose rows are batched together, computed whole, so the pending `blocks` come
     out bit for bit as in a single process.
     Any failure is raised as one line naming the worker, the block and the set."""
     try:
@@ -129,10 +129,9 @@ def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
         writer = BlockWriter(path, layout)
         try:
             writer.erase(blocks)
-            if window is None:
-                run_blocks(teacher, dataset, writer, blocks, batch_size, 0, lambda n: None)
-            else:
-                write_window(teacher, dataset, writer, window, blocks, batch_size)
+            run_blocks(KINDS[layout.kind], teacher, dataset, writer,
+                       [Unit(blocks, window or blocks)],
+                       Feed(batch_size, pin_memory=teacher.device.type == "cuda"), lambda n: None)
         finally:
             writer.close()
     except Exception as exc:

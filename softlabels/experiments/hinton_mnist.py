@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.experiments.hinton_summary import summarize_seeds
 from softlabels.experiments.plots import hinton_report
@@ -33,7 +33,8 @@ from softlabels.sources.load import load_data
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_checkpoint
 from softlabels.train.metrics import accuracy_report
-from softlabels.train.trainer import materialize, predict, train_student
+from softlabels.train.plans import materialize, predict
+from softlabels.train.trainer import train_student
 
 log = logging.getLogger(__name__)
 

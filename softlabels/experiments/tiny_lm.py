@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.experiments.tiny_lm_report import PAPER, plot, results_md, summarize_lm_seeds
 from softlabels.format.operations import subset
@@ -36,8 +36,9 @@ from softlabels.safe_write import atomic_write, write_text
 from softlabels.sources.load import load_data
 from softlabels.teachers.gpt import TinyGPT
 from softlabels.teachers.models import load_checkpoint, load_model, save_checkpoint
-from softlabels.train.sequence_batches import SequenceBatches
-from softlabels.train.sequence_trainer import evaluate_sequence_model, train_sequence_model
+from softlabels.train.metrics import evaluate_sequence_model
+from softlabels.train.padded import SequenceBatches
+from softlabels.train.trainer import train_sequence_model
 
 
 def gpt(vocab: int = 256, dim: int = 128, layers: int = 4, heads: int = 4,
@@ -153,7 +154,7 @@ class _Job:
             scores = {k: self.evaluate(net, k) for k in self.eval_batches}
             return {**scores.pop("held_out"), **{f"{k}_{m}": v for k, s in scores.items()
                                                  for m, v in s.items()},
-                    **last, "epoch": best["epoch"], "positions": result.positions,
+                    **last, "epoch": best["epoch"], "positions": result.rows,
                     "loss": [round(h["loss"], 4) for h in result.history], "curve": curve}
         if kwargs.get("alpha") == 0.0:  # hard targets: the soft-target settings play no part
             params = {k: v for k, v in params.items() if k not in ("temperature", "alpha")}

@@ -3,11 +3,12 @@ integrity checks a set can answer by itself. It never imports the stages above i
 
 from __future__ import annotations
 
+from softlabels.format.info import SetInfo
 from softlabels.format.integrity import VerifyReport
 from softlabels.format.layout import Layout
 from softlabels.format.operations import convert, merge, subset
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.writer import TransferSetWriter
 
-__all__ = ["Layout", "TransferSet", "TransferSetWriter", "VerifyReport", "convert", "merge",
-           "open_transfer_set", "subset"]
+__all__ = ["Layout", "SetInfo", "TransferSet", "TransferSetWriter", "VerifyReport", "convert",
+           "merge", "open_transfer_set", "subset"]

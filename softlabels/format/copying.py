@@ -1,4 +1,4 @@
-"""What every set operation (convert, subset, merge; their sequence forms in sequence_ops.py)
+"""What every set operation (convert, subset, merge; their kinds of row in rows.py)
 shares: reading a source set by rows (`Source`), recording it in provenance, and writing the
 output under its lease, aside, resumable and never over another set (`write_output`)."""
 
@@ -18,7 +18,8 @@ from softlabels.errors import SoftlabelsError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.aside import PACKING, PARTIAL, beside, clear_staging, publish, remove_set
 from softlabels.format.backends import backend_of, open_store
-from softlabels.format.layout import DIGEST, Layout, carried
+from softlabels.format.info import SetInfo, SourceRecord
+from softlabels.format.layout import DIGEST, Layout
 from softlabels.format.lease import WriterLease
 from softlabels.format.location import Remote, is_url
 from softlabels.format.reader import TransferSet
@@ -33,13 +34,15 @@ BlockArrays = Callable[[int, int], dict[str, np.ndarray]]
 ALREADY_COMPLETE = "already_complete"  # in what an operation returns when it did nothing
 
 
-def source_record(ts: TransferSet) -> dict[str, Any]:
-    """A source set as provenance records it; `identity` (the XXH3 of its metadata digest)
-    changes when a different set is put at the same path, so a resume onto it is refused."""
-    return {"path": str(ts.path), "fingerprint": ts.meta["dataset"]["fingerprint"],
-            "teacher": [m["sha256"] for m in ts.meta["teacher"]["members"]],
-            "identity": xxhash.xxh3_64_hexdigest(
-                json.dumps(ts.meta.get(DIGEST), sort_keys=True).encode())}
+def source_record(ts: TransferSet, **selection: Any) -> SourceRecord:
+    """A source set as provenance records it, with a subset's `selection`; `identity` (the
+    XXH3 of its metadata digest) changes when a different set is put at the same path, so a
+    resume onto it is refused."""
+    return SourceRecord(path=str(ts.path), fingerprint=ts.info.dataset.fingerprint,
+                        teacher=tuple(ts.info.teacher.weights),
+                        identity=xxhash.xxh3_64_hexdigest(
+                            json.dumps(ts.meta.get(DIGEST), sort_keys=True).encode()),
+                        extra=selection)
 
 
 def indices_digest(indices: str | os.PathLike[str] | None) -> str | None:
@@ -81,7 +84,7 @@ def _refuse_existing_remote(out: str, provenance: Any) -> None:
         old = None
     unfinished = isinstance(old, dict) and old.get("status") == S.STATUS_WRITING
     if unfinished and provenance is not None:
-        if _normal(old.get("provenance")) == _normal(provenance):
+        if _recorded_provenance(old) == provenance:
             return  # this same command, stopped earlier: resumed block by block
         raise SoftlabelsError(f"{out} holds an unfinished set written by another command "
                               "(its provenance differs); nothing was written: choose a new "
@@ -108,27 +111,41 @@ def _normal(value: Any) -> Any:
     return redact_obj(json.loads(json.dumps(value)))  # as the writer stores it
 
 
-def write_output(out: Path | str, layout: Layout, meta: dict[str, Any], arrays: BlockArrays,
-           progress: Progress | None, *, whole: dict[str, np.ndarray] | None = None,
-           ) -> dict[str, Any]:
+def _provenance(info: SetInfo) -> Any:
+    """The provenance `info` records, as the writer stores it (redacted)."""
+    return _normal(info.provenance.to_meta() if info.provenance is not None else None)
+
+
+def _recorded_provenance(meta: Any) -> Any:
+    """The provenance an existing output's metadata records, as stored; None where its
+    metadata is not a set's."""
+    try:
+        return _provenance(SetInfo.from_meta(meta))
+    except TransferSetError:
+        return None
+
+
+def write_output(out: Path | str, layout: Layout, info: SetInfo, arrays: BlockArrays,
+                 progress: Progress | None, *, whole: dict[str, np.ndarray] | None = None,
+                 ) -> dict[str, Any]:
     """Write a new set aside (`OUT.partial`) and rename it to `OUT` once complete, holding the
     output's lease throughout; a zip target is packed from the staged directory. A rerun after a
     kill clears what the killed run left and starts again. `whole`: arrays not written by block
-    (a sequence set's offsets).
+    (a sequence set's offsets). Returns the output's metadata.
 
     At a URL (no rename in an object store) the set is written in place, marked complete
     last; a rerun after a kill resumes it (its provenance names the same sources and
     selection)."""
-    meta = carried(meta)
+    meta, provenance = info.to_meta(), _provenance(info)
     old = _complete_meta(out)
-    if old is not None and _normal(old.get("provenance")) == _normal(meta.get("provenance")):
+    if old is not None and _recorded_provenance(old) == provenance:
         if not isinstance(out, str):  # what a run killed after publishing left beside it
             with WriterLease(out):
                 clear_staging(out)
         return {**old, ALREADY_COMPLETE: True}  # this same command finished earlier
     if isinstance(out, str):
         with WriterLease(out):
-            refuse_existing(out, meta.get("provenance"))
+            refuse_existing(out, provenance)
             return _write_blocks(out, layout, meta, arrays, progress, backend_of(out), whole)
     zipped = backend_of(out) == "zarr-zip"
     with WriterLease(out):

@@ -123,9 +123,9 @@ class TemperingCheck:
     """
 
     def __init__(self, ts: TransferSet) -> None:
-        lay, teacher = ts.layout, ts.meta.get("teacher") or {}
-        self.layout, self.combine = lay, teacher.get("combine", "mean-logits")
-        ensemble_without_members = (len(teacher.get("members") or ()) > 1 and not lay.num_members
+        lay, teacher = ts.layout, ts.info.teacher
+        self.layout, self.combine = lay, teacher.combine
+        ensemble_without_members = (len(teacher.members) > 1 and not lay.num_members
                                     and self.combine == "mean-probs")
         self.checkable = [] if lay.sparse else [
             k for k, t in enumerate(lay.temperatures) if not ensemble_without_members or t == 1]
@@ -266,7 +266,7 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
 
 def _check_columns(ts: TransferSet, report: VerifyReport) -> None:
     index, labels = ts.index(), ts.labels()
-    n = int(ts.meta["num_examples"])
+    n = ts.info.num_examples
     ok_index = bool(len(index) == 0 or (index.min() >= 0 and index.max() < n))
     first_out = int(np.argmax((index < 0) | (index >= n))) if len(index) else 0
     report.add("index", ok_index, f"dataset indices within [0, {n})" if ok_index else
@@ -277,6 +277,6 @@ def _check_columns(ts: TransferSet, report: VerifyReport) -> None:
                if not bad_labels.any() else f"labels outside [-1, {c}): first at row "
                f"{int(np.argmax(bad_labels))} ({int(labels[np.argmax(bad_labels)])})")
     fp = S.fingerprint(ts.sample_hash())
-    recorded = ts.meta.get("dataset", {}).get("fingerprint")
+    recorded = ts.info.dataset.fingerprint
     report.add("fingerprint", fp == recorded, f"sample_hash fingerprint {fp[:16]}… "
                + ("matches the recorded one" if fp == recorded else f"!= recorded {recorded}"))

@@ -410,8 +410,3 @@ def resume_identity(meta: dict[str, Any]) -> dict[str, Any]:
             "combine": teacher.get("combine"), "dataset length": dataset.get("length"),
             "dataset probe": dataset.get("probe")}
 
-
-def carried(meta: dict[str, Any]) -> dict[str, Any]:
-    """The metadata a copy of a set carries over (all but the file keys and the layout keys,
-    which the writer sets from the copy's own layout)."""
-    return {k: v for k, v in meta.items() if k not in FILE_KEYS and k not in LAYOUT_KEYS}

@@ -1,5 +1,6 @@
 """Sharing transfer sets between teams: subset, merge and convert, each into a new set that
-records where it came from (its `provenance`)."""
+records where it came from (its `provenance`). Written once for every kind of row: what
+differs (whole sequences and their offsets, or single rows) is the kind's `rows.RowKind`."""
 
 from __future__ import annotations
 
@@ -15,44 +16,16 @@ from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.copying import (
     Source,
-    indices_digest,
     output_path,
     refuse_existing,
     source_record,
     write_output,
 )
-from softlabels.format.layout import ROW_KEYS, Layout
+from softlabels.format.info import Provenance, TeacherInfo
 from softlabels.format.reader import TransferSet, open_transfer_set
-from softlabels.format.selection import read_indices, select_rows
+from softlabels.format.rows import KINDS, RowChoice, RowKind
 from softlabels.progress import Progress
 from softlabels.tempering import combine_logits, ensemble_probs
-
-
-def _layout(ts: TransferSet, **changes: Any) -> Layout:
-    """The source's layout (from its metadata), with `changes` (a row count, members)."""
-    return dataclasses.replace(ts.layout, **changes)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -60,16 +33,11 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Copy a set into another container (`.zarr`, `.h5`, `.zarr.zip`), content identical."""
     out = output_path(out)
     with open_transfer_set(src) as ts:
-        if ts.layout.num_sequences:
-            from softlabels.format.sequence_ops import convert_sequences
-
-            return convert_sequences(ts, out, progress=progress)
-        layout = _layout(ts)
-        names = list(layout.arrays())
-        meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
-                                          "converted_from": source_record(ts)}}
-        source = Source(ts)
-        return write_output(out, layout, meta, lambda a, b: source.range(names, a, b), progress)
+        whole = KINDS[ts.layout.kind].whole(ts)
+        source, names = Source(ts), list(ts.layout.arrays())
+        info = ts.info.derived(converted_from=source_record(ts))
+        return write_output(out, ts.layout, info, lambda a, b: source.range(names, a, b),
+                            progress, whole=whole)
 
 
 def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -77,32 +45,20 @@ def subset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
            exclude_classes: Sequence[int] | None = None,
            indices: str | os.PathLike[str] | None = None,
            progress: Progress | None = None) -> dict[str, Any]:
-    """A new set holding the selected rows; `index` still points into the source dataset."""
+    """A new set holding the selected rows (of a sequence set, whole sequences); `index`
+    still points into the source dataset."""
     out = output_path(out)
     refuse_existing(out, early=True)
+    choice = RowChoice(fraction=fraction, seed=seed, classes=classes,
+                       exclude_classes=exclude_classes, indices=indices)
     with open_transfer_set(src) as ts:
-        if ts.layout.num_sequences:  # cut by whole sequences
-            from softlabels.format.sequence_ops import subset_sequences
-
-            return subset_sequences(ts, out, fraction=fraction, seed=seed, classes=classes,
-                                    exclude_classes=exclude_classes, indices=indices,
-                                    progress=progress)
         source = Source(ts)
-        # every block is checked before its labels and index choose rows
-        columns = source.range([S.LABELS, S.INDEX], 0, ts.num_rows)
-        rows = select_rows(columns[S.LABELS], index=columns[S.INDEX], fraction=fraction, seed=seed,
-                           classes=classes, exclude_classes=exclude_classes,
-                           indices=read_indices(indices) if indices is not None else None,
-                           num_examples=int(ts.meta["num_examples"]))
-        layout = _layout(ts, num_rows=len(rows))
-        names = list(layout.arrays())
-        selection = {"fraction": fraction, "seed": seed, "classes": classes,
-                     "exclude_classes": exclude_classes,
-                     "indices": str(indices) if indices is not None else None,
-                     "indices_digest": indices_digest(indices)}
-        meta = {**ts.meta, "provenance": {**ts.meta.get("provenance", {}),
-                                          "subset_of": {**source_record(ts), **selection}}}
-        return write_output(out, layout, meta, lambda a, b: source.rows(names, rows[a:b]), progress)
+        chosen = KINDS[ts.layout.kind].select(source, choice, where=out)
+        info = ts.info.derived(subset_of=source_record(ts, **chosen.record))
+        names = list(chosen.layout.arrays())
+        return write_output(out, chosen.layout, info,
+                            lambda a, b: source.rows(names, chosen.rows[a:b]), progress,
+                            whole=chosen.whole)
 
 
 def _members(source: Source, start: int, stop: int) -> np.ndarray:
@@ -112,22 +68,27 @@ def _members(source: Source, start: int, stop: int) -> np.ndarray:
     return source.range([S.LOGITS], start, stop)[S.LOGITS].astype(np.float32)[None]
 
 
-def _check_mergeable(sets: list[TransferSet]) -> None:
-    for ts in sets:
-        if ts.layout.num_sequences:
-            raise SoftlabelsError(f"{ts.path} is a sequence set: merging sequence sets is not "
-                                  "defined in this version; precompute the ensemble at once "
-                                  "(repeat --teacher)")
+def _rows_are(ts: TransferSet) -> dict[str, Any]:
+    """Beside the data, what each row is (which augmented view): merged sets must agree."""
+    return {"views": ts.layout.views or None, "augment": ts.info.augment,
+            "view_seed": ts.info.view_seed}
+
+
+def _check_mergeable(sets: list[TransferSet], kinds: list[RowKind]) -> None:
+    for ts, kind in zip(sets, kinds):
+        refusal = kind.merge_refusal(ts)
+        if refusal:
+            raise SoftlabelsError(f"{ts.path} {refusal}")
     first = sets[0]
     for ts in sets[1:]:
         for what, a, b in (
-                ("dataset fingerprint", first.meta["dataset"]["fingerprint"],
-                 ts.meta["dataset"]["fingerprint"]),
+                ("dataset fingerprint", first.info.dataset.fingerprint,
+                 ts.info.dataset.fingerprint),
                 ("number of classes", first.num_classes, ts.num_classes),
                 ("number of rows", first.num_rows, ts.num_rows),
                 ("temperatures", first.temperatures, ts.temperatures),
-                *((f"{key!r} (the augmented views)", first.meta.get(key), ts.meta.get(key))
-                  for key in ROW_KEYS)):
+                *((f"{key!r} (the augmented views)", value, _rows_are(ts)[key])
+                  for key, value in _rows_are(first).items())):
             if a != b:
                 raise MismatchError(f"cannot merge {ts.path} into {first.path}: {what} differs "
                                     f"({b} against {a}); merge sets made on the same data")
@@ -135,7 +96,7 @@ def _check_mergeable(sets: list[TransferSet]) -> None:
         if ts.sparse:
             raise SoftlabelsError(f"{ts.path} is sparse ({ts.sparse['kind']}): merging needs "
                                   "dense member logits; merge dense sets, then cut them down")
-        if len(ts.meta["teacher"]["members"]) > 1 and not ts.has(S.MEMBER_LOGITS):
+        if len(ts.info.teacher.members) > 1 and not ts.has(S.MEMBER_LOGITS):
             raise SoftlabelsError(f"{ts.path} is an ensemble without member logits; remake it "
                                   "with --keep-members to merge it")
 
@@ -152,19 +113,20 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
     refuse_existing(out, early=True)
     sets = [open_transfer_set(s) for s in sources]
     try:
-        _check_mergeable(sets)
+        kinds = [KINDS[ts.layout.kind] for ts in sets]
+        _check_mergeable(sets, kinds)
         first = sets[0]
-        members = [m for ts in sets for m in ts.meta["teacher"]["members"]]
-        layout = _layout(first, num_members=len(members))
+        members = tuple(m for ts in sets for m in ts.info.teacher.members)
+        layout = dataclasses.replace(first.layout, num_members=len(members))
         temps = first.temperatures
-        sources = [Source(ts) for ts in sets]
+        readers = [Source(ts) for ts in sets]
         computed = (S.MEMBER_LOGITS, S.LOGITS, S.PROBS)
         columns = [n for n in layout.arrays() if n not in computed]  # labels, index, view_seed...
 
         def arrays(start: int, stop: int) -> dict[str, np.ndarray]:
-            z = torch.from_numpy(np.concatenate([_members(s, start, stop) for s in sources]))
-            rows = sources[0].range(columns, start, stop)
-            for other in sources[1:]:  # checked reads: the rows' order, block by block
+            z = torch.from_numpy(np.concatenate([_members(s, start, stop) for s in readers]))
+            rows = readers[0].range(columns, start, stop)
+            for other in readers[1:]:  # checked reads: the rows' order, block by block
                 if not np.array_equal(other.range([S.INDEX], start, stop)[S.INDEX],
                                       rows[S.INDEX]):
                     raise MismatchError(f"cannot merge {other.ts.path}: its rows are in "
@@ -172,11 +134,14 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
             return {S.MEMBER_LOGITS: z.numpy(), S.LOGITS: combine_logits(z, combine).numpy(),
                     S.PROBS: ensemble_probs(z, temps, combine).numpy(), **rows}
 
-        applied = {k: v for k, v in first.meta["teacher"].items() if k == "preprocess"}
-        meta = {**first.meta, "teacher": {"members": members, "combine": combine, **applied},
-                "provenance": {"merged_from": [source_record(ts) for ts in sets]}}
-        return write_output(out, layout, meta, arrays, progress)
+        applied = first.info.teacher  # the preprocessing the inputs went through, if any
+        teacher = TeacherInfo(members=members, combine=combine, preprocess=applied.preprocess,
+                              nulls=applied.nulls & {"preprocess"})
+        info = first.info.replace(
+            teacher=teacher, provenance=Provenance(merged_from=tuple(map(source_record, sets))),
+            nulls=first.info.nulls - {"provenance"})
+        return write_output(out, layout, info, arrays, progress,
+                            whole=kinds[0].whole(first))
     finally:
         for ts in sets:
             ts.close()
-

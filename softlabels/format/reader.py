@@ -31,7 +31,8 @@ from softlabels.format.blockcheck import (
     value_problem,
 )
 from softlabels.format.chunk_files import ChunkFiles
-from softlabels.format.layout import Layout, array_problems, check_described, check_digest
+from softlabels.format.info import SetInfo
+from softlabels.format.layout import Layout, array_problems, check_digest
 from softlabels.format.location import Remote, cache_dir, is_timeout, is_url
 from softlabels.format.store import Store
 from softlabels.tempering import tempered_softmax
@@ -46,13 +47,13 @@ class TransferSet:
         self.meta: dict[str, Any] = S.check_readable(store.get_meta(), str(store.path))
         check_digest(self.meta, str(store.path))
         self.layout = Layout.from_meta(self.meta, where=str(store.path))
-        check_described(self.meta, str(store.path))
+        self.info = SetInfo.from_meta(self.meta, where=str(store.path))  # teacher, dataset...
         self.num_rows: int = self.layout.num_rows
         self.num_classes: int = self.layout.num_classes
         self.temperatures: list[float] = list(self.layout.temperatures)
         self.chunk_rows: int = self.layout.chunk_rows
         self.block_rows: int = self.layout.block_rows
-        self.class_names: list[str] = list(self.meta.get("class_names") or [])
+        self.class_names: list[str] = list(self.info.class_names or ())
         self.sparse: dict[str, Any] | None = self.layout.sparse  # {"kind", "k"} or None
         self.format_version: int = int(self.meta["format_version"])
         # read-only: listed once, not on every read (probed by name where it cannot be listed;
@@ -234,7 +235,7 @@ class TransferSet:
             problem = checksum_problem(self._slots, self.temperatures, out, k,
                                        self._recorded[block])
         problem = undone or problem or value_problem(out, self.num_classes,
-                                                         int(self.meta["num_examples"]),
+                                                         self.info.num_examples,
                                                          temperatures=self.temperatures)
         if problem:
             self.store.drop_cache()
@@ -385,7 +386,7 @@ class TransferSetInputs(Dataset):
             self.path, self.classes = ts.path, ts.class_names
             self.chunk = ts.arrays()[S.INPUTS][2][0]
             index, self.labels = ts.index(), ts.labels()
-            self.row_of = np.full(int(ts.meta["num_examples"]), -1, dtype=np.int64)
+            self.row_of = np.full(ts.info.num_examples, -1, dtype=np.int64)
             self.row_of[index] = np.arange(len(index))
         self._ts: TransferSet | None = None
         self._cached: tuple[int, np.ndarray] = (-1, np.empty(0))

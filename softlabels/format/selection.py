@@ -1,14 +1,17 @@
-"""Which rows a student trains on: a seeded stratified fraction, class lists, index files."""
+"""Which rows a student trains on, or a subset keeps: a seeded stratified fraction, class lists,
+index files; of a sequence set, whole sequences."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from softlabels.errors import SoftlabelsError
+from softlabels.format import schema as S
 
 
 def read_indices(path: str | os.PathLike[str]) -> np.ndarray:
@@ -94,3 +97,27 @@ def stratified_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
         take = max(1, int(round(fraction * len(rows))))
         mask[rng.permutation(rows)[:take]] = True
     return mask
+
+
+class IndexReader(Protocol):
+    """What `select_sequences` reads a set's `index` through (a `copying.Source`)."""
+
+    def rows(self, names: Sequence[str], rows: np.ndarray) -> dict[str, Any]: ...
+
+
+def select_sequences(index: IndexReader, offsets: np.ndarray, *, fraction: float | None,
+                     seed: int, indices: np.ndarray | None) -> np.ndarray:
+    """Sorted sequence numbers kept: those whose dataset index is in `indices`, then a seeded
+    `fraction` of them (at least one). `index`: the source, read checked."""
+    keep = np.arange(len(offsets) - 1)
+    if indices is not None:
+        keep = keep[np.isin(index.rows([S.INDEX], offsets[:-1])[S.INDEX], indices)]
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise SoftlabelsError(f"--fraction must lie in (0, 1], got {fraction}")
+        take = max(1, int(round(fraction * len(keep))))
+        keep = np.sort(np.random.default_rng(seed).permutation(keep)[:take])
+    if len(keep) == 0:
+        raise SoftlabelsError("the subset options select no sequences; loosen --fraction or "
+                              "--indices")
+    return keep

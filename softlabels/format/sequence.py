@@ -95,7 +95,7 @@ def is_sequence_set(ts: TransferSet) -> bool:
 
 def read_offsets(ts: TransferSet) -> np.ndarray:
     """(S+1,) int64 row boundaries, checked against the hash recorded in the metadata."""
-    if not is_sequence_set(ts):
+    if ts.layout.kind != "sequences":
         raise TransferSetError(f"{ts.path} is not a sequence set (no 'sequence' metadata)")
     try:
         offsets = ts.store.read(SEQ_OFFSETS).astype(np.int64)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softlabels.compute.sequences import pad
+from softlabels.compute.positions import pad
 from softlabels.compute.teacher_inputs import replay_inputs
 from softlabels.compute.views import build_augment, replay
 from softlabels.format import schema as S
@@ -86,7 +86,7 @@ class Examples:
 
     def check_data(self, ts: TransferSet, dataset: Dataset, report: VerifyReport,
                    progress: Progress | None) -> bool:
-        n = int(ts.meta["num_examples"])
+        n = ts.info.num_examples
         if len(dataset) != n:
             return report.add("data", False, f"the dataset has {len(dataset)} examples, the set "
                               f"was made from {n}; pass the DATA it was made from")
@@ -109,8 +109,8 @@ class Examples:
                     rows: np.ndarray, trust_code: bool) -> np.ndarray:
         index = ts.index()
         x = stack_images([split_item(dataset[int(index[r])])[0] for r in rows])
-        if ts.meta.get("views"):  # replay each sampled row's view from its seed
-            transform = build_augment(ts.meta["augment"], x[0], trust_code=trust_code,
+        if ts.layout.views:  # replay each sampled row's view from its seed
+            transform = build_augment(ts.info.augment, x[0], trust_code=trust_code,
                                       source=f"{ts.path} (its augment)")
             seeds = ts.read(S.VIEW_SEED)[rows]
             x = torch.stack([replay(transform, xi, int(s)) for xi, s in zip(x, seeds)])
@@ -145,7 +145,7 @@ class Sequences:
 
     def check_data(self, ts: TransferSet, dataset: Dataset, report: VerifyReport,
                    progress: Progress | None) -> bool:
-        n = int(ts.meta["num_examples"])
+        n = ts.info.num_examples
         if len(dataset) != n:
             return report.add("data", False, f"the data has {len(dataset)} sequences, the set "
                               f"was made from {n}; pass the DATA it was made from")
@@ -173,7 +173,7 @@ class Sequences:
         for s in np.unique(seq_of):  # the teacher runs once per sampled sequence
             ids = pad([dataset[int(index[offsets[s]])]])
             with torch.inference_mode():
-                z = combine_logits(teacher.member_logits(ids), ts.meta["teacher"]["combine"])[0]
+                z = combine_logits(teacher.member_logits(ids), ts.info.teacher.combine)[0]
             parts.append(z.cpu().numpy()[rows[seq_of == s] - offsets[s]])  # (n_s, C)
         return np.concatenate(parts)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.errors import SoftlabelsError
+from softlabels.format.info import Provenance, SetInfo
 from softlabels.safe_write import save_figure, write_text
 
 
@@ -101,7 +102,7 @@ def transfer_set_report(path: str | Path, out: str | Path) -> dict[str, Any]:
 
     out = Path(out)
     with open_transfer_set(path) as ts:
-        if ts.layout.num_sequences:
+        if ts.layout.kind == "sequences":
             raise SoftlabelsError(
                 f"{ts.path} is a sequence set ({ts.layout.num_sequences} sequences, "
                 f"{ts.num_rows} positions): report plots per-example class mass, expected an "
@@ -111,37 +112,50 @@ def transfer_set_report(path: str | Path, out: str | Path) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         _histograms(ts, st, out / "confidence_entropy.png")
         _heatmaps(ts, st, out / "class_mass.png")
-        summary = ts.summary()
-    write_text(out / "summary.md", _summary_markdown(summary, st), what="report")
+        summary, info = ts.summary(), ts.info
+    write_text(out / "summary.md", _summary_markdown(summary, info, st), what="report")
     return {"accuracy": st["accuracy"], "labelled_rows": st["labelled"], "out": str(out)}
 
 
-def _summary_markdown(s: dict[str, Any], st: dict[str, Any]) -> str:
-    teacher, data = s["teacher"], s["dataset"]
-    prov = s.get("provenance") or {}
+def _summary_markdown(s: dict[str, Any], info: SetInfo, st: dict[str, Any]) -> str:
+    """`s`: the set's summary (path, backend, size, layout); `info`: what it describes."""
+    teacher, data = info.teacher, info.dataset
     acc = (f"{st['accuracy']:.4f} on {st['labelled']} labelled rows"
            if st["accuracy"] is not None else "no labelled rows")
     lines = [
         f"# Transfer set `{s['path']}`", "",
         f"- format version {s['format_version']}, status {s['status']}, {s['backend']}, "
         f"{s['bytes'] / 2**20:.2f} MiB",
-        f"- {s['num_rows']} rows of {s['num_examples']} examples, {s['num_classes']} classes, "
+        f"- {s['num_rows']} rows of {info.num_examples} examples, {s['num_classes']} classes, "
         f"temperatures {s['temperatures']}", f"- teacher top-1 accuracy: {acc}",
-        f"- made {s.get('created_at')} on {s.get('device')} at {s.get('precision')}; "
-        + ", ".join(f"{k} {v}" for k, v in (s.get("versions") or {}).items()), "",
-        f"## Teacher ({teacher['combine']})", "", "| member | weights sha256 |", "|---|---|",
-        *[f"| `{m.get('source', m['spec'])}` (`{m['spec']}`) | `{m['sha256']}` |"
-          for m in teacher["members"]], "",
-        "## Data", "", f"- spec `{data.get('spec')}`, {data.get('length')} examples",
-        f"- fingerprint `{data.get('fingerprint')}`", "",
+        f"- made {info.created_at} on {info.device} at {info.precision}; "
+        + ", ".join(f"{k} {v}" for k, v in (info.versions or {}).items()), "",
+        f"## Teacher ({teacher.combine})", "", "| member | weights sha256 |", "|---|---|",
+        *[f"| `{m.name}` (`{m.spec}`) | `{m.sha256}` |" for m in teacher.members], "",
+        "## Data", "", f"- spec `{data.spec}`, {data.length} examples",
+        f"- fingerprint `{data.fingerprint}`", "",
     ]
-    if prov:
-        lines += ["## Provenance", ""]
-        for key, src in prov.items():
-            for item in src if isinstance(src, list) else [src]:
-                lines.append(f"- {key.replace('_', ' ')} `{item['path']}` (fingerprint "
-                             f"`{item['fingerprint'][:16]}…`)")
-        lines.append("")
+    origin = _provenance_lines(info.provenance)
+    if origin:
+        lines += ["## Provenance", "", *origin, ""]
     lines += ["## Plots", "", "![confidence and entropy](confidence_entropy.png)", "",
               "![class mass](class_mass.png)", ""]
     return "\n".join(lines)
+
+
+
+def _provenance_lines(prov: Provenance | None) -> list[str]:
+    """A line for every set this one was cut, merged or converted from, or its import."""
+    if prov is None:
+        return []
+    lines = []
+    for key in ("subset_of", "merged_from", "converted_from"):
+        value = getattr(prov, key)
+        for src in value if isinstance(value, tuple) else (value,) if value else ():
+            lines.append(f"- {key.replace('_', ' ')} `{src.path}` (fingerprint "
+                         f"`{(src.fingerprint or '')[:16]}…`)")
+    if prov.imported_from is not None:
+        imported = prov.imported_from
+        lines.append(f"- imported ({imported.format})"
+                     + (f" from `{imported.path}`" if imported.path else ""))
+    return lines

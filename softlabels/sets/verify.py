@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from torch import nn
@@ -28,11 +27,11 @@ from softlabels.sets.alignment import KINDS, Alignment
 from softlabels.teachers.ensemble import Teacher
 
 
-def default_tolerance(meta: dict[str, Any]) -> float:
+def default_tolerance(ts: TransferSet) -> float:
     """Largest |live - stored| / (1 + |stored|) accepted for recomputed logits."""
-    if meta.get("precision", "fp32") != "fp32":
+    if (ts.info.precision or "fp32") != "fp32":
         return 5e-2
-    return 1e-2 if meta.get("dtype") == "float16" else 1e-3
+    return 1e-2 if ts.layout.dtype == "float16" else 1e-3
 
 
 def _sampled(ts: TransferSet, names: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -51,7 +50,7 @@ def _differences(ts: TransferSet, kind: Alignment, rows: np.ndarray,
                  live: np.ndarray) -> np.ndarray:
     """(n,) per sampled row, the largest |live - stored| / (1 + |stored|)."""
     if not ts.sparse:  # dense: compared at the precision the set stores
-        live = live.astype(ts.meta["dtype"]).astype(np.float32)
+        live = live.astype(ts.layout.dtype).astype(np.float32)
         stored = _sampled(ts, [S.LOGITS], rows)[S.LOGITS].astype(np.float32)
     elif ts.layout.hybrid:  # the stored values and normalisers against the live logits
         hybrid = ts.layout.hybrid
@@ -66,11 +65,10 @@ def _differences(ts: TransferSet, kind: Alignment, rows: np.ndarray,
 def _check_teacher(ts: TransferSet, kind: Alignment, dataset: Dataset,
                    teachers: Sequence[str | nn.Module], report: VerifyReport, sample: int,
                    seed: int, tolerance: float, device: str, trust_code: bool) -> None:
-    meta = ts.meta
-    teacher = Teacher(teachers, device=device, combine=meta["teacher"]["combine"],
+    teacher = Teacher(teachers, device=device, combine=ts.info.teacher.combine,
                       trust_code=trust_code)
-    report.add("teacher weights", *teacher.weights_match(meta["teacher"]))
-    recorded = meta["teacher"].get("preprocess")
+    report.add("teacher weights", *teacher.weights_match(ts.meta["teacher"]))
+    recorded = ts.info.teacher.preprocess
     if recorded:  # the data was replayed through it (replay_inputs); the live one should agree
         live = teacher.preprocess()
         same = live is not None and live == Preprocess.from_meta(recorded)
@@ -134,7 +132,7 @@ def verify(
             if dataset is not None and kind.check_data(ts, dataset, report, progress) \
                     and teachers:
                 _check_teacher(ts, kind, dataset, teachers, report, sample, seed,
-                               default_tolerance(ts.meta) if tolerance is None else tolerance,
+                               default_tolerance(ts) if tolerance is None else tolerance,
                                device, trust_code)
         finally:
             kind.word(ts, report)

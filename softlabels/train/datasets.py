@@ -57,7 +57,7 @@ def _open(data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSe
 
 def check_length(data: Dataset, ts: TransferSet) -> None:
     """Refuse a dataset longer or shorter than the one the set was made from."""
-    made_from = int(ts.meta["num_examples"])
+    made_from = ts.info.num_examples
     if len(data) != made_from:
         how = "longer" if len(data) > made_from else "shorter"
         raise MismatchError(f"the dataset has {len(data)} examples but {ts.path} was made from "
@@ -99,7 +99,7 @@ def selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
             ts.read_block(block)
         raise
     bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes)
-                         | (index < 0) | (index >= int(ts.meta["num_examples"])))
+                         | (index < 0) | (index >= ts.info.num_examples))
     if len(bad):
         ts.read_block(int(bad[0]) // ts.block_rows)  # raises IntegrityError naming the block
     return select_rows(labels, index=index, **select)
@@ -138,10 +138,10 @@ class SoftTargetDataset(Dataset):
         self.labels = torch.from_numpy(loaded["labels"][self.rows])
         # A view set: each row replays the exact augmented view the teacher labelled.
         self.view_seeds = self.transform = None
-        if self.ts.meta.get("views"):
+        if self.ts.layout.views:
             self.view_seeds = loaded["view_seed"][self.rows]
             x0, _ = split_item(self.data[int(self.data_index[0])])
-            self.transform = build_augment(self.ts.meta["augment"], x0, trust_code=trust_code,
+            self.transform = build_augment(self.ts.info.augment, x0, trust_code=trust_code,
                                            source=f"{self.ts.path} (its augment)")
         targets = [torch.from_numpy(t[self.rows]) for t in loaded["targets"]]
         # sparse: (classes, weights) per row, k of each; dense: (rows, C)
@@ -207,7 +207,7 @@ class SoftTargetBatches(IterableDataset):
                  check: bool = True, checksum: bool = True, rank: int | None = None,
                  world_size: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         dataset, ts = _open(data, transfer_set)
-        if ts.meta.get("views"):
+        if ts.layout.views:
             raise SoftlabelsError(f"{ts.path} holds augmented views: streaming serves plain "
                                   "examples; use SoftTargetDataset")
         if batch_size <= 0:

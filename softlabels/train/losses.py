@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from softlabels.errors import SoftlabelsError
 from softlabels.options import TOPK_CONVENTIONS
 from softlabels.tempering import at_least_float32, tempered_log_softmax, tempered_softmax
+from softlabels.train.padded import SequenceBatch
 
 
 def _check(temperature: float, alpha: float) -> None:
@@ -165,3 +166,40 @@ def target_convention(kind: str, topk_loss: str = "residual") -> str:
     """The `sparse_kd_loss` convention of a set's target kind: top-k sets take the chosen
     `topk_loss`; sampled and hybrid targets are unbiased estimates."""
     return topk_loss if kind == "topk" else "estimate"
+
+
+def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
+                     temperature: float = 1.0, alpha: float = 0.9,
+                     topk_loss: str = "residual") -> torch.Tensor:
+    """Hinton KD per position:
+
+        alpha * T^2 * mean_m KL(p_T || softmax(s / T)) + (1 - alpha) * mean_l CE(y, softmax(s))
+
+    m runs over the masked-in positions (each has soft targets), l over the masked-in positions
+    that have a hard target (label >= 0: a sequence's last position has no next token). Each
+    term is its own mean at every alpha, so the loss is continuous as alpha -> 0; alpha = 0, or
+    a "hard" batch, is the hard term alone. p_T are the stored targets: top-k exact
+    probabilities under the `topk_loss` convention (`residual` or `zero`), sampled or hybrid
+    targets (unbiased estimates), or dense probabilities (see `sparse_kd_loss`,
+    `kd_loss_from_probs`). Only the masked-in rows of the (B, L, V) logits are used.
+    """
+    m = batch.mask.reshape(-1)
+    if not m.any():  # a batch of masked-out sequences: nothing to distil, no gradient
+        return student_logits.sum() * 0
+    z = student_logits.reshape(-1, student_logits.shape[-1])[m]
+    labels = batch.labels.reshape(-1)[m]
+    if not len(z):  # nothing distilled in this batch (e.g. one-token sequences): no loss, not NaN
+        return student_logits.sum() * 0
+    hard = labelled_cross_entropy(z, labels)
+    if batch.kind == "hard" or alpha == 0:
+        return hard
+    if batch.kind == "dense":
+        soft = kd_loss_from_probs(z, batch.probs.reshape(-1, batch.probs.shape[-1])[m],
+                                  temperature=temperature)
+    else:
+        k = batch.classes.shape[-1]
+        log_p = None if batch.log_p is None else batch.log_p.reshape(-1, k)[m]
+        soft = sparse_kd_loss(z, batch.classes.reshape(-1, k)[m],
+                              batch.weights.reshape(-1, k)[m], log_p, temperature=temperature,
+                              convention=target_convention(batch.kind, topk_loss))
+    return alpha * soft + (1 - alpha) * hard

@@ -1,10 +1,19 @@
-"""Metrics of a student: accuracy, errors, agreement with and KL to the teacher, calibration."""
+"""Metrics of a student: accuracy, errors, agreement with and KL to the teacher, calibration;
+for a sequence student, perplexity and token accuracy."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from softlabels.errors import SoftlabelsError
+from softlabels.teachers.ensemble import resolve_device
 from softlabels.tempering import tempered_log_softmax
 
 
@@ -49,3 +58,29 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,
             ece += float(in_bin.float().mean()) * abs(float(conf[in_bin].mean())
                                                       - float(correct[in_bin].mean()))
     return ece
+
+
+@torch.no_grad()
+def evaluate_sequence_model(model: nn.Module, batches: Iterable[Any], *,
+                            device: str = "auto") -> dict[str, float]:
+    """Perplexity (exp of the mean next-token cross-entropy, nats) and token accuracy over the
+    masked-in positions that have a hard target, over padded batches of whole sequences
+    (`padded.SequenceBatches`)."""
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    nll, correct, count = 0.0, 0, 0
+    for batch in batches:
+        batch = batch.to(dev)
+        z = model(batch.tokens)
+        keep = (batch.mask & (batch.labels >= 0)).reshape(-1)
+        z, y = z.reshape(-1, z.shape[-1])[keep].float(), batch.labels.reshape(-1)[keep]
+        nll += float(F.cross_entropy(z, y, reduction="sum"))
+        correct += int((z.argmax(-1) == y).sum())
+        count += len(y)
+    if count == 0:
+        raise SoftlabelsError("no position with a next token (hard target) that the mask "
+                              "keeps: there is nothing to evaluate; pass sequences of 2 or "
+                              "more tokens, or a mask that keeps some")
+    ce = nll / count  # past ~709 nats exp overflows: a perplexity beyond any float is inf
+    return {"perplexity": math.exp(ce) if ce < 709 else math.inf, "cross_entropy": ce,
+            "token_accuracy": correct / count, "positions": count}

@@ -1,8 +1,9 @@
-"""What an example student trains on, epoch by epoch (trainer.py runs the steps): a `Plan`
-per source of targets (hard labels; soft targets held in memory, or replayed views of a view
-set; soft targets streamed from whole checked blocks), each giving the epoch's batches, the
-rows trained on and the batches per epoch, shared across `torch.distributed` ranks; and the
-probe that refuses a student whose outputs do not fit the set (`check_outputs`)."""
+"""What an example student trains on, epoch by epoch (batches.ExampleRows; trainer.py runs
+the steps): a `Plan` per source of targets (hard labels; soft targets held in memory, or
+replayed views of a view set; soft targets streamed from whole checked blocks), each giving
+the epoch's batches, the rows trained on and the batches per epoch, shared across
+`torch.distributed` ranks; the examples' inputs (`materialize`, `jitter`) and logits
+(`predict`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from softlabels.compute.views import replay
-from softlabels.errors import MismatchError, SoftlabelsError
+from softlabels.errors import SoftlabelsError
 from softlabels.format.reader import TransferSet
 from softlabels.format.selection import select_rows
 from softlabels.sources.arrays import check_labels, hashed_item, split_item
@@ -26,6 +28,29 @@ from softlabels.train.datasets import (
     selected_rows,
 )
 from softlabels.train.ranks import rank_share
+from softlabels.train.students import check_outputs
+
+
+def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image (N, C, H, W) by up to `pixels` in x and y, filling with zeros."""
+    if pixels <= 0 or x.dim() != 4:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pixels,) * 4)
+    dy, dx = (torch.randint(0, 2 * pixels + 1, (2, n), generator=generator))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows, cols]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device,
+            batch_size: int = 1024) -> torch.Tensor:
+    """Logits (N, C) of `model` in eval mode, on the CPU."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 def materialize(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +145,7 @@ def in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: tor
         return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
                 -(-(len(rows) // world) // batch_size))
     # a view set: each epoch replays stored views of the examples, not the examples
-    per_epoch = min(views_per_epoch, int(ts.meta["views"]))
+    per_epoch = min(views_per_epoch, ts.layout.views)
     n_rows = len(np.unique(examples)) * per_epoch
     return (lambda epoch: _view_batches(sds, cached.x, [pos, sds.labels, *targets], examples,
                                         per_epoch, batch_size,
@@ -162,33 +187,3 @@ def streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torc
     return StreamedEpochs(stream, loader), len(rows), stream.steps_per_epoch(0)
 
 
-def check_outputs(net: nn.Module, x: torch.Tensor, ts: TransferSet | None,
-                   y_all: torch.Tensor, *,
-                   sequence_hint: str = "trains from a sequence set: precompute one from "
-                                        "tokens:... DATA") -> None:
-    """Refuse a student whose output size differs from the set's (or the labels') classes;
-    `sequence_hint` ends the message when the student looks like a sequence model."""
-    with torch.no_grad():
-        was = net.training
-        net.eval()
-        sequence_model = any(isinstance(m, nn.Embedding) for m in net.modules())
-        hint = (f"; a sequence model (token ids in, (B, L, C) logits out) {sequence_hint}"
-                if sequence_model else "")
-        try:
-            z = net(x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MismatchError(f"the student cannot take the data's inputs shaped "
-                                f"{tuple(x.shape[1:])} ({first}); give it a matching input "
-                                f"size{hint}") from None
-        net.train(was)
-        if z.dim() != 2:
-            raise MismatchError(f"the student maps inputs shaped {tuple(x.shape[1:])} to "
-                                f"{tuple(z.shape[1:])} per example, expected (C,) logits; give "
-                                f"--model an example model{hint}")
-        c = int(z.shape[-1])
-    want = ts.num_classes if ts is not None else int(y_all.max()) + 1
-    if (ts is not None and c != want) or c < want:
-        source = f"{ts.path} has {want} classes" if ts is not None else f"labels reach {want - 1}"
-        raise MismatchError(f"the student predicts {c} classes but {source}; give the model "
-                            f"{want} outputs")

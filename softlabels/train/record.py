@@ -1,5 +1,5 @@
 """What a training run returns (`TrainResult`) and reports as it goes (`Callback`), whatever its
-kind of rows: example students (trainer.py) and sequence models (sequence_trainer.py)."""
+kind of rows (trainer.py runs both)."""
 
 from __future__ import annotations
 
@@ -18,5 +18,6 @@ class TrainResult:
     spec: str
     history: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
+    unit: str = "rows"  # what a row is: "rows" (examples) or "positions" (token positions)
     seconds: float = 0.0
     rank: int = 0

@@ -42,17 +42,19 @@ def save_state(out: str | os.PathLike[str], *, digest: str, epoch: int, history:
                model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                generator: torch.Generator, stream: dict[str, int] | None = None,
                partial: tuple[float, int] | None = None,
-               inputs: dict[str, Any] | None = None) -> None:
+               inputs: dict[str, Any] | None = None, step: int | None = None) -> None:
     """Write the state after `epoch` (count of finished epochs) atomically, with the digests of
     the run's `inputs` (`input_proof.input_digests`) that a resume must match. Mid-epoch (a
     streamed run): `stream` is the stream's `state_dict()` (epoch `epoch`, batches served) and
-    `partial` the epoch's (summed loss, rows) so far."""
+    `partial` the epoch's (summed loss, rows) so far. `step`: optimizer steps taken, where a
+    learning-rate schedule resumes."""
     path = state_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": STATE_FORMAT, "digest": digest, "epoch": epoch, "history": history,
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-               "generator": generator.get_state(), "inputs": inputs}
+               "generator": generator.get_state(), "inputs": inputs,
+               "step": step}
     if stream is not None:
         payload["stream"] = dict(stream)
         payload["partial"] = [float(partial[0]), int(partial[1])] if partial else [0.0, 0]
@@ -98,6 +100,14 @@ def mid_epoch(payload: dict[str, Any]) -> tuple[dict[str, int] | None, tuple[flo
         return None, (0.0, 0)
     total, seen = payload.get("partial", (0.0, 0))
     return {k: int(v) for k, v in stream.items()}, (float(total), int(seen))
+
+
+def steps_taken(payload: dict[str, Any]) -> int:
+    """Optimizer steps a saved run had taken (older states: the last epoch's record)."""
+    if payload.get("step") is not None:
+        return int(payload["step"])
+    history = payload.get("history") or []
+    return int(history[-1].get("steps", 0)) if history else 0
 
 
 def _changed_inputs(recorded: Any, now: dict[str, Any] | None) -> str | None:

@@ -1,9 +1,15 @@
 """Stage two: train a student from stored soft targets (or from hard labels, for teachers and
-baselines). The teacher is never loaded: its outputs come from the transfer set. What each
-epoch's batches are is train_plans.py's; this module runs the steps."""
+baselines). The teacher is never loaded: its outputs come from the transfer set.
+
+One loop for every kind of row (`fit`): optimizer steps, epochs, the learning-rate schedule,
+the state saved after each epoch (and mid-epoch) and resumed, progress, the finite-loss check,
+the record written with the checkpoint, ranks. What differs by kind (how batches are cut, what
+a batch's input and targets are, the loss, the student checks, the held-out metrics) is the
+`batches.Rows` of the run's kind, chosen once from `batches.KINDS`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -13,36 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from softlabels.errors import DataError, OptionError, TrainingError
+from softlabels.errors import DataError, SoftlabelsError, TrainingError
 from softlabels.format.reader import TransferSet, open_transfer_set
-from softlabels.format.selection import read_indices
 from softlabels.input_proof import input_digests
 from softlabels.options import TrainOptions, check_output_file, check_temperature
-from softlabels.sources.images import model_inputs
-from softlabels.sources.load import load_data
-from softlabels.sources.tokens import is_sequence_data
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_model, save_checkpoint
-from softlabels.train.datasets import MAX_IN_MEMORY
-from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss, target_convention
-from softlabels.train.plans import (
-    StreamedEpochs,
-    hard_label_epochs,
-    in_memory_epochs,
-    materialize,
-    streamed_epochs,
-)
-from softlabels.train.ranks import (
-    finish_distributed,
-    init_distributed,
-    refuse_zero_steps,
-    summed,
-    wrap_ddp,
-)
+from softlabels.train.batches import KINDS, Rows, Run, SequenceRows, row_kind
+from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
+from softlabels.train.ranks import finish_distributed, init_distributed, summed, wrap_ddp
 from softlabels.train.record import Callback, TrainResult
 from softlabels.train.resume import (
     clear_state,
@@ -51,40 +39,10 @@ from softlabels.train.resume import (
     restore,
     run_digest,
     save_state,
+    steps_taken,
 )
 
 log = logging.getLogger(__name__)
-
-
-
-
-
-def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image (N, C, H, W) by up to `pixels` in x and y, filling with zeros."""
-    if pixels <= 0 or x.dim() != 4:
-        return x
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pixels,) * 4)
-    dy, dx = (torch.randint(0, 2 * pixels + 1, (2, n), generator=generator))
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                  rows, cols]
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device,
-            batch_size: int = 1024) -> torch.Tensor:
-    """Logits (N, C) of `model` in eval mode, on the CPU."""
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
-
-
-def _make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> Any:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def train_student(
@@ -117,12 +75,17 @@ def train_student(
     `batch_size` is per rank: with N ranks one optimizer step sees N * batch_size rows (the
     checkpoint records both). Every rank takes the same number of steps per epoch.
 
+    On token sequences (a sequence set, or `tokens:...` DATA) the student maps (B, L) token
+    ids to (B, L, C) logits and trains on batches of whole sequences (`batches.SequenceRows`:
+    AdamW, cosine decay; `--fraction`/`--indices` select whole sequences).
+
     Targets are loaded into memory when they fit (MAX_IN_MEMORY), else streamed in whole
-    batches from whole blocks (`SoftTargetBatches`); `stream` forces either. Every block read
-    is checked (checksum, finite targets, labels in range): a damaged set raises
-    `IntegrityError` naming the block before any step is taken on it. With `out` and `resume`,
-    the state after each epoch goes to `<out>.state`; rerunning the same call after a kill
-    continues from the last finished epoch (see `softlabels.train.resume`).
+    batches from whole blocks; `stream` forces either. Every block read is checked (checksum,
+    finite targets, labels in range): a damaged set raises `IntegrityError` naming the block
+    before any step is taken on it. With `out` and `resume`, the state after each epoch (and
+    every `state_every` steps) goes to `<out>.state` with the digests of the data and
+    `indices` files; rerunning the same call after a kill continues where it stopped (see
+    `softlabels.train.resume`), and refuses inputs changed since.
     """
     t0 = time.perf_counter()
     if options is not None and kwargs:
@@ -131,149 +94,165 @@ def train_student(
     opts.check_distillation(transfer_set is not None)
     if out is not None:
         check_output_file(out, checkpoint=True)  # before any work, not after epochs
-    epochs, batch_size, seed = opts.epochs, opts.batch_size, opts.seed
-    alpha = 0.9 if opts.alpha is None else opts.alpha
-    ts = None
-    temperature = opts.temperature
-    if transfer_set is not None:
-        ts = (transfer_set if isinstance(transfer_set, TransferSet)
-              else open_transfer_set(transfer_set))
-        temperature = check_temperature(ts.temperatures[0] if temperature is None
-                                        else temperature)
-    if is_sequence_data(data) or (ts is not None and ts.layout.num_sequences):
-        from softlabels.train.sequence_trainer import train_sequence_student  # one row per token
+    own = transfer_set is not None and not isinstance(transfer_set, TransferSet)
+    with (open_transfer_set(transfer_set) if own else contextlib.nullcontext(transfer_set)) as ts:
+        temperature = opts.temperature
+        if ts is not None:
+            temperature = check_temperature(ts.temperatures[0] if temperature is None
+                                            else temperature)
+        name = data if isinstance(data, str) else type(data).__name__
+        kind = KINDS[row_kind(name, data, ts)]
+        kind.check_options(opts)
+        dev = resolve_device(opts.device)
+        rank, world = init_distributed(dev) if opts.distributed else (0, 1)
+        torch.manual_seed(opts.seed)
+        net, spec = load_model(model, trust_code=opts.trust_code)
+        net = net.to(dev)
+        run = Run(data=data, name=name, opts=opts, ts=ts, temperature=temperature,
+                  indices=indices, val_data=val_data, stream=stream, dev=dev,
+                  gen=torch.Generator().manual_seed(opts.seed), rank=rank, world=world)
+        rows = kind.open(run, net)
+        digest = run_digest({
+            "data": name, "model": model,
+            "transfer_set": None if ts is None else [
+                str(ts.path), ts.info.created_at, ts.info.dataset.fingerprint],
+            "temperature": rows.temperature, "alpha": rows.alpha, "batch_size": opts.batch_size,
+            "lr": opts.lr, "optimizer": opts.optimizer, "weight_decay": opts.weight_decay,
+            "seed": opts.seed, "stream": rows.streamed, "topk_loss": opts.topk_loss,
+            **rows.digest})
+        meta: dict[str, Any] = {"rows": rows.rows, "seed": opts.seed, "epochs": opts.epochs,
+                                "batch_size": opts.batch_size, "streamed": rows.streamed,
+                                "data": name, **rows.meta}
+        if ts is not None:
+            meta["transfer_set"] = {"path": str(ts.path), "temperature": rows.temperature,
+                                    "alpha": rows.alpha,
+                                    "fingerprint": ts.info.dataset.fingerprint}
+        keep = out is not None and resume
+        inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
+                               else None) if keep else None
+        result = fit(net, spec, rows, epochs=opts.epochs, out=out,
+                     digest=digest if keep else None, inputs=inputs,
+                     state_every=opts.state_every, dev=dev, gen=run.gen, rank=rank,
+                     world=world, callbacks=callbacks, meta=meta, t0=t0)
+    if opts.distributed:
+        finish_distributed()
+    return result
 
-        return train_sequence_student(data, model, opts, out=out, transfer_set=ts,
-                                      indices=indices, val_data=val_data, stream=stream,
-                                      callbacks=callbacks, resume=resume)
-    dev = resolve_device(opts.device)
-    distributed = opts.distributed
-    rank, world = init_distributed(dev) if distributed else (0, 1)
+
+def train_sequence_model(
+    model: str | nn.Module,
+    batches: SequenceBatches | StreamingSequenceBatches,
+    *,
+    epochs: int = 1,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    temperature: float = 1.0,
+    alpha: float = 0.9,
+    topk_loss: str = "residual",
+    clip: float = 1.0,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callback] = (),
+    val: SequenceBatches | None = None,
+    spec: str | None = None,
+    meta: dict[str, Any] | None = None,
+    state_digest: str | None = None,
+) -> TrainResult:
+    """`fit` a sequence model (a MODEL spec, or a module) on ready `batches` (`SequenceBatches`
+    or `StreamingSequenceBatches`) with `sequence_kd_loss`: AdamW, cosine learning-rate decay,
+    gradients clipped to `clip` (`batches.SequenceRows`). With `val`, each epoch records the
+    held-out perplexity and token accuracy. A module saved to `out` needs the MODEL `spec` it
+    was built from; `meta` goes into the checkpoint. With `out` and `state_digest` (what
+    identifies the run, `resume.run_digest`), a rerun continues where a killed one stopped."""
+    if epochs <= 0 or lr <= 0:
+        raise SoftlabelsError(f"epochs and lr must be positive, got {epochs} and {lr}")
+    if out is not None and not isinstance(model, str) and spec is None:
+        raise SoftlabelsError("a checkpoint rebuilds its model from a MODEL spec: pass the "
+                              "model as a spec (e.g. python:package.module:factory) to save it")
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
     torch.manual_seed(seed)
-    net, spec = load_model(model, trust_code=opts.trust_code)
-    net = net.to(dev)
-    step_net = wrap_ddp(net, dev) if world > 1 else net
-    dataset = model_inputs(load_data(data) if isinstance(data, str) else data)
-    if len(dataset) == 0:
-        raise DataError("the dataset is empty: there is nothing to train on; check --data")
-    select = dict(fraction=opts.fraction, seed=seed, classes=opts.classes,
-                  exclude_classes=opts.exclude_classes,
-                  indices=read_indices(indices) if isinstance(indices, (str, os.PathLike))
-                  else indices, num_examples=len(dataset))
-    gen = torch.Generator().manual_seed(seed)
-    if stream is None:
-        stream = ts is not None and ts.num_rows * ts.num_classes * 4 > MAX_IN_MEMORY
-    if (opts.loader_workers or opts.state_every) and not (stream and ts is not None):
-        raise OptionError("--loader-workers and --state-every apply to a streamed set; pass "
-                          "--transfer-set with --stream, or leave them out")
-    if ts is None:
-        plan = hard_label_epochs(dataset, net, dev, select, batch_size, gen, rank, world)
-    elif not stream:
-        plan = in_memory_epochs(dataset, ts, net, dev, select, temperature,
-                                 opts.views_per_epoch, batch_size, gen, rank, world,
-                                 trust_code=opts.trust_code)
+    if isinstance(model, str):
+        net, spec = load_model(model)
     else:
-        plan = streamed_epochs(dataset, ts, net, dev, select, temperature, batch_size, rank,
-                                world, workers=opts.loader_workers)
-    epoch_batches, n_rows, n_batches = plan
-    if n_rows == 0:
-        raise DataError("the selection leaves no rows to train on; widen --fraction, "
-                        "--classes or --indices")
-    refuse_zero_steps(n_batches, n_rows, world, streamed=bool(stream and ts is not None),
-                      blocks=None if ts is None else ts.num_blocks)
-    val = materialize(model_inputs(load_data(val_data) if isinstance(val_data, str)
-                                   else val_data)) \
-        if val_data is not None else None
-    opt = _make_optimizer(opts.optimizer, net.parameters(), opts.lr, opts.weight_decay)
+        net, spec = model, spec or f"object:{type(model).__qualname__}"
+    rows = SequenceRows(batches=batches, dev=dev, temperature=temperature, alpha=alpha,
+                        topk_loss=topk_loss, lr=lr, weight_decay=weight_decay, clip=clip,
+                        val=val)
+    return fit(net.to(dev), spec, rows, epochs=epochs, out=out, digest=state_digest, dev=dev,
+               gen=torch.Generator(), callbacks=callbacks, t0=t0,
+               meta={**(meta or {}), "alpha": alpha, "temperature": temperature})
+
+
+def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device,
+        gen: torch.Generator, out: str | os.PathLike[str] | None = None,
+        digest: str | None = None, inputs: dict[str, Any] | None = None,
+        state_every: int = 0, rank: int = 0, world: int = 1,
+        callbacks: Sequence[Callback] = (), meta: dict[str, Any] | None = None,
+        t0: float | None = None) -> TrainResult:
+    """The one training loop: `epochs` of `rows`' batches, one optimizer step each.
+
+    Each epoch's record is {epoch, loss (the mean over its rows or positions), rows|positions,
+    steps (optimizer steps so far), held-out metrics}. With `out` and `digest`, the state goes
+    to `<out>.state` after each epoch and every `state_every` steps (rank 0), and a state of
+    the same run (digest; `inputs` digests unchanged, else refused) is resumed, mid-epoch where
+    it was saved so; the checkpoint at `out` carries `meta` and the history."""
+    t0 = time.perf_counter() if t0 is None else t0
+    step_net = wrap_ddp(net, dev) if world > 1 else net
+    stepper = rows.optimizer(net, epochs)
+    keep = out is not None and digest is not None
+    state = load_state(out, digest, inputs) if keep else None
     history: list[dict[str, Any]] = []
-    digest = run_digest({
-        "data": data if isinstance(data, str) else type(data).__name__, "model": model,
-        "transfer_set": None if ts is None else [str(ts.path), ts.meta.get("created_at"),
-                                                 ts.meta["dataset"]["fingerprint"]],
-        "temperature": temperature,
-        "alpha": alpha, "batch_size": batch_size, "lr": opts.lr, "optimizer": opts.optimizer,
-        "weight_decay": opts.weight_decay, "select": select, "jitter": opts.jitter_pixels,
-        "views_per_epoch": opts.views_per_epoch, "world": world, "stream": stream,
-        "topk_loss": opts.topk_loss})
-    inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
-                           else None) if out is not None and resume else None
-    state = load_state(out, digest, inputs) if out is not None and resume else None
-    start = restore(state, net, opt, gen) if state is not None else 0
-    resume_at, (total, seen) = mid_epoch(state) if state is not None else (None, (0.0, 0))
+    start = step = 0
+    resume_at, (total, seen) = None, (0.0, 0)
     if state is not None:
-        history = list(state["history"])
+        start = restore(state, net, stepper.opt, gen)
+        history, step = list(state["history"]), steps_taken(state)
+        stepper.advance(step)
+        resume_at, (total, seen) = mid_epoch(state)
         log.info("resuming %s after epoch %d of %d%s", out, start, epochs,
                  f", step {resume_at['batches']}" if resume_at else "")
-    streamed = isinstance(epoch_batches, StreamedEpochs)
     for epoch in range(start, epochs):
         net.train()
         first = resume_at["batches"] if resume_at and epoch == start else 0
         if not first:
             total, seen = 0.0, 0
-        batches = (epoch_batches(epoch, resume_at if first else None) if streamed
-                   else epoch_batches(epoch))
-        for b, batch in enumerate(batches, start=first):
-            x, y = jitter(batch[0], opts.jitter_pixels, gen).to(dev), batch[1].to(dev)
-            loss = _loss(step_net(x), y, [t.to(dev) for t in batch[2:]], ts, temperature,
-                         alpha, opts.topk_loss)
+        for b, batch in enumerate(rows.epoch(epoch, resume_at if first else None), start=first):
+            loss, n = rows.loss(step_net, batch)
             if world > 1:  # all ranks stop together, or the rest would wait in backward
                 _finite_loss(summed(loss), epoch, b)
-            opt.zero_grad(set_to_none=True)
+            value = _finite_loss(loss.item(), epoch, b)
+            stepper.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            value = _finite_loss(loss.item(), epoch, b)  # the sync this loop always had
-            total, seen = total + value * len(x), seen + len(x)
-            if (opts.state_every and (b + 1) % opts.state_every == 0 and b + 1 < n_batches
-                    and out is not None and resume and rank == 0):
+            stepper.step(net)
+            total, seen, step = total + value * n, seen + n, step + 1
+            if (state_every and (b + 1) % state_every == 0 and b + 1 < rows.steps and keep
+                    and rank == 0):
                 save_state(out, digest=digest, epoch=epoch, history=history, model=net,
-                           optimizer=opt, generator=gen, stream=epoch_batches.state_dict(),
-                           partial=(total, seen), inputs=inputs)
+                           optimizer=stepper.opt, generator=gen, stream=rows.state_dict(),
+                           partial=(total, seen), inputs=inputs, step=step)
             for cb in callbacks:
-                cb("batch", {"epoch": epoch, "batch": b + 1, "batches": n_batches,
-                             "loss": total / seen})
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(seen, 1)}
-        if val is not None:
-            pred = predict(net, val[0], dev).argmax(-1)
-            known = val[1] >= 0
-            record["val_accuracy"] = float((pred[known] == val[1][known]).float().mean())
+                cb("batch", {"epoch": epoch, "batch": b + 1, "batches": rows.steps,
+                             "step": step, "loss": total / max(seen, 1)})
+        if not seen:
+            raise DataError(rows.nothing)
+        record = {"epoch": epoch + 1, "loss": total / seen, rows.unit: seen, "steps": step,
+                  **rows.score(net)}
         history.append(record)
-        if out is not None and resume and rank == 0:
+        if keep and rank == 0:
             save_state(out, digest=digest, epoch=epoch + 1, history=history, model=net,
-                       optimizer=opt, generator=gen, inputs=inputs)
+                       optimizer=stepper.opt, generator=gen, inputs=inputs, step=step)
         for cb in callbacks:
             cb("epoch", {**record, "epochs": epochs})
     net = net.cpu().eval()
     _check_weights(net, epochs)
-    result = TrainResult(model=net, spec=spec, history=history, rows=n_rows,
-                         seconds=time.perf_counter() - t0, rank=rank)
-    if distributed:
-        finish_distributed()
     if out is not None and rank == 0:
-        meta = {"history": history, "rows": n_rows, "seed": seed, "epochs": epochs,
-                "world_size": world, "batch_size": batch_size, "batch_size_is": "per rank",
-                "global_batch_size": batch_size * world, "streamed": bool(stream),
-                "resumed_after_epoch": start,
-                "data": data if isinstance(data, str) else type(data).__name__}
-        if ts is not None:
-            meta["transfer_set"] = {"path": str(ts.path), "temperature": temperature,
-                                    "alpha": alpha,
-                                    "fingerprint": ts.meta["dataset"]["fingerprint"]}
-        save_checkpoint(net, out, spec=spec, meta=meta)
+        save_checkpoint(net, out, spec=spec, meta={**(meta or {}), "history": history,
+                                                   "resumed_after_epoch": start})
         clear_state(out)
-    return result
-
-
-def _loss(logits: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],
-          ts: TransferSet | None, temperature: float | None, alpha: float,
-          topk_loss: str = "residual") -> torch.Tensor:
-    """Hard-label CE without a set; Hinton KD against dense targets; sparse KD otherwise."""
-    if ts is None:
-        return F.cross_entropy(logits, y, ignore_index=-1)
-    if ts.sparse:
-        return sparse_kd_loss(logits, *targets, temperature=temperature, labels=y, alpha=alpha,
-                              convention=target_convention(ts.sparse["kind"], topk_loss))
-    return kd_loss_from_probs(logits, targets[0], temperature=temperature, labels=y,
-                              alpha=alpha)
+    return TrainResult(model=net, spec=spec, history=history, rows=rows.rows, unit=rows.unit,
+                       seconds=time.perf_counter() - t0, rank=rank)
 
 
 def _finite_loss(value: float, epoch: int, step: int) -> float:

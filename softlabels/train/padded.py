@@ -1,5 +1,6 @@
-"""Stage two for sequences: batches of whole sequences (input tokens, target classes, weights,
-mask) from a sequence set, and the KD loss over (B, L, V) student logits.
+"""Batches of whole sequences, right-padded (the sequence kind's batches in stage two): input
+tokens, hard next tokens, mask and the soft targets (classes and weights, or dense
+probabilities) of B whole sequences, bucketed by length so padding stays small.
 
 The teacher is never loaded: the set holds the input tokens, the hard next tokens and the soft
 targets. Every block is read through `TransferSet.read_block` (checked): `SequenceBatches` reads
@@ -11,7 +12,11 @@ larger than memory.
         batches.set_epoch(epoch)
         for batch in batches:
             logits = student(batch.tokens)                       # (B, L, V)
-            loss = sequence_kd_loss(logits, batch, temperature=2.0, alpha=0.9)
+            loss = sequence_kd_loss(logits, batch, temperature=2.0, alpha=0.9)  # losses.py
+
+Both resume mid-epoch: `state_dict()` says (epoch, batches served, seed), `load_state_dict()`
+makes the next iteration serve the rest of that epoch, the same batches, without reading the
+windows already served.
 """
 
 from __future__ import annotations
@@ -27,15 +32,9 @@ import torch
 from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet, open_transfer_set
-from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, is_sequence_set, read_offsets
+from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
 from softlabels.sources.tokens import TokenSequences
 from softlabels.tempering import tempered_softmax
-from softlabels.train.losses import (
-    kd_loss_from_probs,
-    labelled_cross_entropy,
-    sparse_kd_loss,
-    target_convention,
-)
 
 MAX_IN_MEMORY = 4 << 30  # bytes of targets held in memory
 
@@ -59,47 +58,10 @@ class SequenceBatch:
                                 for f in fields(self) for v in [getattr(self, f.name)]})
 
 
-def sequence_kd_loss(student_logits: torch.Tensor, batch: SequenceBatch, *,
-                     temperature: float = 1.0, alpha: float = 0.9,
-                     topk_loss: str = "residual") -> torch.Tensor:
-    """Hinton KD per position:
-
-        alpha * T^2 * mean_m KL(p_T || softmax(s / T)) + (1 - alpha) * mean_l CE(y, softmax(s))
-
-    m runs over the masked-in positions (each has soft targets), l over the masked-in positions
-    that have a hard target (label >= 0: a sequence's last position has no next token). Each
-    term is its own mean at every alpha, so the loss is continuous as alpha -> 0; alpha = 0, or
-    a "hard" batch, is the hard term alone. p_T are the stored targets: top-k exact
-    probabilities under the `topk_loss` convention (`residual` or `zero`), sampled or hybrid
-    targets (unbiased estimates), or dense probabilities (see `sparse_kd_loss`,
-    `kd_loss_from_probs`). Only the masked-in rows of the (B, L, V) logits are used.
-    """
-    m = batch.mask.reshape(-1)
-    if not m.any():  # a batch of masked-out sequences: nothing to distil, no gradient
-        return student_logits.sum() * 0
-    z = student_logits.reshape(-1, student_logits.shape[-1])[m]
-    labels = batch.labels.reshape(-1)[m]
-    if not len(z):  # nothing distilled in this batch (e.g. one-token sequences): no loss, not NaN
-        return student_logits.sum() * 0
-    hard = labelled_cross_entropy(z, labels)
-    if batch.kind == "hard" or alpha == 0:
-        return hard
-    if batch.kind == "dense":
-        soft = kd_loss_from_probs(z, batch.probs.reshape(-1, batch.probs.shape[-1])[m],
-                                  temperature=temperature)
-    else:
-        k = batch.classes.shape[-1]
-        log_p = None if batch.log_p is None else batch.log_p.reshape(-1, k)[m]
-        soft = sparse_kd_loss(z, batch.classes.reshape(-1, k)[m],
-                              batch.weights.reshape(-1, k)[m], log_p, temperature=temperature,
-                              convention=target_convention(batch.kind, topk_loss))
-    return alpha * soft + (1 - alpha) * hard
-
-
 def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float, int | None]:
     """(kind, T, index of T among the stored temperatures or None) of a sequence set's soft
     targets at `temperature` (default: the first stored T); refuses what cannot serve them."""
-    if not is_sequence_set(ts):
+    if ts.layout.kind != "sequences":
         raise SoftlabelsError(f"{ts.path} is not a sequence set; train it with "
                               "`softlabels train` (SoftTargetDataset)")
     t = ts.temperatures[0] if temperature is None else float(temperature)
@@ -233,7 +195,42 @@ def _batches_by_length(seqs: np.ndarray, lengths: np.ndarray, rng: np.random.Gen
     return batches
 
 
-class SequenceBatches:
+class Resumable:
+    """Where an epoch of sequence batches stands (`state_dict`), and a resume into it
+    (`load_state_dict`): the plan of an epoch is a function of (seed, epoch) alone, so the rest
+    of an epoch is its plan after the batches served."""
+
+    seed: int
+    epoch: int
+    _start: int = 0  # the batch of the epoch the next iteration starts at
+    _served: int = 0  # batches of the epoch served so far
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve `epoch` from its first batch on the next iteration."""
+        self.epoch, self._start, self._served = epoch, 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self._served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`: the next iteration serves the rest of that epoch."""
+        try:
+            epoch, batches, seed = (int(state["epoch"]), int(state["batches"]),
+                                    int(state["seed"]))
+        except (KeyError, TypeError, ValueError):
+            raise SoftlabelsError(f"a batches state holds epoch, batches and seed (integers); "
+                                  f"got {state!r}") from None
+        if seed != self.seed:
+            raise SoftlabelsError(f"the batches state comes from seed {seed}, these batches' "
+                                  f"is {self.seed}; pass the same seed to resume")
+        self.set_epoch(epoch)
+        if not 0 <= batches <= len(self):  # type: ignore[arg-type]
+            raise SoftlabelsError(f"the batches state says {batches} batches of epoch {epoch} "
+                                  f"were served, but the epoch has {len(self)}")  # type: ignore[arg-type]
+        self._start = self._served = batches
+
+
+class SequenceBatches(Resumable):
     """Batches of whole sequences, from a sequence set (`temperature` picks the stored soft
     targets) or from token data (hard next tokens only: `SequenceBatches.from_tokens`).
 
@@ -298,10 +295,8 @@ class SequenceBatches:
     def num_positions(self) -> int:
         return int(self.lengths[self.sequences].sum())
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
+        """Batches in a whole epoch."""
         return -(-len(self.sequences) // self.batch_size)
 
     def plan(self) -> list[np.ndarray]:
@@ -312,7 +307,9 @@ class SequenceBatches:
                                   shuffle=self.shuffle)
 
     def __iter__(self) -> Iterator[SequenceBatch]:
-        for seqs in self.plan():
+        self._served = self._start
+        for seqs in self.plan()[self._start:]:
+            self._served += 1
             yield self.batch(seqs)
 
     def batch(self, seqs: np.ndarray) -> SequenceBatch:
@@ -321,7 +318,7 @@ class SequenceBatches:
         return pad_batch(self.kind, self.columns, rows, seqs)
 
 
-class StreamingSequenceBatches:
+class StreamingSequenceBatches(Resumable):
     """`SequenceBatches` for sets larger than memory: whole checked blocks, a window at a time.
 
     A sequence belongs to the block it starts in. Each epoch (`set_epoch`) cuts the blocks into
@@ -363,9 +360,6 @@ class StreamingSequenceBatches:
     def num_positions(self) -> int:
         return int(self.lengths[self.sequences].sum())
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def plan(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """This epoch's windows: (the blocks whose sequences it serves, its batches of sequence
         numbers). Made from the offsets alone; nothing is read."""
@@ -392,11 +386,17 @@ class StreamingSequenceBatches:
         return plan
 
     def __len__(self) -> int:
+        """Batches in a whole epoch."""
         return sum(len(batches) for _, batches in self.plan())
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         rows = self.ts.block_rows
+        skip = self._served = self._start
         for _, batches in self.plan():
+            if skip >= len(batches):  # served before a resume: not read again
+                skip -= len(batches)
+                continue
+            batches, skip = batches[skip:], 0
             seqs = np.concatenate(batches)
             needed = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in
                                                zip(self._first[seqs], self._last[seqs])]))
@@ -417,6 +417,7 @@ class StreamingSequenceBatches:
                     r = np.arange(self.offsets[s], self.offsets[s + 1])
                     blocks = r // rows
                     local.append(base[np.searchsorted(needed, blocks)] + r - blocks * rows)
+                self._served += 1
                 yield pad_batch(self.kind, columns, local, batch)
 
     def close(self) -> None:
