@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from softlabels._version import __version__
 from softlabels.errors import OptionError, SoftlabelsError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet, open_transfer_set
-from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, is_sequence_set, read_offsets
+from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
 from softlabels.progress import Progress
 from softlabels.tempering import tempered_softmax
 
@@ -150,11 +150,22 @@ def _records(cols: dict[str, np.ndarray], offsets: np.ndarray, kind: str, t: flo
 def export_batches(ts: TransferSet, temperature: float = 1.0, topk: int | None = None,
                    ) -> Iterator[dict[str, Any]]:
     """The export's records, a chunk of whole sequences at a time, block by checked block:
-    each {"columns": name -> flat per-position (or per-sequence) arrays, "offsets": (n + 1,)}."""
-    if not is_sequence_set(ts):
-        raise SoftlabelsError(f"{ts.path} is an example set (one row per example); export "
-                              "writes sequence sets, whose rows are token positions (read an "
-                              "example set with zarr or h5py: docs/FORMAT.md)")
+    each {"columns": name -> flat per-position (or per-sequence) arrays, "offsets": (n + 1,)}.
+    How a set's rows become records is its kind's (`KINDS`); checks run at the first record."""
+    yield from KINDS[ts.layout.kind](ts, temperature, topk)
+
+
+def _refuse_examples(ts: TransferSet, temperature: float, topk: int | None,
+                     ) -> Iterator[dict[str, Any]]:
+    raise SoftlabelsError(f"{ts.path} is an example set (one row per example); export "
+                          "writes sequence sets, whose rows are token positions (read an "
+                          "example set with zarr or h5py: docs/FORMAT.md)")
+
+
+def _sequence_records(ts: TransferSet, temperature: float, topk: int | None,
+                      ) -> Iterator[dict[str, Any]]:
+    """A sequence set's records: whole sequences, those that continue past a block carried
+    into the next."""
     kind, k = check_temperature_servable(ts, temperature)
     if kind == "hybrid":  # its tail's importance weights have no column in the export
         raise OptionError(f"{ts.path} is a hybrid set (nucleus head and sampled tail, "
@@ -187,6 +198,10 @@ def export_batches(ts: TransferSet, temperature: float = 1.0, topk: int | None =
                        kind, temperature, k, topk)
         carry = {n: [a[end:]] for n, a in cols.items()}
         first += end
+
+
+KINDS: dict[str, Callable[[TransferSet, float, int | None], Iterator[dict[str, Any]]]] = {
+    "examples": _refuse_examples, "sequences": _sequence_records}
 
 
 # --- Arrow -------------------------------------------------------------------------------------

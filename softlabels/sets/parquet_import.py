@@ -32,8 +32,11 @@ from softlabels.format.sequence import with_offsets
 from softlabels.options import check_temperature
 from softlabels.progress import Progress
 from softlabels.sets.export import META_KEY, SIDECAR, read_export_info
-from softlabels.sets.sequence_import import (
+from softlabels.sets.imports import (
+    SequenceRows,
     check_logprobs,
+    check_vocab_size,
+    first_pass,
     imported_meta,
     input_sha256,
     logprob_targets,
@@ -41,9 +44,9 @@ from softlabels.sets.sequence_import import (
     placeholder_targets,
     sequence_columns,
     sequence_hash,
-    write_sequence_set,
+    token_dataset,
+    write_rows,
 )
-from softlabels.sources.tokens import MAX_TOKEN_ID
 
 COLUMNS = ("input_ids", "labels", "target_token_ids", "target_logprobs", "target_mask")
 EXACT = ("softlabels_topk_logits", "softlabels_topk_logsumexp", "softlabels_labels",
@@ -268,24 +271,17 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise OptionError("importing Parquet that is not a softlabels export of a top-k set "
                           "needs --teacher-name and --vocab-size")
     temperature = check_temperature(temperature, "--temperature")
-    if not 2 <= vocab_size <= MAX_TOKEN_ID + 1:
-        raise OptionError(f"--vocab-size must lie in [2, {MAX_TOKEN_ID + 1}] (token ids are "
-                          f"int32), got {vocab_size}; pass the teacher's vocabulary size")
+    check_vocab_size(vocab_size)
     columns, k = list(COLUMNS), _first_k(path)
-    lengths, hashes = [], []
-    for where, seq in _sequences(path, columns, k):  # pass 1: check all
-        tokens, _, _, _ = _checked_generic(where, seq, vocab_size, dtype)
-        lengths.append(len(tokens))
-        hashes.append(sequence_hash(tokens))
-    if not lengths:
-        raise DataError(f"{path} holds no rows")
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets, hashes = first_pass((_checked_generic(where, seq, vocab_size, dtype)[0]
+                                  for where, seq in _sequences(path, columns, k)),
+                                 f"{path} holds no rows")
     layout = Layout(num_rows=int(offsets[-1]), num_classes=vocab_size,
-                    temperatures=(float(temperature),), topk=k, num_sequences=len(lengths),
+                    temperatures=(float(temperature),), topk=k, num_sequences=len(hashes),
                     topk_dtype=dtype, chunk_rows=chunk_rows, sequence_labels="data")
     meta = imported_meta(
-        teacher_name=teacher_name, data_spec=f"tokens:{path}?field=input_ids",
-        hashes=np.array(hashes, np.uint64),
+        teacher_name=teacher_name,
+        dataset=token_dataset(f"tokens:{path}?field=input_ids", hashes),
         targets={"source": "logprobs", "exact_temperatures": [float(temperature)]},
         provenance={"format": "parquet", "path": str(path), "temperature": temperature},
         sha256=input_sha256(_input_files(path)))
@@ -295,8 +291,8 @@ def import_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
             tokens, targets, mask, labels = _checked_generic(where, seq, vocab_size, dtype)
             yield sequence_columns(tokens, s, mask, labels, targets)
 
-    return write_sequence_set(out, layout, meta, offsets, rows(), labels="data",
-                              overwrite=overwrite, progress=progress)
+    return write_rows(out, layout, meta, SequenceRows(offsets, rows()), overwrite=overwrite,
+                      progress=progress)
 
 
 def _first_k(path: Path) -> int:
@@ -312,7 +308,7 @@ def _import_exact(path: Path, out: str | os.PathLike[str], info: dict[str, Any],
     where = f"{path} ({META_KEY} metadata)"
     layout = Layout.from_meta(meta, where=where)
     check_described(meta, where)
-    if not layout.num_sequences or not layout.topk:
+    if layout.kind != "sequences" or not layout.topk:
         raise DataError(f"{where} does not describe a top-k sequence set")
     columns = [*COLUMNS, *EXACT]
     lengths, row_hash = [], hashlib.sha256()
@@ -337,7 +333,6 @@ def _import_exact(path: Path, out: str | os.PathLike[str], info: dict[str, Any],
         "format": "softlabels-export", "path": str(path), "temperature": info["temperature"]}}}
     rows = (_checked_exact(w, seq, layout, info)
             for w, seq in _sequences(path, columns, layout.topk))
-    return write_sequence_set(out, layout, meta, offsets, rows,
-                              labels=layout.sequence_labels, overwrite=overwrite,
-                              progress=progress)
+    return write_rows(out, layout, meta, SequenceRows(offsets, rows), overwrite=overwrite,
+                      progress=progress)
 

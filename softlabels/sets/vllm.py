@@ -31,8 +31,11 @@ import numpy as np
 from softlabels.errors import DataError, OptionError
 from softlabels.format.layout import Layout
 from softlabels.progress import Progress
-from softlabels.sets.sequence_import import (
+from softlabels.sets.imports import (
+    SequenceRows,
     check_logprobs,
+    check_vocab_size,
+    first_pass,
     imported_meta,
     input_sha256,
     logprob_targets,
@@ -40,7 +43,8 @@ from softlabels.sets.sequence_import import (
     placeholder_targets,
     sequence_columns,
     sequence_hash,
-    write_sequence_set,
+    token_dataset,
+    write_rows,
 )
 from softlabels.sources.tokens import MAX_TOKEN_ID
 
@@ -175,30 +179,22 @@ def import_vllm(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to
     T = 1 (`--topk K` as asked of vLLM, `--vocab-size V` of the teacher). Two passes: every
     line is checked before anything is written. Returns the set's metadata."""
     path = Path(path)
-    if not 2 <= vocab_size <= MAX_TOKEN_ID + 1:
-        raise OptionError(f"--vocab-size must lie in [2, {MAX_TOKEN_ID + 1}] (token ids are "
-                          f"int32), got {vocab_size}; pass the teacher's vocabulary size")
+    check_vocab_size(vocab_size)
     if not 0 < topk < vocab_size:
         raise OptionError(f"--topk must lie in [1, {vocab_size - 1}] for a vocabulary of "
                           f"{vocab_size}, got {topk}")
     if not path.is_file():
         raise DataError(f"no such file {str(path)!r}; pass a JSON-lines file of vLLM prompt "
                         "log-probs")
-    lengths, hashes = [], []
-    for n, obj in _lines(path):  # pass 1: check everything, learn the offsets
-        tokens, _, _ = parse_line(obj, k=topk, num_classes=vocab_size, dtype=dtype,
-                                  where=f"{path} line {n}")
-        lengths.append(len(tokens))
-        hashes.append(sequence_hash(tokens))
-    if not lengths:
-        raise DataError(f"{path} holds no lines")
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets, hashes = first_pass((parse_line(obj, k=topk, num_classes=vocab_size, dtype=dtype,
+                                             where=f"{path} line {n}")[0]
+                                  for n, obj in _lines(path)), f"{path} holds no lines")
     layout = Layout(num_rows=int(offsets[-1]), num_classes=vocab_size, temperatures=(1.0,),
-                    topk=topk, num_sequences=len(lengths), topk_dtype=dtype,
+                    topk=topk, num_sequences=len(hashes), topk_dtype=dtype,
                     chunk_rows=chunk_rows)
     meta = imported_meta(
-        teacher_name=teacher_name, data_spec=f"tokens:{path}?field=prompt_token_ids",
-        hashes=np.array(hashes, np.uint64),
+        teacher_name=teacher_name,
+        dataset=token_dataset(f"tokens:{path}?field=prompt_token_ids", hashes),
         targets={"source": "logprobs", "exact_temperatures": [1.0]},
         provenance={"format": "vllm-prompt-logprobs", "path": str(path), "topk": topk},
         sha256=input_sha256([path]))
@@ -213,6 +209,6 @@ def import_vllm(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to
             yield sequence_columns(tokens, s, mask, next_token_labels(tokens, vocab_size),
                                    targets)
 
-    return write_sequence_set(out, layout, meta, offsets, rows(), labels="next-token",
-                              overwrite=overwrite, progress=progress)
+    return write_rows(out, layout, meta, SequenceRows(offsets, rows()), overwrite=overwrite,
+                      progress=progress)
 

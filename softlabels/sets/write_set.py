@@ -5,11 +5,12 @@
     write_set("set.zarr", topk_indices=i, topk_values=v, logsumexp=lse, num_classes=32000,
               data="npz:data.npz", teacher_name="my-model", temperatures=[1, 2])   # top-k
 
-The set is an example set like `precompute`'s, written through the same writer (leased, laid
-out aside, checksummed per block, resumable, complete last), with the same provenance fields:
-the teacher as the user names it (`teacher.members[0].spec = "imported:NAME"`, no weights to
-hash), the data's spec, probe and per-row sample hashes (`--data`: `sample_hash[r]` hashes
-example `index[r]` of the data, so `verify --data` checks the rows against it).
+The set is an example set like `precompute`'s, written through the one writing path of every
+import (`sets.imports.write_rows`: leased, laid out aside, checksummed per block, resumable,
+complete last), with the same provenance fields: the teacher as the user names it
+(`teacher.members[0].spec = "imported:NAME"`, no weights to hash), the data's spec, probe and
+per-row sample hashes (`--data`: `sample_hash[r]` hashes example `index[r]` of the data, so
+`verify --data` checks the rows against it).
 
 Top-k rows: `topk_values` are logits with `logsumexp` (R, len(temperatures)) =
 logsumexp(z / T_k) over all C classes, exact at each T; without `logsumexp` they are
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +33,14 @@ import torch
 import xxhash
 from torch.utils.data import Dataset
 
-from softlabels.compute.record import dataset_probe, versions
+from softlabels.compute.record import dataset_probe
 from softlabels.errors import DataError, MismatchError, OptionError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.layout import Layout
-from softlabels.format.writer import TransferSetWriter
 from softlabels.options import check_choice, check_num_classes, check_temperature
 from softlabels.progress import Progress
-from softlabels.sets.sequence_import import MASS_TOLERANCE
+from softlabels.sets.imports import MASS_TOLERANCE, ExampleRows, imported_meta, write_rows
 from softlabels.sources.arrays import (
     NpzDataset,
     check_labels,
@@ -51,7 +49,7 @@ from softlabels.sources.arrays import (
     split_item,
 )
 from softlabels.sources.load import load_data
-from softlabels.sources.tokens import is_sequence_data
+from softlabels.sources.tokens import data_kind
 from softlabels.tempering import tempered_softmax
 
 ArrayLike = np.ndarray | str | os.PathLike
@@ -156,7 +154,7 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
     lse = _array(logsumexp, "--logsumexp")
     if (z is None) == (idx is None or val is None) or (z is not None and idx is not None):
         raise OptionError("pass either logits, or topk indices and values")
-    if is_sequence_data(data):
+    if data_kind(data) != "examples":
         raise OptionError("write_set makes example sets (one row per example); bring token "
                           "sequences in with `softlabels import --vllm` or `--parquet`")
     dataset = load_data(data) if isinstance(data, str) else data
@@ -198,20 +196,15 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
     if not overwrite:
         refuse_other_arrays(out, proof)
     source = "logprobs" if k and lse is None else "logits"
-    meta = {"num_examples": len(dataset), "class_names": class_names(dataset),
-            "teacher": {"members": [{"spec": f"imported:{teacher_name}", "sha256": "",
-                                     "source": teacher_name}], "combine": "mean-logits",
-                        "targets": {"source": source,
-                                    "exact_temperatures": [1.0] if source == "logprobs"
-                                    else list(temps) if k else None}},
-            "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
-                        "length": len(dataset), "probe": dataset_probe(dataset)},
-            "views": None, "augment": None, "view_seed": None,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(), "device": "imported", "precision": "unknown",
-            "provenance": {"imported_from": {"format": "arrays", "digest": proof}}}
-    if not k:  # dense: every T is exact (re-tempered from the logits)
-        meta["teacher"]["targets"].pop("exact_temperatures")
+    made: dict[str, Any] = {"source": source}
+    if k:  # top-k: exact at the stored T (dense: at every T, re-tempered from the logits)
+        made["exact_temperatures"] = [1.0] if source == "logprobs" else list(temps)
+    meta = imported_meta(
+        teacher_name=teacher_name, targets=made, class_names=class_names(dataset),
+        dataset={"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
+                 "length": len(dataset), "probe": dataset_probe(dataset)},
+        provenance={"format": "arrays", "digest": proof})
+
     def block_arrays(block: int) -> dict[str, np.ndarray]:
         a, b = layout.block_range(block)
         targets = (_dense_block(z[a:b], temps) if not k else
@@ -220,19 +213,9 @@ def write_set(out: str | os.PathLike[str], *, data: str | Dataset, teacher_name:
         return {S.LABELS: labels[a:b], S.INDEX: index[a:b],
                 S.SAMPLE_HASH: _row_hashes(dataset, index[a:b]), **targets}
 
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
-                           row_hashes=lambda a, b: _row_hashes(dataset, index[a:b])) as writer, \
-            ThreadPoolExecutor(1) as pool:  # the next block is checked while one is written
-        pending = list(writer.pending)
-        ahead = pool.submit(block_arrays, pending[0]) if pending else None
-        for n, block in enumerate(pending):
-            arrays = ahead.result()
-            if n + 1 < len(pending):
-                ahead = pool.submit(block_arrays, pending[n + 1])
-            writer.write_block(block, arrays)
-            if progress:
-                progress(n + 1, len(pending))
-    return writer.meta
+    return write_rows(out, layout, meta,
+                      ExampleRows(block_arrays, lambda a, b: _row_hashes(dataset, index[a:b])),
+                      overwrite=overwrite, progress=progress)
 
 def arrays_digest(arrays: dict[str, np.ndarray | None]) -> str:
     """xxh3-128 over each given array's name, dtype, shape and bytes (in 64 MiB slices)."""
