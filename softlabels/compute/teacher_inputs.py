@@ -68,11 +68,10 @@ def _through(data: Dataset, preprocess: Preprocess) -> Dataset:
     return own(preprocess) if callable(own) else Preprocessed(data, preprocess)
 
 
-def replay_inputs(data: Dataset, teacher_meta: dict[str, Any]) -> Dataset:
+def replay_inputs(data: Dataset, recorded: dict[str, Any] | None) -> Dataset:
     """`data` as a set's recorded teacher saw it: raw images through the recorded
     preprocessing, rebuilt from the metadata (never from code), when one was applied. Other
     data is returned as it is (its sample hashes then show whether it is what was used)."""
-    recorded = (teacher_meta or {}).get("preprocess")
     if not recorded or not raw_images(data):
         return data
     return _through(data, Preprocess.from_meta(recorded))

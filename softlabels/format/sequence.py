@@ -89,10 +89,6 @@ class SequenceSetWriter(TransferSetWriter):
 # --- reading ------------------------------------------------------------------------------
 
 
-def is_sequence_set(ts: TransferSet) -> bool:
-    return ts.layout.num_sequences > 0
-
-
 def read_offsets(ts: TransferSet) -> np.ndarray:
     """(S+1,) int64 row boundaries, checked against the hash recorded in the metadata."""
     if ts.layout.kind != "sequences":

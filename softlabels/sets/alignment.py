@@ -82,7 +82,7 @@ class Examples:
                   report: VerifyReport) -> Dataset | None:
         dataset = load_data(data) if isinstance(data, str) else data
         # as the teacher saw it: its recorded preprocessing, else raw images in [0, 1]
-        return model_inputs(replay_inputs(dataset, ts.meta["teacher"]))
+        return model_inputs(replay_inputs(dataset, ts.info.teacher.preprocess))
 
     def check_data(self, ts: TransferSet, dataset: Dataset, report: VerifyReport,
                    progress: Progress | None) -> bool:

@@ -55,18 +55,18 @@ ALIGNMENT = ("target_* at position p describe the token after p (the student's l
              "labels are unshifted Hugging Face causal-LM labels")
 
 
-def exact_temperatures(meta: dict[str, Any]) -> list[float] | None:
+def exact_temperatures(ts: TransferSet) -> list[float] | None:
     """The only temperatures a set's targets are exact at, when it records them (a set imported
     from log-probabilities: [1.0]); None when every stored T is exact."""
-    targets = (meta.get("teacher") or {}).get("targets") or {}
-    temps = targets.get("exact_temperatures")
-    return [float(t) for t in temps] if isinstance(temps, list) else None
+    targets = ts.info.teacher.targets
+    temps = targets.exact_temperatures if targets else None
+    return None if temps is None else [float(t) for t in temps]
 
 
 def check_temperature_servable(ts: TransferSet, temperature: float) -> tuple[str, int | None]:
     """(kind, index of T among the stored ones or None); refuses, in one line, a T the set
     cannot serve exactly."""
-    exact = exact_temperatures(ts.meta)
+    exact = exact_temperatures(ts)
     if exact is not None and not any(abs(t - temperature) <= 1e-6 * t for t in exact):
         raise OptionError(f"{ts.path} was imported from log-probabilities at T = "
                           f"{', '.join(f'{t:g}' for t in exact)}: its targets are exact there "

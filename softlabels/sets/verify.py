@@ -68,7 +68,7 @@ def _check_teacher(ts: TransferSet, kind: Alignment, dataset: Dataset,
                    max_teacher_bytes: int | None) -> None:
     teacher = Teacher(teachers, device=device, combine=ts.info.teacher.combine,
                       trust_code=trust_code, max_bytes=max_teacher_bytes)
-    report.add("teacher weights", *teacher.weights_match(ts.meta["teacher"]))
+    report.add("teacher weights", *teacher.weights_match(ts.info.teacher))
     recorded = ts.info.teacher.preprocess
     if recorded:  # the data was replayed through it (replay_inputs); the live one should agree
         live = teacher.preprocess()

@@ -225,12 +225,10 @@ def _strict(values: Any, what: str) -> tuple[np.ndarray | None, str]:
 
 def data_kind(data: Any) -> str:
     """The kind of row a DATA spec or dataset makes (format.layout.ROW_KINDS): "sequences" for
-    token sequences (one row per position), "examples" otherwise."""
-    return "sequences" if is_sequence_data(data) else "examples"
-
-
-def is_sequence_data(data: Any) -> bool:
-    """A DATA spec or dataset of token sequences (made into a sequence set)."""
+    token sequences (`tokens:`/`text:` specs, datasets marked `is_token_sequences`; one row per
+    position), "examples" otherwise."""
     if isinstance(data, str):
-        return data.partition(":")[0] in ("tokens", "text")
-    return bool(getattr(data, "is_token_sequences", False))
+        tokens = data.partition(":")[0] in ("tokens", "text")
+    else:
+        tokens = bool(getattr(data, "is_token_sequences", False))
+    return "sequences" if tokens else "examples"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from softlabels.errors import MismatchError, OptionError, SoftlabelsError
+from softlabels.format.info import TeacherInfo
 from softlabels.preprocessing import Preprocess
 from softlabels.teachers.models import load_built, weights_sha256
 from softlabels.teachers.size import module_bytes, resolve_bound
@@ -136,10 +137,10 @@ class Teacher:
         z = self.member_logits(x)
         return z, combine_logits(z, self.combine), ensemble_probs(z, temperatures, self.combine)
 
-    def weights_match(self, recorded: dict[str, Any]) -> tuple[bool, str]:
-        """Whether these members' weights are those a set's `teacher` metadata records, and a
-        sentence saying so."""
-        same = [m.sha256 for m in self.members] == [m["sha256"] for m in recorded["members"]]
+    def weights_match(self, recorded: TeacherInfo) -> tuple[bool, str]:
+        """Whether these members' weights are those a set's teacher (`TransferSet.info.teacher`)
+        records, and a sentence saying so."""
+        same = [m.sha256 for m in self.members] == [m.sha256 for m in recorded.members]
         return same, ("weights match the recorded SHA-256" if same else
                       "the live teacher's weights differ from the recorded ones")
 

@@ -79,7 +79,7 @@ def check_alignment(data: Dataset, ts: TransferSet, rows: np.ndarray, *, seed: i
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(rows, CHECK_SAMPLE, replace=False))
     index, hashes = ts.index(), ts.sample_hash()
-    data = replay_inputs(data, ts.meta.get("teacher") or {})  # hashed as the teacher saw it
+    data = replay_inputs(data, ts.info.teacher.preprocess)  # hashed as the teacher saw it
     outside = rows[(index[rows] < 0) | (index[rows] >= len(data))]
     if len(outside):  # a value no writer stores: read_block names its block
         ts.read_block(int(outside[0]) // ts.layout.block_rows, [S.INDEX])
