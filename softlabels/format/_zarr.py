@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import TransferSetError
+from softlabels.format.chunk_writer import ChunkWriter
 from softlabels.format.location import Remote
 from softlabels.format.schema import ATTR_KEY
 from softlabels.format.store import Mode, Store, fill_value
@@ -65,6 +66,9 @@ class ZarrStore(Store):
         self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode],
                                       attributes=attributes if mode == "w" else None)
         self._arrays: dict[str, Any] = {}  # each array's metadata, read once
+        # whole chunks of a local directory's arrays are written straight to their files
+        self._local = self._remote is None and not self._zip and not self.read_only
+        self._chunk_writers: dict[str, ChunkWriter | None] = {}
 
     def _create(self, name, shape, dtype, *, chunks, shards=None, dims=None,
                 shuffle_compress=False):
@@ -73,6 +77,7 @@ class ZarrStore(Store):
         dt = np.dtype(dtype)
         default = None if dt.kind == "f" else "auto"
         self._arrays.pop(name, None)
+        self._chunk_writers.pop(name, None)
         self._group.create_array(
             name,
             shape=shape,
@@ -89,11 +94,25 @@ class ZarrStore(Store):
         )
 
     def _write(self, name, selection, data):
-        self.array(name)[selection] = data
+        if not self._write_chunks(name, selection, data):
+            self.array(name)[selection] = data
+
+    def _write_chunks(self, name: str, selection: Any, data: np.ndarray) -> bool:
+        """Whole chunks of a local set written directly (chunk_writer.py); False when zarr
+        must write this selection (part of a chunk, shards, a remote or zip store)."""
+        if not self._local:
+            return False
+        if name not in self._chunk_writers:
+            self._chunk_writers[name] = ChunkWriter.of(Path(self.path) / name, self.array(name))
+        writer = self._chunk_writers[name]
+        return writer is not None and writer.write(selection, data)
 
     def _write_many(self, requests):
         from zarr.core.sync import sync
 
+        requests = [r for r in requests if not self._write_chunks(*r)]
+        if not requests:
+            return
         arrays = [self.array(name).async_array for name, _, _ in requests]
 
         async def gather() -> None:
