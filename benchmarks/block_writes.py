@@ -60,7 +60,8 @@ def plain_files(folder: Path, layout: Layout, arrays: dict[str, np.ndarray]) -> 
     t0 = time.perf_counter()
     for block in range(layout.num_blocks):
         for name, data in arrays.items():
-            tmp, dst = folder / f"{name.replace('/', '_')}.{block}.tmp", folder / f"{block}.{name.replace('/', '_')}"
+            flat = name.replace("/", "_")
+            tmp, dst = folder / f"{flat}.{block}.tmp", folder / f"{block}.{flat}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.write(fd, data)
             os.close(fd)

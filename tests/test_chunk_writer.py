@@ -129,3 +129,21 @@ def test_precompute_sets_match_zarrs_writes(npz_data: str, tmp_path: Path, topk:
     ours = run(tmp_path / "ours.zarr")
     monkeypatch.setattr(ChunkWriter, "write", lambda self, sel, data: False)
     assert ours == run(tmp_path / "zarr.zarr")
+
+
+def test_integer_chunks_are_blosc_frames_read_straight_or_left_to_zarr(tmp_path: Path) -> None:
+    """Integer arrays are stored byte-shuffled + lz4 (blosc); stage two's chunk-file reads
+    decode them, and leave a frame whose header does not match its file to zarr."""
+    from softlabels.format.chunk_files import ChunkFiles
+
+    store = _make(tmp_path / "s.zarr")
+    labels = _data((37,), "int64", 5)
+    store.write("labels", (slice(0, 37),), labels)
+    (codec,) = store.array("labels").compressors
+    assert type(codec).__name__ == "BloscCodec" and codec.cname.value == "lz4"
+    files = ChunkFiles.of(tmp_path / "s.zarr" / "labels")
+    np.testing.assert_array_equal(files.read((slice(8, 16),)), labels[8:16])
+    chunk = tmp_path / "s.zarr" / "labels" / "c" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:-3])  # torn: cbytes in the header no longer match
+    assert files.read((slice(8, 16),)) is None
+    np.testing.assert_array_equal(files.read((slice(0, 8),)), labels[:8])

@@ -2,8 +2,8 @@
 checked block reads: zarr-python spends about 0.7 ms of CPU per chunk on its asynchronous
 machinery (measured: 100 ms to read the 147 chunks of a 200,000 x 100 set's served arrays,
 which a numpy memmap copies in 18 ms), while a chunk laid out as this package writes it (a
-regular grid, default keys, no shards, the `bytes` codec, optionally zstd or blosc) is one file read and
-at most one decompression.
+regular grid, default keys, no shards, the `bytes` codec, optionally zstd or blosc) is one
+file read and at most one decompression.
 
 Only what this package writes takes this path; anything else (shards, other codecs, a selection
 not inside one chunk) returns None and the caller reads through zarr. What is read here passes
