@@ -49,11 +49,13 @@ class ChunkWriter:
     @classmethod
     def of(cls, folder: Path, array: Any) -> ChunkWriter | None:
         """The writer of `array` (stored in `folder`), or None where zarr must write it."""
-        from zarr.abc.codec import SupportsSyncCodec
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.chunk_grids import RegularChunkGrid
-        from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
-
+        try:  # zarr's synchronous codec protocol (3.1.x); without it zarr writes everything
+            from zarr.abc.codec import SupportsSyncCodec
+            from zarr.core.buffer import default_buffer_prototype
+            from zarr.core.chunk_grids import RegularChunkGrid
+            from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+        except ImportError:
+            return None
         try:
             meta = array.metadata
             pipeline = array.async_array.codec_pipeline
