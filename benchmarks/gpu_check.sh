@@ -7,6 +7,8 @@
 #   3. a bf16 resnet50 teacher alone vs precompute, images/s (end to end and marginal);
 #   4. trivial teachers on the GPU: C = 100 and 1,000 (rows/s), and top-16 over a 32k
 #      vocabulary (positions/s written; goal >= 1 M);
+#   5. the writer alone on this host's disk (block_writes.py: write_block against plain files
+#      of the same bytes, C = 100 and 1,000) and write_set's top-k rows/s (goal >= 1 M);
 # then stage one over 5,000 real JPEGs (~500x375, benchmarks/jpeg_stage_one.py): images/s of
 # decoding in CPU workers against decoding on the device (nvJPEG), the teacher, and precompute
 # (goal: precompute >= 0.9 of min(decode, teacher)).
@@ -25,6 +27,9 @@ $py benchmarks/precompute_overhead.py --size 224 --model resnet50 --precision bf
 $py benchmarks/stage_one_writer.py --device cuda --case resnet50 --rows 8192 --rounds 3
 $py benchmarks/stage_one_writer.py --device cuda --case dense100 --case dense1000 --case seq \
     --rows 524288 --seq-batch 16 --rounds 3
+$py benchmarks/block_writes.py --classes 100 --rows 200000 --rounds 3
+$py benchmarks/block_writes.py --classes 1000 --rows 50000 --rounds 3
+$py benchmarks/write_set.py --rows 1000000 --rounds 3
 $py benchmarks/student_epoch.py --device cuda --size 224 --n 16384 --batch-size 256 --epochs 3
 $py benchmarks/jpeg_stage_one.py --device cuda --precision bf16 --files 5000 --per 4096 \
     --rounds 2 --workers 4,8,16 --precompute-workers 16 --decode-device cuda --batch-size 256

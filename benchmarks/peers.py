@@ -13,7 +13,16 @@ Peers (each skipped, and said so, when its package is missing; `pip install soft
   datasets  Hugging Face `datasets` (Arrow on disk, numpy format): a random permutation of
             the rows, 256 at a time by `ds[rows]`
   lance     `lance` (pylance): `take` of shuffled row ids, 256 at a time
-Not yet here (the issue's other peers): mosaicml-streaming, litdata, webdataset.
+  mosaic    mosaicml-streaming: MDS shards (64 MiB), `StreamingDataset(shuffle=True)` (its
+            default py1e shuffle over shards and blocks), batches by a torch DataLoader in the
+            main process
+  litdata   litdata: `optimize` into 64 MiB chunks, `StreamingDataset(shuffle=True)` through
+            its `StreamingDataLoader`, in the main process
+  webdataset  webdataset: tar shards of 10,000 samples (`probs.npy`, `cls`), shards shuffled,
+            a 4-block (4 x block rows) sample shuffle buffer, `.batched(256)`
+Every peer is read in the main process (num_workers=0), as softlabels' stream is here.
+The peers live in their own environment (they pin other versions of numpy, transformers,
+huggingface-hub than softlabels' dev extra): see benchmarks/README.md.
 
     python benchmarks/peers.py --rows 200000 --classes 100 --rounds 3
 """
@@ -46,7 +55,7 @@ def make_set(folder: Path, rows: int, classes: int) -> tuple[str, Path]:
     np.savez(folder / "x.npz", x=x, y=np.random.default_rng(1).integers(0, classes, rows))
     out = folder / "set.zarr"
     precompute(f"npz:{folder / 'x.npz'}", [f"mlp:4-{classes}"], out, temperatures=[1, T],
-               batch_size=8192, device="cpu")
+               batch_size=8192, device="cpu", random_teacher=True)
     return f"npz:{folder / 'x.npz'}", out
 
 
@@ -137,8 +146,107 @@ def lance_batches(folder: Path, probs: np.ndarray, labels: np.ndarray, block: in
     return epoch
 
 
+def _no_transformers() -> None:
+    """mosaicml-streaming imports transformers (< 5) for isinstance checks in its DataLoader
+    (`BatchFeature`, `BatchEncoding`) and its text datasets (`AutoTokenizer`); where
+    transformers cannot be imported (it pins huggingface-hub < 1, `datasets` 5 needs
+    >= 1.31), give it stand-in classes."""
+    import sys
+    import types
+
+    try:
+        import transformers.feature_extraction_utils  # noqa: F401
+        import transformers.tokenization_utils_base  # noqa: F401
+    except ImportError:
+        for package in ("transformers", "transformers.models", "transformers.models.auto"):
+            sys.modules[package] = types.ModuleType(package)
+            sys.modules[package].__path__ = []
+        for module, cls in (("feature_extraction_utils", "BatchFeature"),
+                            ("tokenization_utils_base", "BatchEncoding"),
+                            ("models.auto.tokenization_auto", "AutoTokenizer")):
+            stub = types.ModuleType(f"transformers.{module}")
+            setattr(stub, cls, type(cls, (dict,), {}))
+            sys.modules[f"transformers.{module}"] = stub
+
+
+def _rows(probs: np.ndarray, labels: np.ndarray) -> Iterator[dict]:
+    for i in range(len(labels)):
+        yield {"probs": probs[i], "labels": int(labels[i])}
+
+
+def mosaic_batches(folder: Path, probs: np.ndarray, labels: np.ndarray, block: int) -> Batches:
+    _no_transformers()
+    from streaming import MDSWriter, StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    c = probs.shape[1]
+    with MDSWriter(out=str(folder / "mds"), columns={"probs": f"ndarray:float32:{c}",
+                                                     "labels": "int64"},
+                   size_limit=1 << 26) as w:
+        for row in _rows(probs, labels):
+            w.write(row)
+    ds = StreamingDataset(local=str(folder / "mds"), shuffle=True, shuffle_seed=0,
+                          batch_size=BATCH)
+    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=0)
+
+    def epoch(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in loader:  # the dataset moves to its next epoch by itself
+            yield b["probs"], b["labels"]
+    return epoch
+
+
+def _litdata_rows(start_stop: tuple[int, int]) -> Iterator[dict]:
+    a, b = start_stop
+    probs, labels = _LITDATA_ARRAYS
+    for i in range(a, b):
+        yield {"probs": probs[i], "labels": int(labels[i])}
+
+
+_LITDATA_ARRAYS: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
+
+
+def litdata_batches(folder: Path, probs: np.ndarray, labels: np.ndarray, block: int) -> Batches:
+    global _LITDATA_ARRAYS
+    import litdata
+
+    _LITDATA_ARRAYS = (probs, labels)
+    spans = [(a, min(a + block, len(labels))) for a in range(0, len(labels), block)]
+    litdata.optimize(fn=_litdata_rows, inputs=spans, output_dir=str(folder / "lit"),
+                     chunk_bytes="64MB", num_workers=1, start_method="fork", verbose=False)
+    ds = litdata.StreamingDataset(str(folder / "lit"), shuffle=True, seed=0)
+    loader = litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=0)
+
+    def epoch(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds.set_epoch(e + 1)
+        for b in loader:
+            yield b["probs"], b["labels"]
+    return epoch
+
+
+def webdataset_batches(folder: Path, probs: np.ndarray, labels: np.ndarray,
+                       block: int) -> Batches:
+    import webdataset as wds
+
+    (folder / "wds").mkdir()
+    with wds.ShardWriter(str(folder / "wds" / "s-%05d.tar"), maxcount=10_000,
+                         verbose=0) as w:
+        for i, row in enumerate(_rows(probs, labels)):
+            w.write({"__key__": f"{i:09d}", "probs.npy": row["probs"], "cls": row["labels"]})
+    urls = sorted(str(u) for u in (folder / "wds").glob("*.tar"))
+
+    def epoch(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=e, empty_check=False)
+              .shuffle(WINDOW * block).decode().to_tuple("probs.npy", "cls")
+              .batched(BATCH))
+        for p, y in ds:
+            yield torch.from_numpy(p), torch.as_tensor(y)
+    return epoch
+
+
 PEERS = {"numpy": numpy_batches, "parquet": parquet_batches, "datasets": datasets_batches,
-         "lance": lance_batches}
+         "lance": lance_batches, "mosaic": mosaic_batches, "litdata": litdata_batches,
+         "webdataset": webdataset_batches}
 
 
 def rate(batches: Batches, epoch: int) -> float:
@@ -165,10 +273,13 @@ def main() -> None:
             probs, labels, block = ts.probs(T), ts.read(S.LABELS), ts.block_rows
         runs: dict[str, Batches] = {"softlabels": softlabels_batches(data, path)}
         for name in args.only:
+            t0 = time.perf_counter()
             try:
                 runs[name] = PEERS[name](folder, probs, labels, block)
             except ImportError as exc:
                 print(f"{name}: skipped ({exc}); pip install softlabels[peers]")
+                continue
+            print(f"{name}: written ({time.perf_counter() - t0:.1f} s)", flush=True)
         rates: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(args.rounds):
             for name, batches in (runs.items() if r % 2 == 0 else reversed(runs.items())):

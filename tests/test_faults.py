@@ -106,6 +106,7 @@ KILLS = [  # (command, output name, kill target, nth call, before/after)
     ("precompute", "p.zarr", "softlabels.format.writer:write_block", 3, "before"),
     ("precompute", "p.h5", "softlabels.format.writer:write_block", 3, "before"),
     ("precompute", "p.zarr", f"{STORE}:Store.flush", 4, "before"),  # data in, not marked done
+    ("precompute", "p.zarr", "os:write", 17, "after"),  # a block's chunk written, not renamed
     ("precompute", "p.h5", "softlabels.format._hdf5:HDF5Store.flush", 4, "before"),
     ("precompute", "p.zarr", "softlabels.format.writer:TransferSetWriter.finish", 1, "after"),
     ("precompute --num-workers", "p.zarr", "softlabels.format.writer:write_block", 2, "before"),

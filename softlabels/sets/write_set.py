@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 from torch.utils.data import Dataset
 
 from softlabels.compute.record import dataset_probe
@@ -78,12 +77,8 @@ def _row_hashes(data: Dataset, index: np.ndarray) -> np.ndarray:
     """(n,) uint64: the sample hash of example index[i] of `data` (array data hashed in place)."""
     x = data.x.numpy() if isinstance(data, NpzDataset) else None
     if x is not None and len(index) and x.flags.c_contiguous \
-            and (np.diff(index) == 1).all():  # a run of examples: hash slices of one buffer
-        size = x[0].nbytes
-        mv = memoryview(x[int(index[0]):int(index[-1]) + 1]).cast("B")
-        xx = xxhash.xxh3_64_intdigest
-        return np.fromiter((xx(mv[i:i + size]) for i in range(0, len(mv), size)),
-                           dtype=np.uint64, count=len(index))
+            and (np.diff(index) == 1).all():  # a run of examples: hash rows of one buffer
+        return S.sample_hashes(x[int(index[0]):int(index[-1]) + 1])
     uniq, where = np.unique(index, return_inverse=True)
     if x is not None:
         hashes = [S.sample_hash(x[i]) for i in uniq.tolist()]
