@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format._zarr import ZarrStore
 from softlabels.format.chunk_writer import ChunkWriter
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from torch.utils.data import Dataset
 
 from softlabels.compute.record import dataset_probe
