@@ -45,10 +45,10 @@ def test_missing_path_and_non_set(tmp_path: Path) -> None:
     with pytest.raises(TransferSetError, match="does not exist"):
         open_store(tmp_path / "nope.zarr", "r")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(TransferSetError, match="not a Zarr"):
+    with pytest.raises(TransferSetError, match="empty folder, not a transfer set"):
         open_store(tmp_path / "plain", "r")
     (tmp_path / "bad.h5").write_text("not hdf5")
-    with pytest.raises(TransferSetError, match="cannot open"):
+    with pytest.raises(TransferSetError, match="not an HDF5 file .*not a transfer set"):
         open_store(tmp_path / "bad.h5", "r")
 
 
