@@ -81,6 +81,33 @@ def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ts.open(spec).result().read().result(), want[name])
 
 
+def test_chunks_of_only_the_fill_value_are_not_stored_as_zarr_leaves_them(
+        tmp_path: Path) -> None:
+    """zarr stores no chunk that holds only the fill value (and removes one that was there):
+    `block_done` laid out as zeros, a block erased to its fill, an all-fill edge chunk. The
+    files left are zarr's, so `block_done/c` holds a file only for a block marked done."""
+    ours, theirs = _make(tmp_path / "ours.zarr"), _make(tmp_path / "zarr.zarr")
+    for store, direct in ((ours, True), (theirs, False)):
+        def put(name: str, sel: tuple[slice, ...], part: np.ndarray) -> None:
+            if direct:
+                store.write_many([(name, sel, part)])
+            else:
+                store.array(name)[sel] = part  # zarr's own write
+        put("block_done", (slice(0, 5),), np.zeros(5, np.uint8))  # as a set is laid out
+        put("block_done", (slice(2, 3),), np.ones(1, np.uint8))  # block 2 done
+        logits = _data((37, 5), "float16", 0)
+        put("logits", (slice(0, 37),), logits)
+        fill = np.full((8, 5), np.nan, np.float16)
+        put("logits", (slice(8, 16),), fill)  # a block erased to the fill value
+        put("logits", (slice(32, 37),), fill[:5])  # the edge chunk too
+    for name in ("block_done", "logits"):
+        got, ref = _files(tmp_path / "ours.zarr" / name), _files(tmp_path / "zarr.zarr" / name)
+        assert got == ref, name
+    assert list(_files(tmp_path / "ours.zarr" / "block_done")) == ["c/2"]
+    assert "c/1/0" not in _files(tmp_path / "ours.zarr" / "logits")
+    assert "c/4/0" not in _files(tmp_path / "ours.zarr" / "logits")
+
+
 def test_part_of_a_chunk_goes_through_zarr(tmp_path: Path) -> None:
     store = _make(tmp_path / "s.zarr")
     writer = ChunkWriter.of(tmp_path / "s.zarr" / "logits", store.array("logits"))

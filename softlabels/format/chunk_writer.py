@@ -44,6 +44,9 @@ class ChunkWriter:
         self._key = array.metadata.encode_chunk_key
         self._codecs, self._spec = codecs, spec
         self._fill = spec.fill_value
+        # zarr's own rule (ArrayConfig.write_empty_chunks, False by default): a chunk that
+        # holds only the fill value is not stored (its file removed), as zarr leaves it
+        self._skip_empty = not getattr(array.async_array.config, "write_empty_chunks", True)
         self._folders: set[Path] = set()
 
     @classmethod
@@ -88,8 +91,29 @@ class ChunkWriter:
                                 zip(ranges, self.chunks))):
             part = tuple(slice(i * c - a, min((i + 1) * c, n) - a)
                          for i, c, (a, _), n in zip(coords, self.chunks, ranges, self.shape))
-            self._put(self._key(coords), self._encode(data[part]))
+            chunk = data[part]
+            if self._skip_empty and self._all_fill(chunk):  # edge chunks too: zarr pads first
+                self._remove(self._key(coords))
+            else:
+                self._put(self._key(coords), self._encode(chunk))
         return True
+
+    def _all_fill(self, chunk: np.ndarray) -> bool:
+        """Whether every element is the fill value (NaN equal to NaN, as zarr compares)."""
+        fill = np.asarray(self._fill, dtype=self.dtype)
+        if chunk.dtype.kind in "fc":
+            return bool(np.array_equal(chunk, np.broadcast_to(fill, chunk.shape),
+                                       equal_nan=True))
+        return bool((chunk == fill).all())
+
+    def _remove(self, key: str) -> None:
+        """The chunk at `key` no longer stored (a link there is removed, never followed)."""
+        try:
+            os.unlink(self.folder / key)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _failed(self.folder / key, exc) from None
 
     def _chunk_ranges(self, selection: Any) -> list[tuple[int, int]] | None:
         """(start, stop) per axis when `selection` is step-1 slices on chunk boundaries."""
