@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_sequences import TEACHER as LM
-from test_sequences import write_tokens
+from token_data import TEACHER as LM
+from token_data import write_tokens
 
-from conftest import CHUNK, make_npz
+from conftest import CHUNK, ROOT, make_npz
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute
 from softlabels.teachers.models import build_model, save_checkpoint
@@ -47,7 +47,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (d / "garbled.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')
     (d / "far.txt").write_text("0\n5\n1000\n")
     (d / "bad.toml").write_text("recipe = [unclosed\n")
-    pipeline = Path(__file__).parents[1] / "pipelines" / "mnist_hinton.toml"
+    pipeline = ROOT / "pipelines" / "mnist_hinton.toml"
     (d / "p.toml").write_text(pipeline.read_text().replace("mnist:data",
                                                             f"mnist:{pipeline.parents[1]}/data"))
     (d / "runs").mkdir()

@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import make_npz
+from conftest import TESTS, make_npz
 from softlabels.compute.cluster import precompute_on_cluster
 from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError
@@ -22,7 +22,6 @@ from softlabels.format.reader import open_transfer_set
 from softlabels.sources.load import load_data
 from softlabels.teachers.models import build_model
 
-HERE = Path(__file__).parent
 ARRAYS = (S.LOGITS, S.PROBS, S.LABELS, S.INDEX, S.SAMPLE_HASH)
 
 
@@ -89,10 +88,10 @@ def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path: Path,
     common = ["--teacher", "python:helpers:slow", "--temperatures", "1,3", "--chunk-rows", "16",
               "--batch-size", "8", "--dtype", "float32"]
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
-    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.syspath_prepend(str(TESTS))
     precompute(data, ["python:helpers:slow"], ref, temperatures=[1, 3], chunk_rows=16,
                batch_size=8, dtype="float32", random_teacher=True)
-    env = {**os.environ, "PYTHONPATH": str(HERE), "SOFTLABELS_TEST_DELAY": "0.05"}
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "SOFTLABELS_TEST_DELAY": "0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", data,
                              "--out", str(out), "--workers", "2", *common,
                              "--random-teacher"], env=env,

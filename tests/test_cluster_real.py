@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_cluster import assert_same
 
-from conftest import make_npz
+from conftest import ROOT, TESTS, make_npz
 from softlabels._version import __version__
 from softlabels.compute.cluster import (
     check_worker,
@@ -35,8 +35,6 @@ from softlabels.options import PrecomputeOptions
 from softlabels.specs import portable_spec
 from softlabels.teachers.models import build_model, save_checkpoint
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent
 DASK = Path(sys.executable).with_name("dask")
 
 
@@ -140,7 +138,7 @@ def free_port() -> int:
 
 def run_cli(args: list[str], *, cwd: Path, timeout: float = 240, **env_vars: str
             ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), **env_vars}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), **env_vars}
     return subprocess.run([sys.executable, "-m", "softlabels", "precompute", *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -162,7 +160,7 @@ class Cluster:
 
     def __init__(self, logs: Path) -> None:
         self.logs, self.procs = logs, []
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.worker_addresses: list[str] = []
         self._start(["scheduler", "--host", "127.0.0.1", "--port", self.address.rsplit(":")[-1],

@@ -21,7 +21,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from conftest import make_npz
+from conftest import ROOT, TESTS, make_npz
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError, SoftlabelsError
@@ -31,8 +31,7 @@ from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.sets.verify import verify
 
-HERE = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
 CHUNK = 16
 DAMAGED_BLOCK = 2  # rows 32-47
 
@@ -138,7 +137,7 @@ def test_killed_writer_is_never_presented_complete_and_rerun_finishes(
     if command.endswith("--overwrite"):  # an older set the command replaces
         precompute(sources["data"], ["mlp:16-5-3"], out, chunk_rows=CHUNK, random_teacher=True)
 
-    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"), target, str(n), when,
+    killed = subprocess.run([sys.executable, str(TESTS / "faultpoints.py"), target, str(n), when,
                              "--", *map(str, args), "--out", str(out)],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr  # it died where we meant

@@ -16,11 +16,11 @@ import pytest
 import xxhash
 import zarr
 
-from conftest import CHUNK
+from conftest import CHUNK, ROOT
 from softlabels.compute.examples import precompute
 from softlabels.format.reader import open_transfer_set
 
-FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+FORMAT_MD = ROOT / "docs" / "FORMAT.md"
 AXIS_1 = ("probs", "member_logits", "sample/indices")  # FORMAT.md: "Rows are sliced along ..."
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import ROOT
 from softlabels.cli import cli
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.schema import sample_hash
@@ -19,7 +20,7 @@ from softlabels.sources.images import ImageFolderSource
 from softlabels.sources.load import load_data
 from softlabels.teachers.models import load_model, mlp, save_checkpoint
 
-IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
+IMAGES = ROOT / "data" / "images"
 SIZE = "resize=20&crop=16"  # the teacher's inputs: 3 x 16 x 16 = 768 values
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT
 from softlabels.errors import DataError, OptionError, SpecError
 from softlabels.format.schema import sample_hash
 from softlabels.options import PrecomputeOptions
@@ -20,7 +21,7 @@ from softlabels.sources.images import ImageFolderSource, keep_decodable, model_i
 from softlabels.sources.load import load_data
 from softlabels.sources.shards import expand_braces
 
-IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
+IMAGES = ROOT / "data" / "images"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

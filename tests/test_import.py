@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_sequences import TEACHER, write_tokens
+from token_data import TEACHER, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli

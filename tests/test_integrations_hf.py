@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_sequences import TEACHER, VOCAB, write_tokens
+from token_data import TEACHER, VOCAB, write_tokens
 
 from softlabels.compute.examples import precompute
 from softlabels.sets.export import export_set

@@ -13,7 +13,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from conftest import CHUNK
+from conftest import CHUNK, ROOT
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError, TransferSetError
@@ -179,6 +179,6 @@ def test_an_array_without_its_metadata_is_one_line_without_zarr_warnings(
     (path / "probs" / "zarr.json").unlink()
     done = subprocess.run([sys.executable, "-m", "softlabels", "info", str(path)],
                           capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 1 and "probs" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -24,7 +24,7 @@ pytest.importorskip("moto.server")
 
 from click.testing import CliRunner  # noqa: E402
 
-from conftest import make_npz  # noqa: E402
+from conftest import ROOT, TESTS, make_npz  # noqa: E402
 from softlabels.cli import cli  # noqa: E402
 from softlabels.compute.examples import precompute  # noqa: E402
 from softlabels.errors import (  # noqa: E402
@@ -40,7 +40,6 @@ from softlabels.format.reader import open_transfer_set  # noqa: E402
 from softlabels.sets.verify import verify  # noqa: E402
 from softlabels.train.trainer import train_student  # noqa: E402
 
-HERE = Path(__file__).parent
 TEACHER = "python:helpers:slow"
 OPTS = dict(temperatures=[1, 3], chunk_rows=16, batch_size=8, dtype="float32")
 
@@ -66,7 +65,7 @@ def _same_sets(a_path: str | Path, b_path: str | Path) -> None:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
 
 
 # --- write, read, stream ----------------------------------------------------------------------
@@ -131,7 +130,7 @@ def test_sigkill_mid_precompute_on_s3_resumes_to_the_same_set(tmp_path: Path,
     args = ["precompute", "--data", data, "--teacher", TEACHER, "--out", url,
             "--temperatures", "1,3", "--chunk-rows", "16", "--batch-size", "8",
             "--dtype", "float32", "--random-teacher"]
-    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
+    killed = subprocess.run([sys.executable, str(TESTS / "faultpoints.py"),
                              "softlabels.format.writer:write_block", "3", "after", "--", *args],
                             env=_env(), capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -152,7 +151,7 @@ def test_kill_while_laying_out_in_place_is_laid_out_again(tmp_path: Path, bucket
     url = f"s3://{bucket}/layout.zarr"
     args = ["precompute", "--data", data, "--teacher", TEACHER, "--out", url,
             "--temperatures", "1", "--chunk-rows", "16", "--dtype", "float32", "--random-teacher"]
-    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
+    killed = subprocess.run([sys.executable, str(TESTS / "faultpoints.py"),
                              "softlabels.format.store:Store.create", "3", "after", "--", *args],
                             env=_env(), capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -191,7 +190,7 @@ def test_a_killed_convert_to_s3_is_resumed_only_by_the_same_command(tmp_path: Pa
     local = tmp_path / "made.zarr"
     precompute(data, [TEACHER], local, **OPTS, random_teacher=True)
     url = f"s3://{bucket}/conv.zarr"
-    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
+    killed = subprocess.run([sys.executable, str(TESTS / "faultpoints.py"),
                              "softlabels.format.writer:write_block", "3", "after", "--",
                              "convert", str(local), "--out", url],
                             env=_env(), capture_output=True, text=True)
@@ -568,7 +567,7 @@ def test_an_unreachable_endpoint_is_one_line_for_a_reader(tmp_path: Path, bucket
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "PYTHONPATH": str(HERE.parent)}
+           "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "softlabels", "info", f"s3://{bucket}/a.zarr"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
@@ -587,7 +586,7 @@ def test_an_unreachable_endpoint_is_one_line_for_a_writer(tmp_path: Path, bucket
         port = s.getsockname()[1]
     data = make_npz(tmp_path / "d.npz", n=40)
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
     url = f"s3://{bucket}/w.zarr"
     done = subprocess.run([sys.executable, "-m", "softlabels", "precompute", "--data", data,
                            "--teacher", "mlp:16-3", "--out", url, "--random-teacher"],

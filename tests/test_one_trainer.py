@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import make_npz
+from conftest import ROOT, TESTS, make_npz
 
-HERE = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
 
 
 def _train(data: str, out: Path, epochs: int = 3) -> list[str]:

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import ROOT
 from softlabels.cli import cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _is_row(row: dict, n_seeds: int) -> None:

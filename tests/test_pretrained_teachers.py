@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from raw_image_data import RawImages
 
+from conftest import ROOT, TESTS
 from softlabels.cli import cli
 from softlabels.format.reader import open_transfer_set
 from softlabels.teachers.weights import check_hash_prefix, file_sha256, hash_prefix
@@ -376,8 +377,7 @@ def test_hf_teacher_from_python_m_softlabels(images: Path, vit: Path, tmp_path: 
     import subprocess
     import sys
 
-    here = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
     out = tmp_path / "s.zarr"
     done = subprocess.run([sys.executable, "-m", "softlabels", "precompute", "--data",
                            data_spec(images), "--teacher", f"hf:{vit}", "--out", str(out)],

@@ -13,13 +13,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import make_npz
+from conftest import TESTS, make_npz
 from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
-
-HERE = Path(__file__).parent
 
 
 def command(data: str, out: Path) -> list[str]:
@@ -44,7 +42,7 @@ def done_blocks(out: Path) -> int:
 def test_sigkill_then_rerun_gives_identical_set(tmp_path: Path, suffix: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_npz(tmp_path / "d.npz", n=300)
-    env = {**os.environ, "PYTHONPATH": str(HERE), "SOFTLABELS_TEST_DELAY": "0.03"}
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "SOFTLABELS_TEST_DELAY": "0.03"}
     out, ref = tmp_path / f"killed.{suffix}", tmp_path / f"ref.{suffix}"
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
     precompute(data, ["python:helpers:slow"], ref, temperatures=[1, 3], chunk_rows=16,

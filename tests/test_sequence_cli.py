@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_sequences import TEACHER, write_tokens
+from token_data import TEACHER, write_tokens
 
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute

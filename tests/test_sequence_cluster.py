@@ -18,8 +18,9 @@ from click.testing import CliRunner
 from test_cluster import worker_processes
 from test_cluster_real import cluster as cluster  # a fixture  # noqa: F401
 from test_cluster_real import run_cli
-from test_sequences import TEACHER, write_tokens
+from token_data import TEACHER, write_tokens
 
+from conftest import ROOT, TESTS
 from softlabels._version import __version__
 from softlabels.cli import cli
 from softlabels.compute.cluster import check_worker, precompute_on_cluster
@@ -28,8 +29,6 @@ from softlabels.compute.sequences import WINDOW_BLOCKS
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.specs import portable_spec
-
-HERE = Path(__file__).parent
 
 
 def assert_identical(a_path: Path, b_path: Path, same_spec: bool = True) -> None:
@@ -51,8 +50,8 @@ def assert_identical(a_path: Path, b_path: Path, same_spec: bool = True) -> None
 def test_cluster_sequence_set_is_the_single_process_set(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         kind: str) -> None:
-    monkeypatch.syspath_prepend(str(HERE))  # worker processes import the helpers teacher
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH",
+    monkeypatch.syspath_prepend(str(TESTS))  # worker processes import the helpers teacher
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH",
                                                                                  "")]))
     tokens = write_tokens(tmp_path / "t.jsonl", n=150)
     args = {"topk": dict(topk=4, dtype="float16"), "sample": dict(sample_k=3),
@@ -68,8 +67,8 @@ def test_cluster_sequence_set_is_the_single_process_set(tmp_path: Path,
 
 
 def test_cli_workers_on_token_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(HERE))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH",
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH",
                                                                                  "")]))
     tokens = write_tokens(tmp_path / "t.jsonl", n=40)
     common = ["--data", tokens, "--teacher", TEACHER, "--chunk-rows", "16", "--topk", "3",
@@ -95,10 +94,10 @@ def test_killed_worker_neither_loses_nor_duplicates_positions(
     tokens = write_tokens(tmp_path / "t.jsonl", n=400)
     out, ref = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
-    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.syspath_prepend(str(TESTS))
     precompute(tokens, [TEACHER], ref, temperatures=[1, 3], chunk_rows=8, batch_size=2,
                topk=3, dtype="float32", random_teacher=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]),
            "SOFTLABELS_TEST_DELAY": "0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", tokens,
                              "--teacher", TEACHER, "--out", str(out), "--workers", "2",
@@ -129,9 +128,9 @@ def test_a_killed_cluster_run_resumes_bit_for_bit(tmp_path: Path,
     out, ref = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
     args = dict(temperatures=[1, 3], chunk_rows=8, batch_size=2, sample_k=2)
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
-    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.syspath_prepend(str(TESTS))
     precompute(tokens, [TEACHER], ref, **args, random_teacher=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]),
            "SOFTLABELS_TEST_DELAY": "0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "precompute", "--data", tokens,
                              "--teacher", TEACHER, "--out", str(out), "--workers", "2",

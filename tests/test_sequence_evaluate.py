@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from test_sequences import VOCAB, write_tokens
+from token_data import VOCAB, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli

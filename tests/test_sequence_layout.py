@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_sequences import CHUNK, TEACHER, write_tokens
+from token_data import TEACHER, write_tokens
 
+from conftest import CHUNK
 from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError, SpecError, TransferSetError
 from softlabels.format import schema as S

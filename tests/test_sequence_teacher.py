@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_sequences import write_tokens
+from token_data import write_tokens
 
+from conftest import ROOT, TESTS
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute
 from softlabels.format import schema as S
@@ -23,8 +24,6 @@ from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import read_offsets
 from softlabels.sets.verify import verify
-
-HERE = Path(__file__).parent
 
 
 def save_tiny_gpt2(path: Path, seed: int = 0, vocab: int = 11) -> str:
@@ -91,7 +90,7 @@ def test_sigkill_then_rerun_gives_identical_sequence_set(
     monkeypatch.setenv("SOFTLABELS_TEST_DELAY", "0")
     precompute(data, ["python:helpers:tiny_lm"], ref, temperatures=[1, 3], chunk_rows=16,
                batch_size=8, topk=3, random_teacher=True)
-    env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}",
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}",
            "SOFTLABELS_TEST_DELAY": "0.02"}
     proc = subprocess.Popen(command(data, out), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_sequences import TEACHER, VOCAB, write_tokens
+from token_data import TEACHER, VOCAB, write_tokens
 
 from helpers import TinyLM
 from softlabels.compute.examples import precompute

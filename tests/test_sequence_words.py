@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_sequences import TEACHER, write_tokens
+from token_data import TEACHER, write_tokens
 
 from softlabels.cli import cli
 from softlabels.format import schema as S

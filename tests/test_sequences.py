@@ -3,14 +3,15 @@ stage one over token DATA, verify, convert, subset by sequence."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from token_data import TEACHER, VOCAB, write_tokens
 
+from conftest import CHUNK
 from helpers import TinyLM
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute
@@ -27,20 +28,6 @@ from softlabels.format.sequence import (
 )
 from softlabels.sets.verify import verify
 from softlabels.sources.token_files import load_tokens
-
-VOCAB, CHUNK = 11, 16
-TEACHER = "python:helpers:tiny_lm"
-
-
-def write_tokens(path: Path, n: int = 23, seed: int = 0, masks: bool = False) -> str:
-    """n sequences of 1..14 tokens (195 positions for seed 0: not a multiple of CHUNK)."""
-    rng = np.random.default_rng(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            toks = rng.integers(0, VOCAB, int(rng.integers(1, 15))).tolist()
-            row = {"input_ids": toks, "loss_mask": [int(i >= 2) for i in range(len(toks))]}
-            f.write(json.dumps(row if masks else toks) + "\n")
-    return f"tokens:{path}"
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_sequences import TEACHER, write_tokens
+from token_data import TEACHER, write_tokens
 
 from conftest import CHUNK
 from softlabels.compute.examples import precompute

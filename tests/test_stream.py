@@ -12,7 +12,7 @@ from checksums import forge_checksums
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-from conftest import CHUNK, N_ROWS, make_npz
+from conftest import CHUNK, N_ROWS, ROOT, make_npz
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute
 from softlabels.errors import IntegrityError
@@ -306,7 +306,7 @@ def test_a_stream_left_open_at_exit_ends_quietly(dense: tuple[str, Path]) -> Non
     script = ("import sys\nfrom softlabels.train.datasets import SoftTargetBatches\n"
               f"stream = SoftTargetBatches({data!r}, {str(path)!r}, temperature=4.0, "
               "batch_size=8, window=1)\nit = iter(stream)\nnext(it)\nprint('read one')\n")
-    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "read one", done.stderr

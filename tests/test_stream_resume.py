@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_npz
+from conftest import TESTS, make_npz
 from softlabels.cli import cli
 from softlabels.compute.examples import precompute
 from softlabels.teachers.models import load_checkpoint
 
-FAULTPOINTS = Path(__file__).with_name("faultpoints.py")
+FAULTPOINTS = TESTS / "faultpoints.py"
 
 
 def _args(data: str, ts: Path, out: Path, workers: int) -> list[str]:

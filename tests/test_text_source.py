@@ -1,9 +1,9 @@
 """Raw text and conversations as sequence data (`text:`), tokenised with the teacher's own
 tokenizer; strict token data; windows; refusals before the first batch (docs/TEXT.md).
 
-Everything is built here: a WordLevel tokenizer trained on a few sentences (one token per
-word, so a conversation's tokens can be counted piece by piece), wrapped with a chat template,
-saved with save_pretrained beside a one-layer GPT-2 built from a config."""
+Everything is built here: token_data's WordLevel tokenizer (one token per word, so a
+conversation's tokens can be counted piece by piece), wrapped with a chat template, saved with
+save_pretrained beside a one-layer GPT-2 built from a config."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from token_data import MARKED, PLAIN, WORDS, save_tokenizer
 
 from softlabels.cli import cli
 from softlabels.errors import DataError, SpecError
@@ -33,33 +34,7 @@ from softlabels.train.padded import SequenceBatch
 transformers = pytest.importorskip("transformers", reason="text: needs the hf extra")
 tokenizers = pytest.importorskip("tokenizers", reason="text: needs the hf extra")
 
-WORDS = ["the cat sat on the mat", "a dog ran in the park", "hello world how are you",
-         "i am fine thank you", "what is the time now", "it is late"]
-SPECIAL = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
-# one template marks the assistant's tokens for transformers, the other leaves it to prefixes
-MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|> "
-          "{% generation %}{{ m['content'] }} <|end|>{% endgeneration %}{% else %}<|user|> "
-          "{{ m['content'] }} <|end|>{% endif %}{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-PLAIN = MARKED.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 CONTEXT = 32
-
-
-def save_tokenizer(path: Path, template: str | None = MARKED) -> Any:
-    """A WordLevel tokenizer (adds <s> to a document), saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(WORDS, trainers.WordLevelTrainer(special_tokens=SPECIAL))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                       special_tokens=[("<s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>")
-    if template:
-        fast.chat_template = template
-    fast.save_pretrained(path)
-    return fast
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import ROOT
 from softlabels.cli import cli
 from softlabels.errors import SoftlabelsError
 from softlabels.experiments.tiny_lm import split_text
 from softlabels.sets.verify import verify
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("pipeline", ["pipelines/tiny_lm.toml", "pipelines/tiny_lm_long.toml"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sequences import TEACHER, write_tokens
+from token_data import TEACHER, write_tokens
 
 from softlabels.compute.examples import precompute
 from softlabels.errors import MismatchError

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CHUNK, make_npz
+from conftest import CHUNK, ROOT, make_npz
 from softlabels.compute.examples import precompute
 from softlabels.errors import MismatchError, SoftlabelsError, TransferSetError, WriterBusyError
 from softlabels.format import convert
@@ -191,7 +191,7 @@ def _hold(out: Path) -> subprocess.Popen:
     code = ("import sys, time; from softlabels.format.lease import WriterLease; "
             f"WriterLease({str(out)!r}).acquire(); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -260,7 +260,7 @@ def test_another_users_lease_is_refused_while_held_and_taken_over_once_stale() -
             return subprocess.run([sys.executable, "-c", TAKE, str(out), who], cwd=shared,
                                   capture_output=True, text=True, timeout=120,
                                   env={**os.environ,
-                                       "PYTHONPATH": str(Path(__file__).parents[1])})
+                                       "PYTHONPATH": str(ROOT)})
         try:
             held = take()
             assert held.returncode == 1, held.stdout + held.stderr

@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CHUNK
+from conftest import CHUNK, ROOT, TESTS
 from softlabels.compute.examples import WRITER_QUEUE, precompute, writer_thread
 from softlabels.errors import OptionError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set
-
-HERE = Path(__file__).parent
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -116,9 +114,9 @@ def test_a_kill_while_the_thread_writes_leaves_a_set_that_resumes(npz_data: str,
     out = tmp_path / "s.zarr"
     args = ["precompute", "--data", npz_data, "--teacher", "mlp:16-8-3", "--out", str(out),
             "--temperatures", "1,4", "--chunk-rows", str(CHUNK), "--random-teacher"]
-    env = {"SOFTLABELS_WRITER_THREAD": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {"SOFTLABELS_WRITER_THREAD": "1", "PYTHONPATH": str(ROOT)}
     killed = subprocess.run(
-        [sys.executable, str(HERE / "faultpoints.py"),
+        [sys.executable, str(TESTS / "faultpoints.py"),
          "softlabels.format.writer:TransferSetWriter.write_block", "2", "after", "--", *args],
         env={**os.environ, **env}, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
