@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from softlabels.compute.blocks import precompute
 from softlabels.compute.cluster import precompute_on_cluster
-from softlabels.compute.examples import precompute
 
 
 class Clock:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 from make_images import photo_crops  # noqa: E402
 
-from softlabels.compute.examples import precompute  # noqa: E402
+from softlabels.compute.blocks import precompute  # noqa: E402
 from softlabels.compute.fetch import collate  # noqa: E402
 from softlabels.sources.images import ImageFolderSource, decode_batch  # noqa: E402
 from softlabels.sources.load import load_data

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 
 
 def linear_set(folder: Path, rows: int, classes: int, **options: Any) -> tuple[str, Path]:

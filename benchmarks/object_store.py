@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softlabels.compute.examples import precompute  # noqa: E402
+from softlabels.compute.blocks import precompute  # noqa: E402
 from softlabels.format.operations import convert  # noqa: E402
 from softlabels.format.reader import open_transfer_set  # noqa: E402
 

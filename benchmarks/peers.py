@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.train.datasets import SoftTargetBatches

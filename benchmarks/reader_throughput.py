@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.train.datasets import SoftTargetBatches

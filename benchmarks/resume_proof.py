@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.compute.examples import precompute, row_hashes
+from softlabels.compute.blocks import precompute
+from softlabels.compute.examples import row_hashes
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 

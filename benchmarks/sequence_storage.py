@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.compute.sequences import precompute_sequences
+from softlabels.compute.blocks import precompute
 from softlabels.format.reader import open_transfer_set
 from softlabels.sources.tokens import TokenSequences
 from softlabels.train.losses import sequence_kd_loss
@@ -84,8 +84,8 @@ def storage(tmp: Path, data: TokenSequences, vocab: int, ks: list[int]) -> Path:
                              ("f16", dict(topk=k, dtype="float16")),
                              ("sampled", dict(sample_k=k))):
                 out = tmp / f"{kind}_{k}_{name}.zarr"
-                precompute_sequences(data, [teacher], out, temperatures=TEMPS, batch_size=2,
-                                     device="cpu", **kw, random_teacher=True)
+                precompute(data, [teacher], out, temperatures=TEMPS, batch_size=2,
+                           device="cpu", **kw, random_teacher=True)
                 sizes = size_on_disk(out)
                 row[name] = (sum(sizes.values()) / n, sizes)
             parts = ", ".join(f"{a} {b / n:.1f}" for a, b in sorted(row["f16"][1].items(),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from sequence_storage import SyntheticLM
 
-from softlabels.compute.sequences import precompute_sequences
+from softlabels.compute.blocks import precompute
 from softlabels.format.reader import open_transfer_set
 from softlabels.sources.tokens import TokenSequences
 from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
@@ -65,9 +65,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lm.zarr"
         t0 = time.perf_counter()
-        precompute_sequences(data(args.tokens, args.vocab), [SyntheticLM(args.vocab, False)],
-                             path, topk=args.topk, temperatures=[1, 2], dtype="float16",
-                             batch_size=8, random_teacher=True)
+        precompute(data(args.tokens, args.vocab), [SyntheticLM(args.vocab, False)],
+                   path, topk=args.topk, temperatures=[1, 2], dtype="float16",
+                   batch_size=8, random_teacher=True)
         with open_transfer_set(path) as ts:
             print(f"set: {ts.num_rows} tokens, {ts.layout.num_sequences} sequences, "
                   f"{ts.num_blocks} blocks of {ts.block_rows} rows, top-{args.topk} of "

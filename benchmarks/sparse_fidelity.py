@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.compute.sequences import precompute_sequences
+from softlabels.compute.blocks import precompute
 from softlabels.experiments.tiny_lm import write_sequences
 from softlabels.format.reader import open_transfer_set
 from softlabels.sources.load import load_data
@@ -201,8 +201,8 @@ def main() -> None:
         names = args.only.split(",") if args.only else list(VARIANTS)
         for name in names:
             out = tmp / f"{len(results)}.zarr"
-            precompute_sequences(spec, [teacher], out, temperatures=TEMPS, batch_size=8,
-                                 device="cpu", **VARIANTS[name])
+            precompute(spec, [teacher], out, temperatures=TEMPS, batch_size=8,
+                       device="cpu", **VARIANTS[name])
             row = {"variant": name, "bytes_per_token": size_on_disk(out) / n,
                    "breakdown": breakdown(out, n)}
             with open_transfer_set(out) as ts:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.sets.evaluate import evaluate
 from softlabels.sources.load import load_data
 from softlabels.train.plans import materialize

@@ -9,7 +9,7 @@ and prints rows/s of both, their ratio per round and the medians. Goal: >= 0.9.
 
 Sequence sets (`--case seq`): an embedding-to-logits teacher over token ids, top-16 over a
 32k vocabulary; "teacher" is the teacher's forward passes plus top-k and log-sum-exp on the
-batches precompute forms (`sequence_precompute.device_targets`, what runs on the teacher's device),
+batches precompute forms (`compute.positions.device_targets`, what runs on the teacher's device),
 "precompute" writes the set; both in positions/s, and the host side's own rate
 positions / (precompute time - device time).
 
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.compute.examples import precompute
-from softlabels.compute.sequences import device_targets, windows
+from softlabels.compute.blocks import precompute
+from softlabels.compute.positions import device_targets, windows
 from softlabels.sources.tokens import TokenSequences
 from softlabels.teachers.ensemble import Teacher
 
@@ -164,7 +164,7 @@ def seq_case(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
 
 def _device_only(teacher: Teacher, data: TokenSequences, layout: object, batch: int) -> float:
     """Seconds for the teacher and its top-k on the batches precompute forms, nothing else."""
-    from softlabels.compute.sequences import pad
+    from softlabels.compute.positions import pad
 
     t0 = time.perf_counter()
     for window, _ in windows(layout, list(range(layout.num_blocks)), 1 << 16):
@@ -175,7 +175,8 @@ def _device_only(teacher: Teacher, data: TokenSequences, layout: object, batch: 
         seqs = seqs[np.argsort(-data.lengths[seqs], kind="stable")]
         for i in range(0, len(seqs), batch):
             b = [int(s) for s in seqs[i:i + batch]]
-            device_targets(teacher, pad([data[s] for s in b]), data.lengths[b], layout, b)
+            targets = device_targets(teacher, pad([data[s] for s in b]), data.lengths[b], layout, b)
+            [t.cpu() for t in targets.values()]  # on the host, as precompute's are
     return time.perf_counter() - t0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.train.trainer import train_student
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.sets.evaluate import evaluate
 from softlabels.train.trainer import train_student
 

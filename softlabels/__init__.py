@@ -6,8 +6,8 @@ Run a teacher once, store its soft targets in a transfer set, train many student
 from __future__ import annotations
 
 from softlabels._version import __version__
+from softlabels.compute.blocks import precompute
 from softlabels.compute.cluster import precompute_on_cluster
-from softlabels.compute.examples import precompute
 from softlabels.compute.record import PrecomputeResult
 from softlabels.errors import (
     DataError,

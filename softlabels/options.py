@@ -19,6 +19,7 @@ import numpy as np
 from softlabels.errors import OptionError
 from softlabels.format.schema import COMBINE_CHOICES, DTYPE_CHOICES
 from softlabels.format.targets import QUANTIZE_CHOICES, Hybrid
+from softlabels.tempering import check_temperature
 
 # How the mass outside a top-k target's k classes enters the loss (`sparse_kd_loss`).
 TOPK_CONVENTIONS = ("residual", "zero")
@@ -32,25 +33,6 @@ TOPK_CONVENTION_HELP = (
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 OPTIMIZER_CHOICES = ("adam", "sgd")
-# Past this, the KD loss is float32 rounding noise: KL shrinks as 1/T^2 toward eps32 (1.2e-7)
-# while the T^2 factor grows, so at T = 1e6 the "loss" is pure rounding. The T -> inf limit is
-# logit matching (losses.logit_matching_loss).
-MAX_TEMPERATURE = 100.0
-
-
-def check_temperature(value: Any, what: str = "temperature") -> float:
-    """The one temperature check: a finite number in (0, MAX_TEMPERATURE]."""
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{what} must be a positive number, got {value!r}") from None
-    if not math.isfinite(t) or t <= 0:
-        raise OptionError(f"{what} must be positive and finite, got {value!r}")
-    if t > MAX_TEMPERATURE:
-        raise OptionError(f"{what} {t:g} is above {MAX_TEMPERATURE:g}, where the KD loss is "
-                          "float32 rounding noise; use a temperature in (0, 100] (logit "
-                          "matching is the high-T limit)")
-    return t
 
 
 def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
@@ -82,6 +64,16 @@ def _check_number(value: Any, what: str, *, low: float, high: float = math.inf,
         right = "]" if high < math.inf else ")"
         raise OptionError(f"{what} must lie in {left}{low:g}, {high:g}{right}, got {value!r}")
     return v
+
+
+def check_alpha(value: Any) -> float:
+    """The one alpha check (the soft term's weight): a number in [0, 1]."""
+    return _check_number(value, "alpha", low=0, high=1)
+
+
+def check_batch_size(value: Any) -> int:
+    """The one batch-size check: a positive integer."""
+    return _check_int(value, "batch size", minimum=1)
 
 
 class _Options:
@@ -150,7 +142,7 @@ class PrecomputeOptions(_Options):
             raise OptionError(f"temperatures must differ, got {list(temps)} ({dup[0]:g} twice);"
                               " give each temperature once")
         object.__setattr__(self, "temperatures", temps)
-        _check_int(self.batch_size, "batch size", minimum=1)
+        check_batch_size(self.batch_size)
         check_choice(self.dtype, DTYPE_CHOICES, "dtype")
         check_choice(self.probs_dtype, DTYPE_CHOICES, "probs dtype")
         check_choice(self.combine, COMBINE_CHOICES, "combine")
@@ -236,9 +228,9 @@ class TrainOptions(_Options):
         if self.temperature is not None:
             object.__setattr__(self, "temperature", check_temperature(self.temperature))
         if self.alpha is not None:
-            object.__setattr__(self, "alpha", _check_number(self.alpha, "alpha", low=0, high=1))
+            object.__setattr__(self, "alpha", check_alpha(self.alpha))
         _check_int(self.epochs, "epochs", minimum=1)
-        _check_int(self.batch_size, "batch size", minimum=1)
+        check_batch_size(self.batch_size)
         _check_number(self.lr, "learning rate", low=0, low_open=True)
         _check_number(self.weight_decay, "weight decay", low=0)
         check_choice(self.optimizer, OPTIMIZER_CHOICES, "optimizer")

@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from softlabels.errors import OptionError
+
+# Past this, the KD loss is float32 rounding noise: KL shrinks as 1/T^2 toward eps32 (1.2e-7)
+# while the T^2 factor grows, so at T = 1e6 the "loss" is pure rounding. The T -> inf limit is
+# logit matching (losses.logit_matching_loss).
+MAX_TEMPERATURE = 100.0
+
+
+def check_temperature(value: Any, what: str = "temperature", *,
+                      at_most: float = MAX_TEMPERATURE) -> float:
+    """The one temperature check: a finite number in (0, at_most], as a float. Options (the
+    edge) keep the default cap; the library's tempering, readers and losses, which take a raw
+    T from Python callers, pass `at_most=math.inf` (any positive T tempers)."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not math.isfinite(t) or t <= 0:
+        raise OptionError(f"{what} must be positive and finite, got {value!r}")
+    if t > at_most:
+        raise OptionError(f"{what} {t:g} is above {at_most:g}, where the KD loss is "
+                          "float32 rounding noise; use a temperature in (0, 100] (logit "
+                          "matching is the high-T limit)")
+    return t
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def test_vllm_huge_declared_sizes_allocate_nothing(tmp_path: Path) -> None:
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from token_data import TEACHER, write_tokens
 
-    from softlabels.compute.examples import precompute
+    from softlabels.compute.blocks import precompute
     from softlabels.sets.export import export_set
 
     root = tmp_path_factory.mktemp("export")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import ROOT, TESTS, make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import MismatchError
 from softlabels.format.reader import open_transfer_set
 from softlabels.input_proof import file_digest, folder_digest, input_digests

@@ -14,7 +14,7 @@ from hostile_servers import serve_folder
 
 from conftest import make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.redact import REDACTED, RedactingFilter, redact
 
 SECRET = "s3cretPa55"

@@ -45,7 +45,7 @@ def _state(tmp: Path, at: str) -> Callable[[], None]:
 
 
 def _report(tmp: Path, at: str) -> Callable[[], None]:
-    from softlabels.compute.examples import precompute
+    from softlabels.compute.blocks import precompute
     from softlabels.sets.report import transfer_set_report
 
     data = make_npz(tmp / "d.npz")

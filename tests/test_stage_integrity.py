@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import N_ROWS, make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import OptionError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.options import PrecomputeOptions, TrainOptions

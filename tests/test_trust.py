@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import UntrustedCodeError
 from softlabels.teachers.models import build_model, load_checkpoint, save_checkpoint
 

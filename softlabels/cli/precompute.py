@@ -72,11 +72,12 @@ from softlabels.options import PRECISION_CHOICES, PrecomputeOptions
 def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
                workers: int | None, scheduler: str | None, **flags: object) -> None:
     """Run the teacher(s) once over DATA and write their soft targets to a transfer set."""
-    from softlabels.sources.tokens import is_sequence_data
+    from softlabels.compute.blocks import KINDS
+    from softlabels.compute.blocks import precompute as run
+    from softlabels.sources.tokens import data_kind
 
     options = PrecomputeOptions(**flags)  # type: ignore[arg-type]  # checked once, here
-    unit = "token" if is_sequence_data(data) else "row"
-    with progress_bar("precompute", unit=unit) as bar:
+    with progress_bar("precompute", unit=KINDS[data_kind(data)].unit) as bar:
         if workers is not None or scheduler is not None:
             from softlabels.compute.cluster import precompute_on_cluster
 
@@ -84,8 +85,6 @@ def precompute(data: str, teachers: tuple[str, ...], out: str, overwrite: bool,
                                            scheduler=scheduler, overwrite=overwrite,
                                            progress=bar)
         else:
-            from softlabels.compute.examples import precompute as run
-
             result = run(data, list(teachers), out, options, overwrite=overwrite, progress=bar)
     seq = result.meta.get("sequence")  # a sequence set: one row per token position
     rows = (f"{result.num_rows} positions of {seq['num_sequences']} sequences" if seq

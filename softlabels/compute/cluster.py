@@ -25,15 +25,16 @@ from typing import Any
 import numpy as np
 
 from softlabels._version import __version__
-from softlabels.compute.cluster_tasks import SHARED, check_worker, compute_blocks, set_token
-from softlabels.compute.examples import prepare, row_hashes, rows_of
-from softlabels.compute.record import PrecomputeResult, as_options
-from softlabels.compute.sequences import (
-    WINDOW_ROWS,
-    prepare_sequences,
-    sequence_writer,
-    windows,
+from softlabels.compute.blocks import KINDS
+from softlabels.compute.cluster_tasks import (
+    SHARED,
+    Work,
+    check_worker,
+    compute_blocks,
+    set_token,
 )
+from softlabels.compute.record import PrecomputeResult, as_options
+from softlabels.compute.rows import RowKind, rows_of
 from softlabels.errors import OptionError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.aside import remove_set
@@ -41,11 +42,10 @@ from softlabels.format.backends import backend_of, open_store
 from softlabels.format.layout import Layout
 from softlabels.format.lease import refuse_if_busy
 from softlabels.format.location import Remote, is_url, timeout_s
-from softlabels.format.writer import TransferSetWriter
 from softlabels.options import PrecomputeOptions, check_output_file
 from softlabels.progress import Progress
-from softlabels.sources.tokens import is_sequence_data
-from softlabels.specs import Portable, portable_spec
+from softlabels.sources.tokens import data_kind
+from softlabels.specs import portable_spec
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def precompute_on_cluster(
         raise SoftlabelsError("on a cluster, data and teachers must be specs (strings) that "
                               "each worker can load")
     if workers is not None and workers <= 0:
-        raise SoftlabelsError(f"--workers must be positive, got {workers}")
+        raise OptionError(f"--workers must be positive, got {workers}")
     if opts.skip_bad_images or opts.decode_device != "cpu":
         raise OptionError("--skip-bad-images and --decode-device run in a single process; "
                           "drop them, or drop --workers/--scheduler")
@@ -157,9 +157,8 @@ def precompute_on_cluster(
     target = Remote(out).url if is_url(out) else os.path.abspath(out)
     specs = [portable_spec(data, kind="DATA")] + [portable_spec(t, kind="MODEL")
                                                   for t in teachers]
-    sequences = is_sequence_data(data)
-    dataset, _, layout, meta = (prepare_sequences if sequences else prepare)(data, teachers,
-                                                                            opts)
+    kind = KINDS[data_kind(data)]
+    dataset, _, layout, meta = kind.prepare(data, teachers, opts)
     expect = (meta["dataset"]["probe"],
               tuple(m["sha256"] for m in meta["teacher"]["members"]))
     done_already = not overwrite and _is_complete(target)  # no cluster needed to say so
@@ -174,10 +173,7 @@ def precompute_on_cluster(
         exists = Remote(target).exists() if is_url(target) else os.path.exists(target)
         fresh, submitted = overwrite or not exists, False
         try:
-            with (sequence_writer(out, dataset, layout, meta, overwrite=overwrite)
-                  if sequences else
-                  TransferSetWriter(out, layout, meta, overwrite=overwrite,
-                                    row_hashes=row_hashes(dataset))) as writer:
+            with kind.open_writer(out, dataset, layout, meta, overwrite=overwrite) as writer:
                 layout = writer.layout  # a sequence set's carries its offsets' hash
                 pending = list(writer.pending)
                 done = layout.num_rows - len(rows_of(layout, pending))
@@ -189,8 +185,10 @@ def precompute_on_cluster(
                     if refused:
                         raise _Unseen(refused)
                     submitted = True
-                    _submit(client, layout, pending, target, specs, opts, token, expect,
-                            retries, progress, done)
+                    work = Work(data=specs[0].spec, teachers=tuple(s.spec for s in specs[1:]),
+                                opts=opts, token=token, expect=expect)
+                    _submit(client, kind, layout, pending, target, work, retries, progress,
+                            done)
         except _Unseen as unseen:
             raise SoftlabelsError(f"worker {unseen.worker} {unseen.lack}: {SHARED}; nothing "
                                   f"was computed, {_left_behind(target, fresh)}") from None
@@ -252,22 +250,15 @@ def _with_state(exc: SoftlabelsError, target: str, layout: Layout) -> Softlabels
         return SoftlabelsError(f"{exc}; {state}")
 
 
-def _submit(client: Any, layout: Layout, pending: list[int], out: str, specs: list[Portable],
-            opts: PrecomputeOptions, token: str, expect: tuple[str, tuple[str, ...]],
-            retries: int, progress: Progress | None, done: int) -> int:
+def _submit(client: Any, kind: RowKind, layout: Layout, pending: list[int], out: str,
+            work: Work, retries: int, progress: Progress | None, done: int) -> int:
     from dask.distributed import as_completed
 
-    views = (opts.views, opts.augment, opts.view_seed)
-    data, teachers = specs[0].spec, tuple(s.spec for s in specs[1:])
-    # one task per block; per window of blocks for a sequence set (computed whole)
-    tasks = (windows(layout, pending, WINDOW_ROWS) if layout.num_sequences
-             else [(None, [b]) for b in pending])
-    futures = {client.submit(compute_blocks, out, layout, blocks, data, teachers, opts.device,
-                             opts.precision, opts.combine, opts.batch_size, views,
-                             opts.trust_code, token, expect, window,
-                             key=f"softlabels-block-{blocks[0]}", retries=retries,
-                             pure=False): blocks[0]
-               for window, blocks in tasks}
+    # one task per unit: a block, or a window of blocks computed whole (a sequence set)
+    futures = {client.submit(compute_blocks, out, layout, unit, work,
+                             key=f"softlabels-block-{unit.blocks[0]}", retries=retries,
+                             pure=False): unit.blocks[0]
+               for unit in kind.units(layout, pending, split=True)}
     try:
         for future in as_completed(futures):
             try:

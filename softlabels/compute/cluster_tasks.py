@@ -12,19 +12,21 @@ import os
 import socket
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from softlabels._version import __version__
-from softlabels.compute.examples import run_blocks
+from softlabels.compute.blocks import KINDS, run_blocks
 from softlabels.compute.record import dataset_probe
-from softlabels.compute.sequences import write_window
+from softlabels.compute.rows import Feed, Unit
 from softlabels.compute.teacher_inputs import teacher_inputs
 from softlabels.compute.views import ViewDataset
 from softlabels.errors import MismatchError, SoftlabelsError, TransferSetError
 from softlabels.format.layout import Layout
 from softlabels.format.location import Remote, is_url
 from softlabels.format.writer import BlockWriter
+from softlabels.options import PrecomputeOptions
 from softlabels.sources.images import model_inputs
 from softlabels.sources.load import load_data
 from softlabels.teachers.ensemble import Teacher
@@ -34,26 +36,39 @@ SHARED = ("every worker must see the DATA, the MODEL files and --out at the same
            "shared filesystem)")
 
 
-def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: str,
-                  combine: str, views: tuple[int, str | None, int],
-                  trust_code: bool = False,
-                  expect: tuple[str, tuple[str, ...]] | None = None) -> tuple[Any, Teacher]:
-    """This process's dataset and teacher, loaded once; `expect` = (the driver's dataset probe,
-    its teachers' weight hashes) refuses a worker that loads other data or weights from the
-    same paths (a node with its own, different copy)."""
-    key = (data, teachers, device, precision, combine, views, trust_code)
+@dataclass(frozen=True)
+class Work:
+    """What every task of one cluster run shares, made once by the driver: the specs each
+    worker loads (`data`, `teachers`, with absolute paths), the run's checked options, the
+    set the driver created (`token`, `set_token`: a worker that sees another writes nothing)
+    and what the driver's data and teachers were (`expect`: the dataset probe and the
+    teachers' weight hashes)."""
+
+    data: str
+    teachers: tuple[str, ...]
+    opts: PrecomputeOptions
+    token: str | None = None
+    expect: tuple[str, tuple[str, ...]] | None = None
+
+
+def _worker_state(work: Work) -> tuple[Any, Teacher]:
+    """This process's dataset and teacher, loaded once; `work.expect` refuses a worker that
+    loads other data or weights from the same paths (a node with its own, different copy)."""
+    opts, data, teachers = work.opts, work.data, work.teachers
+    views = (opts.views, opts.augment, opts.view_seed)
+    key = (data, teachers, opts.device, opts.precision, opts.combine, views, opts.trust_code)
     if key not in _CACHE:
         import torch
 
         torch.set_num_threads(1)  # one thread per single-threaded worker process
         _CACHE.clear()
         dataset = load_data(data)
-        teacher = Teacher(list(teachers), device=device, precision=precision, combine=combine,
-                          trust_code=trust_code)
+        teacher = Teacher(list(teachers), device=opts.device, precision=opts.precision,
+                          combine=opts.combine, trust_code=opts.trust_code)
         dataset, _ = teacher_inputs(dataset, teacher.preprocess())  # as on the driver
         dataset = model_inputs(dataset)  # raw images no preprocessing took: as on the driver
-        if expect is not None:
-            probe, weights = expect
+        if work.expect is not None:
+            probe, weights = work.expect
             if dataset_probe(dataset) != probe:
                 raise MismatchError(f"{data} holds other examples here than on the driver "
                                     "(its probe hashes differ); give every worker the same data")
@@ -61,7 +76,7 @@ def _worker_state(data: str, teachers: tuple[str, ...], device: str, precision: 
             if mine != weights:
                 raise MismatchError(f"the teacher {', '.join(teachers)} has other weights here "
                                     "than on the driver; give every worker the same files")
-        if views[0]:
+        if opts.views:
             dataset = ViewDataset(dataset, *views)
         _CACHE[key] = (dataset, teacher)
     return _CACHE[key]
@@ -102,18 +117,14 @@ def _failure(exc: BaseException, blocks: list[int], path: str) -> SoftlabelsErro
         return SoftlabelsError(message)
 
 
-def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
-                   teachers: tuple[str, ...], device: str, precision: str, combine: str,
-                   batch_size: int, views: tuple[int, str | None, int] = (0, None, 0),
-                   trust_code: bool = False, token: str | None = None,
-                   expect: tuple[str, tuple[str, ...]] | None = None,
-                   window: list[int] | None = None) -> list[int]:
-    """A task: compute and write `blocks` of the set at `path`; returns them. With `token`
-    (`set_token` on the driver), a worker that does not see that very set writes nothing.
-    A sequence set's task names its `window` (sequence_precompute.windows): the fixed run of
-    blocks whose sequences are batched together, computed whole, so the pending `blocks` come
-    out bit for bit as in a single process.
+def compute_blocks(path: str, layout: Layout, unit: Unit, work: Work) -> list[int]:
+    """A task: compute and write the pending `unit.blocks` of the set at `path`; returns them.
+    The unit's `window` (a sequence set's `positions.windows`; else the blocks themselves) is
+    the fixed run of blocks whose rows are batched together, computed whole, so the pending
+    blocks come out bit for bit as in a single process. With `work.token`, a worker that does
+    not see that very set writes nothing.
     Any failure is raised as one line naming the worker, the block and the set."""
+    blocks, token = unit.blocks, work.token
     try:
         if token is not None:
             try:
@@ -124,15 +135,13 @@ def compute_blocks(path: str, layout: Layout, blocks: list[int], data: str,
             if seen != token:
                 raise TransferSetError(f"sees another set at {path} than the driver created; "
                                        f"{SHARED}")
-        dataset, teacher = _worker_state(data, teachers, device, precision, combine, views,
-                                         trust_code, expect)
+        dataset, teacher = _worker_state(work)
         writer = BlockWriter(path, layout)
         try:
             writer.erase(blocks)
-            if window is None:
-                run_blocks(teacher, dataset, writer, blocks, batch_size, 0, lambda n: None)
-            else:
-                write_window(teacher, dataset, writer, window, blocks, batch_size)
+            run_blocks(KINDS[layout.kind], teacher, dataset, writer, [unit],
+                       Feed(work.opts.batch_size, pin_memory=teacher.device.type == "cuda"),
+                       lambda n: None)
         finally:
             writer.close()
     except Exception as exc:

@@ -1,17 +1,15 @@
-"""Stage one: run the teacher once over a dataset and write its soft targets (docs/FORMAT.md).
+"""Stage one's rows of examples: one row per example of the DATA, or per augmented view of it
+(the `examples` kind of `rows.RowKind`, docs/FORMAT.md).
 
-The main thread feeds batches through the teacher; a writer thread hashes inputs, checks the
-outputs, assembles whole blocks and writes them, so storage overlaps compute.
+Batches never cross a block and are fetched by a DataLoader; the teacher's outputs become the
+stored targets on its device (`device_outputs`); on the host each batch's rows are checked,
+hashed and gathered into whole blocks (`_BlockAssembler`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,33 +20,115 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from softlabels.compute.fetch import RowBatches, as_is
-from softlabels.compute.record import PrecomputeResult, as_options, dataset_probe, versions
+from softlabels.compute.record import dataset_probe, versions
+from softlabels.compute.rows import Batch, Feed, Prepared, Unit, rows_of
 from softlabels.compute.teacher_inputs import teacher_inputs
 from softlabels.compute.views import ViewDataset
 from softlabels.errors import DataError, OptionError, SoftlabelsError, TeacherOutputError
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
-from softlabels.format.lease import refuse_if_busy
 from softlabels.format.writer import BlockWriter, TransferSetWriter
-from softlabels.options import PrecomputeOptions, check_output_file
+from softlabels.options import PrecomputeOptions
 from softlabels.preprocessing import Preprocess
-from softlabels.progress import Progress
 from softlabels.sources.arrays import check_labels, class_names, example_hash, split_item
 from softlabels.sources.images import decode_batch, keep_decodable, model_inputs
 from softlabels.sources.load import load_data
-from softlabels.sources.tokens import is_sequence_data
 from softlabels.teachers.ensemble import Teacher
 
 log = logging.getLogger(__name__)
 
-
-
-
-
-
-
 PEAK, MEMBER_PEAK = "peak", "member_peak"  # device outputs the writer checks, never stored
+INPUT = "teacher_input"  # the batch as the teacher read it (decoded): hashed, or stored
 HOST_LOGITS, HOST_PROBS = "host_logits", "host_probs"  # float32, for codecs run on the host
+
+
+class ExampleRows:
+    """The `examples` kind (rows.RowKind): one row per example, or per view of it."""
+
+    unit = "row"
+
+    def prepare(self, data: str | Dataset, teachers: Sequence[str | nn.Module],
+                opts: PrecomputeOptions) -> Prepared:
+        """Examples and their teacher, checked against each other (labels, class count). With
+        `views`, the returned dataset yields view rows (see `views.ViewDataset`)."""
+        dataset = load_data(data) if isinstance(data, str) else data
+        if len(dataset) == 0:
+            raise DataError("the dataset is empty; check the DATA spec")
+        full = dataset
+        if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
+            dataset = keep_decodable(dataset, opts.num_workers)
+        teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
+                          combine=opts.combine, trust_code=opts.trust_code)
+        teacher.refuse_untrained(opts.random_teacher)
+        names = class_names(dataset) or teacher.class_names()
+        dataset, applied = teacher_inputs(dataset, teacher.preprocess())
+        dataset = model_inputs(dataset)  # raw images no preprocessing took: scaled to [0, 1]
+        x0, _ = split_item(dataset[0])
+        num_classes = teacher.num_classes(x0)
+        _check_known_labels(dataset, num_classes)
+        views = opts.views
+        rows_data = ViewDataset(dataset, views, opts.augment, opts.view_seed) if views else dataset
+        layout = Layout(num_rows=len(rows_data), num_classes=num_classes,
+                        temperatures=opts.temperatures, dtype=opts.dtype,
+                        probs_dtype=opts.probs_dtype,
+                        num_members=len(teacher.members) if opts.keep_members else 0,
+                        chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows,
+                        input_shape=tuple(x0.shape) if opts.store_inputs else None,
+                        input_dtype=str(x0.numpy().dtype), **opts.sparse_args(),
+                        views=views)
+        meta = {
+            "num_examples": len(full),
+            "class_names": names,
+            "teacher": teacher.describe(applied),
+            "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
+                        "length": len(full), "probe": dataset_probe(dataset),
+                        **({"skipped": dataset.skipped} if opts.skip_bad_images else {})},
+            "views": views or None, "augment": opts.augment,
+            "view_seed": opts.view_seed if views else None,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "device": str(teacher.device) + (f" ({torch.cuda.get_device_name(teacher.device)})"
+                                             if teacher.device.type == "cuda" else ""),
+            "precision": opts.precision,
+        }
+        return rows_data, teacher, layout, meta
+
+    def open_writer(self, out: str | Path, dataset: Dataset, layout: Layout,
+                    meta: dict[str, Any], *, overwrite: bool) -> TransferSetWriter:
+        return TransferSetWriter(out, layout, meta, overwrite=overwrite,
+                                 row_hashes=row_hashes(dataset))
+
+    def units(self, layout: Layout, pending: Sequence[int], *, split: bool) -> list[Unit]:
+        """All pending blocks at once (one DataLoader), or one block per unit."""
+        if split:
+            return [Unit([b], [b]) for b in pending]
+        return [Unit(list(pending), list(pending))] if len(pending) else []
+
+    def batches(self, dataset: Dataset, layout: Layout, unit: Unit,
+                feed: Feed) -> Iterator[Batch]:
+        """`block_batches` of the unit, fetched by a DataLoader; with `decode_device` cuda,
+        image sources hand over encoded bytes, decoded here on that device."""
+        items, decode_on = _loader_items(dataset, feed.decode_device)
+        loader = DataLoader(RowBatches(items, rows_of(layout, unit.blocks),
+                                       block_batches(layout, unit.blocks, feed.batch_size),
+                                       encoded=decode_on is not None),
+                            batch_size=None, collate_fn=as_is, num_workers=feed.num_workers,
+                            pin_memory=feed.pin_memory and decode_on is None)
+        for x, y, *hashed in _worker_errors(loader):  # hashed rows: (hashes[, seeds])
+            if decode_on is not None:  # encoded bytes: decode and preprocess on the device
+                x = decode_batch(x, decode_on, _examples(dataset).preprocess or Preprocess())
+            yield Batch(inputs=x, rows=(y, *hashed), count=len(x))
+
+    def targets(self, teacher: Teacher, layout: Layout, batch: Batch) -> dict[str, torch.Tensor]:
+        """`device_outputs`, and the batch's input as the teacher read it."""
+        outputs = device_outputs(layout, *teacher.soft_targets(batch.inputs,
+                                                                layout.temperatures))
+        return outputs | {INPUT: batch.inputs}
+
+    def assembler(self, writer: TransferSetWriter | BlockWriter, dataset: Dataset,
+                  unit: Unit) -> _BlockAssembler:
+        return _BlockAssembler(writer, rows_of(writer.layout, unit.blocks),
+                               getattr(_examples(dataset), "kept", None))
 
 
 @torch.inference_mode()
@@ -84,7 +164,7 @@ def _peak(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 class _BlockAssembler:
     """Writer-thread side: gathers batches into whole blocks and writes each once it is full."""
 
-    def __init__(self, writer: TransferSetWriter, rows: np.ndarray,
+    def __init__(self, writer: TransferSetWriter | BlockWriter, rows: np.ndarray,
                  kept: np.ndarray | None = None) -> None:
         self.writer, self.rows, self.pos, self.kept = writer, rows, 0, kept
         self.lay = writer.layout
@@ -147,10 +227,14 @@ class _BlockAssembler:
                             f"teacher's {self.lay.num_classes} classes; labels must lie in "
                             f"[0, {self.lay.num_classes}), or be -1 for unknown")
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, outputs: dict[str, torch.Tensor],
-            hashes: np.ndarray | None = None, seeds: np.ndarray | None = None) -> None:
-        """One batch of rows: its inputs, labels and `device_outputs` (on the host); view rows
-        bring the un-augmented input's hash and their seed."""
+    def add(self, batch: Batch, host: dict[str, torch.Tensor]) -> None:
+        """One batch of rows: its labels (and, for hashed sources and view rows, the
+        un-augmented input's hashes and the views' seeds) and its `ExampleRows.targets` on the
+        host."""
+        self._add(host[INPUT], *batch.rows, outputs=host)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, hashes: np.ndarray | None = None,
+             seeds: np.ndarray | None = None, *, outputs: dict[str, torch.Tensor]) -> None:
         rows = self.rows[self.pos:self.pos + len(x)]
         self.pos += len(x)
         index = rows // self.lay.views if self.lay.views else rows
@@ -161,10 +245,14 @@ class _BlockAssembler:
         if hashes is None:
             hashes = S.sample_hashes(xs)  # per batch: no per-row numpy view
         columns = {S.LABELS: y.numpy(), S.INDEX: index, S.SAMPLE_HASH: hashes, S.INPUTS: xs,
-                   S.VIEW_SEED: seeds, **{name: t.numpy() for name, t in outputs.items()}}
+                   S.VIEW_SEED: seeds, **{name: t.numpy() for name, t in outputs.items()
+                                          if name != INPUT}}
         if HOST_LOGITS in outputs:
             columns |= self._sparse(rows, outputs[HOST_LOGITS], outputs[HOST_PROBS])
         self._place(rows, columns)
+
+    def finish(self) -> None:
+        """Nothing is held: batches never cross a block, and a block is written once full."""
 
     def _place(self, rows: np.ndarray, columns: dict[str, Any]) -> None:
         """Copy a batch's columns into its block's buffers (a batch of a whole block is written
@@ -210,72 +298,6 @@ class _BlockAssembler:
             del self.filled[block]
 
 
-def _consume(assembler: _BlockAssembler, item: tuple[Any, ...],
-             errors: list[BaseException]) -> None:
-    """Write one batch, once its device-to-host copy is done; keep the first failure, which
-    the producer re-raises after its loop."""
-    if errors:
-        return  # after a failure, drain without writing so the producer never blocks
-    event, *tensors = item
-    try:
-        if event is not None:
-            event.synchronize()
-        assembler.add(*tensors)
-    except BaseException as exc:
-        errors.append(exc)
-
-
-def _writer_loop(assembler: _BlockAssembler, q: queue.Queue, errors: list[BaseException]) -> None:
-    while (item := q.get()) is not None:
-        _consume(assembler, item, errors)
-
-
-def precompute(
-    data: str | Dataset,
-    teachers: Sequence[str | nn.Module],
-    out: str | Path,
-    options: PrecomputeOptions | None = None,
-    *,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    **kwargs: Any,
-) -> PrecomputeResult:
-    """Run `teachers` (one, or an ensemble) over `data` once and write a transfer set to `out`.
-
-    Options come as a `PrecomputeOptions`, or as its fields by keyword (temperatures,
-    batch_size, dtype, probs_dtype, combine, keep_members, store_inputs, topk, sample_k, views,
-    augment, view_seed, chunk_rows, shard_rows, device, precision, num_workers, trust_code).
-    Rerunning the same call after an interruption resumes: only blocks not marked done are
-    recomputed. A set made from another teacher or dataset is refused unless `overwrite`.
-    """
-    t0 = time.perf_counter()
-    opts = as_options(options, kwargs)
-    check_output_file(out, directory_ok=True)  # before loading data and teacher
-    refuse_if_busy(out)  # before loading anything; the writer takes the lease itself
-    if is_sequence_data(data):  # one row per position: a sequence set
-        from softlabels.compute.sequences import precompute_sequences
-
-        return precompute_sequences(data, teachers, out, opts, overwrite=overwrite,
-                                    progress=progress)
-    dataset, teacher, layout, meta = prepare(data, teachers, opts)
-    with TransferSetWriter(out, layout, meta, overwrite=overwrite,
-                           row_hashes=row_hashes(dataset)) as writer:
-        rows = rows_of(layout, writer.pending)
-        done = layout.num_rows - len(rows)
-        if progress:
-            progress(done, layout.num_rows)
-        if len(rows):
-            run_blocks(teacher, dataset, writer, writer.pending, opts.batch_size,
-                       opts.num_workers,
-                       lambda n: progress(done + n, layout.num_rows) if progress else None,
-                       decode_device=opts.decode_device)
-    return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=len(rows),
-                            resumed=writer.resumed, already_complete=writer.already_complete,
-                            seconds=time.perf_counter() - t0, meta=writer.meta)
-
-
-
-
 def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:
     """The current data's sample hashes of rows [start, stop) (of the un-augmented example for
     view rows): what a resume checks the earlier run's rows against."""
@@ -288,64 +310,6 @@ def row_hashes(rows_data: Dataset) -> Callable[[int, int], np.ndarray]:
                         dtype=np.uint64)[where]
 
     return hashes
-
-
-def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
-    """The row numbers of `blocks`, concatenated in order."""
-    return np.concatenate([np.arange(*layout.block_range(b)) for b in blocks]
-                          or [np.empty(0, np.int64)]).astype(np.int64)
-
-
-def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: PrecomputeOptions,
-            ) -> tuple[Dataset, Teacher, Layout, dict[str, Any]]:
-    """Load data and teacher, check they fit each other, and lay out the set: all but the
-    writing. `opts` were checked when made.
-
-    With `views`, the returned dataset yields view rows (see `views.ViewDataset`)."""
-    if is_sequence_data(data):  # one row per position: laid out by their own prepare
-        raise OptionError("token sequences make a sequence set: use "
-                          "sequence_precompute.prepare_sequences for them")
-    dataset = load_data(data) if isinstance(data, str) else data
-    if len(dataset) == 0:
-        raise DataError("the dataset is empty; check the DATA spec")
-    full = dataset
-    if opts.skip_bad_images:  # a decoding pass first: the rows are fixed before the layout
-        dataset = keep_decodable(dataset, opts.num_workers)
-    teacher = Teacher(teachers, device=opts.device, precision=opts.precision,
-                      combine=opts.combine, trust_code=opts.trust_code)
-    teacher.refuse_untrained(opts.random_teacher)
-    names = class_names(dataset) or teacher.class_names()
-    dataset, applied = teacher_inputs(dataset, teacher.preprocess())
-    dataset = model_inputs(dataset)  # raw images no preprocessing took: scaled to [0, 1]
-    x0, _ = split_item(dataset[0])
-    num_classes = teacher.num_classes(x0)
-    _check_known_labels(dataset, num_classes)
-    views = opts.views
-    rows_data = ViewDataset(dataset, views, opts.augment, opts.view_seed) if views else dataset
-    layout = Layout(num_rows=len(rows_data), num_classes=num_classes,
-                    temperatures=opts.temperatures, dtype=opts.dtype,
-                    probs_dtype=opts.probs_dtype,
-                    num_members=len(teacher.members) if opts.keep_members else 0,
-                    chunk_rows=opts.chunk_rows, shard_rows=opts.shard_rows,
-                    input_shape=tuple(x0.shape) if opts.store_inputs else None,
-                    input_dtype=str(x0.numpy().dtype), **opts.sparse_args(),
-                    views=views)
-    meta = {
-        "num_examples": len(full),
-        "class_names": names,
-        "teacher": teacher.describe(applied),
-        "dataset": {"spec": data if isinstance(data, str) else f"object:{type(data).__name__}",
-                    "length": len(full), "probe": dataset_probe(dataset),
-                    **({"skipped": dataset.skipped} if opts.skip_bad_images else {})},
-        "views": views or None, "augment": opts.augment,
-        "view_seed": opts.view_seed if views else None,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "device": str(teacher.device) + (f" ({torch.cuda.get_device_name(teacher.device)})"
-                                         if teacher.device.type == "cuda" else ""),
-        "precision": opts.precision,
-    }
-    return rows_data, teacher, layout, meta
 
 
 def _check_known_labels(dataset: Dataset, num_classes: int) -> None:
@@ -373,57 +337,6 @@ def block_batches(layout: Layout, blocks: Sequence[int], batch_size: int) -> lis
                     for i in range(0, n, batch_size)]
         offset += n
     return batches
-
-
-def run_blocks(teacher: Teacher, dataset: Dataset, writer: TransferSetWriter | BlockWriter,
-               blocks: Sequence[int], batch_size: int, num_workers: int,
-               report: Callable[[int], None], *, decode_device: str = "cpu") -> None:
-    """Compute and write whole `blocks`; `report(rows done so far)` after each batch.
-    With `decode_device` cuda, image sources hand over encoded bytes, decoded there."""
-    cuda = teacher.device.type == "cuda"
-    layout = writer.layout
-    rows = rows_of(layout, blocks)
-    done = 0
-    items, decode_on = _loader_items(dataset, decode_device)
-    loader = DataLoader(RowBatches(items, rows, block_batches(layout, blocks, batch_size),
-                                   encoded=decode_on is not None),
-                        batch_size=None, collate_fn=as_is, num_workers=num_workers,
-                        pin_memory=cuda and decode_on is None)
-    assembler = _BlockAssembler(writer, rows, getattr(_examples(dataset), "kept", None))
-    errors: list[BaseException] = []
-    # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
-    # uses every core, and a thread only preempts its workers (measured: 0.89 of bare speed with
-    # a thread, see benchmarks/README.md), so there the same work runs inline between batches.
-    threaded = writer_thread(cuda)
-    q: Any = queue.Queue(maxsize=WRITER_QUEUE) if threaded else _Inline(assembler, errors)
-    thread = threading.Thread(target=_writer_loop, args=(assembler, q, errors),
-                              name="softlabels-writer", daemon=True)
-    if threaded:
-        thread.start()
-    try:
-        for x, y, *view in _worker_errors(loader):  # hashed rows also carry (hashes, seeds)
-            if errors:
-                break
-            if decode_on is not None:  # encoded bytes: decode and preprocess on the device
-                x = decode_batch(x, decode_on, _examples(dataset).preprocess or Preprocess())
-            outputs = device_outputs(layout, *teacher.soft_targets(x, layout.temperatures))
-            x = x.cpu()  # a no-op unless decoded on the device
-            host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
-            event = torch.cuda.Event() if cuda else None
-            if event is not None:
-                event.record()
-            q.put((event, x, y, host, *view))
-            done += len(x)
-            report(done)
-    finally:
-        q.put(None)
-        if threaded:
-            thread.join()
-    if errors:
-        raise errors[0]
-
-
-WRITER_QUEUE = 4  # batches the teacher may run ahead of the writer thread
 
 
 def _examples(dataset: Dataset) -> Dataset:
@@ -472,23 +385,3 @@ def _worker_errors(loader: DataLoader) -> Any:
             line = [ln for ln in text.splitlines() if ln.strip()][-1]
             raise type(exc)(line.split(": ", 1)[-1]) from None
         yield batch
-
-
-def writer_thread(cuda: bool) -> bool:
-    """Whether block writes run on a writer thread: on a GPU by default, or as the environment
-    variable SOFTLABELS_WRITER_THREAD says (1 or 0), e.g. on a many-core CPU host."""
-    value = os.environ.get("SOFTLABELS_WRITER_THREAD", "").strip()
-    if value not in ("", "0", "1"):
-        raise OptionError(f"SOFTLABELS_WRITER_THREAD must be 1 or 0, found {value!r}")
-    return cuda if not value else value == "1"
-
-
-class _Inline:
-    """The writer queue's stand-in on the CPU: each batch is written as it is put."""
-
-    def __init__(self, assembler: _BlockAssembler, errors: list[BaseException]) -> None:
-        self.assembler, self.errors = assembler, errors
-
-    def put(self, item: Any) -> None:
-        if item is not None:
-            _consume(self.assembler, item, self.errors)

@@ -1,5 +1,5 @@
 """Stage one's input: the rows of a batch fetched whole, as the one block loop's DataLoader
-serves them (precompute.run_blocks).
+serves them (`blocks.run_blocks`, for the `examples` kind).
 
 A source whose data is an array may offer `get_batch(rows) -> (x (B, ...), y (B,) int64)`,
 the items `rows` at once (NpzDataset does; a TensorDataset of inputs and integer labels is

@@ -21,7 +21,7 @@ import torch
 import xxhash
 from torch.utils.data import Dataset
 
-from softlabels.errors import SoftlabelsError, SpecError
+from softlabels.errors import SpecError
 from softlabels.sources.arrays import hashed_item, split_item
 from softlabels.specs import import_factory, require_trusted
 
@@ -101,11 +101,10 @@ def check_deterministic(transform: Transform, x: torch.Tensor, spec: str) -> Non
 
 class ViewDataset(Dataset):
     """Rows of a view set: row r is view r % V of example r // V, with its label, the hash of
-    the un-augmented example and the view's seed."""
+    the un-augmented example and the view's seed. `views` > 0 and `spec` come checked from
+    `PrecomputeOptions`."""
 
     def __init__(self, data: Dataset, views: int, spec: str, seed: int = 0) -> None:
-        if views <= 0:
-            raise SoftlabelsError(f"--views must be positive, got {views}")
         self.data, self.views, self.seed = data, views, seed
         # the caller names `spec` (precompute --augment): it may be python: code
         self.transform = build_augment(spec, split_item(data[0])[0], trust_code=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.experiments.hinton_summary import summarize_seeds
 from softlabels.experiments.plots import hinton_report

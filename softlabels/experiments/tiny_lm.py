@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.experiments.tiny_lm_report import PAPER, plot, results_md, summarize_lm_seeds
 from softlabels.format.operations import subset

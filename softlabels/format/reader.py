@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterable
@@ -35,7 +36,7 @@ from softlabels.format.info import SetInfo
 from softlabels.format.layout import Layout, array_problems, check_digest
 from softlabels.format.location import Remote, cache_dir, is_timeout, is_url
 from softlabels.format.store import Store
-from softlabels.tempering import tempered_softmax
+from softlabels.tempering import check_temperature, tempered_softmax
 
 
 class TransferSet:
@@ -291,8 +292,7 @@ class TransferSet:
     def probs(self, temperature: float, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(rows, C) float32 probabilities at `temperature`: the stored ones when T was stored,
         else re-tempered from the stored logits in float32."""
-        if temperature <= 0 or not np.isfinite(temperature):
-            raise TransferSetError(f"temperature must be a positive number, got {temperature}")
+        temperature = check_temperature(temperature, at_most=math.inf)
         if self.sparse:
             return self._dense_from_sparse(temperature, start, stop)
         k = self.temperature_index(temperature)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.compute.sequences import pad
+from softlabels.compute.positions import pad
 from softlabels.format import schema as S
 from softlabels.format.integrity import VerifyReport
 from softlabels.format.reader import TransferSet

@@ -63,31 +63,13 @@ from softlabels.train.plans import (
     streamed_epochs,
 )
 from softlabels.train.ranks import refuse_zero_steps
+from softlabels.train.run import Run
 from softlabels.train.students import (
     NOTHING_TO_DISTIL,
     check_masked_in,
     check_sequence_student,
     check_student_vocabulary,
 )
-
-
-@dataclass
-class Run:
-    """One training run's inputs, resolved once at the entry (`train_student`) and read by the
-    kind that cuts its rows."""
-
-    data: str | Dataset
-    name: str  # the DATA spec, or the dataset's type
-    opts: TrainOptions
-    ts: TransferSet | None
-    temperature: float | None  # checked; None without a set
-    indices: str | os.PathLike[str] | np.ndarray | None
-    val_data: str | Dataset | None
-    stream: bool | None
-    dev: torch.device
-    gen: torch.Generator
-    rank: int = 0
-    world: int = 1
 
 
 @dataclass
@@ -197,16 +179,12 @@ class ExampleRows:
         if (opts.loader_workers or opts.state_every) and not (stream and ts is not None):
             raise OptionError("--loader-workers and --state-every apply to a streamed set; pass "
                               "--transfer-set with --stream, or leave them out")
-        where = (net, run.dev, select)
         if ts is None:
-            plan = hard_label_epochs(dataset, *where, opts.batch_size, run.gen, run.rank, world)
+            plan = hard_label_epochs(run, dataset, net, select)
         elif not stream:
-            plan = in_memory_epochs(dataset, ts, *where, run.temperature, opts.views_per_epoch,
-                                    opts.batch_size, run.gen, run.rank, world,
-                                    trust_code=opts.trust_code)
+            plan = in_memory_epochs(run, dataset, net, select)
         else:
-            plan = streamed_epochs(dataset, ts, *where, run.temperature, opts.batch_size,
-                                   run.rank, world, workers=opts.loader_workers)
+            plan = streamed_epochs(run, dataset, net, select)
         batches, n_rows, n_batches = plan
         if n_rows == 0:
             raise DataError("the selection leaves no rows to train on; widen --fraction, "
@@ -345,9 +323,9 @@ class SequenceRows:
         if ts is None:
             batches: SequenceBatchesType = SequenceBatches.from_tokens(dataset, **common)
         elif stream:
-            batches = StreamingSequenceBatches(ts, temperature=opts.temperature, **common)
+            batches = StreamingSequenceBatches(ts, temperature=run.temperature, **common)
         else:
-            batches = SequenceBatches(ts, temperature=opts.temperature, **common)
+            batches = SequenceBatches(ts, temperature=run.temperature, **common)
         if not stream:  # streamed: refused after a first epoch of no position
             check_masked_in(batches)
         val = None
@@ -358,8 +336,7 @@ class SequenceRows:
                                     "tokens:... held-out text for a sequence student")
             val = SequenceBatches.from_tokens(held, batch_size=opts.batch_size, shuffle=False,
                                               num_classes=classes)
-        temperature = (1.0 if ts is None else
-                       ts.temperatures[0] if opts.temperature is None else opts.temperature)
+        temperature = 1.0 if ts is None else run.temperature
         alpha = 0.0 if ts is None else 0.9 if opts.alpha is None else opts.alpha
         torch.manual_seed(opts.seed)  # the steps' random state starts at the seed
         return cls(batches=batches, dev=run.dev, temperature=temperature, alpha=alpha,

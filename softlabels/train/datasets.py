@@ -6,6 +6,7 @@ block is read checked (`TransferSet.read_block`)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,9 +24,11 @@ from softlabels.format.backends import backend_of
 from softlabels.format.location import is_url
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.selection import select_rows
+from softlabels.options import check_batch_size
 from softlabels.sources.arrays import example_hash, split_item
 from softlabels.sources.images import model_inputs
 from softlabels.sources.load import load_data
+from softlabels.tempering import check_temperature
 from softlabels.train.blocks import check_servable, load_checked
 from softlabels.train.epochs import WindowLoader, block_windows, rank_and_world
 from softlabels.train.stream_pieces import (
@@ -57,7 +60,7 @@ def _open(data: str | Dataset, transfer_set: str | os.PathLike[str] | TransferSe
 
 def check_length(data: Dataset, ts: TransferSet) -> None:
     """Refuse a dataset longer or shorter than the one the set was made from."""
-    made_from = int(ts.meta["num_examples"])
+    made_from = ts.info.num_examples
     if len(data) != made_from:
         how = "longer" if len(data) > made_from else "shorter"
         raise MismatchError(f"the dataset has {len(data)} examples but {ts.path} was made from "
@@ -99,17 +102,10 @@ def selected_rows(ts: TransferSet, select: dict[str, Any]) -> np.ndarray:
             ts.read_block(block)
         raise
     bad = np.flatnonzero((labels < -1) | (labels >= ts.num_classes)
-                         | (index < 0) | (index >= int(ts.meta["num_examples"])))
+                         | (index < 0) | (index >= ts.info.num_examples))
     if len(bad):
         ts.read_block(int(bad[0]) // ts.block_rows)  # raises IntegrityError naming the block
     return select_rows(labels, index=index, **select)
-
-
-def _check_temperature(temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature)
-            and temperature > 0):
-        raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
-    return float(temperature)
 
 
 class SoftTargetDataset(Dataset):
@@ -125,7 +121,7 @@ class SoftTargetDataset(Dataset):
                  seed: int = 0, max_memory: int = MAX_IN_MEMORY,
                  trust_code: bool = False) -> None:
         self.data, self.ts = _open(data, transfer_set)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature, at_most=math.inf)
         self.rows = np.arange(self.ts.num_rows) if rows is None else np.asarray(rows)
         need = self.ts.num_rows * self.ts.num_classes * 4
         if need > max_memory:
@@ -138,10 +134,10 @@ class SoftTargetDataset(Dataset):
         self.labels = torch.from_numpy(loaded["labels"][self.rows])
         # A view set: each row replays the exact augmented view the teacher labelled.
         self.view_seeds = self.transform = None
-        if self.ts.meta.get("views"):
+        if self.ts.layout.views:
             self.view_seeds = loaded["view_seed"][self.rows]
             x0, _ = split_item(self.data[int(self.data_index[0])])
-            self.transform = build_augment(self.ts.meta["augment"], x0, trust_code=trust_code,
+            self.transform = build_augment(self.ts.info.augment, x0, trust_code=trust_code,
                                            source=f"{self.ts.path} (its augment)")
         targets = [torch.from_numpy(t[self.rows]) for t in loaded["targets"]]
         # sparse: (classes, weights) per row, k of each; dense: (rows, C)
@@ -207,15 +203,14 @@ class SoftTargetBatches(IterableDataset):
                  check: bool = True, checksum: bool = True, rank: int | None = None,
                  world_size: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         dataset, ts = _open(data, transfer_set)
-        if ts.meta.get("views"):
+        if ts.layout.views:
             raise SoftlabelsError(f"{ts.path} holds augmented views: streaming serves plain "
                                   "examples; use SoftTargetDataset")
-        if batch_size <= 0:
-            raise SoftlabelsError(f"batch_size must be positive, got {batch_size}")
+        check_batch_size(batch_size)
         if dtype not in SERVED_DTYPES:
             raise SoftlabelsError(f"dtype must be one of torch.float32, torch.float16, "
                                   f"torch.bfloat16; got {dtype}")
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature, at_most=math.inf)
         check_servable(ts, self.temperature)
         self.data, self.path, self.batch_size = dataset, str(ts.path), int(batch_size)
         self.num_rows, self.block_rows, self.dtype = ts.num_rows, ts.block_rows, dtype

@@ -3,20 +3,27 @@ Network", arXiv:1503.02531)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from softlabels.errors import SoftlabelsError
-from softlabels.options import TOPK_CONVENTIONS
-from softlabels.tempering import at_least_float32, tempered_log_softmax, tempered_softmax
+from softlabels.options import TOPK_CONVENTIONS, check_alpha
+from softlabels.tempering import (
+    at_least_float32,
+    check_temperature,
+    tempered_log_softmax,
+    tempered_softmax,
+)
 from softlabels.train.padded import SequenceBatch
 
 
 def _check(temperature: float, alpha: float) -> None:
-    if not temperature > 0:
-        raise SoftlabelsError(f"temperature must be positive, got {temperature}")
-    if not 0 <= alpha <= 1:
-        raise SoftlabelsError(f"alpha must lie in [0, 1], got {alpha}")
+    """The options' own checks (one function each), for callers that pass raw numbers; any
+    positive T tempers (T -> inf is logit matching)."""
+    check_temperature(temperature, at_most=math.inf)
+    check_alpha(alpha)
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -72,6 +79,7 @@ def kd_loss(
     KL summed over classes, averaged over the batch; with `labels=None`, T^2 * KL alone.
     The paper found a considerably lower weight on the hard term best (alpha near 0.9).
     """
+    _check(temperature, alpha)
     teacher_probs = tempered_softmax(teacher_logits.detach(), temperature)
     return kd_loss_from_probs(student_logits, teacher_probs, temperature=temperature,
                               labels=labels, alpha=alpha)

@@ -21,6 +21,7 @@ windows already served.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -29,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.errors import MismatchError, SoftlabelsError
+from softlabels.errors import MismatchError, OptionError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
+from softlabels.options import check_batch_size
 from softlabels.sources.tokens import TokenSequences
-from softlabels.tempering import tempered_softmax
+from softlabels.tempering import check_temperature, tempered_softmax
 
 MAX_IN_MEMORY = 4 << 30  # bytes of targets held in memory
 
@@ -64,9 +66,8 @@ def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float,
     if ts.layout.kind != "sequences":
         raise SoftlabelsError(f"{ts.path} is not a sequence set; train it with "
                               "`softlabels train` (SoftTargetDataset)")
-    t = ts.temperatures[0] if temperature is None else float(temperature)
-    if not (np.isfinite(t) and t > 0):
-        raise SoftlabelsError(f"temperature must be a positive number, got {temperature}")
+    t = (ts.temperatures[0] if temperature is None
+         else check_temperature(temperature, at_most=math.inf))
     k = ts.temperature_index(t)
     kind = ts.sparse["kind"] if ts.sparse else "dense"
     if kind != "dense" and k is None:
@@ -242,8 +243,7 @@ class SequenceBatches(Resumable):
                  temperature: float | None = None, batch_size: int = 16,
                  sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
                  bucket: int = 50, max_memory: int = MAX_IN_MEMORY) -> None:
-        if batch_size <= 0:
-            raise SoftlabelsError(f"batch size must be positive, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         self.batch_size, self.shuffle, self.seed, self.bucket = batch_size, shuffle, seed, bucket
         self.epoch = 0
         if source is None:  # from_tokens fills the columns itself
@@ -336,9 +336,9 @@ class StreamingSequenceBatches(Resumable):
                  temperature: float | None = None, batch_size: int = 16,
                  sequences: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
                  bucket: int = 50, window_blocks: int = 16) -> None:
-        if batch_size <= 0 or window_blocks <= 0:
-            raise SoftlabelsError(f"batch size and window must be positive, got {batch_size} "
-                                  f"and {window_blocks}")
+        batch_size = check_batch_size(batch_size)
+        if window_blocks <= 0:
+            raise OptionError(f"window_blocks must be positive, got {window_blocks}")
         self.batch_size, self.shuffle, self.seed, self.bucket = batch_size, shuffle, seed, bucket
         self.window_blocks, self.epoch = window_blocks, 0
         self._plan: tuple[int, list[tuple[np.ndarray, list[np.ndarray]]]] | None = None

@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 from softlabels.compute.views import replay
 from softlabels.errors import SoftlabelsError
-from softlabels.format.reader import TransferSet
 from softlabels.format.selection import select_rows
 from softlabels.sources.arrays import check_labels, hashed_item, split_item
 from softlabels.train.datasets import (
@@ -28,6 +27,7 @@ from softlabels.train.datasets import (
     selected_rows,
 )
 from softlabels.train.ranks import rank_share
+from softlabels.train.run import Run
 from softlabels.train.students import check_outputs
 
 
@@ -92,17 +92,17 @@ def _batches(tensors: Sequence[torch.Tensor], batch_size: int, generator: torch.
         yield [t[b] for t in tensors]
 
 
-def _view_batches(sds: SoftTargetDataset, x_examples: torch.Tensor,
+def _view_batches(run: Run, sds: SoftTargetDataset, x_examples: torch.Tensor,
                   tensors: list[torch.Tensor], examples: np.ndarray, per_epoch: int,
-                  batch_size: int, rng: np.random.Generator, rank: int, world: int,
-                  ) -> Iterator[list[torch.Tensor]]:
+                  rng: np.random.Generator) -> Iterator[list[torch.Tensor]]:
     """An epoch over a view set: `per_epoch` stored views of each example, drawn afresh each
     epoch, each replayed from its seed. tensors = [example position, labels, targets...]."""
+    batch_size = run.opts.batch_size
     draw = np.lexsort((rng.random(len(examples)), examples))  # views of an example together
     ex = examples[draw]
     nth = np.arange(len(draw)) - np.searchsorted(ex, ex, side="left")
     keep = draw[nth < per_epoch]
-    order = rank_share(torch.from_numpy(rng.permutation(keep)), rank, world)
+    order = rank_share(torch.from_numpy(rng.permutation(keep)), run.rank, run.world)
     for i in range(0, len(order), batch_size):
         b = order[i:i + batch_size]
         x = torch.stack([replay(sds.transform, x_examples[int(tensors[0][j])],
@@ -113,13 +113,14 @@ def _view_batches(sds: SoftTargetDataset, x_examples: torch.Tensor,
 Plan = tuple[Callable[[int], Iterator[list[torch.Tensor]]], int, int]  # batches(epoch), rows, n
 
 
-def hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
-                       select: dict[str, Any], batch_size: int, gen: torch.Generator,
-                       rank: int, world: int) -> Plan:
+def hard_label_epochs(run: Run, dataset: Dataset, net: nn.Module,
+                      select: dict[str, Any]) -> Plan:
+    """Batches of the data's examples and hard labels (no transfer set)."""
+    batch_size, gen, rank, world = run.opts.batch_size, run.gen, run.rank, run.world
     x_all, y_all = materialize(dataset)
     check_labels(y_all.numpy(), where="the data")
     rows = select_rows(y_all.numpy(), **select)
-    check_outputs(net, x_all[:1].to(dev), None, y_all)
+    check_outputs(net, x_all[:1].to(run.dev), None, y_all)
     if (y_all[rows] < 0).all():
         raise SoftlabelsError("the data has no labels; train from a transfer set")
     tensors = [x_all[rows], y_all[rows]]
@@ -127,17 +128,19 @@ def hard_label_epochs(dataset: Dataset, net: nn.Module, dev: torch.device,
             -(-(len(rows) // world) // batch_size))
 
 
-def in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
-                      select: dict[str, Any], temperature: float, views_per_epoch: int,
-                      batch_size: int, gen: torch.Generator, rank: int, world: int,
-                      trust_code: bool = False) -> Plan:
+def in_memory_epochs(run: Run, dataset: Dataset, net: nn.Module,
+                     select: dict[str, Any]) -> Plan:
+    """Batches of the selected rows with their soft targets held in memory (a view set: each
+    epoch's stored views, replayed)."""
+    ts, opts = run.ts, run.opts  # a transfer set's run: ts and temperature are set
+    batch_size, gen, rank, world = opts.batch_size, run.gen, run.rank, run.world
     rows = selected_rows(ts, select)
     check_length(dataset, ts)
     examples = ts.index()[rows]
     cached = Cached(dataset, np.unique(examples))  # reads only the examples it trains on
-    check_outputs(net, cached.x[:1].to(dev), ts, cached.y)
-    sds = SoftTargetDataset(cached, ts, temperature=temperature, rows=rows, seed=select["seed"],
-                            trust_code=trust_code)
+    check_outputs(net, cached.x[:1].to(run.dev), ts, cached.y)
+    sds = SoftTargetDataset(cached, ts, temperature=run.temperature, rows=rows,
+                            seed=select["seed"], trust_code=opts.trust_code)
     targets = list(sds.targets) if isinstance(sds.targets, tuple) else [sds.targets]
     pos = torch.tensor([cached.pos[int(i)] for i in examples], dtype=torch.long)
     if sds.transform is None:
@@ -145,12 +148,11 @@ def in_memory_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: tor
         return (lambda epoch: _batches(tensors, batch_size, gen, rank, world), len(rows),
                 -(-(len(rows) // world) // batch_size))
     # a view set: each epoch replays stored views of the examples, not the examples
-    per_epoch = min(views_per_epoch, int(ts.meta["views"]))
+    per_epoch = min(opts.views_per_epoch, ts.layout.views)
     n_rows = len(np.unique(examples)) * per_epoch
-    return (lambda epoch: _view_batches(sds, cached.x, [pos, sds.labels, *targets], examples,
-                                        per_epoch, batch_size,
-                                        np.random.default_rng([select["seed"], epoch]),
-                                        rank, world),
+    return (lambda epoch: _view_batches(run, sds, cached.x, [pos, sds.labels, *targets],
+                                        examples, per_epoch,
+                                        np.random.default_rng([select["seed"], epoch])),
             n_rows, -(-(n_rows // world) // batch_size))
 
 
@@ -172,18 +174,19 @@ class StreamedEpochs:
         return self.stream.state_dict()
 
 
-def streamed_epochs(dataset: Dataset, ts: TransferSet, net: nn.Module, dev: torch.device,
-                     select: dict[str, Any], temperature: float, batch_size: int, rank: int,
-                     world: int, workers: int = 0) -> Plan:
+def streamed_epochs(run: Run, dataset: Dataset, net: nn.Module,
+                    select: dict[str, Any]) -> Plan:
     """Whole batches straight from whole checked blocks, shuffled across windows that span the
     set; every rank takes `steps_per_epoch` steps (the longer ranks' tails dropped), in an
-    order that `workers` (DataLoader workers) does not change."""
+    order that `--loader-workers` (DataLoader workers) does not change."""
+    ts, dev = run.ts, run.dev  # a transfer set's run: ts and temperature are set
     rows = selected_rows(ts, select)
-    stream = SoftTargetBatches(dataset, ts, temperature=temperature, batch_size=batch_size,
-                               rows=rows, seed=select["seed"], rank=rank, world_size=world)
+    stream = SoftTargetBatches(dataset, ts, temperature=run.temperature,
+                               batch_size=run.opts.batch_size, rows=rows, seed=select["seed"],
+                               rank=run.rank, world_size=run.world)
     x0 = split_item(dataset[int(ts.index()[rows[0]])])[0]
     check_outputs(net, x0[None].to(dev), ts, torch.zeros(0))
-    loader = stream.loader(num_workers=workers, pin_memory=dev.type == "cuda")
+    loader = stream.loader(num_workers=run.opts.loader_workers, pin_memory=dev.type == "cuda")
     return StreamedEpochs(stream, loader), len(rows), stream.steps_per_epoch(0)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,25 @@ from softlabels.safe_write import atomic_write
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "softlabels-train-state"
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What a run keeps (`trainer.fit`): the checkpoint at `out`, carrying `meta`; and, given
+    `digest` (`run_digest`: what identifies the run), its state at `<out>.state` after each
+    epoch and every `state_every` steps (0: at epoch ends only), with the digests of the run's
+    `inputs` (`input_proof.input_digests`), which a rerun of the same run resumes."""
+
+    out: str | os.PathLike[str] | None = None
+    digest: str | None = None
+    inputs: dict[str, Any] | None = None
+    state_every: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def states(self) -> bool:
+        """Whether states are saved and resumed."""
+        return self.out is not None and self.digest is not None
 
 
 def state_path(out: str | os.PathLike[str]) -> Path:

@@ -25,14 +25,16 @@ from torch.utils.data import Dataset
 from softlabels.errors import DataError, SoftlabelsError, TrainingError
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.input_proof import input_digests
-from softlabels.options import TrainOptions, check_output_file, check_temperature
+from softlabels.options import TrainOptions, check_output_file
 from softlabels.teachers.ensemble import resolve_device
 from softlabels.teachers.models import load_model, save_checkpoint
-from softlabels.train.batches import KINDS, Rows, Run, SequenceRows, row_kind
+from softlabels.tempering import check_temperature
+from softlabels.train.batches import KINDS, Rows, SequenceRows, row_kind
 from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
 from softlabels.train.ranks import finish_distributed, init_distributed, summed, wrap_ddp
 from softlabels.train.record import Callback, TrainResult
 from softlabels.train.resume import (
+    Keep,
     clear_state,
     load_state,
     mid_epoch,
@@ -41,8 +43,11 @@ from softlabels.train.resume import (
     save_state,
     steps_taken,
 )
+from softlabels.train.run import Run
 
 log = logging.getLogger(__name__)
+# train_sequence_model's defaults where they differ from TrainOptions'
+SEQUENCE_DEFAULTS: dict[str, Any] = {"epochs": 1, "lr": 3e-3, "temperature": 1.0, "alpha": 0.9}
 
 
 def train_student(
@@ -96,10 +101,9 @@ def train_student(
         check_output_file(out, checkpoint=True)  # before any work, not after epochs
     own = transfer_set is not None and not isinstance(transfer_set, TransferSet)
     with (open_transfer_set(transfer_set) if own else contextlib.nullcontext(transfer_set)) as ts:
-        temperature = opts.temperature
-        if ts is not None:
-            temperature = check_temperature(ts.temperatures[0] if temperature is None
-                                            else temperature)
+        temperature = opts.temperature  # checked by TrainOptions
+        if ts is not None and temperature is None:  # the set's first, under the options' cap
+            temperature = check_temperature(ts.temperatures[0], "the set's first temperature")
         name = data if isinstance(data, str) else type(data).__name__
         kind = KINDS[row_kind(name, data, ts)]
         kind.check_options(opts)
@@ -115,7 +119,7 @@ def train_student(
         digest = run_digest({
             "data": name, "model": model,
             "transfer_set": None if ts is None else [
-                str(ts.path), ts.meta.get("created_at"), ts.meta["dataset"]["fingerprint"]],
+                str(ts.path), ts.info.created_at, ts.info.dataset.fingerprint],
             "temperature": rows.temperature, "alpha": rows.alpha, "batch_size": opts.batch_size,
             "lr": opts.lr, "optimizer": opts.optimizer, "weight_decay": opts.weight_decay,
             "seed": opts.seed, "stream": rows.streamed, "topk_loss": opts.topk_loss,
@@ -126,14 +130,14 @@ def train_student(
         if ts is not None:
             meta["transfer_set"] = {"path": str(ts.path), "temperature": rows.temperature,
                                     "alpha": rows.alpha,
-                                    "fingerprint": ts.meta["dataset"]["fingerprint"]}
-        keep = out is not None and resume
+                                    "fingerprint": ts.info.dataset.fingerprint}
+        resumable = out is not None and resume
         inputs = input_digests(data, indices=indices if isinstance(indices, (str, os.PathLike))
-                               else None) if keep else None
-        result = fit(net, spec, rows, epochs=opts.epochs, out=out,
-                     digest=digest if keep else None, inputs=inputs,
-                     state_every=opts.state_every, dev=dev, gen=run.gen, rank=rank,
-                     world=world, callbacks=callbacks, meta=meta, t0=t0)
+                               else None) if resumable else None
+        result = fit(net, spec, rows, epochs=opts.epochs, dev=dev, gen=run.gen,
+                     keep=Keep(out, digest if resumable else None, inputs, opts.state_every,
+                               meta),
+                     rank=rank, world=world, callbacks=callbacks, t0=t0)
     if opts.distributed:
         finish_distributed()
     return result
@@ -142,67 +146,67 @@ def train_student(
 def train_sequence_model(
     model: str | nn.Module,
     batches: SequenceBatches | StreamingSequenceBatches,
+    options: TrainOptions | None = None,
     *,
-    epochs: int = 1,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    temperature: float = 1.0,
-    alpha: float = 0.9,
-    topk_loss: str = "residual",
     clip: float = 1.0,
-    seed: int = 0,
-    device: str = "auto",
     out: str | os.PathLike[str] | None = None,
     callbacks: Sequence[Callback] = (),
     val: SequenceBatches | None = None,
     spec: str | None = None,
     meta: dict[str, Any] | None = None,
     state_digest: str | None = None,
+    **kwargs: Any,
 ) -> TrainResult:
     """`fit` a sequence model (a MODEL spec, or a module) on ready `batches` (`SequenceBatches`
     or `StreamingSequenceBatches`) with `sequence_kd_loss`: AdamW, cosine learning-rate decay,
-    gradients clipped to `clip` (`batches.SequenceRows`). With `val`, each epoch records the
-    held-out perplexity and token accuracy. A module saved to `out` needs the MODEL `spec` it
-    was built from; `meta` goes into the checkpoint. With `out` and `state_digest` (what
-    identifies the run, `resume.run_digest`), a rerun continues where a killed one stopped."""
-    if epochs <= 0 or lr <= 0:
-        raise SoftlabelsError(f"epochs and lr must be positive, got {epochs} and {lr}")
+    gradients clipped to `clip` (`batches.SequenceRows`). Options come as a `TrainOptions`, or
+    as its fields by keyword (epochs, lr, weight_decay, temperature, alpha, topk_loss, seed,
+    device; here epochs defaults to 1, lr to 3e-3, temperature to 1 and alpha to 0.9), checked
+    as `train_student` checks them. With `val`, each epoch records the held-out perplexity and
+    token accuracy. A module saved to `out` needs the MODEL `spec` it was built from; `meta`
+    goes into the checkpoint. With `out` and `state_digest` (what identifies the run,
+    `resume.run_digest`), a rerun continues where a killed one stopped."""
+    if options is not None and kwargs:
+        raise TypeError(f"pass a TrainOptions or keyword options, not both (got {sorted(kwargs)})")
+    opts = options if options is not None else TrainOptions(**{**SEQUENCE_DEFAULTS, **kwargs})
+    SequenceRows.check_options(opts)
+    temperature = 1.0 if opts.temperature is None else opts.temperature
+    alpha = 0.9 if opts.alpha is None else opts.alpha
     if out is not None and not isinstance(model, str) and spec is None:
         raise SoftlabelsError("a checkpoint rebuilds its model from a MODEL spec: pass the "
                               "model as a spec (e.g. python:package.module:factory) to save it")
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
+    dev = resolve_device(opts.device)
+    torch.manual_seed(opts.seed)
     if isinstance(model, str):
         net, spec = load_model(model)
     else:
         net, spec = model, spec or f"object:{type(model).__qualname__}"
     rows = SequenceRows(batches=batches, dev=dev, temperature=temperature, alpha=alpha,
-                        topk_loss=topk_loss, lr=lr, weight_decay=weight_decay, clip=clip,
-                        val=val)
-    return fit(net.to(dev), spec, rows, epochs=epochs, out=out, digest=state_digest, dev=dev,
-               gen=torch.Generator(), callbacks=callbacks, t0=t0,
-               meta={**(meta or {}), "alpha": alpha, "temperature": temperature})
+                        topk_loss=opts.topk_loss, lr=opts.lr, weight_decay=opts.weight_decay,
+                        clip=clip, val=val)
+    return fit(net.to(dev), spec, rows, epochs=opts.epochs, dev=dev, gen=torch.Generator(),
+               keep=Keep(out, state_digest, meta={**(meta or {}), "alpha": alpha,
+                                                  "temperature": temperature}),
+               callbacks=callbacks, t0=t0)
 
 
 def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device,
-        gen: torch.Generator, out: str | os.PathLike[str] | None = None,
-        digest: str | None = None, inputs: dict[str, Any] | None = None,
-        state_every: int = 0, rank: int = 0, world: int = 1,
-        callbacks: Sequence[Callback] = (), meta: dict[str, Any] | None = None,
-        t0: float | None = None) -> TrainResult:
+        gen: torch.Generator, keep: Keep, rank: int = 0, world: int = 1,
+        callbacks: Sequence[Callback] = (), t0: float | None = None) -> TrainResult:
     """The one training loop: `epochs` of `rows`' batches, one optimizer step each.
 
     Each epoch's record is {epoch, loss (the mean over its rows or positions), rows|positions,
-    steps (optimizer steps so far), held-out metrics}. With `out` and `digest`, the state goes
-    to `<out>.state` after each epoch and every `state_every` steps (rank 0), and a state of
-    the same run (digest; `inputs` digests unchanged, else refused) is resumed, mid-epoch where
-    it was saved so; the checkpoint at `out` carries `meta` and the history."""
+    steps (optimizer steps so far), held-out metrics}. With `keep.out` and `keep.digest`, the
+    state goes to `<out>.state` after each epoch and every `keep.state_every` steps (rank 0),
+    and a state of the same run (digest; `inputs` digests unchanged, else refused) is resumed,
+    mid-epoch where it was saved so; the checkpoint at `out` carries `keep.meta` and the
+    history."""
     t0 = time.perf_counter() if t0 is None else t0
     step_net = wrap_ddp(net, dev) if world > 1 else net
     stepper = rows.optimizer(net, epochs)
-    keep = out is not None and digest is not None
-    state = load_state(out, digest, inputs) if keep else None
+    out, digest, inputs, state_every = keep.out, keep.digest, keep.inputs, keep.state_every
+    state = load_state(out, digest, inputs) if keep.states else None
     history: list[dict[str, Any]] = []
     start = step = 0
     resume_at, (total, seen) = None, (0.0, 0)
@@ -227,8 +231,8 @@ def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device
             loss.backward()
             stepper.step(net)
             total, seen, step = total + value * n, seen + n, step + 1
-            if (state_every and (b + 1) % state_every == 0 and b + 1 < rows.steps and keep
-                    and rank == 0):
+            if (state_every and (b + 1) % state_every == 0 and b + 1 < rows.steps
+                    and keep.states and rank == 0):
                 save_state(out, digest=digest, epoch=epoch, history=history, model=net,
                            optimizer=stepper.opt, generator=gen, stream=rows.state_dict(),
                            partial=(total, seen), inputs=inputs, step=step)
@@ -240,7 +244,7 @@ def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device
         record = {"epoch": epoch + 1, "loss": total / seen, rows.unit: seen, "steps": step,
                   **rows.score(net)}
         history.append(record)
-        if keep and rank == 0:
+        if keep.states and rank == 0:
             save_state(out, digest=digest, epoch=epoch + 1, history=history, model=net,
                        optimizer=stepper.opt, generator=gen, inputs=inputs, step=step)
         for cb in callbacks:
@@ -248,7 +252,7 @@ def fit(net: nn.Module, spec: str, rows: Rows, *, epochs: int, dev: torch.device
     net = net.cpu().eval()
     _check_weights(net, epochs)
     if out is not None and rank == 0:
-        save_checkpoint(net, out, spec=spec, meta={**(meta or {}), "history": history,
+        save_checkpoint(net, out, spec=spec, meta={**keep.meta, "history": history,
                                                    "resumed_after_epoch": start})
         clear_state(out)
     return TrainResult(model=net, spec=spec, history=history, rows=rows.rows, unit=rows.unit,

@@ -16,7 +16,7 @@ from token_data import write_tokens
 
 from conftest import CHUNK, ROOT, make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.teachers.models import build_model, save_checkpoint
 
 # Words of advice: every message says what to do (or lists the valid choices).

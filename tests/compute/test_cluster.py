@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from conftest import TESTS, make_npz
+from softlabels.compute.blocks import precompute
 from softlabels.compute.cluster import precompute_on_cluster
-from softlabels.compute.examples import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set

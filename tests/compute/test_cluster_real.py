@@ -20,13 +20,15 @@ from test_cluster import assert_same
 
 from conftest import ROOT, TESTS, make_npz
 from softlabels._version import __version__
+from softlabels.compute.blocks import precompute, prepare
 from softlabels.compute.cluster import (
     check_worker,
     compute_blocks,
     precompute_on_cluster,
     set_token,
 )
-from softlabels.compute.examples import precompute, prepare
+from softlabels.compute.cluster_tasks import Work
+from softlabels.compute.rows import Unit
 from softlabels.errors import TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
@@ -88,8 +90,10 @@ def test_a_task_that_sees_another_set_writes_nothing(tmp_path: Path) -> None:
         before = ts.read("logits")
     with pytest.raises(TransferSetError, match=rf"^process \d+ \(host .*\) failed on block 0 of "
                        rf"{b}: sees another set at {b} than the driver created; every worker "):
-        compute_blocks(str(b), layout_b, [0], data, ("mlp:16-3",), "cpu", "fp32", "mean-logits",
-                       8, token=set_token(a))
+        compute_blocks(str(b), layout_b, Unit([0], [0]), Work(
+            data, ("mlp:16-3",), PrecomputeOptions(device="cpu", precision="fp32",
+                                                   combine="mean-logits", batch_size=8),
+            token=set_token(a)))
     with open_transfer_set(b) as ts:
         assert (ts.read("logits") == before).all() and ts.meta["status"] == "complete"
 

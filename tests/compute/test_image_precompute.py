@@ -144,7 +144,7 @@ def test_decoding_on_the_device_makes_the_same_set(tmp_path: Path, teacher: str,
     preprocessing after it), run here with the CPU standing in for the GPU."""
     import importlib
 
-    from softlabels.compute.examples import precompute
+    from softlabels.compute.blocks import precompute
     from softlabels.options import PrecomputeOptions
     from softlabels.sources.images import decode_batch
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHUNK, N_ROWS, make_npz
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import MismatchError, SoftlabelsError, SpecError, TeacherOutputError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import TESTS, make_npz
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set

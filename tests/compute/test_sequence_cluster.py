@@ -23,9 +23,9 @@ from token_data import TEACHER, write_tokens
 from conftest import ROOT, TESTS
 from softlabels._version import __version__
 from softlabels.cli import cli
+from softlabels.compute.blocks import precompute
 from softlabels.compute.cluster import check_worker, precompute_on_cluster
-from softlabels.compute.examples import precompute
-from softlabels.compute.sequences import WINDOW_BLOCKS
+from softlabels.compute.positions import WINDOW_BLOCKS
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.specs import portable_spec

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from conftest import CHUNK, make_npz
-from softlabels.compute.examples import block_batches, device_outputs, precompute
+from softlabels.compute.blocks import precompute
+from softlabels.compute.examples import block_batches, device_outputs
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
 from softlabels.format.reader import open_transfer_set

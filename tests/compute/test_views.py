@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.compute.views import view_seed
 from softlabels.errors import SoftlabelsError, UntrustedCodeError
 from softlabels.format import schema as S

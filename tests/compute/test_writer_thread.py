@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, ROOT, TESTS
-from softlabels.compute.examples import WRITER_QUEUE, precompute, writer_thread
+from softlabels.compute.blocks import WRITER_QUEUE, precompute, writer_thread
 from softlabels.errors import OptionError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, N_ROWS
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.chunk_files import ChunkFiles

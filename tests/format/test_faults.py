@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from conftest import ROOT, TESTS, make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError, SoftlabelsError
 from softlabels.format import convert, merge, subset
 from softlabels.format import schema as S

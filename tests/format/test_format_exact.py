@@ -19,7 +19,7 @@ import zarr
 from torch import nn
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 
 SEQ_VOCAB, SEQ_CLASSES = 24, 16  # token ids up to 23; the teacher predicts 16 classes
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, make_npz
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.operations import convert, merge, subset

@@ -17,7 +17,7 @@ import xxhash
 import zarr
 
 from conftest import CHUNK, ROOT
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format.reader import open_transfer_set
 
 FORMAT_MD = ROOT / "docs" / "FORMAT.md"
@@ -129,7 +129,6 @@ def test_hybrid_arrays_follow_the_documented_recipe(tmp_path: Path, quantize: in
     import torch
     from torch import nn
 
-    from softlabels.compute.sequences import precompute_sequences
     from softlabels.sources.tokens import TokenSequences
 
     torch.manual_seed(0)
@@ -140,9 +139,9 @@ def test_hybrid_arrays_follow_the_documented_recipe(tmp_path: Path, quantize: in
             enumerate((9, 4, 17, 6))]
     k, p_, m, temps = 6, 0.8, 3, [2.0, 1.0]
     out = tmp_path / "h.zarr"
-    precompute_sequences(TokenSequences(seqs), [teacher], out, temperatures=temps, topk=k,
-                         nucleus=p_, tail=m, quantize=quantize, dtype="float32",
-                         chunk_rows=CHUNK)
+    precompute(TokenSequences(seqs), [teacher], out, temperatures=temps, topk=k,
+               nucleus=p_, tail=m, quantize=quantize, dtype="float32",
+               chunk_rows=CHUNK)
     meta, arrays = read_zarr(out)
     assert meta["sparse"] == {"kind": "hybrid", "k": k, "nucleus": p_, "tail": m,
                               "quantize": quantize or None}

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
-from softlabels.compute.sequences import precompute_sequences
+from softlabels.compute.blocks import precompute
 from softlabels.errors import OptionError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
@@ -178,8 +177,8 @@ def test_sequence_set_batches_stream_and_evaluate(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     data = TokenSequences([rng.integers(0, 30, n).tolist() for n in (9, 4, 17, 6, 11)])
     out = tmp_path / "h.h5"
-    precompute_sequences(data, [teacher], out, temperatures=[1, 2], topk=5, nucleus=0.9,
-                         tail=3, chunk_rows=CHUNK)
+    precompute(data, [teacher], out, temperatures=[1, 2], topk=5, nucleus=0.9,
+               tail=3, chunk_rows=CHUNK)
     assert verify(out, data=data, teachers=[teacher], device="cpu").ok
     whole = SequenceBatches(out, temperature=2.0, batch_size=2, shuffle=False)
     streamed = StreamingSequenceBatches(out, temperature=2.0, batch_size=2, shuffle=False,

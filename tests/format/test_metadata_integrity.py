@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from conftest import CHUNK, ROOT
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError, TransferSetError
 from softlabels.format.reader import open_transfer_set
 from softlabels.sets.verify import verify

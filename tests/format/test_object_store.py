@@ -26,7 +26,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from conftest import ROOT, TESTS, make_npz  # noqa: E402
 from softlabels.cli import cli  # noqa: E402
-from softlabels.compute.examples import precompute  # noqa: E402
+from softlabels.compute.blocks import precompute  # noqa: E402
 from softlabels.errors import (  # noqa: E402
     IntegrityError,
     SoftlabelsError,

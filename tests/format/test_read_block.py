@@ -10,7 +10,7 @@ import pytest
 from checksums import as_version_1, block_chunk, flip_byte, forge_checksums
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store

@@ -16,7 +16,7 @@ import zarr
 from token_data import TEACHER, write_tokens
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError, SpecError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store

@@ -14,7 +14,7 @@ from token_data import TEACHER, VOCAB, write_tokens
 from conftest import CHUNK
 from helpers import TinyLM
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import DataError, IntegrityError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store

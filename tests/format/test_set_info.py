@@ -13,7 +13,7 @@ import torch
 from token_data import TEACHER, write_tokens
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import TransferSetError
 from softlabels.format.info import Member, SetInfo, SourceRecord
 from softlabels.format.layout import FILE_KEYS, LAYOUT_KEYS, ROW_KINDS

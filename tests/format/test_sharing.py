@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from conftest import CHUNK, N_ROWS, make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
 from softlabels.sets.verify import verify

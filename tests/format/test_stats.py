@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from conftest import CHUNK
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format.reader import open_transfer_set
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, ROOT, make_npz
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import MismatchError, SoftlabelsError, TransferSetError, WriterBusyError
 from softlabels.format import convert
 from softlabels.format import schema as S

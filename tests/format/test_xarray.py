@@ -11,7 +11,7 @@ import xarray as xr
 import zarr
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format.operations import convert
 
 # Every array of these sets, with the dimension names docs/FORMAT.md gives.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from token_data import TEACHER, VOCAB, write_tokens
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.sets.export import export_set
 from softlabels.train.losses import sequence_kd_loss
 from softlabels.train.padded import SequenceBatches

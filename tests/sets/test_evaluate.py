@@ -46,7 +46,7 @@ def test_bias_adjust_recovers_a_class_the_model_never_predicts(tmp_path: Path) -
 def test_evaluate_against_a_damaged_set_names_the_block(tmp_path: Path) -> None:
     """`evaluate --transfer-set` reads the teacher's targets only through checked blocks: a
     flipped value in the set is one line naming its block, not a silently wrong agreement."""
-    from softlabels.compute.examples import precompute
+    from softlabels.compute.blocks import precompute
     from softlabels.format import schema as S
     from softlabels.format.backends import open_store
 

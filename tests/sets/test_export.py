@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from token_data import TEACHER, VOCAB, write_tokens
 
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import OptionError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, read_offsets

@@ -14,7 +14,7 @@ from token_data import TEACHER, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import DataError, MismatchError, OptionError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set

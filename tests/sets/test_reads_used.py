@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import CHUNK
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store  # noqa: F401  (loads every backend)
 from softlabels.format.chunk_files import ChunkFiles

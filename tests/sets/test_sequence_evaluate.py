@@ -18,7 +18,7 @@ from token_data import VOCAB, write_tokens
 
 from helpers import TinyLM
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.operations import subset
 from softlabels.format.reader import open_transfer_set

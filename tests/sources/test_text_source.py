@@ -400,7 +400,7 @@ def test_your_own_causal_lm_over_your_own_text(tmp_path: Path, teacher_dir: Path
 
 def test_gpt_and_declared_limits_are_checked(tmp_path: Path) -> None:
     from helpers import TinyLM
-    from softlabels.compute.sequence_checks import check_fits_teacher
+    from softlabels.compute.token_checks import check_fits_teacher
     from softlabels.teachers.ensemble import Teacher
 
     data = load_data(write_rows(tmp_path / "t.jsonl", [[1, 2, 3], [4, 5, 6, 7, 8, 9]]))

@@ -260,7 +260,7 @@ def test_preprocessing_is_not_applied_to_arrays_and_says_so(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import torchvision
 
-    from softlabels.compute.examples import precompute as run_precompute
+    from softlabels.compute.blocks import precompute as run_precompute
 
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((5, 3, 8, 8), np.float32))
     npz_data = f"npz:{tmp_path / 'd.npz'}"

@@ -18,7 +18,7 @@ from token_data import write_tokens
 
 from conftest import ROOT, TESTS
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set

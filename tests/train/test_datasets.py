@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import CHUNK, N_ROWS
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import MismatchError, SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.format.selection import select_rows
@@ -63,7 +63,7 @@ def test_misaligned_data_is_refused(made: tuple[str, Path], tmp_path: Path, edit
 
 
 def test_bad_temperature(made: tuple[str, Path]) -> None:
-    with pytest.raises(SoftlabelsError, match="temperature must be a positive"):
+    with pytest.raises(SoftlabelsError, match="temperature must be positive"):
         SoftTargetDataset(made[0], made[1], temperature=0)
 
 

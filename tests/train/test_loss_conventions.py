@@ -13,8 +13,7 @@ from click.testing import CliRunner
 from softlabels.cli import cli
 from softlabels.errors import OptionError
 from softlabels.options import TrainOptions
-from softlabels.train.losses import sparse_kd_loss
-from softlabels.train.losses import sequence_kd_loss
+from softlabels.train.losses import sequence_kd_loss, sparse_kd_loss
 from softlabels.train.padded import SequenceBatch
 
 B, C, K = 5, 12, 4

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from token_data import TEACHER, write_tokens
 
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format.backends import open_store
 from softlabels.format.operations import subset

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from token_data import TEACHER, write_tokens
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format.backends import open_store
 from softlabels.format.reader import TransferSet, open_transfer_set

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from token_data import TEACHER, VOCAB, write_tokens
 
 from helpers import TinyLM
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError, SoftlabelsError
 from softlabels.format.backends import open_store
 from softlabels.format.reader import open_transfer_set

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import CHUNK, make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.train.losses import kd_loss, sparse_kd_loss

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from conftest import CHUNK, N_ROWS, ROOT, make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set

@@ -10,7 +10,7 @@ import pytest
 import torch
 from token_data import TEACHER, write_tokens
 
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import MismatchError
 from softlabels.format.layout import ROW_KINDS
 from softlabels.teachers.models import load_checkpoint

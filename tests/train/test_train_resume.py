@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import make_npz
 from softlabels.cli import cli
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.teachers.models import load_checkpoint
 
 KILLED_RUN = """

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_npz
-from softlabels.compute.examples import precompute
+from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.train.datasets import SoftTargetBatches
 from softlabels.train.ranks import refuse_zero_steps
