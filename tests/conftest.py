@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# tests/ (the helper modules: helpers, faultpoints, ...) and the repository root, for a test at
+# any depth of the tree: what a child process needs on its PYTHONPATH, where data/ and docs/ are
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
 
 @pytest.fixture(autouse=True)
 def _no_leftover_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

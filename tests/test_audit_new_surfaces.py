@@ -83,7 +83,7 @@ def test_vllm_huge_declared_sizes_allocate_nothing(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_sequences import TEACHER, write_tokens
+    from token_data import TEACHER, write_tokens
 
     from softlabels.compute.blocks import precompute
     from softlabels.sets.export import export_set
@@ -194,7 +194,7 @@ def test_a_tokenizer_asking_for_its_own_code_or_without_vocabulary_is_refused(
     builds the model type's tokenizer with an empty vocabulary: every document tokenised to
     nothing ("corpus holds no text")."""
     pytest.importorskip("transformers")
-    from test_text_source import save_tokenizer
+    from token_data import save_tokenizer
 
     from softlabels.sources.tokenizers import load_tokenizer
 

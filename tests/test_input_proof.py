@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_npz
+from conftest import ROOT, TESTS, make_npz
 from softlabels.cli import cli
 from softlabels.compute.blocks import precompute
 from softlabels.errors import MismatchError
@@ -131,19 +131,19 @@ def test_a_killed_subset_to_s3_is_not_resumed_onto_a_changed_index_file(
     """At a URL a killed subset is resumed in place, block by block; an --indices file edited
     meanwhile would make a set of rows neither file names. Its digest in the provenance
     refuses that."""
+    import os
     import signal
     import subprocess
     import sys
 
-    from test_object_store import HERE, _env
-
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
     indices = tmp_path / "keep.txt"
     indices.write_text(" ".join(map(str, range(0, 100, 2))))
     url = f"s3://{bucket}/cut.zarr"
     args = ["subset", str(source), "--out", url, "--indices", str(indices)]
-    killed = subprocess.run([sys.executable, str(HERE / "faultpoints.py"),
+    killed = subprocess.run([sys.executable, str(TESTS / "faultpoints.py"),
                              "softlabels.format.writer:write_block", "1", "after", "--", *args],
-                            env=_env(), capture_output=True, text=True)
+                            env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     indices.write_text(" ".join(map(str, range(1, 100, 2))))
     again = CliRunner().invoke(cli, args)

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import ROOT
 from softlabels.cli import cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

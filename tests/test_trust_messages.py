@@ -52,7 +52,7 @@ def test_things_that_are_not_sets_are_named(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def sequence_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("pyarrow")
-    from test_export import TEACHER, write_tokens
+    from token_data import TEACHER, write_tokens
 
     from softlabels.compute.blocks import precompute
 

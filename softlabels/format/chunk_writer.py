@@ -5,7 +5,7 @@ read, no merge and no loop: encode it, write one file.
 
 Each chunk is encoded by the array's own codecs (zarr's synchronous `_encode_sync` of each codec
 in its pipeline, the same calls zarr's own writes make), so the file holds exactly the bytes
-zarr would write (tests/test_chunk_writer.py compares them byte for byte and reads them back
+zarr would write (tests/format/test_chunk_writer.py compares them byte for byte and reads them back
 with zarr and tensorstore). The file is written as zarr's LocalStore writes it, plus the rules of
 `safe_write`: a temporary `KEY.<random>.partial` opened with `O_CREAT | O_EXCL | O_NOFOLLOW`
 (a link planted there is never written through; a killed writer's leftover is removed by

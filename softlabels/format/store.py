@@ -26,7 +26,7 @@ def fill_value(dtype: np.dtype) -> Any:
 class Store(ABC):
     """A container of named, chunked n-d arrays plus one JSON metadata object.
 
-    The contract every backend keeps (tests/test_store_backends.py runs it against each:
+    The contract every backend keeps (tests/format/test_store_backends.py runs it against each:
     local Zarr, HDF5, zip, s3, gs, http): a store opened
     "r" refuses every write with `TransferSetError`; `erase_block` makes a block read as never
     written (fill values); `discard_partial_files` removes what a killed writer may have left;
