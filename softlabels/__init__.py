@@ -24,7 +24,7 @@ _EXPORTS: dict[str, str] = {
         "OptionError", "SoftlabelsError", "SpecError", "TeacherOutputError", "TrainingError",
         "TransferSetError", "UntrustedCodeError", "WriterBusyError")},
     **{name: "softlabels.format" for name in (
-        "TransferSet", "convert", "merge", "open_transfer_set", "subset")},
+        "SetInfo", "TransferSet", "convert", "merge", "open_transfer_set", "subset")},
     "PrecomputeOptions": "softlabels.options",
     "TrainOptions": "softlabels.options",
     "evaluate": "softlabels.sets.evaluate",
@@ -37,7 +37,10 @@ _EXPORTS: dict[str, str] = {
     **{name: "softlabels.train.datasets" for name in (
         "SoftTargetBatches", "SoftTargetDataset", "StreamingSoftTargetDataset")},
     **{name: "softlabels.train.losses" for name in (
-        "kd_loss", "kd_loss_from_probs", "logit_matching_loss", "sparse_kd_loss")},
+        "kd_loss", "kd_loss_from_probs", "logit_matching_loss", "sequence_kd_loss",
+        "sparse_kd_loss")},
+    "SequenceBatches": "softlabels.train.padded",
+    "StreamingSequenceBatches": "softlabels.train.padded",
     "TrainResult": "softlabels.train.record",
     "train_student": "softlabels.train.trainer",
 }
@@ -50,10 +53,13 @@ __all__ = [
     "OptionError",
     "PrecomputeOptions",
     "PrecomputeResult",
+    "SequenceBatches",
+    "SetInfo",
     "SoftTargetBatches",
     "SoftTargetDataset",
     "SoftlabelsError",
     "SpecError",
+    "StreamingSequenceBatches",
     "StreamingSoftTargetDataset",
     "TeacherOutputError",
     "TrainOptions",
@@ -79,6 +85,7 @@ __all__ = [
     "precompute",
     "precompute_on_cluster",
     "save_checkpoint",
+    "sequence_kd_loss",
     "sparse_kd_loss",
     "subset",
     "train_student",
@@ -119,7 +126,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         UntrustedCodeError,
         WriterBusyError,
     )
-    from softlabels.format import TransferSet, convert, merge, open_transfer_set, subset
+    from softlabels.format import SetInfo, TransferSet, convert, merge, open_transfer_set, subset
     from softlabels.options import PrecomputeOptions, TrainOptions
     from softlabels.sets.evaluate import evaluate
     from softlabels.sets.verify import VerifyReport, verify
@@ -135,7 +142,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         kd_loss,
         kd_loss_from_probs,
         logit_matching_loss,
+        sequence_kd_loss,
         sparse_kd_loss,
     )
+    from softlabels.train.padded import SequenceBatches, StreamingSequenceBatches
     from softlabels.train.record import TrainResult
     from softlabels.train.trainer import train_student
