@@ -81,3 +81,18 @@ def test_imports_follow_the_stage_order() -> None:
                                          and (src, dst) not in SAME_RANK_ALLOWED):
                 upward.append(f"{module} -> {dep}")
     assert upward == [], "imports against the stage order:\n" + "\n".join(sorted(upward))
+
+
+def test_tests_use_only_public_modules() -> None:
+    """A test drives the package through its public modules (issue 20): a private module
+    (`softlabels.format._zarr`, `_hdf5`, ...) is reached through `format.backends.open_store`
+    and the `format.store.Store` interface, so a backend can change without the tests."""
+    private = []
+    for path in (PACKAGE.parent / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            private += [f"{path.relative_to(PACKAGE.parent)}: {n}" for n in names
+                        if n.startswith("softlabels.")
+                        and any(p.startswith("_") and p != "__main__" for p in n.split(".")[1:])]
+    assert not private, private

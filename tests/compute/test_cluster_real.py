@@ -19,7 +19,7 @@ import pytest
 from test_cluster import assert_same
 
 from conftest import ROOT, TESTS, make_npz
-from softlabels._version import __version__
+from softlabels import __version__
 from softlabels.compute.blocks import precompute, prepare
 from softlabels.compute.cluster import (
     check_worker,

@@ -21,7 +21,7 @@ from test_cluster_real import run_cli
 from token_data import TEACHER, write_tokens
 
 from conftest import ROOT, TESTS
-from softlabels._version import __version__
+from softlabels import __version__
 from softlabels.cli import cli
 from softlabels.compute.blocks import precompute
 from softlabels.compute.cluster import check_worker, precompute_on_cluster

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from softlabels.compute.blocks import precompute
-from softlabels.format._zarr import ZarrStore
+from softlabels.format.backends import open_store
 from softlabels.format.chunk_writer import ChunkWriter
+from softlabels.format.store import Store
 
 # (name, shape, dtype, chunks, shuffle_compress): the kinds of array a set holds; row counts
 # are not multiples of the chunk, so the last chunk along rows is padded at the array's edge
@@ -33,8 +34,8 @@ def _data(shape: tuple[int, ...], dtype: str, seed: int) -> np.ndarray:
     return rng.integers(0, 100, shape).astype(dtype)
 
 
-def _make(path: Path) -> ZarrStore:
-    store = ZarrStore(path, "w")
+def _make(path: Path) -> Store:
+    store = open_store(path, "w")
     for name, shape, dtype, chunks, shuffled in ARRAYS:
         store.create(name, shape, dtype, chunks=chunks, shuffle_compress=shuffled)
     return store
@@ -73,7 +74,7 @@ def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path: Path) -> None:
     ours.close(), theirs.close()
     import tensorstore as ts  # reads them too
 
-    reread = ZarrStore(tmp_path / "ours.zarr", "r")
+    reread = open_store(tmp_path / "ours.zarr", "r")
     for name, *_ in ARRAYS:
         np.testing.assert_array_equal(reread.read(name), want[name])
         spec = {"driver": "zarr3", "kvstore": {"driver": "file",
@@ -89,7 +90,7 @@ def test_chunks_of_only_the_fill_value_are_not_stored_as_zarr_leaves_them(
     ours, theirs = _make(tmp_path / "ours.zarr"), _make(tmp_path / "zarr.zarr")
     for store, direct in ((ours, True), (theirs, False)):
         def put(name: str, sel: tuple[slice, ...], part: np.ndarray,
-                store: ZarrStore = store, direct: bool = direct) -> None:
+                store: Store = store, direct: bool = direct) -> None:
             if direct:
                 store.write_many([(name, sel, part)])
             else:
@@ -125,7 +126,7 @@ def test_part_of_a_chunk_goes_through_zarr(tmp_path: Path) -> None:
 
 
 def test_sharded_arrays_are_left_to_zarr(tmp_path: Path) -> None:
-    store = ZarrStore(tmp_path / "s.zarr", "w")
+    store = open_store(tmp_path / "s.zarr", "w")
     store.create("x", (32, 4), "float32", chunks=(8, 4), shards=(16, 4))
     assert ChunkWriter.of(tmp_path / "s.zarr" / "x", store.array("x")) is None
     data = _data((32, 4), "float32", 1)
