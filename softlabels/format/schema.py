@@ -6,6 +6,7 @@ See docs/FORMAT.md for the prose version of this contract.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,67 @@ def sample_hash(x: np.ndarray) -> int:
 
 
 def sample_hashes(x: np.ndarray) -> np.ndarray:
-    """(B,) uint64: `sample_hash` of each row x[i] of a batch (B, ...), the same values, without
-    a numpy view per row (~100 ns a row for small inputs)."""
-    rows = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
+    """(B,) uint64: `sample_hash` of each row x[i] of a batch (B, ...), the same values. Rows of
+    4-16 bytes are hashed together in a few numpy passes (`_xxh3_short`); longer rows one XXH3
+    call each, without a numpy view per row (~100 ns a row for small inputs)."""
+    x = np.ascontiguousarray(x)
+    rows = x.reshape(len(x), math.prod(x.shape[1:])).view(np.uint8)
+    if 4 <= rows.shape[1] <= 16:
+        return _xxh3_short(rows)
     return np.fromiter(map(xxhash.xxh3_64_intdigest, rows), dtype=np.uint64, count=len(rows))
+
+
+# XXH3's default secret, its first 64 bytes (xxhash.h `XXH3_kSecret`): all that rows of <= 16
+# bytes read; tests/format/test_sample_hashes.py checks every length against xxhash itself.
+_SECRET = bytes.fromhex(
+    "b8fe6c3923a44bbe7c01812cf721ad1cded46de9839097db7240a4a4b7b3671f"
+    "cb79e64eccc0e578825ad07dccff7221b8084674f743248ee03590e6813a264c")
+
+
+def _secret64(offset: int) -> np.uint64:
+    return np.uint64(int.from_bytes(_SECRET[offset:offset + 8], "little"))
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _xxh3_short(rows: np.ndarray) -> np.ndarray:
+    """(B,) uint64: XXH3-64 (seed 0) of each row of `rows` (B, n) uint8, 4 <= n <= 16, as
+    xxhash.h's `XXH3_len_4to8_64b` / `XXH3_len_9to16_64b` compute it, over the whole batch at
+    once (uint64 arithmetic wraps modulo 2^64 as C's does)."""
+    n = rows.shape[1]
+    if n <= 8:  # len 4-8: the first and last 4 bytes, keyed, then rrmxmx
+        first = _le(rows[:, :4], np.uint32).astype(np.uint64)
+        last = _le(rows[:, n - 4:], np.uint32).astype(np.uint64)
+        h = (last + (first << np.uint64(32))) ^ (_secret64(8) ^ _secret64(16))
+        h ^= _rotl(h, 49) ^ _rotl(h, 24)
+        h *= np.uint64(0x9FB21C651E98DF25)
+        h ^= (h >> np.uint64(35)) + np.uint64(n)
+        h *= np.uint64(0x9FB21C651E98DF25)
+        return h ^ (h >> np.uint64(28))
+    lo = _le(rows[:, :8], np.uint64) ^ (_secret64(24) ^ _secret64(32))
+    hi = _le(rows[:, n - 8:], np.uint64) ^ (_secret64(40) ^ _secret64(48))
+    acc = np.uint64(n) + lo.byteswap() + hi + _mul128_fold64(lo, hi)
+    acc ^= acc >> np.uint64(37)
+    acc *= np.uint64(0x165667919E3779F9)
+    return acc ^ (acc >> np.uint64(32))
+
+
+def _le(columns: np.ndarray, dtype: type) -> np.ndarray:
+    """(B,) the little-endian integer of each row of `columns` (B, itemsize) uint8."""
+    return np.ascontiguousarray(columns).view(np.dtype(dtype).newbyteorder("<"))[:, 0] \
+        .astype(dtype)
+
+
+def _rotl(h: np.ndarray, r: int) -> np.ndarray:
+    return (h << np.uint64(r)) | (h >> np.uint64(64 - r))
+
+
+def _mul128_fold64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """low 64 bits XOR high 64 bits of the 128-bit products a * b (xxhash's portable form)."""
+    a_lo, a_hi, b_lo, b_hi = a & _M32, a >> np.uint64(32), b & _M32, b >> np.uint64(32)
+    lo_lo, hi_lo = a_lo * b_lo, a_hi * b_lo
+    cross = (lo_lo >> np.uint64(32)) + (hi_lo & _M32) + a_lo * b_hi
+    upper = (hi_lo >> np.uint64(32)) + (cross >> np.uint64(32)) + a_hi * b_hi
+    lower = (cross << np.uint64(32)) | (lo_lo & _M32)
+    return lower ^ upper
