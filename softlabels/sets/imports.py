@@ -256,25 +256,46 @@ def placeholder_targets(n: int, k: int, dtype: str) -> dict[str, np.ndarray]:
 
 
 def check_logprobs(lp: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> None:
-    """Refuse log-probs that no model emits: ids outside [0, V) or repeated in a position,
-    non-finite or positive log-probs, or a position whose probabilities sum past 1."""
+    """Refuse log-probs that no model emits (`check_topk` at T = 1, positions named)."""
+    check_topk(ids, lp, num_classes, where, row="position")
+
+
+def check_topk(ids: np.ndarray, values: np.ndarray, num_classes: int, where: str, *,
+               logsumexp: np.ndarray | None = None, temperatures: Sequence[float] = (1.0,),
+               row: str = "row") -> None:
+    """Refuse top-k rows that no model emits, in a few numpy passes over the block: `ids`
+    (n, k) outside [0, C) or repeated in a row; `values` (n, k) not finite; a row whose
+    probabilities sum past 1 at some T, p = exp(values / T - logsumexp[:, j]) with `logsumexp`
+    (n, K) over all C classes at T_j, or p = exp(values) where `values` are log-probabilities
+    at T = 1 (no `logsumexp`; they must be <= 0)."""
     if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
         bad = ids[(ids < 0) | (ids >= num_classes)][0]
-        raise DataError(f"{where}: token id {int(bad)} outside the vocabulary [0, {num_classes})"
-                        "; pass the teacher's --vocab-size")
-    if not np.isfinite(lp).all() or (lp > 0).any():
-        raise DataError(f"{where}: log-probabilities must be finite and <= 0, found "
-                        f"{float(lp[~np.isfinite(lp) | (lp > 0)][0])!r}")
+        raise DataError(f"{where}: class id {int(bad)} outside the vocabulary [0, {num_classes})"
+                        "; pass the teacher's --vocab-size / --num-classes")
+    what = "log-probabilities must be finite and <= 0" if logsumexp is None else \
+        "top-k logits and their logsumexp must be finite"
+    if not np.isfinite(values).all() or (logsumexp is None and (values > 0).any()):
+        bad = values[~np.isfinite(values) | (values > 0 if logsumexp is None else False)]
+        raise DataError(f"{where}: {what}, found {float(bad.flat[0])!r}")
+    if logsumexp is not None and not np.isfinite(logsumexp).all():
+        raise DataError(f"{where}: {what}, found {float(logsumexp[~np.isfinite(logsumexp)][0])!r}")
     if ids.shape[1] > 1:
         s = np.sort(ids, 1)
-        if (s[:, 1:] == s[:, :-1]).any():
-            p = int(np.flatnonzero((s[:, 1:] == s[:, :-1]).any(1))[0])
-            raise DataError(f"{where}: position {p} lists a token id twice")
-    mass = np.exp(lp).sum(1)
-    if (mass > 1 + MASS_TOLERANCE).any():
-        p = int(np.argmax(mass))
-        raise DataError(f"{where}: the probabilities of position {p} sum to {mass[p]:.6f} > 1; "
-                        "these are not log-probabilities of one distribution")
+        same = s[:, 1:] == s[:, :-1]
+        if same.any():
+            raise DataError(f"{where}: {row} {int(np.flatnonzero(same.any(1))[0])} lists a "
+                            "class twice")
+    p = np.empty(values.shape, np.result_type(values.dtype, np.float32))
+    for j, t in enumerate(temperatures):
+        np.divide(values, t, out=p) if t != 1 else np.copyto(p, values)
+        if logsumexp is not None:
+            np.subtract(p, logsumexp[:, j:j + 1], out=p)
+        mass = np.exp(p, out=p).sum(1)
+        if (mass > 1 + MASS_TOLERANCE).any():
+            r = int(np.argmax(mass))
+            raise DataError(f"{where}: the probabilities of {row} {r} at T = {t:g} sum to "
+                            f"{mass[r]:.6f} > 1; these are not the top k of one distribution "
+                            "(a logsumexp must be over all classes)")
 
 
 def sequence_columns(tokens: np.ndarray, index: int, mask: np.ndarray, labels: np.ndarray,
