@@ -25,11 +25,12 @@ def test_good_rows_pass_at_every_temperature() -> None:
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda i, v, l: i.__setitem__((2, 1), C), r"here: class id 50 outside the vocabulary \[0, 50\)"),
-    (lambda i, v, l: i.__setitem__((3, 2), i[3, 0]), "here: row 3 lists a class twice"),
-    (lambda i, v, l: v.__setitem__((1, 0), np.nan), "finite, found nan"),
-    (lambda i, v, l: l.__setitem__((4, 1), np.inf), "finite, found inf"),
-    (lambda i, v, l: l.__setitem__((5, 1), l[5, 1] - 3), r"row 5 at T = 3 sum to .* > 1"),
+    (lambda i, v, z: i.__setitem__((2, 1), C),
+     r"here: class id 50 outside the vocabulary \[0, 50\)"),
+    (lambda i, v, z: i.__setitem__((3, 2), i[3, 0]), "here: row 3 lists a class twice"),
+    (lambda i, v, z: v.__setitem__((1, 0), np.nan), "finite, found nan"),
+    (lambda i, v, z: z.__setitem__((4, 1), np.inf), "finite, found inf"),
+    (lambda i, v, z: z.__setitem__((5, 1), z[5, 1] - 3), r"row 5 at T = 3 sum to .* > 1"),
 ])
 def test_each_refusal_names_the_row(edit, match: str) -> None:
     ids, val, lse = _rows()
