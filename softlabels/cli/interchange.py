@@ -90,6 +90,14 @@ def import_cmd(out: str, vllm: str | None, parquet: str | None, logits: str | No
     if len(sources) != 1:
         raise click.UsageError("pass exactly one of --vllm, --parquet, or arrays (--logits, or "
                                "--topk-indices with --topk-values)")
+    unused = [name for name, given in (("--data", data), ("--labels", labels),
+                                       ("--index", index), ("--logsumexp", logsumexp),
+                                       ("--num-classes", num_classes)) if given is not None]
+    if not arrays and unused:  # read by the array import only: never silently ignored
+        raise click.UsageError(f"{', '.join(unused)} apply to arrays (--logits, --topk-*) "
+                               f"only; {sources[0]} rows carry their own tokens, labels and "
+                               "normalisers: leave them out (check the rows against their "
+                               "data afterwards with `softlabels verify OUT --data DATA`)")
     check_output_file(out, directory_ok=True)
     with progress_bar("import", unit="position" if not arrays else "block") as bar:
         if vllm:

@@ -17,6 +17,7 @@ from softlabels.errors import (
     DataError,
     IncompleteTransferSetError,
     IntegrityError,
+    SoftlabelsError,
     TransferSetError,
 )
 from softlabels.format import schema as S
@@ -105,7 +106,19 @@ class TransferSet:
         stop = self.num_rows if stop is None else stop
         sel: list[slice] = [slice(None)] * (S.row_axis(name) + 1)
         sel[S.row_axis(name)] = slice(start, stop)
-        return self.store.read(name, tuple(sel))
+        try:
+            return self.store.read(name, tuple(sel))
+        except SoftlabelsError:
+            raise
+        except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
+            if is_url(self.path) and is_timeout(exc):  # not damage: a server past its deadline
+                raise TransferSetError(f"{name} of {self.path}: "
+                                       f"{Remote(self.path).no_answer(exc)}") from None
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.store.drop_cache()
+            raise IntegrityError(f"{name} (rows {start}-{stop - 1}) of {self.path} cannot be "
+                                 f"read ({type(exc).__name__}: {first}); run `softlabels verify "
+                                 f"{self.path}` and get a fresh copy of the set") from None
 
     def block_range(self, block: int) -> tuple[int, int]:
         """Rows [start, stop) of block `block`."""

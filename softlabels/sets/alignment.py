@@ -81,6 +81,10 @@ class Examples:
     def open_data(self, ts: TransferSet, data: str | Dataset,
                   report: VerifyReport) -> Dataset | None:
         dataset = load_data(data) if isinstance(data, str) else data
+        if isinstance(dataset, TokenSequences):  # not "has 200 examples, made from 300"
+            report.add("data", False, "an example set is checked against the DATA of its "
+                       "examples, not token sequences; pass the DATA it was made from")
+            return None
         # as the teacher saw it: its recorded preprocessing, else raw images in [0, 1]
         return model_inputs(replay_inputs(dataset, ts.info.teacher.preprocess))
 
