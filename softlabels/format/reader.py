@@ -56,6 +56,10 @@ class TransferSet:
         self.chunk_rows: int = self.layout.chunk_rows
         self.block_rows: int = self.layout.block_rows
         self.class_names: list[str] = list(self.info.class_names or ())
+        if len(self.class_names) > self.num_classes:  # a name per class at most
+            raise TransferSetError(
+                f"{store.path} has malformed metadata (class_names: {len(self.class_names)} "
+                f"names for {self.num_classes} classes); get a fresh copy of the set")
         self.sparse: dict[str, Any] | None = self.layout.sparse  # {"kind", "k"} or None
         self.format_version: int = int(self.meta["format_version"])
         # read-only: listed once, not on every read (probed by name where it cannot be listed;

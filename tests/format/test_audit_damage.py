@@ -36,7 +36,8 @@ def test_a_torn_index_chunk_is_one_line(damaged: tuple[str, Path], tmp_path: Pat
                                         command: str) -> None:
     data, ts = damaged
     args = ([str(ts)] if command == "verify" else
-            ["--data", data, "--model", "gpt:11?dim=8&layers=1&heads=2&context=16", "--transfer-set", str(ts),
+            ["--data", data, "--model", "gpt:11?dim=8&layers=1&heads=2&context=16",
+             "--transfer-set", str(ts),
              "--out", str(tmp_path / "s.pt"), "--epochs", "1", "--device", "cpu"])
     result = CliRunner().invoke(cli, [command, *args])
     assert result.exit_code == 1

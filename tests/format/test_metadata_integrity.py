@@ -182,3 +182,23 @@ def test_an_array_without_its_metadata_is_one_line_without_zarr_warnings(
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 1 and "probs" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_more_class_names_than_classes_is_malformed_even_with_a_fresh_digest(
+        npz_data: str, out_path: Path) -> None:
+    """A writer elsewhere that records 3,000 class names for a 10-class set and recomputes the
+    digest as FORMAT.md says: refused on opening, in one line (it verified, trained and was
+    copied by subset before)."""
+    from softlabels.format.layout import DIGEST, digest
+
+    path = out_path
+    precompute(npz_data, ["mlp:16-8-3"], path, chunk_rows=CHUNK, random_teacher=True)
+
+    def names(meta: dict[str, Any]) -> None:
+        meta["class_names"] = [f"c{i}" for i in range(3000)]
+        meta[DIGEST] = digest(meta)
+    edit(path, names)
+    with pytest.raises(TransferSetError, match=r"class_names: 3000 names for 3 classes"):
+        open_transfer_set(path)
+    result = CliRunner().invoke(cli, ["verify", str(path)])
+    assert result.exit_code != 0 and "3000 names for 3 classes" in result.output

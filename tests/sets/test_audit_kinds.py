@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import make_npz
 from token_data import write_tokens
 
+from conftest import make_npz
 from softlabels.cli import cli
 from softlabels.compute.blocks import precompute
 
