@@ -101,6 +101,9 @@ class ChunkWriter:
     def _all_fill(self, chunk: np.ndarray) -> bool:
         """Whether every element is the fill value (NaN equal to NaN, as zarr compares)."""
         fill = np.asarray(self._fill, dtype=self.dtype)
+        first = chunk.flat[0] if chunk.size else fill
+        if not (first == fill or (first != first and fill != fill)):  # the common case: data
+            return False
         if chunk.dtype.kind in "fc":
             return bool(np.array_equal(chunk, np.broadcast_to(fill, chunk.shape),
                                        equal_nan=True))

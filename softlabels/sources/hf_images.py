@@ -37,13 +37,7 @@ class ParquetImages(ImageSource):
                 total += meta.row_group(g).num_rows
         self.total = total
         schema = _parquet(files[0]).schema_arrow
-        if image not in schema.names:
-            raise DataError(f"{files[0]} has no column {image!r} (columns: {schema.names}); "
-                            "name the image column with image=")
-        self.label_column = label if label and label in schema.names else None
-        if label and label != "label" and self.label_column is None:
-            raise DataError(f"{files[0]} has no label column {label!r} (columns: "
-                            f"{schema.names})")
+        self.label_column = _label_column(files[0], schema.names, image, label)
         self.classes = _class_names(_hf_features(schema.metadata), self.label_column)
         self._cached: tuple[int, Any] | None = None
 
@@ -81,13 +75,7 @@ class SavedImages(ImageSource):
                  preprocess: Any) -> None:
         from datasets import Image
 
-        if image not in data.column_names:
-            raise DataError(f"{path} has no column {image!r} (columns: {data.column_names}); "
-                            "name the image column with image=")
-        self.label_column = label if label and label in data.column_names else None
-        if label and label != "label" and self.label_column is None:
-            raise DataError(f"{path} has no label column {label!r} (columns: "
-                            f"{data.column_names})")
+        self.label_column = _label_column(path, data.column_names, image, label)
         self.data = data.cast_column(image, Image(decode=False))
         self.path, self.image, self.preprocess = path, image, preprocess
         feature = data.features.get(self.label_column) if self.label_column else None
@@ -171,3 +159,15 @@ def hf_images(body: str, options: dict[str, Any], spec: str) -> ImageSource:
                             f"hfds:{body}?split={sorted(data)[0]}")
         data = data[split]
     return SavedImages(data, body, image, label, preprocess)
+
+
+def _label_column(where: Any, columns: list[str], image: str, label: str | None) -> str | None:
+    """The label column of a table with `columns` (None: unlabelled), after checking that the
+    image column is there; a label column named other than the default must be there too."""
+    if image not in columns:
+        raise DataError(f"{where} has no column {image!r} (columns: {columns}); name the "
+                        "image column with image=")
+    found = label if label and label in columns else None
+    if label and label != "label" and found is None:
+        raise DataError(f"{where} has no label column {label!r} (columns: {columns})")
+    return found

@@ -30,7 +30,7 @@ from softlabels.sources.images import model_inputs
 from softlabels.sources.load import load_data
 from softlabels.tempering import check_temperature
 from softlabels.train.blocks import check_servable, load_checked
-from softlabels.train.epochs import WindowLoader, block_windows, rank_and_world
+from softlabels.train.epochs import WindowLoader, block_windows, rank_and_world, resume_point
 from softlabels.train.stream_pieces import (
     BlockReaders,
     Span,
@@ -253,19 +253,8 @@ class SoftTargetBatches(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`: the next iteration serves the rest of that epoch."""
-        try:
-            epoch, batches, seed = (int(state["epoch"]), int(state["batches"]),
-                                    int(state["seed"]))
-        except (KeyError, TypeError, ValueError):
-            raise SoftlabelsError(f"a stream state holds epoch, batches and seed (integers); "
-                                  f"got {state!r}") from None
-        if seed != self.seed:
-            raise SoftlabelsError(f"the stream state comes from seed {seed}, this stream's is "
-                                  f"{self.seed}; pass the same seed to resume")
-        steps = self.steps_per_epoch(epoch)
-        if not 0 <= batches <= steps:
-            raise SoftlabelsError(f"the stream state says {batches} batches of epoch {epoch} "
-                                  f"were served, but the epoch has {steps}")
+        epoch, batches = resume_point(state, seed=self.seed, steps=self.steps_per_epoch,
+                                      what="stream")
         self.set_epoch(epoch)
         self._start.fill_(batches)
         self._served = batches

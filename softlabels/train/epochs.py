@@ -6,14 +6,36 @@ the stream's own order."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from softlabels.errors import SoftlabelsError
 from softlabels.train.stream_pieces import cut
+
+
+def resume_point(state: Any, *, seed: int, steps: Callable[[int], int],
+                 what: str) -> tuple[int, int]:
+    """(epoch, batches served) from a loader's `state_dict()` ({"epoch", "batches", "seed"}),
+    checked: integers, saved with `seed`, and no more batches than `steps(epoch)` (the batches
+    of that epoch). `what` names the loader in the messages."""
+    try:
+        epoch, batches, saved = (int(state["epoch"]), int(state["batches"]),
+                                 int(state["seed"]))
+    except (KeyError, TypeError, ValueError):
+        raise SoftlabelsError(f"a {what} state holds epoch, batches and seed (integers); "
+                              f"got {state!r}") from None
+    if saved != seed:
+        raise SoftlabelsError(f"the {what} state comes from seed {saved}, this {what} uses "
+                              f"{seed}; pass the same seed to resume")
+    total = steps(epoch)
+    if not 0 <= batches <= total:
+        raise SoftlabelsError(f"the {what} state says {batches} batches of epoch {epoch} "
+                              f"were served, but the epoch has {total}")
+    return epoch, batches
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -37,6 +37,7 @@ from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
 from softlabels.options import check_batch_size
 from softlabels.sources.tokens import TokenSequences
 from softlabels.tempering import check_temperature, tempered_softmax
+from softlabels.train.epochs import resume_point
 
 MAX_IN_MEMORY = 4 << 30  # bytes of targets held in memory
 
@@ -215,20 +216,15 @@ class Resumable:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`: the next iteration serves the rest of that epoch."""
-        try:
-            epoch, batches, seed = (int(state["epoch"]), int(state["batches"]),
-                                    int(state["seed"]))
-        except (KeyError, TypeError, ValueError):
-            raise SoftlabelsError(f"a batches state holds epoch, batches and seed (integers); "
-                                  f"got {state!r}") from None
-        if seed != self.seed:
-            raise SoftlabelsError(f"the batches state comes from seed {seed}, these batches' "
-                                  f"is {self.seed}; pass the same seed to resume")
+        epoch, batches = resume_point(state, seed=self.seed, steps=self._epoch_length,
+                                      what="batches")
         self.set_epoch(epoch)
-        if not 0 <= batches <= len(self):  # type: ignore[arg-type]
-            raise SoftlabelsError(f"the batches state says {batches} batches of epoch {epoch} "
-                                  f"were served, but the epoch has {len(self)}")  # type: ignore[arg-type]
         self._start = self._served = batches
+
+    def _epoch_length(self, epoch: int) -> int:
+        """Batches in `epoch` (its plan depends on the epoch: set to it)."""
+        self.set_epoch(epoch)
+        return len(self)  # type: ignore[arg-type]
 
 
 class SequenceBatches(Resumable):
