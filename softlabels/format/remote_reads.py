@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from softlabels.errors import TransferSetError
+from softlabels.format.zip_bounds import MAX_METADATA_BYTES, chunk_limit
 from softlabels.redact import redact
 
-MAX_METADATA_BYTES = 1 << 20
 MAX_OBJECT_BYTES = 1 << 30
-SLACK_BYTES = 64 << 10
 METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 _READ_BLOCK = 1 << 16
 
@@ -57,18 +52,9 @@ class ReadBounds:
 
     def learn(self, path: str, data: bytes) -> None:
         """Note the object bound of the array whose `zarr.json` was just read."""
-        if not path.endswith("zarr.json"):
-            return
-        try:
-            doc = json.loads(data)
-            if doc.get("node_type") != "array":
-                return
-            shape = doc["chunk_grid"]["configuration"]["chunk_shape"]
-            itemsize = np.dtype(doc["data_type"]).itemsize
-            limit = 2 * math.prod(int(s) for s in shape) * itemsize + SLACK_BYTES
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return  # not a readable array: opening it says so
-        self.chunk_limits[path[:-len("zarr.json")]] = limit
+        limit = chunk_limit(data) if path.endswith("zarr.json") else None
+        if limit is not None:
+            self.chunk_limits[path[:-len("zarr.json")]] = limit
 
 
 def too_large(path: str, limit: int, declared: int | None = None) -> TransferSetError:

@@ -19,20 +19,29 @@ MAX_METADATA_BYTES = 1 << 20
 SLACK_BYTES = 64 << 10
 
 
+def chunk_limit(zarr_json: bytes) -> int | None:
+    """The most bytes one stored chunk (or shard) of the array that `zarr_json` describes may
+    hold: twice its chunk shape times its item size, plus `SLACK_BYTES`; None when it is not a
+    readable array (opening it says so). The one rule for zip members and objects at URLs."""
+    try:
+        doc = json.loads(zarr_json)
+        if doc.get("node_type") != "array":
+            return None
+        shape = doc["chunk_grid"]["configuration"]["chunk_shape"]
+        itemsize = np.dtype(doc["data_type"]).itemsize
+        return 2 * math.prod(int(s) for s in shape) * itemsize + SLACK_BYTES
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _chunk_limits(z: zipfile.ZipFile, metadata: list[zipfile.ZipInfo]) -> dict[str, int]:
     """Array folder prefix ('logits/') -> the most bytes one of its chunk members may inflate
     to, from each array's own `zarr.json`."""
     limits = {}
     for info in metadata:
-        try:
-            doc = json.loads(z.read(info))
-            if doc.get("node_type") != "array":
-                continue
-            shape = doc["chunk_grid"]["configuration"]["chunk_shape"]
-            itemsize = np.dtype(doc["data_type"]).itemsize
-        except (ValueError, KeyError, TypeError):
-            continue  # not a readable array: opening it says so
-        limits[info.filename[:-len("zarr.json")]] = 2 * math.prod(shape) * itemsize + SLACK_BYTES
+        limit = chunk_limit(z.read(info))
+        if limit is not None:
+            limits[info.filename[:-len("zarr.json")]] = limit
     return limits
 
 
