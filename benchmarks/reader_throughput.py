@@ -80,7 +80,7 @@ def numpy_arrays(path: Path, k: int) -> dict[str, np.ndarray]:
     folder.mkdir(exist_ok=True)
     with open_transfer_set(path) as ts:
         names = ([S.LABELS, S.INDEX, S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
-                 if ts.sparse else [S.LABELS, S.INDEX, S.PROBS])
+                 if ts.target.sparse else [S.LABELS, S.INDEX, S.PROBS])
         for name in names:
             file = folder / (name.replace("/", "_") + ".npy")
             if not file.exists():
@@ -181,7 +181,7 @@ def measure(data: str, path: Path, rows: int, rounds: int, batch: int, *,
 
     with open_transfer_set(path) as ts:
         served = ([S.LABELS, S.INDEX, S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
-                  if ts.sparse else [S.LABELS, S.INDEX, S.PROBS])
+                  if ts.target.sparse else [S.LABELS, S.INDEX, S.PROBS])
         block_rows, num_blocks, k = ts.block_rows, ts.num_blocks, ts.temperature_index(T)
     order = np.random.default_rng(1).permutation(num_blocks).tolist()
     group = zarr.open_group(str(path), mode="r")

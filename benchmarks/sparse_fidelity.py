@@ -41,6 +41,7 @@ import torch
 from softlabels.compute.blocks import precompute
 from softlabels.experiments.tiny_lm import write_sequences
 from softlabels.format.reader import open_transfer_set
+from softlabels.format.targets import TeacherOutputs
 from softlabels.sources.load import load_data
 from softlabels.teachers.models import load_model, save_checkpoint
 from softlabels.train.losses import kd_loss_from_probs, sparse_kd_loss, target_convention
@@ -91,11 +92,11 @@ def size_on_disk(path: Path) -> int:
 
 def reconstruction(ts, t: float, rows: int, num_classes: int) -> np.ndarray:
     """(rows, C) float64 p^ as the module docstring defines it."""
-    if not ts.sparse:
+    if not ts.target.sparse:
         return ts.probs(t, 0, rows).astype(np.float64)
     got = ts.sparse_targets(t, 0, rows)
     classes = got[0]
-    if ts.sparse["kind"] == "sample":
+    if ts.target.name == "sample":
         return ts.densify(classes, got[1]).astype(np.float64)
     if ts.layout.hybrid:  # exact p of every stored class (padding weighs 0), each class once
         p, known = np.exp(got[2].astype(np.float64)), got[1] > 0
@@ -123,7 +124,7 @@ def grad_error(ts, t: float, rows: int, student: torch.Tensor, p: torch.Tensor,
     kd_loss_from_probs(s, p.float(), temperature=t).backward()
     dense = s.grad.clone()
     s.grad = None
-    if ts.sparse:
+    if ts.target.sparse:
         got = [torch.from_numpy(a) for a in ts.sparse_targets(t, 0, rows)]
         sparse_kd_loss(s, got[0], got[1], *got[2:], temperature=t,
                        convention=convention).backward()
@@ -144,12 +145,14 @@ def redrawn_grad_error(ts, t: float, z: torch.Tensor, student: torch.Tensor, p: 
         g = torch.Generator().manual_seed(1000 + d)
         s.grad = None
         if hybrid is not None:
-            arrays = hybrid.encode(z.float(), ts.temperatures,
-                                   torch.rand(len(z), hybrid.tail, generator=g))
-            got = [torch.from_numpy(a) for a in hybrid.decode(arrays, t, k, ts.temperatures[0])]
+            arrays = hybrid.encode(
+                TeacherOutputs(z.float(), lambda: None, lambda j: None), tuple(ts.temperatures),
+                lambda leading, m, g=g: torch.rand(*leading, len(z), m, generator=g))
+            got = hybrid.decode({n: a.numpy() for n, a in arrays.items()}, t, k,
+                                tuple(ts.temperatures))
             sparse_kd_loss(s, *got, temperature=t, convention="estimate").backward()
         else:
-            m = ts.sparse["k"]
+            m = ts.target.to_meta()['k']
             draws = torch.multinomial(p.float(), m, replacement=True, generator=g)
             sparse_kd_loss(s, draws, torch.full(draws.shape, 1 / m), temperature=t,
                            convention="estimate").backward()
@@ -206,14 +209,14 @@ def main() -> None:
             row = {"variant": name, "bytes_per_token": size_on_disk(out) / n,
                    "breakdown": breakdown(out, n)}
             with open_transfer_set(out) as ts:
-                kind = ts.sparse["kind"] if ts.sparse else "dense"
+                kind = ts.target.name if ts.target.sparse else "dense"
                 conventions = ["residual", "zero"] if kind == "topk" else [None]
                 for t in TEMPS:
                     p = torch.softmax(z / t, -1)
                     kl, tv = kl_tv(p.numpy(), reconstruction(ts, t, n, 256))
                     row[f"kl@{t:g}"], row[f"tv@{t:g}"] = kl, tv
                     for conv in conventions:
-                        c = target_convention(kind, conv) if ts.sparse else None
+                        c = target_convention(kind, conv) if ts.target.sparse else None
                         for who, s in students.items():
                             key = f"grad@{t:g} {who}" + (f" {conv}" if conv else "")
                             row[key] = grad_error(ts, t, n, s.float(), p, c)

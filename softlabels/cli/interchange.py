@@ -136,7 +136,7 @@ def _vllm(path: str, out: str, topk: int | None, vocab_size: int | None,
 def _report(out: str, meta: dict[str, Any], as_json: bool) -> None:
     layout, info = Layout.from_meta(meta, where=out), SetInfo.from_meta(meta, where=out)
     summary = {"path": out, "num_rows": layout.num_rows, "num_classes": layout.num_classes,
-               "temperatures": list(layout.temperatures), "sparse": layout.sparse,
+               "temperatures": list(layout.temperatures), "sparse": layout.target.to_meta(),
                "sequences": layout.num_sequences or None,
                "teacher": info.teacher.to_meta(), "fingerprint": info.dataset.fingerprint}
     if as_json:
@@ -144,6 +144,6 @@ def _report(out: str, meta: dict[str, Any], as_json: bool) -> None:
         return
     what = (f"{layout.num_sequences} sequences ({layout.num_rows} positions)"
             if layout.kind == "sequences" else f"{layout.num_rows} rows")
-    kind = f"top-{layout.sparse['k']}" if layout.sparse else "dense"
+    kind = f"top-{layout.target.to_meta()['k']}" if layout.target.to_meta() else "dense"
     echo(f"wrote {out}: {what}, {kind} over {layout.num_classes} classes at "
          f"T = {list(layout.temperatures)}; check it with `softlabels verify {out}`")

@@ -36,9 +36,10 @@ def info(transfer_set: str, as_json: bool, stats: bool) -> None:
     with open_transfer_set(transfer_set) as ts:
         summary, set_info, layout = ts.summary(), ts.info, ts.layout
         seq = layout.kind == "sequences"  # rows are token positions
-        if stats and seq and ts.sparse:
-            raise SoftlabelsError(f"{ts.path} is a sparse sequence set ({ts.sparse['kind']}, "
-                                  f"k = {ts.sparse['k']}): --stats reads dense arrays; drop "
+        if stats and seq and ts.target.sparse:
+            raise SoftlabelsError(f"{ts.path} is a sparse sequence set ({ts.target.name}, "
+                                  f"k = {ts.target.to_meta()['k']}): --stats reads dense "
+                                  "arrays; drop "
                                   f"--stats, and check the set with `softlabels verify "
                                   f"{ts.path}`")
         if stats:

@@ -64,7 +64,8 @@ def _worker_state(work: Work) -> tuple[Any, Teacher]:
         _CACHE.clear()
         dataset = load_data(data)
         teacher = Teacher(list(teachers), device=opts.device, precision=opts.precision,
-                          combine=opts.combine, trust_code=opts.trust_code)
+                          combine=opts.combine, trust_code=opts.trust_code,
+                          max_bytes=opts.max_teacher_bytes)  # bounded as on the driver
         dataset, _ = teacher_inputs(dataset, teacher.preprocess())  # as on the driver
         dataset = model_inputs(dataset)  # raw images no preprocessing took: as on the driver
         if work.expect is not None:

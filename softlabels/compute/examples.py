@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from softlabels.compute.fetch import RowBatches, as_is
 from softlabels.compute.record import dataset_probe, versions
-from softlabels.compute.rows import Batch, Feed, Prepared, Unit, rows_of
+from softlabels.compute.rows import Batch, Feed, Prepared, Unit, as_stored, rows_of
 from softlabels.compute.teacher_inputs import teacher_inputs
 from softlabels.compute.views import ViewDataset
 from softlabels.errors import DataError, OptionError, SoftlabelsError, TeacherOutputError
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
+from softlabels.format.targets import TeacherOutputs
 from softlabels.format.writer import BlockWriter, TransferSetWriter
 from softlabels.options import PrecomputeOptions
 from softlabels.preprocessing import Preprocess
@@ -137,23 +138,17 @@ def device_outputs(layout: Layout, members: torch.Tensor, logits: torch.Tensor,
                    probs: torch.Tensor) -> dict[str, torch.Tensor]:
     """What the writer needs of one batch, computed where the teacher ran, so that only what is
     stored crosses to the host: the rows' largest |logit| (B,) (NaN, inf and the storage
-    dtype's range are checked from it), dense arrays already in their storage dtype, top-k
-    classes with their per-T normalisers, and the float32 logits (B, C) and probs (K, B, C)
-    only where a host-side codec draws from them (sampled classes)."""
-    arrays = layout.arrays()
+    dtype's range are checked from it) and the set's target arrays (`TargetKind.encode`) in
+    their storage dtypes; where the codec draws (sampled, hybrid), the float32 logits (B, C)
+    and probs (K, B, C) instead, encoded on the host with uniforms seeded by the batch."""
     out = {PEAK: _peak(logits, (1,))}  # NaN and inf show in the row's peak
-    if S.MEMBER_LOGITS in arrays:
+    if members is not None and layout.num_members:
         out[MEMBER_PEAK] = _peak(members, (0, 2))
-    if S.LOGITS in arrays:
-        dense = {S.LOGITS: logits, S.PROBS: probs, S.MEMBER_LOGITS: members}
-        return out | {name: t.to(getattr(torch, arrays[name][1]))
-                      for name, t in dense.items() if name in arrays}
-    if layout.topk:
-        top = torch.topk(logits, layout.topk, dim=-1)
-        lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in layout.temperatures], -1)
-        return out | {S.TOPK_INDICES: top.indices.int(), S.TOPK_LOGITS: top.values,
-                      S.TOPK_LOGSUMEXP: lse}
-    return out | {HOST_LOGITS: logits, HOST_PROBS: probs}
+    if layout.target.needs_uniforms:  # drawn on the host, seeded by the batch's first row
+        return out | {HOST_LOGITS: logits, HOST_PROBS: probs}
+    encoded = layout.target.encode(TeacherOutputs(logits, lambda: probs, probs.__getitem__,
+                                                  members), layout.temperatures, None)
+    return out | as_stored(layout, encoded)
 
 
 def _peak(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -183,23 +178,20 @@ class _BlockAssembler:
             self.buffers[block], self.filled[block] = bufs, 0
         return self.buffers[block]
 
-    def _sparse(self, rows: np.ndarray, logits: torch.Tensor,
-                probs: torch.Tensor) -> dict[str, np.ndarray]:
-        """Targets drawn on the host: k classes drawn from each p_T (top-k is computed on the
-        teacher's device, `device_outputs`)."""
-        lay = self.lay
-        if lay.sample_k:
-            # Seeded by the batch's first row: blocks are cut into the same batches on every
-            # run (block_batches), so a resumed or distributed run draws the same classes.
-            g = torch.Generator().manual_seed(int(rows[0]))
-            draws = [torch.multinomial(p, lay.sample_k, replacement=True, generator=g)
-                     .sort(dim=-1).values for p in probs]
-            return {S.SAMPLE_INDICES: torch.stack(draws).int().numpy()}
-        if lay.hybrid:  # the tail's uniforms seeded as sampled classes are, by the first row
-            g = torch.Generator().manual_seed(int(rows[0]))
-            u = torch.rand(len(rows), lay.hybrid.tail, generator=g)
-            return lay.hybrid.encode(logits, lay.temperatures, u)
-        return {}
+    def _drawn(self, rows: np.ndarray, logits: torch.Tensor,
+               probs: torch.Tensor) -> dict[str, np.ndarray]:
+        """Targets whose codec draws (`TargetKind.needs_uniforms`), encoded on the host: the
+        uniforms come from a CPU generator seeded by the batch's first row. Blocks are cut into
+        the same batches on every run (block_batches), so a resumed or distributed run draws
+        the same classes."""
+        g = torch.Generator().manual_seed(int(rows[0]))
+
+        def uniforms(leading: tuple[int, ...], per_row: int) -> torch.Tensor:
+            return torch.rand(*leading, len(rows), per_row, generator=g)
+
+        encoded = self.lay.target.encode(TeacherOutputs(logits, lambda: probs, probs.__getitem__),
+                                         self.lay.temperatures, uniforms)
+        return {name: t.numpy() for name, t in as_stored(self.lay, encoded).items()}
 
     def _check(self, rows: np.ndarray, index: np.ndarray, y: torch.Tensor,
                peak: torch.Tensor, member_peak: torch.Tensor | None) -> None:
@@ -249,7 +241,7 @@ class _BlockAssembler:
                    S.VIEW_SEED: seeds, **{name: t.numpy() for name, t in outputs.items()
                                           if name != INPUT}}
         if HOST_LOGITS in outputs:
-            columns |= self._sparse(rows, outputs[HOST_LOGITS], outputs[HOST_PROBS])
+            columns |= self._drawn(rows, outputs[HOST_LOGITS], outputs[HOST_PROBS])
         self._place(rows, columns)
 
     def finish(self) -> None:

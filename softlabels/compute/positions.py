@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from softlabels.compute.record import dataset_probe, versions
-from softlabels.compute.rows import Batch, Feed, Prepared, Unit
+from softlabels.compute.rows import Batch, Feed, Prepared, Unit, as_stored
 from softlabels.compute.token_checks import (
     check_fits_teacher,
     check_labels,
@@ -38,6 +38,7 @@ from softlabels.format.sequence import (
     SequenceSetWriter,
     row_sequences,
 )
+from softlabels.format.targets import TeacherOutputs
 from softlabels.format.writer import BlockWriter, TransferSetWriter
 from softlabels.options import PrecomputeOptions
 from softlabels.sources.load import load_data
@@ -200,68 +201,31 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
     logits = combine_logits(z, teacher.combine)  # (B, L, V)
     valid = torch.arange(ids.shape[1], device=z.device)[None] < \
         torch.as_tensor(lengths, device=z.device)[:, None]
-    top = torch.topk(logits, layout.topk, dim=-1) if layout.topk else None
     # a row is finite iff its largest and smallest logits are (NaN propagates through both):
-    # two reading passes over (B, L, V), no (B, L, V) temporaries; top-k's first is the max
-    high = top.values[..., 0] if top is not None else logits.amax(-1)
-    bad = valid & ~(torch.isfinite(high) & torch.isfinite(logits.amin(-1)))
+    # two reading passes over (B, L, V), no (B, L, V) temporaries
+    bad = valid & ~(torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1)))
     if bad.any():
         b, pos = (int(v) for v in bad.nonzero()[0])
         raise TeacherOutputError(f"the teacher's output has NaN or inf at position {pos} of "
                                  f"sequence {seeds[b]}; check that model and that input")
-    temps = torch.tensor(layout.temperatures, device=z.device)
-    if top is not None:
-        lse = torch.stack([torch.logsumexp(logits if t == 1 else logits / t, -1)
-                           for t in layout.temperatures], -1)  # z / 1 == z: one pass less
-        shift = top.values[..., :1]  # the row's largest logit: the stored largest is 0
-        # classes in ascending id order: sorted ids compress 3-10x better (sequence_storage.py)
-        classes, order = top.indices.sort(-1)
-        values = (top.values - shift).gather(-1, order)
-        return {S.TOPK_INDICES: classes.int(),
-                S.TOPK_LOGITS: values.to(getattr(torch, layout.topk_dtype)),
-                S.TOPK_LOGSUMEXP: lse - shift / temps}
-    if layout.sample_k:
-        return {S.SAMPLE_INDICES: _sample(logits, lengths, layout, seeds)}
-    if layout.hybrid:
-        return {name: torch.from_numpy(a)
-                for name, a in _hybrid(logits, lengths, layout, seeds).items()}
-    probs = ensemble_probs(z, layout.temperatures, teacher.combine)  # (K, B, L, C)
-    return {S.LOGITS: logits, S.PROBS: probs}
+    b, n, v = logits.shape
+    flat, temps = logits.reshape(b * n, v), layout.temperatures
 
+    def uniforms(leading: tuple[int, ...], per_row: int) -> torch.Tensor:
+        """Sequence s's uniforms are `torch.rand(*leading, L_s, per_row)` from a CPU generator
+        seeded by s, so any batching, window, resume or device draws the same."""
+        u = torch.zeros(*leading, b, n, per_row)
+        for i, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            u[..., i, :lengths[i], :] = torch.rand(*leading, int(lengths[i]), per_row,
+                                                   generator=g)
+        return u.reshape(*leading, b * n, per_row)
 
-def _sample(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
-            seeds: Sequence[int]) -> torch.Tensor:
-    """(K, B, L, k) int32 classes drawn from p_T by inverse CDF, on the logits' device.
-
-    The uniforms come from a CPU generator seeded by the sequence's number, so any batching,
-    window, resume or device draws the same classes (to float32 resolution of the CDF)."""
-    b, n, k = logits.shape[0], logits.shape[1], layout.sample_k
-    u = torch.zeros(len(layout.temperatures), b, n, k)
-    for i, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(seed))
-        u[:, i, :lengths[i]] = torch.rand(len(layout.temperatures), int(lengths[i]), k,
-                                          generator=g)
-    u = u.to(logits.device)
-    draws = []
-    for j, t in enumerate(layout.temperatures):  # one (B, L, V) CDF at a time
-        cdf = torch.softmax(logits / t, -1).cumsum(-1)
-        idx = torch.searchsorted(cdf, u[j] * cdf[..., -1:], right=True)
-        draws.append(idx.clamp_max(logits.shape[-1] - 1).sort(-1).values.int().cpu())
-    return torch.stack(draws)
-
-
-def _hybrid(logits: torch.Tensor, lengths: np.ndarray, layout: Layout,
-            seeds: Sequence[int]) -> dict[str, np.ndarray]:
-    """The hybrid arrays (B, L, ...) of a padded batch; the tail's uniforms of sequence s are
-    `torch.rand(L_s, M)` from a CPU generator seeded by s (any batching draws the same)."""
-    b, n = logits.shape[:2]
-    u = torch.zeros(b, n, layout.hybrid.tail)
-    for i, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(seed))
-        u[i, :lengths[i]] = torch.rand(int(lengths[i]), layout.hybrid.tail, generator=g)
-    out = layout.hybrid.encode(logits.reshape(b * n, -1), layout.temperatures,
-                               u.reshape(b * n, -1))
-    return {name: a.reshape(b, n, *a.shape[1:]) for name, a in out.items()}
+    encoded = layout.target.encode(TeacherOutputs(
+        flat, lambda: ensemble_probs(z, temps, teacher.combine).reshape(len(temps), b * n, v),
+        lambda j: torch.softmax(flat / temps[j], -1)), temps, uniforms)
+    return {name: a.reshape(*a.shape[:S.row_axis(name)], b, n, *a.shape[S.row_axis(name) + 1:])
+            for name, a in as_stored(layout, encoded).items()}  # (B, L, ...) or (K, B, L, ...)
 
 
 def _sequence_columns(dataset: TokenSequences, s: int, num_classes: int) -> dict[str, Any]:

@@ -107,3 +107,10 @@ def rows_of(layout: Layout, blocks: Sequence[int]) -> np.ndarray:
     """The row numbers of `blocks`, concatenated in order."""
     return np.concatenate([np.arange(*layout.block_range(b)) for b in blocks]
                           or [np.empty(0, np.int64)]).astype(np.int64)
+
+
+def as_stored(layout: Layout, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A codec's encoded arrays (`TargetKind.encode`) in their storage dtypes, converted where
+    they were computed (torch's float32 -> float16 rounds as numpy's does)."""
+    arrays = layout.arrays()
+    return {name: t.to(getattr(torch, arrays[name][1])) for name, t in encoded.items()}

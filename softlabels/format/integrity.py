@@ -127,7 +127,7 @@ class TemperingCheck:
         self.layout, self.combine = lay, teacher.combine
         ensemble_without_members = (len(teacher.members) > 1 and not lay.num_members
                                     and self.combine == "mean-probs")
-        self.checkable = [] if lay.sparse else [
+        self.checkable = [] if lay.target.sparse else [
             k for k, t in enumerate(lay.temperatures) if not ensemble_without_members or t == 1]
         self.worst = {k: (0.0, -1) for k in self.checkable}  # k -> (gap / tolerance, row)
         self.per_block = max(1, -(-_ROWS_COMPARED // lay.num_blocks))
@@ -171,8 +171,8 @@ class TemperingCheck:
         temps = self.layout.temperatures
         if not self.checkable:
             report.add("temperatures", True, "not checkable: a sparse set stores no dense "
-                       "probabilities" if self.layout.sparse else "not checkable: a mean-probs "
-                       "ensemble without --keep-members (checkable at T = 1 only)")
+                       "probabilities" if self.layout.target.sparse else "not checkable: a "
+                       "mean-probs ensemble without --keep-members (checkable at T = 1 only)")
             return
         bad = [f"probs at T={temps[k]:g} do not match softmax(logits / {temps[k]:g}) (gap "
                f"{g:.1e} times the tolerance, worst at row {r})"
@@ -199,7 +199,7 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
     unreadable = False
     tempering = TemperingCheck(ts)
     lay = ts.layout
-    hybrid, target_problems = lay.hybrid, []  # a hybrid target's recipe, checked block by block
+    target_problems: list[str] = []  # the target kind's own recipe, checked block by block
     for b in range(ts.num_blocks):
         start, stop = ts.block_range(b)
         got = _read_block(ts, ts.row_arrays(), b)
@@ -227,8 +227,8 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
                 worst_sum = max(worst_sum, float(np.abs(block.sum(-1) - 1).max(initial=0)))
         if not first_bad:
             tempering.add(start, arrays)
-        if hybrid is not None and not target_problems:
-            problem = hybrid.problems(arrays, lay.num_classes, lay.temperatures, lay.dtype)
+        if not target_problems:
+            problem = lay.target.problems(arrays, lay.num_classes, lay.temperatures, lay.dtype)
             if problem:
                 target_problems.append(f"block {b} (rows {start}-{stop - 1}): {problem}")
         if progress:
@@ -252,11 +252,9 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
                f"(tolerance {tol:.0e})")
     if not first_bad:
         tempering.report(report)
-    if hybrid is not None:
-        report.add("hybrid", not target_problems, "; ".join(target_problems) or
-                   f"heads cover the nucleus {hybrid.nucleus} minimally (at most {hybrid.k} "
-                   "classes), ascending; tails outside the heads; log-sum-exps >= the row "
-                   "maxima")
+    recipe = lay.target.recipe()
+    if recipe is not None:  # a kind with its own recipe (`TargetKind.problems`)
+        report.add(lay.target.name, not target_problems, "; ".join(target_problems) or recipe)
     if unreadable:
         report.add("columns", False, "index, labels and fingerprint not checked: some blocks "
                    "cannot be read; get a fresh copy of the set")

@@ -14,7 +14,7 @@ content (`FILE_KEYS`, never carried into a copy).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import xxhash
 
 from softlabels.errors import IntegrityError, TransferSetError
 from softlabels.format import schema as S
-from softlabels.format.targets import Hybrid
+from softlabels.format.targets import Dense, Hybrid, Sampled, TargetKind, TopK
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,14 @@ class Layout:
     views: int = 0  # > 0: each row is one augmented view; store its seed
     topk: int = 0  # > 0: store the k largest logits instead of dense arrays
     sample_k: int = 0  # > 0: store k classes drawn from each p_T instead of dense arrays
-    hybrid: Hybrid | None = None  # set: a nucleus head plus sampled tail (format/targets.py)
+    hybrid: Hybrid | None = None  # set: a nucleus head plus sampled tail (format/targets/hybrid.py)
     # Sequence sets (one row per position of token sequences; format/sequence.py)
     num_sequences: int = 0  # > 0: a sequence set of that many sequences
     topk_dtype: str = "float32"  # storage dtype of topk/logits (float16: sequence sets only)
     sequence_labels: str = "next-token"  # labels are the next tokens, or the data's ("data")
     offsets_xxh3: str = ""  # XXH3-64 of seq/offsets (sequence.offsets_hash)
+    # the codec of the targets (format/targets), chosen once from the fields above
+    target: TargetKind = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.topk and self.sample_k:
@@ -77,10 +79,14 @@ class Layout:
                                    f"--sample-k be positive, for {self.num_classes} classes")
         if k:  # a sparse set keeps no dense arrays, member logits included
             object.__setattr__(self, "num_members", 0)
+        object.__setattr__(self, "target", (
+            TopK(self.topk, self.topk_dtype, shifted=bool(self.num_sequences)) if self.topk
+            else Sampled(self.sample_k) if self.sample_k
+            else self.hybrid or Dense(self.num_members)))
         if self.chunk_rows <= 0:
             # ~1 MiB of the widest per-row array: dense logits, or k int32/float32 values
             # never past the set itself: an edge chunk of uncompressed floats is stored whole
-            width, dtype = (2 * k, "float32") if k else (self.num_classes, self.dtype)
+            width, dtype = self.target.chunk_width(self.num_classes, self.dtype)
             object.__setattr__(self, "chunk_rows",
                                min(S.default_chunk_rows(width, dtype), self.num_rows))
         if self.topk_dtype not in S.DTYPE_CHOICES:
@@ -131,18 +137,7 @@ class Layout:
         r, c, k = self.num_rows, self.num_classes, len(self.temperatures)
         out: dict[str, tuple[tuple[int, ...], str]] = {
             S.LABELS: ((r,), "int64"), S.INDEX: ((r,), "int64"), S.SAMPLE_HASH: ((r,), "uint64")}
-        if self.topk:
-            out |= {S.TOPK_INDICES: ((r, self.topk), "int32"),
-                    S.TOPK_LOGITS: ((r, self.topk), self.topk_dtype),
-                    S.TOPK_LOGSUMEXP: ((r, k), "float32")}
-        elif self.sample_k:
-            out[S.SAMPLE_INDICES] = ((k, r, self.sample_k), "int32")
-        elif self.hybrid:
-            out |= self.hybrid.arrays(r, k, self.dtype)
-        else:
-            out |= {S.LOGITS: ((r, c), self.dtype), S.PROBS: ((k, r, c), self.probs_dtype)}
-            if self.num_members:
-                out[S.MEMBER_LOGITS] = ((self.num_members, r, c), self.dtype)
+        out |= self.target.arrays(r, k, self.dtype, self.probs_dtype, c)
         if self.input_shape is not None:
             out[S.INPUTS] = ((r, *self.input_shape), self.input_dtype)
         if self.views:
@@ -210,14 +205,6 @@ class Layout:
         return tuple(rows if i == axis else (1 if i < axis else n) for i, n in enumerate(shape))
 
     # --- metadata, both directions --------------------------------------------------------
-    @property
-    def sparse(self) -> dict[str, Any] | None:
-        if self.topk:
-            return {"kind": "topk", "k": self.topk}
-        if self.hybrid:
-            return self.hybrid.to_meta()
-        return {"kind": "sample", "k": self.sample_k} if self.sample_k else None
-
     def to_meta(self) -> dict[str, Any]:
         """The metadata that describes this layout (the keys of `LAYOUT_KEYS`)."""
         return {
@@ -225,7 +212,7 @@ class Layout:
             "temperatures": list(self.temperatures), "dtype": self.dtype,
             "probs_dtype": self.probs_dtype, "chunk_rows": self.chunk_rows,
             "shard_rows": self.shard_rows, "block_rows": self.block_rows,
-            "keep_members": self.num_members > 0, "sparse": self.sparse,
+            "keep_members": self.num_members > 0, "sparse": self.target.to_meta(),
             "inputs": (None if self.input_shape is None else
                        {"shape": list(self.input_shape), "dtype": self.input_dtype}),
             "views": self.views or None,

@@ -93,8 +93,8 @@ def _check_mergeable(sets: list[TransferSet], kinds: list[RowKind]) -> None:
                 raise MismatchError(f"cannot merge {ts.path} into {first.path}: {what} differs "
                                     f"({b} against {a}); merge sets made on the same data")
     for ts in sets:
-        if ts.sparse:
-            raise SoftlabelsError(f"{ts.path} is sparse ({ts.sparse['kind']}): merging needs "
+        if ts.target.sparse:
+            raise SoftlabelsError(f"{ts.path} is sparse ({ts.target.name}): merging needs "
                                   "dense member logits; merge dense sets, then cut them down")
         if len(ts.info.teacher.members) > 1 and not ts.has(S.MEMBER_LOGITS):
             raise SoftlabelsError(f"{ts.path} is an ensemble without member logits; remake it "

@@ -37,6 +37,7 @@ from softlabels.format.info import SetInfo
 from softlabels.format.layout import Layout, array_problems, check_digest
 from softlabels.format.location import Remote, cache_dir, is_timeout, is_url
 from softlabels.format.store import Store
+from softlabels.format.targets import TargetKind, refuse_unstored
 from softlabels.tempering import check_temperature, tempered_softmax
 
 
@@ -60,7 +61,7 @@ class TransferSet:
             raise TransferSetError(
                 f"{store.path} has malformed metadata (class_names: {len(self.class_names)} "
                 f"names for {self.num_classes} classes); get a fresh copy of the set")
-        self.sparse: dict[str, Any] | None = self.layout.sparse  # {"kind", "k"} or None
+        self.target: TargetKind = self.layout.target  # the codec of its soft targets
         self.format_version: int = int(self.meta["format_version"])
         # read-only: listed once, not on every read (probed by name where it cannot be listed;
         # a version 1 set holds block_checksum instead of array_checksum)
@@ -274,8 +275,8 @@ class TransferSet:
 
     def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(rows, C) combined teacher logits as float32."""
-        if self.sparse:
-            raise TransferSetError(f"{self.path} is sparse ({self.sparse['kind']}): it has no "
+        if self.target.sparse:
+            raise TransferSetError(f"{self.path} is sparse ({self.target.name}): it has no "
                                    "dense logits; use sparse_targets() or probs() at a stored T")
         return self.read(S.LOGITS, start, stop).astype(np.float32)
 
@@ -289,28 +290,20 @@ class TransferSet:
         unbiased estimate; `Hybrid.decode`), and a third array, log p_T of every column.
         """
         k = self.temperature_index(temperature)
-        if not self.sparse or k is None:
-            raise TransferSetError(f"{self.path} has no sparse targets at T={temperature}; "
-                                   f"stored: {self.temperatures}" if self.sparse else
-                                   f"{self.path} is dense; use probs()")
+        if not self.target.sparse:
+            raise TransferSetError(f"{self.path} is dense; use probs()")
+        refuse_unstored(str(self.path), self.target, temperature, tuple(self.temperatures), k)
         stop = self.num_rows if stop is None else stop
-        if self.sparse["kind"] == "topk":
-            idx = self.read(S.TOPK_INDICES, start, stop).astype(np.int64)
-            z = self.read(S.TOPK_LOGITS, start, stop).astype(np.float32)  # float16 in sequences
-            lse = self.read(S.TOPK_LOGSUMEXP, start, stop)[:, k:k + 1]
-            return idx, np.exp(z / temperature - lse).astype(np.float32)
-        if self.layout.hybrid:
-            arrays = {n: self.read(n, start, stop) for n in self.layout.hybrid.names()}
-            return tuple(self.layout.hybrid.decode(arrays, temperature, k,
-                                                   self.temperatures[0]))
-        idx = self.store.read(S.SAMPLE_INDICES, (k, slice(start, stop))).astype(np.int64)
-        return idx, np.full(idx.shape, 1 / idx.shape[1], dtype=np.float32)
+        arrays = {n: (self.store.read(n, (k, slice(start, stop))) if n in S.TEMPERATURE_AXIS
+                      else self.read(n, start, stop)) for n in self.target.served(True)}
+        return tuple(t.numpy() for t in self.target.decode(arrays, temperature, k,
+                                                           tuple(self.temperatures)))
 
     def probs(self, temperature: float, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(rows, C) float32 probabilities at `temperature`: the stored ones when T was stored,
         else re-tempered from the stored logits in float32."""
         temperature = check_temperature(temperature, at_most=math.inf)
-        if self.sparse:
+        if self.target.sparse:
             return self._dense_from_sparse(temperature, start, stop)
         k = self.temperature_index(temperature)
         if k is not None:
@@ -327,14 +320,7 @@ class TransferSet:
         """Dense (rows, C) float32 probabilities from sparse targets (classes, weights) of this
         set: top-k exact, the residual mass spread evenly over the other classes; or the
         sampled frequencies (a hybrid set: the head exact, the tail's importance weights)."""
-        rows, k = classes.shape
-        dense = np.zeros((rows, self.num_classes), np.float32)
-        if self.sparse and self.sparse["kind"] == "topk":
-            dense += (1 - weights.sum(1, keepdims=True)).clip(0) / (self.num_classes - k)
-            np.put_along_axis(dense, classes, weights, axis=1)
-        else:
-            np.add.at(dense, (np.repeat(np.arange(rows), k), classes.ravel()), weights.ravel())
-        return dense
+        return self.target.densify(classes, weights, self.num_classes)
 
     def temperature_index(self, temperature: float) -> int | None:
         for k, t in enumerate(self.temperatures):  # np.isclose(rtol=1e-6, atol=0), 30x faster

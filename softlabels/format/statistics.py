@@ -19,7 +19,7 @@ def set_statistics(ts: TransferSet) -> dict[str, Any]:
     """class_mass (per T, per class: the mean probability over rows), mean_entropy (per T, in
     nats), labelled_rows and teacher_accuracy (argmax of the stored logits against the labels;
     None without labelled rows). Dense sets only."""
-    if ts.sparse:
+    if ts.target.sparse:
         raise TransferSetError(f"{ts.path} is sparse: --stats reads dense arrays; use "
                                "`softlabels report` instead")
     k, c = len(ts.temperatures), ts.num_classes

@@ -61,11 +61,6 @@ class Alignment(Protocol):
                     rows: np.ndarray, trust_code: bool) -> np.ndarray:
         """(n, C) float32: the live teacher's combined logits for the sorted `rows`."""
 
-    def topk_pairs(self, stored: dict[str, np.ndarray], live: np.ndarray,
-                   temperatures: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """(live, stored) (n, m) values of the sampled rows' top-k entries, as this kind stores
-        them, compared entry by entry."""
-
     def word(self, ts: TransferSet, report: VerifyReport) -> None:
         """Put the report's findings in this kind's words."""
 
@@ -121,11 +116,6 @@ class Examples:
         _, z, _ = teacher.soft_targets(x, [1.0])
         return z.cpu().numpy()
 
-    def topk_pairs(self, stored: dict[str, np.ndarray], live: np.ndarray,
-                   temperatures: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-        classes = stored[S.TOPK_INDICES].astype(np.int64)  # the stored logits, unshifted
-        return np.take_along_axis(live, classes, axis=1), stored[S.TOPK_LOGITS]
-
     def word(self, ts: TransferSet, report: VerifyReport) -> None:
         pass  # the checks speak of rows already
 
@@ -180,18 +170,6 @@ class Sequences:
                 z = combine_logits(teacher.member_logits(ids), ts.info.teacher.combine)[0]
             parts.append(z.cpu().numpy()[rows[seq_of == s] - offsets[s]])  # (n_s, C)
         return np.concatenate(parts)
-
-    def topk_pairs(self, stored: dict[str, np.ndarray], live: np.ndarray,
-                   temperatures: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-        classes = stored[S.TOPK_INDICES].astype(np.int64)
-        temps = np.array(temperatures, dtype=np.float32)
-        top = live.max(1, keepdims=True)  # both sides shifted by the row's largest logit
-        live_lse = np.stack([np.logaddexp.reduce(live / t, axis=1) for t in temps], 1) \
-            - top / temps
-        a = np.concatenate([np.take_along_axis(live, classes, 1) - top, live_lse], 1)
-        b = np.concatenate([stored[S.TOPK_LOGITS].astype(np.float32),
-                            stored[S.TOPK_LOGSUMEXP]], 1)
-        return a, b
 
     def word(self, ts: TransferSet, report: VerifyReport) -> None:
         speak_of_positions(ts, report)

@@ -22,7 +22,7 @@ set stores (`teacher_metrics`):
   an unbiased estimate of the cross-entropy H(p_T, softmax(s / T)) = KL + H(p_T);
 - hybrid: `teacher_agreement` (exact: the teacher's top-1 is in the head) and `kl_to_teacher`,
   an unbiased estimate of the full KL from the head's exact terms and the tail's weighted
-  draws (format/targets.py).
+  draws (format/targets/hybrid.py).
 
 Every sequence measure is averaged over the positions the set distils (its mask).
 """
@@ -258,7 +258,7 @@ def _against(net: nn.Module, data: TokenSequences, ts: TransferSet, temperature:
              batch_size: int, dev: torch.device) -> dict[str, Any]:
     """The teacher measures over every sequence of `ts`, after checking they are `data`'s."""
     if temperature is None:  # T = 1, as the example evaluate, when the set can serve it
-        temperature = 1.0 if not ts.sparse or ts.temperature_index(1.0) is not None \
+        temperature = 1.0 if not ts.target.sparse or ts.temperature_index(1.0) is not None \
             else ts.temperatures[0]
     offsets = read_offsets(ts)
     check_alignment(data, ts, offsets[:-1])

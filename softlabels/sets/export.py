@@ -36,15 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from softlabels._version import __version__
 from softlabels.errors import OptionError, SoftlabelsError, TransferSetError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
+from softlabels.format.targets import TargetKind, refuse_unstored
 from softlabels.progress import Progress
-from softlabels.tempering import tempered_softmax
 
 FORMATS = ("hf", "parquet")
 SHARD_POSITIONS = 1 << 20  # positions per Parquet file
@@ -72,64 +71,21 @@ def check_temperature_servable(ts: TransferSet, temperature: float) -> tuple[str
                           f"{', '.join(f'{t:g}' for t in exact)}: its targets are exact there "
                           f"only, not at T = {temperature:g} (the classes outside the top k are "
                           "unknown, so no normaliser exists); use --temperature 1")
-    kind = ts.sparse["kind"] if ts.sparse else "dense"
     k = ts.temperature_index(temperature)
-    if kind != "dense" and k is None:
-        raise OptionError(f"{ts.path} is sparse ({kind}): its targets are exact at the stored "
-                          f"T = {ts.temperatures} only, not {temperature:g}; pass one of them")
-    return kind, k
+    refuse_unstored(str(ts.path), ts.target, temperature, tuple(ts.temperatures), k)
+    return ts.target.name, k
 
 
 # --- rows --------------------------------------------------------------------------------------
 
 
-def _block_names(kind: str, k: int | None) -> list[str]:
-    targets = {"topk": [S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP],
-               "sample": [S.SAMPLE_INDICES]}.get(kind, [S.LOGITS if k is None else S.PROBS])
-    return [SEQ_TOKENS, S.LABELS, SEQ_MASK, S.INDEX, S.SAMPLE_HASH, *targets]
-
-
-def _targets(cols: dict[str, np.ndarray], kind: str, t: float, k: int | None,
-             topk: int | None) -> dict[str, np.ndarray]:
-    """(n, K) ids, log-probs and validity of one chunk of rows, most probable first."""
-    if kind == "topk":
-        z = cols[S.TOPK_LOGITS].astype(np.float32)
-        lp = z / np.float32(t) - cols[S.TOPK_LOGSUMEXP][:, k:k + 1]  # as softlabels serves it
-        order = np.argsort(-lp, axis=1, kind="stable")
-        return {"ids": np.take_along_axis(cols[S.TOPK_INDICES], order, 1),
-                "lp": np.take_along_axis(lp, order, 1), "valid": np.ones(lp.shape, bool),
-                "softlabels_topk_logits": np.take_along_axis(cols[S.TOPK_LOGITS], order, 1),
-                "softlabels_topk_logsumexp": cols[S.TOPK_LOGSUMEXP]}
-    if kind == "sample":
-        draws = cols[S.SAMPLE_INDICES]  # (n, kk) sorted within each row
-        n, kk = draws.shape
-        first = np.ones(draws.shape, bool)
-        first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        slot = np.cumsum(first, 1) - 1
-        rows = np.repeat(np.arange(n), kk)
-        counts = np.zeros((n, kk), np.int64)
-        np.add.at(counts, (rows, slot.ravel()), 1)
-        ids = np.zeros((n, kk), np.int32)
-        ids[rows, slot.ravel()] = draws.ravel()
-        with np.errstate(divide="ignore"):
-            lp = np.log(counts / kk).astype(np.float32)
-        return {"ids": ids, "lp": lp, "valid": counts > 0}
-    probs = (cols[S.PROBS] if k is not None else
-             tempered_softmax(torch.from_numpy(cols[S.LOGITS]), t).numpy()).astype(np.float32)
-    top = np.argpartition(-probs, topk - 1, axis=1)[:, :topk]
-    p = np.take_along_axis(probs, top, 1)
-    order = np.argsort(-p, axis=1, kind="stable")
-    p = np.take_along_axis(p, order, 1)
-    with np.errstate(divide="ignore"):
-        lp = np.log(p)
-    return {"ids": np.take_along_axis(top, order, 1).astype(np.int32), "lp": lp, "valid": p > 0}
-
-
-def _records(cols: dict[str, np.ndarray], offsets: np.ndarray, kind: str, t: float,
+def _records(cols: dict[str, np.ndarray], offsets: np.ndarray, target: TargetKind, t: float,
              k: int | None, topk: int | None) -> dict[str, Any]:
     """The export's columns for whole sequences: flat per-position arrays and the sequences'
-    local offsets (n_seq + 1,)."""
-    tg = _targets(cols, kind, t, k, topk)
+    local offsets (n_seq + 1,). The targets are the codec's `ranked` view; a kind's own
+    columns (`softlabels_*`: top-k's stored logits, so a round trip is exact) come with the
+    stored labels, index and sample hashes."""
+    tg = target.ranked(cols, t, k, topk)
     mask = cols[SEQ_MASK].astype(bool)
     lab = np.where(mask & (cols[S.LABELS] >= 0), cols[S.LABELS], -100)
     hf = np.empty_like(lab)
@@ -138,12 +94,11 @@ def _records(cols: dict[str, np.ndarray], offsets: np.ndarray, kind: str, t: flo
     out = {"input_ids": cols[SEQ_TOKENS].astype(np.int32), "labels": hf.astype(np.int64),
            "target_token_ids": tg["ids"].astype(np.int32), "target_logprobs": tg["lp"],
            "target_mask": (tg["valid"] & mask[:, None]).astype(np.uint8)}
-    if kind == "topk":
-        out |= {"softlabels_topk_logits": tg["softlabels_topk_logits"],
-                "softlabels_topk_logsumexp": tg["softlabels_topk_logsumexp"],
-                "softlabels_labels": cols[S.LABELS].astype(np.int64),
-                "softlabels_index": cols[S.INDEX][offsets[:-1]],
-                "softlabels_sample_hash": cols[S.SAMPLE_HASH][offsets[:-1]]}
+    own = {name: a for name, a in tg.items() if name.startswith("softlabels_")}
+    if own:
+        out |= own | {"softlabels_labels": cols[S.LABELS].astype(np.int64),
+                      "softlabels_index": cols[S.INDEX][offsets[:-1]],
+                      "softlabels_sample_hash": cols[S.SAMPLE_HASH][offsets[:-1]]}
     return {"columns": out, "offsets": offsets}
 
 
@@ -167,10 +122,6 @@ def _sequence_records(ts: TransferSet, temperature: float, topk: int | None,
     """A sequence set's records: whole sequences, those that continue past a block carried
     into the next."""
     kind, k = check_temperature_servable(ts, temperature)
-    if kind == "hybrid":  # its tail's importance weights have no column in the export
-        raise OptionError(f"{ts.path} is a hybrid set (nucleus head and sampled tail, "
-                          "docs/SPARSE.md): its tail weights have no column in the export; "
-                          "export a --topk or --sample-k set of the same data")
     if kind == "dense" and not (topk and 0 < topk <= ts.num_classes):
         raise OptionError(f"{ts.path} is dense ({ts.num_classes} classes): pass --topk K "
                           f"(1..{ts.num_classes}) to export its K most probable classes")
@@ -178,13 +129,12 @@ def _sequence_records(ts: TransferSet, temperature: float, topk: int | None,
         raise OptionError(f"--topk {topk} applies to a dense set; {ts.path} is {kind} and is "
                           "exported with the classes it stores: leave --topk out")
     offsets = read_offsets(ts)
-    names = _block_names(kind, k)
-    temp = k if kind in ("sample", "dense") and k is not None else None
+    names = [SEQ_TOKENS, S.LABELS, SEQ_MASK, S.INDEX, S.SAMPLE_HASH,
+             *ts.target.served(k is not None)]
     carry: dict[str, list[np.ndarray]] = {}
     first = 0  # the row where the carried rows start
     for b in range(ts.num_blocks):
-        got = ts.read_block(b, names,
-                            temperature=None if temp is None else ts.temperatures[temp])
+        got = ts.read_block(b, names, temperature=None if k is None else ts.temperatures[k])
         for name, a in got.items():
             carry.setdefault(name, []).append(a)
         stop = ts.block_range(b)[1]
@@ -195,7 +145,7 @@ def _sequence_records(ts: TransferSet, temperature: float, topk: int | None,
         end = int(offsets[s1]) - first
         cols = {n: np.concatenate(p) for n, p in carry.items()}
         yield _records({n: a[:end] for n, a in cols.items()}, offsets[s0:s1 + 1] - first,
-                       kind, temperature, k, topk)
+                       ts.target, temperature, k, topk)
         carry = {n: [a[end:]] for n, a in cols.items()}
         first += end
 
@@ -316,7 +266,7 @@ def export_set(path: str | os.PathLike[str], out: str | os.PathLike[str], *, to:
     with open_transfer_set(path) as ts:
         batches = export_batches(ts, temperature, topk)  # checks run at the first record
         first = next(batches)
-        kind = ts.sparse["kind"] if ts.sparse else "dense"
+        kind = ts.target.name
         info = {"format": "softlabels-export", "version": 1, "set": ts.meta,
                 "source": str(ts.path), "temperature": temperature, "kind": kind,
                 "k": int(first["columns"]["target_token_ids"].shape[1]),

@@ -46,20 +46,11 @@ def _sampled(ts: TransferSet, names: Sequence[str], rows: np.ndarray) -> dict[st
     return {name: np.concatenate(p, axis=S.row_axis(name)) for name, p in parts.items()}
 
 
-def _differences(ts: TransferSet, kind: Alignment, rows: np.ndarray,
-                 live: np.ndarray) -> np.ndarray:
-    """(n,) per sampled row, the largest |live - stored| / (1 + |stored|)."""
-    if not ts.sparse:  # dense: compared at the precision the set stores
-        live = live.astype(ts.layout.dtype).astype(np.float32)
-        stored = _sampled(ts, [S.LOGITS], rows)[S.LOGITS].astype(np.float32)
-    elif ts.layout.hybrid:  # the stored values and normalisers against the live logits
-        hybrid = ts.layout.hybrid
-        return hybrid.live_differences(_sampled(ts, hybrid.names(), rows), live,
-                                       ts.temperatures)
-    else:  # top-k: the stored entries, as this kind stores them
-        names = [S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
-        live, stored = kind.topk_pairs(_sampled(ts, names, rows), live, ts.temperatures)
-    return (np.abs(live - stored) / (1 + np.abs(stored))).max(1)
+def _differences(ts: TransferSet, rows: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """(n,) per sampled row, the largest |live - stored| / (1 + |stored|) of what the set's
+    codec stores (`TargetKind.live_differences`)."""
+    stored = _sampled(ts, ts.target.served(False), rows)
+    return ts.target.live_differences(stored, live, ts.temperatures, ts.layout.dtype)
 
 
 def _check_teacher(ts: TransferSet, kind: Alignment, dataset: Dataset,
@@ -76,12 +67,12 @@ def _check_teacher(ts: TransferSet, kind: Alignment, dataset: Dataset,
         report.add("teacher preprocessing", same, f"replayed from the metadata: "
                    f"{describe(recorded)}" + ("" if same else
                    f"; the live teacher's own is {describe(live.to_meta() if live else None)}"))
-    if ts.sparse and ts.sparse["kind"] == "sample":
+    if not ts.target.recomputable:
         report.add("teacher", True, "not recomputed: sampled classes are random draws")
         return
     rows = np.sort(np.random.default_rng(seed).choice(ts.num_rows, min(sample, ts.num_rows),
                                                       replace=False))
-    diff = _differences(ts, kind, rows, kind.live_logits(ts, dataset, teacher, rows,
+    diff = _differences(ts, rows, kind.live_logits(ts, dataset, teacher, rows,
                                                          trust_code))
     worst = float(diff.max()) if diff.size else 0.0
     # "at row": a sequence set's words locate it as (sequence, token)

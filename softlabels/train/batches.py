@@ -217,8 +217,8 @@ class ExampleRows:
         z, ts = net(x), run.ts
         if ts is None:
             return F.cross_entropy(z, y, ignore_index=-1), len(x)
-        if ts.sparse:
-            convention = target_convention(ts.sparse["kind"], run.opts.topk_loss)
+        if ts.target.sparse:
+            convention = target_convention(ts.target.name, run.opts.topk_loss)
             return sparse_kd_loss(z, *targets, temperature=self.temperature, labels=y,
                                   alpha=self.alpha, convention=convention), len(x)
         return kd_loss_from_probs(z, targets[0], temperature=self.temperature, labels=y,

@@ -9,53 +9,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet
-from softlabels.tempering import tempered_softmax
+from softlabels.format.targets import refuse_unstored
 
 
 def check_servable(ts: TransferSet, temperature: float) -> None:
     """Refuse a sparse set at a temperature it did not store (sparse targets cannot re-temper)."""
-    if ts.sparse and ts.temperature_index(temperature) is None:
-        raise SoftlabelsError(f"{ts.path} is sparse ({ts.sparse['kind']}) and stores targets at "
-                              f"T={ts.temperatures} only, not T={temperature}; pass one of them")
+    refuse_unstored(str(ts.path), ts.target, temperature, tuple(ts.temperatures),
+                    ts.temperature_index(temperature))
 
 
 def block_targets(ts: TransferSet, arrays: dict[str, np.ndarray],
                   temperature: float) -> list[np.ndarray]:
     """The soft targets at `temperature` of one block's arrays (from `read_checked`, where
-    `probs` and `sample/indices` hold that temperature only): [probs (n, C) float32] for a
-    dense set (stored when T was stored, else re-tempered from the logits in float32), or
-    [classes (n, k) int64, weights (n, k) float32] for a sparse one."""
-    k = ts.temperature_index(temperature)
-    if ts.sparse:
-        check_servable(ts, temperature)
-        if ts.sparse["kind"] == "topk":
-            z, lse = arrays[S.TOPK_LOGITS], arrays[S.TOPK_LOGSUMEXP][:, k:k + 1]
-            return [arrays[S.TOPK_INDICES].astype(np.int64),
-                    np.exp(z / temperature - lse).astype(np.float32, copy=False)]
-        if ts.layout.hybrid:  # [classes, weights, log p_T]
-            return ts.layout.hybrid.decode(arrays, temperature, k, ts.temperatures[0])
-        idx = arrays[S.SAMPLE_INDICES].astype(np.int64)
-        return [idx, np.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=np.float32)]
-    if k is not None:
-        return [arrays[S.PROBS].astype(np.float32, copy=False)]
-    return [tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), temperature).numpy()]
+    `probs` and `sample/indices` hold that temperature only), as the set's codec decodes them
+    (`TargetKind.decode`): [probs (n, C) float32] for a dense set (stored when T was stored,
+    else re-tempered from the logits in float32), or [classes (n, k) int64, weights (n, k)
+    float32] for a sparse one (and a hybrid's log p_T)."""
+    check_servable(ts, temperature)
+    return [t.numpy() for t in ts.target.decode(arrays, temperature,
+                                                ts.temperature_index(temperature),
+                                                tuple(ts.temperatures))]
 
 
 def needed_arrays(ts: TransferSet, temperature: float) -> list[str]:
-    """The arrays stage two serves from: labels, index, the targets (probs when T was stored,
-    else logits; a sparse set's top-k or samples) and, in a view set, the view seeds."""
+    """The arrays stage two serves from: labels, index, the targets the codec decodes at
+    `temperature` (`TargetKind.served`) and, in a view set, the view seeds."""
     extra = [S.VIEW_SEED] if ts.has(S.VIEW_SEED) else []
-    if ts.layout.hybrid:
-        return [S.LABELS, S.INDEX, *extra, *ts.layout.hybrid.names()]
-    if ts.sparse:
-        return [S.LABELS, S.INDEX, *extra, *((S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP)
-                                             if ts.sparse["kind"] == "topk"
-                                             else (S.SAMPLE_INDICES,))]
     stored = ts.temperature_index(temperature) is not None
-    return [S.LABELS, S.INDEX, *extra, S.PROBS if stored else S.LOGITS]
+    return [S.LABELS, S.INDEX, *extra, *ts.target.served(stored)]
 
 
 def read_checked(ts: TransferSet, block: int, *, temperature: float,

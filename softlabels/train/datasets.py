@@ -141,7 +141,7 @@ class SoftTargetDataset(Dataset):
                                            source=f"{self.ts.path} (its augment)")
         targets = [torch.from_numpy(t[self.rows]) for t in loaded["targets"]]
         # sparse: (classes, weights) per row, k of each; dense: (rows, C)
-        self.targets = tuple(targets) if self.ts.sparse else targets[0]
+        self.targets = tuple(targets) if self.ts.target.sparse else targets[0]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -381,7 +381,7 @@ class StreamingSoftTargetDataset(IterableDataset):
                  window: int = 4, seed: int = 0, check: bool = True) -> None:
         dataset, ts = _open(data, transfer_set)
         try:
-            if ts.sparse:
+            if ts.target.sparse:
                 raise SoftlabelsError(f"{ts.path} is sparse: StreamingSoftTargetDataset serves "
                                       "dense targets; use SoftTargetBatches")
             self.batches = SoftTargetBatches(dataset, ts, temperature=temperature,

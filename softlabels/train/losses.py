@@ -135,7 +135,7 @@ def sparse_kd_loss(
     * `convention="estimate"` (sampled and hybrid targets): an unbiased estimate of
       KL(p_T || q), sum_j w_j (log p_j - log q_j), where w are importance weights whose
       expectation is p_T (1/k per draw for sampled classes; the head's exact probabilities and
-      the tail draws' weights for a hybrid, format/targets.py) and `log_p` the teacher's
+      the tail draws' weights for a hybrid, format/targets/hybrid.py) and `log_p` the teacher's
       log-probabilities of the classes (for sampled classes, None: estimated by each class's
       frequency among its row's draws). The gradient, T (sum_j w_j q - w), has expectation
       T (q - p_T): the dense KL's.

@@ -34,9 +34,10 @@ from softlabels.errors import MismatchError, OptionError, SoftlabelsError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
+from softlabels.format.targets import refuse_unstored
 from softlabels.options import check_batch_size
 from softlabels.sources.tokens import TokenSequences
-from softlabels.tempering import check_temperature, tempered_softmax
+from softlabels.tempering import check_temperature
 from softlabels.train.epochs import resume_point
 
 MAX_IN_MEMORY = 4 << 30  # bytes of targets held in memory
@@ -70,19 +71,13 @@ def target_kind(ts: TransferSet, temperature: float | None) -> tuple[str, float,
     t = (ts.temperatures[0] if temperature is None
          else check_temperature(temperature, at_most=math.inf))
     k = ts.temperature_index(t)
-    kind = ts.sparse["kind"] if ts.sparse else "dense"
-    if kind != "dense" and k is None:
-        raise SoftlabelsError(f"{ts.path} is sparse: it has targets at the stored "
-                              f"temperatures {ts.temperatures} only, not {t}; pass one of "
-                              "them as the temperature")
-    return kind, t, k
+    refuse_unstored(str(ts.path), ts.target, t, tuple(ts.temperatures), k)
+    return ts.target.name, t, k
 
 
 def target_bytes(ts: TransferSet) -> int:
     """Bytes the targets of every row take in memory (what decides streaming)."""
-    width = ts.layout.hybrid.width * 12 if ts.layout.hybrid else (
-        ts.sparse["k"] * 8 if ts.sparse else ts.num_classes * 4)
-    return ts.num_rows * width
+    return ts.num_rows * ts.target.served_bytes(ts.num_classes, 4)
 
 
 def check_tokens(data: TokenSequences, ts: TransferSet, offsets: np.ndarray) -> None:
@@ -112,38 +107,24 @@ def check_tokens(data: TokenSequences, ts: TransferSet, offsets: np.ndarray) -> 
                 "verify` on the set with --data, and get a fresh copy of the set")
 
 
-def block_arrays(kind: str, k: int | None, ts: TransferSet | None = None) -> list[str]:
-    """The row arrays `block_columns` cuts its columns from: a block read reads and checks
-    only these (not the logits of a sparse set, nor the index and sample hashes); `ts`: the
-    set, which names a hybrid target's arrays."""
-    targets = {"topk": [S.TOPK_LOGITS, S.TOPK_INDICES, S.TOPK_LOGSUMEXP],
-               "sample": [S.SAMPLE_INDICES],
-               "hybrid": ts.layout.hybrid.names() if kind == "hybrid" else [],
-               }.get(kind, [S.LOGITS if k is None else S.PROBS])
-    return [SEQ_TOKENS, S.LABELS, SEQ_MASK, *targets]
+def block_arrays(ts: TransferSet, k: int | None) -> list[str]:
+    """The row arrays `read_columns` cuts its columns from, at the stored temperature `k` (or
+    None): a block read reads and checks only these (not the logits of a sparse set, nor the
+    index and sample hashes)."""
+    return [SEQ_TOKENS, S.LABELS, SEQ_MASK, *ts.target.served(k is not None)]
 
 
-def block_columns(arrays: dict[str, np.ndarray], kind: str, t: float,
-                  k: int | None, ts: TransferSet | None = None) -> dict[str, np.ndarray]:
-    """The columns batches are cut from, for the rows of one checked block (`ts`: the set,
-    which a hybrid target's decoding needs)."""
+def read_columns(ts: TransferSet, block: int, t: float, k: int | None) -> dict[str, np.ndarray]:
+    """The columns batches are cut from, for the rows of one checked block: tokens, labels,
+    mask and the targets at T (`TargetKind.decode`): classes, weights (and a hybrid's log_p),
+    or dense probs."""
+    arrays = ts.read_block(block, block_arrays(ts, k),
+                           temperature=ts.temperatures[k] if k is not None else None)
     out = {"tokens": arrays[SEQ_TOKENS], "labels": arrays[S.LABELS],
            "mask": arrays[SEQ_MASK].astype(bool)}
-    if kind == "hybrid":
-        out["classes"], out["weights"], out["log_p"] = ts.layout.hybrid.decode(
-            arrays, t, k, ts.temperatures[0])
-    elif kind == "topk":
-        z = arrays[S.TOPK_LOGITS].astype(np.float32)
-        out["classes"] = arrays[S.TOPK_INDICES]
-        out["weights"] = np.exp(z / t - arrays[S.TOPK_LOGSUMEXP][:, k:k + 1])
-    elif kind == "sample":
-        out["classes"] = arrays[S.SAMPLE_INDICES][k]
-        out["weights"] = np.full(out["classes"].shape, 1 / out["classes"].shape[1], np.float32)
-    elif k is not None:
-        out["probs"] = arrays[S.PROBS][k].astype(np.float32)
-    else:  # dense, T not stored: re-tempered from the logits in float32
-        out["probs"] = tempered_softmax(torch.from_numpy(arrays[S.LOGITS]), t).numpy()
-    return out
+    targets = [x.numpy() for x in ts.target.decode(arrays, t, k, tuple(ts.temperatures))]
+    names = ("classes", "weights", "log_p") if ts.target.sparse else ("probs",)
+    return out | dict(zip(names, targets))
 
 
 def pad_batch(kind: str, cols: dict[str, np.ndarray], rows: list[np.ndarray],
@@ -278,8 +259,7 @@ class SequenceBatches(Resumable):
         self.offsets = read_offsets(ts)
         parts: dict[str, list[np.ndarray]] = {}
         for b in range(ts.num_blocks):
-            arrays = ts.read_block(b, block_arrays(self.kind, k, ts))
-            for name, data in block_columns(arrays, self.kind, t, k, ts).items():
+            for name, data in read_columns(ts, b, t, k).items():
                 parts.setdefault(name, []).append(data)
         self.columns = {n: np.concatenate(p) for n, p in parts.items()}
 
@@ -398,9 +378,7 @@ class StreamingSequenceBatches(Resumable):
                                                zip(self._first[seqs], self._last[seqs])]))
             parts: dict[str, list[np.ndarray]] = {}
             for block in needed:  # checked before any of its rows is served
-                cols = block_columns(
-                    self.ts.read_block(int(block), block_arrays(self.kind, self._k, self.ts)),
-                    self.kind, self._t, self._k, self.ts)
+                cols = read_columns(self.ts, int(block), self._t, self._k)
                 for name, col in cols.items():
                     parts.setdefault(name, []).append(col)
             # where each needed block's rows start in the window's columns

@@ -30,7 +30,6 @@ from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet
 from softlabels.sources.arrays import NpzDataset, split_item
-from softlabels.tempering import tempered_softmax
 from softlabels.train.blocks import empty, needed_arrays, opaque_rows, window_order
 
 Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
@@ -66,24 +65,9 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
     rows, or every row), converted with torch: dense (n, C) probabilities at T (stored, or
     re-tempered from the logits in float32) in `dtype`; sparse (classes int64, weights in
     `dtype`), and a hybrid set's log p_T (float32) last."""
-    k = ts.temperature_index(temperature)
-    t = {name: torch.from_numpy(a) for name, a in arrays.items()}
-    if ts.sparse and ts.sparse["kind"] == "topk":
-        lse = t[S.TOPK_LOGSUMEXP][:, k:k + 1]
-        targets = [t[S.TOPK_INDICES].long(),
-                   torch.exp(t[S.TOPK_LOGITS].float() / temperature - lse).to(dtype)]
-    elif ts.layout.hybrid:  # [classes, weights, log p_T] (format/targets.py's decode)
-        classes, weights, log_p = ts.layout.hybrid.decode(arrays, temperature, k,
-                                                          ts.temperatures[0])
-        targets = [torch.from_numpy(classes), torch.from_numpy(weights).to(dtype),
-                   torch.from_numpy(log_p)]
-    elif ts.sparse:
-        idx = t[S.SAMPLE_INDICES].long()
-        targets = [idx, torch.full(idx.shape, 1 / max(idx.shape[1], 1), dtype=dtype)]
-    elif k is not None:
-        targets = [t[S.PROBS].to(dtype)]
-    else:
-        targets = [tempered_softmax(t[S.LOGITS], temperature).to(dtype)]
+    targets = ts.target.decode(arrays, temperature, ts.temperature_index(temperature),
+                               tuple(ts.temperatures), dtype)
+    t = {name: torch.from_numpy(arrays[name]) for name in (S.INDEX, S.LABELS)}
     cols = [t[S.INDEX], t[S.LABELS], *targets]
     if keep is not None:
         start, stop = ts.block_range(block)
@@ -352,7 +336,5 @@ def piece_batches(data: Dataset, ts: TransferSet, batch_size: int, dtype: torch.
     and targets take at most PIECE_BYTES, and at least one batch."""
     x, _ = split_item(data[0]) if len(data) else (torch.zeros(1), 0)
     row_bytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
-    width = (ts.layout.hybrid.width if ts.layout.hybrid else ts.sparse["k"] if ts.sparse
-             else ts.num_classes)
-    row_bytes += 8 + width * ((12 if ts.sparse else 0) + dtype.itemsize)
+    row_bytes += 8 + ts.target.served_bytes(ts.num_classes, dtype.itemsize)
     return max(1, min(PIECE_ROWS, PIECE_BYTES // row_bytes) // batch_size)

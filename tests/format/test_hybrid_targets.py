@@ -1,4 +1,4 @@
-"""The hybrid sparse target (format/targets.py): a nucleus head plus an importance-sampled
+"""The hybrid sparse target (format/targets/hybrid.py): a nucleus head plus an importance-sampled
 tail, optionally 8-bit; written, read, checked and trained on through the one codec."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from softlabels.compute.blocks import precompute
 from softlabels.errors import OptionError
 from softlabels.format import schema as S
 from softlabels.format.reader import open_transfer_set
-from softlabels.format.targets import Hybrid
+from softlabels.format.targets import Hybrid, TeacherOutputs
 from softlabels.options import PrecomputeOptions
 from softlabels.sets.evaluate import evaluate
 from softlabels.sets.export import export_set
@@ -34,8 +34,10 @@ def logits(n: int = 64, c: int = 40, seed: int = 0) -> torch.Tensor:
 
 
 def encode(h: Hybrid, z: torch.Tensor, seed: int = 1) -> dict[str, np.ndarray]:
-    u = torch.rand(len(z), h.tail, generator=torch.Generator().manual_seed(seed))
-    out = h.encode(z, TEMPS, u)
+    g = torch.Generator().manual_seed(seed)
+    out = h.encode(TeacherOutputs(z, lambda: None, lambda j: None), TEMPS,
+                   lambda leading, m: torch.rand(*leading, len(z), m, generator=g))
+    out = {name: a.numpy() for name, a in out.items()}
     if not h.quantize:  # as a float32 set stores them
         out[S.HYBRID_VALUES] = out[S.HYBRID_VALUES].astype(np.float32)
     return out
@@ -69,7 +71,7 @@ def test_weights_and_gradient_are_unbiased_at_every_stored_temperature(t: float)
     z = logits(n=1, c=30, seed=3).repeat(40000, 1)
     h = Hybrid(k=6, nucleus=0.6, tail=4)
     a = encode(h, z, seed=5)
-    classes, w, log_p = (torch.from_numpy(x) for x in h.decode(a, t, TEMPS.index(t), 1.0))
+    classes, w, log_p = h.decode(a, t, TEMPS.index(t), TEMPS)
     p = torch.softmax(z[0].double() / t, -1)
     dense = torch.zeros(len(z), 30, dtype=torch.float64).scatter_add_(1, classes, w.double())
     head = classes[0, :6][classes[0, :6] >= 0]
@@ -110,7 +112,7 @@ def test_a_row_with_no_residual_mass_draws_no_tail() -> None:
     z[:, 3] = 0
     a = encode(Hybrid(k=2, nucleus=0.5, tail=3), z)
     assert (a[S.HYBRID_INDICES][:, 2:] == -1).all() and (a[S.HYBRID_INDICES][:, 0] == 3).all()
-    classes, w, _ = Hybrid(k=2, nucleus=0.5, tail=3).decode(a, 1.0, 0, 1.0)
+    classes, w, _ = (x.numpy() for x in Hybrid(k=2, nucleus=0.5, tail=3).decode(a, 1.0, 0, TEMPS))
     np.testing.assert_allclose(w.sum(1), 1, rtol=1e-6)
 
 
@@ -157,7 +159,7 @@ def test_example_set_round_trip_verify_and_training(tmp_path: Path, npz_data: st
     precompute(npz_data, ["mlp:16-6"], out, temperatures=[1, 3], chunk_rows=CHUNK, topk=3,
                nucleus=0.7, tail=2, quantize=quantize, random_teacher=True)
     with open_transfer_set(out) as ts:
-        assert ts.sparse == {"kind": "hybrid", "k": 3, "nucleus": 0.7, "tail": 2,
+        assert ts.target.to_meta() == {"kind": "hybrid", "k": 3, "nucleus": 0.7, "tail": 2,
                              "quantize": quantize or None}
         classes, w, log_p = ts.sparse_targets(3.0)
         assert classes.shape == w.shape == log_p.shape == (ts.num_rows, 5)

@@ -150,7 +150,7 @@ def test_columns_of_each_kind(sets: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_refusals_are_one_line(sets: dict[str, Path], tmp_path: Path, npz_data: str) -> None:
-    with pytest.raises(OptionError, match=r"exact at the stored T = \[1.0, 2.0\] only"):
+    with pytest.raises(OptionError, match=r"exact at the stored temperatures \[1.0, 2.0\] only"):
         export_set(sets["topk"], tmp_path / "a", temperature=3.0)
     with pytest.raises(OptionError, match="pass --topk K"):
         export_set(sets["dense"], tmp_path / "a")

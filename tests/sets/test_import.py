@@ -93,7 +93,7 @@ def test_vllm_import_round_trips_the_exact_t1_distribution(vllm: tuple, tmp_path
     report = verify(out, data=f"tokens:{path}?field=prompt_token_ids")
     assert report.ok, report
     with open_transfer_set(out) as ts:
-        assert ts.temperatures == [1.0] and ts.sparse == {"kind": "topk", "k": K}
+        assert ts.temperatures == [1.0] and ts.target.to_meta() == {"kind": "topk", "k": K}
         assert ts.meta["teacher"]["targets"] == {"source": "logprobs",
                                                  "exact_temperatures": [1.0]}
         classes, weights = ts.sparse_targets(1.0)

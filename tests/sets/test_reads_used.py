@@ -81,7 +81,7 @@ def made(request: pytest.FixtureRequest, npz_data: str, out_path: Path) -> Path:
 def test_report_reads_labels_and_targets_only(made: Path, tmp_path: Path,
                                               reads: dict[str, list[int]]) -> None:
     with open_transfer_set(made) as ts:
-        targets = {S.PROBS} if not ts.sparse else {S.TOPK_INDICES, S.TOPK_LOGITS,
+        targets = {S.PROBS} if not ts.target.sparse else {S.TOPK_INDICES, S.TOPK_LOGITS,
                                                     S.TOPK_LOGSUMEXP}
         labels = ts.labels()
         expected = (ts.probs(1.0).argmax(1) == labels).mean()
@@ -96,7 +96,7 @@ def test_evaluate_reads_the_index_and_the_targets_at_t1_only(
         made: Path, npz_data: str, reads: dict[str, list[int]]) -> None:
     model = build_model("mlp:16-3")
     with open_transfer_set(made) as ts:
-        targets = {S.PROBS} if not ts.sparse else {S.TOPK_INDICES, S.TOPK_LOGITS,
+        targets = {S.PROBS} if not ts.target.sparse else {S.TOPK_INDICES, S.TOPK_LOGITS,
                                                     S.TOPK_LOGSUMEXP}
         teacher = torch.from_numpy(ts.probs(1.0))
         index = ts.index()

@@ -125,3 +125,19 @@ def test_sizes_parse_with_units_and_bad_ones_are_one_line() -> None:
             PrecomputeOptions(max_teacher_bytes=bad)
     assert PrecomputeOptions(max_teacher_bytes="2k").max_teacher_bytes == 2048
     assert available_memory() is None or available_memory() > 0
+
+
+def test_a_dask_worker_loads_the_teacher_under_the_drivers_bound(tmp_path: Path) -> None:
+    """A cluster task builds its own teacher from the specs (compute/cluster_tasks.Work): it is
+    bounded by the run's --max-teacher-bytes as the driver's is, not by the worker's memory."""
+    from softlabels.compute import cluster_tasks
+
+    data = make_npz(tmp_path / "d.npz")
+    work = cluster_tasks.Work(data=data, teachers=(SMALL,),
+                              opts=PrecomputeOptions(device="cpu", max_teacher_bytes="4K"))
+    with pytest.raises(SpecError, match="nothing was allocated"):
+        cluster_tasks._worker_state(work)
+    roomy = cluster_tasks.Work(data=data, teachers=(SMALL,),
+                               opts=PrecomputeOptions(device="cpu", max_teacher_bytes="6K"))
+    _, teacher = cluster_tasks._worker_state(roomy)
+    assert len(teacher.members) == 1

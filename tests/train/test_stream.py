@@ -43,7 +43,7 @@ def test_batches_cover_selected_rows_once_with_their_targets(made: tuple[str, Pa
     stream = SoftTargetBatches(data, path, temperature=4.0, batch_size=5, rows=rows, window=2)
     raw = NpzDataset(data[4:])
     with open_transfer_set(path) as ts:
-        want = (ts.sparse_targets(4.0) if ts.sparse else (ts.probs(4.0),))
+        want = (ts.sparse_targets(4.0) if ts.target.sparse else (ts.probs(4.0),))
         labels = ts.labels()
     orders = []
     for epoch in range(2):
@@ -97,7 +97,7 @@ def test_loader_serves_selected_rows_once_in_full_batches(made: tuple[str, Path]
     loader = stream.loader(num_workers=workers)
     raw = NpzDataset(data[4:])
     with open_transfer_set(path) as ts:
-        want = (ts.sparse_targets(4.0) if ts.sparse else (ts.probs(4.0),))
+        want = (ts.sparse_targets(4.0) if ts.target.sparse else (ts.probs(4.0),))
         labels = ts.labels()
     orders = []
     for epoch in range(2):

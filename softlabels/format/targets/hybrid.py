@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.errors import TransferSetError
+from softlabels.errors import OptionError, TransferSetError
 from softlabels.format import schema as S
+from softlabels.format.targets.base import TeacherOutputs, Uniforms, add_weights
 
 QUANTIZE_CHOICES = (0, 8)  # 0: values in the logits dtype; 8: uint8 codes and a per-row step
 PAD = -1  # the index of an unused head column (or of every tail column of a row whose
@@ -51,6 +52,10 @@ class Hybrid:
     nucleus: float
     tail: int
     quantize: int = 0
+    name = "hybrid"
+    sparse = True
+    recomputable = True
+    needs_uniforms = True
 
     def __post_init__(self) -> None:
         if not 0 < self.nucleus <= 1:
@@ -68,15 +73,36 @@ class Hybrid:
         return self.k + self.tail
 
     # --- layout and metadata ----------------------------------------------------------------
-    def arrays(self, rows: int, temperatures: int, value_dtype: str,
-               ) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape, dtype) of the hybrid row arrays (every one has rows on axis 0)."""
+    def arrays(self, rows: int, temperatures: int, dtype: str, probs_dtype: str,
+               num_classes: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of the hybrid row arrays (every one has rows on axis 0);
+        unquantised values in the set's logits `dtype`."""
         out = {S.HYBRID_INDICES: ((rows, self.width), "int32"),
-               S.HYBRID_VALUES: ((rows, self.width), "uint8" if self.quantize else value_dtype),
+               S.HYBRID_VALUES: ((rows, self.width), "uint8" if self.quantize else dtype),
                S.HYBRID_LOGSUMEXP: ((rows, temperatures), "float32")}
         if self.quantize:
             out[S.HYBRID_SCALE] = ((rows,), "float32")
         return out
+
+    def chunk_width(self, num_classes: int, dtype: str) -> tuple[int, str]:
+        return 2 * self.width, "float32"
+
+    def served(self, stored: bool) -> list[str]:
+        """The arrays `decode` reads."""
+        return list(self.arrays(1, 1, "float32", "float32", 2))
+
+    def served_bytes(self, num_classes: int, itemsize: int) -> int:
+        return self.width * (8 + itemsize + 4)  # classes, weights, log p_T
+
+    def densify(self, classes: np.ndarray, weights: np.ndarray, num_classes: int) -> np.ndarray:
+        # the head exact, the tail draws' importance weights
+        return add_weights(classes, weights, num_classes)
+
+    def ranked(self, arrays: dict[str, np.ndarray], temperature: float, k: int | None,
+               topk: int | None) -> dict[str, np.ndarray]:
+        raise OptionError("a hybrid set's tail draws carry importance weights, which an "
+                          "export's (ids, log-probabilities) columns cannot hold; export a "
+                          "top-k or dense set")
 
     def to_meta(self) -> dict[str, Any]:
         return {"kind": "hybrid", "k": self.k, "nucleus": self.nucleus, "tail": self.tail,
@@ -96,26 +122,20 @@ class Hybrid:
         except TransferSetError as exc:
             raise ValueError(str(exc)) from None
 
-    def names(self) -> list[str]:
-        """The arrays `decode` reads."""
-        return list(self.arrays(1, 1, "float32"))
-
     # --- writing ----------------------------------------------------------------------------
-    def encode(self, logits: torch.Tensor, temperatures: tuple[float, ...],
-               uniforms: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode(self, out: TeacherOutputs, temperatures: tuple[float, ...],
+               uniforms: Uniforms | None) -> dict[str, torch.Tensor]:
         """The hybrid arrays of N rows of combined logits (N, C), computed on their device;
-        `uniforms` (N, M) in [0, 1) pick the tail draws (inverse CDF of r_0)."""
-        z = logits.float()
+        `uniforms((), M)` (N, M) in [0, 1) pick the tail draws (inverse CDF of r_0)."""
+        z = out.logits.float()
         top = z.max(-1, keepdim=True).values
         lse = torch.stack([torch.logsumexp(z / t, -1) for t in temperatures], -1)
         lse = lse - top / torch.tensor(temperatures, device=z.device)
         head, in_head = self._head(z, temperatures[0])
-        tail = self._tail(z, temperatures[0], in_head, uniforms.to(z.device))
+        tail = self._tail(z, temperatures[0], in_head, uniforms((), self.tail).to(z.device))
         idx = torch.cat([head, tail], -1)  # (N, W), PAD where unused
         v = torch.where(idx >= 0, z.gather(-1, idx.clamp_min(0)) - top, 0.0)
-        out = {S.HYBRID_INDICES: idx.int().cpu().numpy(),
-               S.HYBRID_LOGSUMEXP: lse.float().cpu().numpy()}
-        return out | self._values(v)
+        return {S.HYBRID_INDICES: idx.int(), S.HYBRID_LOGSUMEXP: lse.float()} | self._values(v)
 
     def _head(self, z: torch.Tensor, t0: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(head classes (N, k) ascending, PAD last; (N, C) bool mask of the head)."""
@@ -148,15 +168,14 @@ class Hybrid:
         draws = torch.where(positive.any(-1, keepdim=True), draws, PAD)
         return draws.sort(-1).values
 
-    def _values(self, v: torch.Tensor) -> dict[str, np.ndarray]:
+    def _values(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stored values of shifted logits v <= 0 (N, W): as they are, or 8-bit codes."""
         if not self.quantize:
-            return {S.HYBRID_VALUES: v.cpu().numpy()}  # cast to the dtype by the writer's buffer
+            return {S.HYBRID_VALUES: v}  # cast to the set's dtype by the caller
         step = (-v).amax(-1) / LEVELS  # (N,) float32
         codes = torch.where(step[:, None] > 0, torch.round(-v / step[:, None].clamp_min(1e-30)),
                             0.0)
-        return {S.HYBRID_VALUES: codes.clamp(0, LEVELS).to(torch.uint8).cpu().numpy(),
-                S.HYBRID_SCALE: step.cpu().numpy()}
+        return {S.HYBRID_VALUES: codes.clamp(0, LEVELS).to(torch.uint8), S.HYBRID_SCALE: step}
 
     # --- reading ----------------------------------------------------------------------------
     def shifted_logits(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -166,11 +185,18 @@ class Hybrid:
             return -values.astype(np.float32) * arrays[S.HYBRID_SCALE].astype(np.float32)[:, None]
         return values.astype(np.float32)
 
-    def decode(self, arrays: dict[str, np.ndarray], temperature: float, k: int,
-               t0: float) -> list[np.ndarray]:
-        """[classes (n, W) int64, weights (n, W) float32, log p_T (n, W) float32] at the stored
-        temperature `temperature` (index `k`); T_0 = `t0`. Unused columns: class 0, weight 0,
+    def decode(self, arrays: dict[str, np.ndarray], temperature: float, k: int | None,
+               temperatures: tuple[float, ...], dtype: torch.dtype = torch.float32,
+               ) -> list[torch.Tensor]:
+        """[classes (n, W) int64, weights (n, W) in `dtype`, log p_T (n, W) float32] at the
+        stored temperature `temperature` (index `k`). Unused columns: class 0, weight 0,
         log p 0 (they add nothing to the loss)."""
+        classes, weights, log_p = self._decode(arrays, temperature, k, temperatures[0])
+        return [torch.from_numpy(classes), torch.from_numpy(weights).to(dtype),
+                torch.from_numpy(log_p)]
+
+    def _decode(self, arrays: dict[str, np.ndarray], temperature: float, k: int,
+                t0: float) -> list[np.ndarray]:
         idx = arrays[S.HYBRID_INDICES].astype(np.int64)
         lse = arrays[S.HYBRID_LOGSUMEXP].astype(np.float32)
         v = self.shifted_logits(arrays)
@@ -187,7 +213,7 @@ class Hybrid:
                 np.where(used, log_p, 0).astype(np.float32)]
 
     def live_differences(self, arrays: dict[str, np.ndarray], live: np.ndarray,
-                         temperatures: tuple[float, ...]) -> np.ndarray:
+                         temperatures: tuple[float, ...], dtype: str) -> np.ndarray:
         """Per row, the largest |live - stored| / (1 + |stored|) over the stored values and
         log-sum-exps (both shifted by the row maximum), given the teacher's live logits
         (n, C); quantised values are compared to within half their step."""
@@ -207,7 +233,7 @@ class Hybrid:
 
     # --- checking (verify, without the teacher) ----------------------------------------------
     def problems(self, arrays: dict[str, np.ndarray], num_classes: int,
-                 temperatures: tuple[float, ...], value_dtype: str) -> str | None:
+                 temperatures: tuple[float, ...], dtype: str) -> str | None:
         """Why one block's hybrid targets break the recipe, or None: indices in range, the head
         ascending with its padding last and holding the row maximum (value 0), the tail
         ascending, outside the head and no larger than the head's smallest logit, the head's
@@ -219,7 +245,7 @@ class Hybrid:
         hv = np.where(head >= 0, v[:, :self.k], np.inf)
         # rounding of the stored values: a few units of the dtype, or half an 8-bit step
         step = (arrays[S.HYBRID_SCALE][:, None] if self.quantize else
-                np.float32(2.0 ** -10 if value_dtype == "float16" else 2.0 ** -22)
+                np.float32(2.0 ** -10 if dtype == "float16" else 2.0 ** -22)
                 * (1 + np.abs(v).max(1, keepdims=True)))
         checks = [
             ("an index outside [-1, C)", (idx < PAD) | (idx >= num_classes)),
@@ -243,6 +269,10 @@ class Hybrid:
             what, rows = bad[0]
             return f"{what} at row {int(rows[0])} of the block"
         return self._mass_problem(head, v[:, :self.k], lse[:, 0], temperatures[0], step)
+
+    def recipe(self) -> str | None:
+        return (f"heads cover the nucleus {self.nucleus} minimally (at most {self.k} classes), "
+                "ascending; tails outside the heads; log-sum-exps >= the row maxima")
 
     def _mass_problem(self, head: np.ndarray, v: np.ndarray, lse0: np.ndarray, t0: float,
                       step: np.ndarray) -> str | None:
