@@ -144,8 +144,12 @@ def _sequence_records(ts: TransferSet, temperature: float, topk: int | None,
             continue
         end = int(offsets[s1]) - first
         cols = {n: np.concatenate(p) for n, p in carry.items()}
-        yield _records({n: a[:end] for n, a in cols.items()}, offsets[s0:s1 + 1] - first,
-                       ts.target, temperature, k, topk)
+        try:
+            record = _records({n: a[:end] for n, a in cols.items()},
+                              offsets[s0:s1 + 1] - first, ts.target, temperature, k, topk)
+        except OptionError as exc:  # a kind export has no columns for (hybrid)
+            raise OptionError(f"{ts.path}: {exc}") from None
+        yield record
         carry = {n: [a[end:]] for n, a in cols.items()}
         first += end
 

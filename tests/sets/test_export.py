@@ -168,6 +168,13 @@ def test_refusals_are_one_line(sets: dict[str, Path], tmp_path: Path, npz_data: 
     result = CliRunner().invoke(cli, ["export", str(sets["topk"]), "--to", "hf",
                                       str(tmp_path / "a"), "--temperature", "3"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    spec = write_tokens(tmp_path / "t.jsonl")
+    precompute(spec, [TEACHER], tmp_path / "h.zarr", topk=3, nucleus=0.8, tail=2, chunk_rows=16)
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "h.zarr"), "--to", "parquet",
+                                      str(tmp_path / "a")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {tmp_path / 'h.zarr'}: a hybrid set's tail draws")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
 
 
 def test_export_into_an_empty_directory_via_cli(sets: dict[str, Path], tmp_path: Path) -> None:
