@@ -39,14 +39,21 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z / T in float32 (float64 stays); at T = 1 the logits themselves (z / 1 == z exactly:
+    one pass over them less)."""
+    z = at_least_float32(logits)
+    return z if temperature == 1 else z / temperature
+
+
 def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """q_i = exp(z_i / T) / sum_j exp(z_j / T), in float32 (float64 stays), along the last axis."""
-    return torch.softmax(at_least_float32(logits) / temperature, dim=-1)
+    return torch.softmax(tempered(logits, temperature), dim=-1)
 
 
 def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log q_i at temperature T, in float32 (float64 stays)."""
-    return torch.log_softmax(at_least_float32(logits) / temperature, dim=-1)
+    return torch.log_softmax(tempered(logits, temperature), dim=-1)
 
 
 def combine_logits(member_logits: torch.Tensor, combine: str) -> torch.Tensor:
@@ -69,8 +76,25 @@ def combine_logits(member_logits: torch.Tensor, combine: str) -> torch.Tensor:
 def ensemble_probs(
     member_logits: torch.Tensor, temperatures: Sequence[float], combine: str
 ) -> torch.Tensor:
-    """(K, B, C) probabilities of the ensemble at each temperature, in float32."""
-    if combine == "mean-logits":
-        z = member_logits.float().mean(dim=0)
-        return torch.stack([tempered_softmax(z, t) for t in temperatures])
-    return torch.stack([tempered_softmax(member_logits, t).mean(dim=0) for t in temperatures])
+    """(K, B, C) probabilities of the ensemble at each temperature, in float32 (float64 member
+    logits stay float64 under mean-probs).
+
+    One member's are its own under either rule (no mean over one), and outside autograd each
+    temperature's result is written into its slice of the (K, B, C) tensor (no stack of K
+    copies): the same values, fewer passes over the teacher's output."""
+    if member_logits.shape[0] == 1 or combine == "mean-logits":
+        z = member_logits[0] if member_logits.shape[0] == 1 else member_logits.float().mean(0)
+        z = z.float() if combine == "mean-logits" else z
+
+        def at(t: float, out: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.softmax(tempered(z, t), dim=-1, out=out)
+    else:
+        def at(t: float, out: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.mean(tempered_softmax(member_logits, t), dim=0, out=out)
+    if torch.is_grad_enabled() and member_logits.requires_grad:  # out= has no derivative
+        return torch.stack([at(t) for t in temperatures])
+    dtype = torch.float32 if combine == "mean-logits" else at_least_float32(member_logits).dtype
+    out = member_logits.new_empty((len(temperatures), *member_logits.shape[1:]), dtype=dtype)
+    for k, t in enumerate(temperatures):
+        at(t, out[k])
+    return out

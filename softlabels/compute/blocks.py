@@ -77,7 +77,8 @@ def precompute(
             feed = Feed(opts.batch_size, opts.num_workers, opts.decode_device,
                         pin_memory=teacher.device.type == "cuda")
             run_blocks(kind, teacher, dataset, writer, kind.units(layout, pending, split=False),
-                       feed, lambda n: progress(done + n, layout.num_rows) if progress else None)
+                       feed, lambda n: progress(done + n, layout.num_rows) if progress else None,
+                       spare_core=spare_core(opts.num_workers))
     return PrecomputeResult(path=Path(out), num_rows=layout.num_rows, rows_computed=todo,
                             resumed=writer.resumed, already_complete=writer.already_complete,
                             seconds=time.perf_counter() - t0, meta=writer.meta)
@@ -93,17 +94,18 @@ def prepare(data: str | Dataset, teachers: Sequence[str | nn.Module], opts: Prec
 
 def run_blocks(kind: RowKind, teacher: Teacher, dataset: Dataset,
                writer: TransferSetWriter | BlockWriter, units: Sequence[Unit], feed: Feed,
-               report: Callable[[int], None]) -> None:
+               report: Callable[[int], None], *, spare_core: bool = False) -> None:
     """Compute and write the pending blocks of `units`; `report(rows done so far)` after each
     batch. Each batch runs through the teacher here; its targets, copied to the host without
     waiting, go to its unit's assembler on the writer thread (or inline, `writer_thread`)."""
     cuda = teacher.device.type == "cuda"
     layout = writer.layout
     errors: list[BaseException] = []
-    # On a GPU a writer thread overlaps storage with compute. On the CPU the teacher already
-    # uses every core, and a thread only preempts its workers (measured: 0.89 of bare speed with
-    # a thread, see benchmarks/README.md), so there the same work runs inline between batches.
-    threaded = writer_thread(cuda)
+    # On a GPU a writer thread overlaps storage with compute, and so it does on the CPU where
+    # the teacher leaves a core free (`spare_core`). Where torch's threads take every core, a
+    # thread only preempts them (measured: 0.89 of bare speed with a thread, see
+    # benchmarks/README.md), so there the same work runs inline between batches.
+    threaded = writer_thread(cuda, spare_core)
     q: Any = queue.Queue(maxsize=WRITER_QUEUE) if threaded else _Inline(errors)
     thread = threading.Thread(target=_writer_loop, args=(q, errors), name="softlabels-writer",
                               daemon=True)
@@ -158,13 +160,26 @@ def _writer_loop(q: queue.Queue, errors: list[BaseException]) -> None:
         _consume(item, errors)
 
 
-def writer_thread(cuda: bool) -> bool:
-    """Whether block writes run on a writer thread: on a GPU by default, or as the environment
-    variable SOFTLABELS_WRITER_THREAD says (1 or 0), e.g. on a many-core CPU host."""
+def writer_thread(cuda: bool, spare_core: bool = False) -> bool:
+    """Whether block writes run on a writer thread: by default on a GPU, or on the CPU where a
+    core is left to it (`spare_core`); or as the environment variable SOFTLABELS_WRITER_THREAD
+    says (1 or 0)."""
     value = os.environ.get("SOFTLABELS_WRITER_THREAD", "").strip()
     if value not in ("", "0", "1"):
         raise OptionError(f"SOFTLABELS_WRITER_THREAD must be 1 or 0, found {value!r}")
-    return cuda if not value else value == "1"
+    return (cuda or spare_core) if not value else value == "1"
+
+
+def spare_core(num_workers: int) -> bool:
+    """Whether torch's threads and `num_workers` loader processes leave one of the cores this
+    process may run on free, for a writer thread (2 cores, one torch thread, a teacher at the
+    issue's rates: 0.66 of the teacher alone with the thread, 0.39 inline; benchmarks/README.md).
+    Only a run that has the host to itself asks; a cluster's workers share its cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() + num_workers < cores
 
 
 class _Inline:

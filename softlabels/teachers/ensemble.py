@@ -115,6 +115,8 @@ class Teacher:
             found = ", ".join(f"{m.spec}: {o.shape[-1]}" for m, o in zip(self.members, outs))
             raise MismatchError(f"ensemble members disagree on the number of classes ({found}); "
                                 "every --teacher must predict the same classes")
+        if len(outs) == 1:  # a view, not a copy: one member is one pass less over (B, C)
+            return outs[0].float().unsqueeze(0)
         return torch.stack([o.float() for o in outs])
 
     def num_classes(self, example: torch.Tensor) -> int:
