@@ -77,6 +77,9 @@ class TransferSet:
         self._slots = {slot: col for col, slot in enumerate(self.layout.checksum_slots())}
         self._recorded: dict[int, np.ndarray] = {}  # block -> its array_checksum row, once read
         self._marked: set[int] = set()  # blocks whose `block_done` marker was read and is 1
+        # (block, k, arrays) whose values passed `value_problem` in bytes that matched their
+        # recorded checksums: the same bytes again (their checksums match) pass again
+        self._valued: set[tuple[int, int | None, tuple[str, ...]]] = set()
         self._marks: np.ndarray | None = None  # all of `block_done`, where read at once
         self._v1_checksums = (store.read(S.BLOCK_CHECKSUM) if self.format_version == 1
                               and S.BLOCK_CHECKSUM in self._names else None)
@@ -252,14 +255,20 @@ class TransferSet:
         elif v2:
             problem = checksum_problem(self._slots, self.temperatures, out, k,
                                        self._recorded[block])
-        problem = undone or problem or value_problem(out, self.num_classes,
-                                                         self.info.num_examples,
-                                                         temperatures=self.temperatures)
+        # Values are checked once per block, arrays and temperature while the set is open: a
+        # later read's bytes, matching the same recorded checksums, are the bytes that passed
+        # (a verdict that is a function of them; checksum=False reads check values every time)
+        valued = (block, k, tuple(read))
+        known = v2 and valued in self._valued
+        problem = undone or problem or (None if known else value_problem(
+            out, self.num_classes, self.info.num_examples, temperatures=self.temperatures))
         if problem:
             self.store.drop_cache()
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
                                  "get a fresh copy of the set")
         self._marked.add(block)
+        if v2:
+            self._valued.add(valued)
         if v1:  # what was asked for, out of every row array
             out = {n: out[n][k] if k is not None and n in S.TEMPERATURE_AXIS else out[n]
                    for n in names}
