@@ -100,8 +100,8 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
     order of a permutation drawn from `order` (None: as they come); None without rows.
 
     Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
-    into reused buffers, the next one while this one is scattered into the window's columns
-    (targets in shared memory where `shared`): no fresh memory per block, one copy per row.
+    (a local set: into reused buffers, then at once scattered into the window's columns,
+    targets in shared memory where `shared`): no fresh memory per block, one copy per row.
     One block per call is also the fastest through zarr on local disk (a gather of a whole
     49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
     per call (a URL). `pool` lends the columns not in shared memory (`WindowPool`).
@@ -172,14 +172,20 @@ def _unshared(buffer: torch.Tensor) -> bool:
 
 
 class BlockReaders:
-    """Two reading threads, taking blocks in turn, so block i + 1 is read and checked while
-    block i is scattered (file reads, zstd, xxhash and numpy's checks release the GIL). Each
-    thread reads into its own reused buffers (`read_blocks(reuse=True)`), and a thread is given
-    its next block only once the block it read last has been scattered: double buffering."""
+    """Where a window's blocks are read (`TransferSet.read_blocks`, each block checked on its
+    own bytes, into this thread's reused buffers: `reuse`).
+
+    A local set is read in the calling thread, block by block, just before each block is
+    scattered: the read is a copy out of the page cache, the checks run over a buffer still in
+    cache, and on a machine whose two cores share one memory bus a second thread measured
+    slower (C = 1,000: 27-31 ms an epoch inline against 38-39 ms with two reading threads;
+    numpy's short GIL-free calls pay a thread hand-over each). From a URL (`together` > 1
+    blocks per call, each call waiting a round trip) two threads take the calls in turn, so
+    the next call waits while this one is scattered; a thread is given its next call only once
+    the blocks it read last have been scattered (double buffering)."""
 
     def __init__(self) -> None:
-        self.pools = [ThreadPoolExecutor(1, thread_name_prefix="softlabels-block")
-                      for _ in range(2)]
+        self.pools: list[ThreadPoolExecutor] = []  # made for the first URL read
 
     def close(self) -> None:
         for pool in self.pools:
@@ -189,17 +195,24 @@ class BlockReaders:
              checksum: bool, temperature: float | None) -> Iterator[dict[str, np.ndarray]]:
         """Each block's checked arrays, valid until the next is asked for; `together` blocks
         per call (from a URL, where each call waits a round trip)."""
+        if together == 1:
+            for block in blocks:
+                yield from ts.read_blocks([block], names, temperature=temperature,
+                                          checksum=checksum, reuse=True)
+            return
         groups = [blocks[i:i + together] for i in range(0, len(blocks), together)]
 
         def job(group: list[int]) -> list[dict[str, np.ndarray]]:
-            return ts.read_blocks(group, names, temperature=temperature, checksum=checksum,
-                                  reuse=together == 1)
+            return ts.read_blocks(group, names, temperature=temperature, checksum=checksum)
 
+        if not self.pools:
+            self.pools = [ThreadPoolExecutor(1, thread_name_prefix="softlabels-block")
+                          for _ in range(2)]
         due = deque(self.pools[i % 2].submit(job, groups[i]) for i in range(min(2, len(groups))))
         try:
             for i in range(len(groups)):
                 yield from due.popleft().result()
-                if i + 2 < len(groups):  # that thread's buffers are free again
+                if i + 2 < len(groups):  # that thread's blocks are scattered
                     due.append(self.pools[i % 2].submit(job, groups[i + 2]))
         finally:
             for future in due:  # a window left early: nothing may still write the buffers
