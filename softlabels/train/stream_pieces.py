@@ -113,6 +113,7 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
     names = needed_arrays(ts, temperature)
     dest = torch.randperm(n, generator=order).numpy() if order is not None else None
     window: Columns | None = None
+    slots: list[np.ndarray] = []  # the window's columns as opaque rows, made once
     at = 0
     read = readers.read(ts, blocks, names, together, checksum, temperature if stored else None)
     for block, rows, arrays in zip(blocks, sizes, read):
@@ -123,10 +124,11 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
                       else pool.take((n, *c.shape[1:]), c.dtype) if pool is not None
                       else empty((n, *c.shape[1:]), c.dtype, shared=False)
                       for j, c in enumerate(cols)]
+            slots = [opaque_rows(out) for out in window]
         if rows:  # a scatter of opaque rows, straight out of the read buffers
             where = slice(at, at + rows) if dest is None else dest[at:at + rows]
-            for out, c in zip(window, cols):
-                opaque_rows(out)[where] = opaque_rows(c)
+            for out, c in zip(slots, cols):
+                out[where] = opaque_rows(c)
         at += rows
     return window
 
