@@ -216,6 +216,24 @@ class TransferSet:
         return [self._checked(block, list(got[at:at + n]), read, names, k, v1, v2, recorded,
                               marker) for block, at, n, recorded, marker in plans]
 
+    def will_read(self, blocks: Iterable[int], arrays: Iterable[str], *,
+                  temperature: float | None = None) -> None:
+        """A hint that `read_blocks(blocks, arrays, temperature=...)` comes soon: the chunk
+        files of a local Zarr set are read ahead by the kernel (`ChunkFiles.advise`), so a
+        reader in one thread overlaps the disk with its work on the blocks before; nothing
+        for other sets. Reads and checks nothing."""
+        if self._files is None:
+            return
+        k = None if temperature is None else self.temperature_index(temperature)
+        for block in blocks:
+            start, stop = self.block_range(block)
+            for name in arrays:
+                if name not in self._files:
+                    self._files[name] = ChunkFiles.of(Path(self.path) / name)
+                files = self._files[name]
+                if files is not None:
+                    files.advise(self._block_selection(name, start, stop, k))
+
     def _read_many(self, requests: list[tuple[str, Any]], reuse: bool = False,
                    ) -> list[np.ndarray]:
         """`store.read_many`, except that the chunks of a local Zarr set laid out as this

@@ -36,6 +36,7 @@ from softlabels.train.blocks import empty, needed_arrays, opaque_rows, window_or
 Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
 PIECE_ROWS = 65_536  # rows of a piece a stream builds at once, at most
 PIECE_BYTES = 32 << 20  # bytes of a piece (inputs, labels, targets) a stream builds at once
+READ_AHEAD = 4  # blocks of a local set whose files the kernel reads ahead (`will_read`)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,10 @@ class BlockReaders:
         """Each block's checked arrays, valid until the next is asked for; `together` blocks
         per call (from a URL, where each call waits a round trip)."""
         if together == 1:
-            for block in blocks:
+            ts.will_read(blocks[:READ_AHEAD], names, temperature=temperature)
+            for i, block in enumerate(blocks):
+                if i + READ_AHEAD < len(blocks):
+                    ts.will_read([blocks[i + READ_AHEAD]], names, temperature=temperature)
                 yield from ts.read_blocks([block], names, temperature=temperature,
                                           checksum=checksum, reuse=True)
             return
