@@ -4,7 +4,10 @@ items 2 and 3; earlier 12.1 and 11.3)
 1. Throughput, at C = 10, 100, 1000 (dense) and top-10 of C = 1000, in rows/s (the median of
    interleaved rounds) and as a ratio to a numpy windowed memmap reader; beside it rows per
    second of this process's CPU time (all its threads; not the DataLoader's worker processes),
-   which a loaded machine disturbs less than wall time, and the ratio of the best rounds:
+   which a loaded machine disturbs less than wall time, the ratio of the best rounds, and
+   that of each variant's first epoch, run alone before the rounds, to numpy windowed's
+   median (a stream's first epoch of its open set is the only one whose block values are
+   checked; later epochs' bytes match the same checksums):
    - "numpy windowed": the served arrays (probs at T, labels, index; top-k: its three arrays)
      as .npy memmaps, read with the stream's own window semantics (the same windows of blocks,
      each window's rows permuted, top-k weights made with torch, inputs gathered, batches cut
@@ -19,7 +22,8 @@ items 2 and 3; earlier 12.1 and 11.3)
 3. `--epoch-cost`: the cost of the block checks in an epoch of training (784-800-800-10 MLP,
    60,000 MNIST-shaped rows, batch 128): checked against checksum=False, interleaved.
 
-    python benchmarks/reader_throughput.py [--zarrs] [--rounds 3] [--sets DIR] [--only 10 top10]
+    python benchmarks/reader_throughput.py [--zarrs] [--rounds 3] [--epochs 1] [--sets DIR]
+        [--only 10 top10]
     python benchmarks/reader_throughput.py --rss --rss-rows 600000
     python benchmarks/reader_throughput.py --epoch-cost
 """
@@ -171,10 +175,11 @@ def batch_mix(stream: SoftTargetBatches, num_rows: int, batch: int) -> float:
 
 
 def measure(data: str, path: Path, rows: int, rounds: int, batch: int, *,
-            workers: bool = True) -> dict[str, tuple[float, float, float]]:
-    """name -> (median rows/s, MB/s of the served arrays, seconds to the first batch), the
-    variants interleaved round by round; streams built beforehand (what an epoch costs, not
-    start-up)."""
+            workers: bool = True, epochs: int = 1) -> dict[str, tuple[float, ...]]:
+    """name -> (median rows/s, MB/s of the served arrays, seconds to the first batch, rows
+    per CPU second, best rows/s, rows/s of the first epoch), the variants interleaved round by
+    round, `epochs` epochs each a round, after each variant's first epoch alone; streams built
+    beforehand (what an epoch costs, not start-up)."""
     import zarr
 
     from softlabels.sources.load import load_data
@@ -214,22 +219,28 @@ def measure(data: str, path: Path, rows: int, rounds: int, batch: int, *,
     rates: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     first: dict[str, float] = {}
-    nbytes = 0.0
+    once: dict[str, float] = {}  # each variant's first epoch, alone (a stream's first epoch
+    nbytes = 0.0  # of its open set is the one whose block values are checked)
+    for name, fn in variants.items():
+        t0 = time.perf_counter()
+        got, extra = fn()
+        once[name] = got / (time.perf_counter() - t0)
     for _ in range(rounds):
         for name, fn in variants.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            got, extra = fn()
+            for _ in range(epochs):
+                got, extra = fn()
+                assert got == rows, (name, got, rows)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            assert got == rows, (name, got, rows)
-            rates.setdefault(name, []).append(rows / dt)
-            cpu.setdefault(name, []).append(rows / max(dc, 1e-9))
+            rates.setdefault(name, []).append(rows * epochs / dt)
+            cpu.setdefault(name, []).append(rows * epochs / max(dc, 1e-9))
             if name.startswith("zarr"):
                 nbytes = extra / rows
             else:
                 first[name] = min(first.get(name, np.inf), extra)
     return {name: (float(np.median(r)), float(np.median(r)) * nbytes / 1e6,
-                   first.get(name, 0.0), float(np.median(cpu[name])), float(max(r)))
-            for name, r in rates.items()}
+                   first.get(name, 0.0), float(np.median(cpu[name])), float(max(r)),
+                   once[name]) for name, r in rates.items()}
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -247,7 +258,7 @@ def throughput(args: argparse.Namespace) -> None:
             for batch in args.batch:
                 load = os.getloadavg()[0]
                 found = measure(data, path, rows, args.rounds, batch,
-                                workers=not args.no_workers)
+                                workers=not args.no_workers, epochs=args.epochs)
                 probe = SoftTargetBatches(data, path, temperature=T, batch_size=batch,
                                           check=False)
                 mixed = batch_mix(probe, rows, 256)
@@ -255,12 +266,13 @@ def throughput(args: argparse.Namespace) -> None:
                       f"of 2 stored, batch {batch}, window {probe.window} blocks; mix (distinct "
                       f"64ths of the set in a 256-row batch, median): {mixed:.0f} of 64; "
                       f"load {load:.1f} -> {os.getloadavg()[0]:.1f}")
-                base, _, _, base_cpu, base_best = found["numpy windowed"]
-                for name, (r, mbs, first, c, best) in found.items():
+                base, _, _, base_cpu, base_best, _ = found["numpy windowed"]
+                for name, (r, mbs, first, c, best, one) in found.items():
                     start = f"  first batch {first * 1e3:5.0f} ms" if first else ""
                     print(f"  {name:26s} {r:11,.0f} rows/s {mbs:7.1f} MB/s  / numpy windowed: "
-                          f"{r / base:5.2f} (best rounds {best / base_best:5.2f})  per CPU "
-                          f"second {c:11,.0f} ({c / base_cpu:5.2f}){start}")
+                          f"{r / base:5.2f} (best rounds {best / base_best:5.2f}, first "
+                          f"epoch {one / base:5.2f})  per CPU second {c:11,.0f} "
+                          f"({c / base_cpu:5.2f}){start}")
 
 
 def rss(args: argparse.Namespace) -> None:
@@ -335,6 +347,9 @@ def epoch_cost(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="epochs each variant runs per round (a small set's epoch takes "
+                             "20-60 ms, which a loaded machine's scheduling disturbs)")
     parser.add_argument("--batch", type=int, nargs="+", default=[BATCH],
                         help="batch sizes to measure (rows per batch)")
     parser.add_argument("--zarrs", action="store_true",

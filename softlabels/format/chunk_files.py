@@ -14,6 +14,7 @@ misread cannot be served silently.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,35 @@ class ChunkFiles:
         chunk is read into a buffer reused by later calls given the same dict, and the result
         may be a view of it, valid until then: fresh memory for every chunk costs more in
         page faults than the read itself (measured: 88-165 ms against 12-28 ms for 80 MB)."""
+        found = self._locate(selection)
+        if found is None:
+            return None
+        chunk = self._chunk(found[0], scratch)
+        return None if chunk is None else np.ascontiguousarray(chunk[found[1]])
+
+    def advise(self, selection: Any) -> None:
+        """Tell the kernel that the chunk file holding `selection` will be read soon
+        (POSIX_FADV_WILLNEED): it starts reading what is not cached in the background, so a
+        reader working through blocks in one thread overlaps the disk with its work on the
+        blocks before. Nothing where the file is missing or the selection is not in one
+        chunk."""
+        found = self._locate(selection) if hasattr(os, "posix_fadvise") else None
+        if found is None:
+            return
+        try:
+            fd = os.open(self.folder.joinpath("c", *map(str, found[0])), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _locate(self, selection: Any) -> tuple[list[int], tuple[Any, ...]] | None:
+        """(chunk coordinates, the selection within that chunk), or None when the selection
+        (a tuple of ints and step-1 slices, or one slice) is not inside one chunk."""
         sel = selection if isinstance(selection, tuple) else (selection,)
         if len(sel) > len(self.shape):
             return None
@@ -88,8 +118,7 @@ class ChunkFiles:
                 return None
             coords.append(start // c)
             inner.append(slice(start % c, start % c + stop - start))
-        chunk = self._chunk(coords, scratch)
-        return None if chunk is None else np.ascontiguousarray(chunk[tuple(inner)])
+        return coords, tuple(inner)
 
     def _chunk(self, coords: list[int], scratch: dict[str, np.ndarray] | None,
                ) -> np.ndarray | None:
