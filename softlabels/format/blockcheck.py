@@ -101,7 +101,7 @@ def target_problem(arrays: dict[str, np.ndarray], num_classes: int,
     probs = arrays.get(S.PROBS)
     if probs is not None and probs.size:
         tol = PROBS_SUM_TOLERANCE.get(str(probs.dtype), 1e-4)
-        p = probs.astype(np.float32)
+        p = probs.astype(np.float32, copy=False)  # read only: no copy of float32 probs
         if p.min() < 0 or p.max() > 1 + tol:
             return (f"holds probabilities outside [0, 1] in {S.PROBS!r} (found "
                     f"{float(p.min()):.3g}..{float(p.max()):.3g})")

@@ -172,7 +172,8 @@ class SoftTargetBatches(IterableDataset):
     equal slices once the set has 64 blocks or more). Every block passes
     `TransferSet.read_blocks` (checksums over its bytes, `block_done`, finite targets, labels
     and indices in range) for the arrays it serves before use; `checksum=False` skips the
-    checksums (the value checks remain) for sets already verified.
+    checksums (the value checks remain, every epoch: without checksums nothing proves a block
+    unchanged, whereas the checked stream checks a block's values once while the set is open).
 
     Memory: a background thread reads and shuffles one window while the previous one is served,
     so at most two windows of the served arrays are held (a window is `window` to

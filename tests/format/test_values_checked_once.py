@@ -18,9 +18,10 @@ from softlabels.format.reader import open_transfer_set
 
 
 @pytest.fixture
-def made(npz_data: str, out_path: Path) -> Path:
-    if out_path.suffix == ".h5":
-        pytest.skip("HDF5 does not open a file for writing while it is open to read")
+def made(npz_data: str, tmp_path: Path) -> Path:
+    """A Zarr set: the damage is written while the set is open to read (an HDF5 file cannot be
+    opened for writing while it is open)."""
+    out_path = tmp_path / "s.zarr"
     precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
                random_teacher=True)
     return out_path
