@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +81,20 @@ class ChunkFiles:
         """Tell the kernel that the chunk file holding `selection` will be read soon
         (POSIX_FADV_WILLNEED): it starts reading what is not cached in the background, so a
         reader working through blocks in one thread overlaps the disk with its work on the
-        blocks before. Nothing where the file is missing or the selection is not in one
+        blocks before. Nothing where the file is missing, is not a regular file (a fifo, which
+        opening for reading would wait on) or is a link, or the selection is not in one
         chunk."""
         found = self._locate(selection) if hasattr(os, "posix_fadvise") else None
         if found is None:
             return
         try:
-            fd = os.open(self.folder.joinpath("c", *map(str, found[0])), os.O_RDONLY)
+            fd = os.open(self.folder.joinpath("c", *map(str, found[0])),
+                         os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:

@@ -34,3 +34,30 @@ def test_hints_change_nothing_served_and_a_missing_chunk_is_still_refused(
         if out_path.suffix == ".zarr":
             with pytest.raises(IntegrityError, match="block 2 "):
                 ts.read_blocks([2], names, temperature=4.0)
+
+
+@pytest.mark.parametrize("suffix", ["zarr"])
+def test_hints_do_not_hang_on_a_fifo_or_a_link_to_one(npz_data: str, out_path: Path,
+                                               tmp_path: Path) -> None:
+    """A chunk path replaced by a fifo, or by a link to one outside the set, must not hang the
+    hint (opening a fifo for reading waits for a writer) nor open what the link names."""
+    import os
+    import threading
+
+    precompute(npz_data, ["mlp:16-8-3"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
+    chunks = out_path / S.PROBS / "c" / "1"
+    (chunks / "2" / "0").unlink()
+    os.mkfifo(chunks / "2" / "0")
+    os.mkfifo(tmp_path / "outside")
+    (chunks / "3" / "0").unlink()
+    (chunks / "3" / "0").symlink_to(tmp_path / "outside")
+    with open_transfer_set(out_path) as ts:
+        hinted = threading.Event()
+
+        def hint() -> None:
+            ts.will_read(range(ts.num_blocks), [S.PROBS], temperature=4.0)
+            hinted.set()
+
+        threading.Thread(target=hint, daemon=True).start()
+        assert hinted.wait(10), "will_read hung on a fifo in place of a chunk file"
