@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from conftest import CHUNK, ROOT, TESTS
 from softlabels.compute.blocks import WRITER_QUEUE, precompute, writer_thread
@@ -138,3 +140,45 @@ def test_the_switch_takes_only_1_or_0(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", "yes")
     with pytest.raises(OptionError, match="1 or 0"):
         writer_thread(False)
+
+
+class _ReusedOutput(nn.Module):
+    """A teacher whose forward writes into one output tensor and returns it every call, as
+    models that keep an output buffer do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 3)
+        self.out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lin(x.flatten(1))
+        if self.out is None or self.out.shape != z.shape:
+            self.out = torch.empty_like(z)
+        return self.out.copy_(z)
+
+
+@pytest.mark.parametrize("suffix", ["zarr"])
+def test_a_teacher_reusing_its_output_tensor_is_stored_row_by_row(
+        npz_data: str, out_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a batch queued for the writer thread must not alias the teacher's output:
+    the next batch would overwrite it before it is written (one float32 member: no cast, no
+    stack makes a copy)."""
+    stage = sys.modules["softlabels.compute.examples"]
+    monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", "1")
+    add = stage._BlockAssembler.add
+
+    def slow_add(self, *args):  # noqa: ANN001, ANN202
+        time.sleep(0.01)  # the teacher runs ahead of the writer, as a slow store lets it
+        return add(self, *args)
+
+    monkeypatch.setattr(stage._BlockAssembler, "add", slow_add)
+    torch.manual_seed(0)
+    teacher = _ReusedOutput().eval()
+    precompute(npz_data, [teacher], out_path, temperatures=[1, 4], dtype="float32",
+               chunk_rows=CHUNK, batch_size=7)
+    with torch.no_grad():
+        x = torch.from_numpy(np.load(npz_data.removeprefix("npz:"))["x"])
+        want = teacher.lin(x.flatten(1)).numpy()
+    stored = _arrays(out_path)
+    np.testing.assert_array_equal(stored[S.LOGITS], want[stored[S.INDEX]])
