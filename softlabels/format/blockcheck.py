@@ -8,6 +8,7 @@ import numpy as np
 
 from softlabels.format import schema as S
 from softlabels.format.layout import Layout
+from softlabels.format.targets.hybrid import PAD
 
 
 def all_finite(a: np.ndarray) -> bool:
@@ -95,9 +96,10 @@ def target_problem(arrays: dict[str, np.ndarray], num_classes: int,
                    temperatures: list[float] | None = None) -> str | None:
     """Why a block's targets are not probabilities, whatever their checksums say, or None:
     dense `probs` outside [0, 1] or whose rows do not sum to 1; class ids in `topk/indices`
-    or `sample/indices` outside [0, C); top-k logits whose per-T probabilities
-    exp(z_i / T - logsumexp_T) exceed 1 (a log-sum-exp below the row's top logit / T) or
-    whose top-k mass exceeds 1 + eps (`temperatures` needed for these two)."""
+    or `sample/indices` outside [0, C), in `hybrid/indices` outside [-1, C) (-1: unused);
+    top-k logits whose per-T probabilities exp(z_i / T - logsumexp_T) exceed 1 (a log-sum-exp
+    below the row's top logit / T) or whose top-k mass exceeds 1 + eps (`temperatures` needed
+    for these two)."""
     probs = arrays.get(S.PROBS)
     if probs is not None and probs.size:
         tol = PROBS_SUM_TOLERANCE.get(str(probs.dtype), 1e-4)
@@ -109,10 +111,12 @@ def target_problem(arrays: dict[str, np.ndarray], num_classes: int,
         if worst > tol:
             return (f"holds rows of {S.PROBS!r} that do not sum to 1 (off by {worst:.3g}, "
                     f"tolerance {tol:g} for {probs.dtype})")
-    for name in (S.TOPK_INDICES, S.SAMPLE_INDICES):
+    # a hybrid's unused columns hold PAD (-1): decoding drops them, a class past C fails the
+    # loss, so both bounds are checked here and not only by verify's recipe check
+    for name, low in ((S.TOPK_INDICES, 0), (S.SAMPLE_INDICES, 0), (S.HYBRID_INDICES, PAD)):
         ids = arrays.get(name)
-        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= num_classes):
-            return (f"holds class ids outside [0, {num_classes}) in {name!r} "
+        if ids is not None and ids.size and (ids.min() < low or ids.max() >= num_classes):
+            return (f"holds class ids outside [{low}, {num_classes}) in {name!r} "
                     f"(found {int(ids.min())}..{int(ids.max())})")
     z, lse = arrays.get(S.TOPK_LOGITS), arrays.get(S.TOPK_LOGSUMEXP)
     if z is None or lse is None or not z.size or temperatures is None:

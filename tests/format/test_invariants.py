@@ -72,6 +72,10 @@ FORGERIES = [
     ("dense probabilities not summing to 1", {}, S.PROBS, _probs_sum_off, "do not sum to 1"),
     ("top-k class ids out of range", {"topk": 3}, S.TOPK_INDICES,
      lambda ids: ids + 6, "class ids outside"),
+    ("hybrid class ids past the classes", {"topk": 3, "nucleus": 0.5, "tail": 2},
+     S.HYBRID_INDICES, lambda ids: ids + 6, "class ids outside"),
+    ("hybrid class ids below the padding", {"topk": 3, "nucleus": 0.5, "tail": 2},
+     S.HYBRID_INDICES, lambda ids: ids - 8, "class ids outside"),
 ]
 
 
