@@ -135,18 +135,24 @@ class ChunkFiles:
             out = np.empty(count, dtype=self.dtype)
             if scratch is not None:
                 scratch["buffer"] = out
-        try:
-            if self.codec is None:
-                with open(path, "rb", buffering=0) as f:
-                    got = f.readinto(memoryview(out).cast("B"))
-                    if got != out.nbytes or f.read(1):
-                        return None  # a truncated or overlong chunk: zarr names it
-                return out.reshape(self.chunks)
-            raw = path.read_bytes()
+        try:  # O_NONBLOCK: a fifo in a chunk's place is opened, not waited on
+            f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0)
         except FileNotFoundError:  # an unwritten chunk reads as the fill value, as in zarr
             return np.full(self.chunks, self.fill, dtype=self.dtype)
         except OSError:
             return None
+        with f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # zarr would wait or read on
+                raise OSError(f"chunk {path} is not a regular file (a fifo or a device)")
+            try:
+                if self.codec is None:
+                    got = f.readinto(memoryview(out).cast("B"))
+                    if got != out.nbytes or f.read(1):
+                        return None  # a truncated or overlong chunk: zarr names it
+                    return out.reshape(self.chunks)
+                raw = f.read()
+            except OSError:
+                return None
         from numcodecs import Blosc, Zstd
 
         try:  # a blosc frame records its own compressor, shuffle, type size and length

@@ -61,3 +61,16 @@ def test_hints_do_not_hang_on_a_fifo_or_a_link_to_one(npz_data: str, out_path: P
 
         threading.Thread(target=hint, daemon=True).start()
         assert hinted.wait(10), "will_read hung on a fifo in place of a chunk file"
+        for block in (2, 3):  # the reads themselves refuse them, without waiting either
+            refused: list[str] = []
+
+            def read(block: int = block, refused: list[str] = refused) -> None:
+                try:
+                    ts.read_blocks([block], [S.PROBS], temperature=4.0)
+                except IntegrityError as exc:
+                    refused.append(str(exc))
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            reader.join(10)
+            assert refused and "not a regular file" in refused[0], f"block {block} hung"
