@@ -143,7 +143,14 @@ def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: 
                                                    enumerate(report["per_class_errors"])))
         if "teacher_agreement" in report:
             echo(f"agreement with teacher {report['teacher_agreement']:.4f}  "
-                       f"KL(teacher||student) {report['kl_to_teacher']:.4f}")
+                 f"KL(teacher||student) {report['kl_to_teacher']:.4f}"
+                 + _ESTIMATED.get(str(report.get("teacher_targets")), ""))
+
+
+# how the teacher's probabilities at T = 1 were rebuilt from an example set's sparse targets
+_ESTIMATED = {"topk": "  (top-k: the rest of the mass spread evenly over the other classes)",
+              "sample": "  (sampled: against the frequencies of k draws, not p_T)",
+              "hybrid": "  (hybrid: the head exact, the tail from weighted draws)"}
 
 
 def _echo_sequence_report(report: dict[str, object]) -> None:
@@ -156,7 +163,9 @@ def _echo_sequence_report(report: dict[str, object]) -> None:
     where = (f"at T = {report['teacher_temperature']:g} over {report['teacher_positions']} "
              f"distilled positions ({report['teacher_targets']} targets)")
     if "teacher_agreement" in report:
-        kl = ("KL(teacher||student) {:.4f}".format(report["kl_to_teacher"])
+        kl = ("KL(teacher||student) {:.4f}{}".format(
+                  report["kl_to_teacher"], " (an unbiased estimate from the tail's draws: it "
+                  "can fall below 0)" if report["teacher_targets"] == "hybrid" else "")
               if "kl_to_teacher" in report else
               "KL over the top-k and the rest {:.4f} (a lower bound on the full KL)".format(
                   report["kl_to_teacher_topk"]))

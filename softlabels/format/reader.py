@@ -280,7 +280,8 @@ class TransferSet:
         valued = (block, k, tuple(read))
         known = v2 and valued in self._valued
         problem = undone or problem or (None if known else value_problem(
-            out, self.num_classes, self.info.num_examples, temperatures=self.temperatures))
+            out, self.num_classes, self.info.num_examples, temperatures=self.temperatures)
+            or self._recipe_problem(out))
         if problem:
             self.store.drop_cache()
             raise IntegrityError(f"{where} {problem}; run `softlabels verify {self.path}` and "
@@ -292,6 +293,17 @@ class TransferSet:
             out = {n: out[n][k] if k is not None and n in S.TEMPERATURE_AXIS else out[n]
                    for n in names}
         return out
+
+    def _recipe_problem(self, out: dict[str, np.ndarray]) -> str | None:
+        """Where a block read holds every array of a target kind with its own recipe (a
+        hybrid's heads and tails), whether they follow it (`TargetKind.problems`): metadata
+        edited to another head size reads the same arrays as other targets."""
+        if self.target.recipe() is None or not set(self.target.served(True)) <= set(out):
+            return None
+        problem = self.target.problems(out, self.num_classes, tuple(self.temperatures),
+                                       self.layout.dtype)
+        return f"holds {self.target.name} targets that break its recipe ({problem})" \
+            if problem else None
 
     @staticmethod
     def _block_selection(name: str, start: int, stop: int, k: int | None) -> tuple[Any, ...]:

@@ -184,6 +184,7 @@ class ExampleEvaluation:
             rows_logits = logits[torch.from_numpy(index)]
             report["teacher_agreement"] = teacher_agreement(rows_logits, teacher)
             report["kl_to_teacher"] = kl_to_teacher(rows_logits, teacher)
+            report["teacher_targets"] = ts.target.name  # what "the teacher" was read from
         return report
 
 

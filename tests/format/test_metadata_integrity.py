@@ -202,3 +202,29 @@ def test_more_class_names_than_classes_is_malformed_even_with_a_fresh_digest(
         open_transfer_set(path)
     result = CliRunner().invoke(cli, ["verify", str(path)])
     assert result.exit_code != 0 and "3000 names for 3 classes" in result.output
+
+
+@pytest.mark.parametrize("head, tail", [(4, 2), (2, 4)])
+def test_a_hybrid_head_size_edited_with_its_digest_is_refused_by_readers(
+        out_path: Path, npz_data: str, head: int, tail: int) -> None:
+    """The same arrays read as a hybrid of another head size are other targets: every reader
+    checks the codec's recipe on a block's first read, as verify does (training on them ran
+    to the end before, on wrongly decoded targets)."""
+    from softlabels.format.layout import DIGEST, digest
+
+    precompute(npz_data, ["mlp:16-8-10"], out_path, temperatures=[1, 4], chunk_rows=CHUNK,
+               topk=3, nucleus=0.5, tail=3, random_teacher=True)
+
+    def resize(meta: dict[str, Any]) -> None:
+        meta["sparse"].update(k=head, tail=tail)
+        meta[DIGEST] = digest(meta)
+    edit(out_path, resize)
+    with open_transfer_set(out_path) as ts, pytest.raises(
+            IntegrityError, match=r"block 0 .* holds hybrid targets that break its recipe"):
+        ts.read_block(0, temperature=4.0)
+    result = CliRunner().invoke(cli, ["train", "--data", npz_data, "--model", "mlp:16-8-10",
+                                      "--transfer-set", str(out_path), "--temperature", "4",
+                                      "--epochs", "1", "--out", str(out_path.parent / "s.pt")])
+    assert result.exit_code == 1 and "break its recipe" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not checks(out_path)["hybrid"].ok

@@ -65,3 +65,28 @@ def test_evaluate_against_a_damaged_set_names_the_block(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "block 2 (rows 32-47)" in result.stderr and "checksum" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind, opts, words", [
+    ("dense", [], None),
+    ("topk", ["--topk", "2"], "rest of the mass spread evenly"),
+    ("sample", ["--sample-k", "4"], "frequencies of k draws, not p_T")])
+def test_agreement_says_what_the_teacher_was_read_from(tmp_path: Path, kind: str,
+                                                       opts: list[str], words: str | None,
+                                                       ) -> None:
+    """Against an example set's sparse targets the teacher at T = 1 is rebuilt from them (a
+    k-draw histogram for a sampled set): the report names the kind, and the line says how."""
+    data = make_npz(tmp_path / "d.npz")
+    save_checkpoint(build_model("mlp:16-3"), tmp_path / "m.pt", spec="mlp:16-3")
+    ts = tmp_path / "t.zarr"
+    made = CliRunner().invoke(cli, ["precompute", "--data", data, "--teacher", "mlp:16-8-3",
+                                    "--out", str(ts), "--random-teacher", *opts])
+    assert made.exit_code == 0, made.output
+    args = ["--data", data, "--model", tmp_path / "m.pt", "--transfer-set", ts]
+    assert evaluate_json(*args)["teacher_targets"] == kind
+    line = CliRunner().invoke(cli, ["evaluate", *map(str, args)]).stdout.splitlines()[-1]
+    assert line.startswith("agreement with teacher")
+    if words:
+        assert words in line
+    else:  # dense: the stored probabilities themselves, no qualifier
+        assert "(" not in line.split("KL(teacher||student)")[1]
