@@ -121,10 +121,9 @@ def run_blocks(kind: RowKind, teacher: Teacher, dataset: Dataset,
                 if errors:
                     break
                 outputs = kind.targets(teacher, layout, batch)
-                # queued for the thread, a batch owns its memory: on the CPU an output may be
-                # the teacher's own tensor (one float32 member), which its next call may reuse
-                host = {name: t.to("cpu", non_blocking=cuda, copy=threaded)
-                        for name, t in outputs.items()}
+                # queued for the thread, a batch owns its memory: a CPU teacher's own output
+                # tensor is copied where it is made (Teacher.member_logits), not every array
+                host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
                 event = torch.cuda.Event() if cuda else None
                 if event is not None:
                     event.record()

@@ -116,7 +116,10 @@ class Teacher:
             raise MismatchError(f"ensemble members disagree on the number of classes ({found}); "
                                 "every --teacher must predict the same classes")
         if len(outs) == 1:  # a view, not a copy: one member is one pass less over (B, C)
-            return outs[0].float().unsqueeze(0)
+            z = outs[0].float()
+            if z is outs[0] and z.device.type == "cpu":  # the model's own tensor, on the host:
+                z = z.clone()  # held past its next call (the writer thread), which may reuse it
+            return z.unsqueeze(0)
         return torch.stack([o.float() for o in outs])
 
     def num_classes(self, example: torch.Tensor) -> int:
