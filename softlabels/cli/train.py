@@ -17,6 +17,11 @@ from softlabels.options import (
     check_output_file,
 )
 
+# how the teacher's probabilities at T = 1 were rebuilt from an example set's sparse targets
+_ESTIMATED = {"topk": "  (top-k: the rest of the mass spread evenly over the other classes)",
+              "sample": "  (sampled: against the frequencies of k draws, not p_T)",
+              "hybrid": "  (hybrid: the head exact, the tail from weighted draws)"}
+
 
 @click.command()
 @click.option("--data", required=True, help="DATA spec of the training inputs.")
@@ -146,11 +151,6 @@ def evaluate(data: str, model: str, bias_adjust: tuple[str, ...], transfer_set: 
                  f"KL(teacher||student) {report['kl_to_teacher']:.4f}"
                  + _ESTIMATED.get(str(report.get("teacher_targets")), ""))
 
-
-# how the teacher's probabilities at T = 1 were rebuilt from an example set's sparse targets
-_ESTIMATED = {"topk": "  (top-k: the rest of the mass spread evenly over the other classes)",
-              "sample": "  (sampled: against the frequencies of k draws, not p_T)",
-              "hybrid": "  (hybrid: the head exact, the tail from weighted draws)"}
 
 
 def _echo_sequence_report(report: dict[str, object]) -> None:

@@ -44,7 +44,7 @@ from softlabels.options import PrecomputeOptions
 from softlabels.sources.load import load_data
 from softlabels.sources.tokens import TokenSequences
 from softlabels.teachers.ensemble import Teacher
-from softlabels.tempering import combine_logits, ensemble_probs
+from softlabels.tempering import combine_logits, ensemble_probs, tempered_softmax
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
 
     encoded = layout.target.encode(TeacherOutputs(
         flat, lambda: ensemble_probs(z, temps, teacher.combine).reshape(len(temps), b * n, v),
-        lambda j: torch.softmax(flat / temps[j], -1)), temps, uniforms)
+        lambda j: tempered_softmax(flat, temps[j])), temps, uniforms)
     return {name: a.reshape(*a.shape[:S.row_axis(name)], b, n, *a.shape[S.row_axis(name) + 1:])
             for name, a in as_stored(layout, encoded).items()}  # (B, L, ...) or (K, B, L, ...)
 

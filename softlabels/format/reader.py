@@ -229,11 +229,18 @@ class TransferSet:
         for block in blocks:
             start, stop = self.block_range(block)
             for name in arrays:
-                if name not in self._files:
-                    self._files[name] = ChunkFiles.of(Path(self.path) / name)
-                files = self._files[name]
+                files = self._chunk_files(name)
                 if files is not None:
                     files.advise(self._block_selection(name, start, stop, k))
+
+    def _chunk_files(self, name: str) -> ChunkFiles | None:
+        """Array `name`'s chunk files where a local set lays them out as this package writes
+        them (`ChunkFiles.of`, looked at once per array), else None."""
+        if self._files is None:
+            return None
+        if name not in self._files:
+            self._files[name] = ChunkFiles.of(Path(self.path) / name)
+        return self._files[name]
 
     def _read_many(self, requests: list[tuple[str, Any]], reuse: bool = False,
                    ) -> list[np.ndarray]:
@@ -245,9 +252,7 @@ class TransferSet:
         if self._files is not None:
             kept = self._buffers.__dict__.setdefault("by_position", {}) if reuse else None
             for i, (name, selection) in enumerate(requests):
-                if name not in self._files:
-                    self._files[name] = ChunkFiles.of(Path(self.path) / name)
-                files = self._files[name]
+                files = self._chunk_files(name)
                 scratch = kept.setdefault((i, name), {}) if kept is not None else None
                 got[i] = files.read(selection, scratch) if files is not None else None
         rest = [i for i, g in enumerate(got) if g is None]

@@ -68,10 +68,9 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
     rows, or every row), converted with torch: dense (n, C) probabilities at T (stored, or
     re-tempered from the logits in float32) in `dtype`; sparse (classes int64, weights in
     `dtype`), and a hybrid set's log p_T (float32) last."""
-    targets = ts.target.decode(arrays, temperature, ts.temperature_index(temperature),
-                               tuple(ts.temperatures), dtype)
-    t = {name: torch.from_numpy(arrays[name]) for name in (S.INDEX, S.LABELS)}
-    cols = [t[S.INDEX], t[S.LABELS], *targets]
+    cols = [torch.from_numpy(arrays[S.INDEX]), torch.from_numpy(arrays[S.LABELS]),
+            *ts.target.decode(arrays, temperature, ts.temperature_index(temperature),
+                              tuple(ts.temperatures), dtype)]
     if keep is not None:
         start, stop = ts.block_range(block)
         mask = torch.from_numpy(keep[start:stop])

@@ -139,7 +139,8 @@ def sorted_counts(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, counts
 
 
-def most_probable_first(ids: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ids and log-probabilities (n, w) reordered by descending probability (stable)."""
+def most_probable_first(lp: np.ndarray, *columns: np.ndarray) -> list[np.ndarray]:
+    """Log-probabilities (n, w) and each of `columns` (n, w) reordered by descending
+    probability (stable)."""
     order = np.argsort(-lp, axis=1, kind="stable")
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(lp, order, 1)
+    return [np.take_along_axis(a, order, 1) for a in (lp, *columns)]

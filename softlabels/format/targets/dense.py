@@ -84,5 +84,5 @@ class Dense:
         top = np.argpartition(-probs, topk - 1, axis=1)[:, :topk]
         p = np.take_along_axis(probs, top, 1)
         with np.errstate(divide="ignore"):
-            ids, lp = most_probable_first(top.astype(np.int32), np.log(p))
+            lp, ids = most_probable_first(np.log(p), top.astype(np.int32))
         return {"ids": ids, "lp": lp, "valid": lp > -np.inf}

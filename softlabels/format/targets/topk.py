@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from softlabels.format import schema as S
-from softlabels.format.targets.base import TeacherOutputs, Uniforms
+from softlabels.format.targets.base import TeacherOutputs, Uniforms, most_probable_first
+from softlabels.tempering import tempered
 
 ARRAYS = [S.TOPK_INDICES, S.TOPK_LOGITS, S.TOPK_LOGSUMEXP]
 
@@ -56,9 +57,7 @@ class TopK:
                uniforms: Uniforms | None) -> dict[str, torch.Tensor]:
         z = out.logits
         top = torch.topk(z, self.k, dim=-1)  # largest first (ties: torch.topk's order)
-        # z / 1 == z: one pass less at T = 1
-        lse = torch.stack([torch.logsumexp(z if t == 1 else z / t, -1) for t in temperatures],
-                          -1)
+        lse = torch.stack([torch.logsumexp(tempered(z, t), -1) for t in temperatures], -1)
         if not self.shifted:
             return {S.TOPK_INDICES: top.indices.int(), S.TOPK_LOGITS: top.values,
                     S.TOPK_LOGSUMEXP: lse}
@@ -111,8 +110,7 @@ class TopK:
                topk: int | None) -> dict[str, np.ndarray]:
         z = arrays[S.TOPK_LOGITS].astype(np.float32)
         lp = z / np.float32(temperature) - arrays[S.TOPK_LOGSUMEXP][:, k:k + 1]
-        order = np.argsort(-lp, axis=1, kind="stable")
-        return {"ids": np.take_along_axis(arrays[S.TOPK_INDICES], order, 1),
-                "lp": np.take_along_axis(lp, order, 1), "valid": np.ones(lp.shape, bool),
-                "softlabels_topk_logits": np.take_along_axis(arrays[S.TOPK_LOGITS], order, 1),
+        lp, ids, logits = most_probable_first(lp, arrays[S.TOPK_INDICES], arrays[S.TOPK_LOGITS])
+        return {"ids": ids, "lp": lp, "valid": np.ones(lp.shape, bool),
+                "softlabels_topk_logits": logits,
                 "softlabels_topk_logsumexp": arrays[S.TOPK_LOGSUMEXP]}
