@@ -272,7 +272,8 @@ def _device_only(teacher: Teacher, data: TokenSequences, layout: object, batch: 
         seqs = seqs[np.argsort(-data.lengths[seqs], kind="stable")]
         for i in range(0, len(seqs), batch):
             b = [int(s) for s in seqs[i:i + batch]]
-            targets = device_targets(teacher, pad([data[s] for s in b]), data.lengths[b], layout, b)
+            z = teacher.member_logits(pad([data[s] for s in b]))
+            targets = device_targets(teacher, z, data.lengths[b], layout, b)
             [t.cpu() for t in targets.values()]  # on the host, as precompute's are
     return time.perf_counter() - t0
 

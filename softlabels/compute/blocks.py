@@ -3,7 +3,8 @@
 One loop for every kind of row: the main thread walks the pending blocks in units, feeds their
 batches through the teacher and copies the stored targets to the host; a writer thread hands
 each batch to its unit's assembler, which checks, hashes and gathers rows into whole blocks and
-writes them, so storage overlaps compute. What differs by kind is a `rows.RowKind`, chosen once
+writes them, so storage overlaps compute (a CPU teacher's targets are made there too, so that
+its thread runs only forward passes). What differs by kind is a `rows.RowKind`, chosen once
 from `KINDS` by the DATA's kind (`sources.tokens.data_kind`) or the set's (`Layout.kind`).
 """
 
@@ -25,8 +26,9 @@ from torch.utils.data import Dataset
 from softlabels.compute.examples import ExampleRows
 from softlabels.compute.positions import PositionRows
 from softlabels.compute.record import PrecomputeResult, as_options
-from softlabels.compute.rows import Feed, Prepared, RowKind, Unit, rows_of
+from softlabels.compute.rows import Assembler, Batch, Feed, Prepared, RowKind, Unit, rows_of
 from softlabels.errors import OptionError
+from softlabels.format.layout import Layout
 from softlabels.format.lease import refuse_if_busy
 from softlabels.format.writer import BlockWriter, TransferSetWriter
 from softlabels.options import PrecomputeOptions, check_output_file
@@ -97,7 +99,9 @@ def run_blocks(kind: RowKind, teacher: Teacher, dataset: Dataset,
                report: Callable[[int], None], *, spare_core: bool = False) -> None:
     """Compute and write the pending blocks of `units`; `report(rows done so far)` after each
     batch. Each batch runs through the teacher here; its targets, copied to the host without
-    waiting, go to its unit's assembler on the writer thread (or inline, `writer_thread`)."""
+    waiting, go to its unit's assembler on the writer thread (or inline, `writer_thread`).
+    A CPU teacher's targets (tempering, storage dtypes, top-k: CPU work like the teacher's) are
+    made on the writer thread, beside the next batch's forward pass."""
     cuda = teacher.device.type == "cuda"
     layout = writer.layout
     errors: list[BaseException] = []
@@ -106,6 +110,7 @@ def run_blocks(kind: RowKind, teacher: Teacher, dataset: Dataset,
     # thread only preempts them (measured: 0.89 of bare speed with a thread, see
     # benchmarks/README.md), so there the same work runs inline between batches.
     threaded = writer_thread(cuda, spare_core)
+    targets_on_writer = threaded and teacher.device.type == "cpu"
     q: Any = queue.Queue(maxsize=WRITER_QUEUE) if threaded else _Inline(errors)
     thread = threading.Thread(target=_writer_loop, args=(q, errors), name="softlabels-writer",
                               daemon=True)
@@ -120,14 +125,19 @@ def run_blocks(kind: RowKind, teacher: Teacher, dataset: Dataset,
             for batch in kind.batches(dataset, layout, unit, feed):
                 if errors:
                     break
-                outputs = kind.targets(teacher, layout, batch)
                 # queued for the thread, a batch owns its memory: a CPU teacher's own output
                 # tensor is copied where it is made (Teacher.member_logits), not every array
-                host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
-                event = torch.cuda.Event() if cuda else None
-                if event is not None:
-                    event.record()
-                q.put((event, assembler.add, (batch, host)))
+                member_logits = kind.forward(teacher, batch)
+                if targets_on_writer:
+                    q.put((None, _targets_then_add,
+                           (kind, teacher, layout, batch, member_logits, assembler)))
+                else:
+                    outputs = kind.targets(teacher, layout, batch, member_logits)
+                    host = {name: t.to("cpu", non_blocking=cuda) for name, t in outputs.items()}
+                    event = torch.cuda.Event() if cuda else None
+                    if event is not None:
+                        event.record()
+                    q.put((event, assembler.add, (batch, host)))
                 done += batch.count
                 report(done)
             q.put((None, assembler.finish, ()))
@@ -137,6 +147,12 @@ def run_blocks(kind: RowKind, teacher: Teacher, dataset: Dataset,
             thread.join()
     if errors:
         raise errors[0]
+
+
+def _targets_then_add(kind: RowKind, teacher: Teacher, layout: Layout, batch: Batch,
+                      member_logits: torch.Tensor, assembler: Assembler) -> None:
+    """A CPU teacher's batch on the writer thread: its targets, then its unit's assembler."""
+    assembler.add(batch, kind.targets(teacher, layout, batch, member_logits))
 
 
 WRITER_QUEUE = 4  # batches the teacher may run ahead of the writer thread

@@ -121,10 +121,13 @@ class ExampleRows:
                 x = decode_batch(x, decode_on, _examples(dataset).preprocess or Preprocess())
             yield Batch(inputs=x, rows=(y, *hashed), count=len(x))
 
-    def targets(self, teacher: Teacher, layout: Layout, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, teacher: Teacher, batch: Batch) -> torch.Tensor:
+        return teacher.member_logits(batch.inputs)
+
+    def targets(self, teacher: Teacher, layout: Layout, batch: Batch,
+                member_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """`device_outputs`, and the batch's input as the teacher read it."""
-        outputs = device_outputs(layout, *teacher.soft_targets(batch.inputs,
-                                                                layout.temperatures))
+        outputs = device_outputs(layout, *teacher.targets_of(member_logits, layout.temperatures))
         return outputs | {INPUT: batch.inputs}
 
     def assembler(self, writer: TransferSetWriter | BlockWriter, dataset: Dataset,

@@ -131,9 +131,13 @@ class PositionRows:
             yield Batch(inputs=pad([dataset[s] for s in batch]), rows=(batch, lengths),
                         count=int(pending[dst].sum()))
 
-    def targets(self, teacher: Teacher, layout: Layout, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, teacher: Teacher, batch: Batch) -> torch.Tensor:
+        return teacher.member_logits(batch.inputs)  # (M, B, L, V)
+
+    def targets(self, teacher: Teacher, layout: Layout, batch: Batch,
+                member_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         seqs, lengths = batch.rows
-        return device_targets(teacher, batch.inputs, lengths, layout, seqs)
+        return device_targets(teacher, member_logits, lengths, layout, seqs)
 
     def assembler(self, writer: TransferSetWriter | BlockWriter, dataset: TokenSequences,
                   unit: Unit) -> _WindowAssembler:
@@ -193,13 +197,12 @@ def pad(seqs: list[torch.Tensor], value: int = 0) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def device_targets(teacher: Teacher, ids: torch.Tensor, lengths: np.ndarray,
+def device_targets(teacher: Teacher, z: torch.Tensor, lengths: np.ndarray,
                    layout: Layout, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The target arrays of one padded batch, computed on the teacher's device; (B, L, ...)
-    (or (K, B, L, ...) for probs and sampled classes)."""
-    z = teacher.member_logits(ids)  # (M, B, L, V) on the device
+    """The target arrays of one padded batch from the teacher's member logits `z` (M, B, L, V),
+    computed on its device; (B, L, ...) (or (K, B, L, ...) for probs and sampled classes)."""
     logits = combine_logits(z, teacher.combine)  # (B, L, V)
-    valid = torch.arange(ids.shape[1], device=z.device)[None] < \
+    valid = torch.arange(z.shape[2], device=z.device)[None] < \
         torch.as_tensor(lengths, device=z.device)[:, None]
     # a row is finite iff its largest and smallest logits are (NaN propagates through both):
     # two reading passes over (B, L, V), no (B, L, V) temporaries

@@ -4,9 +4,10 @@ or a set's (`Layout.kind`).
 
 One implementation per kind: `examples.ExampleRows` (one row per example, or per view of it)
 and `positions.PositionRows` (one row per position of token sequences). The loop walks the
-pending blocks as `units`, cuts each into `batches`, runs `targets` (the teacher, and what is
-stored of its outputs, on its device), copies those to the host and hands them to the unit's
-`assembler`, which writes whole blocks (on the writer thread where there is one).
+pending blocks as `units`, cuts each into `batches`, runs the teacher's `forward` pass and
+`targets` (what is stored of its outputs, on its device), copies those to the host and hands
+them to the unit's `assembler`, which writes whole blocks (on the writer thread where there is
+one; a CPU teacher's `targets` run there too).
 """
 
 from __future__ import annotations
@@ -94,9 +95,14 @@ class RowKind(Protocol):
                 feed: Feed) -> Iterable[Batch]:
         """The unit's rows cut into the teacher's batches, the same on every run."""
 
-    def targets(self, teacher: Teacher, layout: Layout, batch: Batch) -> dict[str, torch.Tensor]:
-        """Run the teacher on one batch; what the assembler needs of it, computed on the
-        teacher's device so that only what is stored crosses to the host."""
+    def forward(self, teacher: Teacher, batch: Batch) -> torch.Tensor:
+        """The teacher's forward pass over one batch: its members' logits on its device."""
+
+    def targets(self, teacher: Teacher, layout: Layout, batch: Batch,
+                member_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the assembler needs of one batch's `forward`, computed on the teacher's device
+        (tempering, storage dtypes, top-k, ...) so that only what is stored crosses to the
+        host."""
 
     def assembler(self, writer: TransferSetWriter | BlockWriter, dataset: Dataset,
                   unit: Unit) -> Assembler:

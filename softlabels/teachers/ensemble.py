@@ -139,7 +139,14 @@ class Teacher:
         self, x: torch.Tensor, temperatures: Sequence[float]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(member logits (M,B,C), combined logits (B,C), probs (K,B,C)), all float32."""
-        z = self.member_logits(x)
+        return self.targets_of(self.member_logits(x), temperatures)
+
+    @torch.inference_mode()
+    def targets_of(
+        self, member_logits: torch.Tensor, temperatures: Sequence[float]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`soft_targets` from member logits (M,B,C) already computed (`member_logits`)."""
+        z = member_logits
         return z, combine_logits(z, self.combine), ensemble_probs(z, temperatures, self.combine)
 
     def weights_match(self, recorded: TeacherInfo) -> tuple[bool, str]:

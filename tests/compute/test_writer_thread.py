@@ -53,19 +53,19 @@ def test_the_teacher_runs_at_most_a_queue_ahead_of_the_writer(
     stage = sys.modules["softlabels.compute.examples"]
     monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", "1")
     ran, written, ahead = [0], [0], []
-    soft_targets, add = stage.Teacher.soft_targets, stage._BlockAssembler.add
+    forward, add = stage.ExampleRows.forward, stage._BlockAssembler.add
 
     def counted_teacher(self, *args):  # noqa: ANN001, ANN202
         ran[0] += 1
         ahead.append(ran[0] - written[0])
-        return soft_targets(self, *args)
+        return forward(self, *args)
 
     def slow_add(self, *args):  # noqa: ANN001, ANN202
         time.sleep(0.02)
         add(self, *args)
         written[0] += 1
 
-    monkeypatch.setattr(stage.Teacher, "soft_targets", counted_teacher)
+    monkeypatch.setattr(stage.ExampleRows, "forward", counted_teacher)
     monkeypatch.setattr(stage._BlockAssembler, "add", slow_add)
     precompute(npz_data, ["mlp:16-8-3"], tmp_path / "s.zarr", temperatures=[1, 4],
                chunk_rows=CHUNK, batch_size=4, random_teacher=True)
@@ -177,8 +177,36 @@ def test_a_teacher_reusing_its_output_tensor_is_stored_row_by_row(
     teacher = _ReusedOutput().eval()
     precompute(npz_data, [teacher], out_path, temperatures=[1, 4], dtype="float32",
                chunk_rows=CHUNK, batch_size=7)
-    with torch.no_grad():
-        x = torch.from_numpy(np.load(npz_data.removeprefix("npz:"))["x"])
-        want = teacher.lin(x.flatten(1)).numpy()
+    with torch.no_grad():  # the same batches (blocks cut into 7s): a kernel's last bits may
+        x = torch.from_numpy(np.load(npz_data.removeprefix("npz:"))["x"]).flatten(1)  # vary
+        cuts = [(i, min(i + 7, b + CHUNK, len(x))) for b in range(0, len(x), CHUNK)
+                for i in range(b, min(b + CHUNK, len(x)), 7)]  # with the batch's shape
+        want = torch.cat([teacher.lin(x[i:j]) for i, j in cuts]).numpy()
     stored = _arrays(out_path)
     np.testing.assert_array_equal(stored[S.LOGITS], want[stored[S.INDEX]])
+
+
+@pytest.mark.parametrize("flag, where", [("1", "softlabels-writer"), ("0", "MainThread")])
+def test_a_cpu_teachers_targets_are_made_on_the_writer_thread(
+        npz_data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str,
+        where: str) -> None:
+    """On the CPU the tempering, storage dtypes and top-k are CPU work like the teacher's own:
+    with a writer thread they run there, beside the next forward pass (which stays on the
+    calling thread); inline, on the calling thread. For both kinds of row; the sets' bytes are
+    the inline path's (the test above)."""
+    from token_data import TEACHER, write_tokens
+
+    stage = sys.modules["softlabels.compute.blocks"]
+    monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", flag)
+    made: dict[str, set[str]] = {"forward": set(), "targets": set()}
+    for kind in stage.KINDS.values():
+        for step in made:
+            def record(self, *args, _step=step, _call=getattr(type(kind), step)):  # noqa: ANN001, ANN202
+                made[_step].add(threading.current_thread().name)
+                return _call(self, *args)
+            monkeypatch.setattr(type(kind), step, record)
+    precompute(npz_data, ["mlp:16-8-3"], tmp_path / "e.zarr", chunk_rows=CHUNK, batch_size=7,
+               random_teacher=True)
+    precompute(write_tokens(tmp_path / "t.jsonl"), [TEACHER], tmp_path / "s.zarr", topk=3,
+               chunk_rows=CHUNK, batch_size=4)
+    assert made == {"forward": {"MainThread"}, "targets": {where}}
