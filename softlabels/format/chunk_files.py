@@ -34,6 +34,8 @@ class ChunkFiles:
                  dtype: np.dtype, fill: Any, codec: str | None) -> None:
         self.folder, self.shape, self.chunks = folder, shape, chunks
         self.dtype, self.fill, self.codec = dtype, fill, codec
+        self.count = int(np.prod(chunks))  # a chunk's values
+        self._keys = os.path.join(folder, "c")  # a chunk's file: this + "/i/j/..."
 
     @classmethod
     def of(cls, folder: Path) -> ChunkFiles | None:
@@ -128,31 +130,34 @@ class ChunkFiles:
                ) -> np.ndarray | None:
         """One chunk, decoded into a writable array (one copy out of the page cache): a fresh
         one, or the buffer kept in `scratch`."""
-        path = self.folder.joinpath("c", *map(str, coords))
-        count = int(np.prod(self.chunks))
+        path = self._keys + "".join(f"/{c}" for c in coords)
         out = scratch.get("buffer") if scratch is not None else None
-        if out is None or out.dtype != self.dtype or out.size != count:
-            out = np.empty(count, dtype=self.dtype)
+        if out is None or out.dtype != self.dtype or out.size != self.count:
+            out = np.empty(self.count, dtype=self.dtype)
             if scratch is not None:
                 scratch["buffer"] = out
         try:  # O_NONBLOCK: a fifo in a chunk's place is opened, not waited on
-            f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:  # an unwritten chunk reads as the fill value, as in zarr
             return np.full(self.chunks, self.fill, dtype=self.dtype)
         except OSError:
             return None
-        with f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # zarr would wait or read on
-                raise OSError(f"chunk {path} is not a regular file (a fifo or a device)")
-            try:
-                if self.codec is None:
-                    got = f.readinto(memoryview(out).cast("B"))
-                    if got != out.nbytes or f.read(1):
-                        return None  # a truncated or overlong chunk: zarr names it
-                    return out.reshape(self.chunks)
-                raw = f.read()
-            except OSError:
-                return None
+        try:
+            found = os.fstat(fd)
+            regular = stat.S_ISREG(found.st_mode)
+            if regular and self.codec is None:  # a truncated or overlong chunk (by its size,
+                # or by what one read returns if it changes meanwhile) is left to zarr
+                whole = found.st_size == out.nbytes and os.readv(fd, [out]) == out.nbytes
+            elif regular:
+                raw = _read_all(fd, found.st_size)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if not regular:  # zarr would wait on a fifo, or read a device on and on
+            raise OSError(f"chunk {path} is not a regular file (a fifo or a device)")
+        if self.codec is None:
+            return out.reshape(self.chunks) if whole else None
         from numcodecs import Blosc, Zstd
 
         try:  # a blosc frame records its own compressor, shuffle, type size and length
@@ -166,6 +171,15 @@ class ChunkFiles:
         except Exception:  # a damaged chunk: zarr reads it again and names the failure
             return None
         return out.reshape(self.chunks)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The file's bytes from its start (`size` as fstat found it; more if it grew)."""
+    parts, got = [], 0
+    while chunk := os.read(fd, max(size - got, 1 << 16)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def _u32(raw: bytes, at: int) -> int:

@@ -4,6 +4,7 @@ goes through zarr and is refused naming the block."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,15 @@ def test_chunk_files_read_what_zarr_reads(npz_data: str, tmp_path: Path, topk: i
         assert fast[S.LABELS].read((slice(0, CHUNK + 1),)) is None
 
 
-def test_a_truncated_chunk_is_refused_naming_its_block(npz_data: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", [lambda b: b[:-4], lambda b: b + b"\0" * 4, lambda b: b""],
+                         ids=["truncated", "overlong", "empty"])
+def test_a_chunk_of_the_wrong_length_is_refused_naming_its_block(
+        npz_data: str, tmp_path: Path, damage: Callable[[bytes], bytes]) -> None:
     path = tmp_path / "set.zarr"
     precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
                random_teacher=True)
     chunk = path / S.PROBS / "c" / "1" / "2" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:-4])
+    chunk.write_bytes(damage(chunk.read_bytes()))
     with open_transfer_set(path) as ts:
         assert ChunkFiles.of(path / S.PROBS).read(ts._block_selection(
             S.PROBS, *ts.block_range(2), 1)) is None

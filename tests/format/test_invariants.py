@@ -17,6 +17,7 @@ from softlabels.compute.blocks import precompute
 from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.backends import open_store
+from softlabels.format.blockcheck import PROBS_SUM_TOLERANCE, target_problem
 from softlabels.format.reader import open_transfer_set
 from softlabels.sets.verify import verify
 
@@ -122,3 +123,23 @@ def test_a_downgrade_to_version_1_without_checksums_is_refused(tmp_path: Path,
                                       "--transfer-set", str(path), "--out",
                                       str(tmp_path / "m.pt"), "--epochs", "1"])
     assert result.exit_code != 0 and "checksums were removed" in result.stderr
+
+
+@pytest.mark.parametrize("classes", [10, 1000, 100_000])
+def test_the_row_sum_tolerance_is_decided_in_float64(classes: int) -> None:
+    """Dense probabilities are summed in float32 first and the rows near the tolerance again in
+    float64: a row off by just over 1e-4 (float32's tolerance) is refused with its float64
+    figure, one just under passes, whatever the number of classes."""
+    rng = np.random.default_rng(classes)
+    p = rng.random((2, 8, classes)) + 0.5
+    p /= p.sum(-1, keepdims=True)
+    tol = PROBS_SUM_TOLERANCE["float32"]
+    for scale, refused in ((1 + 1.2 * tol, True), (1 + 0.8 * tol, False)):
+        q = p.copy()
+        q[1, 5] *= scale
+        q32 = q.astype(np.float32)
+        off = abs(float(q32[1, 5].astype(np.float64).sum()) - 1)
+        problem = target_problem({S.PROBS: q32}, classes)
+        assert (problem is not None) == refused, (scale, problem)
+        if refused:
+            assert "do not sum to 1" in problem and f"off by {off:.3g}" in problem
