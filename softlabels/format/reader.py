@@ -160,13 +160,19 @@ class TransferSet:
 
     def read_blocks(self, blocks: Iterable[int], arrays: Iterable[str] | None = None, *,
                     temperature: float | None = None, checksum: bool = True,
-                    reuse: bool = False) -> list[dict[str, np.ndarray]]:
+                    reuse: bool = False, into: dict[str, np.ndarray] | None = None,
+                    ) -> list[dict[str, np.ndarray]]:
         """`read_block` of several blocks, their chunks fetched in one call (Zarr: one asyncio
         gather), then each block checked on its own bytes as `read_block` checks it. A block
         that cannot be read is named by reading the blocks again one at a time. `reuse`: the
         arrays may be views of buffers this thread's next `reuse` read overwrites (for a
-        caller that copies them out at once: no fresh memory per block)."""
+        caller that copies them out at once: no fresh memory per block). `into` (one block):
+        memory of the caller's that an array whose block is one whole chunk file of a local
+        set may be read straight into (a flat array of the chunk's dtype and size, nothing
+        else writing to it); that array is then a view of it, checked there."""
         blocks = [int(b) for b in blocks]
+        if into and len(blocks) != 1:
+            raise ValueError("read_blocks(into=...) reads one block")
         names = self.row_arrays() if arrays is None else list(dict.fromkeys(arrays))
         unknown = sorted(set(names) - set(self.layout.arrays()))
         if unknown:
@@ -198,7 +204,7 @@ class TransferSet:
             if any(b not in self._marked for b in blocks) and not self.store.reads_together \
                     and self._marks is None:
                 self._marks = self.store.read(S.BLOCK_DONE)  # HDF5: ~10 us per block, once
-            got = self._read_many(requests, reuse)
+            got = self._read_many(requests, reuse, into)
         except Exception as exc:  # a corrupted chunk fails in the codec, whatever the backend
             if is_url(self.path) and is_timeout(exc):  # not damage: a server past its deadline
                 start, stop = self.block_range(blocks[0])
@@ -243,17 +249,19 @@ class TransferSet:
         return self._files[name]
 
     def _read_many(self, requests: list[tuple[str, Any]], reuse: bool = False,
-                   ) -> list[np.ndarray]:
+                   into: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """`store.read_many`, except that the chunks of a local Zarr set laid out as this
         package writes them are read straight from their files (`chunk_files`: zarr-python's
         per-chunk work is 5x a file read's CPU); every other request goes through zarr. With
-        `reuse`, into this thread's buffers, one per request position (see `read_blocks`)."""
+        `reuse`, into this thread's buffers, one per request position, or for an array in
+        `into`, into that (see `read_blocks`)."""
         got: list[np.ndarray | None] = [None] * len(requests)
         if self._files is not None:
             kept = self._buffers.__dict__.setdefault("by_position", {}) if reuse else None
             for i, (name, selection) in enumerate(requests):
                 files = self._chunk_files(name)
-                scratch = kept.setdefault((i, name), {}) if kept is not None else None
+                scratch = ({"buffer": into[name]} if into and name in into  # this call only
+                           else kept.setdefault((i, name), {}) if kept is not None else None)
                 got[i] = files.read(selection, scratch) if files is not None else None
         rest = [i for i, g in enumerate(got) if g is None]
         if rest:

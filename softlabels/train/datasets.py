@@ -34,6 +34,7 @@ from softlabels.train.epochs import WindowLoader, block_windows, rank_and_world,
 from softlabels.train.stream_pieces import (
     BlockReaders,
     Span,
+    Window,
     WindowPool,
     background,
     build_window,
@@ -175,13 +176,15 @@ class SoftTargetBatches(IterableDataset):
     checksums (the value checks remain, every epoch: without checksums nothing proves a block
     unchanged, whereas the checked stream checks a block's values once while the set is open).
 
-    Memory: a background thread reads and shuffles one window while the previous one is served,
-    so at most two windows of the served arrays are held (a window is `window` to
-    2 x `window` - 1 blocks of labels, index and targets at T: at C = 1,000 in float32 a block
-    of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and `dtype=torch.float16`
-    lower it), plus up to four pieces (each at most PIECE_BYTES of inputs, labels and targets:
-    queued, being cut, being built); never the set. Window memory no batch holds any more is
-    lent to the next window (`stream_pieces.WindowPool`), so it stays held between epochs.
+    Memory: a background thread reads one window (its blocks in stored order, read straight
+    into it where they are served as stored) and gathers its pieces in the shuffled order while
+    the previous pieces are served, so at most two windows of the served arrays are held (a
+    window is `window` to 2 x `window` - 1 blocks of labels, index and targets at T: at C =
+    1,000 in float32 a block of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and
+    `dtype=torch.float16` lower it), plus up to four pieces (each at most PIECE_BYTES of
+    inputs, labels and targets: queued, being cut, being built); never the set. Memory no batch
+    holds any more is lent to the next window or piece (`stream_pieces.WindowPool`), so it
+    stays held between epochs.
 
     Workers: `loader(num_workers=W)` (pieces of whole batches, built by worker i % W and cut
     into batches in the main process, as views) or a plain `DataLoader(stream,
@@ -324,17 +327,18 @@ class SoftTargetBatches(IterableDataset):
 
         readers = BlockReaders()
 
-        def build(j: int, blocks: list[int]) -> list[torch.Tensor] | None:
+        def build(j: int, blocks: list[int]) -> Window | None:
             order = window_generator(self.seed, epoch, rank, j) if self.shuffle else None
             return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
                                 temperature=self.temperature, checksum=self.checksum,
-                                dtype=self.dtype, keep=self.keep, order=order, shared=shared,
+                                dtype=self.dtype, keep=self.keep, order=order,
                                 readers=readers, pool=self._pool,
                                 together=URL_READS if is_url(self.path) else 1)
 
         def make() -> Iterator[list[torch.Tensor]]:
             try:
                 yield from pieces(windows, counts, span, build=build, shared=shared,
+                                  pool=self._pool,
                                   gather=lambda index: gather_inputs(self.data, index,
                                                                      shared=shared))
             finally:

@@ -31,7 +31,7 @@ from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet
 from softlabels.sources.arrays import NpzDataset, split_item
-from softlabels.train.blocks import empty, needed_arrays, opaque_rows, window_order
+from softlabels.train.blocks import empty, needed_arrays, window_order
 
 Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
 PIECE_ROWS = 65_536  # rows of a piece a stream builds at once, at most
@@ -78,56 +78,84 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
     return cols
 
 
+@dataclass(frozen=True)
+class Window:
+    """A window's selected rows: `columns` [index, labels, *targets] in the order they are
+    stored, and `order`, the stored row served at each position of the window (None: as
+    stored)."""
+
+    columns: Columns
+    order: np.ndarray | None
+
+
 def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
                  checksum: bool, dtype: torch.dtype, keep: np.ndarray | None,
-                 order: torch.Generator | None, shared: bool, readers: BlockReaders,
-                 together: int = 1, pool: WindowPool | None = None) -> Columns | None:
-    """[index, labels, *targets] of a window's selected rows (`sizes[i]` of block i), in the
-    order of a permutation drawn from `order` (None: as they come); None without rows.
+                 order: torch.Generator | None, readers: BlockReaders, together: int = 1,
+                 pool: WindowPool | None = None) -> Window | None:
+    """A window's selected rows (`sizes[i]` of block i), in stored order, and the order of a
+    permutation drawn from `order` (None: as they come); None without rows.
 
     Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
-    (a local set: into reused buffers, then at once scattered into the window's columns,
-    targets in shared memory where `shared`): no fresh memory per block, one copy per row.
+    (a local set: into reused buffers, then at once copied into the window's columns, in
+    order): no fresh memory per block. The shuffle is applied when pieces are gathered
+    (`pieces`): measured at C = 100, a gather of 200,000 400-byte rows in batches took 11 ms
+    where scattering them into a shuffled window took 31 ms, and the copy in order 9.5 ms.
     One block per call is also the fastest through zarr on local disk (a gather of a whole
     49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
-    per call (a URL). `pool` lends the columns not in shared memory (`WindowPool`).
+    per call (a URL). `pool` lends the columns' memory (`WindowPool`).
     """
     n = sum(sizes)
     if n == 0:
         return None
     stored = ts.temperature_index(temperature) is not None
     names = needed_arrays(ts, temperature)
-    dest = torch.randperm(n, generator=order).numpy() if order is not None else None
     window: Columns | None = None
-    slots: list[np.ndarray] = []  # the window's columns as opaque rows, made once
+    direct: dict[str, int] = {}  # arrays served as stored: name -> its column
+    starts = np.cumsum([0, *sizes])
+
+    def into(i: int) -> dict[str, np.ndarray] | None:
+        """Where block i's arrays that are served as stored may be read: their rows of the
+        window (read and checked there, no copy after)."""
+        if window is None or keep is not None:
+            return None
+        a, b = int(starts[i]), int(starts[i + 1])
+        return {name: window[j][a:b].numpy().reshape(-1) for name, j in direct.items()}
+
     at = 0
-    read = readers.read(ts, blocks, names, together, checksum, temperature if stored else None)
+    read = readers.read(ts, blocks, names, together, checksum, temperature if stored else None,
+                        into=into)
     for block, rows, arrays in zip(blocks, sizes, read):
         cols = block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
                              block=block)
         if window is None:
-            window = [empty((n, *c.shape[1:]), c.dtype, shared=True) if shared and j > 0
-                      else pool.take((n, *c.shape[1:]), c.dtype) if pool is not None
-                      else empty((n, *c.shape[1:]), c.dtype, shared=False)
-                      for j, c in enumerate(cols)]
-            slots = [opaque_rows(out) for out in window]
-        if rows:  # a scatter of opaque rows, straight out of the read buffers
-            where = slice(at, at + rows) if dest is None else dest[at:at + rows]
-            for out, c in zip(slots, cols):
-                out[where] = opaque_rows(c)
+            window = [pool.take((n, *c.shape[1:]), c.dtype) if pool is not None
+                      else empty((n, *c.shape[1:]), c.dtype, shared=False) for c in cols]
+            direct = {name: j for name, a in arrays.items() for j, c in enumerate(cols)
+                      if c.data_ptr() == a.ctypes.data and c.nbytes == a.nbytes
+                      and c.dtype != torch.bfloat16 and a.flags.c_contiguous}
+        for out, c in zip(window, cols):  # in order, out of the read buffers (or read there)
+            if rows and out[at:at + rows].data_ptr() != c.data_ptr():
+                out[at:at + rows].copy_(c)
         at += rows
-    return window
+    if window is None:
+        return None
+    if order is None:
+        return Window(window, None)
+    dest = torch.randperm(n, generator=order).numpy()  # stored row i is served at dest[i]
+    served = np.empty(n, dtype=np.int64)
+    served[dest] = np.arange(n)
+    return Window(window, served)
 
 
 class WindowPool:
-    """Memory for windows, lent again once nothing holds it: a fresh window costs more in page
-    faults than the scatter that fills it (measured: 56-167 ms against 22-26 ms for 120 MB).
-    A buffer is lent only when no tensor but the pool's own refers to its storage (torch's
-    storage use count), so a batch a consumer keeps is never overwritten; without that count
-    (another torch) nothing is reused. Holds at most `limit` buffers (two windows' columns),
-    each lent to a column of at least half its size."""
+    """Memory for windows and pieces, lent again once nothing holds it: a fresh window costs
+    more in page faults than the copy that fills it (measured: 56-167 ms against 22-26 ms for
+    120 MB). A buffer is lent only when no tensor but the pool's own refers to its storage
+    (torch's storage use count), so a batch a consumer keeps is never overwritten; without that
+    count (another torch) nothing is reused. Holds at most `limit` buffers (the columns of two
+    windows and four pieces), each lent to a column of at least half its size."""
 
-    def __init__(self, limit: int = 8) -> None:
+    def __init__(self, limit: int = 32) -> None:
         self.limit, self.kept = limit, []  # type: ignore[var-annotated]
         self.lock = threading.Lock()  # two streams' producers may share a pool
 
@@ -161,20 +189,21 @@ def _unshared(buffer: torch.Tensor) -> bool:
 
 class BlockReaders:
     """Where a window's blocks are read (`TransferSet.read_blocks`, each block checked on its
-    own bytes, into this thread's reused buffers: `reuse`).
+    own bytes, into this thread's reused buffers: `reuse`, or straight into the window).
 
     A local set is read in the calling thread, block by block, just before each block is
-    scattered: the read is a copy out of the page cache, the checks run over a buffer still in
-    cache, and on a machine whose two cores share one memory bus a second thread measured
-    slower (C = 1,000: 27-31 ms an epoch inline against 38-39 ms with two reading threads;
-    numpy's short GIL-free calls pay a thread hand-over each). Once two blocks in a row read
-    slower than the page cache serves (`CACHED_READ_RATE`: the set's files are not cached), the
-    next `READ_AHEAD` blocks' files are announced to the kernel (`TransferSet.will_read`) for
-    the rest of the epoch, so the disk reads ahead while this thread works; a cached set is
-    spared the hints' cost (measured: 5 ms an epoch at C = 100 and 1,000). From a URL
+    copied into its window: the read is a copy out of the page cache, the checks run over
+    memory still in cache, and on a machine whose two cores share one memory bus a second
+    thread measured slower (C = 1,000: 27-31 ms an epoch inline against 38-39 ms with two
+    reading threads; numpy's short GIL-free calls pay a thread hand-over each). Once two blocks
+    in a row read slower than the page cache serves (`CACHED_READ_RATE`: the set's files are
+    not cached), the next `READ_AHEAD` blocks' files are announced to the kernel
+    (`TransferSet.will_read`) for the rest of the epoch, so the disk reads ahead while this
+    thread works; a cached set is spared the hints' cost (measured: 5 ms an epoch at C = 100
+    and 1,000). From a URL
     (`together` > 1 blocks per call, each call waiting a round trip) two threads take the
-    calls in turn, so the next call waits while this one is scattered; a thread is given its
-    next call only once the blocks it read last have been scattered (double buffering)."""
+    calls in turn, so the next call waits while this one is copied; a thread is given its
+    next call only once the blocks it read last have been copied (double buffering)."""
 
     def __init__(self) -> None:
         self.pools: list[ThreadPoolExecutor] = []  # made for the first URL read
@@ -185,9 +214,13 @@ class BlockReaders:
             pool.shutdown(wait=not sys.is_finalizing(), cancel_futures=True)
 
     def read(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
-             checksum: bool, temperature: float | None) -> Iterator[dict[str, np.ndarray]]:
+             checksum: bool, temperature: float | None,
+             into: Callable[[int], dict[str, np.ndarray] | None] | None = None,
+             ) -> Iterator[dict[str, np.ndarray]]:
         """Each block's checked arrays, valid until the next is asked for; `together` blocks
-        per call (from a URL, where each call waits a round trip)."""
+        per call (from a URL, where each call waits a round trip). `into(i)`: memory block i's
+        arrays may be read straight into, asked for just before it is read (one block per
+        call; `TransferSet.read_blocks`)."""
         if together == 1:
             hinted = 0  # blocks[:hinted] were announced to the kernel (`will_read`)
             for i, block in enumerate(blocks):
@@ -197,7 +230,8 @@ class BlockReaders:
                     hinted = i + 1 + READ_AHEAD
                 start = time.perf_counter()
                 got = ts.read_blocks([block], names, temperature=temperature,
-                                     checksum=checksum, reuse=True)
+                                     checksum=checksum, reuse=True,
+                                     into=into(i) if into is not None else None)
                 rate = sum(a.nbytes for a in got[0].values()) / max(
                     time.perf_counter() - start, 1e-9)
                 if self.slow < 2:  # two slow reads running: from disk for the rest of the epoch
@@ -216,7 +250,7 @@ class BlockReaders:
         try:
             for i in range(len(groups)):
                 yield from due.popleft().result()
-                if i + 2 < len(groups):  # that thread's blocks are scattered
+                if i + 2 < len(groups):  # that thread's blocks are copied
                     due.append(self.pools[i % 2].submit(job, groups[i + 2]))
         finally:
             for future in due:  # a window left early: nothing may still write the buffers
@@ -226,43 +260,59 @@ class BlockReaders:
 
 
 def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
-           build: Callable[[int, list[int]], Columns | None],
-           gather: Callable[[torch.Tensor], Any], shared: bool) -> Iterator[Columns]:
+           build: Callable[[int, list[int]], Window | None],
+           gather: Callable[[torch.Tensor], Any], shared: bool,
+           pool: WindowPool | None = None) -> Iterator[Columns]:
     """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
 
-    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, its rows
-    permuted) only when one of this worker's pieces overlaps it. A piece is a view of its
-    window where it lies in one, else the rows of several joined (in shared memory where
-    `shared`); `gather` turns its `index` column into the inputs.
+    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, its order
+    drawn) only when one of this worker's pieces overlaps it. A piece is its rows gathered in
+    the window's order (`Window.order`) into memory of its own (shared where `shared`, else
+    lent by `pool`), from one window or several; an unshuffled piece inside one window is a
+    view of it. `gather` turns its `index` column into the inputs.
     """
-    parts: dict[int, list[Columns]] = {}
+    parts: dict[int, list[tuple[Window, int, int]]] = {}
     at = 0
     for j, (blocks, n) in enumerate(zip(windows, counts)):
         lo, hi, at = at, at + n, at + n
         own = [i for i in span.pieces_in(lo, hi) if span.mine(i)]
         if not own:
             continue
-        cols = build(j, blocks)
+        built = build(j, blocks)
         for i in own:
             start, stop = span.rows_of(i)
-            cut = slice(max(start, lo) - lo, min(stop, hi) - lo)
-            parts.setdefault(i, []).append([c[cut] for c in cols])
+            parts.setdefault(i, []).append((built, max(start, lo) - lo, min(stop, hi) - lo))
             if stop <= hi:
-                index, *rest = _joined(parts.pop(i), shared)
+                index, *rest = _gathered(parts.pop(i), shared, pool)
                 yield [gather(index), *rest]
     if span.stop > at:  # a window shorter than planned cannot happen: the counts are the plan's
         raise RuntimeError(f"the plan has {at} rows, fewer than the {span.stop} served")
 
 
-def _joined(parts: list[Columns], shared: bool) -> Columns:
-    if len(parts) == 1:
-        return parts[0]
+def _gathered(parts: list[tuple[Window, int, int]], shared: bool,
+              pool: WindowPool | None) -> Columns:
+    """One piece's columns: positions [a, b) of each part's window, in the window's order."""
+    first = parts[0][0].columns
+    if len(parts) == 1 and parts[0][0].order is None and not shared:
+        _, a, b = parts[0]
+        return [c[a:b] for c in first]
+    n = sum(b - a for _, a, b in parts)
     out = []
-    for j in range(len(parts[0])):
-        pieces_j = [p[j] for p in parts]
-        n = sum(len(p) for p in pieces_j)
-        dest = empty((n, *pieces_j[0].shape[1:]), pieces_j[0].dtype, shared=shared and j > 0)
-        out.append(torch.cat(pieces_j, out=dest))
+    for j, col in enumerate(first):
+        shape = (n, *col.shape[1:])
+        dest = (empty(shape, col.dtype, shared=True) if shared and j > 0  # index: for inputs
+                else pool.take(shape, col.dtype) if pool is not None
+                else empty(shape, col.dtype, shared=False))
+        at = 0
+        for window, a, b in parts:
+            src = window.columns[j]
+            if window.order is None:
+                dest[at:at + b - a].copy_(src[a:b])
+            else:  # torch's gather: measured 1.7 ms for 65,536 400-byte rows, numpy's 3-8 ms
+                torch.index_select(src, 0, torch.from_numpy(window.order[a:b]),
+                                   out=dest[at:at + b - a])
+            at += b - a
+        out.append(dest)
     return out
 
 

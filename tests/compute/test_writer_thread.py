@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -199,12 +201,16 @@ def test_a_cpu_teachers_targets_are_made_on_the_writer_thread(
     stage = sys.modules["softlabels.compute.blocks"]
     monkeypatch.setenv("SOFTLABELS_WRITER_THREAD", flag)
     made: dict[str, set[str]] = {"forward": set(), "targets": set()}
+
+    def recorded(step: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def record(self, *args):  # noqa: ANN001, ANN202
+            made[step].add(threading.current_thread().name)
+            return call(self, *args)
+        return record
+
     for kind in stage.KINDS.values():
         for step in made:
-            def record(self, *args, _step=step, _call=getattr(type(kind), step)):  # noqa: ANN001, ANN202
-                made[_step].add(threading.current_thread().name)
-                return _call(self, *args)
-            monkeypatch.setattr(type(kind), step, record)
+            monkeypatch.setattr(type(kind), step, recorded(step, getattr(type(kind), step)))
     precompute(npz_data, ["mlp:16-8-3"], tmp_path / "e.zarr", chunk_rows=CHUNK, batch_size=7,
                random_teacher=True)
     precompute(write_tokens(tmp_path / "t.jsonl"), [TEACHER], tmp_path / "s.zarr", topk=3,

@@ -252,3 +252,30 @@ def test_a_damaged_index_or_sample_hash_is_named_as_damage_not_as_other_data(
             check_alignment(load_data(npz_data), ts, np.arange(ts.num_rows))
     with pytest.raises(IntegrityError, match="block 2 "):
         list(SoftTargetBatches(npz_data, made, temperature=1.0, batch_size=8))
+
+
+@pytest.mark.parametrize("suffix", ["zarr"])
+def test_a_block_read_into_the_callers_memory_is_checked_there(made: Path) -> None:
+    """`read_blocks(into=...)` (stage two reads a window's blocks straight into the window):
+    the arrays read are views of the memory given, equal to an ordinary read; an array whose
+    chunk is not one whole block's size is read as before; and a flipped byte read that way is
+    refused, naming its block: the bytes checked are the ones in the caller's memory."""
+    with open_transfer_set(made) as ts:
+        want = ts.read_block(2, [S.PROBS, S.LABELS], temperature=4.0)
+        into = {S.PROBS: np.zeros(want[S.PROBS].size, want[S.PROBS].dtype),
+                S.LABELS: np.zeros(want[S.LABELS].size, want[S.LABELS].dtype),
+                S.INDEX: np.zeros(3, np.int64)}  # not a chunk's size: a buffer of its own
+        got = ts.read_blocks([2], [S.PROBS, S.LABELS, S.INDEX], temperature=4.0, reuse=True,
+                             into=into)[0]
+        for name in (S.PROBS, S.LABELS):
+            np.testing.assert_array_equal(got[name], want[name])
+            assert np.shares_memory(got[name], into[name]), name
+            np.testing.assert_array_equal(into[name].reshape(want[name].shape), want[name])
+        assert not np.shares_memory(got[S.INDEX], into[S.INDEX])
+        np.testing.assert_array_equal(got[S.INDEX], ts.read_block(2, [S.INDEX])[S.INDEX])
+        with pytest.raises(ValueError, match="one block"):
+            ts.read_blocks([2, 3], [S.PROBS], temperature=4.0, into=into)
+    flip_byte(made, S.PROBS, block_chunk(S.PROBS, (2, 103, 3), 3, lead=1))
+    with open_transfer_set(made) as ts, pytest.raises(IntegrityError, match="block 3 "):
+        ts.read_blocks([3], [S.PROBS], temperature=4.0, reuse=True,
+                       into={S.PROBS: np.zeros(CHUNK * 3, np.float32)})
