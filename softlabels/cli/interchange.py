@@ -144,6 +144,6 @@ def _report(out: str, meta: dict[str, Any], as_json: bool) -> None:
         return
     what = (f"{layout.num_sequences} sequences ({layout.num_rows} positions)"
             if layout.kind == "sequences" else f"{layout.num_rows} rows")
-    kind = f"top-{layout.target.to_meta()['k']}" if layout.target.to_meta() else "dense"
+    kind = f"top-{summary['sparse']['k']}" if summary["sparse"] else "dense"
     echo(f"wrote {out}: {what}, {kind} over {layout.num_classes} classes at "
          f"T = {list(layout.temperatures)}; check it with `softlabels verify {out}`")

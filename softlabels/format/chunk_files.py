@@ -35,7 +35,7 @@ class ChunkFiles:
         self.folder, self.shape, self.chunks = folder, shape, chunks
         self.dtype, self.fill, self.codec = dtype, fill, codec
         self.count = int(np.prod(chunks))  # a chunk's values
-        self._keys = os.path.join(folder, "c")  # a chunk's file: this + "/i/j/..."
+        self._keys = os.path.join(folder, "c")  # a chunk's file: this + "/i/j/..." (`_path`)
 
     @classmethod
     def of(cls, folder: Path) -> ChunkFiles | None:
@@ -90,7 +90,7 @@ class ChunkFiles:
         if found is None:
             return
         try:
-            fd = os.open(self.folder.joinpath("c", *map(str, found[0])),
+            fd = os.open(self._path(found[0]),
                          os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return
@@ -126,11 +126,15 @@ class ChunkFiles:
             inner.append(slice(start % c, start % c + stop - start))
         return coords, tuple(inner)
 
+    def _path(self, coords: list[int]) -> str:
+        """The file of the chunk at `coords` (default keys, "/" separated)."""
+        return self._keys + "".join(f"/{c}" for c in coords)
+
     def _chunk(self, coords: list[int], scratch: dict[str, np.ndarray] | None,
                ) -> np.ndarray | None:
         """One chunk, decoded into a writable array (one copy out of the page cache): a fresh
         one, or the buffer kept in `scratch`."""
-        path = self._keys + "".join(f"/{c}" for c in coords)
+        path = self._path(coords)
         out = scratch.get("buffer") if scratch is not None else None
         if out is None or out.dtype != self.dtype or out.size != self.count:
             out = np.empty(self.count, dtype=self.dtype)

@@ -137,8 +137,6 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
             if rows and out[at:at + rows].data_ptr() != c.data_ptr():
                 out[at:at + rows].copy_(c)
         at += rows
-    if window is None:
-        return None
     if order is None:
         return Window(window, None)
     dest = torch.randperm(n, generator=order).numpy()  # stored row i is served at dest[i]
@@ -200,10 +198,10 @@ class BlockReaders:
     not cached), the next `READ_AHEAD` blocks' files are announced to the kernel
     (`TransferSet.will_read`) for the rest of the epoch, so the disk reads ahead while this
     thread works; a cached set is spared the hints' cost (measured: 5 ms an epoch at C = 100
-    and 1,000). From a URL
-    (`together` > 1 blocks per call, each call waiting a round trip) two threads take the
-    calls in turn, so the next call waits while this one is copied; a thread is given its
-    next call only once the blocks it read last have been copied (double buffering)."""
+    and 1,000). From a URL (`together` > 1 blocks per call, each call waiting a round trip)
+    two threads take the calls in turn, so the next call waits while this one is copied; a
+    thread is given its next call only once the blocks it read last have been copied (double
+    buffering)."""
 
     def __init__(self) -> None:
         self.pools: list[ThreadPoolExecutor] = []  # made for the first URL read
