@@ -98,8 +98,9 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
     Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
     (a local set: into reused buffers, then at once copied into the window's columns, in
     order): no fresh memory per block. The shuffle is applied when pieces are gathered
-    (`pieces`): measured at C = 100, a gather of 200,000 400-byte rows in batches took 11 ms
-    where scattering them into a shuffled window took 31 ms, and the copy in order 9.5 ms.
+    (`pieces`): for 200,000 rows of 400 bytes, scattering them into a shuffled window took
+    23-28 ms, the copy in order 7-8 ms and gathering them per piece 5-13 ms (2 or 1 torch
+    threads; benchmarks/window_copies.py).
     One block per call is also the fastest through zarr on local disk (a gather of a whole
     49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
     per call (a URL). `pool` lends the columns' memory (`WindowPool`).
@@ -306,7 +307,7 @@ def _gathered(parts: list[tuple[Window, int, int]], shared: bool,
             src = window.columns[j]
             if window.order is None:
                 dest[at:at + b - a].copy_(src[a:b])
-            else:  # torch's gather: measured 1.7 ms for 65,536 400-byte rows, numpy's 3-8 ms
+            else:  # torch's gather: GIL-free, on torch's threads (window_copies.py)
                 torch.index_select(src, 0, torch.from_numpy(window.order[a:b]),
                                    out=dest[at:at + b - a])
             at += b - a
