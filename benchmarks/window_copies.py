@@ -9,8 +9,13 @@ window (best of `--repeat`; one torch thread unless `--threads`):
   gather 256   the shuffled rows gathered batch by batch (numpy take of opaque rows);
   gather piece the shuffled rows gathered per 65,536-row piece (torch.index_select: the stream
                now).
+With `--set PATH` (a local Zarr set), it also times filling one window of all the set's blocks
+as the stream does (`stream_pieces.build_window`: each block read and checked, straight into
+the window), by one reading thread and by two (`BlockReaders(threads=...)`), the set's files
+in the page cache (read once before).
 
     python benchmarks/window_copies.py [--classes 100] [--rows 200000] [--block 4096] [--threads 0]
+    python benchmarks/window_copies.py --set SET.zarr [--temperature 4]
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main() -> None:
     p.add_argument("--piece", type=int, default=65_536)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's default")
+    p.add_argument("--set", help="a local Zarr set: also time filling a window of its blocks")
+    p.add_argument("--temperature", type=float, default=4.0)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +90,34 @@ def main() -> None:
                        ("gather 256", gather_batches), ("gather piece", gather_pieces)):
         ms = best(step, args.repeat)
         print(f"  {name:<13} {ms:7.1f} ms  ({mb / ms:5.2f} GB/s)")
+    if args.set:
+        fill_window(args.set, args.temperature, args.repeat)
+
+
+def fill_window(path: str, temperature: float, repeat: int) -> None:
+    """Time `build_window` over every block of the set at `path`, by one and two threads."""
+    from softlabels.format.reader import open_transfer_set
+    from softlabels.train.stream_pieces import BlockReaders, WindowPool, build_window
+
+    with open_transfer_set(path) as ts:
+        blocks = list(range(ts.num_blocks))
+        sizes = [ts.block_range(b)[1] - ts.block_range(b)[0] for b in blocks]
+        pool = WindowPool()
+        windows = []
+        for threads in (1, 2):
+            readers = BlockReaders(threads=threads)
+
+            def fill(readers: BlockReaders = readers) -> None:
+                built = build_window(ts, blocks, sizes, temperature=temperature, checksum=True,
+                                     keep=None, order=None, readers=readers, pool=pool)
+                assert built is not None
+                windows.append(sum(c.nbytes for c in built.arrays.values()))
+
+            ms = best(fill, repeat)
+            readers.close()
+            mb = windows[-1] / 1e6
+            print(f"  fill a window of {len(blocks)} blocks of {path} ({mb:,.0f} MB), "
+                  f"{threads} reading thread(s): {ms:7.1f} ms  ({mb / ms:5.2f} GB/s)")
 
 
 if __name__ == "__main__":

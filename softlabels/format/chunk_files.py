@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ class ChunkFiles:
         self.folder, self.shape, self.chunks = folder, shape, chunks
         self.dtype, self.fill, self.codec = dtype, fill, codec
         self.count = int(np.prod(chunks))  # a chunk's values
+        # bytes read from chunk files and the seconds those reads took (open to close), which
+        # tell a page-cache read from a disk read whatever the decoding costs (`file_reads`)
+        self.read_bytes, self.read_seconds = 0, 0.0
         self._keys = os.path.join(folder, "c")  # a chunk's file: this + "/i/j/..." (`_path`)
 
     @classmethod
@@ -140,6 +144,7 @@ class ChunkFiles:
             out = np.empty(self.count, dtype=self.dtype)
             if scratch is not None:
                 scratch["buffer"] = out
+        start = time.perf_counter()
         try:  # O_NONBLOCK: a fifo in a chunk's place is opened, not waited on
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:  # an unwritten chunk reads as the fill value, as in zarr
@@ -158,6 +163,9 @@ class ChunkFiles:
             return None
         finally:
             os.close(fd)
+            self.read_seconds += time.perf_counter() - start
+        if regular:
+            self.read_bytes += found.st_size
         if not regular:  # zarr would wait on a fifo, or read a device on and on
             raise OSError(f"chunk {path} is not a regular file (a fifo or a device)")
         if self.codec is None:

@@ -41,6 +41,7 @@ from softlabels.train.stream_pieces import (
     cut,
     gather_inputs,
     piece_batches,
+    piece_columns,
     pieces,
     window_generator,
 )
@@ -176,13 +177,14 @@ class SoftTargetBatches(IterableDataset):
     checksums (the value checks remain, every epoch: without checksums nothing proves a block
     unchanged, whereas the checked stream checks a block's values once while the set is open).
 
-    Memory: a background thread reads one window (its blocks in stored order, read straight
-    into it where they are served as stored) and gathers its pieces in the shuffled order while
-    the previous pieces are served, so at most two windows of the served arrays are held (a
-    window is `window` to 2 x `window` - 1 blocks of labels, index and targets at T: at C =
-    1,000 in float32 a block of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and
-    `dtype=torch.float16` lower it), plus up to four pieces (each at most PIECE_BYTES of
-    inputs, labels and targets: queued, being cut, being built); never the set. Memory no batch
+    Memory: a background thread reads one window (its blocks as stored, in stored order, read
+    straight into it) and gathers its pieces in the shuffled order, decoding each piece's
+    targets, while the previous pieces are served, so at most two windows of the stored arrays
+    served from are held (a window is `window` to 2 x `window` - 1 blocks of labels, index and
+    the stored targets at T: at C = 1,000 in float32 a block of 512 rows stores 2 MiB, so 64
+    blocks hold 128 MiB; a smaller `window` lowers it), plus up to four pieces (each at most
+    PIECE_BYTES of inputs, labels and decoded targets, beside their stored rows: queued, being
+    cut, being built); never the set. Memory no batch
     holds any more is lent to the next window or piece (`stream_pieces.WindowPool`), so it
     stays held between epochs.
 
@@ -325,13 +327,14 @@ class SoftTargetBatches(IterableDataset):
         counts = [self._rows_in(w) for w in windows]
         span = span_of(sum(counts))
 
-        readers = BlockReaders()
+        readers = BlockReaders(threads=1 if shared else 2)  # a worker: one thread (W workers
+        # read at once already)
 
         def build(j: int, blocks: list[int]) -> Window | None:
             order = window_generator(self.seed, epoch, rank, j) if self.shuffle else None
             return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
                                 temperature=self.temperature, checksum=self.checksum,
-                                dtype=self.dtype, keep=self.keep, order=order,
+                                keep=self.keep, order=order,
                                 readers=readers, pool=self._pool,
                                 together=URL_READS if is_url(self.path) else 1)
 
@@ -339,6 +342,8 @@ class SoftTargetBatches(IterableDataset):
             try:
                 yield from pieces(windows, counts, span, build=build, shared=shared,
                                   pool=self._pool,
+                                  decode=lambda arrays: piece_columns(
+                                      ts, arrays, temperature=self.temperature, dtype=self.dtype),
                                   gather=lambda index: gather_inputs(self.data, index,
                                                                      shared=shared))
             finally:

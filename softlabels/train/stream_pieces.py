@@ -16,7 +16,6 @@ import atexit
 import queue
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
 PIECE_ROWS = 65_536  # rows of a piece a stream builds at once, at most
 PIECE_BYTES = 32 << 20  # bytes of a piece (inputs, labels, targets) a stream builds at once
 READ_AHEAD = 4  # blocks of a local set whose files the kernel reads ahead (`will_read`)
-CACHED_READ_RATE = 1 << 30  # bytes/s (read and checked) below which a block came from disk
+CACHED_READ_RATE = 1 << 30  # bytes/s of file reads below which a block came from disk
 
 
 @dataclass(frozen=True)
@@ -62,82 +61,84 @@ class Span:
         return start, min(start + self.piece, self.stop)
 
 
-def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature: float,
-                  dtype: torch.dtype, keep: np.ndarray | None, block: int) -> Columns:
-    """[index, labels, *targets] of one checked block's selected rows (`keep`, a mask over all
-    rows, or every row), converted with torch: dense (n, C) probabilities at T (stored, or
-    re-tempered from the logits in float32) in `dtype`; sparse (classes int64, weights in
-    `dtype`), and a hybrid set's log p_T (float32) last."""
-    cols = [torch.from_numpy(arrays[S.INDEX]), torch.from_numpy(arrays[S.LABELS]),
-            *ts.target.decode(arrays, temperature, ts.temperature_index(temperature),
+def piece_columns(ts: TransferSet, arrays: dict[str, torch.Tensor], *, temperature: float,
+                  dtype: torch.dtype) -> Columns:
+    """[index, labels, *targets] of a piece's stored arrays (gathered out of its windows),
+    the targets decoded with torch (`TargetKind.decode`, row by row): dense (n, C)
+    probabilities at T (stored, or re-tempered from the logits in float32) in `dtype`; sparse
+    (classes int64, weights in `dtype`), and a hybrid's log p_T (float32) last."""
+    stored = {name: t.numpy() for name, t in arrays.items()}
+    return [arrays[S.INDEX], arrays[S.LABELS],
+            *ts.target.decode(stored, temperature, ts.temperature_index(temperature),
                               tuple(ts.temperatures), dtype)]
-    if keep is not None:
-        start, stop = ts.block_range(block)
-        mask = torch.from_numpy(keep[start:stop])
-        cols = [c[mask] for c in cols]
-    return cols
 
 
 @dataclass(frozen=True)
 class Window:
-    """A window's selected rows: `columns` [index, labels, *targets] in the order they are
-    stored, and `order`, the stored row served at each position of the window (None: as
-    stored)."""
+    """A window's selected rows: `arrays`, the stored arrays stage two serves from
+    (`needed_arrays`), in the order they are stored, and `order`, the stored row served at
+    each position of the window (None: as stored)."""
 
-    columns: Columns
+    arrays: dict[str, torch.Tensor]
     order: np.ndarray | None
 
 
 def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
-                 checksum: bool, dtype: torch.dtype, keep: np.ndarray | None,
-                 order: torch.Generator | None, readers: BlockReaders, together: int = 1,
-                 pool: WindowPool | None = None) -> Window | None:
-    """A window's selected rows (`sizes[i]` of block i), in stored order, and the order of a
-    permutation drawn from `order` (None: as they come); None without rows.
+                 checksum: bool, keep: np.ndarray | None, order: torch.Generator | None,
+                 readers: BlockReaders, together: int = 1, pool: WindowPool | None = None,
+                 ) -> Window | None:
+    """A window's selected rows (`sizes[i]` of block i) of the arrays stage two serves from,
+    as stored and in stored order, and the order of a permutation drawn from `order` (None: as
+    they come); None without rows.
 
     Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
-    (a local set: into reused buffers, then at once copied into the window's columns, in
-    order): no fresh memory per block. The shuffle is applied when pieces are gathered
-    (`pieces`): for 200,000 rows of 400 bytes, scattering them into a shuffled window took
-    23-28 ms, the copy in order 7-8 ms and gathering them per piece 5-13 ms (2 or 1 torch
-    threads; benchmarks/window_copies.py).
+    (`BlockReaders.fill`: a cached local set's blocks on two threads): where a block is one
+    whole chunk file of a local set, straight into the window's rows (its checksums and value
+    checks run there, so the bytes checked are the bytes served), else into reused buffers and
+    copied in order. Nothing is decoded here: pieces gather the stored rows in the shuffled
+    order and decode them (`pieces`), one pass over fewer bytes (top-k: int32 classes, not
+    int64). For 200,000 rows of 400 bytes, scattering them into a shuffled window took 23-28
+    ms, the copy in order 7-8 ms and gathering them per piece 5-13 ms (2 or 1 torch threads;
+    benchmarks/window_copies.py).
     One block per call is also the fastest through zarr on local disk (a gather of a whole
     49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
-    per call (a URL). `pool` lends the columns' memory (`WindowPool`).
+    per call (a URL). `pool` lends the window's memory (`WindowPool`).
     """
     n = sum(sizes)
     if n == 0:
         return None
     stored = ts.temperature_index(temperature) is not None
     names = needed_arrays(ts, temperature)
-    window: Columns | None = None
-    direct: dict[str, int] = {}  # arrays served as stored: name -> its column
+    window: dict[str, torch.Tensor] = {}
     starts = np.cumsum([0, *sizes])
 
     def into(i: int) -> dict[str, np.ndarray] | None:
-        """Where block i's arrays that are served as stored may be read: their rows of the
-        window (read and checked there, no copy after)."""
-        if window is None or keep is not None:
+        """Where block i's arrays may be read: their rows of the window (read and checked
+        there, no copy after)."""
+        if not window or keep is not None:
             return None
         a, b = int(starts[i]), int(starts[i + 1])
-        return {name: window[j][a:b].numpy().reshape(-1) for name, j in direct.items()}
+        return {name: col[a:b].numpy().reshape(-1) for name, col in window.items()}
 
-    at = 0
-    read = readers.read(ts, blocks, names, together, checksum, temperature if stored else None,
-                        into=into)
-    for block, rows, arrays in zip(blocks, sizes, read):
-        cols = block_columns(ts, arrays, temperature=temperature, dtype=dtype, keep=keep,
-                             block=block)
-        if window is None:
-            window = [pool.take((n, *c.shape[1:]), c.dtype) if pool is not None
-                      else empty((n, *c.shape[1:]), c.dtype, shared=False) for c in cols]
-            direct = {name: j for name, a in arrays.items() for j, c in enumerate(cols)
-                      if c.data_ptr() == a.ctypes.data and c.nbytes == a.nbytes
-                      and c.dtype != torch.bfloat16 and a.flags.c_contiguous}
-        for out, c in zip(window, cols):  # in order, out of the read buffers (or read there)
-            if rows and out[at:at + rows].data_ptr() != c.data_ptr():
-                out[at:at + rows].copy_(c)
-        at += rows
+    def place(i: int, arrays: dict[str, np.ndarray]) -> None:
+        """Block i's arrays into its rows of the window (unless read there): in order, its
+        selected rows, before its read buffers are read into again."""
+        if keep is not None:
+            start, stop = ts.block_range(blocks[i])
+            arrays = {name: a[keep[start:stop]] for name, a in arrays.items()}
+        if not window:  # the first block, placed before any other block is read
+            for name, a in arrays.items():
+                shape, kind = (n, *a.shape[1:]), torch.from_numpy(a[:0]).dtype
+                window[name] = (pool.take(shape, kind) if pool is not None
+                                else empty(shape, kind, shared=False))
+        a0, b0 = int(starts[i]), int(starts[i + 1])
+        for name, a in arrays.items():
+            out = window[name][a0:b0]
+            if b0 > a0 and out.data_ptr() != a.ctypes.data:
+                out.copy_(torch.from_numpy(a))
+
+    readers.fill(ts, blocks, names, together, checksum, temperature if stored else None,
+                 into=into, place=place)
     if order is None:
         return Window(window, None)
     dest = torch.randperm(n, generator=order).numpy()  # stored row i is served at dest[i]
@@ -188,38 +189,96 @@ def _unshared(buffer: torch.Tensor) -> bool:
 
 class BlockReaders:
     """Where a window's blocks are read (`TransferSet.read_blocks`, each block checked on its
-    own bytes, into this thread's reused buffers: `reuse`, or straight into the window).
+    own bytes, into the reading thread's reused buffers: `reuse`, or straight into the window)
+    and placed (`fill`).
 
-    A local set is read in the calling thread, block by block, just before each block is
-    copied into its window: the read is a copy out of the page cache, the checks run over
-    memory still in cache, and on a machine whose two cores share one memory bus a second
-    thread measured slower (C = 1,000: 27-31 ms an epoch inline against 38-39 ms with two
-    reading threads; numpy's short GIL-free calls pay a thread hand-over each). Once two blocks
-    in a row read slower than the page cache serves (`CACHED_READ_RATE`: the set's files are
-    not cached), the next `READ_AHEAD` blocks' files are announced to the kernel
-    (`TransferSet.will_read`) for the rest of the epoch, so the disk reads ahead while this
-    thread works; a cached set is spared the hints' cost (measured: 5 ms an epoch at C = 100
-    and 1,000). From a URL (`together` > 1 blocks per call, each call waiting a round trip)
-    two threads take the calls in turn, so the next call waits while this one is copied; a
-    thread is given its next call only once the blocks it read last have been copied (double
-    buffering)."""
+    A local set whose files the page cache holds is read by two threads, the window's blocks
+    dealt to them in turn, each block placed by the thread that read it before that thread
+    reads again: the reads (a copy out of the page cache) and the checksums release the GIL,
+    and two threads filled a window of a C = 1,000 set's 59 blocks (120 MB) in 33 ms against
+    52 ms for one, a C = 100 set's 49 blocks (83 MB) in 25 against 38 ms
+    (`benchmarks/window_copies.py --set`). Inside a DataLoader worker, and
+    once two blocks in a row read slower than the page cache serves (`CACHED_READ_RATE`, the
+    rate of the file reads alone, `TransferSet.file_reads`, so decompression does not pass for
+    a slow disk: the set's files are not cached), one thread reads, and announces the next
+    `READ_AHEAD` blocks' files to the kernel (`TransferSet.will_read`) for the rest of the
+    epoch, so the disk reads ahead while it works; a cached set is spared the hints' cost
+    (measured: 5 ms an epoch at C = 100 and 1,000, and at top-10 of C = 1,000, whose blocks
+    decode slower than 1 GB/s). From a URL (`together` > 1 blocks per call, each call waiting
+    a round trip) two threads take the calls in turn, so the next call waits while this one
+    is placed; a thread is given its next call only once the blocks it read last have been
+    placed (double buffering)."""
 
-    def __init__(self) -> None:
-        self.pools: list[ThreadPoolExecutor] = []  # made for the first URL read
+    def __init__(self, threads: int = 2) -> None:
+        self.threads = threads  # reading a cached local set
+        self.pools: list[ThreadPoolExecutor] = []  # made for the first read that needs them
         self.slow = 0  # local blocks in a row read slower than the page cache reads
 
     def close(self) -> None:
         for pool in self.pools:
             pool.shutdown(wait=not sys.is_finalizing(), cancel_futures=True)
 
+    def _pool(self, i: int) -> ThreadPoolExecutor:
+        while len(self.pools) <= i:
+            self.pools.append(ThreadPoolExecutor(1, thread_name_prefix="softlabels-block"))
+        return self.pools[i]
+
+    def fill(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
+             checksum: bool, temperature: float | None,
+             into: Callable[[int], dict[str, np.ndarray] | None],
+             place: Callable[[int, dict[str, np.ndarray]], None]) -> None:
+        """Read each block's checked arrays and `place(i, arrays)` them, block 0 first, each
+        before its reading thread reads again (`arrays` may be views of that thread's reused
+        buffers). `into(i)`: memory block i's arrays may be read straight into, asked for
+        just before it is read (one block per call; `TransferSet.read_blocks`). Returns once
+        every block is placed; the first error raised, once no thread reads any more."""
+        local = together == 1 and ts.file_reads() is not None
+        if not local or self.threads < 2 or self.slow >= 2 or len(blocks) < 3:
+            for i, arrays in enumerate(self.read(ts, blocks, names, together, checksum,
+                                                 temperature, into)):
+                place(i, arrays)
+            return
+        stop = threading.Event()
+
+        def run(mine: range) -> None:
+            try:
+                for i in mine:
+                    if stop.is_set():
+                        return
+                    place(i, self._read_one(ts, blocks[i], names, checksum, temperature,
+                                            into(i)))
+            except BaseException:
+                stop.set()
+                raise
+
+        run(range(1))  # block 0 first: the window is made from its arrays
+        helper = self._pool(0).submit(run, range(2, len(blocks), 2))
+        try:
+            run(range(1, len(blocks), 2))
+        finally:  # nothing may still write the window once this returns
+            helper.exception()
+        helper.result()
+
+    def _read_one(self, ts: TransferSet, block: int, names: list[str], checksum: bool,
+                  temperature: float | None, into: dict[str, np.ndarray] | None,
+                  ) -> dict[str, np.ndarray]:
+        """One local block, read and checked; its file reads' rate counted (`slow`)."""
+        before = ts.file_reads()
+        got = ts.read_blocks([block], names, temperature=temperature, checksum=checksum,
+                             reuse=True, into=into)
+        after = ts.file_reads()
+        if self.slow < 2 and before is not None and after is not None and after[0] > before[0]:
+            # two slow reads running: from disk for the rest of the epoch
+            rate = (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
+            self.slow = self.slow + 1 if rate < CACHED_READ_RATE else 0
+        return got[0]
+
     def read(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
              checksum: bool, temperature: float | None,
              into: Callable[[int], dict[str, np.ndarray] | None] | None = None,
              ) -> Iterator[dict[str, np.ndarray]]:
-        """Each block's checked arrays, valid until the next is asked for; `together` blocks
-        per call (from a URL, where each call waits a round trip). `into(i)`: memory block i's
-        arrays may be read straight into, asked for just before it is read (one block per
-        call; `TransferSet.read_blocks`)."""
+        """Each block's checked arrays in one thread, valid until the next is asked for;
+        `together` blocks per call (from a URL, where each call waits a round trip)."""
         if together == 1:
             hinted = 0  # blocks[:hinted] were announced to the kernel (`will_read`)
             for i, block in enumerate(blocks):
@@ -227,30 +286,20 @@ class BlockReaders:
                     ahead = blocks[max(hinted, i + 1):i + 1 + READ_AHEAD]
                     ts.will_read(ahead, names, temperature=temperature)
                     hinted = i + 1 + READ_AHEAD
-                start = time.perf_counter()
-                got = ts.read_blocks([block], names, temperature=temperature,
-                                     checksum=checksum, reuse=True,
-                                     into=into(i) if into is not None else None)
-                rate = sum(a.nbytes for a in got[0].values()) / max(
-                    time.perf_counter() - start, 1e-9)
-                if self.slow < 2:  # two slow reads running: from disk for the rest of the epoch
-                    self.slow = self.slow + 1 if rate < CACHED_READ_RATE else 0
-                yield from got
+                yield self._read_one(ts, block, names, checksum, temperature,
+                                     into(i) if into is not None else None)
             return
         groups = [blocks[i:i + together] for i in range(0, len(blocks), together)]
 
         def job(group: list[int]) -> list[dict[str, np.ndarray]]:
             return ts.read_blocks(group, names, temperature=temperature, checksum=checksum)
 
-        if not self.pools:
-            self.pools = [ThreadPoolExecutor(1, thread_name_prefix="softlabels-block")
-                          for _ in range(2)]
-        due = deque(self.pools[i % 2].submit(job, groups[i]) for i in range(min(2, len(groups))))
+        due = deque(self._pool(i % 2).submit(job, groups[i]) for i in range(min(2, len(groups))))
         try:
             for i in range(len(groups)):
                 yield from due.popleft().result()
-                if i + 2 < len(groups):  # that thread's blocks are copied
-                    due.append(self.pools[i % 2].submit(job, groups[i + 2]))
+                if i + 2 < len(groups):  # that thread's blocks are placed
+                    due.append(self._pool(i % 2).submit(job, groups[i + 2]))
         finally:
             for future in due:  # a window left early: nothing may still write the buffers
                 future.cancel()
@@ -260,15 +309,17 @@ class BlockReaders:
 
 def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
            build: Callable[[int, list[int]], Window | None],
+           decode: Callable[[dict[str, torch.Tensor]], Columns],
            gather: Callable[[torch.Tensor], Any], shared: bool,
            pool: WindowPool | None = None) -> Iterator[Columns]:
     """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
 
     Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, its order
-    drawn) only when one of this worker's pieces overlaps it. A piece is its rows gathered in
-    the window's order (`Window.order`) into memory of its own (shared where `shared`, else
-    lent by `pool`), from one window or several; an unshuffled piece inside one window is a
-    view of it. `gather` turns its `index` column into the inputs.
+    drawn) only when one of this worker's pieces overlaps it. A piece's stored arrays are its
+    rows gathered in the window's order (`Window.order`) into memory of its own (shared where
+    `shared`, else lent by `pool`), from one window or several (an unshuffled piece inside
+    one window: views of it); `decode` turns them into [index, labels, *targets] and `gather`
+    the index into the inputs.
     """
     parts: dict[int, list[tuple[Window, int, int]]] = {}
     at = 0
@@ -282,36 +333,37 @@ def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
             start, stop = span.rows_of(i)
             parts.setdefault(i, []).append((built, max(start, lo) - lo, min(stop, hi) - lo))
             if stop <= hi:
-                index, *rest = _gathered(parts.pop(i), shared, pool)
+                index, *rest = decode(_gathered(parts.pop(i), shared, pool))
                 yield [gather(index), *rest]
     if span.stop > at:  # a window shorter than planned cannot happen: the counts are the plan's
         raise RuntimeError(f"the plan has {at} rows, fewer than the {span.stop} served")
 
 
 def _gathered(parts: list[tuple[Window, int, int]], shared: bool,
-              pool: WindowPool | None) -> Columns:
-    """One piece's columns: positions [a, b) of each part's window, in the window's order."""
-    first = parts[0][0].columns
+              pool: WindowPool | None) -> dict[str, torch.Tensor]:
+    """One piece's stored arrays: positions [a, b) of each part's window, in the window's
+    order."""
+    first = parts[0][0].arrays
     if len(parts) == 1 and parts[0][0].order is None and not shared:
         _, a, b = parts[0]
-        return [c[a:b] for c in first]
+        return {name: col[a:b] for name, col in first.items()}
     n = sum(b - a for _, a, b in parts)
-    out = []
-    for j, col in enumerate(first):
+    out = {}
+    for name, col in first.items():
         shape = (n, *col.shape[1:])
-        dest = (empty(shape, col.dtype, shared=True) if shared and j > 0  # index: for inputs
-                else pool.take(shape, col.dtype) if pool is not None
+        dest = (empty(shape, col.dtype, shared=True) if shared and name != S.INDEX  # index:
+                else pool.take(shape, col.dtype) if pool is not None  # for the inputs
                 else empty(shape, col.dtype, shared=False))
         at = 0
         for window, a, b in parts:
-            src = window.columns[j]
+            src = window.arrays[name]
             if window.order is None:
                 dest[at:at + b - a].copy_(src[a:b])
             else:  # torch's gather: GIL-free, on torch's threads (window_copies.py)
                 torch.index_select(src, 0, torch.from_numpy(window.order[a:b]),
                                    out=dest[at:at + b - a])
             at += b - a
-        out.append(dest)
+        out[name] = dest
     return out
 
 

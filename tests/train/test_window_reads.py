@@ -1,0 +1,195 @@
+"""How a stream's window is read: a cached local set's blocks on two threads, each block
+checked where it lands and placed before its thread reads again; the same window as one
+thread builds; damage read by either thread refused by name, with nothing written after; a
+set read from disk (file reads slower than the page cache) read by one thread that announces
+the next blocks to the kernel."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from checksums import block_chunk, flip_byte
+
+from softlabels.compute.blocks import precompute
+from softlabels.errors import IntegrityError
+from softlabels.format import schema as S
+from softlabels.format.reader import TransferSet, open_transfer_set
+from softlabels.train.blocks import needed_arrays
+from softlabels.train.stream_pieces import BlockReaders, build_window
+
+ROWS, CHUNK, T = 300, 16, 4.0  # 19 blocks, the last one short
+
+
+@pytest.fixture(params=["dense", "topk"])
+def made(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    x = np.random.default_rng(0).normal(size=(ROWS, 3)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x, y=np.random.default_rng(1).integers(0, 4, ROWS))
+    path = tmp_path / "set.zarr"
+    precompute(f"npz:{tmp_path / 'x.npz'}", ["mlp:3-4"], path, temperatures=[1, T],
+               chunk_rows=CHUNK, topk=2 if request.param == "topk" else 0,
+               random_teacher=True)
+    return path
+
+
+def _threads_reading(ts: TransferSet, monkeypatch: pytest.MonkeyPatch) -> dict[int, str]:
+    """block -> the name of the thread that read it, filled as `ts` reads blocks."""
+    seen: dict[int, str] = {}
+    read = ts.read_blocks
+
+    def spy(blocks: list[int], *args: object, **kwargs: object) -> object:
+        for b in blocks:
+            seen[b] = threading.current_thread().name
+        return read(blocks, *args, **kwargs)
+
+    monkeypatch.setattr(ts, "read_blocks", spy)
+    return seen
+
+
+def _window(ts: TransferSet, blocks: list[int], threads: int) -> tuple[dict, np.ndarray]:
+    sizes = [min(CHUNK, ROWS - b * CHUNK) for b in blocks]
+    readers = BlockReaders(threads=threads)
+    try:
+        built = build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
+                             order=torch.Generator().manual_seed(3), readers=readers)
+    finally:
+        readers.close()
+    assert built is not None and built.order is not None
+    return {n: c.clone() for n, c in built.arrays.items()}, built.order
+
+
+def test_two_threads_build_the_window_one_thread_builds(made: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = [5, 0, 18, 3, 9, 12, 1, 7]  # the short last block among them
+    with open_transfer_set(made) as ts:
+        seen = _threads_reading(ts, monkeypatch)
+        one, order1 = _window(ts, blocks, threads=1)
+        assert set(seen.values()) == {threading.current_thread().name}
+        seen.clear()
+        two, order2 = _window(ts, blocks, threads=2)
+        assert len(set(seen.values())) == 2, seen  # the second thread read some blocks
+        names = needed_arrays(ts, T)
+        want = {n: np.concatenate([ts.read_block(b, [n], temperature=T)[n] for b in blocks])
+                for n in names}
+    assert sorted(one) == sorted(two) == sorted(names)
+    np.testing.assert_array_equal(order1, order2)
+    for name in names:
+        assert torch.equal(one[name], two[name]), name
+        np.testing.assert_array_equal(two[name].numpy(), want[name])  # stored, in stored order
+
+
+def test_damage_read_by_either_thread_is_refused_by_name(made: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         ) -> None:
+    blocks = list(range(10))
+    with open_transfer_set(made) as ts:
+        seen = _threads_reading(ts, monkeypatch)
+        _window(ts, blocks, threads=2)
+        by_thread: dict[str, int] = {}
+        for b in blocks[1:]:
+            by_thread.setdefault(seen[b], b)
+    assert len(by_thread) == 2
+    name = S.TOPK_LOGITS if ts.target.sparse else S.PROBS
+    shape = (ROWS, 2) if ts.target.sparse else (2, ROWS, 4)
+    for damaged in sorted(by_thread.values()):
+        copy = made.with_name(f"copy{damaged}.zarr")
+        shutil.copytree(made, copy)
+        flip_byte(copy, name, block_chunk(name, shape, damaged, lead=1))
+        with open_transfer_set(copy) as ts:
+            placed: list[int] = []
+            sizes = [min(CHUNK, ROWS - b * CHUNK) for b in blocks]
+            readers = BlockReaders(threads=2)
+
+            def fill(*args: object, real: object = readers.fill, placed: list[int] = placed,
+                     **kwargs: object) -> None:
+                place = kwargs["place"]
+
+                def counted(at: int, arrays: dict) -> None:
+                    placed.append(at)
+                    place(at, arrays)  # type: ignore[operator]
+
+                kwargs["place"] = counted
+                real(*args, **kwargs)  # type: ignore[operator]
+
+            monkeypatch.setattr(readers, "fill", fill)
+            with pytest.raises(IntegrityError, match=f"block {damaged} "):
+                build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
+                             order=None, readers=readers)
+            after = len(placed)
+            time.sleep(0.2)
+            assert len(placed) == after  # no thread places a block once the error is raised
+            assert damaged not in [blocks[i] for i in placed]
+            readers.close()
+
+
+def test_a_set_read_from_disk_is_read_by_one_thread_that_reads_ahead(
+        made: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """File reads slower than the page cache serves (here: each block's reads made to
+    count one second) switch the reader to one thread that announces the next blocks to the
+    kernel; decoding, however slow, does not (the rate is the file reads' own)."""
+    blocks = list(range(12))
+    with open_transfer_set(made) as ts:
+        real = ts.file_reads
+        slow = {"on": True}
+        counted = {"reads": 0}
+
+        def file_reads() -> tuple[int, float] | None:
+            got = real()
+            assert got is not None  # a local Zarr set: its chunk files are read directly
+            counted["reads"] += 1
+            # slow: each read takes a second more than the last; cached: no time at all
+            return (got[0], counted["reads"] * 1.0) if slow["on"] else (got[0], 0.0)
+
+        hinted: list[int] = []
+        monkeypatch.setattr(ts, "file_reads", file_reads)
+        monkeypatch.setattr(ts, "will_read",
+                            lambda bs, names, temperature=None: hinted.extend(bs))
+        seen = _threads_reading(ts, monkeypatch)
+        readers = BlockReaders(threads=2)
+        sizes = [CHUNK] * len(blocks)
+        try:
+            build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
+                         order=None, readers=readers)  # two slow blocks: one thread from then
+            assert readers.slow >= 2
+            seen.clear()
+            build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
+                         order=None, readers=readers)
+            assert set(seen.values()) == {threading.current_thread().name}
+            assert set(hinted) >= set(blocks[1:])
+            slow["on"], hinted[:] = False, []
+            fast = BlockReaders(threads=2)  # a cached set: two threads, no hints
+            seen.clear()
+            build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
+                         order=None, readers=fast)
+            fast.close()
+            assert fast.slow == 0 and not hinted and len(set(seen.values())) == 2
+        finally:
+            readers.close()
+
+
+def test_file_reads_count_the_chunk_files_read(made: Path, tmp_path: Path) -> None:
+    with open_transfer_set(made) as ts:
+        names = needed_arrays(ts, T)
+        ts.read_blocks([2], names, temperature=T)  # and its checksums and marker, once
+        before = ts.file_reads()
+        assert before is not None
+        ts.read_blocks([2], names, temperature=T)
+        after = ts.file_reads()
+        assert after is not None and after[1] > before[1]
+        k = ts.temperature_index(T)
+        files = [made.joinpath(*n.split("/"), "c", *map(str, (
+            (k, 2, 0) if n in S.TEMPERATURE_AXIS and S.row_axis(n) == 1
+            else (2,) + (0,) * (ts.read(n).ndim - 1)))) for n in names]
+        assert after[0] - before[0] == sum(f.stat().st_size for f in files)
+    h5 = tmp_path / "set.h5"
+    x = np.zeros((20, 3), np.float32)
+    np.savez(tmp_path / "h.npz", x=x, y=np.zeros(20, np.int64))
+    precompute(f"npz:{tmp_path / 'h.npz'}", ["mlp:3-4"], h5, temperatures=[1],
+               chunk_rows=CHUNK, random_teacher=True)
+    with open_transfer_set(h5) as ts:
+        assert ts.file_reads() is None  # not read from chunk files: no rate to judge by
