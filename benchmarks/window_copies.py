@@ -3,16 +3,18 @@
 A window of `rows` rows of C float32 targets (the C = 100 set of reader_throughput.py: 200,000
 rows, blocks of 4,096) is filled block by block and served in a random order. This times, per
 window (best of `--repeat`; one torch thread unless `--threads`):
-  scatter      each block's rows written to their shuffled places (numpy, opaque rows: the
-               stream before issue 22's last change, and numpy windowed's own step);
-  in order     each block copied to its place in stored order (the stream now);
+  scatter      each block's rows written to their shuffled places (numpy, opaque rows: holds
+               the GIL; numpy windowed's own step);
+  scatter torch the same with `index_copy_` (releases the GIL: the stream's, in each reading
+               thread);
+  in order     each block copied to its place in stored order (an unshuffled stream);
   gather 256   the shuffled rows gathered batch by batch (numpy take of opaque rows);
-  gather piece the shuffled rows gathered per 65,536-row piece (torch.index_select: the stream
-               now).
+  gather piece the shuffled rows gathered per 65,536-row piece (torch.index_select) from a
+               window kept in stored order.
 With `--set PATH` (a local Zarr set), it also times filling one window of all the set's blocks
-as the stream does (`stream_pieces.build_window`: each block read and checked, straight into
-the window), by one reading thread and by two (`BlockReaders(threads=...)`), the set's files
-in the page cache (read once before).
+as the stream does (`stream_pieces.build_window`: each block read and checked, then scattered
+to its shuffled places, or read straight into an unshuffled window), by one reading thread and
+by two (`BlockReaders(threads=...)`), the set's files in the page cache (read once before).
 
     python benchmarks/window_copies.py [--classes 100] [--rows 200000] [--block 4096] [--threads 0]
     python benchmarks/window_copies.py --set SET.zarr [--temperature 4]
@@ -67,6 +69,13 @@ def main() -> None:
             b = min(a + block, n)
             rows_of[dest[a:b]] = source[:b - a].view(row).reshape(b - a)
 
+    tsource, tdest = torch.from_numpy(source), torch.from_numpy(dest)
+
+    def scatter_torch() -> None:
+        for a in starts:
+            b = min(a + block, n)
+            torch.from_numpy(window).index_copy_(0, tdest[a:b], tsource[:b - a])
+
     def in_order() -> None:
         for a in starts:
             b = min(a + block, n)
@@ -86,7 +95,8 @@ def main() -> None:
     mb = n * c * 4 / 1e6
     print(f"window: {n:,} rows x {c} float32 ({mb:,.0f} MB), blocks of {block:,}; best of "
           f"{args.repeat}, {torch.get_num_threads()} torch thread(s)")
-    for name, step in (("scatter", scatter), ("in order", in_order),
+    for name, step in (("scatter", scatter), ("scatter torch", scatter_torch),
+                       ("in order", in_order),
                        ("gather 256", gather_batches), ("gather piece", gather_pieces)):
         ms = best(step, args.repeat)
         print(f"  {name:<13} {ms:7.1f} ms  ({mb / ms:5.2f} GB/s)")
@@ -104,20 +114,24 @@ def fill_window(path: str, temperature: float, repeat: int) -> None:
         sizes = [ts.block_range(b)[1] - ts.block_range(b)[0] for b in blocks]
         pool = WindowPool()
         windows = []
-        for threads in (1, 2):
-            readers = BlockReaders(threads=threads)
+        print(f"  fill a window of the {len(blocks)} blocks of {path}:")
+        for shuffled in (True, False):
+            for threads in (1, 2):
+                readers = BlockReaders(threads=threads)
 
-            def fill(readers: BlockReaders = readers) -> None:
-                built = build_window(ts, blocks, sizes, temperature=temperature, checksum=True,
-                                     keep=None, order=None, readers=readers, pool=pool)
-                assert built is not None
-                windows.append(sum(c.nbytes for c in built.arrays.values()))
+                def fill(readers: BlockReaders = readers, shuffled: bool = shuffled) -> None:
+                    order = torch.Generator().manual_seed(0) if shuffled else None
+                    built = build_window(ts, blocks, sizes, temperature=temperature,
+                                         checksum=True, keep=None, order=order,
+                                         readers=readers, pool=pool)
+                    assert built is not None
+                    windows.append(sum(c.nbytes for c in built.arrays.values()))
 
-            ms = best(fill, repeat)
-            readers.close()
-            mb = windows[-1] / 1e6
-            print(f"  fill a window of {len(blocks)} blocks of {path} ({mb:,.0f} MB), "
-                  f"{threads} reading thread(s): {ms:7.1f} ms  ({mb / ms:5.2f} GB/s)")
+                ms = best(fill, repeat)
+                readers.close()
+                mb = windows[-1] / 1e6
+                print(f"    {'shuffled' if shuffled else 'in order'}, {threads} reading "
+                      f"thread(s): {ms:7.1f} ms  ({mb:,.0f} MB, {mb / ms:5.2f} GB/s)")
 
 
 if __name__ == "__main__":

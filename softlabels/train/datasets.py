@@ -177,14 +177,14 @@ class SoftTargetBatches(IterableDataset):
     checksums (the value checks remain, every epoch: without checksums nothing proves a block
     unchanged, whereas the checked stream checks a block's values once while the set is open).
 
-    Memory: a background thread reads one window (its blocks as stored, in stored order, read
-    straight into it) and gathers its pieces in the shuffled order, decoding each piece's
-    targets, while the previous pieces are served, so at most two windows of the stored arrays
-    served from are held (a window is `window` to 2 x `window` - 1 blocks of labels, index and
-    the stored targets at T: at C = 1,000 in float32 a block of 512 rows stores 2 MiB, so 64
-    blocks hold 128 MiB; a smaller `window` lowers it), plus up to four pieces (each at most
-    PIECE_BYTES of inputs, labels and decoded targets, beside their stored rows: queued, being
-    cut, being built); never the set. Memory no batch
+    Memory: a background thread builds one window (its blocks read, checked and scattered to
+    their shuffled places as stored) and decodes its pieces' targets while the previous pieces
+    are served, so at most two windows of the stored arrays served from are held (a window is
+    `window` to 2 x `window` - 1 blocks of labels, index and the stored targets at T: at C =
+    1,000 in float32 a block of 512 rows stores 2 MiB, so 64 blocks hold 128 MiB; a smaller
+    `window` lowers it), plus up to four pieces' inputs and decoded targets (each at most
+    PIECE_BYTES: queued, being cut, being built; targets served as stored are views of the
+    window); never the set. Memory no batch
     holds any more is lent to the next window or piece (`stream_pieces.WindowPool`), so it
     stays held between epochs.
 

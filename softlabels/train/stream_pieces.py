@@ -4,10 +4,12 @@ The rows are the rank's windows of blocks (`epochs.block_windows`) one after ano
 window's rows permuted by a generator of its own (seed, epoch, rank, window number), so any
 stretch of the sequence can be rebuilt without the ones before it: a resumed epoch starts at
 its first unserved batch, and a DataLoader worker builds only its own pieces (piece i goes to
-worker i % workers, the order in which a DataLoader takes them). A window's blocks are read in
-one call and checked block by block (`TransferSet.read_blocks`: checksums over each block's
-bytes, `block_done`, finite targets, labels and indices in range); targets are converted with
-torch. A background thread builds the next pieces while the consumer cuts batches.
+worker i % workers, the order in which a DataLoader takes them). A window's blocks are read and
+checked block by block (`TransferSet.read_blocks`: checksums over each block's bytes,
+`block_done`, finite targets, labels and indices in range), by two threads where the set is
+local and cached, and each block's rows are placed at once where the window serves them; a
+piece's targets are decoded with torch. A background thread builds the next pieces while the
+consumer cuts batches.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ class Span:
 
 def piece_columns(ts: TransferSet, arrays: dict[str, torch.Tensor], *, temperature: float,
                   dtype: torch.dtype) -> Columns:
-    """[index, labels, *targets] of a piece's stored arrays (gathered out of its windows),
-    the targets decoded with torch (`TargetKind.decode`, row by row): dense (n, C)
+    """[index, labels, *targets] of a piece's stored arrays (its rows of its windows), the
+    targets decoded with torch (`TargetKind.decode`, row by row): dense (n, C)
     probabilities at T (stored, or re-tempered from the logits in float32) in `dtype`; sparse
     (classes int64, weights in `dtype`), and a hybrid's log p_T (float32) last."""
     stored = {name: t.numpy() for name, t in arrays.items()}
@@ -75,12 +77,10 @@ def piece_columns(ts: TransferSet, arrays: dict[str, torch.Tensor], *, temperatu
 
 @dataclass(frozen=True)
 class Window:
-    """A window's selected rows: `arrays`, the stored arrays stage two serves from
-    (`needed_arrays`), in the order they are stored, and `order`, the stored row served at
-    each position of the window (None: as stored)."""
+    """A window's selected rows of the stored arrays stage two serves from (`needed_arrays`),
+    as stored, in the order they are served."""
 
     arrays: dict[str, torch.Tensor]
-    order: np.ndarray | None
 
 
 def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
@@ -88,21 +88,25 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
                  readers: BlockReaders, together: int = 1, pool: WindowPool | None = None,
                  ) -> Window | None:
     """A window's selected rows (`sizes[i]` of block i) of the arrays stage two serves from,
-    as stored and in stored order, and the order of a permutation drawn from `order` (None: as
-    they come); None without rows.
+    as stored, in the order of a permutation drawn from `order` (stored row i is served at
+    position `torch.randperm(n, generator=order)[i]`; None: in stored order); None without
+    rows.
 
     Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
-    (`BlockReaders.fill`: a cached local set's blocks on two threads): where a block is one
-    whole chunk file of a local set, straight into the window's rows (its checksums and value
-    checks run there, so the bytes checked are the bytes served), else into reused buffers and
-    copied in order. Nothing is decoded here: pieces gather the stored rows in the shuffled
-    order and decode them (`pieces`), one pass over fewer bytes (top-k: int32 classes, not
-    int64). For 200,000 rows of 400 bytes, scattering them into a shuffled window took 23-28
-    ms, the copy in order 7-8 ms and gathering them per piece 5-13 ms (2 or 1 torch threads;
-    benchmarks/window_copies.py).
-    One block per call is also the fastest through zarr on local disk (a gather of a whole
-    49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
-    per call (a URL). `pool` lends the window's memory (`WindowPool`).
+    (`BlockReaders.fill`: a cached local set's blocks on two threads), into that thread's
+    reused buffer, and at once scattered to its rows' places in the window by the same thread
+    (`index_copy_`, which releases the GIL, so the two threads' scatters and reads overlap);
+    unshuffled, a block that is one whole chunk file is read straight into its rows. The
+    bytes placed are the bytes checked: the buffer is the reading thread's own. Nothing is
+    decoded here (`piece_columns`). Measured per window (`benchmarks/window_copies.py`): at C
+    = 1,000 (30,000 rows, 120 MB) scattering from each block took 14-27 ms (2 or 1 torch
+    threads), against 10-18 ms for the same copy in order and 12 ms for gathering the rows
+    from a window kept in stored order; but the gather came after the whole window was read,
+    where the scatter runs beside the other thread's reads, and a stream of the C = 1,000 set
+    ran 25% faster this way. One block per call is also the fastest through zarr on local
+    disk (a gather of a whole 49-block window took 3-4x as long as 49 one-block calls);
+    `together` > 1 reads that many per call (a URL). `pool` lends the window's memory
+    (`WindowPool`).
     """
     n = sum(sizes)
     if n == 0:
@@ -111,18 +115,19 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
     names = needed_arrays(ts, temperature)
     window: dict[str, torch.Tensor] = {}
     starts = np.cumsum([0, *sizes])
+    dest = None if order is None else torch.randperm(n, generator=order)
 
     def into(i: int) -> dict[str, np.ndarray] | None:
-        """Where block i's arrays may be read: their rows of the window (read and checked
-        there, no copy after)."""
-        if not window or keep is not None:
+        """Where block i's arrays may be read: their rows of an unshuffled window (read and
+        checked there, no copy after)."""
+        if not window or keep is not None or dest is not None:
             return None
         a, b = int(starts[i]), int(starts[i + 1])
         return {name: col[a:b].numpy().reshape(-1) for name, col in window.items()}
 
     def place(i: int, arrays: dict[str, np.ndarray]) -> None:
-        """Block i's arrays into its rows of the window (unless read there): in order, its
-        selected rows, before its read buffers are read into again."""
+        """Block i's selected rows to their places in the window (unless read there), before
+        its read buffers are read into again."""
         if keep is not None:
             start, stop = ts.block_range(blocks[i])
             arrays = {name: a[keep[start:stop]] for name, a in arrays.items()}
@@ -133,18 +138,16 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
                                 else empty(shape, kind, shared=False))
         a0, b0 = int(starts[i]), int(starts[i + 1])
         for name, a in arrays.items():
-            out = window[name][a0:b0]
-            if b0 > a0 and out.data_ptr() != a.ctypes.data:
-                out.copy_(torch.from_numpy(a))
+            if b0 <= a0:
+                continue
+            if dest is not None:
+                window[name].index_copy_(0, dest[a0:b0], torch.from_numpy(a))
+            elif window[name][a0:b0].data_ptr() != a.ctypes.data:
+                window[name][a0:b0].copy_(torch.from_numpy(a))
 
     readers.fill(ts, blocks, names, together, checksum, temperature if stored else None,
                  into=into, place=place)
-    if order is None:
-        return Window(window, None)
-    dest = torch.randperm(n, generator=order).numpy()  # stored row i is served at dest[i]
-    served = np.empty(n, dtype=np.int64)
-    served[dest] = np.arange(n)
-    return Window(window, served)
+    return Window(window)
 
 
 class WindowPool:
@@ -314,12 +317,12 @@ def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
            pool: WindowPool | None = None) -> Iterator[Columns]:
     """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
 
-    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, its order
-    drawn) only when one of this worker's pieces overlaps it. A piece's stored arrays are its
-    rows gathered in the window's order (`Window.order`) into memory of its own (shared where
-    `shared`, else lent by `pool`), from one window or several (an unshuffled piece inside
-    one window: views of it); `decode` turns them into [index, labels, *targets] and `gather`
-    the index into the inputs.
+    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, shuffled)
+    only when one of this worker's pieces overlaps it. A piece's stored arrays are views of
+    its window, or, for a piece across two windows or one built in a worker (`shared`: it
+    crosses to the main process), copied into memory of its own (shared, else lent by
+    `pool`); `decode` turns them into [index, labels, *targets] and `gather` the index into
+    the inputs.
     """
     parts: dict[int, list[tuple[Window, int, int]]] = {}
     at = 0
@@ -333,18 +336,18 @@ def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
             start, stop = span.rows_of(i)
             parts.setdefault(i, []).append((built, max(start, lo) - lo, min(stop, hi) - lo))
             if stop <= hi:
-                index, *rest = decode(_gathered(parts.pop(i), shared, pool))
+                index, *rest = decode(_joined(parts.pop(i), shared, pool))
                 yield [gather(index), *rest]
     if span.stop > at:  # a window shorter than planned cannot happen: the counts are the plan's
         raise RuntimeError(f"the plan has {at} rows, fewer than the {span.stop} served")
 
 
-def _gathered(parts: list[tuple[Window, int, int]], shared: bool,
-              pool: WindowPool | None) -> dict[str, torch.Tensor]:
-    """One piece's stored arrays: positions [a, b) of each part's window, in the window's
-    order."""
+def _joined(parts: list[tuple[Window, int, int]], shared: bool,
+            pool: WindowPool | None) -> dict[str, torch.Tensor]:
+    """One piece's stored arrays: positions [a, b) of each part's window, one after another
+    (views of a lone window's rows unless `shared`)."""
     first = parts[0][0].arrays
-    if len(parts) == 1 and parts[0][0].order is None and not shared:
+    if len(parts) == 1 and not shared:
         _, a, b = parts[0]
         return {name: col[a:b] for name, col in first.items()}
     n = sum(b - a for _, a, b in parts)
@@ -354,15 +357,7 @@ def _gathered(parts: list[tuple[Window, int, int]], shared: bool,
         dest = (empty(shape, col.dtype, shared=True) if shared and name != S.INDEX  # index:
                 else pool.take(shape, col.dtype) if pool is not None  # for the inputs
                 else empty(shape, col.dtype, shared=False))
-        at = 0
-        for window, a, b in parts:
-            src = window.arrays[name]
-            if window.order is None:
-                dest[at:at + b - a].copy_(src[a:b])
-            else:  # torch's gather: GIL-free, on torch's threads (window_copies.py)
-                torch.index_select(src, 0, torch.from_numpy(window.order[a:b]),
-                                   out=dest[at:at + b - a])
-            at += b - a
+        torch.cat([window.arrays[name][a:b] for window, a, b in parts], out=dest)
         out[name] = dest
     return out
 
