@@ -12,9 +12,10 @@ window (best of `--repeat`; one torch thread unless `--threads`):
   gather piece the shuffled rows gathered per 65,536-row piece (torch.index_select) from a
                window kept in stored order.
 With `--set PATH` (a local Zarr set), it also times filling one window of all the set's blocks
-as the stream does (`stream_pieces.build_window`: each block read and checked, then scattered
-to its shuffled places, or read straight into an unshuffled window), by one reading thread and
-by two (`BlockReaders(threads=...)`), the set's files in the page cache (read once before).
+as the stream does (`stream_pieces.build_window`: each block read, checked and decoded, then
+scattered to its shuffled places, or read straight into an unshuffled window), by one reading
+thread and by two (`BlockReaders(threads=...)`), the set's files in the page cache (read once
+before).
 
     python benchmarks/window_copies.py [--classes 100] [--rows 200000] [--block 4096] [--threads 0]
     python benchmarks/window_copies.py --set SET.zarr [--temperature 4]
@@ -122,10 +123,10 @@ def fill_window(path: str, temperature: float, repeat: int) -> None:
                 def fill(readers: BlockReaders = readers, shuffled: bool = shuffled) -> None:
                     order = torch.Generator().manual_seed(0) if shuffled else None
                     built = build_window(ts, blocks, sizes, temperature=temperature,
-                                         checksum=True, keep=None, order=order,
-                                         readers=readers, pool=pool)
+                                         checksum=True, dtype=torch.float32, keep=None,
+                                         order=order, readers=readers, pool=pool)
                     assert built is not None
-                    windows.append(sum(c.nbytes for c in built.arrays.values()))
+                    windows.append(sum(c.nbytes for c in built.columns))
 
                 ms = best(fill, repeat)
                 readers.close()

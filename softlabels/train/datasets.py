@@ -41,7 +41,6 @@ from softlabels.train.stream_pieces import (
     cut,
     gather_inputs,
     piece_batches,
-    piece_columns,
     pieces,
     window_generator,
 )
@@ -177,14 +176,13 @@ class SoftTargetBatches(IterableDataset):
     checksums (the value checks remain, every epoch: without checksums nothing proves a block
     unchanged, whereas the checked stream checks a block's values once while the set is open).
 
-    Memory: a background thread builds one window (its blocks read, checked and scattered to
-    their shuffled places as stored) and decodes its pieces' targets while the previous pieces
-    are served, so at most two windows of the stored arrays served from are held (a window is
-    `window` to 2 x `window` - 1 blocks of labels, index and the stored targets at T: at C =
-    1,000 in float32 a block of 512 rows stores 2 MiB, so 64 blocks hold 128 MiB; a smaller
-    `window` lowers it), plus up to four pieces' inputs and decoded targets (each at most
-    PIECE_BYTES: queued, being cut, being built; targets served as stored are views of the
-    window); never the set. Memory no batch
+    Memory: a background thread builds one window (its blocks read, checked, decoded and
+    scattered to their shuffled places, by two threads for a cached local set) while the
+    previous pieces are served, so at most two windows of the served arrays are held (a window
+    is `window` to 2 x `window` - 1 blocks of labels, index and targets at T: at C = 1,000 in
+    float32 a block of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and
+    `dtype=torch.float16` lower it), plus up to four pieces' inputs (each at most PIECE_BYTES
+    of inputs, labels and targets: queued, being cut, being built); never the set. Memory no batch
     holds any more is lent to the next window or piece (`stream_pieces.WindowPool`), so it
     stays held between epochs.
 
@@ -334,7 +332,7 @@ class SoftTargetBatches(IterableDataset):
             order = window_generator(self.seed, epoch, rank, j) if self.shuffle else None
             return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
                                 temperature=self.temperature, checksum=self.checksum,
-                                keep=self.keep, order=order,
+                                dtype=self.dtype, keep=self.keep, order=order,
                                 readers=readers, pool=self._pool,
                                 together=URL_READS if is_url(self.path) else 1)
 
@@ -342,8 +340,6 @@ class SoftTargetBatches(IterableDataset):
             try:
                 yield from pieces(windows, counts, span, build=build, shared=shared,
                                   pool=self._pool,
-                                  decode=lambda arrays: piece_columns(
-                                      ts, arrays, temperature=self.temperature, dtype=self.dtype),
                                   gather=lambda index: gather_inputs(self.data, index,
                                                                      shared=shared))
             finally:

@@ -7,9 +7,9 @@ its first unserved batch, and a DataLoader worker builds only its own pieces (pi
 worker i % workers, the order in which a DataLoader takes them). A window's blocks are read and
 checked block by block (`TransferSet.read_blocks`: checksums over each block's bytes,
 `block_done`, finite targets, labels and indices in range), by two threads where the set is
-local and cached, and each block's rows are placed at once where the window serves them; a
-piece's targets are decoded with torch. A background thread builds the next pieces while the
-consumer cuts batches.
+local and cached, and each block's rows are decoded with torch and placed at once where the
+window serves them. A background thread builds the next pieces while the consumer cuts
+batches.
 """
 
 from __future__ import annotations
@@ -63,87 +63,89 @@ class Span:
         return start, min(start + self.piece, self.stop)
 
 
-def piece_columns(ts: TransferSet, arrays: dict[str, torch.Tensor], *, temperature: float,
+def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature: float,
                   dtype: torch.dtype) -> Columns:
-    """[index, labels, *targets] of a piece's stored arrays (its rows of its windows), the
-    targets decoded with torch (`TargetKind.decode`, row by row): dense (n, C)
-    probabilities at T (stored, or re-tempered from the logits in float32) in `dtype`; sparse
-    (classes int64, weights in `dtype`), and a hybrid's log p_T (float32) last."""
-    stored = {name: t.numpy() for name, t in arrays.items()}
-    return [arrays[S.INDEX], arrays[S.LABELS],
-            *ts.target.decode(stored, temperature, ts.temperature_index(temperature),
+    """[index, labels, *targets] of one checked block's (selected) rows, converted with torch:
+    dense (n, C) probabilities at T (stored, or re-tempered from the logits in float32) in
+    `dtype`; sparse (classes int64, weights in `dtype`), and a hybrid set's log p_T (float32)
+    last (`TargetKind.decode`)."""
+    return [torch.from_numpy(arrays[S.INDEX]), torch.from_numpy(arrays[S.LABELS]),
+            *ts.target.decode(arrays, temperature, ts.temperature_index(temperature),
                               tuple(ts.temperatures), dtype)]
 
 
 @dataclass(frozen=True)
 class Window:
-    """A window's selected rows of the stored arrays stage two serves from (`needed_arrays`),
-    as stored, in the order they are served."""
+    """A window's selected rows, [index, labels, *targets] (`block_columns`), in the order
+    they are served."""
 
-    arrays: dict[str, torch.Tensor]
+    columns: Columns
 
 
 def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
-                 checksum: bool, keep: np.ndarray | None, order: torch.Generator | None,
-                 readers: BlockReaders, together: int = 1, pool: WindowPool | None = None,
-                 ) -> Window | None:
-    """A window's selected rows (`sizes[i]` of block i) of the arrays stage two serves from,
-    as stored, in the order of a permutation drawn from `order` (stored row i is served at
-    position `torch.randperm(n, generator=order)[i]`; None: in stored order); None without
-    rows.
+                 checksum: bool, dtype: torch.dtype, keep: np.ndarray | None,
+                 order: torch.Generator | None, readers: BlockReaders, together: int = 1,
+                 pool: WindowPool | None = None) -> Window | None:
+    """A window's selected rows (`sizes[i]` of block i), in the order of a permutation drawn
+    from `order` (stored row i is served at position `torch.randperm(n, generator=order)[i]`;
+    None: in stored order); None without rows.
 
     Each block is read (`TransferSet.read_blocks`, checked on its own bytes) by `readers`
-    (`BlockReaders.fill`: a cached local set's blocks on two threads), into that thread's
-    reused buffer, and at once scattered to its rows' places in the window by the same thread
-    (`index_copy_`, which releases the GIL, so the two threads' scatters and reads overlap);
-    unshuffled, a block that is one whole chunk file is read straight into its rows. The
-    bytes placed are the bytes checked: the buffer is the reading thread's own. Nothing is
-    decoded here (`piece_columns`). Measured per window (`benchmarks/window_copies.py`): at C
-    = 1,000 (30,000 rows, 120 MB) scattering from each block took 14-27 ms (2 or 1 torch
-    threads), against 10-18 ms for the same copy in order and 12 ms for gathering the rows
-    from a window kept in stored order; but the gather came after the whole window was read,
-    where the scatter runs beside the other thread's reads, and a stream of the C = 1,000 set
-    ran 25% faster this way. One block per call is also the fastest through zarr on local
-    disk (a gather of a whole 49-block window took 3-4x as long as 49 one-block calls);
-    `together` > 1 reads that many per call (a URL). `pool` lends the window's memory
-    (`WindowPool`).
+    (`BlockReaders.fill`: a cached local set's blocks on two threads) into that thread's
+    reused buffers, decoded (`block_columns`) and at once scattered to its rows' places in the
+    window by the same thread (`index_copy_`, which releases the GIL, so one thread's decoding
+    and scatter run beside the other's reads); the bytes placed are the bytes checked, since
+    the buffers are the reading thread's own. Unshuffled, an array served as stored is read
+    straight into its rows of the window where its block is one whole chunk file. Measured
+    per window (`benchmarks/window_copies.py`): at C = 1,000 (30,000 rows, 120 MB) scattering
+    from each block took 13-27 ms (2 or 1 torch threads), against 10-18 ms for the same copy in
+    order and 11-12 ms for gathering the rows from a window kept in stored order after it
+    was read; the scatter runs beside the other thread's reads, the gather could not. One
+    block per call is also the fastest through zarr on local disk (a gather of a whole
+    49-block window took 3-4x as long as 49 one-block calls); `together` > 1 reads that many
+    per call (a URL). `pool` lends the window's memory (`WindowPool`).
     """
     n = sum(sizes)
     if n == 0:
         return None
     stored = ts.temperature_index(temperature) is not None
     names = needed_arrays(ts, temperature)
-    window: dict[str, torch.Tensor] = {}
+    window: Columns = []
+    direct: dict[str, int] = {}  # unshuffled: arrays served as stored, name -> their column
     starts = np.cumsum([0, *sizes])
     dest = None if order is None else torch.randperm(n, generator=order)
 
     def into(i: int) -> dict[str, np.ndarray] | None:
-        """Where block i's arrays may be read: their rows of an unshuffled window (read and
-        checked there, no copy after)."""
-        if not window or keep is not None or dest is not None:
+        """Where block i's arrays served as stored may be read: their rows of an unshuffled
+        window (read and checked there, no copy after)."""
+        if not direct or keep is not None:
             return None
         a, b = int(starts[i]), int(starts[i + 1])
-        return {name: col[a:b].numpy().reshape(-1) for name, col in window.items()}
+        return {name: window[j][a:b].numpy().reshape(-1) for name, j in direct.items()}
 
     def place(i: int, arrays: dict[str, np.ndarray]) -> None:
-        """Block i's selected rows to their places in the window (unless read there), before
-        its read buffers are read into again."""
+        """Block i's selected rows, decoded, to their places in the window (unless read
+        there), before its read buffers are read into again."""
         if keep is not None:
             start, stop = ts.block_range(blocks[i])
             arrays = {name: a[keep[start:stop]] for name, a in arrays.items()}
+        cols = block_columns(ts, arrays, temperature=temperature, dtype=dtype)
         if not window:  # the first block, placed before any other block is read
-            for name, a in arrays.items():
-                shape, kind = (n, *a.shape[1:]), torch.from_numpy(a[:0]).dtype
-                window[name] = (pool.take(shape, kind) if pool is not None
-                                else empty(shape, kind, shared=False))
+            window.extend(pool.take((n, *c.shape[1:]), c.dtype) if pool is not None
+                          else empty((n, *c.shape[1:]), c.dtype, shared=False) for c in cols)
+            if dest is None:
+                direct.update({name: j for name, a in arrays.items()
+                               for j, c in enumerate(cols)
+                               if c.data_ptr() == a.ctypes.data and c.nbytes == a.nbytes
+                               and c.dtype != torch.bfloat16 and a.flags.c_contiguous})
         a0, b0 = int(starts[i]), int(starts[i + 1])
-        for name, a in arrays.items():
+        for out, c in zip(window, cols):
             if b0 <= a0:
                 continue
             if dest is not None:
-                window[name].index_copy_(0, dest[a0:b0], torch.from_numpy(a))
-            elif window[name][a0:b0].data_ptr() != a.ctypes.data:
-                window[name][a0:b0].copy_(torch.from_numpy(a))
+                out.index_copy_(0, dest[a0:b0], c)
+            elif out[a0:b0].data_ptr() != c.data_ptr():
+                out[a0:b0].copy_(c)
 
     readers.fill(ts, blocks, names, together, checksum, temperature if stored else None,
                  into=into, place=place)
@@ -312,17 +314,15 @@ class BlockReaders:
 
 def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
            build: Callable[[int, list[int]], Window | None],
-           decode: Callable[[dict[str, torch.Tensor]], Columns],
            gather: Callable[[torch.Tensor], Any], shared: bool,
            pool: WindowPool | None = None) -> Iterator[Columns]:
     """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
 
-    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, shuffled)
-    only when one of this worker's pieces overlaps it. A piece's stored arrays are views of
-    its window, or, for a piece across two windows or one built in a worker (`shared`: it
-    crosses to the main process), copied into memory of its own (shared, else lent by
-    `pool`); `decode` turns them into [index, labels, *targets] and `gather` the index into
-    the inputs.
+    Window j (its `counts[j]` rows) is built (`build(j, blocks)`: read, checked, decoded,
+    shuffled) only when one of this worker's pieces overlaps it. A piece is a view of its
+    window, or, for a piece across two windows or one built in a worker (`shared`: it crosses
+    to the main process), copied into memory of its own (shared, else lent by `pool`);
+    `gather` turns its `index` column into the inputs.
     """
     parts: dict[int, list[tuple[Window, int, int]]] = {}
     at = 0
@@ -336,29 +336,29 @@ def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
             start, stop = span.rows_of(i)
             parts.setdefault(i, []).append((built, max(start, lo) - lo, min(stop, hi) - lo))
             if stop <= hi:
-                index, *rest = decode(_joined(parts.pop(i), shared, pool))
+                index, *rest = _joined(parts.pop(i), shared, pool)
                 yield [gather(index), *rest]
     if span.stop > at:  # a window shorter than planned cannot happen: the counts are the plan's
         raise RuntimeError(f"the plan has {at} rows, fewer than the {span.stop} served")
 
 
 def _joined(parts: list[tuple[Window, int, int]], shared: bool,
-            pool: WindowPool | None) -> dict[str, torch.Tensor]:
-    """One piece's stored arrays: positions [a, b) of each part's window, one after another
-    (views of a lone window's rows unless `shared`)."""
-    first = parts[0][0].arrays
+            pool: WindowPool | None) -> Columns:
+    """One piece's columns: positions [a, b) of each part's window, one after another (views
+    of a lone window's rows unless `shared`)."""
+    first = parts[0][0].columns
     if len(parts) == 1 and not shared:
         _, a, b = parts[0]
-        return {name: col[a:b] for name, col in first.items()}
+        return [c[a:b] for c in first]
     n = sum(b - a for _, a, b in parts)
-    out = {}
-    for name, col in first.items():
+    out = []
+    for j, col in enumerate(first):
         shape = (n, *col.shape[1:])
-        dest = (empty(shape, col.dtype, shared=True) if shared and name != S.INDEX  # index:
-                else pool.take(shape, col.dtype) if pool is not None  # for the inputs
+        dest = (empty(shape, col.dtype, shared=True) if shared and j > 0  # index: for inputs
+                else pool.take(shape, col.dtype) if pool is not None
                 else empty(shape, col.dtype, shared=False))
-        torch.cat([window.arrays[name][a:b] for window, a, b in parts], out=dest)
-        out[name] = dest
+        torch.cat([window.columns[j][a:b] for window, a, b in parts], out=dest)
+        out.append(dest)
     return out
 
 

@@ -21,7 +21,7 @@ from softlabels.errors import IntegrityError
 from softlabels.format import schema as S
 from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.train.blocks import needed_arrays
-from softlabels.train.stream_pieces import BlockReaders, build_window
+from softlabels.train.stream_pieces import BlockReaders, block_columns, build_window
 
 ROWS, CHUNK, T = 300, 16, 4.0  # 19 blocks, the last one short
 
@@ -51,16 +51,17 @@ def _threads_reading(ts: TransferSet, monkeypatch: pytest.MonkeyPatch) -> dict[i
     return seen
 
 
-def _window(ts: TransferSet, blocks: list[int], threads: int) -> dict[str, torch.Tensor]:
+def _window(ts: TransferSet, blocks: list[int], threads: int) -> list[torch.Tensor]:
     sizes = [min(CHUNK, ROWS - b * CHUNK) for b in blocks]
     readers = BlockReaders(threads=threads)
     try:
-        built = build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
+        built = build_window(ts, blocks, sizes, temperature=T, checksum=True,
+                             dtype=torch.float32, keep=None,
                              order=torch.Generator().manual_seed(3), readers=readers)
     finally:
         readers.close()
     assert built is not None
-    return {n: c.clone() for n, c in built.arrays.items()}
+    return [c.clone() for c in built.columns]
 
 
 def test_two_threads_build_the_window_one_thread_builds(made: Path,
@@ -73,16 +74,16 @@ def test_two_threads_build_the_window_one_thread_builds(made: Path,
         seen.clear()
         two = _window(ts, blocks, threads=2)
         assert len(set(seen.values())) == 2, seen  # the second thread read some blocks
-        names = needed_arrays(ts, T)
-        stored = {n: np.concatenate([ts.read_block(b, [n], temperature=T)[n] for b in blocks])
-                  for n in names}
-    assert sorted(one) == sorted(two) == sorted(names)
-    dest = torch.randperm(len(stored[S.INDEX]), generator=torch.Generator().manual_seed(3))
-    for name in names:
-        assert torch.equal(one[name], two[name]), name
-        want = np.empty_like(stored[name])
-        want[dest.numpy()] = stored[name]  # stored row i is served at dest[i], as stored
-        np.testing.assert_array_equal(two[name].numpy(), want)
+        per_block = [block_columns(ts, ts.read_block(b, needed_arrays(ts, T), temperature=T),
+                                   temperature=T, dtype=torch.float32) for b in blocks]
+    stored = [torch.cat(c) for c in zip(*per_block)]  # [index, labels, *targets], as decoded
+    assert len(one) == len(two) == len(stored) == (4 if ts.target.sparse else 3)
+    dest = torch.randperm(len(stored[0]), generator=torch.Generator().manual_seed(3))
+    for a, b, c in zip(one, two, stored):
+        assert torch.equal(a, b)
+        want = torch.empty_like(c)
+        want[dest] = c  # stored row i is served at dest[i]
+        assert torch.equal(b, want)
 
 
 def test_damage_read_by_either_thread_is_refused_by_name(made: Path,
@@ -120,8 +121,8 @@ def test_damage_read_by_either_thread_is_refused_by_name(made: Path,
 
             monkeypatch.setattr(readers, "fill", fill)
             with pytest.raises(IntegrityError, match=f"block {damaged} "):
-                build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
-                             order=None, readers=readers)
+                build_window(ts, blocks, sizes, temperature=T, checksum=True,
+                             dtype=torch.float32, keep=None, order=None, readers=readers)
             after = len(placed)
             time.sleep(0.2)
             assert len(placed) == after  # no thread places a block once the error is raised
@@ -155,19 +156,20 @@ def test_a_set_read_from_disk_is_read_by_one_thread_that_reads_ahead(
         readers = BlockReaders(threads=2)
         sizes = [CHUNK] * len(blocks)
         try:
-            build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
-                         order=None, readers=readers)  # two slow blocks: one thread from then
+            # two slow blocks: one thread from then on
+            build_window(ts, blocks, sizes, temperature=T, checksum=True,
+                         dtype=torch.float32, keep=None, order=None, readers=readers)
             assert readers.slow >= 2
             seen.clear()
-            build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
-                         order=None, readers=readers)
+            build_window(ts, blocks, sizes, temperature=T, checksum=True,
+                         dtype=torch.float32, keep=None, order=None, readers=readers)
             assert set(seen.values()) == {threading.current_thread().name}
             assert set(hinted) >= set(blocks[1:])
             slow["on"], hinted[:] = False, []
             fast = BlockReaders(threads=2)  # a cached set: two threads, no hints
             seen.clear()
-            build_window(ts, blocks, sizes, temperature=T, checksum=True, keep=None,
-                         order=None, readers=fast)
+            build_window(ts, blocks, sizes, temperature=T, checksum=True,
+                         dtype=torch.float32, keep=None, order=None, readers=fast)
             fast.close()
             assert fast.slow == 0 and not hinted and len(set(seen.values())) == 2
         finally:
