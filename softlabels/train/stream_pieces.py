@@ -200,19 +200,19 @@ class BlockReaders:
     A local set whose files the page cache holds is read by two threads, the window's blocks
     dealt to them in turn, each block placed by the thread that read it before that thread
     reads again: the reads (a copy out of the page cache) and the checksums release the GIL,
-    and two threads filled a window of a C = 1,000 set's 59 blocks (120 MB) in 33 ms against
-    52 ms for one, a C = 100 set's 49 blocks (83 MB) in 25 against 38 ms
-    (`benchmarks/window_copies.py --set`). Inside a DataLoader worker, and
-    once two blocks in a row read slower than the page cache serves (`CACHED_READ_RATE`, the
-    rate of the file reads alone, `TransferSet.file_reads`, so decompression does not pass for
-    a slow disk: the set's files are not cached), one thread reads, and announces the next
-    `READ_AHEAD` blocks' files to the kernel (`TransferSet.will_read`) for the rest of the
-    epoch, so the disk reads ahead while it works; a cached set is spared the hints' cost
-    (measured: 5 ms an epoch at C = 100 and 1,000, and at top-10 of C = 1,000, whose blocks
-    decode slower than 1 GB/s). From a URL (`together` > 1 blocks per call, each call waiting
-    a round trip) two threads take the calls in turn, so the next call waits while this one
-    is placed; a thread is given its next call only once the blocks it read last have been
-    placed (double buffering)."""
+    and two threads filled a shuffled window of a C = 1,000 set's 59 blocks (120 MB) in 40-55
+    ms against 60-103 ms for one, of a C = 100 set's 49 blocks (83 MB) in 45-50 against 58-81
+    ms (`benchmarks/window_copies.py --set`, two runs at load 1-2). Inside a DataLoader
+    worker, and once two blocks in a row read slower than the page cache serves
+    (`CACHED_READ_RATE`, the rate of the file reads alone, `TransferSet.file_reads`, so
+    decompression does not pass for a slow disk: the set's files are not cached), one thread
+    reads, and announces the next `READ_AHEAD` blocks' files to the kernel
+    (`TransferSet.will_read`) for the rest of the epoch, so the disk reads ahead while it
+    works; a cached set is spared the hints' cost (measured: 5 ms an epoch at C = 100 and
+    1,000, and at top-10 of C = 1,000, whose blocks decode slower than 1 GB/s). From a URL
+    (`together` > 1 blocks per call, each call waiting a round trip) two threads take the calls
+    in turn, so the next call waits while this one is placed; a thread is given its next call
+    only once the blocks it read last have been placed (double buffering)."""
 
     def __init__(self, threads: int = 2) -> None:
         self.threads = threads  # reading a cached local set
@@ -282,8 +282,10 @@ class BlockReaders:
              checksum: bool, temperature: float | None,
              into: Callable[[int], dict[str, np.ndarray] | None] | None = None,
              ) -> Iterator[dict[str, np.ndarray]]:
-        """Each block's checked arrays in one thread, valid until the next is asked for;
-        `together` blocks per call (from a URL, where each call waits a round trip)."""
+        """Each block's checked arrays, valid until the next is asked for: a local set's read
+        by the calling thread (`into(i)`: memory block i's arrays may be read straight into),
+        or `together` blocks per call by two threads in turn (from a URL, where each call
+        waits a round trip)."""
         if together == 1:
             hinted = 0  # blocks[:hinted] were announced to the kernel (`will_read`)
             for i, block in enumerate(blocks):
