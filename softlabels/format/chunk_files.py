@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,11 @@ class ChunkFiles:
         self.folder, self.shape, self.chunks = folder, shape, chunks
         self.dtype, self.fill, self.codec = dtype, fill, codec
         self.count = int(np.prod(chunks))  # a chunk's values
-        # bytes read from chunk files and the seconds those reads took (open to close), which
-        # tell a page-cache read from a disk read whatever the decoding costs (`file_reads`)
-        self.read_bytes, self.read_seconds = 0, 0.0
+        # chunk reads that found their file's last page out of the page cache (`_probe`): a
+        # read from disk, whatever the file's size or the decoding cost
+        self.misses = 0
+        self._nowait = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
+        self._byte = bytearray(1)  # the probe's byte, never used
         self._keys = os.path.join(folder, "c")  # a chunk's file: this + "/i/j/..." (`_path`)
 
     @classmethod
@@ -144,7 +145,6 @@ class ChunkFiles:
             out = np.empty(self.count, dtype=self.dtype)
             if scratch is not None:
                 scratch["buffer"] = out
-        start = time.perf_counter()
         try:  # O_NONBLOCK: a fifo in a chunk's place is opened, not waited on
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:  # an unwritten chunk reads as the fill value, as in zarr
@@ -154,6 +154,8 @@ class ChunkFiles:
         try:
             found = os.fstat(fd)
             regular = stat.S_ISREG(found.st_mode)
+            if regular:
+                self._probe(fd, found.st_size)
             if regular and self.codec is None:  # a truncated or overlong chunk (by its size,
                 # or by what one read returns if it changes meanwhile) is left to zarr
                 whole = found.st_size == out.nbytes and os.readv(fd, [out]) == out.nbytes
@@ -163,9 +165,6 @@ class ChunkFiles:
             return None
         finally:
             os.close(fd)
-            self.read_seconds += time.perf_counter() - start
-        if regular:
-            self.read_bytes += found.st_size
         if not regular:  # zarr would wait on a fifo, or read a device on and on
             raise OSError(f"chunk {path} is not a regular file (a fifo or a device)")
         if self.codec is None:
@@ -183,6 +182,21 @@ class ChunkFiles:
         except Exception:  # a damaged chunk: zarr reads it again and names the failure
             return None
         return out.reshape(self.chunks)
+
+
+    def _probe(self, fd: int, size: int) -> None:
+        """Count a miss (`misses`) when the chunk file's last page is not in the page cache:
+        a read of its last byte that may not wait for the disk (RWF_NOWAIT, Linux) finds it
+        absent. Chunk files are read whole, front to back, so the last page cached means the
+        file was. Where the flag is not supported (tmpfs, other systems) nothing is counted."""
+        if not self._nowait or size <= 0:
+            return
+        try:
+            os.preadv(fd, [self._byte], size - 1, os.RWF_NOWAIT)
+        except BlockingIOError:
+            self.misses += 1
+        except OSError:  # EOPNOTSUPP (tmpfs) or EINVAL: this file system cannot tell
+            self._nowait = False
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -239,14 +239,13 @@ class TransferSet:
                 if files is not None:
                     files.advise(self._block_selection(name, start, stop, k))
 
-    def file_reads(self) -> tuple[int, float] | None:
-        """(bytes, seconds) of the chunk files this local Zarr set's reads have read straight
-        from their files so far (`ChunkFiles`), None for other sets: their rate tells a read
-        from the page cache from one from disk, whatever decoding and checks cost."""
+    def cache_misses(self) -> int | None:
+        """How many chunk reads of this local Zarr set so far found their file out of the page
+        cache (`ChunkFiles._probe`; 0 where the file system cannot tell), None for other
+        sets: a reader tells a set read from disk by them."""
         if self._files is None:
             return None
-        files = [f for f in self._files.values() if f is not None]
-        return sum(f.read_bytes for f in files), sum(f.read_seconds for f in files)
+        return sum(f.misses for f in self._files.values() if f is not None)
 
     def _chunk_files(self, name: str) -> ChunkFiles | None:
         """Array `name`'s chunk files where a local set lays them out as this package writes

@@ -38,7 +38,6 @@ Columns = list[torch.Tensor]  # [index or inputs, labels, *targets]
 PIECE_ROWS = 65_536  # rows of a piece a stream builds at once, at most
 PIECE_BYTES = 32 << 20  # bytes of a piece (inputs, labels, targets) a stream builds at once
 READ_AHEAD = 4  # blocks of a local set whose files the kernel reads ahead (`will_read`)
-CACHED_READ_RATE = 1 << 30  # bytes/s of file reads below which a block came from disk
 
 
 @dataclass(frozen=True)
@@ -203,13 +202,14 @@ class BlockReaders:
     and two threads filled a shuffled window of a C = 1,000 set's 59 blocks (120 MB) in 40-55
     ms against 60-103 ms for one, of a C = 100 set's 49 blocks (83 MB) in 45-50 against 58-81
     ms (`benchmarks/window_copies.py --set`, two runs at load 1-2). Inside a DataLoader
-    worker, and once two blocks in a row read slower than the page cache serves
-    (`CACHED_READ_RATE`, the rate of the file reads alone, `TransferSet.file_reads`, so
-    decompression does not pass for a slow disk: the set's files are not cached), one thread
-    reads, and announces the next `READ_AHEAD` blocks' files to the kernel
-    (`TransferSet.will_read`) for the rest of the epoch, so the disk reads ahead while it
-    works; a cached set is spared the hints' cost (measured: 5 ms an epoch at C = 100 and
-    1,000, and at top-10 of C = 1,000, whose blocks decode slower than 1 GB/s). From a URL
+    worker, and once two blocks in a row found chunk files out of the page cache
+    (`TransferSet.cache_misses`: a read that may not wait for the disk, not a rate, which
+    small or compressed chunks made look slow), one thread reads, and announces the next
+    `READ_AHEAD` blocks' files to the kernel (`TransferSet.will_read`) for the rest of the
+    epoch, so the disk reads ahead while it works; a cached set is spared the hints' cost
+    (measured: 5 ms an epoch at C = 100 and 1,000, and at top-10). Where the file system
+    cannot tell (tmpfs, other systems than Linux), two threads read and nothing is
+    announced. With two damaged blocks in a window, either may be the one named. From a URL
     (`together` > 1 blocks per call, each call waiting a round trip) two threads take the calls
     in turn, so the next call waits while this one is placed; a thread is given its next call
     only once the blocks it read last have been placed (double buffering)."""
@@ -217,7 +217,7 @@ class BlockReaders:
     def __init__(self, threads: int = 2) -> None:
         self.threads = threads  # reading a cached local set
         self.pools: list[ThreadPoolExecutor] = []  # made for the first read that needs them
-        self.slow = 0  # local blocks in a row read slower than the page cache reads
+        self.slow = 0  # local blocks in a row read (partly) from disk
 
     def close(self) -> None:
         for pool in self.pools:
@@ -237,7 +237,7 @@ class BlockReaders:
         buffers). `into(i)`: memory block i's arrays may be read straight into, asked for
         just before it is read (one block per call; `TransferSet.read_blocks`). Returns once
         every block is placed; the first error raised, once no thread reads any more."""
-        local = together == 1 and ts.file_reads() is not None
+        local = together == 1 and ts.cache_misses() is not None
         if not local or self.threads < 2 or self.slow >= 2 or len(blocks) < 3:
             for i, arrays in enumerate(self.read(ts, blocks, names, together, checksum,
                                                  temperature, into)):
@@ -267,15 +267,14 @@ class BlockReaders:
     def _read_one(self, ts: TransferSet, block: int, names: list[str], checksum: bool,
                   temperature: float | None, into: dict[str, np.ndarray] | None,
                   ) -> dict[str, np.ndarray]:
-        """One local block, read and checked; its file reads' rate counted (`slow`)."""
-        before = ts.file_reads()
+        """One local block, read and checked; whether it came from disk counted (`slow`)."""
+        before = ts.cache_misses()
         got = ts.read_blocks([block], names, temperature=temperature, checksum=checksum,
                              reuse=True, into=into)
-        after = ts.file_reads()
-        if self.slow < 2 and before is not None and after is not None and after[0] > before[0]:
-            # two slow reads running: from disk for the rest of the epoch
-            rate = (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
-            self.slow = self.slow + 1 if rate < CACHED_READ_RATE else 0
+        after = ts.cache_misses()
+        if self.slow < 2 and before is not None and after is not None:  # two blocks in a row
+            # from disk: from disk for the rest of the epoch
+            self.slow = self.slow + 1 if after > before else 0
         return got[0]
 
     def read(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
