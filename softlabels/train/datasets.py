@@ -182,9 +182,10 @@ class SoftTargetBatches(IterableDataset):
     is `window` to 2 x `window` - 1 blocks of labels, index and targets at T: at C = 1,000 in
     float32 a block of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and
     `dtype=torch.float16` lower it), plus up to four pieces' inputs (each at most PIECE_BYTES
-    of inputs, labels and targets: queued, being cut, being built); never the set. Memory no batch
-    holds any more is lent to the next window or piece (`stream_pieces.WindowPool`), so it
-    stays held between epochs.
+    of inputs, labels and targets: queued, being cut, being built); never the set. A batch is
+    a view of its window, so a batch the consumer keeps keeps its whole window alive. Memory
+    no batch holds any more is lent to the next window or piece (`stream_pieces.WindowPool`),
+    so it stays held between epochs.
 
     Workers: `loader(num_workers=W)` (pieces of whole batches, built by worker i % W and cut
     into batches in the main process, as views) or a plain `DataLoader(stream,
