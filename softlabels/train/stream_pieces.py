@@ -423,9 +423,12 @@ def background(make: Callable[[], Iterator[Any]], depth: int = 2) -> Iterator[An
             yield item
     finally:
         stop.set()
-        if not sys.is_finalizing():
-            thread.join()
-        _RUNNING.pop(thread, None)
+        try:
+            if not sys.is_finalizing():
+                thread.join()
+            _RUNNING.pop(thread, None)
+        except AttributeError:  # closed at teardown, once this module's globals (sys,
+            pass  # _RUNNING) are None: the producer was told to stop, nothing to wait for
 
 
 def window_generator(seed: int, epoch: int, rank: int, window: int) -> torch.Generator:

@@ -295,17 +295,23 @@ def test_an_index_outside_the_dataset_is_refused_not_served(dense: tuple[str, Pa
         assert "block 4 " in lines[0] and "dataset indices outside" in lines[0]
 
 
-def test_a_stream_left_open_at_exit_ends_quietly(dense: tuple[str, Path]) -> None:
-    """A script that stops reading mid-epoch and exits (a stream still open, its read-ahead
-    thread parked) exits cleanly, without an 'Exception ignored' traceback from the thread
-    pool torn down with the interpreter."""
+@pytest.mark.parametrize("iterators", [1, 3])
+def test_a_stream_left_open_at_exit_ends_quietly(dense: tuple[str, Path], iterators: int,
+                                                 ) -> None:
+    """A script that stops reading mid-epoch and exits (streams still open, their read-ahead
+    threads parked) exits cleanly, without an 'Exception ignored' traceback from the thread
+    pool torn down with the interpreter, nor from a generator closed once the modules'
+    globals are gone (several iterators held in a list are closed that late)."""
     import subprocess
     import sys
 
     data, path = dense
-    script = ("import sys\nfrom softlabels.train.datasets import SoftTargetBatches\n"
+    script = ("import sys\nimport softlabels.train.stream_pieces as sp\n"
+              "sp.PIECE_ROWS = 8  # pieces of one batch: producers parked on full queues\n"
+              "from softlabels.train.datasets import SoftTargetBatches\n"
               f"stream = SoftTargetBatches({data!r}, {str(path)!r}, temperature=4.0, "
-              "batch_size=8, window=1)\nit = iter(stream)\nnext(it)\nprint('read one')\n")
+              f"batch_size=8, window=1)\nits = [iter(stream) for _ in range({iterators})]\n"
+              "for it in its:\n    next(it)\nprint('read one')\n")
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120)
