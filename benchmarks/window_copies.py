@@ -126,7 +126,7 @@ def fill_window(path: str, temperature: float, repeat: int) -> None:
                                          checksum=True, dtype=torch.float32, keep=None,
                                          order=order, readers=readers, pool=pool)
                     assert built is not None
-                    windows.append(sum(c.nbytes for c in built.columns))
+                    windows.append(sum(c.nbytes for c in built))
 
                 ms = best(fill, repeat)
                 readers.close()

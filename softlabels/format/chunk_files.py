@@ -183,7 +183,6 @@ class ChunkFiles:
             return None
         return out.reshape(self.chunks)
 
-
     def _probe(self, fd: int, size: int) -> None:
         """Count a miss (`misses`) when the chunk file's last page is not in the page cache:
         a read of its last byte that may not wait for the disk (RWF_NOWAIT, Linux) finds it

@@ -33,8 +33,8 @@ from softlabels.train.blocks import check_servable, load_checked
 from softlabels.train.epochs import WindowLoader, block_windows, rank_and_world, resume_point
 from softlabels.train.stream_pieces import (
     BlockReaders,
+    Columns,
     Span,
-    Window,
     WindowPool,
     background,
     build_window,
@@ -181,8 +181,9 @@ class SoftTargetBatches(IterableDataset):
     previous pieces are served, so at most two windows of the served arrays are held (a window
     is `window` to 2 x `window` - 1 blocks of labels, index and targets at T: at C = 1,000 in
     float32 a block of 512 rows serves 2 MiB, so 64 blocks hold 128 MiB; `window` and
-    `dtype=torch.float16` lower it), plus up to four pieces' inputs (each at most PIECE_BYTES
-    of inputs, labels and targets: queued, being cut, being built); never the set. A batch is
+    `dtype=torch.float16` lower it), plus up to four pieces' inputs (and the rows of a piece
+    across two windows, copied; each at most PIECE_BYTES: queued, being cut, being built);
+    never the set. A batch is
     a view of its window, so a batch the consumer keeps keeps its whole window alive. Memory
     no batch holds any more is lent to the next window or piece (`stream_pieces.WindowPool`),
     so it stays held between epochs.
@@ -329,7 +330,7 @@ class SoftTargetBatches(IterableDataset):
         readers = BlockReaders(threads=1 if shared else 2)  # a worker: one thread (W workers
         # read at once already)
 
-        def build(j: int, blocks: list[int]) -> Window | None:
+        def build(j: int, blocks: list[int]) -> Columns | None:
             order = window_generator(self.seed, epoch, rank, j) if self.shuffle else None
             return build_window(ts, blocks, [self._rows_in([b]) for b in blocks],
                                 temperature=self.temperature, checksum=self.checksum,

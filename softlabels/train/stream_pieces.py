@@ -73,19 +73,12 @@ def block_columns(ts: TransferSet, arrays: dict[str, np.ndarray], *, temperature
                               tuple(ts.temperatures), dtype)]
 
 
-@dataclass(frozen=True)
-class Window:
-    """A window's selected rows, [index, labels, *targets] (`block_columns`), in the order
-    they are served."""
-
-    columns: Columns
-
-
 def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temperature: float,
                  checksum: bool, dtype: torch.dtype, keep: np.ndarray | None,
                  order: torch.Generator | None, readers: BlockReaders, together: int = 1,
-                 pool: WindowPool | None = None) -> Window | None:
-    """A window's selected rows (`sizes[i]` of block i), in the order of a permutation drawn
+                 pool: WindowPool | None = None) -> Columns | None:
+    """A window's selected rows (`sizes[i]` of block i), [index, labels, *targets]
+    (`block_columns`), in the order of a permutation drawn
     from `order` (stored row i is served at position `torch.randperm(n, generator=order)[i]`;
     None: in stored order); None without rows.
 
@@ -138,9 +131,9 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
                                if c.data_ptr() == a.ctypes.data and c.nbytes == a.nbytes
                                and c.dtype != torch.bfloat16 and a.flags.c_contiguous})
         a0, b0 = int(starts[i]), int(starts[i + 1])
+        if b0 == a0:  # no row of this block selected
+            return
         for out, c in zip(window, cols):
-            if b0 <= a0:
-                continue
             if dest is not None:
                 out.index_copy_(0, dest[a0:b0], c)
             elif out[a0:b0].data_ptr() != c.data_ptr():
@@ -148,7 +141,7 @@ def build_window(ts: TransferSet, blocks: list[int], sizes: list[int], *, temper
 
     readers.fill(ts, blocks, names, together, checksum, temperature if stored else None,
                  into=into, place=place)
-    return Window(window)
+    return window
 
 
 class WindowPool:
@@ -239,8 +232,8 @@ class BlockReaders:
         every block is placed; the first error raised, once no thread reads any more."""
         local = together == 1 and ts.cache_misses() is not None
         if not local or self.threads < 2 or self.slow >= 2 or len(blocks) < 3:
-            for i, arrays in enumerate(self.read(ts, blocks, names, together, checksum,
-                                                 temperature, into)):
+            for i, arrays in enumerate(self._read(ts, blocks, names, together, checksum,
+                                                  temperature, into)):
                 place(i, arrays)
             return
         stop = threading.Event()
@@ -273,14 +266,14 @@ class BlockReaders:
                              reuse=True, into=into)
         after = ts.cache_misses()
         if self.slow < 2 and before is not None and after is not None:  # two blocks in a row
-            # from disk: from disk for the rest of the epoch
+            # with misses: the rest of the epoch is read as from disk
             self.slow = self.slow + 1 if after > before else 0
         return got[0]
 
-    def read(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
-             checksum: bool, temperature: float | None,
-             into: Callable[[int], dict[str, np.ndarray] | None] | None = None,
-             ) -> Iterator[dict[str, np.ndarray]]:
+    def _read(self, ts: TransferSet, blocks: list[int], names: list[str], together: int,
+              checksum: bool, temperature: float | None,
+              into: Callable[[int], dict[str, np.ndarray] | None],
+              ) -> Iterator[dict[str, np.ndarray]]:
         """Each block's checked arrays, valid until the next is asked for: a local set's read
         by the calling thread (`into(i)`: memory block i's arrays may be read straight into),
         or `together` blocks per call by two threads in turn (from a URL, where each call
@@ -292,8 +285,7 @@ class BlockReaders:
                     ahead = blocks[max(hinted, i + 1):i + 1 + READ_AHEAD]
                     ts.will_read(ahead, names, temperature=temperature)
                     hinted = i + 1 + READ_AHEAD
-                yield self._read_one(ts, block, names, checksum, temperature,
-                                     into(i) if into is not None else None)
+                yield self._read_one(ts, block, names, checksum, temperature, into(i))
             return
         groups = [blocks[i:i + together] for i in range(0, len(blocks), together)]
 
@@ -314,7 +306,7 @@ class BlockReaders:
 
 
 def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
-           build: Callable[[int, list[int]], Window | None],
+           build: Callable[[int, list[int]], Columns | None],
            gather: Callable[[torch.Tensor], Any], shared: bool,
            pool: WindowPool | None = None) -> Iterator[Columns]:
     """[inputs, labels, *targets] of each of this worker's pieces of `span`, in order.
@@ -325,7 +317,7 @@ def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
     to the main process), copied into memory of its own (shared, else lent by `pool`);
     `gather` turns its `index` column into the inputs.
     """
-    parts: dict[int, list[tuple[Window, int, int]]] = {}
+    parts: dict[int, list[tuple[Columns, int, int]]] = {}
     at = 0
     for j, (blocks, n) in enumerate(zip(windows, counts)):
         lo, hi, at = at, at + n, at + n
@@ -343,11 +335,11 @@ def pieces(windows: list[list[int]], counts: list[int], span: Span, *,
         raise RuntimeError(f"the plan has {at} rows, fewer than the {span.stop} served")
 
 
-def _joined(parts: list[tuple[Window, int, int]], shared: bool,
+def _joined(parts: list[tuple[Columns, int, int]], shared: bool,
             pool: WindowPool | None) -> Columns:
     """One piece's columns: positions [a, b) of each part's window, one after another (views
     of a lone window's rows unless `shared`)."""
-    first = parts[0][0].columns
+    first = parts[0][0]
     if len(parts) == 1 and not shared:
         _, a, b = parts[0]
         return [c[a:b] for c in first]
@@ -358,7 +350,7 @@ def _joined(parts: list[tuple[Window, int, int]], shared: bool,
         dest = (empty(shape, col.dtype, shared=True) if shared and j > 0  # index: for inputs
                 else pool.take(shape, col.dtype) if pool is not None
                 else empty(shape, col.dtype, shared=False))
-        torch.cat([window.columns[j][a:b] for window, a, b in parts], out=dest)
+        torch.cat([window[j][a:b] for window, a, b in parts], out=dest)
         out.append(dest)
     return out
 

@@ -62,7 +62,7 @@ def _window(ts: TransferSet, blocks: list[int], threads: int) -> list[torch.Tens
     finally:
         readers.close()
     assert built is not None
-    return [c.clone() for c in built.columns]
+    return [c.clone() for c in built]
 
 
 def test_two_threads_build_the_window_one_thread_builds(made: Path,
