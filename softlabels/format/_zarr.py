@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import TransferSetError
+from softlabels.format.chunk_files import NotRegularFileError, local_store
 from softlabels.format.chunk_writer import ChunkWriter
 from softlabels.format.location import Remote
 from softlabels.format.schema import ATTR_KEY
@@ -62,9 +63,13 @@ class ZarrStore(Store):
             check_zip_members(path)  # no member inflates past what its array can hold
             store: Any = zarr.storage.ZipStore(str(path), mode="r")
         else:
-            store = str(path)
-        self._group = zarr.open_group(store=store, mode={"r": "r", "r+": "r+", "w": "w"}[mode],
-                                      attributes=attributes if mode == "w" else None)
+            store = local_store(path, read_only=self.read_only)
+        try:
+            self._group = zarr.open_group(store=store,
+                                          mode={"r": "r", "r+": "r+", "w": "w"}[mode],
+                                          attributes=attributes if mode == "w" else None)
+        except NotRegularFileError as exc:
+            raise TransferSetError(f"{exc}: not a Zarr set's metadata") from None
         self._arrays: dict[str, Any] = {}  # each array's metadata, read once
         # whole chunks of a local directory's arrays are written straight to their files
         self._local = self._remote is None and not self._zip and not self.read_only
@@ -152,7 +157,11 @@ class ZarrStore(Store):
         # re-read after `_create`), so it is read once: on an object store each read is a
         # round trip, and a writer used to pay one per array per block.
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            try:
+                self._arrays[name] = self._group[name]
+            except (ValueError, TypeError, NotRegularFileError) as exc:  # names() lists
+                # without parsing over http
+                raise self._damaged_metadata(exc) from None
         return self._arrays[name]
 
     def names(self, expected=()):
@@ -163,13 +172,11 @@ class ZarrStore(Store):
                     f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
         except (FileNotFoundError, PermissionError):  # a web server that does not list
             found = []
-        except ValueError as exc:  # an array's zarr.json garbled (json.JSONDecodeError)
+        except (ValueError, TypeError, NotRegularFileError) as exc:  # an array's zarr.json
+            # garbled: not JSON (json.JSONDecodeError), fields zarr cannot parse (a NaN fill of
+            # an int array), or a fifo
             self.drop_cache()
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise TransferSetError(f"{self.path} holds an array whose metadata (zarr.json) is "
-                                   f"damaged ({type(exc).__name__}: {first}); restore the set "
-                                   "from its source, or make it again with `softlabels "
-                                   "precompute`") from None
+            raise self._damaged_metadata(exc) from None
         if found or self._remote is None or not self._remote.read_only:
             return found
         fs = self._remote.fs  # over http: probe each array's metadata instead
@@ -177,8 +184,18 @@ class ZarrStore(Store):
                 if fs.exists(self._remote.child(f"{n}/zarr.json"))]
 
     def info(self, name):
-        arr = self._group[name]
+        try:
+            arr = self._group[name]
+        except (ValueError, TypeError, NotRegularFileError) as exc:
+            raise self._damaged_metadata(exc) from None
         return tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks)
+
+    def _damaged_metadata(self, exc: Exception) -> TransferSetError:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return TransferSetError(f"{self.path} holds an array whose metadata (zarr.json) is "
+                                f"damaged ({type(exc).__name__}: {first}); restore the set "
+                                "from its source, or make it again with `softlabels "
+                                "precompute`")
 
     def get_meta(self):
         return self._group.attrs.asdict().get(ATTR_KEY)

@@ -162,9 +162,11 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
     the cache at `cache` has room (`room` bytes at opening; re-measured as it fills), and
     evicting other sets' folders, least recently opened first, to make room."""
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest
-    from zarr.storage import LocalStore, WrapperStore
+    from zarr.storage import WrapperStore
 
-    local = LocalStore(folder)
+    from softlabels.format.chunk_files import local_store
+
+    local = local_store(folder, read_only=False)
 
     class BoundedCache(WrapperStore):  # type: ignore[misc,type-arg]
         """Whole objects cached on local disk while there is room; a byte range is cut from

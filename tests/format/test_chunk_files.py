@@ -4,6 +4,7 @@ goes through zarr and is refused naming the block."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,8 +54,38 @@ def test_a_chunk_of_the_wrong_length_is_refused_naming_its_block(
     chunk = path / S.PROBS / "c" / "1" / "2" / "0"
     chunk.write_bytes(damage(chunk.read_bytes()))
     with open_transfer_set(path) as ts:
-        assert ChunkFiles.of(path / S.PROBS).read(ts._block_selection(
-            S.PROBS, *ts.block_range(2), 1)) is None
+        selection = ts._block_selection(S.PROBS, *ts.block_range(2), 1)
+        if len(chunk.read_bytes()) > 192:  # longer than its encoding: refused unread
+            with pytest.raises(OSError, match="more than any encoding"):
+                ChunkFiles.of(path / S.PROBS).read(selection)
+        else:  # a short chunk is left to zarr, which names the failure
+            assert ChunkFiles.of(path / S.PROBS).read(selection) is None
         with pytest.raises(IntegrityError, match="block 2 "):
             ts.read_block(2, [S.PROBS], temperature=4.0)
         ts.read_block(1, [S.PROBS], temperature=4.0)  # its neighbours still read
+
+
+@pytest.mark.parametrize("topk", [0, 2], ids=["uncompressed", "compressed"])
+def test_a_chunk_grown_to_a_gigabyte_of_holes_is_refused_unread(
+        npz_data: str, tmp_path: Path, topk: int) -> None:
+    """A chunk file extended to 1 GiB (a sparse file: no disk used) is refused naming its block
+    without being read: neither this module nor zarr after it reads the gigabyte."""
+    import resource
+
+    path = tmp_path / "set.zarr"
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               topk=topk, random_teacher=True)
+    name = S.TOPK_INDICES if topk else S.PROBS
+    with open_transfer_set(path) as ts:
+        selection = ts._block_selection(name, *ts.block_range(2), 1 if not topk else None)
+    files = ChunkFiles.of(path / name)
+    assert files is not None and (files.codec is not None) == bool(topk)
+    chunk = Path(files._path(files._locate(selection)[0]))
+    os.truncate(chunk, 1 << 30)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with open_transfer_set(path) as ts:
+        with pytest.raises(IntegrityError, match="block 2 .*more than any encoding"):
+            ts.read_blocks([2], [name], temperature=4.0)
+        ts.read_blocks([1, 3], [name], temperature=4.0)  # its neighbours still read
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grown < 256 * 1024, f"the process grew by {grown // 1024} MiB"

@@ -228,3 +228,29 @@ def test_a_hybrid_head_size_edited_with_its_digest_is_refused_by_readers(
     assert result.exit_code == 1 and "break its recipe" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not checks(out_path)["hybrid"].ok
+
+
+@pytest.mark.parametrize("field,value", [("data_type", "int32"), ("shape", "abc"),
+                                         ("dimension_names", [1, 2, 3]),
+                                         ("node_type", "group"), ("fill_value", [1, 2])])
+def test_array_metadata_zarr_cannot_parse_is_one_line(
+        tmp_path: Path, npz_data: str, field: str, value: Any) -> None:
+    """Edits of an array's zarr.json on which zarr raises TypeError (an int32 data type beside
+    the NaN fill of floats, a shape that is not a list of integers, ...) end `info` in one
+    line naming the damaged metadata, and `verify` in a failed report, not in zarr's
+    traceback."""
+    path = tmp_path / "set.zarr"
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               random_teacher=True)
+    meta_file = path / "probs" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta[field] = value
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(TransferSetError, match="metadata \\(zarr.json\\) is damaged"):
+        open_transfer_set(path)
+    info = CliRunner().invoke(cli, ["info", str(path)])
+    assert info.exit_code == 1 and len(info.output.strip().splitlines()) == 1, info.output
+    assert "zarr.json) is damaged" in info.output
+    report = CliRunner().invoke(cli, ["verify", str(path)])
+    assert report.exit_code == 1 and "Traceback" not in report.output, report.output
+    assert report.output.startswith("FAIL status: ") and "zarr.json) is damaged" in report.output

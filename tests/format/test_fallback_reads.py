@@ -1,0 +1,71 @@
+"""Sets read through zarr itself (sharded: not the chunk files' fast path) meet damage as the
+fast path does: a fifo in place of a shard or of an array's zarr.json is refused naming what it
+is, never waited on (zarr's own LocalStore would wait for a writer for ever)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CHUNK
+from softlabels.compute.blocks import precompute
+from softlabels.errors import SoftlabelsError
+from softlabels.format import schema as S
+from softlabels.format.chunk_files import ChunkFiles
+from softlabels.format.reader import open_transfer_set
+from softlabels.sets.verify import verify
+
+
+def within(seconds: float, work: Callable[[], Any]) -> Any:
+    """`work()`'s result or the exception it raised; fails the test if it is still waiting."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            done["value"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert "value" in done, "the read is waiting on a fifo"
+    return done["value"]
+
+
+@pytest.fixture
+def sharded(npz_data: str, tmp_path: Path) -> Path:
+    path = tmp_path / "set.zarr"
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK,
+               shard_rows=2 * CHUNK, random_teacher=True)
+    assert ChunkFiles.of(path / S.PROBS) is None  # read through zarr
+    return path
+
+
+def test_a_fifo_in_place_of_a_shard_is_refused_naming_its_block(sharded: Path) -> None:
+    shard = sharded / S.PROBS / "c" / "1" / "1" / "0"  # T = 4, rows 32-63: block 1
+    shard.unlink()
+    os.mkfifo(shard)
+    with open_transfer_set(sharded) as ts:
+        assert ts.block_range(1) == (2 * CHUNK, 4 * CHUNK)  # a block is a shard
+        ts.read_blocks([0, 2], [S.PROBS], temperature=4.0)
+        got = within(20, lambda: ts.read_blocks([1], [S.PROBS], temperature=4.0))
+    assert isinstance(got, SoftlabelsError) and "block 1 " in str(got)
+    assert "not a regular file" in str(got)
+    report = within(60, lambda: verify(sharded))
+    assert not report.ok
+    assert "not a regular file" in {c.name: c for c in report.checks}["checksums"].detail
+
+
+@pytest.mark.parametrize("where", [S.PROBS, "."], ids=["array", "group"])
+def test_a_fifo_in_place_of_metadata_is_refused(sharded: Path, where: str) -> None:
+    meta = sharded / where / "zarr.json"
+    meta.unlink()
+    os.mkfifo(meta)
+    got = within(20, lambda: open_transfer_set(sharded))
+    assert isinstance(got, SoftlabelsError) and "not a regular file" in str(got), got
