@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import TransferSetError
-from softlabels.format.chunk_files import NotRegularFileError, local_store
+from softlabels.format.chunk_files import StoredFileError
 from softlabels.format.chunk_writer import ChunkWriter
 from softlabels.format.location import Remote
 from softlabels.format.schema import ATTR_KEY
@@ -63,12 +63,14 @@ class ZarrStore(Store):
             check_zip_members(path)  # no member inflates past what its array can hold
             store: Any = zarr.storage.ZipStore(str(path), mode="r")
         else:
-            store = local_store(path, read_only=self.read_only)
+            from softlabels.format.local_files import LocalFiles
+
+            store = LocalFiles(path, read_only=self.read_only)
         try:
             self._group = zarr.open_group(store=store,
                                           mode={"r": "r", "r+": "r+", "w": "w"}[mode],
                                           attributes=attributes if mode == "w" else None)
-        except NotRegularFileError as exc:
+        except StoredFileError as exc:
             raise TransferSetError(f"{exc}: not a Zarr set's metadata") from None
         self._arrays: dict[str, Any] = {}  # each array's metadata, read once
         # whole chunks of a local directory's arrays are written straight to their files
@@ -159,7 +161,7 @@ class ZarrStore(Store):
         if name not in self._arrays:
             try:
                 self._arrays[name] = self._group[name]
-            except (ValueError, TypeError, NotRegularFileError) as exc:  # names() lists
+            except (ValueError, TypeError, StoredFileError) as exc:  # names() lists
                 # without parsing over http
                 raise self._damaged_metadata(exc) from None
         return self._arrays[name]
@@ -172,7 +174,7 @@ class ZarrStore(Store):
                     f"{g}/{a}" for g, sub in self._group.groups() for a, _ in sub.arrays())
         except (FileNotFoundError, PermissionError):  # a web server that does not list
             found = []
-        except (ValueError, TypeError, NotRegularFileError) as exc:  # an array's zarr.json
+        except (ValueError, TypeError, StoredFileError) as exc:  # an array's zarr.json
             # garbled: not JSON (json.JSONDecodeError), fields zarr cannot parse (a NaN fill of
             # an int array), or a fifo
             self.drop_cache()
@@ -186,7 +188,7 @@ class ZarrStore(Store):
     def info(self, name):
         try:
             arr = self._group[name]
-        except (ValueError, TypeError, NotRegularFileError) as exc:
+        except (ValueError, TypeError, StoredFileError) as exc:
             raise self._damaged_metadata(exc) from None
         return tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks)
 

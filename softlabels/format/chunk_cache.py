@@ -164,9 +164,9 @@ def bounded_cache_store(remote: Any, cache: str, folder: str, room: int) -> Any:
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest
     from zarr.storage import WrapperStore
 
-    from softlabels.format.chunk_files import local_store
+    from softlabels.format.local_files import LocalFiles
 
-    local = local_store(folder, read_only=False)
+    local = LocalFiles(folder)
 
     class BoundedCache(WrapperStore):  # type: ignore[misc,type-arg]
         """Whole objects cached on local disk while there is room; a byte range is cut from

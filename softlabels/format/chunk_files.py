@@ -13,7 +13,6 @@ misread cannot be served silently.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import stat
@@ -22,9 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from softlabels.format.zip_bounds import stored_limit
+
 MAX_CHUNK_BYTES = 1 << 30  # a chunk past this is left to zarr (ours aim near 1 MiB)
 _TYPES = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
           "uint16", "uint32", "uint64", "bool"}
+
+
+class StoredFileError(OSError):
+    """A file of a set that no writer makes: a fifo, a device or a socket, or a chunk longer
+    than any encoding of its array's chunk."""
 
 
 class ChunkFiles:
@@ -157,7 +163,7 @@ class ChunkFiles:
             regular = stat.S_ISREG(found.st_mode)
             # longer than any encoding of the chunk: not read (a file grown to gigabytes of
             # holes would be read whole, by this module and again by zarr)
-            overlong = regular and found.st_size > self._longest(out.nbytes)
+            overlong = regular and found.st_size > stored_limit(out.nbytes)
             if regular and not overlong:
                 self._probe(fd, found.st_size)
             if regular and not overlong and self.codec is None:  # a truncated chunk (by its
@@ -170,10 +176,11 @@ class ChunkFiles:
         finally:
             os.close(fd)
         if not regular:  # zarr would wait on a fifo, or read a device on and on
-            raise OSError(f"chunk {path} is not a regular file (a fifo or a device)")
+            raise StoredFileError(f"chunk {path} is not a regular file (a fifo or a device)")
         if overlong:
-            raise OSError(f"chunk {path} holds {found.st_size} bytes, more than any encoding "
-                          f"of its {out.nbytes} ({self.codec or 'uncompressed'})")
+            raise StoredFileError(f"chunk {path} holds {found.st_size} bytes, more than a "
+                                  f"chunk of its array is stored in "
+                                  f"({stored_limit(out.nbytes)})")
         if self.codec is None:
             return out.reshape(self.chunks) if whole else None
         from numcodecs import Blosc, Zstd
@@ -190,12 +197,6 @@ class ChunkFiles:
             return None
         return out.reshape(self.chunks)
 
-    def _longest(self, nbytes: int) -> int:
-        """The most bytes a chunk of `nbytes` can be stored in: itself uncompressed; zstd's
-        and blosc's worst cases (incompressible data: about 1/256 more, and headers) with room
-        to spare."""
-        return nbytes if self.codec is None else nbytes + nbytes // 64 + (1 << 16)
-
     def _probe(self, fd: int, size: int) -> None:
         """Count a miss (`misses`) when the chunk file's last page is not in the page cache:
         a read of its last byte that may not wait for the disk (RWF_NOWAIT, Linux) finds it
@@ -209,48 +210,6 @@ class ChunkFiles:
             self.misses += 1
         except OSError:  # EOPNOTSUPP (tmpfs) or EINVAL: this file system cannot tell
             self._nowait = False
-
-
-class NotRegularFileError(OSError):
-    """A fifo, a device or a socket where a set holds a file."""
-
-
-def local_store(root: str | Path, *, read_only: bool) -> Any:
-    """zarr's `LocalStore` at `root`, reading regular files only: a fifo or a device in place
-    of a chunk or a `zarr.json` is refused with `NotRegularFileError` (which the reader reports as a
-    damaged block or array) where zarr itself would wait on the fifo for ever or read the
-    device on and on. Sets this module cannot read (sharded, other codecs) and remote sets'
-    local caches are read through it."""
-    return _regular_file_store()(root, read_only=read_only)
-
-
-@functools.cache
-def _regular_file_store() -> type:
-    from zarr.storage import LocalStore
-
-    class RegularFileStore(LocalStore):  # type: ignore[misc]
-        async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
-            _check_regular(self.root / key)
-            return await super().get(key, prototype, byte_range)
-
-        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
-            key_ranges = list(key_ranges)
-            for key, _ in key_ranges:
-                _check_regular(self.root / key)
-            return await super().get_partial_values(prototype, key_ranges)
-
-    return RegularFileStore
-
-
-def _check_regular(path: Path) -> None:
-    """Raise unless `path` is a regular file or absent (a missing chunk is the fill value)."""
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a folder: zarr answers None
-        raise NotRegularFileError(f"{path} is not a regular file (a fifo or a device); "
-                                  "restore the set from its source")
 
 
 def _read_all(fd: int, size: int) -> bytes:

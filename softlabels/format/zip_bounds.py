@@ -29,9 +29,16 @@ def chunk_limit(zarr_json: bytes) -> int | None:
             return None
         shape = doc["chunk_grid"]["configuration"]["chunk_shape"]
         itemsize = np.dtype(doc["data_type"]).itemsize
-        return 2 * math.prod(int(s) for s in shape) * itemsize + SLACK_BYTES
+        return stored_limit(math.prod(int(s) for s in shape) * itemsize)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def stored_limit(nbytes: int) -> int:
+    """The most bytes a stored chunk (or shard) of `nbytes` decoded bytes may take: twice
+    them plus `SLACK_BYTES` (codec headers, a shard's index; compressors' worst cases add
+    well under 1%)."""
+    return 2 * nbytes + SLACK_BYTES
 
 
 def _chunk_limits(z: zipfile.ZipFile, metadata: list[zipfile.ZipInfo]) -> dict[str, int]:

@@ -54,12 +54,8 @@ def test_a_chunk_of_the_wrong_length_is_refused_naming_its_block(
     chunk = path / S.PROBS / "c" / "1" / "2" / "0"
     chunk.write_bytes(damage(chunk.read_bytes()))
     with open_transfer_set(path) as ts:
-        selection = ts._block_selection(S.PROBS, *ts.block_range(2), 1)
-        if len(chunk.read_bytes()) > 192:  # longer than its encoding: refused unread
-            with pytest.raises(OSError, match="more than any encoding"):
-                ChunkFiles.of(path / S.PROBS).read(selection)
-        else:  # a short chunk is left to zarr, which names the failure
-            assert ChunkFiles.of(path / S.PROBS).read(selection) is None
+        assert ChunkFiles.of(path / S.PROBS).read(ts._block_selection(
+            S.PROBS, *ts.block_range(2), 1)) is None
         with pytest.raises(IntegrityError, match="block 2 "):
             ts.read_block(2, [S.PROBS], temperature=4.0)
         ts.read_block(1, [S.PROBS], temperature=4.0)  # its neighbours still read
@@ -84,7 +80,7 @@ def test_a_chunk_grown_to_a_gigabyte_of_holes_is_refused_unread(
     os.truncate(chunk, 1 << 30)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with open_transfer_set(path) as ts:
-        with pytest.raises(IntegrityError, match="block 2 .*more than any encoding"):
+        with pytest.raises(IntegrityError, match="block 2 .*more than a chunk of its array"):
             ts.read_blocks([2], [name], temperature=4.0)
         ts.read_blocks([1, 3], [name], temperature=4.0)  # its neighbours still read
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak

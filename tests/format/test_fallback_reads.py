@@ -69,3 +69,20 @@ def test_a_fifo_in_place_of_metadata_is_refused(sharded: Path, where: str) -> No
     os.mkfifo(meta)
     got = within(20, lambda: open_transfer_set(sharded))
     assert isinstance(got, SoftlabelsError) and "not a regular file" in str(got), got
+
+
+def test_a_shard_grown_to_a_gigabyte_of_holes_is_refused_unread(sharded: Path) -> None:
+    """A shard file extended to 1 GiB (sparse: no disk used) is refused naming its block, by
+    its size against its array's shards (the bound of zip members and objects at URLs),
+    before zarr reads any of it."""
+    import resource
+
+    os.truncate(sharded / S.PROBS / "c" / "1" / "1" / "0", 1 << 30)  # T = 4, block 1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with open_transfer_set(sharded) as ts:
+        ts.read_blocks([0, 2], [S.PROBS], temperature=4.0)
+        with pytest.raises(SoftlabelsError, match="block 1 .*more than a chunk of its array"):
+            ts.read_blocks([1], [S.PROBS], temperature=4.0)
+    assert not verify(sharded).ok
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grown < 256 * 1024, f"the process grew by {grown // 1024} MiB"
