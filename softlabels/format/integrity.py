@@ -167,7 +167,9 @@ class TemperingCheck:
             if gap.size and gap.max() > self.worst[k][0]:
                 self.worst[k] = (float(gap.max()), start + int(rows[gap.argmax()]))
 
-    def report(self, report: VerifyReport) -> None:
+    def report(self, report: VerifyReport, covered: str = "") -> None:
+        """Add the check's verdict; `covered` follows a pass (" in the 3 readable blocks of
+        4")."""
         temps = self.layout.temperatures
         if not self.checkable:
             report.add("temperatures", True, "not checkable: a sparse set stores no dense "
@@ -183,20 +185,20 @@ class TemperingCheck:
                    "the probabilities were edited" if bad else
                    f"stored probabilities match the stored logits at T = "
                    f"{', '.join(f'{temps[k]:g}' for k in self.worst)} (worst gap {worst:.2f} of "
-                   "the tolerance)" + (f"; not checkable at T = {', '.join(unchecked)}: a "
-                                       "mean-probs ensemble without --keep-members"
-                                       if unchecked else ""))
+                   f"the tolerance){covered}"
+                   + (f"; not checkable at T = {', '.join(unchecked)}: a mean-probs ensemble "
+                      "without --keep-members" if unchecked else ""))
 
 
 def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | None) -> None:
     first_bad: dict[str, int] = {}
-    worst_sum = 0.0
+    worst_sum, summed = 0.0, 0  # the largest |row sum - 1| of dense probabilities, rows summed
     v1 = (ts.store.read(S.BLOCK_CHECKSUM) if ts.format_version == 1 and ts.has(S.BLOCK_CHECKSUM)
           else None)
     checked = ts.format_version >= 2 or v1 is not None
     corrupt: list[str] = []
     not_probabilities: list[str] = []
-    unreadable = False
+    unreadable = 0  # blocks
     tempering = TemperingCheck(ts)
     lay = ts.layout
     target_problems: list[str] = []  # the target kind's own recipe, checked block by block
@@ -205,7 +207,7 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
         got = _read_block(ts, ts.row_arrays(), b)
         if isinstance(got, str):
             corrupt.append(f"block {b} (rows {start}-{stop - 1}) unreadable: {got}")
-            unreadable = True
+            unreadable += 1
             continue
         arrays, recorded = got
         problem = _checksum_problem(ts, b, arrays, recorded, v1)
@@ -225,6 +227,7 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
                 first_bad[name] = start + int(np.argmin(finite))
             elif name == S.PROBS:
                 worst_sum = max(worst_sum, float(np.abs(block.sum(-1) - 1).max(initial=0)))
+                summed += stop - start
         if not first_bad:
             tempering.add(start, arrays)
         if not target_problems:
@@ -241,17 +244,24 @@ def check_values(ts: TransferSet, report: VerifyReport, progress: Progress | Non
         report.add("checksums", not corrupt, "; ".join(corrupt[:5])
                    + (f"; and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
                    or f"all {ts.num_blocks} blocks match their checksums ({per})")
+    # what the value checks below covered: a block that cannot be read is not among them
+    read = (f" in the {ts.num_blocks - unreadable} readable blocks of {ts.num_blocks}"
+            if unreadable else "")
     report.add("targets", not not_probabilities, "; ".join(not_probabilities[:3])
                + (f"; and {len(not_probabilities) - 3} more" if len(not_probabilities) > 3
                   else "") or "every stored target is a probability (top-k normalisers at or "
-               "above the top logit / T, top-k mass at most 1, class ids in range)")
+               f"above the top logit / T, top-k mass at most 1, class ids in range){read}")
     report.add("finite", not first_bad, "; ".join(f"{n} has NaN/inf at row {r}" for n, r in
-                                                  first_bad.items()) or "no NaN or inf")
+                                                  first_bad.items()) or f"no NaN or inf{read}")
     tol = 1e-2 if ts.layout.probs_dtype == "float16" else 1e-4
-    report.add("probabilities", worst_sum <= tol, f"rows sum to 1 within {worst_sum:.1e} "
-               f"(tolerance {tol:.0e})")
+    report.add("probabilities", worst_sum <= tol,
+               "no dense probabilities stored (the targets check covers this kind's)"
+               if not ts.has(S.PROBS) else f"rows sum to 1 within {worst_sum:.1e} (tolerance "
+               f"{tol:.0e})" + (f", over {summed} of {ts.num_rows} rows (the rest unreadable "
+                                "or from the first block with NaN/inf on)"
+                                if summed < ts.num_rows else ""))
     if not first_bad:
-        tempering.report(report)
+        tempering.report(report, read)
     recipe = lay.target.recipe()
     if recipe is not None:  # a kind with its own recipe (`TargetKind.problems`)
         report.add(lay.target.name, not target_problems, "; ".join(target_problems) or recipe)

@@ -1,6 +1,7 @@
 """Sets read through zarr itself (sharded: not the chunk files' fast path) meet damage as the
 fast path does: a fifo in place of a shard or of an array's zarr.json is refused naming what it
-is, never waited on (zarr's own LocalStore would wait for a writer for ever)."""
+is, never waited on (zarr's own LocalStore would wait for a writer for ever), a shard grown to
+a gigabyte is refused unread; and `verify` says what its value checks covered."""
 
 from __future__ import annotations
 
@@ -86,3 +87,27 @@ def test_a_shard_grown_to_a_gigabyte_of_holes_is_refused_unread(sharded: Path) -
     assert not verify(sharded).ok
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
     assert grown < 256 * 1024, f"the process grew by {grown // 1024} MiB"
+
+
+def test_verify_says_which_blocks_its_value_checks_covered(sharded: Path) -> None:
+    """With a block unreadable, the value checks that pass say they covered the readable
+    blocks only: a pass over part of the set is not presented as a pass over all of it."""
+    (sharded / S.PROBS / "c" / "1" / "1" / "0").unlink()
+    os.mkfifo(sharded / S.PROBS / "c" / "1" / "1" / "0")
+    with open_transfer_set(sharded) as ts:
+        blocks, rows = ts.num_blocks, ts.num_rows
+        unread = ts.block_range(1)[1] - ts.block_range(1)[0]
+    checks = {c.name: c for c in within(60, lambda: verify(sharded)).checks}
+    assert not checks["checksums"].ok and not checks["columns"].ok
+    for name in ("targets", "finite", "temperatures"):
+        assert checks[name].detail.endswith(f"in the {blocks - 1} readable blocks of {blocks}")
+    assert f"over {rows - unread} of {rows} rows" in checks["probabilities"].detail
+
+
+def test_verify_of_a_sparse_set_does_not_claim_row_sums(npz_data: str, tmp_path: Path) -> None:
+    path = tmp_path / "set.zarr"
+    precompute(npz_data, ["mlp:16-8-3"], path, temperatures=[1, 4], chunk_rows=CHUNK, topk=2,
+               random_teacher=True)
+    checks = {c.name: c for c in verify(path).checks}
+    assert checks["probabilities"].ok
+    assert checks["probabilities"].detail.startswith("no dense probabilities stored")
