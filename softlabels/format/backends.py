@@ -42,6 +42,10 @@ def open_store(path: str | os.PathLike[str], mode: Mode = "r", *,
     p = Path(path)
     if mode != "w" and not p.exists():
         raise TransferSetError(f"no transfer set at {p}: the path does not exist")
+    if p.exists() and not p.is_dir() and not p.is_file():  # opening a fifo waits for a
+        # writer; a device reads on and on (zipfile held 4 GB of /dev/urandom)
+        raise TransferSetError(f"{p} is not a regular file or a folder (a fifo or a device), "
+                               f"so not a transfer set; {_WHAT_A_SET_IS}")
     if mode == "r":  # a reader: say what the path is (writers have their own refusals)
         refuse_what_is_not_a_set(p, backend or backend_of(p))
     if (backend or backend_of(p)) == "hdf5":
