@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from softlabels.safe_read import open_input
+
 __all__ = ["file_digest", "folder_digest", "input_digests", "spec_path"]
 
 _BLOCK = 1 << 20
@@ -23,7 +25,7 @@ _BLOCK = 1 << 20
 def file_digest(path: str | os.PathLike[str]) -> str:
     """'sha256:<hex>' of a file's bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_input(path, "input") as f:
         while block := f.read(_BLOCK):
             h.update(block)
     return f"sha256:{h.hexdigest()}"

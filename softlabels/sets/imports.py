@@ -45,6 +45,7 @@ from softlabels.format.layout import Layout
 from softlabels.format.sequence import SEQ_MASK, SEQ_POSITION, SEQ_TOKENS, SequenceSetWriter
 from softlabels.format.writer import TransferSetWriter
 from softlabels.progress import Progress
+from softlabels.safe_read import open_input
 from softlabels.sources.tokens import MAX_TOKEN_ID
 
 # exp(log p) summed over a row's k classes may exceed 1 by rounding only
@@ -203,7 +204,7 @@ def input_sha256(files: Iterable[Path]) -> str:
     sums = []
     for f in files:
         h = hashlib.sha256()
-        with open(f, "rb") as stream:
+        with open_input(f, "input") as stream:
             while block := stream.read(1 << 20):
                 h.update(block)
         sums.append((h.hexdigest(), Path(f).name))

@@ -40,6 +40,7 @@ from softlabels.format.backends import open_store
 from softlabels.format.layout import Layout
 from softlabels.options import check_choice, check_num_classes, check_temperature
 from softlabels.progress import Progress
+from softlabels.safe_read import open_input
 from softlabels.sets.imports import ExampleRows, check_topk, imported_meta, write_rows
 from softlabels.sources.arrays import (
     NpzDataset,
@@ -59,6 +60,7 @@ def _array(value: ArrayLike | None, what: str) -> np.ndarray | None:
     """An array, or a `.npy` file memory-mapped (never unpickled)."""
     if value is None or isinstance(value, np.ndarray):
         return value
+    open_input(value, what).close()  # a fifo would be waited on, a device read without end
     try:
         return np.load(value, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as exc:

@@ -28,10 +28,13 @@ from torch.utils.data import Dataset
 from softlabels.errors import DataError, SpecError
 from softlabels.format.schema import sample_hash
 from softlabels.preprocessing import OPTION_NAMES, Preprocess
+from softlabels.safe_read import read_input
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.io decodes
+# an encoded image a classifier reads: a 100-megapixel PNG takes a few hundred MB at most
+MAX_IMAGE_BYTES = 1 << 30
 BAD_IMAGE_HINT = "replace or remove it, or pass --skip-bad-images to leave it out (listed)"
 
 
@@ -265,9 +268,10 @@ class ImageFolderSource(ImageSource):
 
     def read(self, i: int) -> bytes:
         path = self.samples[i][0]
-        try:
-            with open(path, "rb") as f:
-                return f.read()
+        try:  # a fifo or a link to /dev/zero in the folder is refused, not read without end
+            return read_input(path, "image", limit=MAX_IMAGE_BYTES)
+        except DataError as exc:
+            raise DataError(f"{str(exc).split('; ')[0]}; {BAD_IMAGE_HINT}") from None
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {exc.strerror or exc}; "
                             f"{BAD_IMAGE_HINT}") from None

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import DataError, SpecError
+from softlabels.safe_read import read_input
 from softlabels.sources.chat import render_chats
 from softlabels.sources.token_files import read_jsonl
 from softlabels.sources.tokenizers import load_tokenizer
@@ -56,7 +57,7 @@ def text_files(directory: Path) -> list[Path]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return read_input(path, "text").decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); convert it to "
                         "UTF-8") from None
