@@ -106,3 +106,28 @@ def test_regular_files_read_as_before(tmp_path: Path) -> None:
         read_input(path, "text", limit=6)
     np.save(tmp_path / "a.npy", np.arange(3))
     assert file_digest(tmp_path / "a.npy").startswith("sha256:")
+
+
+@pytest.mark.parametrize("damage", ["fifo", "empty arrow", "empty state", "huge state"])
+def test_a_damaged_datasets_directory_is_one_line(tmp_path: Path, damage: str) -> None:
+    """A `datasets` directory (save_to_disk) with a fifo for its Arrow file (load_from_disk
+    waited on it), an empty Arrow file or state.json (pyarrow's and json's tracebacks), or a
+    state.json grown to 4 GiB of holes (read whole): one line naming it."""
+    datasets = pytest.importorskip("datasets")
+    from softlabels.sources.saved_datasets import load_saved
+
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]]}).save_to_disk(str(folder))
+    assert load_saved(folder)["input_ids"] == [[1, 2], [3]]
+    arrow = next(folder.glob("*.arrow"))
+    if damage == "fifo":
+        special(arrow, "fifo")
+    elif damage == "empty arrow":
+        arrow.write_bytes(b"")
+    elif damage == "empty state":
+        (folder / "state.json").write_bytes(b"")
+    else:
+        os.truncate(folder / "state.json", 4 << 30)
+    got = within(30, lambda: load_saved(folder))
+    assert isinstance(got, DataError), got
+    assert "\n" not in str(got) and str(folder) in str(got)

@@ -44,6 +44,7 @@ from softlabels.format.reader import TransferSet, open_transfer_set
 from softlabels.format.sequence import SEQ_MASK, SEQ_TOKENS, read_offsets
 from softlabels.format.targets import TargetKind, refuse_unstored
 from softlabels.progress import Progress
+from softlabels.safe_read import MAX_DESCRIPTION_BYTES, read_input
 
 FORMATS = ("hf", "parquet")
 SHARD_POSITIONS = 1 << 20  # positions per Parquet file
@@ -324,9 +325,11 @@ def read_export_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     or a file that is not Parquet, is refused in one line."""
     path = Path(path)
     if (path / SIDECAR).is_file():
-        return _description((path / SIDECAR).read_bytes(), path / SIDECAR, strict=True)
+        return _description(read_input(path / SIDECAR, "export description",
+                                       limit=MAX_DESCRIPTION_BYTES), path / SIDECAR, strict=True)
     if (path / "dataset_info.json").is_file():
-        info = _description((path / "dataset_info.json").read_bytes(),
+        info = _description(read_input(path / "dataset_info.json", "export description",
+                                       limit=MAX_DESCRIPTION_BYTES),
                             path / "dataset_info.json", strict=True)
         found = _description(str((info or {}).get("description") or "").encode(), path,
                              strict=False)

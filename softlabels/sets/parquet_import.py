@@ -31,6 +31,7 @@ from softlabels.format.layout import Layout, check_described, digest
 from softlabels.format.sequence import with_offsets
 from softlabels.options import check_temperature
 from softlabels.progress import Progress
+from softlabels.safe_read import open_input
 from softlabels.sets.export import META_KEY, SIDECAR, read_export_info
 from softlabels.sets.imports import (
     SequenceRows,
@@ -47,6 +48,7 @@ from softlabels.sets.imports import (
     token_dataset,
     write_rows,
 )
+from softlabels.sources.saved_datasets import load_saved
 
 COLUMNS = ("input_ids", "labels", "target_token_ids", "target_logprobs", "target_mask")
 EXACT = ("softlabels_topk_logits", "softlabels_topk_logsumexp", "softlabels_labels",
@@ -57,12 +59,14 @@ EXACT = ("softlabels_topk_logits", "softlabels_topk_logsumexp", "softlabels_labe
 
 
 def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+    """The Parquet files at `path` (a file or a directory of them), each a regular file (a
+    fifo would be waited on by pyarrow)."""
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet")) if path.is_dir() else []
     if not files:
         raise DataError(f"{path} is neither a Parquet file, a directory of them, nor a "
                         "`datasets` directory")
+    for f in files:
+        open_input(f, "Parquet file").close()
     return files
 
 
@@ -76,11 +80,9 @@ def _input_files(path: Path) -> list[Path]:
 def _batches(path: Path, columns: list[str]) -> Iterator[Any]:
     """Record batches of `columns`, in order, from Parquet or a `datasets` directory."""
     if (path / "state.json").is_file():
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(f"reading {path} needs the `datasets` package") from None
-        ds = datasets.load_from_disk(str(path))
+        ds = load_saved(path)
+        import datasets  # load_saved has found it
+
         if isinstance(ds, datasets.DatasetDict) or ds._indices is not None:
             raise DataError(f"{path}: name one split, without an indices mapping "
                             "(ds.flatten_indices().save_to_disk(...))")

@@ -16,6 +16,7 @@ from typing import Any
 
 from softlabels.errors import DataError
 from softlabels.sources.images import ImageSource, preprocess_from, refuse_unknown
+from softlabels.sources.saved_datasets import load_saved
 
 OPTIONS = ("split", "image", "label")
 
@@ -142,16 +143,9 @@ def hf_images(body: str, options: dict[str, Any], spec: str) -> ImageSource:
         return ParquetImages(files, image, label, preprocess)
     if not path.is_dir():
         raise DataError(f"no such file or directory {body!r} (from {spec!r}); check the path")
-    try:
-        from datasets import DatasetDict, load_from_disk
-    except ImportError:
-        raise DataError("hfds: over a save_to_disk directory needs the `datasets` package; "
-                        "pip install 'softlabels[datasets]'") from None
-    try:
-        data = load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"{body} is neither Parquet nor a datasets directory written by "
-                        f"save_to_disk ({str(exc).splitlines()[0]})") from None
+    data = load_saved(path)
+    from datasets import DatasetDict  # load_saved has found it
+
     if isinstance(data, DatasetDict):
         split = options.get("split")
         if split not in data:

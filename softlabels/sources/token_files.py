@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import DataError, SpecError
+from softlabels.sources.saved_datasets import load_saved
 from softlabels.sources.tokens import Origin, TokenSequences
 from softlabels.sources.windows import window_options, windowed
 
@@ -83,12 +84,9 @@ def _read_parquet(path: Path) -> list[Any]:
 
 
 def _read_saved_dataset(path: Path) -> list[Any]:
-    try:
-        import datasets
-    except ImportError:
-        raise SpecError(f"reading {path} needs the `datasets` package: pip install datasets"
-                        ) from None
-    ds = datasets.load_from_disk(str(path))
+    import datasets  # load_saved has found it
+
+    ds = load_saved(path)
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(f"{path} holds several splits ({', '.join(ds)}); name one split's "
                         "directory")
