@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from softlabels.errors import DataError
 
-__all__ = ["open_input", "read_input", "MAX_DESCRIPTION_BYTES"]
+__all__ = ["open_input", "read_input", "input_lines", "MAX_DESCRIPTION_BYTES",
+           "MAX_LINE_BYTES"]
 
 # a JSON description of a dataset (`state.json`, `dataset_info.json`, a sidecar): pages of text
 MAX_DESCRIPTION_BYTES = 64 << 20
+# one line of a JSON-lines file: one document, one conversation, one model response
+MAX_LINE_BYTES = 256 << 20
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -40,6 +44,20 @@ def open_input(path: str | os.PathLike[str], what: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def input_lines(path: str | os.PathLike[str], what: str) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, the line's bytes) of the regular file `path`; a line past
+    `MAX_LINE_BYTES` is refused when its bound is reached (a file of 4 GiB of holes is one
+    line, which iterating over the file held whole)."""
+    with open_input(path, what) as f:
+        n = 0
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            n += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise DataError(f"{what} {path} line {n} holds more than {MAX_LINE_BYTES} "
+                                "bytes; it is not JSON lines: check the path")
+            yield n, line
 
 
 def read_input(path: str | os.PathLike[str], what: str, *, limit: int | None = None) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,86 @@ def test_a_damaged_datasets_directory_is_one_line(tmp_path: Path, damage: str) -
     got = within(30, lambda: load_saved(folder))
     assert isinstance(got, DataError), got
     assert "\n" not in str(got) and str(folder) in str(got)
+
+
+def test_a_lease_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path,
+                                                             npz_data: str) -> None:
+    os.mkfifo(tmp_path / "out.zarr.lock")
+    result = within(30, lambda: CliRunner().invoke(cli, [
+        "precompute", "--data", f"npz:{npz_data}", "--teacher", "mlp:16-8-3",
+        "--random-teacher", "--out", str(tmp_path / "out.zarr")]))
+    assert result.exit_code == 1 and "lease file" in result.output, result.output
+    assert "not a regular file" in result.output
+
+
+def test_a_json_lines_file_of_one_endless_line_is_refused_at_its_bound(tmp_path: Path) -> None:
+    """A 4 GiB file of holes is one line: iterating over the file held all of it."""
+    from softlabels.safe_read import MAX_LINE_BYTES, input_lines
+    from softlabels.sources.token_files import read_jsonl
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"a": 2}\n')
+    assert read_jsonl(path) == ([{"a": 1}, {"a": 2}], [1, 3])
+    os.truncate(path, 4 << 30)
+    with pytest.raises(DataError, match=f"line 4 holds more than {MAX_LINE_BYTES} bytes"):
+        list(input_lines(path, "JSON lines file"))
+
+
+def test_empty_arrays_and_index_files_are_one_line(tmp_path: Path, npz_data: str) -> None:
+    """numpy's EOFError on an empty .npz/.npy was printed as 'aborted'; an empty index text
+    file printed numpy's warning before the error."""
+    (tmp_path / "d.npz").write_bytes(b"")
+    (tmp_path / "l.npy").write_bytes(b"")
+    (tmp_path / "idx.txt").write_bytes(b"")
+    for args, said in [
+            (["precompute", "--data", f"npz:{tmp_path / 'd.npz'}", "--teacher", "mlp:16-8-3",
+              "--random-teacher", "--out", str(tmp_path / "a.zarr")], "not an .npz archive"),
+            (["import", "--logits", str(tmp_path / "l.npy"), "--data", f"npz:{npz_data}",
+              "--teacher-name", "T", "--out", str(tmp_path / "b.zarr")], "not a .npy array")]:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and said in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    from softlabels.format.selection import read_indices
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's warning would fail here
+        assert read_indices(tmp_path / "idx.txt").size == 0
+    os.truncate(tmp_path / "idx.txt", 4 << 30)
+    with pytest.raises(Exception, match="save that many indices as a .npy array"):
+        read_indices(tmp_path / "idx.txt")
+
+
+def test_a_zip_claiming_a_huge_directory_is_refused_unread(tmp_path: Path) -> None:
+    import struct
+
+    path = tmp_path / "big.zarr.zip"
+    size = (4 << 30) - 64
+    with open(path, "wb") as f:  # holes, then an end record claiming a 4 GiB directory
+        f.truncate(size)
+        f.seek(size)
+        f.write(struct.pack("<4s4H2LH", b"PK\005\006", 0, 0, 1, 1, size, 0, 0))
+    result = CliRunner().invoke(cli, ["info", str(path)])
+    assert result.exit_code == 1 and "its zip directory claims" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "sidecar"])
+def test_a_description_file_that_is_a_fifo_is_refused_not_left_out(tmp_path: Path,
+                                                                   where: str) -> None:
+    """A fifo for tokenizer_config.json was left out of the tokenizer's record (and the
+    tokenizer loaded without it); a fifo for an export's _softlabels.json made the export
+    read as foreign Parquet."""
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    if where == "tokenizer":
+        from softlabels.sources.tokenizers import tokenizer_files
+
+        (folder / "tokenizer.json").write_text("{}")
+        os.mkfifo(folder / "tokenizer_config.json")
+        got = within(20, lambda: tokenizer_files(folder))
+    else:
+        from softlabels.sets.export import SIDECAR, read_export_info
+
+        os.mkfifo(folder / SIDECAR)
+        got = within(20, lambda: read_export_info(folder))
+    assert isinstance(got, Exception) and "not a regular file" in str(got), got

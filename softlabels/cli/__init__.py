@@ -69,6 +69,10 @@ class _Group(click.Group):
                 _error(f"cannot use{where}: {exc.strerror or exc}; check the path and its "
                        "permissions")
             sys.exit(1)
+        except MemoryError:  # an input larger than this machine's memory (a 4 GiB document)
+            _error("out of memory: an input is larger than this machine can hold; check the "
+                   "paths given, or split the input")
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 

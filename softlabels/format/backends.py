@@ -13,6 +13,7 @@ from softlabels.format._hdf5 import HDF5Store
 from softlabels.format._zarr import ZarrStore
 from softlabels.format.location import Remote, deadline_errors, is_url
 from softlabels.format.store import Mode, Store
+from softlabels.format.zip_bounds import open_zip
 
 
 def backend_of(path: str | os.PathLike[str]) -> str:
@@ -82,7 +83,7 @@ def refuse_what_is_not_a_set(p: Path, backend: str) -> None:
         if not zipfile.is_zipfile(p):
             raise TransferSetError(f"{p} is not a zip file, so not a zip-packed transfer set; "
                                    f"{_WHAT_A_SET_IS}")
-        with zipfile.ZipFile(p) as z:
+        with open_zip(p) as z:
             if "zarr.json" not in z.namelist():
                 raise TransferSetError(f"{p} is a zip file without zarr.json at its root, not "
                                        f"a transfer set; {_WHAT_A_SET_IS}")

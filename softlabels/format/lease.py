@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 from datetime import datetime, timezone
@@ -66,6 +67,18 @@ def _describe(raw: str) -> str:
         return "another process (its details are not written yet)"
 
 
+def _open_lease(path: str | os.PathLike[str], flags: int) -> int:
+    """The lease file opened with `flags`, never through a link nor waiting (a fifo in its place
+    would wait for a writer); anything but a regular file is refused naming it."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.set_blocking(fd, True)
+        return fd
+    os.close(fd)
+    raise TransferSetError(f"the lease file {path} is not a regular file (a fifo or a device); "
+                           "remove it and run the command again")
+
+
 def holder(out: str | os.PathLike[str]) -> str | None:
     """Who holds the lease on `out` now, in words, or None when nobody does."""
     if is_url(out):
@@ -77,7 +90,7 @@ def holder(out: str | os.PathLike[str]) -> str | None:
         if str(path) in _HELD:
             return "this process"
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = _open_lease(path, os.O_RDONLY)
         except OSError:
             return None
         try:
@@ -144,7 +157,7 @@ class WriterLease:
         for _ in range(100):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                fd = _open_lease(self.path, os.O_RDWR | os.O_CREAT)
             except OSError as exc:
                 if exc.errno == errno.EROFS:  # nobody can write there: nothing to exclude
                     return None
@@ -195,7 +208,7 @@ class WriterLease:
         a shared lock, so no writer takes it meanwhile) for a fresh one. False when it cannot be
         removed (a sticky directory such as /tmp keeps other users' files)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = _open_lease(self.path, os.O_RDONLY)
         except OSError:
             return False
         try:

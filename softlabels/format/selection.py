@@ -4,6 +4,7 @@ index files; of a sequence set, whole sequences."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -13,16 +14,31 @@ import numpy as np
 from softlabels.errors import SoftlabelsError
 from softlabels.format import schema as S
 
+# a text file of indices is read by numpy's text parser (slow, and its memory grows with the
+# file); 100 million indices fit, more belong in a .npy array
+MAX_INDEX_TEXT_BYTES = 1 << 30
+
 
 def read_indices(path: str | os.PathLike[str]) -> np.ndarray:
     """Dataset indices from a .npy file or a text file of integers (one per line or spaced)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SoftlabelsError(f"no index file at {p}; check the path")
+    if not p.is_file():  # a fifo would be waited on, a device read without end
+        raise SoftlabelsError(f"the index file {p} is not a regular file (a fifo, a device or "
+                              "a folder); give the path of the file itself")
+    if p.suffix != ".npy" and p.stat().st_size > MAX_INDEX_TEXT_BYTES:
+        raise SoftlabelsError(f"the index file {p} holds {p.stat().st_size} bytes of text, more "
+                              f"than {MAX_INDEX_TEXT_BYTES}; save that many indices as a .npy "
+                              "array (numpy.save)")
     try:
-        values = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, ndmin=1)
-    except (ValueError, MemoryError) as exc:  # MemoryError: a header claiming terabytes
-        raise SoftlabelsError(f"cannot read indices from {p}: {exc}; write one integer per "
+        with warnings.catch_warnings():  # an empty file: said below, without numpy's warning
+            warnings.simplefilter("ignore", UserWarning)
+            values = (np.load(p, allow_pickle=False) if p.suffix == ".npy"
+                      else np.loadtxt(p, ndmin=1))
+    except (ValueError, MemoryError, EOFError) as exc:  # MemoryError: a header claiming TBs
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SoftlabelsError(f"cannot read indices from {p}: {why}; write one integer per "
                               "line, or a .npy array") from None
     if values.size and not np.array_equal(values, np.round(values)):
         raise SoftlabelsError(f"{p} holds non-integer indices; write whole numbers")

@@ -17,6 +17,7 @@ from softlabels.errors import IntegrityError
 
 MAX_METADATA_BYTES = 1 << 20
 SLACK_BYTES = 64 << 10
+MAX_DIRECTORY_BYTES = 256 << 20  # about 3 million members: 50 times an ImageNet set's
 
 
 def chunk_limit(zarr_json: bytes) -> int | None:
@@ -52,9 +53,25 @@ def _chunk_limits(z: zipfile.ZipFile, metadata: list[zipfile.ZipInfo]) -> dict[s
     return limits
 
 
+def open_zip(path: str | Path) -> zipfile.ZipFile:
+    """The zip file at `path`, its central directory (the member list zipfile reads whole)
+    first checked against `MAX_DIRECTORY_BYTES` (a 4 GiB file of holes claiming a 4 GiB
+    directory was read to 4.9 GB); a damaged one refused in one line."""
+    try:
+        with open(path, "rb") as f:
+            end = zipfile._EndRecData(f)  # noqa: SLF001 - the end record zipfile itself reads
+        if end and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:  # noqa: SLF001
+            raise IntegrityError(f"{path}: its zip directory claims {end[zipfile._ECD_SIZE]} "
+                                 f"bytes, more than any set's takes ({MAX_DIRECTORY_BYTES}); "
+                                 "the file is damaged or not a set: get a fresh copy")
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise IntegrityError(f"{path} is a damaged zip file ({exc}); get a fresh copy") from None
+
+
 def check_zip_members(path: str | Path) -> None:
     """Refuse a zip-packed set with a member that would inflate past its bound."""
-    with zipfile.ZipFile(path) as z:
+    with open_zip(path) as z:
         infos = z.infolist()
         metadata = [i for i in infos if i.filename.rsplit("/", 1)[-1] == "zarr.json"]
         for info in metadata:

@@ -324,6 +324,10 @@ def read_export_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     `datasets` directory), or None when it has none. A description that is not a JSON object,
     or a file that is not Parquet, is refused in one line."""
     path = Path(path)
+    for name in (SIDECAR, "dataset_info.json"):  # one that is a fifo or a folder is refused,
+        if (path / name).exists() and not (path / name).is_file():  # not taken as no sidecar
+            raise TransferSetError(f"{path / name} is not a regular file (a fifo, a device or "
+                                   "a folder); restore the export's description")
     if (path / SIDECAR).is_file():
         return _description(read_input(path / SIDECAR, "export description",
                                        limit=MAX_DESCRIPTION_BYTES), path / SIDECAR, strict=True)

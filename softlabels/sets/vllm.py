@@ -31,6 +31,7 @@ import numpy as np
 from softlabels.errors import DataError, OptionError
 from softlabels.format.layout import Layout
 from softlabels.progress import Progress
+from softlabels.safe_read import input_lines
 from softlabels.sets.imports import (
     SequenceRows,
     check_logprobs,
@@ -62,22 +63,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:  # read only; a link to a readable file is fine
-        for n, raw in enumerate(f, 1):
+    # read only; a link to a readable file is fine, a fifo or a device is not
+    for n, raw in input_lines(path, "vLLM output"):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} line {n} is not UTF-8 (byte {exc.start}); JSON lines "
+                            "are UTF-8 text") from None
+        if line.strip():
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path} line {n} is not UTF-8 (byte {exc.start}); JSON lines "
-                                "are UTF-8 text") from None
-            if line.strip():
-                try:
-                    yield n, json.loads(line, object_pairs_hook=_no_duplicates)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {n} is not JSON ({exc.msg}); write one "
-                                    "object a line (docs/INTERCHANGE.md)") from None
-                except ValueError as exc:  # a key twice
-                    raise DataError(f"{path} line {n}: {exc}; which one is meant cannot be "
-                                    "told") from None
+                yield n, json.loads(line, object_pairs_hook=_no_duplicates)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {n} is not JSON ({exc.msg}); write one "
+                                "object a line (docs/INTERCHANGE.md)") from None
+            except ValueError as exc:  # a key twice
+                raise DataError(f"{path} line {n}: {exc}; which one is meant cannot be "
+                                "told") from None
 
 
 def _int(value: Any, where: str, what: str) -> int:

@@ -63,9 +63,11 @@ def _array(value: ArrayLike | None, what: str) -> np.ndarray | None:
     open_input(value, what).close()  # a fifo would be waited on, a device read without end
     try:
         return np.load(value, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {what} from {value} ({str(exc).splitlines()[0]}); save it "
-                        "with numpy.save") from None
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+        why = ("not a .npy array" if "pickle" in str(exc) or isinstance(exc, EOFError)
+               else str(exc).splitlines()[0])  # numpy's advice would be to unpickle it
+        raise DataError(f"cannot read {what} from {value} ({why}); save it with numpy.save"
+                        ) from None
 
 
 def _shape(a: np.ndarray, shape: tuple[int | None, ...], what: str, kind: str) -> None:

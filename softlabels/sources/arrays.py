@@ -34,8 +34,9 @@ class NpzDataset(Dataset):
                         "as x, e.g. numpy.savez(path, x=inputs, y=labels)"
                     )
                 x, y = f["x"], (f["y"] if "y" in f.files else None)
-        except (OSError, ValueError) as exc:
-            what = "not an .npz archive" if "pickled" in str(exc) else str(exc).splitlines()[0]
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+            what = ("not an .npz archive" if "pickle" in str(exc) or isinstance(exc, EOFError)
+                    else str(exc).splitlines()[0])
             raise DataError(f"cannot read {path} as .npz ({what}); write it with "
                             "numpy.savez(path, x=inputs, y=labels)") from None
         scale = 1 / 255 if x.dtype == np.uint8 else 1.0

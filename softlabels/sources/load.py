@@ -15,8 +15,11 @@ def load_data(spec: str) -> Dataset:
     """Build the dataset a DATA spec names. Items are (input tensor, label or -1)."""
     scheme, body, options = parse_spec(spec, DATA_FORMS, "DATA")
     if scheme == "npz":
-        if not Path(body).is_file():
+        if not Path(body).exists():
             raise DataError(f"no such file {body!r} (from {spec!r}); check the path")
+        if not Path(body).is_file():  # a fifo would be waited on, a device read without end
+            raise DataError(f"{body!r} (from {spec!r}) is not a regular file (a fifo, a device "
+                            "or a folder); give the path of the .npz itself")
         return NpzDataset(body)
     if scheme == "mnist":
         return torchvision_dataset("MNIST", body, options, spec)

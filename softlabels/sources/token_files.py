@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import DataError, SpecError
+from softlabels.safe_read import input_lines
 from softlabels.sources.saved_datasets import load_saved
 from softlabels.sources.tokens import Origin, TokenSequences
 from softlabels.sources.windows import window_options, windowed
@@ -60,18 +61,18 @@ def _columns(rows: list[Any], origin: Origin, field: str | None, mask: str | Non
 def read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
     """(the JSON value of each non-blank line, its line number from 1)."""
     rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(json.loads(line))
-                    lines.append(n)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {n} is not JSON ({exc.msg}); write one JSON "
-                            "value per line") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text (after line {len(lines)}); write "
-                            "JSON lines in UTF-8") from None
+    try:
+        for n, raw in input_lines(path, "JSON lines file"):
+            line = raw.decode("utf-8")
+            if line.strip():
+                rows.append(json.loads(line))
+                lines.append(n)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {n} is not JSON ({exc.msg}); write one JSON "
+                        "value per line") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (after line {len(lines)}); write "
+                        "JSON lines in UTF-8") from None
     return rows, lines
 
 

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from softlabels.errors import SpecError
+from softlabels.errors import DataError, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,15 @@ def _file_sha256(path: Path) -> str:
 
 def tokenizer_files(directory: Path) -> list[str]:
     """The tokenizer files of a save_pretrained directory, as sorted relative POSIX paths."""
-    names = [n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    names = [n for n in TOKENIZER_FILES if (directory / n).exists()]
     templates = directory / TEMPLATES_DIR
     if templates.is_dir():
-        names += [f"{TEMPLATES_DIR}/{p.name}" for p in templates.iterdir() if p.is_file()]
+        names += [f"{TEMPLATES_DIR}/{p.name}" for p in templates.iterdir()]
+    for name in names:  # a fifo or a device would be left out of the record, not refused
+        if not (directory / name).is_file():
+            raise DataError(f"{directory / name} is not a regular file (a fifo, a device, a "
+                            "folder or a link to one); a tokenizer directory holds the files "
+                            "save_pretrained writes")
     return sorted(names)
 
 
