@@ -215,3 +215,15 @@ def test_a_description_file_that_is_a_fifo_is_refused_not_left_out(tmp_path: Pat
         os.mkfifo(folder / SIDECAR)
         got = within(20, lambda: read_export_info(folder))
     assert isinstance(got, Exception) and "not a regular file" in str(got), got
+
+
+def test_an_unreadable_checkpoint_never_advises_turning_weights_only_off(tmp_path: Path,
+                                                                        npz_data: str) -> None:
+    """torch's message for a file weights_only cannot load says re-running with
+    weights_only=False "will likely succeed": advice to let the file run code, not passed on."""
+    path = tmp_path / "r.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    result = CliRunner().invoke(cli, ["evaluate", "--data", f"npz:{npz_data}", "--model",
+                                      str(path)])
+    assert result.exit_code == 1 and "not a file torch.save wrote" in result.output
+    assert "weights_only" not in result.output and "False" not in result.output

@@ -24,7 +24,7 @@ from softlabels.specs import (
     require_trusted,
 )
 from softlabels.teachers.size import module_bytes, refuse_past_bound, skeleton_bytes
-from softlabels.teachers.weights import Built, WeightsFile, file_sha256
+from softlabels.teachers.weights import Built, WeightsFile, file_sha256, unreadable_reason
 
 CHECKPOINT_FORMAT = "softlabels-checkpoint"
 
@@ -126,8 +126,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_code: bool = False,
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"cannot read checkpoint {path}: {msg}") from None
+        raise SpecError(f"cannot read checkpoint {path}: {unreadable_reason(exc)}; give a "
+                        "checkpoint `softlabels train` wrote") from None
     if (not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT
             or not isinstance(payload.get("model_spec"), str)
             or not isinstance(payload.get("state_dict"), dict)):

@@ -29,6 +29,15 @@ _NAMED = 3  # keys named in a message
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 
 
+def unreadable_reason(exc: BaseException) -> str:
+    """Why `torch.load(..., weights_only=True)` failed, in words that never pass on torch's
+    advice to turn `weights_only` off (which would let the file run code)."""
+    if "Unsupported global" in str(exc):
+        return ("it holds pickled Python objects besides tensors, which softlabels does not "
+                "unpickle (they could run code)")
+    return f"not a file torch.save wrote (damaged, or another kind of file: {type(exc).__name__})"
+
+
 @dataclass(frozen=True)
 class WeightsFile:
     """A weights file a model was loaded from: its path and the SHA-256 of its bytes."""
@@ -107,8 +116,9 @@ def read_state_dict(path: str | os.PathLike[str], spec: str) -> dict[str, torch.
                         "save the model's state dict alone: torch.save(model.state_dict(), "
                         "PATH), or as .safetensors") from None
     except Exception as exc:  # torch and safetensors raise many types for a bad file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"cannot read weights file {path} (from {spec!r}): {first[:200]}; it "
+        first = ((str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+                 if path.suffix == ".safetensors" else unreadable_reason(exc))
+        raise SpecError(f"cannot read weights file {path} (from {spec!r}): {first}; it "
                         "must be a state dict (.pth/.pt from torch.save, or .safetensors)"
                         ) from None
     if isinstance(state, Mapping) and state.get("format") == "softlabels-checkpoint":

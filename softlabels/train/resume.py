@@ -21,6 +21,7 @@ import torch
 
 from softlabels.errors import MismatchError
 from softlabels.safe_write import atomic_write
+from softlabels.teachers.weights import unreadable_reason
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def load_state(out: str | os.PathLike[str], digest: str,
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged state file: start over rather than fail
         log.warning("ignoring unreadable training state %s (%s); starting from epoch 0", path,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    unreadable_reason(exc))
         return None
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         log.warning("ignoring %s: not a softlabels training state; starting from epoch 0", path)
