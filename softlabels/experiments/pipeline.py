@@ -71,7 +71,7 @@ def _read_pipeline_text(p: Path) -> str:
     folder), in UTF-8, each refused in one line."""
     if p.exists() and not p.is_file():
         raise SoftlabelsError(f"{p} is not a regular file; a pipeline is a TOML file such as "
-                              "pipelines/hinton_mnist.toml")
+                              "pipelines/mnist_hinton.toml")
     with open(p, "rb") as f:
         raw = f.read(MAX_PIPELINE_BYTES + 1)
     if len(raw) > MAX_PIPELINE_BYTES:
