@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from waits import within
 
 from conftest import ROOT
 from softlabels.cli import cli
@@ -25,23 +23,6 @@ from softlabels.safe_read import read_input
 from softlabels.sources.images import ImageFolderSource
 
 SPECIALS = ["fifo", "/dev/zero"]
-
-
-def within(seconds: float, work: Callable[[], Any]) -> Any:
-    """`work()`'s result or the exception it raised; fails the test if it is still waiting."""
-    done: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            done["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            done["value"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert "value" in done, "waiting on a fifo"
-    return done["value"]
 
 
 def special(path: Path, what: str) -> Path:

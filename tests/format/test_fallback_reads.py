@@ -6,12 +6,10 @@ a gigabyte is refused unread; and `verify` says what its value checks covered.""
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from waits import within
 
 from conftest import CHUNK
 from softlabels.compute.blocks import precompute
@@ -20,23 +18,6 @@ from softlabels.format import schema as S
 from softlabels.format.chunk_files import ChunkFiles
 from softlabels.format.reader import open_transfer_set
 from softlabels.sets.verify import verify
-
-
-def within(seconds: float, work: Callable[[], Any]) -> Any:
-    """`work()`'s result or the exception it raised; fails the test if it is still waiting."""
-    done: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            done["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            done["value"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert "value" in done, "the read is waiting on a fifo"
-    return done["value"]
 
 
 @pytest.fixture

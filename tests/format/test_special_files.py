@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import os
 import resource
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from waits import within
 
 from conftest import CHUNK
 from softlabels.cli import cli
@@ -21,16 +19,6 @@ from softlabels.compute.blocks import precompute
 from softlabels.errors import SoftlabelsError
 from softlabels.format.reader import open_transfer_set
 from softlabels.sets.verify import verify
-
-
-def within(seconds: float, work: Callable[[], Any]) -> Any:
-    """`work()`'s result; fails the test if it is still waiting after `seconds`."""
-    done: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: done.setdefault("value", work()), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert "value" in done, "the command is waiting on a fifo"
-    return done["value"]
 
 
 @pytest.mark.parametrize("name", ["set.h5", "set.zarr.zip", "set.zarr", "myset"])
