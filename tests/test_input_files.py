@@ -208,3 +208,33 @@ def test_an_unreadable_checkpoint_never_advises_turning_weights_only_off(tmp_pat
                                       str(path)])
     assert result.exit_code == 1 and "not a file torch.save wrote" in result.output
     assert "weights_only" not in result.output and "False" not in result.output
+
+
+@pytest.mark.parametrize("spec", ["wds:{path}", "hfds:{path}?image=img"])
+def test_an_image_shard_or_parquet_file_that_is_a_fifo_is_refused(tmp_path: Path,
+                                                                  spec: str) -> None:
+    """tarfile and pyarrow open what they are given; a fifo there waited (pyarrow's wait even
+    past SIGTERM)."""
+    from softlabels.sources.load import load_data
+
+    path = special(tmp_path / ("s.tar" if spec.startswith("wds") else "s.parquet"), "fifo")
+    got = within(20, lambda: load_data(spec.format(path=path)))
+    assert isinstance(got, DataError) and "is not a regular file" in str(got), got
+
+
+def test_a_weights_file_hashed_for_the_record_is_refused_if_a_fifo(tmp_path: Path) -> None:
+    from softlabels.teachers.weights import file_sha256
+
+    got = within(20, lambda: file_sha256(special(tmp_path / "w.pth", "fifo")))
+    assert isinstance(got, DataError) and "is not a regular file" in str(got), got
+
+
+def test_a_fifo_among_a_folders_parquet_files_is_refused(tmp_path: Path) -> None:
+    from softlabels.sources.load import load_data
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    pq.write_table(pa.table({"img": [b"x"]}), tmp_path / "a.parquet")
+    special(tmp_path / "b.parquet", "fifo")
+    got = within(20, lambda: load_data(f"hfds:{tmp_path}?image=img"))
+    assert isinstance(got, DataError) and "b.parquet is not a regular file" in str(got), got

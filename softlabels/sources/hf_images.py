@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.errors import DataError
+from softlabels.safe_read import open_input
 from softlabels.sources.images import ImageSource, preprocess_from, refuse_unknown
 from softlabels.sources.saved_datasets import load_saved
 
@@ -100,6 +101,7 @@ class SavedImages(ImageSource):
 def _parquet(path: str) -> Any:
     import pyarrow.parquet as pq
 
+    open_input(path, "Parquet file").close()  # in a folder of them, a fifo: pyarrow would wait
     try:
         return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
@@ -141,6 +143,8 @@ def hf_images(body: str, options: dict[str, Any], spec: str) -> ImageSource:
     if path.is_file() or (path.is_dir() and any(path.glob("*.parquet"))):
         files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
         return ParquetImages(files, image, label, preprocess)
+    if path.exists() and not path.is_dir():  # a fifo or a device: named as what it is
+        open_input(path, "Parquet file").close()
     if not path.is_dir():
         raise DataError(f"no such file or directory {body!r} (from {spec!r}); check the path")
     data = load_saved(path)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import DataError, SpecError
+from softlabels.safe_read import open_input
 from softlabels.sources.images import ImageSource, preprocess_from, refuse_unknown
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -173,6 +174,9 @@ def tar_shards(body: str, options: dict[str, Any], spec: str) -> TarShardSource:
     preprocess = preprocess_from(options, spec)
     refuse_unknown(options, (), spec)
     shards = expand_braces(body)
+    for p in shards:  # one that exists is a regular file, or is named as what it is
+        if os.path.exists(p):
+            open_input(p, "shard").close()
     missing = [p for p in shards if not os.path.isfile(p)]
     if missing:
         raise DataError(f"no such shard {missing[0]!r} ({len(missing)} of {len(shards)} "

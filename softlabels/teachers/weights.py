@@ -22,6 +22,7 @@ from torch import nn
 
 from softlabels.errors import SpecError
 from softlabels.preprocessing import OPTION_NAMES, Preprocess
+from softlabels.safe_read import open_input
 
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _NAMED = 3  # keys named in a message
@@ -67,7 +68,7 @@ class Built:
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes, read 1 MiB at a time."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_input(path, "weights file") as f:  # a fifo or a device is refused, not read
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
