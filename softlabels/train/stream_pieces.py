@@ -404,6 +404,11 @@ def background(make: Callable[[], Iterator[Any]], depth: int = 2) -> Iterator[An
 
     thread = threading.Thread(target=run, name="softlabels-read", daemon=True)
     _RUNNING[thread] = stop
+    # atexit runs the last registered first: registered again now, the producers are stopped
+    # before the exit handlers of libraries imported since this module (h5py's, which
+    # unregisters the type converters a read still in flight uses: the process crashed)
+    atexit.unregister(_stop_producers)
+    atexit.register(_stop_producers)
     thread.start()
     try:
         while True:

@@ -317,3 +317,26 @@ def test_a_stream_left_open_at_exit_ends_quietly(dense: tuple[str, Path], iterat
                           env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "read one", done.stderr
     assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_producers_are_stopped_before_exit_handlers_registered_earlier(
+        dense: tuple[str, Path]) -> None:
+    """atexit runs the last registered handler first. A library imported after the stream's
+    module registers its handler later (h5py's, imported when an HDF5 set is opened, removes
+    the type converters a read in flight uses: under load the process crashed at exit in CI).
+    The producers are stopped before any handler registered before they started."""
+    import subprocess
+    import sys
+
+    data, path = dense
+    script = ("import atexit, sys\nimport softlabels.train.stream_pieces as sp\n"
+              "atexit.register(lambda: print('stopped before:', all(not t.is_alive() "
+              "for t in list(sp._RUNNING))))\n"
+              "from softlabels.train.datasets import SoftTargetBatches\n"
+              f"stream = SoftTargetBatches({data!r}, {str(path)!r}, temperature=4.0, "
+              "batch_size=8, window=1)\nit = iter(stream)\nnext(it)\n")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stopped before: True", done.stdout
