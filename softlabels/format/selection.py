@@ -27,8 +27,9 @@ def read_indices(path: str | os.PathLike[str]) -> np.ndarray:
     if not p.is_file():  # a fifo would be waited on, a device read without end
         raise SoftlabelsError(f"the index file {p} is not a regular file (a fifo, a device or "
                               "a folder); give the path of the file itself")
-    if p.suffix != ".npy" and p.stat().st_size > MAX_INDEX_TEXT_BYTES:
-        raise SoftlabelsError(f"the index file {p} holds {p.stat().st_size} bytes of text, more "
+    size = p.stat().st_size
+    if p.suffix != ".npy" and size > MAX_INDEX_TEXT_BYTES:
+        raise SoftlabelsError(f"the index file {p} holds {size} bytes of text, more "
                               f"than {MAX_INDEX_TEXT_BYTES}; save that many indices as a .npy "
                               "array (numpy.save)")
     try:
